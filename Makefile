@@ -1,0 +1,50 @@
+# runner-fleet: `make demo` runs the sandbox scenario, `make test` runs the whole suite. Both set up .venv.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit integration e2e bench clean sandbox-up sandbox-down
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fleetctl sandbox demo
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration
+
+e2e: $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e
+
+bench: $(STAMP)
+	$(BIN)/python bench/cold_start.py
+	$(BIN)/python bench/webhook_cost.py
+	$(BIN)/python bench/memory.py
+
+sandbox-up: $(STAMP)
+	$(BIN)/fleetctl sandbox up --detach
+
+sandbox-down: $(STAMP)
+	$(BIN)/fleetctl sandbox down
+
+clean:
+	rm -rf $(VENV) .sandbox .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,248 @@
+"""What runs inside the fresh processes the benchmarks start, and the bare AWS calls they compare against.
+
+Only the standard library is imported at module level, so loading this file adds nothing measurable to a
+child whose interpreter start and imports are being timed; boto3 and ``app`` are imported, and timed, inside the
+roles. A child reads its input as one JSON object on stdin and writes its figures to stderr as one line
+starting with ``RESULT_PREFIX``: stdout is left to the app, whose logs and EMF metrics go there as in Lambda.
+
+Usage: ``python bench/_child.py app-cold | bare-cold | bare-memory`` (JSON input on stdin).
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import json  # noqa: E402 - after the clock starts, so the child's own figures include it
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+RESULT_PREFIX = "BENCH_RESULT "
+LAMBDA_TIMEOUT_MS = 10_000  # the api_handler's lambda_timeout in .chalice/config.json
+DELIVERY_TTL_SECONDS = 24 * 3600
+PENDING_RANK = 3
+FINISHED_RANK = 5
+
+
+@dataclass
+class LambdaContext:
+    """The attributes of the Lambda context object that Chalice and Powertools read."""
+
+    function_name: str = "runner-fleet-dev"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:runner-fleet-dev"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    _deadline: float = field(default_factory=lambda: time.monotonic() + LAMBDA_TIMEOUT_MS / 1000)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def rss_mib() -> float:
+    """Resident set size of this process, from /proc/self/status."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@dataclass(frozen=True)
+class BareTarget:
+    """Where the bare calls go: the dev stage's table, jobs queue and webhook token parameter."""
+
+    table: str
+    jobs_queue: str
+    token_parameter: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BareTarget:
+        return cls(data["table"], data["jobs_queue"], data["token_parameter"])
+
+
+def transact_items(table: str, delivery: str, hook: dict[str, Any], instance: str, now: float) -> list[Any]:
+    """The TransactItems FleetStore.record_job_event writes for an unsigned pending job, spelled out by hand."""
+    values: dict[str, dict[str, str]] = {
+        "kind": {"S": "job"},
+        "project_id": {"N": str(hook["project_id"])},
+        "job_id": {"N": str(hook["build_id"])},
+        "status": {"S": "pending"},
+        "status_rank": {"N": str(PENDING_RANK)},
+        "updated_at": {"N": repr(now)},
+        "pipeline_id": {"N": str(hook["pipeline_id"])},
+        "name": {"S": hook["build_name"]},
+        "stage": {"S": hook["build_stage"]},
+        "ref": {"S": hook["ref"]},
+        "gitlab_instance": {"S": instance},
+        "pending_at": {"N": repr(now)},
+    }
+    names = {f"#a{i}": name for i, name in enumerate(values)}
+    names["#rank"] = "status_rank"
+    attribute_values = {f":v{i}": value for i, value in enumerate(values.values())}
+    attribute_values[":rank"] = {"N": str(PENDING_RANK)}
+    attribute_values[":finished"] = {"N": str(FINISHED_RANK)}
+    return [
+        {
+            "Put": {
+                "TableName": table,
+                "Item": {
+                    "pk": {"S": f"DELIVERY#{delivery}"},
+                    "kind": {"S": "delivery"},
+                    "ttl": {"N": str(int(now) + DELIVERY_TTL_SECONDS)},
+                },
+                "ConditionExpression": "attribute_not_exists(pk)",
+            }
+        },
+        {
+            "Update": {
+                "TableName": table,
+                "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
+                "UpdateExpression": "SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
+                "ConditionExpression": "attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished)",
+                "ExpressionAttributeNames": names,
+                "ExpressionAttributeValues": attribute_values,
+            }
+        },
+    ]
+
+
+def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: float) -> str:
+    """The SQS message body the webhook sends (QueuedJob.to_json)."""
+    return json.dumps(
+        {
+            "project_id": hook["project_id"],
+            "job_id": hook["build_id"],
+            "received_at": now,
+            "pipeline_id": hook["pipeline_id"],
+            "job_name": hook["build_name"],
+            "gitlab_instance": instance,
+            "delivery": delivery,
+            "attempt": 1,
+        },
+        separators=(",", ":"),
+    )
+
+
+class BareWebhook:
+    """The webhook's AWS calls made directly on plain boto3 clients (default botocore config), nothing else."""
+
+    def __init__(self, target: BareTarget, session: Any = None) -> None:
+        import boto3
+
+        session = session or boto3.session.Session()
+        self.target = target
+        self.ssm = session.client("ssm")
+        self.sqs = session.client("sqs")
+        self.dynamodb = session.client("dynamodb")
+        self._queue_url: str | None = None
+
+    def fetch_token(self) -> str:
+        found = self.ssm.get_parameters(Names=[self.target.token_parameter], WithDecryption=True)
+        return str(found["Parameters"][0]["Value"])
+
+    def queue_url(self) -> str:
+        if self._queue_url is None:
+            self._queue_url = str(self.sqs.get_queue_url(QueueName=self.target.jobs_queue)["QueueUrl"])
+        return self._queue_url
+
+    def record_and_queue(self, event: dict[str, Any]) -> None:
+        """TransactWriteItems + SendMessage for one API Gateway event, as the webhook does in steady state."""
+        headers = {k.lower(): v for k, v in event["headers"].items()}
+        hook = json.loads(event["body"])
+        delivery = headers["idempotency-key"]
+        instance = headers.get("x-gitlab-instance", "")
+        now = time.time()
+        self.dynamodb.transact_write_items(
+            TransactItems=transact_items(self.target.table, delivery, hook, instance, now)
+        )
+        self.sqs.send_message(
+            QueueUrl=self.queue_url(), MessageBody=queued_message(hook, instance, delivery, now), DelaySeconds=0
+        )
+
+    def cold(self, event: dict[str, Any]) -> None:
+        """Everything a first webhook costs: the token (GetParameters), the queue URL, then the two writes."""
+        self.fetch_token()
+        self.queue_url()
+        self.record_and_queue(event)
+
+
+def _app_cold(job: dict[str, Any]) -> dict[str, Any]:
+    before = time.perf_counter()
+    import app
+
+    imported = time.perf_counter()
+    response = app.app(job["event"], LambdaContext())
+    handled = time.perf_counter()
+    return {
+        "import_s": imported - before,
+        "handle_s": handled - imported,
+        "in_process_s": handled - STARTED,
+        "status": response["statusCode"],
+        "body": response["body"],
+    }
+
+
+def _bare_cold(job: dict[str, Any]) -> dict[str, Any]:
+    before = time.perf_counter()
+    import boto3  # noqa: F401 - the import is what is being timed
+
+    imported = time.perf_counter()
+    BareWebhook(BareTarget.from_dict(job["target"])).cold(job["event"])
+    handled = time.perf_counter()
+    return {"import_s": imported - before, "handle_s": handled - imported, "in_process_s": handled - STARTED}
+
+
+def vary(template: dict[str, Any], job_id: int) -> dict[str, Any]:
+    """A copy of an API Gateway webhook event for another job, with its own Idempotency-Key and event UUID."""
+    hook = json.loads(template["body"])
+    hook["build_id"] = job_id
+    body = json.dumps(hook)
+    headers = dict(template["headers"])
+    headers["Idempotency-Key"] = str(uuid.uuid4())
+    headers["X-Gitlab-Event-UUID"] = str(uuid.uuid4())
+    context = {**template["requestContext"], "requestId": str(uuid.uuid4())}
+    return {
+        **template,
+        "headers": headers,
+        "multiValueHeaders": {k: [v] for k, v in headers.items()},
+        "requestContext": context,
+        "body": body,
+    }
+
+
+def _bare_memory(job: dict[str, Any]) -> dict[str, Any]:
+    """The memory baseline: boto3 imported, the bare calls made, RSS read at the same points as memory.py."""
+    started = rss_mib()
+    import boto3  # noqa: F401 - the import is part of the baseline
+
+    imported = rss_mib()
+    bare = BareWebhook(BareTarget.from_dict(job["target"]))
+    marks = set(job["marks"])
+    rss_at: dict[str, float] = {}
+    for n in range(1, job["count"] + 1):
+        event = vary(job["template"], job["first_job_id"] + n)
+        if n == 1:
+            bare.cold(event)
+        else:
+            bare.record_and_queue(event)
+        if n in marks:
+            rss_at[str(n)] = rss_mib()
+    return {"rss_start_mib": started, "rss_imported_mib": imported, "rss_at": rss_at}
+
+
+ROLES = {"app-cold": _app_cold, "bare-cold": _bare_cold, "bare-memory": _bare_memory}
+
+
+def main() -> int:
+    job = json.loads(sys.stdin.read())
+    result = ROLES[sys.argv[1]](job)
+    sys.stderr.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stderr.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""runner-fleet: serverless autoscaling of self-hosted GitLab CI runners on EC2."""

@@ -1,0 +1,30 @@
+"""Names and tag keys that ``fleetctl bootstrap`` creates and the Lambdas later rely on.
+
+Both sides derive them from here, so a renamed resource cannot leave scale-up launching from a template, or
+writing a token to a path, that bootstrap never made and the instance role cannot read. Lambdas cannot import
+``fleetctl``, hence this lives in ``chalicelib``; it imports nothing, so it costs no cold-start time.
+"""
+
+from __future__ import annotations
+
+# Tags on every runner instance and its volumes, set by the launch template.
+FLEET_TAG = "runner-fleet:fleet"
+POOL_TAG = "runner-fleet:pool"
+# Scale-up tags each token parameter with the ARN of the instance it belongs to; the instance role may read
+# and delete a token only when this tag equals the calling instance's own ARN (see fleetctl/iam_policies.py).
+INSTANCE_ARN_TAG = "runner-fleet:instance-arn"
+
+
+def runner_token_parameter(fleet: str, instance_id: str) -> str:
+    """The SSM SecureString holding the GitLab runner token of one instance."""
+    return f"/runner-fleet/{fleet}/runners/{instance_id}"
+
+
+def launch_template_name(fleet: str, pool: str) -> str:
+    """The EC2 launch template of one pool."""
+    return f"{fleet}-{pool}"
+
+
+def instance_profile_name(fleet: str) -> str:
+    """The runner instances' IAM instance profile, and the role inside it, which has the same name."""
+    return f"{fleet}-runner"

@@ -1,0 +1,167 @@
+"""GitLab webhook intake: authenticate, parse, de-duplicate, queue. Nothing else happens in the request.
+
+GitLab waits at most 10 s for an answer and disables a hook after repeated 4xx/5xx answers, so this path never
+calls GitLab or EC2, answers 200 to events it does not act on, 401/400/413 only to requests that are really
+wrong, and 503 (never 500) when something of ours failed, which GitLab retries with the same Idempotency-Key.
+
+Order matters: the token is checked before the body is even looked at; the size limit before the body is
+hashed for a signature; the signature before the JSON is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from chalicelib.errors import AuthenticationError, PayloadError
+from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
+from chalicelib.jobs_queue import JobQueue, QueuedJob
+from chalicelib.observability import count, logger
+from chalicelib.secrets import WebhookSecretSource
+from chalicelib.signing import SignedDelivery, token_matches, verify_signature
+from chalicelib.store import EventOutcome, FleetStore, JobEvent
+
+MAX_BODY_BYTES = 1024 * 1024
+JOB_HOOK = "Job Hook"
+_MAX_KEY_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class WebhookResponse:
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _refused(reason: str) -> WebhookResponse:
+    # The reason is logged for the operator; the caller learns nothing about which check failed.
+    logger.warning("webhook refused", extra={"reason": reason})
+    count("WebhooksRefused")
+    return WebhookResponse(401, {"error": "unauthorized"})
+
+
+def _bad_request(reason: str) -> WebhookResponse:
+    logger.warning("webhook rejected", extra={"reason": reason})
+    count("WebhooksMalformed")
+    return WebhookResponse(400, {"error": reason})
+
+
+def delivery_key(headers: Mapping[str, str], body: bytes) -> str:
+    """Idempotency-Key (stable across GitLab's retries), else X-Gitlab-Event-UUID, else the body's digest."""
+    key = headers.get("idempotency-key") or headers.get("x-gitlab-event-uuid")
+    if not key or len(key) > _MAX_KEY_LENGTH or not key.isprintable():
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+    return key
+
+
+class WebhookIntake:
+    def __init__(
+        self,
+        secrets: WebhookSecretSource,
+        store: FleetStore,
+        queue: JobQueue,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._secrets = secrets
+        self._store = store
+        self._queue = queue
+        self._clock = clock
+
+    def handle(self, headers: Mapping[str, str], body: bytes) -> WebhookResponse:
+        """Answer one delivery. Infrastructure errors propagate; the handler boundary maps them to 503."""
+        headers = {k.lower(): v for k, v in headers.items()}
+        secrets = self._secrets.get()
+        if secrets.token is None:
+            return _refused("no webhook token configured")
+        if not token_matches(headers.get("x-gitlab-token"), secrets.token):
+            return _refused("token mismatch")
+        if len(body) > MAX_BODY_BYTES:
+            logger.warning("webhook body too large", extra={"bytes": len(body)})
+            return WebhookResponse(413, {"error": "body too large"})
+        signed: SignedDelivery | None = None
+        if secrets.signing_secret is not None:
+            try:
+                signed = verify_signature(
+                    secrets.signing_secret,
+                    webhook_id=headers.get("webhook-id"),
+                    timestamp=headers.get("webhook-timestamp"),
+                    signature=headers.get("webhook-signature"),
+                    body=body,
+                    now=self._clock(),
+                )
+            except AuthenticationError as exc:
+                return _refused(str(exc))
+        event = headers.get("x-gitlab-event", "")
+        if event != JOB_HOOK:
+            return WebhookResponse(200, {"ignored": f"event {event[:40] or 'missing'}"})
+        try:
+            hook = parse_job_hook(json.loads(body.decode("utf-8")))
+        except UnicodeDecodeError:
+            return _bad_request("body is not UTF-8")
+        except ValueError:
+            return _bad_request("body is not JSON")
+        except PayloadError as exc:
+            return _bad_request(str(exc))
+        return self._accept(hook, headers, body, signed)
+
+    def _accept(
+        self, hook: JobHook, headers: Mapping[str, str], body: bytes, signed: SignedDelivery | None
+    ) -> WebhookResponse:
+        status = hook.status
+        if status is None:
+            return WebhookResponse(200, {"ignored": f"status {hook.build_status[:40]}"})
+        now = self._clock()
+        key = delivery_key(headers, body)
+        replay_key = f"{signed.webhook_id[:_MAX_KEY_LENGTH]}:{signed.timestamp}" if signed else None
+        event = JobEvent(
+            project_id=hook.project_id,
+            job_id=hook.build_id,
+            status=status,
+            received_at=now,
+            pipeline_id=hook.pipeline_id,
+            name=hook.build_name,
+            stage=hook.build_stage,
+            ref=hook.ref,
+            gitlab_instance=headers.get("x-gitlab-instance", ""),
+            runner_id=hook.runner.id if hook.runner else None,
+            runner_description=hook.runner.description if hook.runner else None,
+            failure_reason=hook.build_failure_reason if status is JobStatus.FAILED else None,
+        )
+        outcome = self._store.record_job_event(key, event, replay_key)
+        log = {"project_id": hook.project_id, "job_id": hook.build_id, "status": status.value}
+        if outcome is EventOutcome.REPLAY:
+            return _refused("replayed signed delivery")
+        if outcome is not EventOutcome.RECORDED:
+            logger.info("webhook ignored", extra={**log, "outcome": outcome.value})
+            return WebhookResponse(200, {"ignored": outcome.value})
+        if status is not JobStatus.PENDING:
+            logger.info("job status recorded", extra=log)
+            return WebhookResponse(200, {"recorded": status.value})
+        self._enqueue(event, key, replay_key)
+        logger.info("job queued", extra=log)
+        count("JobsQueued")
+        return WebhookResponse(200, {"queued": True})
+
+    def _enqueue(self, event: JobEvent, key: str, replay_key: str | None) -> None:
+        job = QueuedJob(
+            project_id=event.project_id,
+            job_id=event.job_id,
+            pipeline_id=event.pipeline_id,
+            job_name=event.name,
+            gitlab_instance=event.gitlab_instance,
+            received_at=event.received_at,
+            delivery=key,
+        )
+        try:
+            self._queue.send(job)
+        except Exception:
+            # Forget the delivery so GitLab's retry (same Idempotency-Key) is processed instead of being dropped
+            # as a duplicate; if even that fails, reconcile's pending-job sweep finds the job later.
+            try:
+                self._store.forget_delivery(key, replay_key)
+            except Exception:
+                logger.exception("could not forget delivery after a failed enqueue", extra={"delivery": key})
+            raise

@@ -1,0 +1,1 @@
+"""fleetctl: the runner-fleet operator command line and local sandbox."""

@@ -1,0 +1,562 @@
+"""``fleetctl bootstrap``: create or update what ``chalice deploy`` does not, idempotently.
+
+Like Chalice's own deployer, it first computes a plan (frozen ``Change`` values, from describing what already
+exists) and then executes it, so ``--dry-run`` prints exactly the plan that would run. Secrets are generated
+here and stored as SecureStrings; their values are never printed.
+
+The state side is the table, the queues and the secret parameters; the runner side is the instance role and
+profile (policy in ``fleetctl/iam_policies.py``), one launch template per pool and the cache bucket.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.aws import AwsClients, error_code
+from chalicelib.config import FleetConfig, PoolConfig
+from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
+from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
+
+DLQ_RETENTION_SECONDS = 14 * 24 * 3600
+# SQS must keep a message invisible longer than the consuming Lambda may run (AWS advises six times).
+JOBS_VISIBILITY_TIMEOUT_SECONDS = 360
+JOBS_MAX_RECEIVE_COUNT = 5
+CACHE_EXPIRY_DAYS = 14
+CACHE_LIFECYCLE_RULE_ID = "runner-fleet-cache-expiry"
+# The root device name of Amazon Linux, which runner_ami/ builds on; a name the AMI does not use would add a
+# second, empty volume instead of sizing the root one.
+ROOT_DEVICE = "/dev/xvda"
+_AMI_ID = re.compile(r"ami-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+
+
+class Verb(str, Enum):
+    CREATE = "create"
+    UPDATE = "update"
+    KEEP = "exists"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    name: str
+    verb: Verb
+    detail: str = ""
+    params: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def describe(self) -> str:
+        suffix = f" ({self.detail})" if self.detail else ""
+        return f"{self.verb.value:<8} {self.kind:<10} {self.name}{suffix}"
+
+
+def generate_webhook_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def generate_signing_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+class Bootstrapper:
+    def __init__(
+        self,
+        config: FleetConfig,
+        clients: AwsClients,
+        *,
+        gitlab_token: str | None = None,
+        token_factory: Callable[[], str] = generate_webhook_token,
+        signing_factory: Callable[[], str] = generate_signing_secret,
+    ) -> None:
+        self._config = config
+        self._aws = clients
+        self._gitlab_token = gitlab_token
+        self._token_factory = token_factory
+        self._signing_factory = signing_factory
+
+    def plan(self) -> list[Change]:
+        state = self._config.state
+        return [
+            self._plan_table(state.table),
+            self._plan_queue(state.dead_letter_queue, self._dlq_attributes()),
+            self._plan_queue(state.jobs_queue, {"VisibilityTimeout": str(JOBS_VISIBILITY_TIMEOUT_SECONDS)}),
+            *self._plan_parameters(),
+            self._plan_role(),
+            self._plan_role_policy(),
+            self._plan_profile(),
+            *self._plan_templates(),
+            self._plan_bucket(),
+        ]
+
+    def execute(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.verb in (Verb.KEEP, Verb.MISSING):
+                continue
+            getattr(self, f"_apply_{change.kind}")(change)
+
+    # -- DynamoDB -------------------------------------------------------------------------------------------
+
+    def _plan_table(self, name: str) -> Change:
+        try:
+            self._aws.dynamodb.describe_table(TableName=name)
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise
+            return Change("table", name, Verb.CREATE, "on-demand, encrypted, TTL on ttl")
+        ttl = self._aws.dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+        if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+            return Change("table", name, Verb.UPDATE, "enable TTL on ttl")
+        return Change("table", name, Verb.KEEP)
+
+    def _apply_table(self, change: Change) -> None:
+        ddb = self._aws.dynamodb
+        if change.verb is Verb.CREATE:
+            ddb.create_table(
+                TableName=change.name,
+                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                BillingMode="PAY_PER_REQUEST",
+                SSESpecification={"Enabled": True},
+                Tags=[{"Key": k, "Value": v} for k, v in self._tags().items()],
+            )
+            ddb.get_waiter("table_exists").wait(TableName=change.name, WaiterConfig={"Delay": 1})
+        ddb.update_time_to_live(
+            TableName=change.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
+        )
+
+    # -- SQS ------------------------------------------------------------------------------------------------
+
+    def _dlq_attributes(self) -> dict[str, str]:
+        return {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)}
+
+    def _plan_queue(self, name: str, attributes: dict[str, str]) -> Change:
+        wanted = {"SqsManagedSseEnabled": "true", **attributes}
+        sqs = self._aws.sqs
+        try:
+            url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        except ClientError as exc:
+            if error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+                raise
+            return Change("queue", name, Verb.CREATE, params={"attributes": wanted})
+        current = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        if name == self._config.state.jobs_queue:
+            wanted["RedrivePolicy"] = self._redrive_policy()
+        drift = sorted(k for k, v in wanted.items() if not _same_attribute(current.get(k), v))
+        if drift:
+            return Change("queue", name, Verb.UPDATE, "set " + ", ".join(drift), {"url": url, "attributes": wanted})
+        return Change("queue", name, Verb.KEEP)
+
+    def _redrive_policy(self) -> str:
+        sqs = self._aws.sqs
+        dlq_url = sqs.get_queue_url(QueueName=self._config.state.dead_letter_queue)["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        return json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": JOBS_MAX_RECEIVE_COUNT})
+
+    def _apply_queue(self, change: Change) -> None:
+        sqs = self._aws.sqs
+        attributes = dict(change.params["attributes"])
+        if change.name == self._config.state.jobs_queue:
+            # Resolved at execution: on a first run the dead-letter queue is created earlier in the same plan.
+            attributes["RedrivePolicy"] = self._redrive_policy()
+        if change.verb is Verb.CREATE:
+            sqs.create_queue(QueueName=change.name, Attributes=attributes, tags=self._tags())
+        else:
+            sqs.set_queue_attributes(QueueUrl=change.params["url"], Attributes=attributes)
+
+    # -- SSM ------------------------------------------------------------------------------------------------
+
+    def _plan_parameters(self) -> list[Change]:
+        changes = [self._plan_generated(self._config.webhook.token_parameter, "webhook token")]
+        if self._config.webhook.signing_secret_parameter:
+            changes.append(self._plan_generated(self._config.webhook.signing_secret_parameter, "signing secret"))
+        changes.append(self._plan_gitlab_token())
+        return changes
+
+    def _current_value(self, name: str) -> str | None:
+        try:
+            found = self._aws.ssm.get_parameter(Name=name, WithDecryption=True)
+        except ClientError as exc:
+            if error_code(exc) != "ParameterNotFound":
+                raise
+            return None
+        return str(found["Parameter"]["Value"])
+
+    def _plan_generated(self, name: str, what: str) -> Change:
+        if self._current_value(name) is None:
+            return Change("parameter", name, Verb.CREATE, f"generated {what}", {"generate": what})
+        return Change("parameter", name, Verb.KEEP, what)
+
+    def _plan_gitlab_token(self) -> Change:
+        name = self._config.gitlab.token_parameter
+        current = self._current_value(name)
+        if self._gitlab_token is None:
+            if current is None:
+                return Change("parameter", name, Verb.MISSING, "GitLab API token: set GITLAB_TOKEN and re-run")
+            return Change("parameter", name, Verb.KEEP, "GitLab API token")
+        if current is None:
+            return Change("parameter", name, Verb.CREATE, "GitLab API token from GITLAB_TOKEN")
+        if current != self._gitlab_token:
+            return Change("parameter", name, Verb.UPDATE, "GitLab API token from GITLAB_TOKEN")
+        return Change("parameter", name, Verb.KEEP, "GitLab API token")
+
+    def _apply_parameter(self, change: Change) -> None:
+        generate = change.params.get("generate")
+        if generate == "webhook token":
+            value = self._token_factory()
+        elif generate == "signing secret":
+            value = self._signing_factory()
+        else:
+            value = self._gitlab_token or ""
+        self._aws.ssm.put_parameter(
+            Name=change.name,
+            Value=value,
+            Type="SecureString",
+            Overwrite=change.verb is Verb.UPDATE,
+            Description=f"runner-fleet {self._config.fleet}",
+        )
+
+    # -- IAM: the runner instances' role and instance profile -----------------------------------------------
+
+    def _plan_role(self) -> Change:
+        name = instance_profile_name(self._config.fleet)
+        try:
+            role = self._aws.client("iam").get_role(RoleName=name)["Role"]
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchEntity":
+                raise
+            return Change("role", name, Verb.CREATE, "assumed by EC2")
+        if not _same_policy(role.get("AssumeRolePolicyDocument"), ec2_trust_policy()):
+            return Change("role", name, Verb.UPDATE, "trust policy: assumed by EC2 only")
+        return Change("role", name, Verb.KEEP, "assumed by EC2")
+
+    def _apply_role(self, change: Change) -> None:
+        iam = self._aws.client("iam")
+        trust = json.dumps(ec2_trust_policy())
+        if change.verb is Verb.CREATE:
+            iam.create_role(
+                RoleName=change.name,
+                AssumeRolePolicyDocument=trust,
+                Description=f"runner-fleet {self._config.fleet}: runner instances",
+                Tags=self._tag_list(),
+            )
+        else:
+            iam.update_assume_role_policy(RoleName=change.name, PolicyDocument=trust)
+
+    def _plan_role_policy(self) -> Change:
+        role = instance_profile_name(self._config.fleet)
+        name = f"{role}/{RUNNER_POLICY_NAME}"
+        wanted = runner_instance_policy(self._config)
+        params = {"role": role, "document": wanted}
+        summary = f"inline, {len(wanted['Statement'])} statements"
+        try:
+            found = self._aws.client("iam").get_role_policy(RoleName=role, PolicyName=RUNNER_POLICY_NAME)
+        except ClientError as exc:
+            # Also the answer while the role itself does not exist yet; it is created earlier in the plan.
+            if error_code(exc) != "NoSuchEntity":
+                raise
+            return Change("policy", name, Verb.CREATE, summary, params)
+        if not _same_policy(found["PolicyDocument"], wanted):
+            return Change("policy", name, Verb.UPDATE, f"{summary}, changed", params)
+        return Change("policy", name, Verb.KEEP, summary)
+
+    def _apply_policy(self, change: Change) -> None:
+        self._aws.client("iam").put_role_policy(
+            RoleName=change.params["role"],
+            PolicyName=RUNNER_POLICY_NAME,
+            PolicyDocument=json.dumps(change.params["document"]),
+        )
+
+    def _plan_profile(self) -> Change:
+        name = instance_profile_name(self._config.fleet)
+        try:
+            profile = self._aws.client("iam").get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchEntity":
+                raise
+            return Change("profile", name, Verb.CREATE, f"role {name}")
+        roles = [role["RoleName"] for role in profile.get("Roles", [])]
+        if roles == [name]:
+            return Change("profile", name, Verb.KEEP, f"role {name}")
+        # A profile holds at most one role, so a stranger has to leave before ours goes in.
+        others = [role for role in roles if role != name]
+        return Change("profile", name, Verb.UPDATE, f"set role {name}", {"remove": others, "add": name not in roles})
+
+    def _apply_profile(self, change: Change) -> None:
+        iam = self._aws.client("iam")
+        if change.verb is Verb.CREATE:
+            iam.create_instance_profile(InstanceProfileName=change.name, Tags=self._tag_list())
+        for role in change.params.get("remove", []):
+            iam.remove_role_from_instance_profile(InstanceProfileName=change.name, RoleName=role)
+        if change.params.get("add", True):
+            iam.add_role_to_instance_profile(InstanceProfileName=change.name, RoleName=change.name)
+
+    # -- EC2 launch templates, one per pool ----------------------------------------------------------------
+
+    def _plan_templates(self) -> list[Change]:
+        parameter = self._config.ami_parameter
+        from_parameter: str | None = None
+        problem = ""
+        if any(pool.ami is None for pool in self._config.pools):
+            value = self._current_value(parameter)
+            if value is None:
+                problem = f"no AMI: put the runner AMI id in SSM parameter {parameter} and re-run"
+            elif not _AMI_ID.fullmatch(value.strip()):
+                problem = f"no AMI: SSM parameter {parameter} holds {value.strip()[:40]!r}, not an AMI id"
+            else:
+                from_parameter = value.strip()
+        changes = []
+        for pool in self._config.pools:
+            name = launch_template_name(self._config.fleet, pool.name)
+            image_id = pool.ami or from_parameter
+            if image_id is None:
+                changes.append(Change("template", name, Verb.MISSING, problem))
+            else:
+                changes.append(self._plan_template(name, self._template_data(pool, image_id)))
+        return changes
+
+    def _template_data(self, pool: PoolConfig, image_id: str) -> dict[str, Any]:
+        tags = [{"Key": FLEET_TAG, "Value": self._config.fleet}, {"Key": POOL_TAG, "Value": pool.name}]
+        # User data is not here: it is rendered per launch. No KeyName: nobody logs in to a runner.
+        return {
+            "ImageId": image_id,
+            "IamInstanceProfile": {"Name": instance_profile_name(self._config.fleet)},
+            # IMDSv2 only, and a hop limit of 1 so job containers (one hop further) cannot reach the role's
+            # credentials through the metadata service.
+            "MetadataOptions": {
+                "HttpTokens": "required",
+                "HttpPutResponseHopLimit": 1,
+                "HttpEndpoint": "enabled",
+                "InstanceMetadataTags": "disabled",
+            },
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": ROOT_DEVICE,
+                    "Ebs": {
+                        "VolumeType": "gp3",
+                        "VolumeSize": pool.disk_gib,
+                        "Encrypted": True,
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
+            "SecurityGroupIds": list(pool.security_groups),
+            # Runners leave by powering off; terminate makes that the end of the instance, not a stopped one.
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "Monitoring": {"Enabled": False},
+            "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
+        }
+
+    def _plan_template(self, name: str, data: dict[str, Any]) -> Change:
+        ec2 = self._aws.ec2
+        image_id = data["ImageId"]
+        try:
+            found = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"][0]
+        except ClientError as exc:
+            if error_code(exc) != "InvalidLaunchTemplateName.NotFoundException":
+                raise
+            return Change("template", name, Verb.CREATE, f"{image_id}, 1 version", {"data": data})
+        default = int(found["DefaultVersionNumber"])
+        # Always an explicit version number: scale-up may add versions of its own, and moto answers $Latest
+        # with HTTP 500 once a template has more than one.
+        current = ec2.describe_launch_template_versions(
+            LaunchTemplateId=found["LaunchTemplateId"], Versions=[str(default)]
+        )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        drift = [key for key, value in data.items() if not _contains(current.get(key), value)]
+        # Anything else set on the default version (a KeyName, say) is drift too.
+        drift += sorted(key for key in current if key not in data)
+        if drift:
+            version = int(found["LatestVersionNumber"]) + 1
+            return Change(
+                "template",
+                name,
+                Verb.UPDATE,
+                f"new default version {version}: " + ", ".join(drift),
+                {"data": data, "id": found["LaunchTemplateId"]},
+            )
+        return Change("template", name, Verb.KEEP, f"{image_id}, version {default}")
+
+    def _apply_template(self, change: Change) -> None:
+        ec2 = self._aws.ec2
+        description = f"runner-fleet {self._config.fleet} bootstrap"
+        if change.verb is Verb.CREATE:
+            # The template itself goes untagged: moto copies request-level TagSpecifications into the version's
+            # data, which would then never match what is wanted. Its name carries the fleet.
+            ec2.create_launch_template(
+                LaunchTemplateName=change.name,
+                VersionDescription=description,
+                LaunchTemplateData=change.params["data"],
+            )
+            return
+        created = ec2.create_launch_template_version(
+            LaunchTemplateId=change.params["id"],
+            VersionDescription=description,
+            LaunchTemplateData=change.params["data"],
+        )
+        version = created["LaunchTemplateVersion"]["VersionNumber"]
+        ec2.modify_launch_template(LaunchTemplateId=change.params["id"], DefaultVersion=str(version))
+
+    # -- S3 cache bucket ------------------------------------------------------------------------------------
+
+    def _plan_bucket(self) -> Change:
+        name = self._config.cache_bucket
+        summary = f"private, SSE-S3, objects expire after {CACHE_EXPIRY_DAYS} days"
+        s3 = self._aws.client("s3")
+        try:
+            s3.head_bucket(Bucket=name)
+        except ClientError as exc:
+            code = error_code(exc)
+            if code in ("404", "NoSuchBucket"):
+                return Change("bucket", name, Verb.CREATE, summary, {"settings": list(_BUCKET_SETTINGS)})
+            if code in ("403", "AccessDenied"):
+                # Bucket names are global: a 403 is usually another account's bucket.
+                return Change("bucket", name, Verb.MISSING, "exists but is not accessible: choose another name")
+            raise
+        drift = [
+            setting
+            for setting, present in (
+                ("public access block", self._bucket_blocks_public_access(name)),
+                ("encryption", self._bucket_encrypted(name)),
+                ("lifecycle", self._bucket_expires_cache(name)),
+            )
+            if not present
+        ]
+        if drift:
+            return Change("bucket", name, Verb.UPDATE, "set " + ", ".join(drift), {"settings": drift})
+        return Change("bucket", name, Verb.KEEP, summary)
+
+    def _apply_bucket(self, change: Change) -> None:
+        s3 = self._aws.client("s3")
+        name = change.name
+        if change.verb is Verb.CREATE:
+            region = s3.meta.region_name
+            # us-east-1 is the one region that refuses an explicit location constraint.
+            location = (
+                {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            )
+            s3.create_bucket(Bucket=name, **location)
+            s3.put_bucket_tagging(Bucket=name, Tagging={"TagSet": self._tag_list()})
+        settings = change.params["settings"]
+        if "public access block" in settings:
+            s3.put_public_access_block(
+                Bucket=name, PublicAccessBlockConfiguration=dict.fromkeys(_PUBLIC_ACCESS_BLOCK, True)
+            )
+        if "encryption" in settings:
+            s3.put_bucket_encryption(
+                Bucket=name,
+                ServerSideEncryptionConfiguration={
+                    "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+                },
+            )
+        if "lifecycle" in settings:
+            # The call replaces every rule, so rules someone else added are carried over.
+            others = [rule for rule in self._lifecycle_rules(name) if rule.get("ID") != CACHE_LIFECYCLE_RULE_ID]
+            s3.put_bucket_lifecycle_configuration(
+                Bucket=name, LifecycleConfiguration={"Rules": [*others, _cache_lifecycle_rule()]}
+            )
+
+    def _bucket_blocks_public_access(self, name: str) -> bool:
+        try:
+            found = self._aws.client("s3").get_public_access_block(Bucket=name)
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchPublicAccessBlockConfiguration":
+                raise
+            return False
+        current = found["PublicAccessBlockConfiguration"]
+        return all(current.get(key) is True for key in _PUBLIC_ACCESS_BLOCK)
+
+    def _bucket_encrypted(self, name: str) -> bool:
+        try:
+            found = self._aws.client("s3").get_bucket_encryption(Bucket=name)
+        except ClientError as exc:
+            if error_code(exc) != "ServerSideEncryptionConfigurationNotFoundError":
+                raise
+            return False
+        # Any default encryption will do: a bucket someone moved to KMS is not downgraded to SSE-S3.
+        rules = found["ServerSideEncryptionConfiguration"].get("Rules", [])
+        return any(rule.get("ApplyServerSideEncryptionByDefault", {}).get("SSEAlgorithm") for rule in rules)
+
+    def _bucket_expires_cache(self, name: str) -> bool:
+        wanted = _cache_lifecycle_rule()
+        return any(
+            rule.get("ID") == CACHE_LIFECYCLE_RULE_ID and _contains(rule, wanted)
+            for rule in self._lifecycle_rules(name)
+        )
+
+    def _lifecycle_rules(self, name: str) -> list[dict[str, Any]]:
+        try:
+            found = self._aws.client("s3").get_bucket_lifecycle_configuration(Bucket=name)
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchLifecycleConfiguration":
+                raise
+            return []
+        return list(found.get("Rules", []))
+
+    def _tags(self) -> dict[str, str]:
+        return {"runner-fleet": self._config.fleet}
+
+    def _tag_list(self) -> list[dict[str, str]]:
+        return [{"Key": key, "Value": value} for key, value in self._tags().items()]
+
+
+def _same_attribute(current: str | None, wanted: str) -> bool:
+    if current is None:
+        return False
+    if wanted.startswith("{"):
+        return bool(json.loads(current) == json.loads(wanted))
+    return current.lower() == wanted.lower()
+
+
+_BUCKET_SETTINGS = ("public access block", "encryption", "lifecycle")
+_PUBLIC_ACCESS_BLOCK = ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets")
+
+
+def _cache_lifecycle_rule() -> dict[str, Any]:
+    return {
+        "ID": CACHE_LIFECYCLE_RULE_ID,
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "Expiration": {"Days": CACHE_EXPIRY_DAYS},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+    }
+
+
+def _contains(current: object, wanted: object) -> bool:
+    """True when ``current`` has everything ``wanted`` has; AWS may add fields of its own to what it returns."""
+    if isinstance(wanted, dict):
+        return isinstance(current, dict) and all(_contains(current.get(k), v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return (
+            isinstance(current, list)
+            and len(current) == len(wanted)
+            and all(_contains(c, w) for c, w in zip(current, wanted, strict=True))
+        )
+    return current == wanted
+
+
+def _same_policy(current: object, wanted: dict[str, Any]) -> bool:
+    if isinstance(current, str):
+        # botocore decodes IAM policy documents; a raw one is URL-encoded JSON.
+        from urllib.parse import unquote
+
+        current = json.loads(unquote(current))
+    return _canonical_policy(current) == _canonical_policy(wanted)
+
+
+def _canonical_policy(value: object) -> object:
+    """IAM treats ``"a"`` and ``["a"]`` alike, and the order of actions, resources and statements as irrelevant."""
+    if isinstance(value, dict):
+        return {key: _canonical_policy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        items = [_canonical_policy(item) for item in value]
+        if len(items) == 1:
+            return items[0]
+        return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+    return value

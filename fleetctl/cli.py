@@ -1,0 +1,266 @@
+"""The ``fleetctl`` command line: validate, bootstrap, gitlab connect, status, sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chalicelib.errors import ConfigError
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="RUNNER_FLEET_CONFIG",
+    required=True,
+    help="Stage configuration file (YAML or JSON). Defaults to $RUNNER_FLEET_CONFIG.",
+)
+
+
+def _load(config_path: Path) -> Any:
+    from chalicelib.config import load_config
+
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _clients(config: Any) -> Any:
+    from chalicelib.aws import AwsClients
+
+    return AwsClients(region=config.region)
+
+
+@click.group()
+def main() -> None:
+    """Operate a runner-fleet: autoscaled GitLab CI runners on EC2 spot."""
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+def validate(config_file: Path) -> None:
+    """Check a stage configuration file; print every problem with its field path."""
+    from chalicelib.config import load_config
+
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        click.echo(f"{config_file}: {len(exc.problems)} problem(s)", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"{config_file}: valid ({config.fleet}, {len(config.pools)} pools: "
+        + ", ".join(p.name for p in config.pools)
+        + ")"
+    )
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Print the plan without changing anything.")
+def bootstrap(config_path: Path, dry_run: bool) -> None:
+    """Create or update the resources chalice deploy does not (idempotent)."""
+    from fleetctl.bootstrap import Bootstrapper
+
+    config = _load(config_path)
+    bootstrapper = Bootstrapper(config, _clients(config), gitlab_token=os.environ.get("GITLAB_TOKEN"))
+    plan = bootstrapper.plan()
+    for change in plan:
+        click.echo(("would " if dry_run else "") + change.describe())
+    if not dry_run:
+        bootstrapper.execute(plan)
+
+
+@main.group()
+def gitlab() -> None:
+    """GitLab side of the fleet."""
+
+
+@gitlab.command("connect")
+@CONFIG_OPTION
+@click.option("--project", "project_id", required=True, help="Project id or path.")
+@click.option(
+    "--url",
+    "webhook_url",
+    envvar="RUNNER_FLEET_WEBHOOK_URL",
+    required=True,
+    help="The deployed webhook URL (…/webhooks/gitlab). Defaults to $RUNNER_FLEET_WEBHOOK_URL.",
+)
+@click.option("--gitlab-url", envvar="GITLAB_URL", help="Defaults to $GITLAB_URL, else the config's gitlab.url.")
+@click.option("--gitlab-token", envvar="GITLAB_TOKEN", required=True, help="API token. Defaults to $GITLAB_TOKEN.")
+def gitlab_connect(
+    config_path: Path, project_id: str, webhook_url: str, gitlab_url: str | None, gitlab_token: str
+) -> None:
+    """Create or update the project webhook (job events, secret token from SSM)."""
+    from fleetctl.gitlab_connect import connect_project_hook
+
+    config = _load(config_path)
+    ssm = _clients(config).ssm
+    token = ssm.get_parameter(Name=config.webhook.token_parameter, WithDecryption=True)["Parameter"]["Value"]
+    signing = None
+    if config.webhook.signing_secret_parameter:
+        signing = ssm.get_parameter(Name=config.webhook.signing_secret_parameter, WithDecryption=True)["Parameter"][
+            "Value"
+        ]
+    result = connect_project_hook(
+        gitlab_url or config.gitlab.url, gitlab_token, project_id, webhook_url, token, signing
+    )
+    verb = "created" if result.created else "updated"
+    click.echo(f"{verb} hook {result.hook_id} on project {project_id} -> {webhook_url} (job events)")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: Path, as_json: bool) -> None:
+    """Jobs by status, runners by state, and each pool's runners, leases and image."""
+    from chalicelib.store import FleetStore
+    from fleetctl.status import fleet_status
+
+    config = _load(config_path)
+    summary = fleet_status(config, FleetStore(config.state.table, _clients(config).dynamodb))
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]{summary['fleet']}[/bold]  jobs: {summary['jobs'] or '-'}  runners: {summary['runners'] or '-'}"
+    )
+    table = Table("pool", "tags", "max", "runners", "leases", "image", "digest")
+    for pool in summary["pools"]:
+        table.add_row(
+            pool["name"],
+            ",".join(pool["tags"]),
+            str(pool["max_runners"]),
+            json.dumps(pool["runners"]),
+            str(pool["leases"]),
+            pool["image"],
+            pool["image_digest"] or "-",
+        )
+    console.print(table)
+
+
+# -- sandbox ----------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def sandbox() -> None:
+    """The local sandbox: moto server, GitLab emulator, served webhook, event pump."""
+
+
+def _state_file() -> Path:
+    from fleetctl.sandbox.stack import DEFAULT_WORKDIR
+
+    return DEFAULT_WORKDIR / "state.json"
+
+
+def _print_exports(exports: dict[str, str]) -> None:
+    for key, value in exports.items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+
+
+@sandbox.command("up")
+@click.option("--detach", is_flag=True, help="Run in the background and print shell export lines.")
+def sandbox_up(detach: bool) -> None:
+    """Start the sandbox (foreground until Ctrl-C, or --detach)."""
+    state_file = _state_file()
+    if detach:
+        if state_file.exists():
+            raise click.ClickException(f"a sandbox is already up ({state_file}); run 'fleetctl sandbox down'")
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        log = (state_file.parent / "sandbox.log").open("wb")
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "fleetctl.cli", "sandbox", "up"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not state_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise click.ClickException(f"sandbox did not start; see {state_file.parent / 'sandbox.log'}")
+            time.sleep(0.2)
+        _print_exports(json.loads(state_file.read_text())["exports"])
+        return
+    from fleetctl.sandbox.stack import Sandbox
+
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    with Sandbox() as stack:
+        exports = stack.exports()
+        state_file.write_text(json.dumps({"pid": os.getpid(), "exports": exports}))
+        try:
+            _print_exports(exports)
+            click.echo("# sandbox up; Ctrl-C (or 'fleetctl sandbox down') stops it", err=True)
+            while not stopping:
+                time.sleep(0.2)
+        finally:
+            state_file.unlink(missing_ok=True)
+
+
+@sandbox.command("down")
+def sandbox_down() -> None:
+    """Stop a detached sandbox and every process it started."""
+    state_file = _state_file()
+    if not state_file.exists():
+        click.echo("no sandbox is up")
+        return
+    pid = int(json.loads(state_file.read_text())["pid"])
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_file.unlink(missing_ok=True)
+        click.echo("sandbox was not running")
+        return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    state_file.unlink(missing_ok=True)
+    click.echo("sandbox stopped")
+
+
+@sandbox.command("demo")
+@click.option("--jobs", default=6, show_default=True, help="Jobs in the demo pipeline.")
+def sandbox_demo(jobs: int) -> None:
+    """Run the end-to-end scenario; the last line is a JSON summary with "ok"."""
+    # The handlers' structured logs and EMF lines would drown the story; `sandbox up` keeps them in its log.
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+    from fleetctl.sandbox.scenario import run_demo
+
+    summary = run_demo(jobs=jobs)
+    click.echo(json.dumps(summary, sort_keys=True))
+    if not summary["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

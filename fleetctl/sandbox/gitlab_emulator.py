@@ -1,0 +1,967 @@
+"""A GitLab emulator: a real HTTP peer on loopback that speaks the slice of the v4 API runner-fleet uses.
+
+runner-fleet meets GitLab three ways: python-gitlab calls the REST API (runners, jobs, hooks), gitlab-runner
+agents call the runner API (``/jobs/request``), and GitLab pushes Job Hooks at the webhook endpoint. Tests and
+the sandbox need all three without a GitLab instance, over real sockets, so that timeouts, retries, pagination
+and headers are exercised the way production exercises them. Mocking python-gitlab would hide exactly those.
+
+This module is the HTTP half (moto's ``responses.py``): it parses requests, routes them to
+``gitlab_model.GitLabModel``, injects faults at the wire, and delivers webhooks from a worker pool the way
+GitLab's Sidekiq does: concurrently, unordered, retried on 5xx and timeouts with the same Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import math
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from hashlib import sha256
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from queue import Queue
+from typing import Any, Self, TypeVar, cast
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from fleetctl.sandbox.gitlab_model import (
+    SIGNING_TOKEN_PREFIX,
+    AccessLevel,
+    BadRequestError,
+    Delivery,
+    GitLabEmulatorError,
+    GitLabModel,
+    HookChanges,
+    JobSpec,
+    JobStatus,
+    OutgoingEvent,
+    RunnerChanges,
+    RunnerFilters,
+    RunnerSettings,
+    RunnerType,
+)
+
+__all__ = ["Delivery", "GitLabEmulator", "JobSpec", "JobStatus"]
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Enum)
+
+API_PREFIX = "/api/v4"
+DEFAULT_PER_PAGE = 20
+MAX_PER_PAGE = 100
+# Pauses before the 2nd, 3rd and 4th attempt of a webhook. GitLab documents no retry policy; this mirrors a
+# short Sidekiq retry so tests can observe retries without waiting minutes.
+RETRY_BACKOFF = (0.2, 0.5, 1.0)
+# Idle keep-alive connections are closed after this long, as nginx in front of GitLab does (65 s by default).
+IDLE_CONNECTION_TIMEOUT = 65.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests, responses, routes
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Auth(Enum):
+    ADMIN = "admin"  # PRIVATE-TOKEN or Bearer token of the admin user
+    RUNNER = "runner"  # runner API: the runner or job token travels in the body
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    path: str  # after /api/v4, still percent-encoded
+    query: list[tuple[str, str]]
+    params: dict[str, Any]  # query, form and JSON body merged; "key[]" collected as "key": [...]
+    path_params: dict[str, str]
+    base_url: str  # scheme://host[:port] as the client addressed us, for Link headers
+
+
+@dataclass
+class ApiResponse:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: str | None = None  # sent as-is instead of ``body`` (fault injection)
+
+    def encode(self) -> tuple[bytes, str]:
+        if self.raw is not None:
+            # An injected body may be a proxy's HTML error page as well as JSON.
+            try:
+                json.loads(self.raw)
+            except ValueError:
+                html = self.raw.lstrip().startswith("<")
+                return self.raw.encode(), "text/html; charset=utf-8" if html else "text/plain; charset=utf-8"
+            return self.raw.encode(), "application/json"
+        if self.body is None:
+            return b"", "application/json"
+        return json.dumps(self.body).encode(), "application/json"
+
+
+def message(status: int) -> ApiResponse:
+    """GitLab's bare error body, e.g. ``{"message": "404 Not Found"}``."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:  # an injected fault may use a status with no standard name
+        phrase = "Error"
+    return ApiResponse(status, {"message": f"{status} {phrase}"})
+
+
+Handler = Callable[[ApiRequest], ApiResponse]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    auth: Auth
+
+    @classmethod
+    def build(cls, method: str, template: str, handler: Handler, auth: Auth = Auth.ADMIN) -> Route:
+        parts = [f"(?P<{part[1:]}>[^/]+)" if part.startswith(":") else re.escape(part) for part in template.split("/")]
+        return cls(method, template, re.compile("/".join(parts)), handler, auth)
+
+
+@dataclass
+class Fault:
+    method: str
+    pattern: re.Pattern[str]
+    status: int
+    remaining: int
+    delay: float
+    body: str | None
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.remaining > 0 and self.method in {"*", method} and bool(self.pattern.fullmatch(path))
+
+    def respond(self, stopping: threading.Event) -> ApiResponse:
+        # Sleeping on the stop event lets stop() end a simulated hang at once.
+        stopping.wait(self.delay)
+        return message(self.status) if self.body is None else ApiResponse(self.status, raw=self.body)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter parsing: GitLab accepts JSON, form bodies and query strings alike
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _merge_pairs(pairs: Sequence[tuple[str, str]], into: dict[str, Any]) -> None:
+    for key, value in pairs:
+        if key.endswith("[]"):
+            into.setdefault(key[:-2], [])
+            if isinstance(into[key[:-2]], list):
+                into[key[:-2]].append(value)
+        else:
+            into[key] = value
+
+
+def parse_params(query: Sequence[tuple[str, str]], content_type: str, body: bytes) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    _merge_pairs(query, params)
+    if not body:
+        return params
+    if content_type.startswith("application/json"):
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise BadRequestError("body is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise BadRequestError("body must be a JSON object")
+        params.update(data)
+    elif content_type.startswith("application/x-www-form-urlencoded"):
+        _merge_pairs(parse_qsl(body.decode(), keep_blank_values=True), params)
+    return params
+
+
+def p_str(params: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = params.get(key)
+    if value is None:
+        if required:
+            raise BadRequestError(f"{key} is missing")
+        return None
+    if isinstance(value, list | dict):
+        raise BadRequestError(f"{key} is invalid")
+    return str(value)
+
+
+def p_bool(params: Mapping[str, Any], key: str) -> bool | None:
+    value = params.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in {"true", "1", "yes", "t"}:
+        return True
+    if text in {"false", "0", "no", "f"}:
+        return False
+    raise BadRequestError(f"{key} is invalid")
+
+
+def p_int(params: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
+    value = p_str(params, key, required=required)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadRequestError(f"{key} is invalid") from exc
+
+
+def p_tags(params: Mapping[str, Any], key: str = "tag_list") -> list[str] | None:
+    """Tags come as a JSON list or, from python-gitlab and forms, as one comma-separated string."""
+    value = params.get(key)
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def p_enum(params: Mapping[str, Any], key: str, enum: type[E]) -> E | None:
+    value = p_str(params, key)
+    if value is None:
+        return None
+    try:
+        return enum(value)
+    except ValueError as exc:
+        raise BadRequestError(f"{key} does not have a valid value") from exc
+
+
+def p_statuses(params: Mapping[str, Any], key: str) -> list[JobStatus]:
+    """``scope[]=pending&scope[]=running`` or ``scope=pending``."""
+    value = params.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    try:
+        return [JobStatus(str(v)) for v in values]
+    except ValueError as exc:
+        raise BadRequestError(f"{key} does not have a valid value") from exc
+
+
+def paginate(req: ApiRequest, items: list[dict[str, Any]]) -> ApiResponse:
+    """A page of ``items`` with GitLab's offset pagination headers, which python-gitlab follows."""
+    try:
+        page = max(1, int(req.params.get("page", 1)))
+        per_page = min(MAX_PER_PAGE, max(1, int(req.params.get("per_page", DEFAULT_PER_PAGE))))
+    except (TypeError, ValueError):
+        page, per_page = 1, DEFAULT_PER_PAGE
+    total = len(items)
+    total_pages = max(1, math.ceil(total / per_page))
+    next_page = page + 1 if page < total_pages else None
+    prev_page = page - 1 if 1 < page <= total_pages + 1 else None
+
+    def link(to: int) -> str:
+        query = [(k, v) for k, v in req.query if k not in {"page", "per_page"}]
+        query += [("page", str(to)), ("per_page", str(per_page))]
+        return f"{req.base_url}{API_PREFIX}{req.path}?{urlencode(query)}"
+
+    links = [(prev_page, "prev"), (next_page, "next"), (1, "first"), (total_pages, "last")]
+    headers = {
+        "X-Page": str(page),
+        "X-Per-Page": str(per_page),
+        "X-Total": str(total),
+        "X-Total-Pages": str(total_pages),
+        "X-Next-Page": str(next_page or ""),
+        "X-Prev-Page": str(prev_page or ""),
+        "Link": ", ".join(f'<{link(to)}>; rel="{rel}"' for to, rel in links if to is not None),
+    }
+    return ApiResponse(200, items[(page - 1) * per_page : page * per_page], headers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The API: routing and handlers. Each handler parses, calls the model once, and shapes the answer.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GitLabApi:
+    def __init__(self, model: GitLabModel, *, admin_token: str, version: str, stopping: threading.Event) -> None:
+        self._model = model
+        self._admin_token = admin_token
+        self._version = version
+        self._stopping = stopping
+        self._faults: list[Fault] = []
+        self._calls: Counter[tuple[str, str]] = Counter()
+        self._routes = self._route_table()
+
+    # -- wire-level controls --
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._model.lock:
+            self._faults.append(fault)
+
+    def calls(self) -> Counter[tuple[str, str]]:
+        with self._model.lock:
+            return Counter(self._calls)
+
+    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes, base_url: str) -> ApiResponse:
+        """Answer one request. ``headers`` must look names up case-insensitively, as HTTP headers are."""
+        split = urlsplit(target)
+        if not split.path.startswith(API_PREFIX + "/"):
+            return message(404)
+        path = split.path[len(API_PREFIX) :]
+        route, path_params = self._match(method, path)
+        fault = self._count_call(method, path, route)
+        if fault is not None:
+            return fault.respond(self._stopping)
+        if route is None:
+            return message(404)
+        if route.auth is Auth.ADMIN and not self._authenticated(headers):
+            return message(401)
+        try:
+            query = parse_qsl(split.query, keep_blank_values=True)
+            params = parse_params(query, headers.get("Content-Type") or "", body)
+            request = ApiRequest(method, path, query, params, path_params, base_url)
+            return route.handler(request)
+        except GitLabEmulatorError as exc:
+            return ApiResponse(exc.status, exc.body)
+
+    def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str]]:
+        for route in self._routes:
+            if route.method == method and (found := route.pattern.fullmatch(path)):
+                return route, {k: unquote(v) for k, v in found.groupdict().items()}
+        return None, {}
+
+    def _count_call(self, method: str, path: str, route: Route | None) -> Fault | None:
+        """Count the call, and claim the first injected fault that matches it, if any."""
+        with self._model.lock:
+            self._calls[(method, route.template if route else "<unrouted>")] += 1
+            for fault in self._faults:
+                if fault.matches(method, path):
+                    fault.remaining -= 1
+                    return fault
+            return None
+
+    def _authenticated(self, headers: Mapping[str, str]) -> bool:
+        token = headers.get("PRIVATE-TOKEN")
+        if token is None:
+            scheme, _, bearer = (headers.get("Authorization") or "").partition(" ")
+            token = bearer if scheme.lower() == "bearer" else None
+        return token is not None and hmac.compare_digest(token.encode(), self._admin_token.encode())
+
+    def _route_table(self) -> list[Route]:
+        r = Route.build
+        # Literal segments precede ":param" ones that would also match them (/runners/all, /runners/:id).
+        return [
+            r("GET", "/version", self._version_info),
+            r("GET", "/user", lambda _: ApiResponse(200, self._model.current_user())),
+            r("GET", "/projects", lambda req: paginate(req, self._model.list_projects())),
+            r("POST", "/projects", self._create_project),
+            r("GET", "/projects/:id", lambda req: ApiResponse(200, self._model.get_project(_pid(req)))),
+            r("GET", "/projects/:id/hooks", lambda req: paginate(req, self._model.list_hooks(_pid(req)))),
+            r("POST", "/projects/:id/hooks", self._create_hook),
+            r("GET", "/projects/:id/hooks/:hook_id", self._get_hook),
+            r("PUT", "/projects/:id/hooks/:hook_id", self._update_hook),
+            r("DELETE", "/projects/:id/hooks/:hook_id", self._delete_hook),
+            r("POST", "/projects/:id/pipeline", self._create_pipeline),
+            r("GET", "/projects/:id/pipelines", self._list_pipelines),
+            r("GET", "/projects/:id/pipelines/:pipeline_id", self._get_pipeline),
+            r("GET", "/projects/:id/pipelines/:pipeline_id/jobs", self._list_pipeline_jobs),
+            r("GET", "/projects/:id/jobs", self._list_jobs),
+            r("GET", "/projects/:id/jobs/:job_id", self._get_job),
+            r("POST", "/projects/:id/jobs/:job_id/retry", self._retry_job),
+            r("POST", "/projects/:id/jobs/:job_id/cancel", self._cancel_job),
+            r("POST", "/projects/:id/runners", self._enable_project_runner),
+            r("POST", "/user/runners", self._create_runner),
+            r("GET", "/runners", lambda req: self._list_runners(req, all_runners=False)),
+            r("GET", "/runners/all", lambda req: self._list_runners(req, all_runners=True)),
+            r("POST", "/runners/verify", self._verify_runner, Auth.RUNNER),
+            r("DELETE", "/runners", self._delete_runner_by_token, Auth.RUNNER),
+            r("GET", "/runners/:id", lambda req: ApiResponse(200, self._model.get_runner(_rid(req)))),
+            r("PUT", "/runners/:id", self._update_runner),
+            r("DELETE", "/runners/:id", self._delete_runner),
+            r("GET", "/runners/:id/jobs", self._runner_jobs),
+            r("GET", "/runners/:id/managers", self._runner_managers),
+            r("POST", "/jobs/request", self._request_job, Auth.RUNNER),
+            r("PUT", "/jobs/:job_id", self._update_job, Auth.RUNNER),
+            r("GET", "/sandbox/deliveries", self._deliveries),
+        ]
+
+    # -- handlers --
+
+    def _version_info(self, _req: ApiRequest) -> ApiResponse:
+        return ApiResponse(200, {"version": self._version, "revision": "emulator", "enterprise": False})
+
+    def _create_project(self, req: ApiRequest) -> ApiResponse:
+        project = self._model.create_project(
+            name=p_str(req.params, "name"),
+            path=p_str(req.params, "path"),
+            namespace_id=p_int(req.params, "namespace_id"),
+            description=p_str(req.params, "description"),
+        )
+        return ApiResponse(201, project)
+
+    def _create_hook(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(201, self._model.create_hook(_pid(req), _hook_changes(req.params, creating=True)))
+
+    def _get_hook(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(200, self._model.get_hook(_pid(req), _int_param(req, "hook_id")))
+
+    def _update_hook(self, req: ApiRequest) -> ApiResponse:
+        changes = _hook_changes(req.params, creating=False)
+        return ApiResponse(200, self._model.update_hook(_pid(req), _int_param(req, "hook_id"), changes))
+
+    def _delete_hook(self, req: ApiRequest) -> ApiResponse:
+        self._model.delete_hook(_pid(req), _int_param(req, "hook_id"))
+        return ApiResponse(204)
+
+    def _create_pipeline(self, req: ApiRequest) -> ApiResponse:
+        ref = p_str(req.params, "ref", required=True) or "main"
+        pipeline = self._model.create_pipeline(_pid(req), ref, _job_specs(req.params.get("jobs")))
+        return ApiResponse(201, pipeline)
+
+    def _list_pipelines(self, req: ApiRequest) -> ApiResponse:
+        return paginate(req, self._model.list_pipelines(_pid(req)))
+
+    def _get_pipeline(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(200, self._model.get_pipeline(_pid(req), _int_param(req, "pipeline_id")))
+
+    def _list_pipeline_jobs(self, req: ApiRequest) -> ApiResponse:
+        jobs = self._model.list_pipeline_jobs(
+            _pid(req),
+            _int_param(req, "pipeline_id"),
+            p_statuses(req.params, "scope"),
+            include_retried=bool(p_bool(req.params, "include_retried")),
+        )
+        return paginate(req, jobs)
+
+    def _list_jobs(self, req: ApiRequest) -> ApiResponse:
+        return paginate(req, self._model.list_jobs(_pid(req), p_statuses(req.params, "scope")))
+
+    def _get_job(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(200, self._model.get_job(_pid(req), _int_param(req, "job_id")))
+
+    def _retry_job(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(201, self._model.retry_job(_pid(req), _int_param(req, "job_id")))
+
+    def _cancel_job(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(201, self._model.cancel_job(_pid(req), _int_param(req, "job_id")))
+
+    def _enable_project_runner(self, req: ApiRequest) -> ApiResponse:
+        runner_id = p_int(req.params, "runner_id", required=True) or 0
+        return ApiResponse(201, self._model.enable_project_runner(_pid(req), runner_id))
+
+    def _create_runner(self, req: ApiRequest) -> ApiResponse:
+        runner_type = p_enum(req.params, "runner_type", RunnerType)
+        if runner_type is None:
+            raise BadRequestError("runner_type is missing")
+        settings = RunnerSettings(
+            runner_type=runner_type,
+            group_id=p_int(req.params, "group_id"),
+            project_id=p_int(req.params, "project_id"),
+            description=p_str(req.params, "description") or "",
+            paused=bool(p_bool(req.params, "paused")),
+            locked=bool(p_bool(req.params, "locked")),
+            run_untagged=p_bool(req.params, "run_untagged") is not False,
+            tag_list=p_tags(req.params) or [],
+            access_level=p_enum(req.params, "access_level", AccessLevel) or AccessLevel.NOT_PROTECTED,
+            maximum_timeout=p_int(req.params, "maximum_timeout"),
+            maintenance_note=p_str(req.params, "maintenance_note"),
+        )
+        return ApiResponse(201, self._model.create_runner(settings))
+
+    def _list_runners(self, req: ApiRequest, *, all_runners: bool) -> ApiResponse:
+        filters = RunnerFilters(
+            runner_type=p_enum(req.params, "type", RunnerType),
+            status=p_str(req.params, "status") or p_str(req.params, "scope"),
+            paused=p_bool(req.params, "paused"),
+            tag_list=p_tags(req.params) or [],
+        )
+        return paginate(req, self._model.list_runners(filters, all_runners=all_runners))
+
+    def _update_runner(self, req: ApiRequest) -> ApiResponse:
+        active = p_bool(req.params, "active")  # deprecated inverse of paused, still sent by older clients
+        paused = p_bool(req.params, "paused")
+        changes = RunnerChanges(
+            description=p_str(req.params, "description"),
+            paused=paused if paused is not None else (None if active is None else not active),
+            locked=p_bool(req.params, "locked"),
+            run_untagged=p_bool(req.params, "run_untagged"),
+            tag_list=p_tags(req.params),
+            access_level=p_enum(req.params, "access_level", AccessLevel),
+            maximum_timeout=p_int(req.params, "maximum_timeout"),
+            maintenance_note=p_str(req.params, "maintenance_note"),
+        )
+        return ApiResponse(200, self._model.update_runner(_rid(req), changes))
+
+    def _delete_runner(self, req: ApiRequest) -> ApiResponse:
+        self._model.delete_runner(_rid(req))
+        return ApiResponse(204)
+
+    def _delete_runner_by_token(self, req: ApiRequest) -> ApiResponse:
+        self._model.delete_runner_by_token(p_str(req.params, "token", required=True) or "")
+        return ApiResponse(204)
+
+    def _runner_jobs(self, req: ApiRequest) -> ApiResponse:
+        return paginate(req, self._model.runner_jobs(_rid(req), p_statuses(req.params, "status")))
+
+    def _runner_managers(self, req: ApiRequest) -> ApiResponse:
+        return ApiResponse(200, self._model.runner_managers(_rid(req)))
+
+    def _verify_runner(self, req: ApiRequest) -> ApiResponse:
+        token = p_str(req.params, "token", required=True) or ""
+        return ApiResponse(200, self._model.verify_runner(token, p_str(req.params, "system_id")))
+
+    def _request_job(self, req: ApiRequest) -> ApiResponse:
+        token = p_str(req.params, "token", required=True) or ""
+        job = self._model.request_job(token, p_str(req.params, "system_id"))
+        return ApiResponse(204) if job is None else ApiResponse(201, job)
+
+    def _update_job(self, req: ApiRequest) -> ApiResponse:
+        state = p_str(req.params, "state", required=True) or ""
+        self._model.update_job_from_runner(
+            _int_param(req, "job_id"),
+            p_str(req.params, "token", required=True) or "",
+            state,
+            p_str(req.params, "failure_reason"),
+        )
+        return ApiResponse(200, {"status": state})
+
+    def _deliveries(self, req: ApiRequest) -> ApiResponse:
+        since = p_int(req.params, "since") or 0
+        return ApiResponse(200, [d.to_json() for d in self._model.deliveries(since)])
+
+
+def _int_param(req: ApiRequest, key: str) -> int:
+    value = req.path_params[key]
+    if not value.isdigit():
+        raise BadRequestError(f"{key} is invalid")
+    return int(value)
+
+
+def _pid(req: ApiRequest) -> str:
+    """A project :id, which GitLab also accepts as the URL-encoded ``namespace/path``."""
+    return req.path_params["id"]
+
+
+def _rid(req: ApiRequest) -> int:
+    return _int_param(req, "id")
+
+
+def _hook_changes(params: Mapping[str, Any], *, creating: bool) -> HookChanges:
+    flags: dict[str, bool] = {}
+    for key in params:
+        if key.endswith("_events") or key == "enable_ssl_verification":
+            flag = p_bool(params, key)
+            if flag is not None:
+                flags[key] = flag
+    return HookChanges(
+        url=p_str(params, "url", required=creating),
+        token=p_str(params, "token"),
+        signing_token=p_str(params, "signing_token"),
+        name=p_str(params, "name"),
+        description=p_str(params, "description"),
+        flags=flags,
+    )
+
+
+def _job_specs(raw: Any) -> list[JobSpec]:
+    """The emulator's stand-in for .gitlab-ci.yml: ``"jobs": [{"name", "stage", "tags"}]``."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRequestError("jobs is missing")
+    return [_job_spec(item) for item in raw]
+
+
+def _job_spec(item: Any) -> JobSpec:
+    if not isinstance(item, Mapping) or not item.get("name"):
+        raise BadRequestError("jobs[name] is missing")
+    return JobSpec(
+        name=str(item["name"]),
+        stage=str(item.get("stage") or "test"),
+        tags=tuple(p_tags(item, "tags") or ()),
+        allow_failure=bool(p_bool(item, "allow_failure")),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Webhook delivery
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sign(signing_token: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks ``webhook-signature`` value GitLab sends when a hook has a signing token."""
+    key = base64.b64decode(signing_token.removeprefix(SIGNING_TOKEN_PREFIX))
+    digest = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class WebhookDispatcher:
+    """Sends queued events from a pool of workers. As with Sidekiq, deliveries have no order."""
+
+    def __init__(
+        self,
+        model: GitLabModel,
+        *,
+        workers: int,
+        timeout: float,
+        user_agent: str,
+        instance_url: Callable[[], str],
+        stopping: threading.Event,
+    ) -> None:
+        self._model = model
+        self._workers = workers
+        self._timeout = timeout
+        self._user_agent = user_agent
+        self._instance_url = instance_url
+        self._stopping = stopping
+        self._queue: Queue[OutgoingEvent | None] = Queue()
+        # Shares the model's lock: the count of unfinished deliveries is part of the emulator's state.
+        self._idle = threading.Condition(model.lock)
+        self._unfinished = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for n in range(self._workers):
+            thread = threading.Thread(target=self._work, name=f"gitlab-emulator-webhook-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+
+    def enqueue(self, event: OutgoingEvent) -> None:
+        with self._idle:
+            self._unfinished += 1
+        self._queue.put(event)
+
+    def wait_idle(self, timeout: float) -> None:
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._unfinished == 0, timeout):
+                raise TimeoutError(f"{self._unfinished} webhook deliveries still unfinished after {timeout}s")
+
+    def _work(self) -> None:
+        with requests.Session() as session:
+            session.trust_env = False  # a proxy from the environment must not sit between us and loopback
+            while (event := self._queue.get()) is not None:
+                try:
+                    if not self._stopping.is_set():  # on stop, drop what is queued rather than send it
+                        self._deliver(session, event)
+                except Exception:  # a worker must survive anything one delivery does
+                    log.exception("webhook delivery to %s crashed", event.target.url)
+                finally:
+                    with self._idle:
+                        self._unfinished -= 1
+                        self._idle.notify_all()
+
+    def _deliver(self, session: requests.Session, event: OutgoingEvent) -> None:
+        for attempt, backoff in enumerate((*RETRY_BACKOFF, None), start=1):
+            delivery = self._attempt(session, event, attempt)
+            self._model.record_delivery(delivery)
+            status = delivery.status_code
+            # 4xx means the receiver looked and refused: retrying would not change its mind.
+            if status is not None and status < 500:
+                return
+            if backoff is None or self._stopping.wait(backoff):
+                return
+
+    def _attempt(self, session: requests.Session, event: OutgoingEvent, attempt: int) -> Delivery:
+        target = event.target
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": self._user_agent,
+            "X-Gitlab-Event": event.event,
+            "X-Gitlab-Instance": self._instance_url(),
+            "X-Gitlab-Webhook-UUID": target.webhook_uuid,
+            "X-Gitlab-Event-UUID": event.event_uuid,
+            "Idempotency-Key": event.idempotency_key,
+        }
+        if target.token is not None:
+            headers["X-Gitlab-Token"] = target.token
+        if target.signing_token is not None:
+            timestamp = int(time.time())  # of this attempt, so a receiver's freshness check holds on retries
+            headers["webhook-id"] = event.idempotency_key
+            headers["webhook-timestamp"] = str(timestamp)
+            signature = sign(target.signing_token, event.idempotency_key, timestamp, event.body)
+            headers["webhook-signature"] = signature
+        started = time.monotonic()
+        sent_at = time.time()
+        status: int | None = None
+        error: str | None = None
+        try:
+            response = session.post(
+                target.url,
+                data=event.body,
+                headers=headers,
+                timeout=self._timeout,
+                verify=target.enable_ssl_verification,
+                allow_redirects=False,  # GitLab does not follow redirects from hook receivers
+            )
+            status = response.status_code
+        except requests.Timeout:
+            error = "timeout"
+        except requests.RequestException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return Delivery(
+            hook_id=target.hook_id,
+            url=target.url,
+            event=event.event,
+            event_uuid=event.event_uuid,
+            idempotency_key=event.idempotency_key,
+            attempt=attempt,
+            status_code=status,
+            error=error,
+            sent_at=sent_at,
+            duration=time.monotonic() - started,
+            payload=json.loads(event.body),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP plumbing
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], api: GitLabApi, lock: threading.RLock) -> None:
+        self.api = api
+        self._lock = lock
+        # Open keep-alive connections, so stop() can cut them: a client must not keep talking to a stopped
+        # emulator through a pooled connection.
+        self._connections: set[socket.socket] = set()
+        super().__init__(address, _RequestHandler)
+        host, port = cast(tuple[str, int], self.server_address[:2])
+        self.base_url = f"http://{host}:{port}"
+
+    def track(self, connection: socket.socket, *, open_: bool) -> None:
+        with self._lock:
+            if open_:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    def close_connections(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up (a timeout during an injected delay, a stop) are normal here.
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_CONNECTION_TIMEOUT
+    server_version = "gitlab-emulator"
+
+    def setup(self) -> None:
+        super().setup()
+        self._emulator().track(self.connection, open_=True)
+
+    def finish(self) -> None:
+        self._emulator().track(self.connection, open_=False)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def _emulator(self) -> _Server:
+        return cast(_Server, self.server)
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        server = self._emulator()
+        host = self.headers.get("Host")
+        base_url = f"http://{host}" if host else server.base_url
+        headers = CaseInsensitiveDict(self.headers.items())
+        try:
+            response = server.api.handle(self.command, self.path, headers, body, base_url)
+        except Exception:  # handler boundary: answer like GitLab would rather than drop the connection
+            log.exception("emulator failed on %s %s", self.command, self.path)
+            response = message(500)
+        payload, content_type = response.encode()
+        try:
+            self.send_response(response.status)
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            if response.status != HTTPStatus.NO_CONTENT:
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if payload and response.status != HTTPStatus.NO_CONTENT:
+                self.wfile.write(payload)
+        except OSError:
+            # The client gave up (its timeout during an injected delay): nothing left to answer.
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public object
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GitLabEmulator:
+    """A GitLab on loopback: ``start()`` it, point python-gitlab at ``url``, read ``deliveries``."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        admin_token: str = "glpat-sandbox-admin",  # noqa: S107 - the sandbox's well-known dummy token
+        version: str = "17.9.0",
+        legacy_timestamps: bool = False,
+        delivery_workers: int = 8,
+        webhook_timeout: float = 10.0,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self.admin_token = admin_token
+        self._stopping = threading.Event()
+        self._model = GitLabModel(legacy_timestamps=legacy_timestamps)
+        self._api = GitLabApi(self._model, admin_token=admin_token, version=version, stopping=self._stopping)
+        self._dispatcher = WebhookDispatcher(
+            self._model,
+            workers=delivery_workers,
+            timeout=webhook_timeout,
+            user_agent=f"GitLab/{version}",
+            instance_url=lambda: self.url,
+            stopping=self._stopping,
+        )
+        self._model.set_event_sink(self._dispatcher.enqueue)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._url = ""
+
+    # -- lifecycle --
+
+    def start(self) -> Self:
+        if self._server is not None:
+            raise RuntimeError("the GitLab emulator is already running")
+        self._stopping.clear()
+        self._server = _Server((self._host, self._port), self._api, self._model.lock)
+        self._url = self._server.base_url
+        self._model.external_url = self._url
+        self._dispatcher.start()
+        self._thread = threading.Thread(
+            # A short poll keeps stop() quick: shutdown() waits for the serving loop to notice.
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="gitlab-emulator",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.close_connections()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._dispatcher.stop()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:54321``; the API lives under ``/api/v4``."""
+        if not self._url:
+            raise RuntimeError("the GitLab emulator is not started")
+        return self._url
+
+    # -- seeding and driving state from Python --
+
+    def create_project(self, path_with_namespace: str) -> int:
+        namespace, _, path = path_with_namespace.rpartition("/")
+        project = self._model.create_project(path=path, name=path, namespace_path=namespace or None)
+        return int(project["id"])
+
+    def create_pipeline(self, project_id: int, jobs: Sequence[JobSpec | Mapping[str, Any]], ref: str = "main") -> int:
+        """Jobs as ``JobSpec`` or as the HTTP extension's dicts (``{"name", "stage", "tags"}``)."""
+        specs = [job if isinstance(job, JobSpec) else _job_spec(job) for job in jobs]
+        return int(self._model.create_pipeline(project_id, ref, specs)["id"])
+
+    def set_job_status(
+        self,
+        project_id: int,
+        job_id: int,
+        status: str,
+        failure_reason: str | None = None,
+        runner_id: int | None = None,
+    ) -> None:
+        self._model.set_job_status(
+            project_id, job_id, JobStatus(status), failure_reason=failure_reason, runner_id=runner_id
+        )
+
+    def job(self, project_id: int, job_id: int) -> dict[str, Any]:
+        return self._model.get_job(project_id, job_id)
+
+    def runners(self) -> list[dict[str, Any]]:
+        return self._model.all_runner_details()
+
+    # -- observing --
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        """Every webhook attempt so far, oldest first (a snapshot)."""
+        return self._model.deliveries()
+
+    def wait_for_deliveries(self, timeout: float = 10.0) -> None:
+        """Block until every queued webhook has been delivered or given up on; ``TimeoutError`` otherwise."""
+        self._dispatcher.wait_idle(timeout)
+
+    @property
+    def calls(self) -> Counter[tuple[str, str]]:
+        """``(method, route template)`` -> requests, e.g. ``("POST", "/user/runners")`` (a snapshot)."""
+        return self._api.calls()
+
+    # -- fault injection at the wire --
+
+    def fail_next(
+        self,
+        method: str,
+        path_pattern: str,
+        *,
+        status: int = 500,
+        count: int = 1,
+        delay: float = 0.0,
+        body: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` requests whose method matches (``"*"`` for any) and whose path after
+        ``/api/v4`` fully matches ``path_pattern`` with ``status``, after ``delay`` seconds. A delay longer
+        than the client's timeout is a timeout. Requests that hit a fault never reach the model."""
+        fault = Fault(method.upper(), re.compile(path_pattern), status, count, delay, body)
+        self._api.add_fault(fault)

@@ -1,0 +1,1444 @@
+"""State of the GitLab emulator: projects, hooks, pipelines, jobs, runners and the webhook delivery log.
+
+This is the model half of the emulator (moto's ``models.py``); parsing HTTP and routing live in
+``gitlab_emulator.py``. It keeps the slice of GitLab that runner-fleet depends on (the job queue, runner
+registration and matching, Job Hooks) and answers in the shapes GitLab documents. Everything is behind one
+re-entrant lock. A job status change builds its Job Hook body while holding that lock, so each webhook is a
+consistent snapshot of the moment the change happened, as GitLab's own Sidekiq payloads are.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------
+
+
+class JobStatus(StrEnum):
+    CREATED = "created"
+    WAITING_FOR_RESOURCE = "waiting_for_resource"
+    PREPARING = "preparing"
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELING = "canceling"
+    CANCELED = "canceled"
+    SKIPPED = "skipped"
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+    WAITING_FOR_CALLBACK = "waiting_for_callback"
+
+
+FINISHED_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.SKIPPED})
+# A runner may only report on a job it is still working on.
+RUNNER_OWNED_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.CANCELING})
+
+
+class RunnerType(StrEnum):
+    INSTANCE = "instance_type"
+    GROUP = "group_type"
+    PROJECT = "project_type"
+
+
+class AccessLevel(StrEnum):
+    NOT_PROTECTED = "not_protected"
+    REF_PROTECTED = "ref_protected"
+
+
+class RunnerStatus(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    STALE = "stale"
+    NEVER_CONTACTED = "never_contacted"
+
+
+# GitLab's thresholds: no contact for 2 hours is offline, for 7 days (or never, after 7 days) is stale.
+RUNNER_OFFLINE_AFTER = timedelta(hours=2)
+RUNNER_STALE_AFTER = timedelta(days=7)
+
+# Every boolean event flag a project hook carries, with GitLab's defaults (only push is on by default).
+HOOK_EVENT_FLAGS: dict[str, bool] = {
+    "push_events": True,
+    "tag_push_events": False,
+    "merge_requests_events": False,
+    "issues_events": False,
+    "confidential_issues_events": False,
+    "note_events": False,
+    "confidential_note_events": False,
+    "job_events": False,
+    "pipeline_events": False,
+    "wiki_page_events": False,
+    "deployment_events": False,
+    "releases_events": False,
+    "milestone_events": False,
+    "feature_flag_events": False,
+    "repository_update_events": False,
+    "resource_access_token_events": False,
+    "enable_ssl_verification": True,
+}
+
+JOB_HOOK = "Job Hook"
+SIGNING_TOKEN_PREFIX = "whsec_"  # noqa: S105 - a format prefix, not a secret
+SIGNING_KEY_BYTES = 32
+
+ADMIN_USER_ID = 1
+ADMIN_USERNAME = "root"
+ADMIN_NAME = "Administrator"
+ADMIN_EMAIL = "admin@example.com"
+AVATAR_URL = "https://www.gravatar.com/avatar/e64c7d89f26bd1972efa854d13d7dd61?s=80&d=identicon"
+COMMIT_MESSAGE = "Sandbox pipeline\n"
+EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------------
+# Errors: the API's own error vocabulary. The HTTP layer sends ``status`` and ``body`` as they are.
+# --------------------------------------------------------------------------------
+
+
+class GitLabEmulatorError(Exception):
+    status = 500
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        super().__init__(json.dumps(body))
+
+
+class NotFoundError(GitLabEmulatorError):
+    status = 404
+
+    def __init__(self, what: str) -> None:
+        super().__init__({"message": f"404 {what} Not Found"})
+
+
+class BadRequestError(GitLabEmulatorError):
+    """A missing or invalid parameter. GitLab's Grape validation answers ``{"error": "..."}``."""
+
+    status = 400
+
+    def __init__(self, error: str) -> None:
+        super().__init__({"error": error})
+
+
+class ValidationError(GitLabEmulatorError):
+    """A model validation failure. GitLab's ActiveRecord errors answer ``{"message": {field: [reasons]}}``."""
+
+    status = 400
+
+    def __init__(self, problems: dict[str, list[str]]) -> None:
+        super().__init__({"message": problems})
+
+
+class ForbiddenError(GitLabEmulatorError):
+    status = 403
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__({"message": f"403 Forbidden - {reason}" if reason else "403 Forbidden"})
+
+
+# --------------------------------------------------------------------------------
+# Inputs: typed requests the HTTP layer (or Python callers) hand to the model
+# --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job of a pipeline. GitLab reads these from .gitlab-ci.yml; the emulator takes them directly."""
+
+    name: str
+    stage: str = "test"
+    tags: Sequence[str] = ()
+    allow_failure: bool = False
+
+
+@dataclass(frozen=True)
+class HookChanges:
+    """Settings for creating or updating a project hook. ``None`` leaves a setting as it is; an empty token
+    clears it."""
+
+    url: str | None = None
+    token: str | None = None
+    signing_token: str | None = None
+    name: str | None = None
+    description: str | None = None
+    flags: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """``POST /user/runners`` parameters."""
+
+    runner_type: RunnerType
+    group_id: int | None = None
+    project_id: int | None = None
+    description: str = ""
+    paused: bool = False
+    locked: bool = False
+    run_untagged: bool = True
+    tag_list: Sequence[str] = ()
+    access_level: AccessLevel = AccessLevel.NOT_PROTECTED
+    maximum_timeout: int | None = None
+    maintenance_note: str | None = None
+
+
+@dataclass(frozen=True)
+class RunnerChanges:
+    """``PUT /runners/:id`` parameters; ``None`` leaves a setting as it is."""
+
+    description: str | None = None
+    paused: bool | None = None
+    locked: bool | None = None
+    run_untagged: bool | None = None
+    tag_list: Sequence[str] | None = None
+    access_level: AccessLevel | None = None
+    maximum_timeout: int | None = None
+    maintenance_note: str | None = None
+
+
+@dataclass(frozen=True)
+class RunnerFilters:
+    """``GET /runners`` and ``GET /runners/all`` filters."""
+
+    runner_type: RunnerType | None = None
+    status: str | None = None
+    paused: bool | None = None
+    tag_list: Sequence[str] = ()
+
+
+# --------------------------------------------------------------------------------
+# Outputs that leave the lock: webhook work items and the delivery log
+# --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HookTarget:
+    """What a delivery worker needs to know about a hook, copied so later edits do not race the send."""
+
+    hook_id: int
+    project_id: int
+    url: str
+    token: str | None
+    signing_token: str | None
+    webhook_uuid: str
+    enable_ssl_verification: bool
+
+
+@dataclass(frozen=True)
+class OutgoingEvent:
+    """One event for one hook. The Idempotency-Key is fixed here so every retry of it carries the same key."""
+
+    target: HookTarget
+    event: str
+    event_uuid: str
+    idempotency_key: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook attempt, as GitLab's "Recent events" page would list it."""
+
+    hook_id: int
+    url: str
+    event: str
+    event_uuid: str
+    idempotency_key: str
+    attempt: int
+    status_code: int | None
+    error: str | None
+    sent_at: float
+    duration: float
+    payload: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hook_id": self.hook_id,
+            "url": self.url,
+            "event": self.event,
+            "event_uuid": self.event_uuid,
+            "idempotency_key": self.idempotency_key,
+            "attempt": self.attempt,
+            "status_code": self.status_code,
+            "error": self.error,
+            "sent_at": self.sent_at,
+            "duration": self.duration,
+            "payload": self.payload,
+        }
+
+
+# --------------------------------------------------------------------------------
+# Records (mutable, only touched under the lock)
+# --------------------------------------------------------------------------------
+
+
+@dataclass
+class Namespace:
+    id: int
+    name: str
+    path: str
+    full_path: str
+    kind: str  # "user" or "group"
+
+
+@dataclass
+class Project:
+    id: int
+    name: str
+    path: str
+    namespace: Namespace
+    created_at: datetime
+    description: str | None = None
+
+    @property
+    def path_with_namespace(self) -> str:
+        return f"{self.namespace.full_path}/{self.path}"
+
+    @property
+    def name_with_namespace(self) -> str:
+        return f"{self.namespace.name} / {self.name}"
+
+
+@dataclass
+class Hook:
+    id: int
+    project_id: int
+    url: str
+    webhook_uuid: str
+    created_at: datetime
+    token: str | None = None
+    signing_token: str | None = None
+    name: str | None = None
+    description: str | None = None
+    flags: dict[str, bool] = field(default_factory=lambda: dict(HOOK_EVENT_FLAGS))
+
+
+@dataclass
+class RunnerManagerRecord:
+    """A machine (``system_id``) using a runner's token; GitLab calls these runner managers."""
+
+    id: int
+    system_id: str
+    created_at: datetime
+    contacted_at: datetime
+
+
+@dataclass
+class Runner:
+    id: int
+    token: str
+    runner_type: RunnerType
+    description: str
+    paused: bool
+    locked: bool
+    run_untagged: bool
+    tag_list: list[str]
+    access_level: AccessLevel
+    maximum_timeout: int | None
+    maintenance_note: str | None
+    created_at: datetime
+    group: Namespace | None = None
+    project_ids: list[int] = field(default_factory=list)
+    contacted_at: datetime | None = None
+    managers: dict[str, RunnerManagerRecord] = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    id: int
+    iid: int
+    project: Project
+    ref: str
+    sha: str
+    created_at: datetime
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    id: int
+    pipeline: Pipeline
+    name: str
+    stage: str
+    tags: list[str]
+    allow_failure: bool
+    created_at: datetime
+    retries_count: int = 0
+    status: JobStatus = JobStatus.CREATED
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    failure_reason: str | None = None
+    runner: Runner | None = None
+    runner_manager: RunnerManagerRecord | None = None
+    token: str | None = None
+    retried: bool = False
+
+    @property
+    def project(self) -> Project:
+        return self.pipeline.project
+
+
+# --------------------------------------------------------------------------------
+# Time formats
+# --------------------------------------------------------------------------------
+
+
+def iso_ms(at: datetime | None) -> str | None:
+    """The API's timestamp format, ``2021-02-23T02:41:37.886Z``."""
+    if at is None:
+        return None
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def iso_s(at: datetime | None) -> str | None:
+    """The webhook ``*_iso`` format, ``2021-02-23T02:41:37Z``."""
+    return None if at is None else at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def legacy_time(at: datetime | None) -> str | None:
+    """Older GitLab webhook format, ``2019-11-21 13:34:18 UTC``."""
+    return None if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 6)
+
+
+def parse_signing_token(value: str) -> str:
+    """Validate a Standard Webhooks secret: ``whsec_`` followed by base64 of a 32-byte key."""
+    if not value.startswith(SIGNING_TOKEN_PREFIX):
+        raise BadRequestError("signing_token is invalid")
+    try:
+        key = base64.b64decode(value.removeprefix(SIGNING_TOKEN_PREFIX), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequestError("signing_token is invalid") from exc
+    if len(key) != SIGNING_KEY_BYTES:
+        raise BadRequestError("signing_token is invalid")
+    return value
+
+
+# --------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------
+
+
+class GitLabModel:
+    """All emulator state. Public methods take the lock and return API-shaped dicts, fresh copies."""
+
+    def __init__(
+        self,
+        *,
+        legacy_timestamps: bool = False,
+        clock: Clock = utcnow,
+        on_event: Callable[[OutgoingEvent], None] | None = None,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.external_url = "http://gitlab.sandbox"
+        self._legacy_timestamps = legacy_timestamps
+        self._clock = clock
+        self._on_event = on_event or (lambda _event: None)
+        self._namespaces: dict[str, Namespace] = {}
+        self._projects: dict[int, Project] = {}
+        self._hooks: dict[int, Hook] = {}
+        self._pipelines: dict[int, Pipeline] = {}
+        self._jobs: dict[int, Job] = {}
+        # Jobs waiting for a runner, in the order they were queued: dict order is the queue.
+        self._queue: dict[int, Job] = {}
+        self._runners: dict[int, Runner] = {}
+        self._deliveries: list[Delivery] = []
+        # Id sequences start far apart, so a project id passed where a job or runner id belongs gets a 404
+        # instead of quietly hitting another object.
+        self._next_id = {
+            "namespace": 1,
+            "project": 1,
+            "hook": 1,
+            "pipeline": 1_000,
+            "job": 100_000,
+            "runner": 10_000_000,
+        }
+        self._next_manager_id = 1
+        self._admin_namespace = self._namespace(ADMIN_USERNAME, kind="user")
+
+    def set_event_sink(self, on_event: Callable[[OutgoingEvent], None]) -> None:
+        with self.lock:
+            self._on_event = on_event
+
+    # -- users and instance --
+
+    def current_user(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                **self._user_json(),
+                "email": ADMIN_EMAIL,
+                "is_admin": True,
+                "can_create_project": True,
+                "can_create_group": True,
+            }
+
+    # -- projects --
+
+    def create_project(
+        self,
+        *,
+        name: str | None = None,
+        path: str | None = None,
+        namespace_id: int | None = None,
+        namespace_path: str | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
+        with self.lock:
+            if not name and not path:
+                raise BadRequestError("name, path are missing, at least one parameter must be provided")
+            path = path or (name or "").strip().lower().replace(" ", "-")
+            name = name or path
+            if namespace_path is not None:
+                namespace = self._namespace(namespace_path, kind="group")
+            elif namespace_id is not None:
+                namespace = self._namespace_by_id(namespace_id)
+            else:
+                namespace = self._admin_namespace
+            if any(p.namespace is namespace and p.path == path for p in self._projects.values()):
+                taken = ["has already been taken"]
+                raise ValidationError({"path": taken, "name": taken})
+            project = Project(
+                id=self._take_id("project"),
+                name=name,
+                path=path,
+                namespace=namespace,
+                created_at=self._clock(),
+                description=description,
+            )
+            self._projects[project.id] = project
+            return self._project_json(project)
+
+    def get_project(self, ref: str | int) -> dict[str, Any]:
+        with self.lock:
+            return self._project_json(self._project(ref))
+
+    def list_projects(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._project_json(p) for p in sorted(self._projects.values(), key=lambda p: -p.id)]
+
+    # -- hooks --
+
+    def list_hooks(self, project_ref: str | int) -> list[dict[str, Any]]:
+        with self.lock:
+            project = self._project(project_ref)
+            return [self._hook_json(h) for h in self._hooks.values() if h.project_id == project.id]
+
+    def create_hook(self, project_ref: str | int, changes: HookChanges) -> dict[str, Any]:
+        with self.lock:
+            project = self._project(project_ref)
+            if not changes.url:
+                raise BadRequestError("url is missing")
+            hook = Hook(
+                id=self._take_id("hook"),
+                project_id=project.id,
+                url=changes.url,
+                webhook_uuid=str(uuid.uuid4()),
+                created_at=self._clock(),
+            )
+            self._apply_hook_changes(hook, changes)
+            self._hooks[hook.id] = hook
+            return self._hook_json(hook)
+
+    def get_hook(self, project_ref: str | int, hook_id: int) -> dict[str, Any]:
+        with self.lock:
+            return self._hook_json(self._hook(project_ref, hook_id))
+
+    def update_hook(self, project_ref: str | int, hook_id: int, changes: HookChanges) -> dict[str, Any]:
+        with self.lock:
+            hook = self._hook(project_ref, hook_id)
+            self._apply_hook_changes(hook, changes)
+            return self._hook_json(hook)
+
+    def delete_hook(self, project_ref: str | int, hook_id: int) -> None:
+        with self.lock:
+            del self._hooks[self._hook(project_ref, hook_id).id]
+
+    # -- pipelines --
+
+    def create_pipeline(self, project_ref: str | int, ref: str, jobs: Sequence[JobSpec]) -> dict[str, Any]:
+        with self.lock:
+            project = self._project(project_ref)
+            if not jobs:
+                # What GitLab says when .gitlab-ci.yml yields no jobs for the ref.
+                raise BadRequestError("No stages / jobs for this pipeline.")
+            pipeline_id = self._take_id("pipeline")
+            pipeline = Pipeline(
+                id=pipeline_id,
+                iid=1 + sum(1 for p in self._pipelines.values() if p.project is project),
+                project=project,
+                ref=ref,
+                sha=hashlib.sha1(f"{project.id}:{pipeline_id}".encode(), usedforsecurity=False).hexdigest(),
+                created_at=self._clock(),
+            )
+            self._pipelines[pipeline.id] = pipeline
+            created = [self._new_job(pipeline, spec.name, spec.stage, spec.tags, spec.allow_failure) for spec in jobs]
+            # GitLab creates every job first, then its processing service queues them: two Job Hooks per job.
+            for job in created:
+                self._transition(job, JobStatus.PENDING)
+            return self._pipeline_json(pipeline, detailed=True)
+
+    def get_pipeline(self, project_ref: str | int, pipeline_id: int) -> dict[str, Any]:
+        with self.lock:
+            return self._pipeline_json(self._pipeline(project_ref, pipeline_id), detailed=True)
+
+    def list_pipelines(self, project_ref: str | int) -> list[dict[str, Any]]:
+        with self.lock:
+            project = self._project(project_ref)
+            mine = [p for p in self._pipelines.values() if p.project is project]
+            return [self._pipeline_json(p, detailed=False) for p in sorted(mine, key=lambda p: -p.id)]
+
+    def list_pipeline_jobs(
+        self, project_ref: str | int, pipeline_id: int, scopes: Sequence[JobStatus], *, include_retried: bool
+    ) -> list[dict[str, Any]]:
+        with self.lock:
+            pipeline = self._pipeline(project_ref, pipeline_id)
+            jobs = [j for j in pipeline.jobs if include_retried or not j.retried]
+            return [self._job_json(j) for j in jobs if not scopes or j.status in scopes]
+
+    # -- jobs --
+
+    def list_jobs(self, project_ref: str | int, scopes: Sequence[JobStatus]) -> list[dict[str, Any]]:
+        with self.lock:
+            project = self._project(project_ref)
+            # GitLab lists a project's jobs newest first.
+            jobs = [j for j in reversed(self._jobs.values()) if j.project is project]
+            return [self._job_json(j) for j in jobs if not scopes or j.status in scopes]
+
+    def get_job(self, project_ref: str | int, job_id: int) -> dict[str, Any]:
+        with self.lock:
+            return self._job_json(self._job(project_ref, job_id))
+
+    def retry_job(self, project_ref: str | int, job_id: int) -> dict[str, Any]:
+        with self.lock:
+            old = self._job(project_ref, job_id)
+            if old.status not in FINISHED_STATUSES or old.retried:
+                raise ForbiddenError("Job is not retryable")
+            old.retried = True
+            new = self._new_job(old.pipeline, old.name, old.stage, old.tags, old.allow_failure)
+            new.retries_count = old.retries_count + 1
+            self._transition(new, JobStatus.PENDING)
+            return self._job_json(new)
+
+    def cancel_job(self, project_ref: str | int, job_id: int) -> dict[str, Any]:
+        with self.lock:
+            job = self._job(project_ref, job_id)
+            if job.status not in FINISHED_STATUSES:
+                self._transition(job, JobStatus.CANCELED)
+            return self._job_json(job)
+
+    def set_job_status(
+        self,
+        project_ref: str | int,
+        job_id: int,
+        status: JobStatus,
+        *,
+        failure_reason: str | None = None,
+        runner_id: int | None = None,
+    ) -> dict[str, Any]:
+        with self.lock:
+            job = self._job(project_ref, job_id)
+            if runner_id is not None:
+                job.runner = self._runner(runner_id)
+            self._transition(job, status, failure_reason=failure_reason)
+            return self._job_json(job)
+
+    # -- runners (admin API) --
+
+    def create_runner(self, settings: RunnerSettings) -> dict[str, Any]:
+        with self.lock:
+            group: Namespace | None = None
+            project_ids: list[int] = []
+            if settings.runner_type is RunnerType.GROUP:
+                if settings.group_id is None:
+                    raise BadRequestError("group_id is missing")
+                group = self._namespace_by_id(settings.group_id, what="Group")
+            elif settings.runner_type is RunnerType.PROJECT:
+                if settings.project_id is None:
+                    raise BadRequestError("project_id is missing")
+                project_ids.append(self._project(settings.project_id).id)
+            runner = Runner(
+                id=self._take_id("runner"),
+                # Authentication tokens are "glrt-" plus 20 characters.
+                token="glrt-" + secrets.token_urlsafe(15),
+                runner_type=settings.runner_type,
+                description=settings.description,
+                paused=settings.paused,
+                locked=settings.locked,
+                run_untagged=settings.run_untagged,
+                tag_list=list(settings.tag_list),
+                access_level=settings.access_level,
+                maximum_timeout=settings.maximum_timeout,
+                maintenance_note=settings.maintenance_note,
+                created_at=self._clock(),
+                group=group,
+                project_ids=project_ids,
+            )
+            self._runners[runner.id] = runner
+            return {"id": runner.id, "token": runner.token, "token_expires_at": None}
+
+    def list_runners(self, filters: RunnerFilters, *, all_runners: bool) -> list[dict[str, Any]]:
+        with self.lock:
+            now = self._clock()
+            found = []
+            for runner in self._runners.values():
+                # GET /runners is "runners I own": instance runners only appear in GET /runners/all.
+                if not all_runners and runner.runner_type is RunnerType.INSTANCE:
+                    continue
+                if self._runner_matches(runner, filters, now):
+                    found.append(self._runner_json(runner, now))
+            return found
+
+    def get_runner(self, runner_id: int) -> dict[str, Any]:
+        with self.lock:
+            return self._runner_detail_json(self._runner(runner_id))
+
+    def all_runner_details(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._runner_detail_json(r) for r in self._runners.values()]
+
+    def update_runner(self, runner_id: int, changes: RunnerChanges) -> dict[str, Any]:
+        with self.lock:
+            runner = self._runner(runner_id)
+            if changes.description is not None:
+                runner.description = changes.description
+            if changes.paused is not None:
+                runner.paused = changes.paused
+            if changes.locked is not None:
+                runner.locked = changes.locked
+            if changes.run_untagged is not None:
+                runner.run_untagged = changes.run_untagged
+            if changes.tag_list is not None:
+                runner.tag_list = list(changes.tag_list)
+            if changes.access_level is not None:
+                runner.access_level = changes.access_level
+            if changes.maximum_timeout is not None:
+                runner.maximum_timeout = changes.maximum_timeout
+            if changes.maintenance_note is not None:
+                runner.maintenance_note = changes.maintenance_note
+            return self._runner_detail_json(runner)
+
+    def delete_runner(self, runner_id: int) -> None:
+        with self.lock:
+            del self._runners[self._runner(runner_id).id]
+
+    def delete_runner_by_token(self, token: str) -> None:
+        with self.lock:
+            del self._runners[self._runner_by_token(token).id]
+
+    def runner_jobs(self, runner_id: int, statuses: Sequence[JobStatus]) -> list[dict[str, Any]]:
+        with self.lock:
+            runner = self._runner(runner_id)
+            jobs = [j for j in reversed(self._jobs.values()) if j.runner is runner]
+            return [
+                {**self._job_json(j), "project": self._project_summary_json(j.project)}
+                for j in jobs
+                if not statuses or j.status in statuses
+            ]
+
+    def runner_managers(self, runner_id: int) -> list[dict[str, Any]]:
+        with self.lock:
+            runner = self._runner(runner_id)
+            now = self._clock()
+            return [self._manager_json(m, now) for m in runner.managers.values()]
+
+    def enable_project_runner(self, project_ref: str | int, runner_id: int) -> dict[str, Any]:
+        with self.lock:
+            project = self._project(project_ref)
+            runner = self._runner(runner_id)
+            if runner.runner_type is not RunnerType.PROJECT:
+                raise ForbiddenError("Runner is not a project runner")
+            if runner.locked and project.id not in runner.project_ids:
+                raise ForbiddenError("Runner is locked")
+            if project.id not in runner.project_ids:
+                runner.project_ids.append(project.id)
+            return self._runner_json(runner, self._clock())
+
+    # -- runner agent API: authenticated by runner or job tokens, not by a user --
+
+    def verify_runner(self, token: str, system_id: str | None) -> dict[str, Any]:
+        with self.lock:
+            runner = self._runner_by_token(token)
+            if system_id is None:
+                # Documented: system_id is required when the token is a glrt- authentication token.
+                raise BadRequestError("system_id is missing")
+            self._touch(runner, system_id)
+            return {"id": runner.id, "token": runner.token, "token_expires_at": None}
+
+    def request_job(self, token: str, system_id: str | None) -> dict[str, Any] | None:
+        """Hand the oldest queued job this runner may run to it, or ``None`` (the API answers 204)."""
+        with self.lock:
+            runner = self._runner_by_token(token)
+            manager = self._touch(runner, system_id)
+            job = next((j for j in self._queue.values() if self._may_run(runner, j)), None)
+            if job is None:
+                return None
+            job.runner = runner
+            job.runner_manager = manager
+            # Job tokens are CI_JOB_TOKENs: "glcbt-" prefixed, valid only while the job runs.
+            job.token = "glcbt-" + secrets.token_hex(16)
+            self._transition(job, JobStatus.RUNNING)
+            return self._job_payload_for_runner(job)
+
+    def update_job_from_runner(self, job_id: int, job_token: str, state: str, failure_reason: str | None) -> None:
+        with self.lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise NotFoundError("Job")
+            if job.token is None or not secrets.compare_digest(job.token, job_token):
+                raise ForbiddenError()
+            if job.status not in RUNNER_OWNED_STATUSES:
+                raise ForbiddenError("Job is not running")
+            try:
+                status = JobStatus(state)
+            except ValueError as exc:
+                raise BadRequestError("state does not have a valid value") from exc
+            if status not in {JobStatus.RUNNING, JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELED}:
+                raise BadRequestError("state does not have a valid value")
+            self._transition(job, status, failure_reason=failure_reason)
+
+    # -- delivery log --
+
+    def record_delivery(self, delivery: Delivery) -> None:
+        with self.lock:
+            self._deliveries.append(delivery)
+
+    def deliveries(self, since: int = 0) -> list[Delivery]:
+        with self.lock:
+            return self._deliveries[since:]
+
+    # -- internals: the caller holds the lock --
+
+    def _take_id(self, kind: str) -> int:
+        value = self._next_id[kind]
+        self._next_id[kind] = value + 1
+        return value
+
+    def _namespace(self, full_path: str, *, kind: str) -> Namespace:
+        existing = self._namespaces.get(full_path)
+        if existing is not None:
+            return existing
+        path = full_path.rsplit("/", 1)[-1]
+        namespace = Namespace(
+            id=self._take_id("namespace"),
+            name=path.replace("-", " ").title() if kind == "group" else ADMIN_NAME,
+            path=path,
+            full_path=full_path,
+            kind=kind,
+        )
+        self._namespaces[full_path] = namespace
+        return namespace
+
+    def _namespace_by_id(self, namespace_id: int, what: str = "Namespace") -> Namespace:
+        for namespace in self._namespaces.values():
+            if namespace.id == namespace_id:
+                return namespace
+        raise NotFoundError(what)
+
+    def _project(self, ref: str | int) -> Project:
+        # GitLab accepts a numeric id or the URL-encoded "namespace/path" wherever :id appears.
+        if isinstance(ref, int) or ref.isdigit():
+            project = self._projects.get(int(ref))
+            if project is not None:
+                return project
+        else:
+            for project in self._projects.values():
+                if project.path_with_namespace == ref:
+                    return project
+        raise NotFoundError("Project")
+
+    def _hook(self, project_ref: str | int, hook_id: int) -> Hook:
+        project = self._project(project_ref)
+        hook = self._hooks.get(hook_id)
+        if hook is None or hook.project_id != project.id:
+            raise NotFoundError("Hook")
+        return hook
+
+    def _pipeline(self, project_ref: str | int, pipeline_id: int) -> Pipeline:
+        project = self._project(project_ref)
+        pipeline = self._pipelines.get(pipeline_id)
+        if pipeline is None or pipeline.project is not project:
+            raise NotFoundError("Pipeline")
+        return pipeline
+
+    def _job(self, project_ref: str | int, job_id: int) -> Job:
+        project = self._project(project_ref)
+        job = self._jobs.get(job_id)
+        if job is None or job.project is not project:
+            raise NotFoundError("Job")
+        return job
+
+    def _runner(self, runner_id: int) -> Runner:
+        runner = self._runners.get(runner_id)
+        if runner is None:
+            raise NotFoundError("Runner")
+        return runner
+
+    def _runner_by_token(self, token: str) -> Runner:
+        for runner in self._runners.values():
+            if secrets.compare_digest(runner.token, token):
+                return runner
+        raise ForbiddenError()
+
+    def _apply_hook_changes(self, hook: Hook, changes: HookChanges) -> None:
+        if changes.signing_token:
+            hook.signing_token = parse_signing_token(changes.signing_token)
+        elif changes.signing_token == "":
+            hook.signing_token = None
+        if changes.url:
+            hook.url = changes.url
+        if changes.token is not None:
+            hook.token = changes.token or None
+        if changes.name is not None:
+            hook.name = changes.name
+        if changes.description is not None:
+            hook.description = changes.description
+        hook.flags.update({k: v for k, v in changes.flags.items() if k in HOOK_EVENT_FLAGS})
+
+    def _new_job(self, pipeline: Pipeline, name: str, stage: str, tags: Iterable[str], allow_failure: bool) -> Job:
+        job = Job(
+            id=self._take_id("job"),
+            pipeline=pipeline,
+            name=name,
+            stage=stage,
+            tags=list(tags),
+            allow_failure=allow_failure,
+            created_at=self._clock(),
+        )
+        self._jobs[job.id] = job
+        pipeline.jobs.append(job)
+        self._emit_job_event(job)
+        return job
+
+    def _transition(self, job: Job, status: JobStatus, *, failure_reason: str | None = None) -> None:
+        """Move a job to ``status``, keep its timestamps as GitLab does, and send the Job Hook."""
+        if job.status == status:
+            return
+        now = self._clock()
+        job.status = status
+        if status is JobStatus.PENDING:
+            job.queued_at = now
+            job.runner = None
+            self._queue[job.id] = job
+        else:
+            self._queue.pop(job.id, None)
+        if status is JobStatus.RUNNING and job.started_at is None:
+            job.started_at = now
+        if status in FINISHED_STATUSES:
+            job.finished_at = now
+            job.token = None
+        job.failure_reason = (failure_reason or "unknown_failure") if status is JobStatus.FAILED else None
+        self._emit_job_event(job)
+
+    def _may_run(self, runner: Runner, job: Job) -> bool:
+        if runner.paused:
+            return False
+        if runner.runner_type is RunnerType.PROJECT and job.project.id not in runner.project_ids:
+            return False
+        if runner.runner_type is RunnerType.GROUP:
+            group_path = runner.group.full_path if runner.group else ""
+            project_ns = job.project.namespace.full_path
+            if project_ns != group_path and not project_ns.startswith(group_path + "/"):
+                return False
+        if not job.tags:
+            return runner.run_untagged
+        return set(job.tags) <= set(runner.tag_list)
+
+    def _touch(self, runner: Runner, system_id: str | None) -> RunnerManagerRecord | None:
+        now = self._clock()
+        runner.contacted_at = now
+        if system_id is None:
+            return None
+        manager = runner.managers.get(system_id)
+        if manager is None:
+            manager = RunnerManagerRecord(
+                id=self._next_manager_id, system_id=system_id, created_at=now, contacted_at=now
+            )
+            self._next_manager_id += 1
+            runner.managers[system_id] = manager
+        manager.contacted_at = now
+        return manager
+
+    def _runner_status(self, runner: Runner, now: datetime) -> RunnerStatus:
+        return self._contact_status(runner.contacted_at, runner.created_at, now)
+
+    @staticmethod
+    def _contact_status(contacted_at: datetime | None, created_at: datetime, now: datetime) -> RunnerStatus:
+        if contacted_at is None:
+            never = now - created_at <= RUNNER_STALE_AFTER
+            return RunnerStatus.NEVER_CONTACTED if never else RunnerStatus.STALE
+        if now - contacted_at > RUNNER_STALE_AFTER:
+            return RunnerStatus.STALE
+        if now - contacted_at > RUNNER_OFFLINE_AFTER:
+            return RunnerStatus.OFFLINE
+        return RunnerStatus.ONLINE
+
+    def _runner_matches(self, runner: Runner, filters: RunnerFilters, now: datetime) -> bool:
+        if filters.runner_type is not None and runner.runner_type is not filters.runner_type:
+            return False
+        if filters.paused is not None and runner.paused != filters.paused:
+            return False
+        if filters.status is not None:
+            # "active" and "paused" are the deprecated spellings of the paused filter.
+            if filters.status == "active":
+                return not runner.paused
+            if filters.status == "paused":
+                return runner.paused
+            if self._runner_status(runner, now) != filters.status:
+                return False
+        return set(filters.tag_list) <= set(runner.tag_list)
+
+    def _pipeline_status(self, pipeline: Pipeline) -> JobStatus:
+        jobs = [j for j in pipeline.jobs if not j.retried]
+        statuses = {j.status for j in jobs}
+        if unfinished := statuses - FINISHED_STATUSES:
+            # Some jobs done and some still queued is "running" to GitLab, like a job actually running.
+            if unfinished & {JobStatus.RUNNING, JobStatus.PREPARING, JobStatus.CANCELING} or (
+                statuses & FINISHED_STATUSES
+            ):
+                return JobStatus.RUNNING
+            return JobStatus.PENDING if JobStatus.PENDING in unfinished else JobStatus.CREATED
+        if any(j.status is JobStatus.FAILED and not j.allow_failure for j in jobs):
+            return JobStatus.FAILED
+        if JobStatus.CANCELED in statuses:
+            return JobStatus.CANCELED
+        return JobStatus.SKIPPED if statuses == {JobStatus.SKIPPED} else JobStatus.SUCCESS
+
+    def _pipeline_times(self, pipeline: Pipeline) -> tuple[datetime | None, datetime | None]:
+        jobs = [j for j in pipeline.jobs if not j.retried]
+        started = [j.started_at for j in jobs if j.started_at is not None]
+        finished = [j.finished_at for j in jobs if j.finished_at is not None]
+        done = self._pipeline_status(pipeline) in FINISHED_STATUSES
+        return (min(started) if started else None, max(finished) if done and finished else None)
+
+    # -- webhooks --
+
+    def _emit_job_event(self, job: Job) -> None:
+        hooks = [h for h in self._hooks.values() if h.project_id == job.project.id and h.flags["job_events"]]
+        if not hooks:
+            return
+        body = json.dumps(self._job_hook_body(job)).encode()
+        # One event UUID for the event; one Idempotency-Key per hook execution, kept across its retries.
+        event_uuid = str(uuid.uuid4())
+        for hook in hooks:
+            target = HookTarget(
+                hook_id=hook.id,
+                project_id=hook.project_id,
+                url=hook.url,
+                token=hook.token,
+                signing_token=hook.signing_token,
+                webhook_uuid=hook.webhook_uuid,
+                enable_ssl_verification=hook.flags["enable_ssl_verification"],
+            )
+            self._on_event(OutgoingEvent(target, JOB_HOOK, event_uuid, str(uuid.uuid4()), body))
+
+    def _hook_time(self, key: str, at: datetime | None) -> dict[str, str | None]:
+        if self._legacy_timestamps:
+            return {key: legacy_time(at)}
+        return {key: iso_ms(at), f"{key}_iso": iso_s(at)}
+
+    def _job_hook_body(self, job: Job) -> dict[str, Any]:
+        pipeline, project = job.pipeline, job.project
+        now = self._clock()
+        pipeline_started, pipeline_finished = self._pipeline_times(pipeline)
+        runner = job.runner
+        return {
+            "object_kind": "build",
+            "ref": pipeline.ref,
+            "tag": False,
+            "before_sha": pipeline.sha,
+            "sha": pipeline.sha,
+            "build_id": job.id,
+            "build_name": job.name,
+            "build_stage": job.stage,
+            "build_status": job.status.value,
+            **self._hook_time("build_created_at", job.created_at),
+            **self._hook_time("build_started_at", job.started_at),
+            **self._hook_time("build_finished_at", job.finished_at),
+            "build_duration": seconds_between(job.started_at, job.finished_at),
+            "build_queued_duration": seconds_between(job.queued_at, job.started_at or now),
+            "build_allow_failure": job.allow_failure,
+            "build_failure_reason": job.failure_reason,
+            "retries_count": job.retries_count,
+            "pipeline_id": pipeline.id,
+            "project_id": project.id,
+            # GitLab sends the project's full name here ("Namespace / Name"); use project.path_with_namespace
+            # for a stable key.
+            "project_name": project.name_with_namespace,
+            "user": {"id": ADMIN_USER_ID, "name": ADMIN_NAME, "email": ADMIN_EMAIL, "avatar_url": AVATAR_URL},
+            # Here commit.id is the pipeline id, not a SHA: a long-standing GitLab quirk.
+            "commit": {
+                "id": pipeline.id,
+                "name": None,
+                "sha": pipeline.sha,
+                "message": COMMIT_MESSAGE,
+                "author_name": ADMIN_NAME,
+                "author_email": ADMIN_EMAIL,
+                "author_url": f"{self.external_url}/{ADMIN_USERNAME}",
+                "status": self._pipeline_status(pipeline).value,
+                "duration": seconds_between(pipeline_started, pipeline_finished),
+                **self._hook_time("started_at", pipeline_started),
+                **self._hook_time("finished_at", pipeline_finished),
+            },
+            "repository": {
+                "name": project.name,
+                "url": self._ssh_url(project),
+                "description": project.description,
+                "homepage": self._web_url(project),
+                "git_ssh_url": self._ssh_url(project),
+                "git_http_url": f"{self._web_url(project)}.git",
+                "visibility_level": 0,
+            },
+            "project": {
+                "id": project.id,
+                "name": project.name,
+                "description": project.description,
+                "web_url": self._web_url(project),
+                "avatar_url": None,
+                "git_ssh_url": self._ssh_url(project),
+                "git_http_url": f"{self._web_url(project)}.git",
+                "namespace": project.namespace.name,
+                "visibility_level": 0,
+                "path_with_namespace": project.path_with_namespace,
+                "default_branch": "main",
+                "ci_config_path": None,
+            },
+            # The only tags a Job Hook carries are the runner's, and only once a runner took the job.
+            "runner": None
+            if runner is None
+            else {
+                "active": not runner.paused,
+                "runner_type": runner.runner_type.value,
+                "is_shared": runner.runner_type is RunnerType.INSTANCE,
+                "id": runner.id,
+                "description": runner.description,
+                "tags": list(runner.tag_list),
+            },
+            "environment": None,
+        }
+
+    # -- API representations --
+
+    def _web_url(self, project: Project) -> str:
+        return f"{self.external_url}/{project.path_with_namespace}"
+
+    def _ssh_url(self, project: Project) -> str:
+        host = self.external_url.split("://", 1)[-1].split(":", 1)[0]
+        return f"git@{host}:{project.path_with_namespace}.git"
+
+    def _user_json(self) -> dict[str, Any]:
+        return {
+            "id": ADMIN_USER_ID,
+            "username": ADMIN_USERNAME,
+            "name": ADMIN_NAME,
+            "state": "active",
+            "locked": False,
+            "avatar_url": AVATAR_URL,
+            "web_url": f"{self.external_url}/{ADMIN_USERNAME}",
+            "created_at": iso_ms(EPOCH),
+            "bio": "",
+            "location": "",
+            "public_email": "",
+            "linkedin": "",
+            "twitter": "",
+            "website_url": "",
+            "organization": "",
+        }
+
+    def _project_summary_json(self, project: Project) -> dict[str, Any]:
+        return {
+            "id": project.id,
+            "description": project.description,
+            "name": project.name,
+            "name_with_namespace": project.name_with_namespace,
+            "path": project.path,
+            "path_with_namespace": project.path_with_namespace,
+            "created_at": iso_ms(project.created_at),
+        }
+
+    def _project_json(self, project: Project) -> dict[str, Any]:
+        namespace = project.namespace
+        return {
+            **self._project_summary_json(project),
+            "default_branch": "main",
+            "visibility": "private",
+            "web_url": self._web_url(project),
+            "ssh_url_to_repo": self._ssh_url(project),
+            "http_url_to_repo": f"{self._web_url(project)}.git",
+            "namespace": {
+                "id": namespace.id,
+                "name": namespace.name,
+                "path": namespace.path,
+                "kind": namespace.kind,
+                "full_path": namespace.full_path,
+                "parent_id": None,
+                "web_url": f"{self.external_url}/{namespace.full_path}",
+            },
+            "archived": False,
+            "jobs_enabled": True,
+            "shared_runners_enabled": True,
+        }
+
+    def _hook_json(self, hook: Hook) -> dict[str, Any]:
+        # GitLab never returns secrets, only whether one is set.
+        return {
+            "id": hook.id,
+            "url": hook.url,
+            "name": hook.name,
+            "description": hook.description,
+            "project_id": hook.project_id,
+            **hook.flags,
+            "push_events_branch_filter": None,
+            "branch_filter_strategy": "wildcard",
+            "alert_status": "executable",
+            "disabled_until": None,
+            "url_variables": [],
+            "custom_headers": [],
+            "custom_webhook_template": None,
+            "created_at": iso_ms(hook.created_at),
+            "token_present": hook.token is not None,
+            "signing_token_present": hook.signing_token is not None,
+        }
+
+    def _commit_json(self, pipeline: Pipeline) -> dict[str, Any]:
+        return {
+            "id": pipeline.sha,
+            "short_id": pipeline.sha[:8],
+            "title": COMMIT_MESSAGE.strip(),
+            "message": COMMIT_MESSAGE,
+            "author_name": ADMIN_NAME,
+            "author_email": ADMIN_EMAIL,
+            "created_at": iso_ms(pipeline.created_at),
+        }
+
+    def _pipeline_json(self, pipeline: Pipeline, *, detailed: bool) -> dict[str, Any]:
+        status = self._pipeline_status(pipeline)
+        started, finished = self._pipeline_times(pipeline)
+        summary = {
+            "id": pipeline.id,
+            "iid": pipeline.iid,
+            "project_id": pipeline.project.id,
+            "sha": pipeline.sha,
+            "ref": pipeline.ref,
+            "status": status.value,
+            "source": "api",
+            "created_at": iso_ms(pipeline.created_at),
+            "updated_at": iso_ms(max([pipeline.created_at, *(t for t in (started, finished) if t)])),
+            "web_url": f"{self._web_url(pipeline.project)}/-/pipelines/{pipeline.id}",
+        }
+        if not detailed:
+            return summary
+        return {
+            **summary,
+            "before_sha": pipeline.sha,
+            "tag": False,
+            "yaml_errors": None,
+            "user": self._user_json(),
+            "started_at": iso_ms(started),
+            "finished_at": iso_ms(finished),
+            "committed_at": None,
+            "duration": seconds_between(started, finished),
+            "queued_duration": None,
+            "coverage": None,
+            "detailed_status": {
+                "icon": f"status_{status.value}",
+                "text": status.value,
+                "group": status.value,
+            },
+        }
+
+    def _runner_json(self, runner: Runner, now: datetime) -> dict[str, Any]:
+        status = self._runner_status(runner, now)
+        return {
+            "id": runner.id,
+            "description": runner.description,
+            "ip_address": "",
+            "active": not runner.paused,
+            "paused": runner.paused,
+            "is_shared": runner.runner_type is RunnerType.INSTANCE,
+            "runner_type": runner.runner_type.value,
+            "name": None,
+            "online": status is RunnerStatus.ONLINE,
+            "status": status.value,
+        }
+
+    def _runner_detail_json(self, runner: Runner) -> dict[str, Any]:
+        now = self._clock()
+        projects = [self._projects[p] for p in runner.project_ids if p in self._projects]
+        return {
+            **self._runner_json(runner, now),
+            "architecture": None,
+            "platform": None,
+            "revision": None,
+            "version": None,
+            "contacted_at": iso_ms(runner.contacted_at),
+            "maintenance_note": runner.maintenance_note,
+            "projects": [
+                {
+                    "id": p.id,
+                    "name": p.name,
+                    "name_with_namespace": p.name_with_namespace,
+                    "path": p.path,
+                    "path_with_namespace": p.path_with_namespace,
+                }
+                for p in projects
+            ],
+            "groups": []
+            if runner.group is None
+            else [
+                {
+                    "id": runner.group.id,
+                    "name": runner.group.name,
+                    "web_url": f"{self.external_url}/groups/{runner.group.full_path}",
+                }
+            ],
+            "tag_list": list(runner.tag_list),
+            "run_untagged": runner.run_untagged,
+            "locked": runner.locked,
+            "access_level": runner.access_level.value,
+            "maximum_timeout": runner.maximum_timeout,
+        }
+
+    def _manager_json(self, manager: RunnerManagerRecord, now: datetime) -> dict[str, Any]:
+        return {
+            "id": manager.id,
+            "system_id": manager.system_id,
+            "version": None,
+            "revision": None,
+            "platform": None,
+            "architecture": None,
+            "created_at": iso_ms(manager.created_at),
+            "contacted_at": iso_ms(manager.contacted_at),
+            "ip_address": "127.0.0.1",
+            "status": self._contact_status(manager.contacted_at, manager.created_at, now).value,
+        }
+
+    def _job_json(self, job: Job) -> dict[str, Any]:
+        pipeline, project = job.pipeline, job.project
+        now = self._clock()
+        data: dict[str, Any] = {
+            "id": job.id,
+            "status": job.status.value,
+            "stage": job.stage,
+            "name": job.name,
+            "ref": pipeline.ref,
+            "tag": False,
+            "coverage": None,
+            "allow_failure": job.allow_failure,
+            "archived": False,
+            "source": "api",
+            "created_at": iso_ms(job.created_at),
+            "started_at": iso_ms(job.started_at),
+            "finished_at": iso_ms(job.finished_at),
+            "erased_at": None,
+            "duration": seconds_between(job.started_at, job.finished_at or (now if job.started_at else None)),
+            "queued_duration": seconds_between(job.queued_at, job.started_at or now),
+            "artifacts_expire_at": None,
+            "artifacts": [],
+            "tag_list": list(job.tags),
+            "user": self._user_json(),
+            "commit": self._commit_json(pipeline),
+            "pipeline": {
+                "id": pipeline.id,
+                "iid": pipeline.iid,
+                "project_id": project.id,
+                "sha": pipeline.sha,
+                "ref": pipeline.ref,
+                "status": self._pipeline_status(pipeline).value,
+                "source": "api",
+                "created_at": iso_ms(pipeline.created_at),
+                "web_url": f"{self._web_url(project)}/-/pipelines/{pipeline.id}",
+            },
+            "web_url": f"{self._web_url(project)}/-/jobs/{job.id}",
+            "project": {"ci_job_token_scope_enabled": False},
+            "runner": None if job.runner is None else self._runner_json(job.runner, now),
+            "runner_manager": None if job.runner_manager is None else self._manager_json(job.runner_manager, now),
+        }
+        if job.status is JobStatus.FAILED:
+            data["failure_reason"] = job.failure_reason
+        return data
+
+    def _job_payload_for_runner(self, job: Job) -> dict[str, Any]:
+        """The ``POST /jobs/request`` answer: what gitlab-runner needs to run the job."""
+        pipeline, project, runner = job.pipeline, job.project, job.runner
+        assert runner is not None and job.token is not None
+        timeout = runner.maximum_timeout or 3600
+        public = {
+            "CI_SERVER_URL": self.external_url,
+            "CI_PROJECT_ID": str(project.id),
+            "CI_PROJECT_PATH": project.path_with_namespace,
+            "CI_PIPELINE_ID": str(pipeline.id),
+            "CI_JOB_ID": str(job.id),
+            "CI_JOB_NAME": job.name,
+            "CI_JOB_STAGE": job.stage,
+            "CI_COMMIT_REF_NAME": pipeline.ref,
+            "CI_COMMIT_SHA": pipeline.sha,
+            "CI_RUNNER_ID": str(runner.id),
+            "CI_RUNNER_TAGS": json.dumps(runner.tag_list),
+        }
+        variables = [{"key": k, "value": v, "public": True, "masked": False} for k, v in public.items()]
+        variables.append({"key": "CI_JOB_TOKEN", "value": job.token, "public": False, "masked": True})
+        return {
+            "id": job.id,
+            "token": job.token,
+            "allow_git_fetch": True,
+            "job_info": {
+                "id": job.id,
+                "name": job.name,
+                "stage": job.stage,
+                "project_id": project.id,
+                "project_name": project.name,
+                "time_in_queue_seconds": seconds_between(job.queued_at, job.started_at),
+            },
+            "git_info": {
+                "repo_url": f"{self._web_url(project)}.git",
+                "ref": pipeline.ref,
+                "sha": pipeline.sha,
+                "before_sha": pipeline.sha,
+                "ref_type": "branch",
+                "refspecs": [f"+refs/heads/{pipeline.ref}:refs/remotes/origin/{pipeline.ref}"],
+                "depth": 20,
+            },
+            "runner_info": {"timeout": timeout, "runner_session_url": None},
+            "variables": variables,
+            "steps": [
+                {
+                    "name": "script",
+                    "script": [f"echo 'emulated job {job.name}'"],
+                    "timeout": timeout,
+                    "when": "on_success",
+                    "allow_failure": False,
+                }
+            ],
+            "image": None,
+            "services": [],
+            "artifacts": [],
+            "cache": [],
+            "credentials": [],
+            "dependencies": [],
+            "features": {"trace_sections": True},
+        }

@@ -1,0 +1,183 @@
+"""The sandbox: local AWS, the GitLab emulator, the served webhook and the event pump, wired together.
+
+It is what ``make demo``, ``fleetctl sandbox up`` and the tests run, so all three exercise the same pieces.
+The stage configuration is the shipped ``dev.yaml`` with the GitLab URL pointed at the emulator, written to
+the sandbox's work directory and named by ``RUNNER_FLEET_CONFIG`` exactly as a deployed Lambda finds its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from chalicelib.config import FleetConfig, load_config
+from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
+from fleetctl.sandbox.local_aws import LocalAws
+from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
+
+DEFAULT_CONFIG = PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml"
+DEFAULT_WORKDIR = PROJECT_DIR / ".sandbox"
+SANDBOX_PROJECT = "demo/app"
+GITLAB_ADMIN_TOKEN = "glpat-sandbox-admin"  # noqa: S105 - the emulator's fixed local token
+
+
+@dataclass(frozen=True)
+class SandboxPorts:
+    aws: int = 0
+    gitlab: int = 0
+    webhook: int = 0
+
+
+class Sandbox:
+    def __init__(
+        self,
+        config_path: Path = DEFAULT_CONFIG,
+        workdir: Path = DEFAULT_WORKDIR,
+        ports: SandboxPorts | None = None,
+        *,
+        run_pump: bool = True,
+    ) -> None:
+        self._config_path = config_path
+        self.workdir = workdir
+        self._ports = ports = ports or SandboxPorts()
+        self._run_pump = run_pump
+        self.aws = LocalAws(port=ports.aws)
+        self.gitlab = GitLabEmulator(port=ports.gitlab, admin_token=GITLAB_ADMIN_TOKEN)
+        self.server: WebhookServer | None = None
+        self.pump: Any = None
+        self._stop = threading.Event()
+        self._pump_thread: threading.Thread | None = None
+        self.project_id = 0
+        self._projects = 0
+        self._saved_environ: dict[str, str] | None = None
+        self.config: FleetConfig | None = None
+
+    def start(self) -> Self:
+        from chalicelib import runtime
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._saved_environ = dict(os.environ)
+        self.aws.start()
+        self.aws.export_environment()
+        self.gitlab.start()
+        config_file = self._write_stage_config()
+        os.environ["RUNNER_FLEET_CONFIG"] = str(config_file)
+        os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "RunnerFleet")
+        runtime.reset()
+        self.config = load_config(config_file)
+        self.bootstrap()
+        import app
+
+        self.server = WebhookServer(app.app).start()
+        from fleetctl.sandbox.pump import EventPump
+
+        self.pump = EventPump(app.app, runtime.aws()).connect()
+        if self._run_pump:
+            self._pump_thread = threading.Thread(
+                target=self.pump.run, args=(self._stop,), name="event-pump", daemon=True
+            )
+            self._pump_thread.start()
+        self.project_id = self.gitlab.create_project(SANDBOX_PROJECT)
+        self._projects = 1
+        self.connect()
+        return self
+
+    def reset(self) -> None:
+        """Forget every AWS resource and start again from a fresh bootstrap and a new connected project."""
+        from chalicelib import runtime
+
+        self.aws.reset()
+        runtime.reset()
+        self.bootstrap()
+        if self.pump is not None:
+            import app
+            from fleetctl.sandbox.pump import EventPump
+
+            self.pump = EventPump(app.app, runtime.aws()).connect()
+        self._projects += 1
+        self.project_id = self.gitlab.create_project(f"{SANDBOX_PROJECT}-{self._projects}")
+        self.connect()
+
+    def bootstrap(self) -> list[str]:
+        from chalicelib import runtime
+        from fleetctl.bootstrap import Bootstrapper
+
+        assert self.config is not None
+        bootstrapper = Bootstrapper(self.config, runtime.aws(), gitlab_token=GITLAB_ADMIN_TOKEN)
+        plan = bootstrapper.plan()
+        bootstrapper.execute(plan)
+        return [change.describe() for change in plan]
+
+    def connect(self) -> int:
+        from fleetctl.gitlab_connect import connect_project_hook
+
+        assert self.server is not None
+        secrets = self.secrets()
+        return connect_project_hook(
+            self.gitlab.url,
+            GITLAB_ADMIN_TOKEN,
+            self.project_id,
+            self.server.webhook_url,
+            secrets["token"],
+            secrets.get("signing"),
+        ).hook_id
+
+    def secrets(self) -> dict[str, str]:
+        from chalicelib import runtime
+
+        assert self.config is not None
+        ssm = runtime.aws().ssm
+        names = {"token": self.config.webhook.token_parameter}
+        if self.config.webhook.signing_secret_parameter:
+            names["signing"] = self.config.webhook.signing_secret_parameter
+        return {
+            key: ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"] for key, name in names.items()
+        }
+
+    def exports(self) -> dict[str, str]:
+        assert self.server is not None
+        return {
+            **self.aws.environment(),
+            "RUNNER_FLEET_CONFIG": os.environ["RUNNER_FLEET_CONFIG"],
+            "RUNNER_FLEET_WEBHOOK_URL": self.server.webhook_url,
+            "RUNNER_FLEET_WEBHOOK_SECRET": self.secrets()["token"],
+            "GITLAB_URL": self.gitlab.url,
+            "GITLAB_TOKEN": GITLAB_ADMIN_TOKEN,
+            "RUNNER_FLEET_SANDBOX_PROJECT": str(self.project_id),
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=10)
+        if self.server is not None:
+            self.server.stop()
+        self.gitlab.stop()
+        self.aws.stop()
+        if self._saved_environ is not None:
+            # Leave the process as it was: a stopped sandbox's endpoint must not linger in the environment.
+            os.environ.clear()
+            os.environ.update(self._saved_environ)
+            self._saved_environ = None
+            from chalicelib import runtime
+
+            runtime.reset()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _write_stage_config(self) -> Path:
+        import yaml
+
+        document = yaml.safe_load(self._config_path.read_text())
+        document["gitlab"]["url"] = self.gitlab.url
+        target = self.workdir / "fleet.json"
+        target.write_text(json.dumps(document, indent=2))
+        return target

@@ -1,0 +1,37 @@
+"""The demo scenario, run the way a user runs it (``fleetctl sandbox demo``), judged by its summary line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.e2e
+def test_demo_queues_every_pending_job_once_and_says_ok() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RUNNER_FLEET_", "GITLAB_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetctl.cli", "sandbox", "demo", "--jobs", "8"],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is True
+    assert summary["pipeline_jobs"] == 8
+    assert summary["jobs_recorded"] == 8
+    assert summary["jobs_queued"] == 8
+    assert summary["webhooks_by_status"] == {"200": summary["webhooks_delivered"]}
+    # created + pending for every job, and one more for the cancelled one
+    assert summary["webhooks_delivered"] == 8 * 2 + 1

@@ -1,0 +1,508 @@
+"""``fleetctl bootstrap`` against a real moto server: what a first run creates, that a second changes nothing,
+that drift becomes an update, and that the plan alone (``--dry-run``) touches nothing and never shows a secret.
+
+The runner instance policy is checked at the end without AWS: it is a pure function of the config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chalicelib.aws import AwsClients
+from chalicelib.config import FleetConfig, parse_config
+from chalicelib.naming import (
+    FLEET_TAG,
+    INSTANCE_ARN_TAG,
+    POOL_TAG,
+    instance_profile_name,
+    launch_template_name,
+    runner_token_parameter,
+)
+from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, Verb
+from fleetctl.iam_policies import RUNNER_POLICY_NAME, runner_instance_policy
+from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
+from fleetctl.sandbox.network import (
+    SANDBOX_AMI_FILTERS,
+    SandboxNetwork,
+    create_sandbox_network,
+    register_sandbox_ami,
+)
+
+FLEET = "bootstrap-test"
+AMI_PARAMETER = "/runner-fleet/test/runner-ami"
+CACHE_BUCKET = "bootstrap-test-cache"
+WEBHOOK_TOKEN = "webhook-token-value-0123456789abcdef"
+SIGNING_SECRET = "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWUtMDEyMzQ1Njc4OQ=="
+GITLAB_TOKEN = "glpat-bootstrap-test-token"
+SECRETS = (WEBHOOK_TOKEN, SIGNING_SECRET, GITLAB_TOKEN)
+
+
+def config_document(network: SandboxNetwork | None = None, *, build_disk: int = 80) -> dict[str, Any]:
+    subnets = list(network.subnet_ids) if network else ["subnet-0a1b2c3d4e5f60718"]
+    groups = [network.security_group_id] if network else ["sg-0a1b2c3d4e5f60718"]
+    pool = {
+        "instance_types": ["m7i.large", "m6i.large"],
+        "subnets": subnets,
+        "security_groups": groups,
+        "max_runners": 5,
+    }
+    return {
+        "fleet": FLEET,
+        "region": SANDBOX_REGION,
+        "gitlab": {"url": "https://gitlab.example.com", "token_parameter": "/runner-fleet/test/gitlab-token"},
+        "webhook": {
+            "token_parameter": "/runner-fleet/test/webhook-token",
+            "signing_secret_parameter": "/runner-fleet/test/signing-secret",
+        },
+        "state": {
+            "table": "bootstrap-test",
+            "jobs_queue": "bootstrap-test-jobs",
+            "dead_letter_queue": "bootstrap-test-jobs-dlq",
+        },
+        "cache_bucket": CACHE_BUCKET,
+        "ami_parameter": AMI_PARAMETER,
+        "pools": [
+            {**pool, "name": "docker", "tags": ["docker"], "image": {"repository": "ci/build-base"}},
+            {
+                **pool,
+                "name": "build",
+                "tags": ["dind"],
+                "image": {"repository": "ci/dind"},
+                "privileged": True,
+                "disk_gib": build_disk,
+            },
+        ],
+    }
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_aws() -> Iterator[LocalAws]:
+    aws = LocalAws().start()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in aws.environment().items():
+            env.setenv(key, value)
+        yield aws
+    aws.stop()
+
+
+@pytest.fixture
+def clients(local_aws: LocalAws) -> AwsClients:
+    local_aws.reset()
+    return AwsClients(region=SANDBOX_REGION)
+
+
+@pytest.fixture
+def network(clients: AwsClients) -> SandboxNetwork:
+    return create_sandbox_network(clients.ec2)
+
+
+@pytest.fixture
+def ami(clients: AwsClients) -> str:
+    return register_sandbox_ami(clients.ssm, clients.ec2, AMI_PARAMETER)
+
+
+@pytest.fixture
+def config(network: SandboxNetwork, ami: str) -> FleetConfig:
+    return parse_config(config_document(network))
+
+
+def bootstrapper(config: FleetConfig, clients: AwsClients, gitlab_token: str | None = GITLAB_TOKEN) -> Bootstrapper:
+    return Bootstrapper(
+        config,
+        clients,
+        gitlab_token=gitlab_token,
+        token_factory=lambda: WEBHOOK_TOKEN,
+        signing_factory=lambda: SIGNING_SECRET,
+    )
+
+
+def run(config: FleetConfig, clients: AwsClients) -> list[Change]:
+    subject = bootstrapper(config, clients)
+    plan = subject.plan()
+    subject.execute(plan)
+    return plan
+
+
+def by_name(plan: list[Change]) -> dict[str, Change]:
+    return {change.name: change for change in plan}
+
+
+def default_template_data(clients: AwsClients, name: str) -> dict[str, Any]:
+    found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"][0]
+    versions = clients.ec2.describe_launch_template_versions(
+        LaunchTemplateId=found["LaunchTemplateId"], Versions=[str(found["DefaultVersionNumber"])]
+    )["LaunchTemplateVersions"]
+    return dict(versions[0]["LaunchTemplateData"])
+
+
+# ---- the sandbox network -----------------------------------------------------------------------------------
+
+
+def test_sandbox_network_ids_pass_config_validation(clients: AwsClients, network: SandboxNetwork, ami: str) -> None:
+    # given a network and AMI made in moto
+    subnets = clients.ec2.describe_subnets(SubnetIds=list(network.subnet_ids))["Subnets"]
+    group = clients.ec2.describe_security_groups(GroupIds=[network.security_group_id])["SecurityGroups"][0]
+
+    # when the config names them
+    config = parse_config({**config_document(network), "pools": [{**config_document(network)["pools"][0], "ami": ami}]})
+
+    # then they validate, the subnets sit in distinct zones and the group allows egress only
+    assert config.pools[0].subnets == network.subnet_ids
+    assert len({subnet["AvailabilityZone"] for subnet in subnets}) == 2
+    assert {subnet["VpcId"] for subnet in subnets} == {network.vpc_id}
+    assert group["IpPermissions"] == []
+    assert group["IpPermissionsEgress"]
+    stored = clients.ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]
+    assert (stored["Type"], stored["Value"]) == ("String", ami)
+
+
+# ---- first run, second run --------------------------------------------------------------------------------
+
+
+def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, ami: str) -> None:
+    # when
+    plan = run(config, clients)
+
+    # then every change was a creation, in dependency order
+    assert [(change.kind, change.verb) for change in plan] == [
+        ("table", Verb.CREATE),
+        ("queue", Verb.CREATE),
+        ("queue", Verb.CREATE),
+        ("parameter", Verb.CREATE),
+        ("parameter", Verb.CREATE),
+        ("parameter", Verb.CREATE),
+        ("role", Verb.CREATE),
+        ("policy", Verb.CREATE),
+        ("profile", Verb.CREATE),
+        ("template", Verb.CREATE),
+        ("template", Verb.CREATE),
+        ("bucket", Verb.CREATE),
+    ]
+    docker = launch_template_name(FLEET, "docker")
+    assert by_name(plan)[docker].describe() == f"create   template   {docker} ({ami}, 1 version)"
+
+    # the state side
+    ddb, sqs, ssm = clients.dynamodb, clients.sqs, clients.ssm
+    table = ddb.describe_table(TableName="bootstrap-test")["Table"]
+    assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    ttl = ddb.describe_time_to_live(TableName="bootstrap-test")["TimeToLiveDescription"]
+    assert ttl["AttributeName"] == "ttl"
+    dlq_url = sqs.get_queue_url(QueueName="bootstrap-test-jobs-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    jobs_url = sqs.get_queue_url(QueueName="bootstrap-test-jobs")["QueueUrl"]
+    redrive = json.loads(
+        sqs.get_queue_attributes(QueueUrl=jobs_url, AttributeNames=["RedrivePolicy"])["Attributes"]["RedrivePolicy"]
+    )
+    assert redrive["deadLetterTargetArn"] == dlq_arn
+    assert int(redrive["maxReceiveCount"]) == JOBS_MAX_RECEIVE_COUNT
+    for name, value in (
+        ("/runner-fleet/test/webhook-token", WEBHOOK_TOKEN),
+        ("/runner-fleet/test/signing-secret", SIGNING_SECRET),
+        ("/runner-fleet/test/gitlab-token", GITLAB_TOKEN),
+    ):
+        stored = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
+        assert (stored["Type"], stored["Value"]) == ("SecureString", value)
+
+    # the instance role, its policy and the profile holding it
+    iam = clients.client("iam")
+    role_name = instance_profile_name(FLEET)
+    role = iam.get_role(RoleName=role_name)["Role"]
+    trust = role["AssumeRolePolicyDocument"]["Statement"]
+    assert [(s["Principal"], s["Action"]) for s in trust] == [({"Service": "ec2.amazonaws.com"}, "sts:AssumeRole")]
+    document = iam.get_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME)["PolicyDocument"]
+    assert document == runner_instance_policy(config)
+    profile = iam.get_instance_profile(InstanceProfileName=role_name)["InstanceProfile"]
+    assert [r["RoleName"] for r in profile["Roles"]] == [role_name]
+
+    # one hardened template per pool
+    for pool in config.pools:
+        data = default_template_data(clients, launch_template_name(FLEET, pool.name))
+        assert data["ImageId"] == ami
+        assert data["IamInstanceProfile"] == {"Name": role_name}
+        assert data["MetadataOptions"]["HttpTokens"] == "required"
+        assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        [root] = data["BlockDeviceMappings"]
+        assert root["DeviceName"] == "/dev/xvda"
+        assert root["Ebs"] == {
+            "VolumeType": "gp3",
+            "VolumeSize": pool.disk_gib,
+            "Encrypted": True,
+            "DeleteOnTermination": True,
+        }
+        assert "KeyName" not in data
+        assert "UserData" not in data
+        assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
+        assert data["SecurityGroupIds"] == list(pool.security_groups)
+        assert data["Monitoring"] == {"Enabled": False}
+        tagged = {
+            spec["ResourceType"]: {t["Key"]: t["Value"] for t in spec["Tags"]} for spec in data["TagSpecifications"]
+        }
+        assert tagged == {kind: {FLEET_TAG: FLEET, POOL_TAG: pool.name} for kind in ("instance", "volume")}
+    assert (
+        default_template_data(clients, launch_template_name(FLEET, "build"))["BlockDeviceMappings"][0]["Ebs"][
+            "VolumeSize"
+        ]
+        == 80
+    )
+
+    # the cache bucket: private, encrypted, expiring
+    s3 = clients.client("s3")
+    block = s3.get_public_access_block(Bucket=CACHE_BUCKET)["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    [encryption] = s3.get_bucket_encryption(Bucket=CACHE_BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert encryption["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    [rule] = s3.get_bucket_lifecycle_configuration(Bucket=CACHE_BUCKET)["Rules"]
+    assert (rule["Status"], rule["Expiration"]) == ("Enabled", {"Days": 14})
+
+
+def test_second_run_changes_nothing(clients: AwsClients, config: FleetConfig) -> None:
+    # given
+    run(config, clients)
+
+    # when
+    second = run(config, clients)
+
+    # then
+    assert [change.describe() for change in second if change.verb is not Verb.KEEP] == []
+    for pool in config.pools:
+        found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[launch_template_name(FLEET, pool.name)])
+        assert found["LaunchTemplates"][0]["LatestVersionNumber"] == 1
+
+
+# ---- drift -------------------------------------------------------------------------------------------------
+
+
+def test_changed_disk_size_makes_a_new_default_version(
+    clients: AwsClients, config: FleetConfig, network: SandboxNetwork
+) -> None:
+    # given
+    run(config, clients)
+    bigger = parse_config(config_document(network, build_disk=120))
+    build = launch_template_name(FLEET, "build")
+
+    # when
+    plan = run(bigger, clients)
+
+    # then only the build template changed, to a new default version; the old version stays for rollback
+    changed = [change.describe() for change in plan if change.verb is not Verb.KEEP]
+    assert changed == [f"update   template   {build} (new default version 2: BlockDeviceMappings)"]
+    assert default_template_data(clients, build)["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 120
+    found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[build])["LaunchTemplates"][0]
+    assert (found["DefaultVersionNumber"], found["LatestVersionNumber"]) == (2, 2)
+    first = clients.ec2.describe_launch_template_versions(LaunchTemplateName=build, Versions=["1"])
+    assert first["LaunchTemplateVersions"][0]["LaunchTemplateData"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 80
+    assert all(change.verb is Verb.KEEP for change in bootstrapper(bigger, clients).plan())
+
+
+def test_new_ami_in_the_parameter_updates_every_template(clients: AwsClients, config: FleetConfig, ami: str) -> None:
+    # given
+    run(config, clients)
+    other = next(
+        image["ImageId"]
+        for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(SANDBOX_AMI_FILTERS))["Images"]
+        if image["ImageId"] != ami
+    )
+    clients.ssm.put_parameter(Name=AMI_PARAMETER, Value=other, Type="String", Overwrite=True)
+
+    # when
+    plan = run(config, clients)
+
+    # then
+    updates = {change.name: change.detail for change in plan if change.verb is Verb.UPDATE}
+    assert updates == {
+        launch_template_name(FLEET, "docker"): "new default version 2: ImageId",
+        launch_template_name(FLEET, "build"): "new default version 2: ImageId",
+    }
+    assert default_template_data(clients, launch_template_name(FLEET, "docker"))["ImageId"] == other
+
+
+def test_a_key_pair_added_by_hand_is_removed(clients: AwsClients, config: FleetConfig) -> None:
+    # given someone made a version with an SSH key the default
+    run(config, clients)
+    docker = launch_template_name(FLEET, "docker")
+    data = default_template_data(clients, docker)
+    version = clients.ec2.create_launch_template_version(
+        LaunchTemplateName=docker, LaunchTemplateData={**data, "KeyName": "someones-key"}
+    )["LaunchTemplateVersion"]["VersionNumber"]
+    clients.ec2.modify_launch_template(LaunchTemplateName=docker, DefaultVersion=str(version))
+
+    # when
+    plan = run(config, clients)
+
+    # then
+    assert by_name(plan)[docker].detail == "new default version 3: KeyName"
+    assert "KeyName" not in default_template_data(clients, docker)
+
+
+def test_widened_role_policy_and_unencrypted_bucket_are_put_back(clients: AwsClients, config: FleetConfig) -> None:
+    # given
+    run(config, clients)
+    iam, s3 = clients.client("iam"), clients.client("s3")
+    role_name = instance_profile_name(FLEET)
+    wide = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME, PolicyDocument=json.dumps(wide))
+    s3.delete_bucket_encryption(Bucket=CACHE_BUCKET)
+
+    # when
+    plan = run(config, clients)
+
+    # then
+    updates = {(change.kind, change.name): change.detail for change in plan if change.verb is Verb.UPDATE}
+    assert updates == {
+        ("policy", f"{role_name}/{RUNNER_POLICY_NAME}"): "inline, 6 statements, changed",
+        ("bucket", CACHE_BUCKET): "set encryption",
+    }
+    document = iam.get_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME)["PolicyDocument"]
+    assert document == runner_instance_policy(config)
+    assert s3.get_bucket_encryption(Bucket=CACHE_BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+
+
+# ---- missing inputs ----------------------------------------------------------------------------------------
+
+
+def test_without_an_ami_no_template_is_made(clients: AwsClients, network: SandboxNetwork) -> None:
+    # given no AMI parameter, and one pool naming its own AMI
+    pinned = next(
+        image["ImageId"]
+        for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(SANDBOX_AMI_FILTERS))["Images"]
+    )
+    document = config_document(network)
+    document["pools"][1]["ami"] = pinned
+    config = parse_config(document)
+
+    # when
+    plan = run(config, clients)
+
+    # then the pool without an AMI is reported missing, with the fix, and gets no template
+    docker, build = launch_template_name(FLEET, "docker"), launch_template_name(FLEET, "build")
+    assert by_name(plan)[docker].verb is Verb.MISSING
+    assert AMI_PARAMETER in by_name(plan)[docker].detail
+    names = [t["LaunchTemplateName"] for t in clients.ec2.describe_launch_templates()["LaunchTemplates"]]
+    assert names == [build]
+    assert default_template_data(clients, build)["ImageId"] == pinned
+
+
+# ---- dry run and secrets -----------------------------------------------------------------------------------
+
+
+def test_plan_alone_changes_nothing(clients: AwsClients, config: FleetConfig) -> None:
+    # when
+    plan = bootstrapper(config, clients).plan()
+
+    # then
+    assert {change.verb for change in plan} == {Verb.CREATE}
+    assert clients.dynamodb.list_tables()["TableNames"] == []
+    assert clients.sqs.list_queues().get("QueueUrls", []) == []
+    assert [p["Name"] for p in clients.ssm.describe_parameters()["Parameters"]] == [AMI_PARAMETER]
+    assert clients.client("iam").list_roles()["Roles"] == []
+    assert clients.client("iam").list_instance_profiles()["InstanceProfiles"] == []
+    assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
+    assert clients.client("s3").list_buckets()["Buckets"] == []
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(clients: AwsClients, config: FleetConfig, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fleetctl.cli import main
+
+    # given
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+
+    # when
+    result = CliRunner().invoke(
+        main, ["bootstrap", "--config", str(path), "--dry-run"], env={"GITLAB_TOKEN": GITLAB_TOKEN}
+    )
+
+    # then
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 12
+    assert all(line.startswith("would create ") for line in lines)
+    assert GITLAB_TOKEN not in result.output
+    assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
+    assert clients.dynamodb.list_tables()["TableNames"] == []
+
+
+def test_the_plan_never_shows_a_secret(clients: AwsClients, config: FleetConfig) -> None:
+    # given plans that create, keep and replace the secrets
+    first = run(config, clients)
+    second = run(config, clients)
+    subject = bootstrapper(config, clients, gitlab_token="glpat-rotated-token-value")
+    rotated = subject.plan()
+    subject.execute(rotated)
+
+    # then no printed line, nor a Change's repr, carries a secret value
+    printed = "\n".join(change.describe() + repr(change) for change in first + second + rotated)
+    for secret in (*SECRETS, "glpat-rotated-token-value"):
+        assert secret not in printed
+    assert by_name(rotated)["/runner-fleet/test/gitlab-token"].verb is Verb.UPDATE
+
+
+# ---- the runner instance policy, no AWS ---------------------------------------------------------------------
+
+
+def _statements(config: FleetConfig) -> dict[str, dict[str, Any]]:
+    return {statement["Sid"]: statement for statement in runner_instance_policy(config)["Statement"]}
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def test_policy_token_statement_is_bound_to_the_calling_instance() -> None:
+    token = _statements(parse_config(config_document()))["OwnRunnerTokenOnly"]
+
+    assert sorted(_as_list(token["Action"])) == ["ssm:DeleteParameter", "ssm:GetParameter"]
+    assert token["Resource"] == f"arn:aws:ssm:*:*:parameter/runner-fleet/{FLEET}/runners/*"
+    assert token["Resource"].endswith(runner_token_parameter(FLEET, "*"))
+    assert token["Condition"] == {"StringEquals": {f"ssm:resourceTag/{INSTANCE_ARN_TAG}": "${ec2:SourceInstanceARN}"}}
+
+
+def test_policy_pushes_only_to_privileged_pools_repositories() -> None:
+    statements = _statements(parse_config(config_document()))
+
+    assert _as_list(statements["PullCiImages"]["Resource"]) == [
+        "arn:aws:ecr:*:*:repository/ci/build-base",
+        "arn:aws:ecr:*:*:repository/ci/dind",
+    ]
+    assert _as_list(statements["PushBuiltImages"]["Resource"]) == ["arn:aws:ecr:*:*:repository/ci/dind"]
+    assert "ecr:PutImage" in statements["PushBuiltImages"]["Action"]
+    assert statements["EcrLogin"] == {
+        "Sid": "EcrLogin",
+        "Effect": "Allow",
+        "Action": "ecr:GetAuthorizationToken",
+        "Resource": "*",
+    }
+    assert statements["CacheObjects"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}/*"
+    assert statements["CacheListing"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}"
+
+
+def test_policy_without_privileged_pools_grants_no_push() -> None:
+    document = config_document()
+    document["pools"][1]["privileged"] = False
+
+    statements = _statements(parse_config(document))
+
+    assert "PushBuiltImages" not in statements
+    actions = {action for s in statements.values() for action in _as_list(s["Action"])}
+    assert not actions & {"ecr:PutImage", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload"}
+
+
+def test_policy_has_no_wildcard_action_and_nothing_on_ec2() -> None:
+    policy = runner_instance_policy(parse_config(config_document()))
+
+    actions = [action for s in policy["Statement"] for action in _as_list(s["Action"])]
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+    assert not [action for action in actions if "*" in action]
+    assert not [action for action in actions if action.startswith(("ec2:", "iam:", "sts:"))]
+    # "*" as a resource only where AWS offers no resource-level permission.
+    assert [s["Sid"] for s in policy["Statement"] if "*" in _as_list(s["Resource"])] == ["EcrLogin"]
