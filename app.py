@@ -1,8 +1,13 @@
-"""runner-fleet's Lambda entry points. Routing only: each handler hands its input to one chalicelib service."""
+"""runner-fleet's Lambda entry points. Routing only: each handler hands its input to one chalicelib service.
+
+The stage configuration is loaded and validated here, at import: a bad configuration fails every cold start
+with the field that is wrong, and the jobs queue's name comes from it (Chalice imports this module with the
+stage's environment when it deploys, so the event source mapping names the same queue).
+"""
 
 from __future__ import annotations
 
-from chalice.app import Chalice, ConvertToMiddleware, Response
+from chalice.app import Chalice, CloudWatchEvent, ConvertToMiddleware, Response, SQSEvent
 
 from chalicelib import runtime
 from chalicelib.observability import logger, metrics
@@ -10,6 +15,8 @@ from chalicelib.observability import logger, metrics
 app = Chalice(app_name="runner-fleet")
 app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context(clear_state=True)))
 app.register_middleware(ConvertToMiddleware(metrics.log_metrics))
+
+_config = runtime.config()
 
 
 @app.route("/webhooks/gitlab", methods=["POST"], content_types=["*/*"])
@@ -25,3 +32,18 @@ def gitlab_webhook() -> Response:
         logger.exception("webhook failed")
         return Response(body={"error": "unavailable"}, status_code=503)
     return Response(body=result.body, status_code=result.status)
+
+
+@app.on_sqs_message(queue=_config.state.jobs_queue, batch_size=50, maximum_batching_window_in_seconds=1)
+def scale_up(event: SQSEvent) -> None:
+    # Raising fails the whole batch back to SQS; every job-level failure is re-queued by scale_up itself.
+    account = runtime.account_of(event.context)
+    runtime.scale_up(account).handle_messages(record.body for record in event)
+
+
+@app.on_cw_event({"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-change Notification"]})
+def instance_state(event: CloudWatchEvent) -> None:
+    from chalicelib.instances import parse_state_change
+
+    account = runtime.account_of(event.context)
+    runtime.instance_events(account).handle(parse_state_change(event.to_dict()))

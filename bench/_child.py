@@ -2,10 +2,11 @@
 
 Only the standard library is imported at module level, so loading this file adds nothing measurable to a
 child whose interpreter start and imports are being timed; boto3 and ``app`` are imported, and timed, inside the
-roles. A child reads its input as one JSON object on stdin and writes its figures to stderr as one line
-starting with ``RESULT_PREFIX``: stdout is left to the app, whose logs and EMF metrics go there as in Lambda.
+roles. A child reads its input as one JSON line on stdin and writes its figures to stderr as one line
+starting with ``RESULT_PREFIX``: stdout is left to the app, whose logs and EMF metrics go there as in Lambda
+(the bare memory baseline, which has no app, asks its parent to empty the table and queue over stdout).
 
-Usage: ``python bench/_child.py app-cold | bare-cold | bare-memory`` (JSON input on stdin).
+Usage: ``python bench/_child.py app-cold | bare-cold | bare-memory`` (a JSON line on stdin).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class BareTarget:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BareTarget:
         return cls(data["table"], data["jobs_queue"], data["token_parameter"])
+
+    def to_dict(self) -> dict[str, str]:
+        return {"table": self.table, "jobs_queue": self.jobs_queue, "token_parameter": self.token_parameter}
 
 
 def transact_items(table: str, delivery: str, hook: dict[str, Any], instance: str, now: float) -> list[Any]:
@@ -223,6 +227,8 @@ def _bare_memory(job: dict[str, Any]) -> dict[str, Any]:
     marks = set(job["marks"])
     rss_at: dict[str, float] = {}
     for n in range(1, job["count"] + 1):
+        if n % job["clear_every"] == 0:
+            _ask_parent("clear")
         event = vary(job["template"], job["first_job_id"] + n)
         if n == 1:
             bare.cold(event)
@@ -233,12 +239,23 @@ def _bare_memory(job: dict[str, Any]) -> dict[str, Any]:
     return {"rss_start_mib": started, "rss_imported_mib": imported, "rss_at": rss_at}
 
 
+def _ask_parent(command: str) -> None:
+    """One request to the benchmark over stdout, answered on stdin (``ok``)."""
+    sys.stdout.write(command + "\n")
+    sys.stdout.flush()
+    if not sys.stdin.readline().startswith("ok"):
+        raise RuntimeError(f"the benchmark refused {command!r}")
+
+
 ROLES = {"app-cold": _app_cold, "bare-cold": _bare_cold, "bare-memory": _bare_memory}
 
 
 def main() -> int:
-    job = json.loads(sys.stdin.read())
+    job = json.loads(sys.stdin.readline())
     result = ROLES[sys.argv[1]](job)
+    # perf_counter is CLOCK_MONOTONIC, shared by all processes: the parent can tell start-up from exit.
+    result["clock_started"] = STARTED
+    result["clock_reported"] = time.perf_counter()
     sys.stderr.write(RESULT_PREFIX + json.dumps(result) + "\n")
     sys.stderr.flush()
     return 0

@@ -32,9 +32,8 @@ PYTHON = sys.executable
 CHILD_SCRIPT = BENCH_DIR / "_child.py"
 # Relative, as .chalice/config.json sets it for the dev stage: the app resolves it against its own directory.
 STAGE_CONFIG = "chalicelib/stages/dev.yaml"
-MOTO_START_TIMEOUT_SECONDS = 60
 
-sys.dont_write_bytecode = True  # this process imports app too: leave the project's tree as it is
+sys.dont_write_bytecode = True  # this process imports app too: no __pycache__ in chalicelib and the like
 
 if str(PROJECT_DIR) not in sys.path:
     # tests.payloads is not part of the installed package; the scripts run as `python bench/<name>.py`.
@@ -81,9 +80,11 @@ class MotoProcess:
         )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
-        if not line:
+        if not line.startswith("{"):
             self._log.seek(0)
-            raise RuntimeError(f"moto server did not start:\n{self._log.read()[-4000:]}")
+            problem = f"moto server did not start:\n{line}{self._log.read()[-4000:]}"
+            self.__exit__(None, None, None)
+            raise RuntimeError(problem)
         data = json.loads(line)
         return LocalStack(
             environment=data["environment"],
@@ -254,11 +255,12 @@ def queued(response: dict[str, Any]) -> bool:
 
 
 def run_child(role: str, job: dict[str, Any], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
-    """Run ``_child.py <role>`` in a fresh interpreter; its wall time (interpreter start included) and figures.
+    """Run ``_child.py <role>`` in a fresh interpreter; its wall time (interpreter start included) and figures,
+    with ``startup_s`` (spawn to the child's first line) and ``exit_s`` (its figures written to its exit) added.
 
     The child's stdout (the app's logs and EMF metrics) goes to /dev/null, as cheap a sink as Lambda's.
     """
-    payload = json.dumps(job)
+    payload = json.dumps(job) + "\n"
     started = time.perf_counter()
     finished = subprocess.run(
         [PYTHON, str(CHILD_SCRIPT), role],
@@ -270,11 +272,19 @@ def run_child(role: str, job: dict[str, Any], env: dict[str, str]) -> tuple[floa
         cwd=PROJECT_DIR,
         check=False,
     )
-    wall = time.perf_counter() - started
-    for line in reversed(finished.stderr.splitlines()):
+    ended = time.perf_counter()
+    figures = child_result(role, finished.returncode, finished.stderr)
+    figures["startup_s"] = figures["clock_started"] - started
+    figures["exit_s"] = ended - figures["clock_reported"]
+    return ended - started, figures
+
+
+def child_result(role: str, returncode: int | None, stderr: str) -> dict[str, Any]:
+    """The figures a child wrote to stderr (``RESULT_PREFIX`` line), or an error with its stderr."""
+    for line in reversed(stderr.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return wall, dict(json.loads(line[len(RESULT_PREFIX) :]))
-    raise RuntimeError(f"{role} child failed (exit {finished.returncode}):\n{finished.stderr[-4000:]}")
+            return dict(json.loads(line[len(RESULT_PREFIX) :]))
+    raise RuntimeError(f"{role} child failed (exit {returncode}):\n{stderr[-4000:]}")
 
 
 @contextmanager
@@ -296,6 +306,14 @@ def quiet_stdout() -> Iterator[None]:
 def load_average() -> float:
     """The 1-minute load average: other work on the machine skews every figure, so the report shows it."""
     return round(os.getloadavg()[0], 2)
+
+
+def footer(started: float, load_before: float) -> str:
+    """The report's last human-readable line: how long the benchmark ran and how busy the machine was."""
+    return (
+        f"  ({time.perf_counter() - started:.0f} s; load average {load_before} before, {load_average()} after,"
+        f" {os.cpu_count()} CPUs: figures from a busy machine are not comparable)"
+    )
 
 
 def median(values: Sequence[float]) -> float:

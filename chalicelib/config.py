@@ -44,6 +44,7 @@ __all__ = [
     "ImageConfig",
     "Market",
     "PoolConfig",
+    "RunnerType",
     "ScanGate",
     "ScheduleWindow",
     "Severity",
@@ -293,11 +294,33 @@ class Severity(str, Enum):
         return list(Severity).index(self)
 
 
+class RunnerType(str, Enum):
+    """Which scope the runners runner-fleet creates in GitLab belong to (``POST /user/runners`` runner_type)."""
+
+    INSTANCE = "instance_type"
+    GROUP = "group_type"
+    PROJECT = "project_type"
+
+
 class GitLabConfig(_Model):
-    """Where GitLab is, and the SSM parameter holding the API token used to manage runners."""
+    """Where GitLab is, the SSM parameter holding the API token used to manage runners, and the runners' scope.
+
+    Instance runners need an administrator's token; group and project runners need ``runner_owner_id``, the
+    group or project they belong to. The token needs the ``create_runner`` and ``manage_runner`` scopes.
+    """
 
     url: _Url
     token_parameter: _SsmName
+    runner_type: RunnerType = RunnerType.INSTANCE
+    runner_owner_id: Annotated[int, Strict(), _between(1, 2**31 - 1)] | None = None
+
+    @model_validator(mode="after")
+    def _check_owner(self) -> Self:
+        if self.runner_type is not RunnerType.INSTANCE and self.runner_owner_id is None:
+            raise _invalid(f"is required when runner_type is {self.runner_type.value}", ("runner_owner_id",))
+        if self.runner_type is RunnerType.INSTANCE and self.runner_owner_id is not None:
+            raise _invalid("must be empty for instance_type runners", ("runner_owner_id",))
+        return self
 
 
 class WebhookConfig(_Model):
@@ -385,6 +408,7 @@ class PoolConfig(_Model):
     privileged: _Flag = False
     disk_gib: Annotated[int, Strict(), _between(8, 16384)] = 40
     max_launch_attempts: Annotated[int, Strict(), _between(1, 50)] = 8
+    job_timeout_seconds: Annotated[int, Strict(), _between(600, 2_592_000)] = 3600
     ami: _AmiId | None = None
 
     @model_validator(mode="before")

@@ -23,6 +23,8 @@ class QueuedJob:
     gitlab_instance: str = ""
     delivery: str = ""
     attempt: int = 1
+    waits: int = 0
+    last_error: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -30,7 +32,12 @@ class QueuedJob:
     @classmethod
     def from_json(cls, text: str) -> QueuedJob:
         data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if not isinstance(data, dict):
+            raise TypeError("a queued job is a JSON object")
+        job = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if not isinstance(job.project_id, int) or not isinstance(job.job_id, int):
+            raise TypeError("project_id and job_id must be integers")
+        return job
 
 
 class JobQueue:
@@ -51,4 +58,7 @@ class JobQueue:
         return self._url
 
     def send(self, job: QueuedJob, delay_seconds: int = 0) -> None:
-        self._sqs.send_message(QueueUrl=self.url, MessageBody=job.to_json(), DelaySeconds=delay_seconds)
+        self.send_raw(job.to_json(), delay_seconds)
+
+    def send_raw(self, body: str, delay_seconds: int = 0) -> None:
+        self._sqs.send_message(QueueUrl=self.url, MessageBody=body, DelaySeconds=delay_seconds)

@@ -205,3 +205,366 @@ class FleetStore:
                 return EventOutcome.REPLAY
             first -= 1
         return EventOutcome.DUPLICATE if first == 0 else EventOutcome.STALE
+
+
+# -- scale-up: claims, leases, launches, runners --------------------------------------------------------------------
+#
+# Capacity is counted by leases. A pool's ``leases`` counter is the number of runners it has or is about to have;
+# it never exceeds max_runners because every increment is conditional. A lease is held first by a launch record
+# (taken in the same transaction that raises the pool's counter), then moved, one by one and in a transaction, to
+# the runner record of each instance the launch made, and finally given back when the instance is terminated or
+# the launch made fewer instances than it asked for. Each move is conditional, so a lease is never counted twice,
+# whatever crashes or retries happen in between.
+
+
+class ClaimOutcome(str, Enum):
+    CLAIMED = "claimed"
+    HELD = "held"  # another launch already holds the job
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    launch_id: str
+
+
+@dataclass(frozen=True)
+class RunnerRecord:
+    instance_id: str
+    pool: str
+    launch_id: str
+    lifecycle: str
+    instance_type: str
+    subnet_id: str | None
+    launched_at: float
+    boot_deadline_at: float
+    token_parameter: str
+    gitlab_runner_id: int | None = None
+    state: str = "booting"
+
+
+def launch_key(launch_id: str) -> str:
+    return f"LAUNCH#{launch_id}"
+
+
+def runner_key(instance_id: str) -> str:
+    return f"RUNNER#{instance_id}"
+
+
+def pool_key(pool: str) -> str:
+    return f"POOL#{pool}"
+
+
+def _update(
+    table: str,
+    pk: str,
+    expression: str,
+    values: Mapping[str, Any],
+    condition: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    update: dict[str, Any] = {
+        "TableName": table,
+        "Key": {"pk": {"S": pk}},
+        "UpdateExpression": expression,
+        "ExpressionAttributeValues": {k: _attribute(v) for k, v in values.items()},
+    }
+    if condition:
+        update["ConditionExpression"] = condition
+    if names:
+        update["ExpressionAttributeNames"] = dict(names)
+    return update
+
+
+class ScaleStore(FleetStore):
+    """The fleet table as scale-up and the instance-state handler use it."""
+
+    def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
+        """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true."""
+        now = self._clock()
+        request = _update(
+            self.table,
+            job_key(project_id, job_id),
+            "SET launch_id = :launch, claimed_at = :now, kind = :kind, project_id = :project, job_id = :job",
+            {":launch": launch_id, ":now": now, ":kind": "job", ":project": project_id, ":job": job_id},
+            "attribute_not_exists(launch_id)",
+        )
+        try:
+            self._client.update_item(**request, ReturnValuesOnConditionCheckFailure="ALL_OLD")
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            held = exc.response.get("Item") or {}
+            holder = from_item(held).get("launch_id") if held else None
+            if holder is None:
+                holder = (self.get(job_key(project_id, job_id)) or {}).get("launch_id", "")
+            return Claim(ClaimOutcome.HELD, str(holder))
+        return Claim(ClaimOutcome.CLAIMED, launch_id)
+
+    def release_claim(self, project_id: int, job_id: int, launch_id: str) -> None:
+        """Untie a job from a launch that will not run it, so a later attempt can claim it again."""
+        try:
+            self._client.update_item(
+                **_update(
+                    self.table,
+                    job_key(project_id, job_id),
+                    "REMOVE launch_id, claimed_at",
+                    {":launch": launch_id},
+                    "launch_id = :launch",
+                )
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def mark_job(self, project_id: int, job_id: int, outcome: str, **fields: Any) -> None:
+        """Record what scale-up decided for a job (unmatched, not pending, dead-lettered ...)."""
+        values = {
+            "outcome": outcome,
+            "outcome_at": self._clock(),
+            "kind": "job",
+            "project_id": project_id,
+            "job_id": job_id,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+        names = {f"#f{i}": k for i, k in enumerate(values)}
+        expression = "SET " + ", ".join(f"#f{i} = :f{i}" for i in range(len(values)))
+        self._client.update_item(
+            **_update(
+                self.table,
+                job_key(project_id, job_id),
+                expression,
+                {f":f{i}": v for i, v in enumerate(values.values())},
+                names=names,
+            )
+        )
+
+    def acquire_leases(self, pool: str, wanted: int, max_runners: int, launch_id: str) -> int:
+        """Take up to ``wanted`` leases of a pool for a new launch; returns how many were granted (maybe 0).
+
+        The pool counter's increment and the launch record that holds the leases are one transaction, so a crash
+        can never leave leases that nobody holds.
+        """
+        take = wanted
+        for _ in range(_CONFLICT_ATTEMPTS * 4):
+            if take <= 0:
+                return 0
+            now = self._clock()
+            writes = [
+                {
+                    "Update": _update(
+                        self.table,
+                        pool_key(pool),
+                        "SET kind = :kind, #name = :name ADD leases :take",
+                        {":kind": "pool", ":name": pool, ":take": take, ":limit": max_runners - take},
+                        "attribute_not_exists(leases) OR leases <= :limit",
+                        names={"#name": "name"},
+                    )
+                },
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": to_item(
+                            {
+                                "pk": launch_key(launch_id),
+                                "kind": "launch",
+                                "pool": pool,
+                                "leases": take,
+                                "requested": take,
+                                "state": "launching",
+                                "started_at": now,
+                            }
+                        ),
+                        "ConditionExpression": "attribute_not_exists(pk)",
+                    }
+                },
+            ]
+            try:
+                self._client.transact_write_items(TransactItems=writes)
+            except ClientError as exc:
+                if error_code(exc) != "TransactionCanceledException":
+                    raise
+                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                if reasons and reasons[0] == "ConditionalCheckFailed":
+                    current = int((self.get(pool_key(pool)) or {}).get("leases", 0))
+                    take = min(wanted, max_runners - current)
+                    continue
+                if "TransactionConflict" in reasons:
+                    self._sleep(0.01)
+                    continue
+                raise
+            return take
+        return 0
+
+    def leases(self, pool: str) -> int:
+        return int((self.get(pool_key(pool)) or {}).get("leases", 0))
+
+    def give_back_launch_leases(self, launch_id: str, pool: str, count: int, *, finished: bool = False) -> None:
+        """Return leases a launch holds but will not use (it made fewer instances, or none)."""
+        if count <= 0:
+            return
+        launch_update = _update(
+            self.table,
+            launch_key(launch_id),
+            "SET leases = leases - :n" + (", #state = :failed" if finished else ""),
+            {":n": count, **({":failed": "failed"} if finished else {})},
+            "leases >= :n",
+            names={"#state": "state"} if finished else None,
+        )
+        pool_update = _update(
+            self.table, pool_key(pool), "ADD leases :minus", {":minus": -count, ":n": count}, "leases >= :n"
+        )
+        self._client.transact_write_items(TransactItems=[{"Update": launch_update}, {"Update": pool_update}])
+
+    def get_launch(self, launch_id: str) -> dict[str, Any] | None:
+        return self.get(launch_key(launch_id))
+
+    def finish_launch(self, launch_id: str, instance_ids: list[str]) -> None:
+        self._client.update_item(
+            **_update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :done, finished_at = :now, instances = :ids",
+                {":done": "launched", ":now": self._clock(), ":ids": instance_ids},
+                names={"#state": "state"},
+            )
+        )
+
+    def runners(self, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Runner records by instance id, for those that exist (one BatchGetItem per 100)."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(instance_ids), 100):
+            keys = [{"pk": {"S": runner_key(i)}} for i in instance_ids[start : start + 100]]
+            request: dict[str, Any] = {self.table: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                answer = self._client.batch_get_item(RequestItems=request)
+                for item in answer.get("Responses", {}).get(self.table, []):
+                    record = from_item(item)
+                    found[str(record["instance_id"])] = record
+                request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    def record_runners(self, launch_id: str, runners: list[RunnerRecord]) -> None:
+        """Create runner records, moving one lease each from the launch to the runner, in transactions."""
+        for start in range(0, len(runners), 99):
+            chunk = runners[start : start + 99]
+            writes: list[dict[str, Any]] = [
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": to_item(
+                            {
+                                "pk": runner_key(r.instance_id),
+                                "kind": "runner",
+                                "lease": True,
+                                "updated_at": self._clock(),
+                                **r.__dict__,
+                            }
+                        ),
+                        "ConditionExpression": "attribute_not_exists(pk)",
+                    }
+                }
+                for r in chunk
+            ]
+            writes.append(
+                {
+                    "Update": _update(
+                        self.table,
+                        launch_key(launch_id),
+                        "SET leases = leases - :n",
+                        {":n": len(chunk)},
+                        "leases >= :n",
+                    )
+                }
+            )
+            self._client.transact_write_items(TransactItems=writes)
+
+    def set_runner_identity(self, instance_id: str, gitlab_runner_id: int) -> None:
+        self._client.update_item(
+            **_update(
+                self.table,
+                runner_key(instance_id),
+                "SET gitlab_runner_id = :id, updated_at = :now",
+                {":id": gitlab_runner_id, ":now": self._clock()},
+                "attribute_exists(pk)",
+            )
+        )
+
+    def terminate_runner(self, instance_id: str, reason: str) -> dict[str, Any] | None:
+        """Mark a runner terminated and give its lease back to the pool, exactly once.
+
+        Returns the runner record as it was when this call terminated it, or None when the instance is unknown
+        or was already terminated (a duplicate or late event).
+        """
+        record = self.get(runner_key(instance_id))
+        if record is None or record.get("state") == "terminated":
+            return None
+        now = self._clock()
+        runner_update = _update(
+            self.table,
+            runner_key(instance_id),
+            "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl "
+            "REMOVE lease",
+            {":terminated": "terminated", ":reason": reason, ":now": now, ":ttl": int(now) + FINISHED_JOB_TTL_SECONDS},
+            "#state <> :terminated",
+            names={"#state": "state", "#ttl": "ttl"},
+        )
+        writes: list[dict[str, Any]] = [{"Update": runner_update}]
+        if record.get("lease"):
+            runner_update["ConditionExpression"] += " AND lease = :true"
+            runner_update["ExpressionAttributeValues"][":true"] = _attribute(True)
+            writes.append(
+                {
+                    "Update": _update(
+                        self.table,
+                        pool_key(str(record["pool"])),
+                        "ADD leases :minus",
+                        {":minus": -1, ":one": 1},
+                        "leases >= :one",
+                    )
+                }
+            )
+        try:
+            self._client.transact_write_items(TransactItems=writes)
+        except ClientError as exc:
+            if error_code(exc) == "TransactionCanceledException":
+                return None  # a concurrent event terminated it first
+            raise
+        return record
+
+    def mark_launch_incomplete(self, launch_id: str) -> None:
+        """The invocation ends with runners still missing an identity; the next delivery may resume at once."""
+        self._client.update_item(
+            **_update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :incomplete",
+                {":incomplete": "incomplete"},
+                names={"#state": "state"},
+            )
+        )
+
+    def take_over_launch(self, launch_id: str, stale_before: float) -> bool:
+        """Become the one invocation resuming a launch: it is incomplete, or its last owner went silent."""
+        try:
+            self._client.update_item(
+                **_update(
+                    self.table,
+                    launch_key(launch_id),
+                    "SET #state = :resuming, started_at = :now",
+                    {
+                        ":resuming": "resuming",
+                        ":incomplete": "incomplete",
+                        ":launching": "launching",
+                        ":now": self._clock(),
+                        ":stale": stale_before,
+                    },
+                    "#state = :incomplete OR (#state IN (:launching, :resuming) AND started_at < :stale)",
+                    names={"#state": "state"},
+                )
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True

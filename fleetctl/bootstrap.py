@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
+from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
 
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600
@@ -81,6 +82,7 @@ class Bootstrapper:
         self._gitlab_token = gitlab_token
         self._token_factory = token_factory
         self._signing_factory = signing_factory
+        self._registry_host: str | None = None
 
     def plan(self) -> list[Change]:
         state = self._config.state
@@ -324,9 +326,12 @@ class Bootstrapper:
 
     def _template_data(self, pool: PoolConfig, image_id: str) -> dict[str, Any]:
         tags = [{"Key": FLEET_TAG, "Value": self._config.fleet}, {"Key": POOL_TAG, "Value": pool.name}]
-        # User data is not here: it is rendered per launch. No KeyName: nobody logs in to a runner.
+        # User data is the pool's settings only (no secret, nothing per launch: CreateFleet cannot override it).
+        # No KeyName: nobody logs in to a runner.
+        user_data = render_user_data(self._config, pool, image_reference(pool, self._registry()))
         return {
             "ImageId": image_id,
+            "UserData": base64.b64encode(user_data.encode()).decode("ascii"),
             "IamInstanceProfile": {"Name": instance_profile_name(self._config.fleet)},
             # IMDSv2 only, and a hop limit of 1 so job containers (one hop further) cannot reach the role's
             # credentials through the metadata service.
@@ -353,6 +358,14 @@ class Bootstrapper:
             "Monitoring": {"Enabled": False},
             "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
         }
+
+    def _registry(self) -> str:
+        """This account's ECR registry host, where the pools' CI images live."""
+        if self._registry_host is None:
+            account = self._aws.client("sts").get_caller_identity()["Account"]
+            region = self._aws.ec2.meta.region_name
+            self._registry_host = f"{account}.dkr.ecr.{region}.amazonaws.com"
+        return self._registry_host
 
     def _plan_template(self, name: str, data: dict[str, Any]) -> Change:
         ec2 = self._aws.ec2

@@ -379,6 +379,11 @@ class GitLabApi:
             r("GET", "/runners/:id", lambda req: ApiResponse(200, self._model.get_runner(_rid(req)))),
             r("PUT", "/runners/:id", self._update_runner),
             r("DELETE", "/runners/:id", self._delete_runner),
+            r(
+                "POST",
+                "/runners/:id/reset_authentication_token",
+                lambda req: ApiResponse(201, self._model.reset_runner_token(_rid(req))),
+            ),
             r("GET", "/runners/:id/jobs", self._runner_jobs),
             r("GET", "/runners/:id/managers", self._runner_managers),
             r("POST", "/jobs/request", self._request_job, Auth.RUNNER),

@@ -746,6 +746,13 @@ class GitLabModel:
         with self.lock:
             del self._runners[self._runner(runner_id).id]
 
+    def reset_runner_token(self, runner_id: int) -> dict[str, Any]:
+        """``POST /runners/:id/reset_authentication_token``: the old token stops working at once."""
+        with self.lock:
+            runner = self._runner(runner_id)
+            runner.token = "glrt-" + secrets.token_urlsafe(15)
+            return {"token": runner.token, "token_expires_at": None}
+
     def delete_runner_by_token(self, token: str) -> None:
         with self.lock:
             del self._runners[self._runner_by_token(token).id]

@@ -165,18 +165,28 @@ class EventPump:
                 stop.wait(interval)
 
     def _receive(self, binding: _Binding) -> list[dict[str, Any]]:
-        found = self._aws.sqs.receive_message(
-            QueueUrl=binding.queue_url,
-            MaxNumberOfMessages=min(binding.batch_size, 10),
-            AttributeNames=["All"],
-            MessageAttributeNames=["All"],
-            WaitTimeSeconds=0,
-        )
-        return list(found.get("Messages", []))
+        """Up to the handler's batch size, as Lambda's batching window gathers it (SQS gives 10 per call)."""
+        batch: list[dict[str, Any]] = []
+        while len(batch) < binding.batch_size:
+            found = self._aws.sqs.receive_message(
+                QueueUrl=binding.queue_url,
+                MaxNumberOfMessages=min(binding.batch_size - len(batch), 10),
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+                WaitTimeSeconds=0,
+            )
+            messages = found.get("Messages", [])
+            if not messages:
+                break
+            batch.extend(messages)
+        return batch
 
     def _delete(self, binding: _Binding, messages: list[dict[str, Any]]) -> None:
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
-        self._aws.sqs.delete_message_batch(QueueUrl=binding.queue_url, Entries=entries)
+        for start in range(0, len(messages), 10):  # DeleteMessageBatch takes at most 10 entries
+            entries = [
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages[start : start + 10])
+            ]
+            self._aws.sqs.delete_message_batch(QueueUrl=binding.queue_url, Entries=entries)
 
     @staticmethod
     def _sqs_record(binding: _Binding, message: dict[str, Any]) -> dict[str, Any]:

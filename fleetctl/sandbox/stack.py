@@ -16,13 +16,19 @@ from typing import Any, Self
 
 from chalicelib.config import FleetConfig, load_config
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
-from fleetctl.sandbox.local_aws import LocalAws
+from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
 from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
 
 DEFAULT_CONFIG = PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml"
 DEFAULT_WORKDIR = PROJECT_DIR / ".sandbox"
 SANDBOX_PROJECT = "demo/app"
 GITLAB_ADMIN_TOKEN = "glpat-sandbox-admin"  # noqa: S105 - the emulator's fixed local token
+# Re-queued jobs wait seconds, not minutes, so a scenario plays out while you watch.
+SANDBOX_ENVIRONMENT = {
+    "RUNNER_FLEET_RETRY_BASE_SECONDS": "1",
+    "RUNNER_FLEET_LEASE_WAIT_SECONDS": "2",
+    "POWERTOOLS_METRICS_NAMESPACE": "RunnerFleet",
+}
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,9 @@ class Sandbox:
         self.aws.start()
         self.aws.export_environment()
         self.gitlab.start()
-        config_file = self._write_stage_config()
-        os.environ["RUNNER_FLEET_CONFIG"] = str(config_file)
-        os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "RunnerFleet")
-        runtime.reset()
-        self.config = load_config(config_file)
-        self.bootstrap()
+        for key, value in SANDBOX_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        self._prepare_aws()
         import app
 
         self.server = WebhookServer(app.app).start()
@@ -91,8 +94,7 @@ class Sandbox:
         from chalicelib import runtime
 
         self.aws.reset()
-        runtime.reset()
-        self.bootstrap()
+        self._prepare_aws()
         if self.pump is not None:
             import app
             from fleetctl.sandbox.pump import EventPump
@@ -173,11 +175,30 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _write_stage_config(self) -> Path:
+    def _prepare_aws(self) -> None:
+        """What an AWS account would already have (a VPC, an AMI), the stage config pointing at it, a bootstrap."""
+        from chalicelib import runtime
+        from chalicelib.aws import AwsClients
+        from fleetctl.sandbox.network import create_sandbox_network, register_sandbox_ami
+
+        clients = AwsClients(region=SANDBOX_REGION)
+        network = create_sandbox_network(clients.ec2)
+        config_file = self._write_stage_config(network.subnet_ids, network.security_group_id)
+        os.environ["RUNNER_FLEET_CONFIG"] = str(config_file)
+        runtime.reset()
+        self.config = load_config(config_file)
+        register_sandbox_ami(clients.ssm, clients.ec2, self.config.ami_parameter)
+        self.bootstrap()
+
+    def _write_stage_config(self, subnets: tuple[str, ...], security_group: str) -> Path:
+        """The shipped stage file, with the emulator's URL and the sandbox network's ids in place."""
         import yaml
 
         document = yaml.safe_load(self._config_path.read_text())
         document["gitlab"]["url"] = self.gitlab.url
+        for pool in document["pools"]:
+            pool["subnets"] = list(subnets)
+            pool["security_groups"] = [security_group]
         target = self.workdir / "fleet.json"
         target.write_text(json.dumps(document, indent=2))
         return target

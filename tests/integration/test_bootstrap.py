@@ -6,6 +6,7 @@ The runner instance policy is checked at the end without AWS: it is a pure funct
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,7 +239,13 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
             "DeleteOnTermination": True,
         }
         assert "KeyName" not in data
-        assert "UserData" not in data
+        # user data: the pool's settings for the AMI's boot script, and never a secret
+        user_data = base64.b64decode(data["UserData"]).decode()
+        assert user_data.startswith("#!/bin/bash")
+        assert f"RUNNER_FLEET_POOL={pool.name}" in user_data
+        assert f"RUNNER_MAX_BUILDS={pool.max_builds}" in user_data
+        assert f".dkr.ecr.us-east-1.amazonaws.com/{pool.image.repository}:{pool.image.tag}" in user_data
+        assert not [secret for secret in SECRETS if secret in user_data]
         assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
         assert data["SecurityGroupIds"] == list(pool.security_groups)
         assert data["Monitoring"] == {"Enabled": False}

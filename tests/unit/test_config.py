@@ -940,3 +940,30 @@ def test_import_stays_lean_for_cold_start() -> None:
 
 def test_fleet_config_is_the_public_type() -> None:
     assert isinstance(parse_config(valid_config()), FleetConfig)
+
+
+
+@pytest.mark.parametrize(
+    ("gitlab", "problem"),
+    [
+        ({"runner_type": "group_type"}, "gitlab.runner_owner_id: is required when runner_type is group_type"),
+        ({"runner_type": "project_type"}, "gitlab.runner_owner_id: is required when runner_type is project_type"),
+        ({"runner_owner_id": 7}, "gitlab.runner_owner_id: must be empty for instance_type runners"),
+    ],
+)
+def test_runner_scope_and_owner_go_together(gitlab: dict[str, Any], problem: str) -> None:
+    data = valid_config()
+    data["gitlab"].update(gitlab)
+    assert problems_of(data) == [problem]
+
+
+def test_group_runners_with_an_owner_are_valid() -> None:
+    data = valid_config()
+    data["gitlab"].update({"runner_type": "group_type", "runner_owner_id": 42})
+    assert parse_config(data).gitlab.runner_owner_id == 42
+
+
+def test_job_timeout_bounds() -> None:
+    assert problems_of(with_pool(job_timeout_seconds=60)) == [
+        "pools[0](docker).job_timeout_seconds: must be between 600 and 2592000, got 60"
+    ]

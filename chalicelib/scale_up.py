@@ -1,0 +1,387 @@
+"""Scale-up: every waiting job gets a runner, exactly once, within its pool's limits.
+
+One SQS batch is handled as a whole: each job is read from GitLab (still pending? which tags?), matched to a
+pool and claimed for a launch; then, per pool, capacity leases are taken and one CreateFleet call launches an
+instance per claimed job; finally each instance gets its own GitLab runner and token. Every job ends in one of:
+launched, not pending any more, matched to no pool, waiting for capacity, re-queued for a retry, or
+dead-lettered with its reason; each is logged and counted.
+
+Crash safety. A job is claimed for a launch id before anything is launched; the launch id derives CreateFleet's
+ClientToken and is tagged on every instance. If the Lambda dies anywhere after that, the redelivered message
+finds its job claimed by a launch that never finished and completes that launch: it adopts the instances
+tagged with the launch id (or launches them, with the same ClientToken, when there are none), records them,
+and creates their GitLab runners, finding one whose creation answer was lost by its description.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from chalicelib.config import FleetConfig, PoolConfig
+from chalicelib.errors import RetryableError
+from chalicelib.fleet import FleetLauncher, LaunchedInstance, LaunchTemplateRef
+from chalicelib.gitlab_api import GitLabApi
+from chalicelib.jobs_queue import JobQueue, QueuedJob
+from chalicelib.naming import launch_template_name, runner_token_parameter
+from chalicelib.observability import count, logger
+from chalicelib.runner_tokens import RunnerTokens
+from chalicelib.scaling import RetryPolicy, match_pool
+from chalicelib.store import ClaimOutcome, RunnerRecord, ScaleStore
+
+# A launch record younger than this may still be in the hands of a live invocation; only an older one is
+# resumed by another. Twice the scale-up Lambda's timeout.
+STALE_LAUNCH_SECONDS = 120.0
+DEFAULT_MAX_ATTEMPTS = 8
+GITLAB_WORKERS = 8
+
+
+class Outcome(str, Enum):
+    LAUNCHED = "launched"
+    NOT_PENDING = "not_pending"
+    UNMATCHED = "unmatched"
+    WAITING = "waiting"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+    DUPLICATE = "duplicate"
+
+
+@dataclass
+class BatchReport:
+    outcomes: dict[Outcome, int] = field(default_factory=lambda: defaultdict(int))
+    instances: list[str] = field(default_factory=list)
+
+    def add(self, outcome: Outcome, n: int = 1) -> None:
+        self.outcomes[outcome] += n
+
+    def as_dict(self) -> dict[str, int]:
+        return {o.value: n for o, n in self.outcomes.items() if n}
+
+
+@dataclass(frozen=True)
+class _Matched:
+    job: QueuedJob
+    pool: PoolConfig
+    tags: tuple[str, ...]
+
+
+class ScaleUp:
+    def __init__(
+        self,
+        config: FleetConfig,
+        store: ScaleStore,
+        gitlab: GitLabApi,
+        launcher: FleetLauncher,
+        tokens: RunnerTokens,
+        queue: JobQueue,
+        dead_letters: JobQueue,
+        *,
+        policy: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        new_launch_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._gitlab = gitlab
+        self._launcher = launcher
+        self._tokens = tokens
+        self._queue = queue
+        self._dead_letters = dead_letters
+        self._policy = policy or RetryPolicy()
+        self._clock = clock
+        self._new_launch_id = new_launch_id
+
+    # -- the batch -------------------------------------------------------------------------------------------
+
+    def handle_messages(self, bodies: Iterable[str]) -> BatchReport:
+        """One SQS batch. A body that is not a job goes to the dead-letter queue with the reason, not lost."""
+        jobs, bad = parse_records(bodies)
+        for body, reason in bad:
+            self._dead_letters.send_raw(json.dumps({"body": body[:200_000], "last_error": reason}))
+            logger.error("malformed jobs message dead-lettered", extra={"reason": reason})
+            count("JobsDeadLettered")
+        report = self.handle(jobs)
+        if bad:
+            report.add(Outcome.DEAD_LETTERED, len(bad))
+        return report
+
+    def handle(self, jobs: Sequence[QueuedJob]) -> BatchReport:
+        report = BatchReport()
+        matched = self._read_and_match(jobs, report)
+        by_pool: dict[str, list[_Matched]] = defaultdict(list)
+        for item in matched:
+            by_pool[item.pool.name].append(item)
+        for pool_name, items in by_pool.items():
+            self._scale_pool(self._config.pool(pool_name), items, report)
+        logger.info("scale-up batch done", extra={"outcomes": report.as_dict(), "jobs": len(jobs)})
+        return report
+
+    def _read_and_match(self, jobs: Sequence[QueuedJob], report: BatchReport) -> list[_Matched]:
+        with ThreadPoolExecutor(max_workers=min(GITLAB_WORKERS, max(1, len(jobs)))) as pool:
+            answers = list(pool.map(self._read_job, jobs))
+        matched: list[_Matched] = []
+        for job, answer in zip(jobs, answers, strict=True):
+            if isinstance(answer, RetryableError):
+                self._retry(job, None, answer.reason, report)
+                continue
+            if answer is None or answer.status != "pending":
+                status = answer.status if answer else "gone"
+                self._store.mark_job(job.project_id, job.job_id, Outcome.NOT_PENDING.value, gitlab_status=status)
+                logger.info("job no longer pending", extra={**_job_log(job), "gitlab_status": status})
+                count("JobsNotPending")
+                report.add(Outcome.NOT_PENDING)
+                continue
+            pool_config = match_pool(answer.tags, self._config.pools)
+            if pool_config is None:
+                self._store.mark_job(job.project_id, job.job_id, Outcome.UNMATCHED.value, tags=list(answer.tags))
+                logger.warning("no pool can run job", extra={**_job_log(job), "tags": list(answer.tags)})
+                count("JobsUnmatched")
+                report.add(Outcome.UNMATCHED)
+                continue
+            count("JobsMatched")
+            matched.append(_Matched(job, pool_config, answer.tags))
+        return matched
+
+    def _read_job(self, job: QueuedJob) -> Any:
+        try:
+            return self._gitlab.job(job.project_id, job.job_id)
+        except RetryableError as exc:
+            return exc
+
+    # -- one pool ----------------------------------------------------------------------------------------------
+
+    def _scale_pool(self, pool: PoolConfig, items: list[_Matched], report: BatchReport) -> None:
+        launch_id = self._new_launch_id()
+        claimed: list[_Matched] = []
+        resume: dict[str, list[_Matched]] = defaultdict(list)
+        for item in items:
+            claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
+            if claim.outcome is ClaimOutcome.CLAIMED:
+                claimed.append(item)
+            else:
+                resume[claim.launch_id].append(item)
+        for held_by, held in resume.items():
+            self._resume(pool, held_by, held, report)
+        if claimed:
+            self._launch(pool, launch_id, claimed, report)
+
+    def _launch(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
+        granted = self._store.acquire_leases(pool.name, len(items), pool.max_runners, launch_id)
+        running, waiting = items[:granted], items[granted:]
+        for item in waiting:
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._wait(item, report)
+        if not running:
+            return
+        log = {"pool": pool.name, "launch_id": launch_id, "count": len(running)}
+        try:
+            result = self._launcher.launch(pool, self._template(pool), launch_id, len(running))
+        except RetryableError as exc:
+            self._store.give_back_launch_leases(launch_id, pool.name, len(running), finished=True)
+            count("LaunchErrors")
+            logger.warning("launch failed; jobs re-queued", extra={**log, "reason": exc.reason})
+            for item in running:
+                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                self._retry(item.job, pool, exc.reason, report)
+            return
+        for error in result.errors:
+            count(f"LaunchError.{error.code}")
+        if result.fallback_used:
+            count("OnDemandFallbacks")
+        instances = list(result.instances)
+        missing = running[len(instances) :]
+        if missing:
+            self._store.give_back_launch_leases(launch_id, pool.name, len(missing), finished=not instances)
+            reason = "capacity: " + ", ".join(sorted({e.code for e in result.errors}) or {"no instances"})
+            logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
+            for item in missing:
+                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                self._retry(item.job, pool, reason, report)
+        if instances:
+            self._complete(pool, launch_id, instances, running[: len(instances)], report, adopting=False)
+
+    def _resume(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
+        """Jobs already claimed by ``launch_id``: done, in progress elsewhere, or left unfinished."""
+        launch = self._store.get_launch(launch_id)
+        if launch is not None and launch.get("state") == "launched":
+            report.add(Outcome.DUPLICATE, len(items))
+            return
+        if launch is None or launch.get("state") == "failed":
+            # Claimed, but the launch never took leases (or gave them all back): claim again, afresh.
+            for item in items:
+                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._scale_pool(pool, items, report)
+            return
+        if not self._store.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS):
+            # Another invocation is launching it right now (the same job delivered twice at once).
+            for item in items:
+                self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
+            return
+        logger.warning("resuming an unfinished launch", extra={"pool": pool.name, "launch_id": launch_id})
+        count("LaunchesResumed")
+        held = int(launch.get("leases", 0))
+        instances = self._launcher.find_launched(launch_id)
+        if not instances and held:
+            try:
+                # The same launch id gives the same ClientToken: AWS answers a repeat with the original fleet.
+                instances = list(self._launcher.launch(pool, self._template(pool), launch_id, held).instances)
+            except RetryableError as exc:
+                self._store.mark_launch_incomplete(launch_id)
+                for item in items:
+                    self._retry(item.job, pool, exc.reason, report)
+                return
+        self._complete(pool, launch_id, instances, items, report, adopting=True, held_leases=held)
+
+    # -- runners for launched instances --------------------------------------------------------------------------
+
+    def _complete(
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        instances: list[LaunchedInstance],
+        items: list[_Matched],
+        report: BatchReport,
+        *,
+        adopting: bool,
+        held_leases: int | None = None,
+    ) -> None:
+        known = self._store.runners([i.instance_id for i in instances]) if adopting else {}
+        new = [i for i in instances if i.instance_id not in known]
+        if held_leases is not None and held_leases > len(new):
+            # The interrupted launch made fewer instances than it held leases for: the rest go back to the pool.
+            self._store.give_back_launch_leases(launch_id, pool.name, held_leases - len(new))
+        need_identity = [i for i in instances if known.get(i.instance_id, {}).get("gitlab_runner_id") is None]
+        with ThreadPoolExecutor(max_workers=min(GITLAB_WORKERS, max(1, len(need_identity)))) as workers:
+            identities = dict(
+                zip(
+                    [i.instance_id for i in need_identity],
+                    workers.map(lambda i: self._runner_identity(pool, i, adopting), need_identity),
+                    strict=True,
+                )
+            )
+        now = self._clock()
+        records = [
+            RunnerRecord(
+                instance_id=i.instance_id,
+                pool=pool.name,
+                launch_id=launch_id,
+                lifecycle=i.lifecycle.value,
+                instance_type=i.instance_type,
+                subnet_id=i.subnet_id,
+                launched_at=now,
+                boot_deadline_at=now + pool.boot_deadline_seconds,
+                token_parameter=runner_token_parameter(self._config.fleet, i.instance_id),
+                gitlab_runner_id=_runner_id(identities.get(i.instance_id)),
+            )
+            for i in new
+        ]
+        self._store.record_runners(launch_id, records)
+        for instance_id, identity in identities.items():
+            if instance_id in known and not isinstance(identity, RetryableError):
+                self._store.set_runner_identity(instance_id, identity[0])
+        failures = [e for e in identities.values() if isinstance(e, RetryableError)]
+        for instance_id, identity in identities.items():
+            if not isinstance(identity, RetryableError):
+                self._tokens.put(instance_id, identity[1])
+        for instance in new:
+            count(f"Launches.{instance.lifecycle.value}")
+            count(f"Launches.{instance.instance_type}")
+        if failures:
+            # The instances are recorded and hold their leases; the jobs come back to finish their runners.
+            self._store.mark_launch_incomplete(launch_id)
+            for item in items:
+                self._retry(item.job, pool, failures[0].reason, report)
+            return
+        self._store.finish_launch(launch_id, [i.instance_id for i in instances])
+        report.instances.extend(i.instance_id for i in instances)
+        report.add(Outcome.LAUNCHED, len(items))
+        for item, instance in zip(items, instances, strict=False):
+            logger.info(
+                "runner launched",
+                extra={
+                    **_job_log(item.job),
+                    "pool": pool.name,
+                    "launch_id": launch_id,
+                    "instance_id": instance.instance_id,
+                    "lifecycle": instance.lifecycle.value,
+                    "instance_type": instance.instance_type,
+                    "queue_wait": round(now - item.job.received_at, 3),
+                },
+            )
+
+    def _runner_identity(self, pool: PoolConfig, instance: LaunchedInstance, adopting: bool) -> Any:
+        """(runner id, token) for an instance's new GitLab runner, or the RetryableError that prevented it."""
+        description = f"runner-fleet {self._config.fleet}/{pool.name} {instance.instance_id}"
+        try:
+            if adopting:
+                existing = self._gitlab.find_runner(description, pool.tags)
+                if existing is not None:
+                    return existing, self._gitlab.reset_runner_token(existing)
+            created = self._gitlab.create_runner(
+                description=description,
+                tags=pool.tags,
+                run_untagged=pool.run_untagged,
+                maximum_timeout=pool.job_timeout_seconds,
+            )
+        except RetryableError as exc:
+            return exc
+        return created.runner_id, created.token
+
+    # -- re-queueing -------------------------------------------------------------------------------------------
+
+    def _template(self, pool: PoolConfig) -> LaunchTemplateRef:
+        return LaunchTemplateRef(launch_template_name(self._config.fleet, pool.name))
+
+    def _wait(self, item: _Matched, report: BatchReport) -> None:
+        """The pool is full: wait for capacity. Waiting is not failing, so it spends no attempt."""
+        count("LeaseWaits")
+        job = replace(item.job, waits=item.job.waits + 1)
+        self._requeue(job, self._policy.lease_wait_delay(item.job.waits), report, Outcome.WAITING)
+
+    def _retry(self, job: QueuedJob, pool: PoolConfig | None, reason: str, report: BatchReport) -> None:
+        max_attempts = pool.max_launch_attempts if pool else DEFAULT_MAX_ATTEMPTS
+        if job.attempt >= max_attempts:
+            dead = replace(job, last_error=reason)
+            self._dead_letters.send(dead)
+            self._store.mark_job(job.project_id, job.job_id, Outcome.DEAD_LETTERED.value, reason=reason)
+            logger.error("job dead-lettered", extra={**_job_log(job), "reason": reason, "attempts": job.attempt})
+            count("JobsDeadLettered")
+            report.add(Outcome.DEAD_LETTERED)
+            return
+        count("JobsRetried")
+        retried = replace(job, attempt=job.attempt + 1, last_error=reason)
+        self._requeue(retried, self._policy.backoff_delay(job.attempt), report, Outcome.RETRIED)
+
+    def _requeue(self, job: QueuedJob, delay: int, report: BatchReport, outcome: Outcome) -> None:
+        self._queue.send(job, delay_seconds=delay)
+        logger.info(
+            "job re-queued", extra={**_job_log(job), "delay": delay, "outcome": outcome.value, "reason": job.last_error}
+        )
+        report.add(outcome)
+
+
+def _runner_id(identity: Any) -> int | None:
+    return None if identity is None or isinstance(identity, RetryableError) else int(identity[0])
+
+
+def _job_log(job: QueuedJob) -> dict[str, Any]:
+    return {"project_id": job.project_id, "job_id": job.job_id, "attempt": job.attempt}
+
+
+def parse_records(bodies: Iterable[str]) -> tuple[list[QueuedJob], list[tuple[str, str]]]:
+    """Queue message bodies as jobs, and the ones that are not (with why), for the dead-letter queue."""
+    jobs: list[QueuedJob] = []
+    bad: list[tuple[str, str]] = []
+    for body in bodies:
+        try:
+            jobs.append(QueuedJob.from_json(body))
+        except (ValueError, TypeError, KeyError) as exc:
+            bad.append((body, f"malformed message: {type(exc).__name__}"))
+    return jobs, bad
