@@ -1,8 +1,9 @@
 """runner-fleet's Lambda entry points. Routing only: each handler hands its input to one chalicelib service.
 
-The stage configuration is loaded and validated here, at import: a bad configuration fails every cold start
-with the field that is wrong, and the jobs queue's name comes from it (Chalice imports this module with the
-stage's environment when it deploys, so the event source mapping names the same queue).
+Every function imports this module, so it imports little: the webhook needs only its environment settings,
+while scale-up and the instance-event handler load and validate the stage file on their first event. The jobs
+queue's name comes from the stage's environment, which Chalice also applies when it imports this module to
+deploy, so the event source mapping names the same queue.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from chalice.app import Chalice, CloudWatchEvent, ConvertToMiddleware, Response,
 
 from chalicelib import runtime
 from chalicelib.observability import logger, metrics
+from chalicelib.settings import jobs_queue_name
 
 app = Chalice(app_name="runner-fleet")
 app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context(clear_state=True)))
 app.register_middleware(ConvertToMiddleware(metrics.log_metrics))
-
-_config = runtime.config()
 
 
 @app.route("/webhooks/gitlab", methods=["POST"], content_types=["*/*"])
@@ -34,7 +34,7 @@ def gitlab_webhook() -> Response:
     return Response(body=result.body, status_code=result.status)
 
 
-@app.on_sqs_message(queue=_config.state.jobs_queue, batch_size=50, maximum_batching_window_in_seconds=1)
+@app.on_sqs_message(queue=jobs_queue_name(), batch_size=50, maximum_batching_window_in_seconds=1)
 def scale_up(event: SQSEvent) -> None:
     # Raising fails the whole batch back to SQS; every job-level failure is re-queued by scale_up itself.
     account = runtime.account_of(event.context)

@@ -198,12 +198,13 @@ def handler_environment(stack: LocalStack) -> dict[str, str]:
 
     Metrics stay enabled, as in Lambda: their EMF lines go to stdout, which the benchmarks discard.
     """
+    chalice = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())
     return {
         **_isolated_environment(),
         **stack.environment,
-        "POWERTOOLS_LOG_LEVEL": "INFO",
+        **chalice.get("environment_variables", {}),
+        **chalice["stages"]["dev"].get("environment_variables", {}),
         "RUNNER_FLEET_CONFIG": STAGE_CONFIG,
-        "RUNNER_FLEET_STAGE": "dev",
     }
 
 

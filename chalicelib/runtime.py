@@ -16,13 +16,15 @@ import os
 from typing import TYPE_CHECKING
 
 from chalicelib.aws import AwsClients
-from chalicelib.config import FleetConfig, get_config, reset_config_cache
+from chalicelib.errors import ConfigError
 from chalicelib.jobs_queue import JobQueue
 from chalicelib.secrets import WebhookSecretSource
+from chalicelib.settings import settings_drift, webhook_settings
 from chalicelib.store import FleetStore, ScaleStore
 from chalicelib.webhook import WebhookIntake
 
 if TYPE_CHECKING:
+    from chalicelib.config import FleetConfig
     from chalicelib.gitlab_api import GitLabApi
     from chalicelib.instances import InstanceEvents
     from chalicelib.runner_tokens import RunnerTokens
@@ -31,18 +33,27 @@ if TYPE_CHECKING:
 GITLAB_TOKEN_MAX_AGE_SECONDS = 300
 
 
+@functools.cache
 def config() -> FleetConfig:
-    return get_config()
+    """The stage file, validated; also checked against the environment the webhook runs on."""
+    from chalicelib.config import CONFIG_ENV_VAR, get_config
+
+    loaded = get_config()
+    drift = settings_drift(loaded, os.environ)
+    if drift:
+        raise ConfigError(os.environ.get(CONFIG_ENV_VAR, "environment"), drift)
+    return loaded
 
 
 @functools.cache
 def aws() -> AwsClients:
-    return AwsClients(region=config().region)
+    # The region is the Lambda's own (AWS_REGION); the stage file's region is for fleetctl.
+    return AwsClients()
 
 
 @functools.cache
 def store() -> ScaleStore:
-    return ScaleStore(config().state.table, aws().dynamodb)
+    return ScaleStore(webhook_settings().table, aws().dynamodb)
 
 
 def fleet_store() -> FleetStore:
@@ -51,7 +62,7 @@ def fleet_store() -> FleetStore:
 
 @functools.cache
 def jobs_queue() -> JobQueue:
-    return JobQueue(aws().sqs, config().state.jobs_queue)
+    return JobQueue(aws().sqs, webhook_settings().jobs_queue)
 
 
 @functools.cache
@@ -61,8 +72,8 @@ def dead_letter_queue() -> JobQueue:
 
 @functools.cache
 def webhook_intake() -> WebhookIntake:
-    webhook = config().webhook
-    secrets = WebhookSecretSource(aws().ssm, webhook.token_parameter, webhook.signing_secret_parameter)
+    settings = webhook_settings()
+    secrets = WebhookSecretSource(aws().ssm, settings.token_parameter, settings.signing_parameter)
     return WebhookIntake(secrets, store(), jobs_queue())
 
 
@@ -125,6 +136,8 @@ def account_of(context: object) -> str:
 
 def reset() -> None:
     """Forget every built piece and the loaded configuration (tests, the sandbox)."""
+    from chalicelib.config import reset_config_cache
+
     for built in (
         aws,
         store,

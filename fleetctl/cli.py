@@ -252,7 +252,7 @@ def sandbox_down() -> None:
 def sandbox_demo(jobs: int) -> None:
     """Run the end-to-end scenario; the last line is a JSON summary with "ok"."""
     # The handlers' structured logs and EMF lines would drown the story; `sandbox up` keeps them in its log.
-    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "ERROR")
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
     from fleetctl.sandbox.scenario import run_demo
 

@@ -143,6 +143,7 @@ class Fault:
     remaining: int
     delay: float
     body: str | None
+    after_processing: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         return self.remaining > 0 and self.method in {"*", method} and bool(self.pattern.fullmatch(path))
@@ -311,14 +312,29 @@ class GitLabApi:
         path = split.path[len(API_PREFIX) :]
         route, path_params = self._match(method, path)
         fault = self._count_call(method, path, route)
-        if fault is not None:
+        if fault is not None and not fault.after_processing:
             return fault.respond(self._stopping)
+        answer = self._answer(method, split.query, headers, body, base_url, route, path, path_params)
+        # A fault after processing: GitLab did the work, but the client never hears of it (a lost answer).
+        return fault.respond(self._stopping) if fault is not None else answer
+
+    def _answer(
+        self,
+        method: str,
+        query_string: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        base_url: str,
+        route: Route | None,
+        path: str,
+        path_params: dict[str, str],
+    ) -> ApiResponse:
         if route is None:
             return message(404)
         if route.auth is Auth.ADMIN and not self._authenticated(headers):
             return message(401)
         try:
-            query = parse_qsl(split.query, keep_blank_values=True)
+            query = parse_qsl(query_string, keep_blank_values=True)
             params = parse_params(query, headers.get("Content-Type") or "", body)
             request = ApiRequest(method, path, query, params, path_params, base_url)
             return route.handler(request)
@@ -934,6 +950,13 @@ class GitLabEmulator:
     def job(self, project_id: int, job_id: int) -> dict[str, Any]:
         return self._model.get_job(project_id, job_id)
 
+    def jobs_of_pipeline(self, project_id: int, pipeline_id: int) -> list[dict[str, Any]]:
+        """The pipeline's jobs in creation order."""
+        return sorted(
+            self._model.list_pipeline_jobs(project_id, pipeline_id, (), include_retried=True),
+            key=lambda j: int(j["id"]),
+        )
+
     def runners(self) -> list[dict[str, Any]]:
         return self._model.all_runner_details()
 
@@ -964,9 +987,11 @@ class GitLabEmulator:
         count: int = 1,
         delay: float = 0.0,
         body: str | None = None,
+        after_processing: bool = False,
     ) -> None:
         """Answer the next ``count`` requests whose method matches (``"*"`` for any) and whose path after
         ``/api/v4`` fully matches ``path_pattern`` with ``status``, after ``delay`` seconds. A delay longer
-        than the client's timeout is a timeout. Requests that hit a fault never reach the model."""
-        fault = Fault(method.upper(), re.compile(path_pattern), status, count, delay, body)
+        than the client's timeout is a timeout. Requests that hit a fault never reach the model, unless
+        ``after_processing``: then the request takes effect and only its answer is lost."""
+        fault = Fault(method.upper(), re.compile(path_pattern), status, count, delay, body, after_processing)
         self._api.add_fault(fault)

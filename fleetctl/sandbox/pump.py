@@ -116,7 +116,10 @@ class EventPump:
         delivered = 0
         for binding in self._rules:
             for message in self._receive(binding):
-                if self._invoke(binding.name, binding.handler, json.loads(message["Body"])):
+                event = json.loads(message["Body"])
+                # moto's EventBridge leaves out "account", which AWS always sends (and Chalice requires).
+                event.setdefault("account", ACCOUNT_ID)
+                if self._invoke(binding.name, binding.handler, event):
                     self._delete(binding, [message])
                 delivered += 1
         return delivered

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from chalicelib.config import FleetConfig, load_config
+from chalicelib.settings import settings_environment
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
 from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
@@ -141,10 +142,11 @@ class Sandbox:
         }
 
     def exports(self) -> dict[str, str]:
-        assert self.server is not None
+        assert self.server is not None and self.config is not None
         return {
             **self.aws.environment(),
             "RUNNER_FLEET_CONFIG": os.environ["RUNNER_FLEET_CONFIG"],
+            **settings_environment(self.config),
             "RUNNER_FLEET_WEBHOOK_URL": self.server.webhook_url,
             "RUNNER_FLEET_WEBHOOK_SECRET": self.secrets()["token"],
             "GITLAB_URL": self.gitlab.url,
@@ -185,8 +187,10 @@ class Sandbox:
         network = create_sandbox_network(clients.ec2)
         config_file = self._write_stage_config(network.subnet_ids, network.security_group_id)
         os.environ["RUNNER_FLEET_CONFIG"] = str(config_file)
-        runtime.reset()
         self.config = load_config(config_file)
+        # What .chalice/config.json sets for a deployed stage, from the same stage file.
+        os.environ.update(settings_environment(self.config))
+        runtime.reset()
         register_sandbox_ami(clients.ssm, clients.ec2, self.config.ami_parameter)
         self.bootstrap()
 

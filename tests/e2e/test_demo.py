@@ -14,7 +14,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.e2e
-def test_demo_queues_every_pending_job_once_and_says_ok() -> None:
+def test_demo_launches_one_spot_runner_per_runnable_job_and_says_ok() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RUNNER_FLEET_", "GITLAB_"))}
     result = subprocess.run(
         [sys.executable, "-m", "fleetctl.cli", "sandbox", "demo", "--jobs", "8"],
@@ -29,9 +29,12 @@ def test_demo_queues_every_pending_job_once_and_says_ok() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True
-    assert summary["pipeline_jobs"] == 8
-    assert summary["jobs_recorded"] == 8
-    assert summary["jobs_queued"] == 8
-    assert summary["webhooks_by_status"] == {"200": summary["webhooks_delivered"]}
-    # created + pending for every job, and one more for the cancelled one
-    assert summary["webhooks_delivered"] == 8 * 2 + 1
+    # 8 runnable jobs (tags cycle docker+linux, docker+dind, untagged, docker) and one gpu job no pool runs
+    assert summary["pipeline_jobs"] == 9
+    assert summary["jobs_launched"] == 8
+    assert summary["jobs_unmatched"] == 1
+    assert summary["instances_by_pool"] == {"build": 2, "docker": 6}
+    assert summary["instances_by_lifecycle"] == {"spot": 8}
+    assert summary["gitlab_runners"] == 8
+    # created + pending for every job, all answered 200
+    assert summary["webhooks_by_status"] == {"200": 18}

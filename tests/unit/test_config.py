@@ -942,7 +942,6 @@ def test_fleet_config_is_the_public_type() -> None:
     assert isinstance(parse_config(valid_config()), FleetConfig)
 
 
-
 @pytest.mark.parametrize(
     ("gitlab", "problem"),
     [

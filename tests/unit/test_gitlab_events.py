@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
 
 from chalicelib.errors import PayloadError
-from chalicelib.gitlab_events import JobStatus, parse_gitlab_time, parse_job_hook
+from chalicelib.gitlab_events import JobHook, JobStatus, parse_gitlab_time, parse_job_hook
 from tests.payloads import job_hook
 
 
+def parse(document: object) -> JobHook:
+    return parse_job_hook(json.dumps(document).encode())
+
+
 def test_the_documented_job_hook_parses() -> None:
-    hook = parse_job_hook(job_hook("pending", build_id=1977, project_id=380, pipeline_id=2366))
+    hook = parse(job_hook("pending", build_id=1977, project_id=380, pipeline_id=2366))
 
     assert (hook.build_id, hook.project_id, hook.pipeline_id) == (1977, 380, 2366)
     assert hook.status is JobStatus.PENDING
-    assert hook.build_created_at == datetime(2021, 2, 23, 2, 41, 37, 886000, tzinfo=UTC)
+    assert hook.created_at == datetime(2021, 2, 23, 2, 41, 37, 886000, tzinfo=UTC)
     assert hook.runner is None
 
 
 def test_legacy_timestamps_parse_to_the_same_instant() -> None:
-    hook = parse_job_hook(job_hook(legacy_times=True))
-    assert hook.build_created_at == datetime(2021, 2, 23, 2, 41, 37, tzinfo=UTC)
+    hook = parse(job_hook(legacy_times=True))
+    assert hook.created_at == datetime(2021, 2, 23, 2, 41, 37, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +54,7 @@ def test_a_running_job_carries_its_runner() -> None:
         "description": "runner-fleet i-0abc",
         "tags": ["linux", "docker"],
     }
-    hook = parse_job_hook(job_hook("running", runner=runner, build_started_at="2021-02-23T02:42:00Z"))
+    hook = parse(job_hook("running", runner=runner, build_started_at="2021-02-23T02:42:00Z"))
 
     assert hook.runner is not None
     assert (hook.runner.id, hook.runner.description, hook.runner.tags) == (
@@ -57,20 +62,20 @@ def test_a_running_job_carries_its_runner() -> None:
         "runner-fleet i-0abc",
         ("linux", "docker"),
     )
-    assert hook.build_started_at == datetime(2021, 2, 23, 2, 42, tzinfo=UTC)
+    assert hook.started_at == datetime(2021, 2, 23, 2, 42, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("status", [s.value for s in JobStatus])
 def test_every_documented_status_is_known(status: str) -> None:
-    assert parse_job_hook(job_hook(status)).status is JobStatus(status)
+    assert parse(job_hook(status)).status is JobStatus(status)
 
 
 def test_an_unknown_status_parses_but_is_not_a_known_status() -> None:
-    assert parse_job_hook(job_hook("teleported")).status is None
+    assert parse(job_hook("teleported")).status is None
 
 
 def test_unknown_fields_are_ignored() -> None:
-    hook = parse_job_hook(job_hook(some_future_field={"x": 1}, build_allow_failure=True))
+    hook = parse(job_hook(some_future_field={"x": 1}, build_allow_failure=True))
     assert hook.build_id > 0
 
 
@@ -93,13 +98,13 @@ def test_finished_statuses_rank_above_everything_else() -> None:
         ({"build_created_at": "last tuesday"}, "build_created_at"),
         ({"build_created_at": 1614047497}, "build_created_at"),
         ({"object_kind": "pipeline"}, "object_kind"),
-        ({"runner": {"description": "no id"}}, "runner.id"),
+        ({"runner": {"description": "no id"}}, "`id` - at `$.runner`"),
     ],
 )
 def test_malformed_fields_are_named(change: dict[str, object], field: str) -> None:
     body = {**job_hook(), **change}
     with pytest.raises(PayloadError) as raised:
-        parse_job_hook(body)
+        parse(body)
     assert field in str(raised.value)
 
 
@@ -108,10 +113,22 @@ def test_required_fields(missing: str) -> None:
     body = job_hook()
     del body[missing]
     with pytest.raises(PayloadError, match=missing):
-        parse_job_hook(body)
+        parse(body)
 
 
 @pytest.mark.parametrize("document", [[], "x", 3, None])
 def test_the_body_must_be_an_object(document: object) -> None:
-    with pytest.raises(PayloadError, match="JSON object"):
-        parse_job_hook(document)
+    with pytest.raises(PayloadError, match="Expected `object`"):
+        parse(document)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"not json", b"\xff\xfe{}"])
+def test_bytes_that_are_not_json_are_refused(body: bytes) -> None:
+    with pytest.raises(PayloadError, match="not JSON"):
+        parse_job_hook(body)
+
+
+def test_a_string_that_is_not_utf8_is_refused() -> None:
+    body = json.dumps(job_hook(build_name="NAME")).encode().replace(b"NAME", b"caf\xe9")
+    with pytest.raises(PayloadError, match="not UTF-8"):
+        parse_job_hook(body)
