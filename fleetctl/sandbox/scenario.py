@@ -69,6 +69,7 @@ def _fleet_instances(ec2: Any, fleet: str) -> list[dict[str, Any]]:
 
 def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
     from chalicelib import runtime
+    from chalicelib.naming import runner_token_parameter
     from chalicelib.store import pool_key
     from fleetctl.sandbox.ec2_events import terminate_instances
 
@@ -96,10 +97,12 @@ def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
         ec2 = runtime.aws().ec2
         instances = [i for i in _fleet_instances(ec2, stack.config.fleet) if i["state"] != "terminated"]
         runners = stack.gitlab.runners()
+        token_prefix = runner_token_parameter(stack.config.fleet, "")
         tokens = [
             p["Name"]
-            for p in runtime.aws().ssm.describe_parameters()["Parameters"]
-            if "/runners/" in p["Name"] and p["Type"] == "SecureString"
+            for page in runtime.aws().ssm.get_paginator("get_parameters_by_path").paginate(Path=token_prefix)
+            for p in page["Parameters"]
+            if p["Type"] == "SecureString"
         ]
 
         jobs_table = Table("job", "tags", "outcome")
