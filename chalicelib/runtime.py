@@ -139,6 +139,7 @@ def reset() -> None:
     from chalicelib.config import reset_config_cache
 
     for built in (
+        config,
         aws,
         store,
         jobs_queue,

@@ -184,7 +184,7 @@ class ScaleUp:
         try:
             result = self._launcher.launch(pool, self._template(pool), launch_id, len(running))
         except RetryableError as exc:
-            self._store.give_back_launch_leases(launch_id, pool.name, len(running), finished=True)
+            self._store.give_back_launch_leases(launch_id, pool.name, len(running), len(running), finished=True)
             count("LaunchErrors")
             logger.warning("launch failed; jobs re-queued", extra={**log, "reason": exc.reason})
             for item in running:
@@ -198,7 +198,9 @@ class ScaleUp:
         instances = list(result.instances)
         missing = running[len(instances) :]
         if missing:
-            self._store.give_back_launch_leases(launch_id, pool.name, len(missing), finished=not instances)
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, len(running), len(missing), finished=not instances
+            )
             reason = "capacity: " + ", ".join(sorted({e.code for e in result.errors}) or {"no instances"})
             logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
             for item in missing:
@@ -256,7 +258,7 @@ class ScaleUp:
         new = [i for i in instances if i.instance_id not in known]
         if held_leases is not None and held_leases > len(new):
             # The interrupted launch made fewer instances than it held leases for: the rest go back to the pool.
-            self._store.give_back_launch_leases(launch_id, pool.name, held_leases - len(new))
+            self._store.give_back_launch_leases(launch_id, pool.name, held_leases, held_leases - len(new))
         need_identity = [i for i in instances if known.get(i.instance_id, {}).get("gitlab_runner_id") is None]
         with ThreadPoolExecutor(max_workers=min(GITLAB_WORKERS, max(1, len(need_identity)))) as workers:
             identities = dict(

@@ -1,9 +1,9 @@
 """The fleet table: one DynamoDB table holding jobs, runners, pools and images, keyed by kind.
 
-Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance or launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``, plus
-``DELIVERY#<key>`` (webhook de-duplication) and ``REPLAY#<id>:<timestamp>`` (signed-delivery replay guard),
-which expire by TTL. Every state change is a conditional write, so two Lambdas racing on the same item never
-both win; webhooks arrive in any order, so a job record only moves forward in its life.
+Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance id>``, ``LAUNCH#<launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``.
+A job item also remembers the webhook deliveries (and signed attempts) it has seen, for de-duplication, and
+expires by TTL once finished. Every state change is a conditional write, so two Lambdas racing on the same item
+never both win; webhooks arrive in any order, so a job record only moves forward in its life.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import error_code
 from chalicelib.gitlab_events import FINISHED_RANK, JobStatus
 
-DELIVERY_TTL_SECONDS = 24 * 3600
 FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
 _CONFLICT_ATTEMPTS = 4
 
@@ -97,38 +96,41 @@ class FleetStore:
         self._sleep = sleep
 
     def record_job_event(self, delivery_key: str, event: JobEvent, replay_key: str | None = None) -> EventOutcome:
-        """Record a delivery and apply its job status in one transaction (one API call).
+        """Record a delivery on its job's item and apply the job's status, in one conditional write.
 
-        The delivery item's condition drops a redelivered webhook; the job item's condition drops an event older
-        than what the record already holds (a finished job never goes back). An equal rank is accepted so a
-        pending job whose first queueing failed can be queued again by GitLab's retry.
+        A delivery always concerns one job, so its key is kept in a set on that job's item: the condition refuses
+        a key already there (GitLab redelivering), an exact replay of a signed attempt, and an event older than
+        what the item holds (webhooks arrive in any order; a finished job never goes back). An equal rank is
+        accepted so that a pending job whose first queueing failed is queued by GitLab's retry. On refusal the
+        old item comes back with the error, which says which of the three it was, at no extra call.
         """
-        now = self._clock()
-        writes: list[dict[str, Any]] = []
-        if replay_key is not None:
-            writes.append(self._put_once(f"REPLAY#{replay_key}", now))
-        writes.append(self._put_once(f"DELIVERY#{delivery_key}", now))
-        writes.append({"Update": self._job_update(event, now)})
-        for attempt in range(_CONFLICT_ATTEMPTS):
-            try:
-                self._client.transact_write_items(TransactItems=writes)
-            except ClientError as exc:
-                if error_code(exc) != "TransactionCanceledException":
-                    raise
-                outcome = self._cancelled_outcome(exc, replay_key is not None)
-                if outcome is not None:
-                    return outcome
-                # Another transaction held one of the items (concurrent deliveries of the same job): try again.
-                self._sleep(0.01 * (attempt + 1))
-                continue
-            return EventOutcome.RECORDED
-        raise RuntimeError("fleet table transaction kept conflicting")
+        request = self._job_update(event, self._clock(), delivery_key, replay_key)
+        try:
+            self._client.update_item(**request, ReturnValuesOnConditionCheckFailure="ALL_OLD")
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            item = exc.response.get("Item")
+            old = from_item(item) if item else self.get(request["Key"]["pk"]["S"]) or {}
+            if replay_key is not None and replay_key in old.get("replays", set()):
+                return EventOutcome.REPLAY
+            if delivery_key in old.get("deliveries", set()):
+                return EventOutcome.DUPLICATE
+            return EventOutcome.STALE
+        return EventOutcome.RECORDED
 
-    def forget_delivery(self, delivery_key: str, replay_key: str | None = None) -> None:
+    def forget_delivery(self, project_id: int, job_id: int, delivery_key: str, replay_key: str | None = None) -> None:
         """Undo a delivery record so that GitLab's retry of it is processed, not dropped as a duplicate."""
-        keys = [f"DELIVERY#{delivery_key}"] + ([f"REPLAY#{replay_key}"] if replay_key else [])
-        for pk in keys:
-            self._client.delete_item(TableName=self.table, Key={"pk": {"S": pk}})
+        expression = "DELETE deliveries :key" + (", replays :replay" if replay_key else "")
+        values: dict[str, Any] = {":key": {"SS": [delivery_key]}}
+        if replay_key:
+            values[":replay"] = {"SS": [replay_key]}
+        self._client.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": job_key(project_id, job_id)}},
+            UpdateExpression=expression,
+            ExpressionAttributeValues=values,
+        )
 
     def get(self, pk: str, consistent: bool = True) -> dict[str, Any] | None:
         found = self._client.get_item(TableName=self.table, Key={"pk": {"S": pk}}, ConsistentRead=consistent)
@@ -145,16 +147,7 @@ class FleetStore:
             for item in page.get("Items", []):
                 yield from_item(item)
 
-    def _put_once(self, pk: str, now: float) -> dict[str, Any]:
-        return {
-            "Put": {
-                "TableName": self.table,
-                "Item": to_item({"pk": pk, "kind": "delivery", "ttl": int(now) + DELIVERY_TTL_SECONDS}),
-                "ConditionExpression": "attribute_not_exists(pk)",
-            }
-        }
-
-    def _job_update(self, event: JobEvent, now: float) -> dict[str, Any]:
+    def _job_update(self, event: JobEvent, now: float, delivery_key: str, replay_key: str | None) -> dict[str, Any]:
         values: dict[str, Any] = {
             "kind": "job",
             "project_id": event.project_id,
@@ -181,30 +174,25 @@ class FleetStore:
         names["#rank"] = "status_rank"
         attribute_values[":rank"] = _attribute(event.status.rank)
         attribute_values[":finished"] = _attribute(FINISHED_RANK)
+        attribute_values[":key"] = {"S": delivery_key}
+        attribute_values[":keys"] = {"SS": [delivery_key]}
+        additions = "deliveries :keys"
+        condition = (
+            "(attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished)) AND NOT contains(deliveries, :key)"
+        )
+        if replay_key is not None:
+            attribute_values[":replay"] = {"S": replay_key}
+            attribute_values[":replays"] = {"SS": [replay_key]}
+            additions += ", replays :replays"
+            condition += " AND NOT contains(replays, :replay)"
         return {
             "TableName": self.table,
             "Key": {"pk": {"S": job_key(event.project_id, event.job_id)}},
-            "UpdateExpression": "SET " + assignments,
-            "ConditionExpression": "attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished)",
+            "UpdateExpression": f"SET {assignments} ADD {additions}",
+            "ConditionExpression": condition,
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": attribute_values,
         }
-
-    @staticmethod
-    def _cancelled_outcome(exc: ClientError, has_replay: bool) -> EventOutcome | None:
-        """Which condition cancelled the transaction; None when it was a conflict worth retrying."""
-        reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
-        failed = [i for i, code in enumerate(reasons) if code == "ConditionalCheckFailed"]
-        if not failed:
-            if "TransactionConflict" in reasons:
-                return None
-            raise exc
-        first = failed[0]
-        if has_replay:
-            if first == 0:
-                return EventOutcome.REPLAY
-            first -= 1
-        return EventOutcome.DUPLICATE if first == 0 else EventOutcome.STALE
 
 
 # -- scale-up: claims, leases, launches, runners --------------------------------------------------------------------
@@ -345,7 +333,8 @@ class ScaleStore(FleetStore):
         The pool counter's increment and the launch record that holds the leases are one transaction, so a crash
         can never leave leases that nobody holds.
         """
-        take = wanted
+        # Never ask for more than the pool holds: a pool without a counter yet passes the condition below.
+        take = min(wanted, max_runners)
         for _ in range(_CONFLICT_ATTEMPTS * 4):
             if take <= 0:
                 return 0
@@ -385,6 +374,10 @@ class ScaleStore(FleetStore):
                 if error_code(exc) != "TransactionCanceledException":
                     raise
                 reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                landed = self.get_launch(launch_id)
+                if landed is not None:
+                    # An earlier attempt of this transaction (retried after a timeout) already took the leases.
+                    return int(landed["requested"])
                 if reasons and reasons[0] == "ConditionalCheckFailed":
                     current = int((self.get(pool_key(pool)) or {}).get("leases", 0))
                     take = min(wanted, max_runners - current)
@@ -399,22 +392,35 @@ class ScaleStore(FleetStore):
     def leases(self, pool: str) -> int:
         return int((self.get(pool_key(pool)) or {}).get("leases", 0))
 
-    def give_back_launch_leases(self, launch_id: str, pool: str, count: int, *, finished: bool = False) -> None:
-        """Return leases a launch holds but will not use (it made fewer instances, or none)."""
+    def give_back_launch_leases(
+        self, launch_id: str, pool: str, held: int, count: int, *, finished: bool = False
+    ) -> None:
+        """Return ``count`` of the ``held`` leases a launch holds but will not use (it made fewer instances).
+
+        Compare-and-set on the exact count held, so the write cannot land twice: botocore retries a timed-out
+        transaction, and only real DynamoDB (not every stand-in) honours the idempotency token it carries.
+        """
         if count <= 0:
             return
         launch_update = _update(
             self.table,
             launch_key(launch_id),
-            "SET leases = leases - :n" + (", #state = :failed" if finished else ""),
-            {":n": count, **({":failed": "failed"} if finished else {})},
-            "leases >= :n",
+            "SET leases = :left" + (", #state = :failed" if finished else ""),
+            {":left": held - count, ":held": held, **({":failed": "failed"} if finished else {})},
+            "leases = :held",
             names={"#state": "state"} if finished else None,
         )
         pool_update = _update(
             self.table, pool_key(pool), "ADD leases :minus", {":minus": -count, ":n": count}, "leases >= :n"
         )
-        self._client.transact_write_items(TransactItems=[{"Update": launch_update}, {"Update": pool_update}])
+        try:
+            self._client.transact_write_items(TransactItems=[{"Update": launch_update}, {"Update": pool_update}])
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise
+            if int((self.get_launch(launch_id) or {}).get("leases", -1)) != held - count:
+                raise
+            # An earlier attempt of this very write landed.
 
     def get_launch(self, launch_id: str) -> dict[str, Any] | None:
         return self.get(launch_key(launch_id))
@@ -477,7 +483,15 @@ class ScaleStore(FleetStore):
                     )
                 }
             )
-            self._client.transact_write_items(TransactItems=writes)
+            try:
+                self._client.transact_write_items(TransactItems=writes)
+            except ClientError as exc:
+                if error_code(exc) != "TransactionCanceledException":
+                    raise
+                recorded = self.runners([r.instance_id for r in chunk])
+                if len(recorded) != len(chunk) or {r.get("launch_id") for r in recorded.values()} != {launch_id}:
+                    raise
+                # An earlier attempt of this transaction (retried after a timeout) landed.
 
     def set_runner_identity(self, instance_id: str, gitlab_runner_id: int) -> None:
         self._client.update_item(

@@ -156,7 +156,7 @@ class WebhookIntake:
             # Forget the delivery so GitLab's retry (same Idempotency-Key) is processed instead of being dropped
             # as a duplicate; if even that fails, reconcile's pending-job sweep finds the job later.
             try:
-                self._store.forget_delivery(key, replay_key)
+                self._store.forget_delivery(event.project_id, event.job_id, key, replay_key)
             except Exception:
                 logger.exception("could not forget delivery after a failed enqueue", extra={"delivery": key})
             raise

@@ -247,6 +247,39 @@ def sandbox_down() -> None:
     click.echo("sandbox stopped")
 
 
+@sandbox.command("pipeline")
+@click.option(
+    "--project",
+    "project_id",
+    envvar="RUNNER_FLEET_SANDBOX_PROJECT",
+    required=True,
+    help="Project id in the sandbox's GitLab. Defaults to $RUNNER_FLEET_SANDBOX_PROJECT.",
+)
+@click.option("--jobs", "count", type=click.IntRange(1, 5000), default=5, show_default=True)
+@click.option("--tags", default="", help="Comma-separated job tags; empty for untagged jobs.")
+@click.option("--gitlab-url", envvar="GITLAB_URL", required=True, help="Defaults to $GITLAB_URL.")
+@click.option("--gitlab-token", envvar="GITLAB_TOKEN", required=True, help="Defaults to $GITLAB_TOKEN.")
+def sandbox_pipeline(project_id: str, count: int, tags: str, gitlab_url: str, gitlab_token: str) -> None:
+    """Create a pipeline of N jobs in the running sandbox's GitLab; their Job Hooks follow."""
+    import requests
+
+    tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+    jobs = [{"name": f"job-{i + 1}", "stage": "test", "tags": tag_list} for i in range(count)]
+    answer = requests.post(
+        f"{gitlab_url.rstrip('/')}/api/v4/projects/{project_id}/pipeline",
+        json={"ref": "main", "jobs": jobs},
+        headers={"PRIVATE-TOKEN": gitlab_token},
+        timeout=30,
+    )
+    if answer.status_code != 201:
+        raise click.ClickException(f"GitLab answered {answer.status_code}: {answer.text[:200]}")
+    pipeline = answer.json()
+    click.echo(
+        f"created pipeline {pipeline['id']} in project {project_id}: {count} jobs tagged "
+        f"{','.join(tag_list) or '(untagged)'}"
+    )
+
+
 @sandbox.command("demo")
 @click.option("--jobs", default=6, show_default=True, help="Jobs in the demo pipeline.")
 def sandbox_demo(jobs: int) -> None:

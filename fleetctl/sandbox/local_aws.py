@@ -1,7 +1,9 @@
 """Local AWS: moto in server mode on a free loopback port, reached through the standard ``AWS_ENDPOINT_URL``.
 
 Everything (boto3 in the app, Powertools, fleetctl) finds it the way it would find real AWS, with no special
-code path. The credentials are dummies that moto accepts.
+code path. The credentials are dummies that moto accepts. moto runs in a child process of its own, as AWS is a
+peer of its own: the app, the GitLab emulator and the event pump then never wait on moto for the interpreter
+lock, which is what a burst of hundreds of launches needs on a two-core machine.
 
 moto's DynamoDB is not safe under concurrent requests (a transaction deep-copies table state while another
 request mutates it, and answers 500), while real DynamoDB serialises conflicting writes itself. So the server
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Self
@@ -47,43 +51,71 @@ class _SerialDynamoDB:
             return list(self._app(environ, start_response))
 
 
+def _serve(host: str, port: int) -> Any:
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    # werkzeug would print an access log line per AWS call.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app = _SerialDynamoDB(DomainDispatcherApplication(create_backend_app))
+    return make_server(host, port, app, True, request_handler=MotoRequestHandler)
+
+
 class LocalAws:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._host = host
         self._port = port
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._process: subprocess.Popen[str] | None = None
         self.endpoint_url = ""
 
     def start(self) -> Self:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        # werkzeug would print an access log line per AWS call.
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        app = _SerialDynamoDB(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server(self._host, self._port, app, True, request_handler=MotoRequestHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="local-aws", daemon=True)
-        self._thread.start()
-        host, port = self._server.server_address[:2]
-        self.endpoint_url = f"http://{host}:{port}"
+        self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "fleetctl.sandbox.local_aws", self._host, str(self._port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline().strip()
+        if not line.startswith("http://"):
+            self.stop()
+            raise RuntimeError(f"moto server did not start: {line!r}")
+        self.endpoint_url = line
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        process, self._process = self._process, None
+        if process is None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()  # the server stops when its parent hangs up
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def reset(self) -> None:
         """Forget every resource (moto's reset API), for a fresh test."""
-        requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=10).raise_for_status()
+        requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=30).raise_for_status()
 
     def environment(self) -> dict[str, str]:
         return {**ENV_DEFAULTS, "AWS_ENDPOINT_URL": self.endpoint_url}
 
     def export_environment(self) -> None:
         os.environ.update(self.environment())
+
+
+def main() -> None:
+    """``python -m fleetctl.sandbox.local_aws HOST PORT``: serve until standard input closes."""
+    host, port = sys.argv[1], int(sys.argv[2])
+    server = _serve(host, port)
+    threading.Thread(target=server.serve_forever, name="local-aws", daemon=True).start()
+    bound_host, bound_port = server.server_address[:2]
+    print(f"http://{bound_host}:{bound_port}", flush=True)
+    sys.stdin.read()  # returns when the parent closes the pipe or dies
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

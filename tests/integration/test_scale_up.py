@@ -1,0 +1,476 @@
+"""Scale-up on moto server and the GitLab emulator, with faults injected at the wire.
+
+EC2 faults go through ``tests.faults.WireFaults`` (real botocore, real AWS error bodies, moto behind); GitLab
+faults through the emulator's ``fail_next`` (real HTTP answers). Each test asserts what an operator would see:
+instances in EC2, runners in GitLab, tokens in SSM, capacity counters, and where every job ended up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from chalicelib.config import FleetConfig
+from chalicelib.jobs_queue import QueuedJob
+from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
+from chalicelib.store import job_key, launch_key, pool_key, runner_key
+from fleetctl.sandbox.ec2_events import terminate_instances
+from fleetctl.sandbox.stack import GITLAB_ADMIN_TOKEN
+from tests.faults import SimulatedCrash, WireFaults
+
+ACCOUNT = "123456789012"
+
+
+class Fleet:
+    """The sandbox, seen the way an operator (and the tests) look at it."""
+
+    def __init__(self, sandbox: Any) -> None:
+        from chalicelib import runtime
+
+        self.sandbox = sandbox
+        self.gitlab = sandbox.gitlab
+        self.runtime = runtime
+        self.config: FleetConfig = sandbox.config
+        self.ec2 = runtime.aws().ec2
+        # The GitLab emulator lives for the whole session: only runners made during this test count.
+        self._earlier_runners = {int(r["id"]) for r in sandbox.gitlab.runners()}
+        self._earlier_calls = sandbox.gitlab.calls
+
+    # -- driving ----------------------------------------------------------------------------------------------
+
+    def pipeline(self, *tag_lists: list[str]) -> list[int]:
+        """A pipeline with one job per tag list; returns once GitLab delivered its Job Hooks (jobs queued)."""
+        specs = [{"name": f"job-{i}", "stage": "test", "tags": tags} for i, tags in enumerate(tag_lists)]
+        pipeline_id = self.gitlab.create_pipeline(self.sandbox.project_id, specs)
+        self.gitlab.wait_for_deliveries(timeout=30)
+        return [int(j["id"]) for j in self.gitlab.jobs_of_pipeline(self.sandbox.project_id, pipeline_id)]
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float = 30.0) -> None:
+        """Let the event pump deliver queued jobs and events, as Lambda would, until idle (or ``until``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sandbox.pump.drain(timeout=max(1.0, deadline - time.monotonic()))
+            if until is None or until():
+                return
+            time.sleep(0.3)
+        if until is not None:
+            assert until(), "the fleet did not get there in time"
+
+    def scale_up(self, config: FleetConfig | None = None, clock: Callable[[], float] | None = None) -> Any:
+        """A scale-up service wired like the Lambda's, with another config or clock where a test needs one."""
+        from chalicelib.fleet import FleetLauncher
+        from chalicelib.scale_up import ScaleUp
+        from chalicelib.scaling import RetryPolicy
+
+        rt = self.runtime
+        config = config or self.config
+        return ScaleUp(
+            config,
+            rt.store(),
+            rt.gitlab_api(),
+            FleetLauncher(self.ec2, config.fleet),
+            rt.runner_tokens(ACCOUNT),
+            rt.jobs_queue(),
+            rt.dead_letter_queue(),
+            policy=RetryPolicy(base_delay=1, lease_wait=1),
+            **({"clock": clock} if clock else {}),
+        )
+
+    def take_queued(self, expected: int, timeout: float = 15.0) -> list[str]:
+        """Consume ``expected`` message bodies from the jobs queue (waiting out their delays)."""
+        return self._take(self.runtime.jobs_queue().url, expected, timeout)
+
+    def dead_letters(self, expected: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return [json.loads(b) for b in self._take(self.runtime.dead_letter_queue().url, expected, timeout)]
+
+    def _take(self, url: str, expected: int, timeout: float) -> list[str]:
+        sqs = self.runtime.aws().sqs
+        bodies: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            wait = 0 if len(bodies) >= expected else 1
+            found = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=wait)
+            messages = found.get("Messages", [])
+            for message in messages:
+                bodies.append(message["Body"])
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            if not messages and len(bodies) >= expected:
+                break
+        return bodies
+
+    # -- looking ----------------------------------------------------------------------------------------------
+
+    def instances(self, pool: str | None = None) -> list[dict[str, Any]]:
+        filters = [
+            {"Name": "tag:runner-fleet:fleet", "Values": [self.config.fleet]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+        if pool:
+            filters.append({"Name": "tag:runner-fleet:pool", "Values": [pool]})
+        found = []
+        for page in self.ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    instance["tags"] = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    found.append(instance)
+        return found
+
+    def gitlab_calls(self, method: str, route: str) -> int:
+        """API calls GitLab received during this test, by route template ("POST /user/runners")."""
+        return int(self.gitlab.calls[(method, route)] - self._earlier_calls[(method, route)])
+
+    def gitlab_runners(self) -> list[dict[str, Any]]:
+        return [r for r in self.gitlab.runners() if int(r["id"]) not in self._earlier_runners]
+
+    def record(self, pk: str) -> dict[str, Any]:
+        return self.runtime.store().get(pk) or {}
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self.record(job_key(self.sandbox.project_id, job_id))
+
+    def leases(self, pool: str) -> int:
+        return int(self.record(pool_key(pool)).get("leases", 0))
+
+    def token_of(self, instance_id: str) -> dict[str, Any]:
+        ssm = self.runtime.aws().ssm
+        name = runner_token_parameter(self.config.fleet, instance_id)
+        parameter = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
+        tags = ssm.list_tags_for_resource(ResourceType="Parameter", ResourceId=name)["TagList"]
+        return {**parameter, "tags": {t["Key"]: t["Value"] for t in tags}}
+
+    def verify_runner_token(self, token: str) -> int:
+        answer = requests.post(
+            f"{self.gitlab.url}/api/v4/runners/verify", json={"token": token, "system_id": "s_test"}, timeout=10
+        )
+        return answer.status_code
+
+    def with_pool(self, name: str, **changes: Any) -> FleetConfig:
+        pools = tuple(p.model_copy(update=changes) if p.name == name else p for p in self.config.pools)
+        return self.config.model_copy(update={"pools": pools})
+
+    def assert_every_gitlab_runner_is_recorded(self) -> None:
+        recorded = {
+            int(r["gitlab_runner_id"])
+            for r in self.runtime.store().scan("runner")
+            if r.get("gitlab_runner_id") is not None
+        }
+        assert {int(r["id"]) for r in self.gitlab_runners()} <= recorded
+
+
+@pytest.fixture
+def fleet(fresh_sandbox: Any) -> Fleet:
+    return Fleet(fresh_sandbox)
+
+
+# -- the happy path ------------------------------------------------------------------------------------------------
+
+
+def test_every_pending_job_gets_one_spot_runner_in_its_pool(fleet: Fleet) -> None:
+    # given
+    jobs = fleet.pipeline(["docker", "linux"], ["docker", "linux"], ["docker", "dind"], [])
+    # when
+    fleet.run()
+    # then: the untagged job went to docker (run_untagged), the dind one to build
+    docker, build = fleet.instances("docker"), fleet.instances("build")
+    assert (len(docker), len(build)) == (3, 1)
+    assert {i["InstanceLifecycle"] for i in docker + build} == {"spot"}
+    assert {i["InstanceType"] for i in docker} <= set(fleet.config.pool("docker").instance_types)
+    assert all(i["tags"]["runner-fleet:launch-id"] for i in docker + build)
+    # one GitLab runner per instance, with the pool's tags, naming its instance
+    runners = {r["description"]: r for r in fleet.gitlab_runners()}
+    assert len(runners) == 4
+    for instance in docker + build:
+        pool = fleet.config.pool(instance["tags"]["runner-fleet:pool"])
+        runner = runners[f"runner-fleet {fleet.config.fleet}/{pool.name} {instance['InstanceId']}"]
+        assert sorted(runner["tag_list"]) == sorted(pool.tags)
+        assert runner["run_untagged"] is pool.run_untagged
+        assert runner["maximum_timeout"] == pool.job_timeout_seconds
+        # its token: a SecureString only this instance may read, and a token GitLab accepts
+        token = fleet.token_of(instance["InstanceId"])
+        assert token["Type"] == "SecureString"
+        assert token["tags"][INSTANCE_ARN_TAG] == f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/{instance['InstanceId']}"
+        assert fleet.verify_runner_token(token["Value"]) == 200
+        record = fleet.record(runner_key(instance["InstanceId"]))
+        assert (record["state"], record["gitlab_runner_id"], record["pool"]) == ("booting", runner["id"], pool.name)
+    # capacity counted, every job launched once, nothing left waiting or dead
+    assert (fleet.leases("docker"), fleet.leases("build")) == (3, 1)
+    for job_id in jobs:
+        assert fleet.record(launch_key(fleet.job(job_id)["launch_id"]))["state"] == "launched"
+    assert fleet.take_queued(0, timeout=0.5) == []
+    assert fleet.dead_letters() == []
+
+
+def test_one_createfleet_call_serves_a_whole_batch(fleet: Fleet) -> None:
+    with WireFaults(fleet.ec2) as faults:
+        fleet.pipeline(*[["docker"]] * 12)
+        fleet.run()
+    assert len(fleet.instances("docker")) == 12
+    assert len(faults.calls_to("CreateFleet")) == 1
+
+
+def test_no_runner_token_reaches_the_logs(fleet: Fleet) -> None:
+    from chalicelib.observability import logger
+
+    # every record, at every level, through the same JSON formatter the Lambda uses
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logger.registered_formatter)
+    std_logger = logging.getLogger(logger.name)
+    std_logger.addHandler(handler)
+    logger.setLevel("DEBUG")
+    try:
+        fleet.pipeline(["docker"], ["docker", "dind"])
+        fleet.run()
+    finally:
+        logger.setLevel("WARNING")
+        std_logger.removeHandler(handler)
+    logs = stream.getvalue()
+    assert "runner launched" in logs  # the logs were captured at all
+    tokens = [fleet.token_of(i["InstanceId"])["Value"] for i in fleet.instances()]
+    assert len(tokens) == 2
+    assert not [t for t in tokens if t in logs]
+    assert "glrt-" not in logs
+
+
+def test_a_job_no_pool_can_run_is_recorded_not_retried(fleet: Fleet) -> None:
+    [job] = fleet.pipeline(["gpu"])
+    fleet.run()
+    assert fleet.instances() == []
+    assert (fleet.job(job)["outcome"], fleet.job(job)["tags"]) == ("unmatched", ["gpu"])
+    assert fleet.take_queued(0, timeout=2) == []
+    assert fleet.dead_letters() == []
+
+
+def test_a_job_cancelled_before_scale_up_launches_nothing(fleet: Fleet) -> None:
+    [job] = fleet.pipeline(["docker"])
+    fleet.gitlab.set_job_status(fleet.sandbox.project_id, job, "canceled")
+    fleet.gitlab.wait_for_deliveries()
+
+    fleet.run()
+
+    assert fleet.instances() == []
+    assert fleet.job(job)["outcome"] == "not_pending"
+    assert fleet.job(job)["gitlab_status"] == "canceled"
+    assert fleet.leases("docker") == 0
+
+
+# -- EC2 capacity and throttling -------------------------------------------------------------------------------------
+
+
+def test_partial_spot_capacity_is_topped_up_on_demand(fleet: Fleet) -> None:
+    with WireFaults(fleet.ec2) as faults:
+        faults.capacity_shortage(["m7i.large"], unavailable=2)
+        fleet.pipeline(*[["docker"]] * 5)
+        fleet.run()
+        requests_made = [c.params["TargetCapacitySpecification"] for c in faults.calls_to("CreateFleet")]
+
+    lifecycles = Counter(i.get("InstanceLifecycle", "on-demand") for i in fleet.instances("docker"))
+    assert lifecycles == {"spot": 3, "on-demand": 2}
+    assert [r["TotalTargetCapacity"] for r in requests_made] == [5, 2]
+    assert [r["DefaultTargetCapacityType"] for r in requests_made] == ["spot", "on-demand"]
+    assert len(fleet.gitlab_runners()) == 5
+    assert fleet.leases("docker") == 5
+
+
+def test_no_spot_capacity_and_no_fallback_requeues_the_jobs(fleet: Fleet) -> None:
+    # given a pool that must stay on spot, and no spot capacity anywhere
+    config = fleet.with_pool("docker", on_demand_fallback=False)
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    with WireFaults(fleet.ec2) as faults:
+        faults.capacity_shortage(None)
+        # when
+        report = fleet.scale_up(config).handle_messages(bodies)
+    # then: nothing launched, capacity given back, both jobs back on the queue for a later attempt
+    assert report.as_dict() == {"retried": 2}
+    assert fleet.instances() == []
+    assert fleet.leases("docker") == 0
+    retried = [QueuedJob.from_json(b) for b in fleet.take_queued(2)]
+    assert sorted(j.job_id for j in retried) == sorted(jobs)
+    assert {j.attempt for j in retried} == {2}
+    assert all("InsufficientInstanceCapacity" in j.last_error for j in retried)
+    assert all("launch_id" not in fleet.job(j) for j in jobs)  # claims released: a later attempt can launch
+
+
+def test_throttled_createfleet_is_retried_without_a_second_fleet(fleet: Fleet) -> None:
+    with WireFaults(fleet.ec2) as faults:
+        faults.fail("CreateFleet", "RequestLimitExceeded", times=2)
+        fleet.pipeline(*[["docker"]] * 3)
+        fleet.run()
+    assert len(fleet.instances("docker")) == 3
+    assert len(faults.calls_to("CreateFleet")) == 1
+    assert faults.attempts("CreateFleet") == 3
+
+
+def test_createfleet_throttled_throughout_requeues_then_dead_letters_with_the_reason(fleet: Fleet) -> None:
+    config = fleet.with_pool("docker", max_launch_attempts=2)
+    [job] = fleet.pipeline(["docker"])
+    with WireFaults(fleet.ec2) as faults:
+        faults.fail("CreateFleet", "RequestLimitExceeded", times=None)
+        first = fleet.scale_up(config).handle_messages(fleet.take_queued(1))
+        second = fleet.scale_up(config).handle_messages(fleet.take_queued(1))
+
+    assert (first.as_dict(), second.as_dict()) == ({"retried": 1}, {"dead_lettered": 1})
+    assert fleet.instances() == []
+    assert fleet.leases("docker") == 0
+    [dead] = fleet.dead_letters(1)
+    assert (dead["job_id"], dead["attempt"]) == (job, 2)
+    assert "RequestLimitExceeded" in dead["last_error"]
+    assert fleet.job(job)["outcome"] == "dead_lettered"
+    assert fleet.take_queued(0, timeout=2) == []
+
+
+def test_a_crash_between_createfleet_and_the_state_write_adopts_the_instances(fleet: Fleet) -> None:
+    # given a scale-up that dies right after CreateFleet answered
+    jobs = fleet.pipeline(["docker"], ["docker"], ["docker"])
+    bodies = fleet.take_queued(3)
+    now = time.time()
+    with WireFaults(fleet.ec2) as faults, pytest.raises(SimulatedCrash):
+        faults.crash_after("CreateFleet")
+        fleet.scale_up(clock=lambda: now).handle_messages(bodies)
+    made = {i["InstanceId"] for i in fleet.instances("docker")}
+    assert len(made) == 3
+    assert fleet.gitlab_runners() == []
+    # when SQS redelivers the batch after the Lambda's timeout
+    with WireFaults(fleet.ec2) as faults:
+        report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)
+    # then the instances are adopted by their launch id, not launched again
+    assert faults.calls_to("CreateFleet") == []
+    assert {i["InstanceId"] for i in fleet.instances("docker")} == made
+    assert report.as_dict() == {"launched": 3}
+    runners = fleet.gitlab_runners()
+    assert sorted(r["description"].rsplit(" ", 1)[1] for r in runners) == sorted(made)
+    assert all(fleet.record(runner_key(i))["gitlab_runner_id"] for i in made)
+    assert fleet.leases("docker") == 3
+    assert {fleet.job(j)["launch_id"] for j in jobs} == {fleet.instances("docker")[0]["tags"]["runner-fleet:launch-id"]}
+
+
+# -- GitLab outages ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 502, "delay": 6.0}], ids=["500", "timeout"])
+def test_a_failed_job_read_is_retried(fleet: Fleet, fault: dict[str, Any]) -> None:
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    fleet.gitlab.fail_next("GET", r"/projects/\d+/jobs/\d+", **fault)
+
+    fleet.run(until=lambda: len(fleet.instances("docker")) == 2)
+
+    assert len(fleet.gitlab_runners()) == 2
+    assert all(fleet.record(launch_key(fleet.job(j)["launch_id"]))["state"] == "launched" for j in jobs)
+    assert fleet.gitlab_calls("GET", "/projects/:id/jobs/:job_id") == 3
+
+
+def test_a_failed_runner_creation_is_finished_by_the_retry(fleet: Fleet) -> None:
+    fleet.gitlab.fail_next("POST", "/user/runners", status=500)
+    fleet.pipeline(["docker"], ["docker"])
+
+    fleet.run(until=lambda: len(fleet.gitlab_runners()) == 2)
+
+    instances = fleet.instances("docker")
+    assert len(instances) == 2
+    assert fleet.gitlab_calls("POST", "/user/runners") == 3
+    fleet.assert_every_gitlab_runner_is_recorded()
+    for instance in instances:
+        assert fleet.verify_runner_token(fleet.token_of(instance["InstanceId"])["Value"]) == 200
+
+
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 502, "delay": 6.0}], ids=["500", "timeout"])
+def test_a_runner_created_but_whose_answer_was_lost_is_found_not_duplicated(
+    fleet: Fleet, fault: dict[str, Any]
+) -> None:
+    # GitLab creates the runner, but scale-up never hears of it
+    fleet.gitlab.fail_next("POST", "/user/runners", after_processing=True, **fault)
+    fleet.pipeline(["docker"])
+
+    fleet.run(
+        until=lambda: bool(fleet.instances())
+        and "gitlab_runner_id" in fleet.record(runner_key(fleet.instances()[0]["InstanceId"]))
+    )
+
+    [instance] = fleet.instances("docker")
+    [runner] = fleet.gitlab_runners()  # the one GitLab made first, not a second one
+    assert runner["description"].endswith(instance["InstanceId"])
+    fleet.assert_every_gitlab_runner_is_recorded()
+    # its token was reset, so the one in SSM is the one GitLab accepts
+    assert fleet.verify_runner_token(fleet.token_of(instance["InstanceId"])["Value"]) == 200
+
+
+# -- exactly once, within limits -------------------------------------------------------------------------------------
+
+
+def test_the_same_job_queued_three_times_at_once_launches_once(fleet: Fleet) -> None:
+    [job] = fleet.pipeline(["docker"])
+    [body] = fleet.take_queued(1)
+    scale_up = fleet.scale_up()
+    threads = [threading.Thread(target=scale_up.handle_messages, args=([body],)) for _ in range(3)]
+
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    fleet.run()  # the copies that found the launch in progress come back, and find it done
+
+    assert len(fleet.instances()) == 1
+    assert len(fleet.gitlab_runners()) == 1
+    assert fleet.leases("docker") == 1
+    assert fleet.take_queued(0, timeout=3) == []
+
+
+def test_a_full_pool_makes_jobs_wait_until_a_runner_finishes(fleet: Fleet) -> None:
+    # given a pool of two runners, and three jobs
+    config = fleet.with_pool("docker", max_runners=2)
+    jobs = fleet.pipeline(["docker"], ["docker"], ["docker"])
+    report = fleet.scale_up(config).handle_messages(fleet.take_queued(3))
+    # then two launch and one waits, without spending an attempt
+    assert report.as_dict() == {"launched": 2, "waiting": 1}
+    assert len(fleet.instances("docker")) == 2
+    assert fleet.leases("docker") == 2
+    [waiting] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    assert (waiting.waits, waiting.attempt) == (1, 1)
+    assert "launch_id" not in fleet.job(waiting.job_id)
+    # when a runner finishes (its instance terminates)
+    finished = fleet.instances("docker")[0]["InstanceId"]
+    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [finished])
+    fleet.sandbox.pump.pump_events()
+    # then its capacity comes back, and the waiting job launches
+    assert fleet.leases("docker") == 1
+    assert fleet.record(runner_key(finished))["state"] == "terminated"
+    assert fleet.scale_up(config).handle([waiting]).as_dict() == {"launched": 1}
+    assert len(fleet.instances("docker")) == 2
+    assert fleet.leases("docker") == 2
+    assert sorted(jobs) == sorted(j for j in jobs if fleet.job(j).get("launch_id"))
+
+
+def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fleet) -> None:
+    fleet.pipeline(["docker"], ["docker"])
+    fleet.run()
+    victim = fleet.instances("docker")[0]["InstanceId"]
+    events = fleet.runtime.aws().client("events")
+
+    terminate_instances(fleet.ec2, events, [victim])
+    terminate_instances(fleet.ec2, events, [victim])  # a duplicate event
+    fleet.run()
+
+    assert fleet.leases("docker") == 1
+    assert [r["description"] for r in fleet.gitlab_runners() if victim in r["description"]] == []
+    with pytest.raises(Exception, match="ParameterNotFound"):
+        fleet.token_of(victim)
+
+
+def test_a_malformed_message_is_dead_lettered_with_its_reason(fleet: Fleet) -> None:
+    fleet.runtime.jobs_queue().send_raw("this is not a job")
+
+    fleet.run()
+
+    [dead] = fleet.dead_letters(1)
+    assert dead["body"] == "this is not a job"
+    assert dead["last_error"].startswith("malformed message")
