@@ -23,8 +23,7 @@ from typing import Any  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 LAMBDA_TIMEOUT_MS = 10_000  # the api_handler's lambda_timeout in .chalice/config.json
-DELIVERY_TTL_SECONDS = 24 * 3600
-PENDING_RANK = 3
+PENDING_RANK = 2  # chalicelib.gitlab_events: JobStatus.PENDING.rank
 FINISHED_RANK = 5
 
 
@@ -67,8 +66,12 @@ class BareTarget:
         return {"table": self.table, "jobs_queue": self.jobs_queue, "token_parameter": self.token_parameter}
 
 
-def transact_items(table: str, delivery: str, hook: dict[str, Any], instance: str, now: float) -> list[Any]:
-    """The TransactItems FleetStore.record_job_event writes for an unsigned pending job, spelled out by hand."""
+def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, now: float) -> dict[str, Any]:
+    """The UpdateItem FleetStore.record_job_event makes for an unsigned pending job, spelled out by hand.
+
+    One conditional write on the job's item: its fields set, the delivery key added to the item's string set of
+    deliveries, and the old item returned if the condition refuses the write (a duplicate or a stale event).
+    """
     values: dict[str, dict[str, str]] = {
         "kind": {"S": "job"},
         "project_id": {"N": str(hook["project_id"])},
@@ -85,36 +88,25 @@ def transact_items(table: str, delivery: str, hook: dict[str, Any], instance: st
     }
     names = {f"#a{i}": name for i, name in enumerate(values)}
     names["#rank"] = "status_rank"
-    attribute_values = {f":v{i}": value for i, value in enumerate(values.values())}
+    attribute_values: dict[str, dict[str, Any]] = {f":v{i}": value for i, value in enumerate(values.values())}
     attribute_values[":rank"] = {"N": str(PENDING_RANK)}
     attribute_values[":finished"] = {"N": str(FINISHED_RANK)}
-    return [
-        {
-            "Put": {
-                "TableName": table,
-                "Item": {
-                    "pk": {"S": f"DELIVERY#{delivery}"},
-                    "kind": {"S": "delivery"},
-                    "ttl": {"N": str(int(now) + DELIVERY_TTL_SECONDS)},
-                },
-                "ConditionExpression": "attribute_not_exists(pk)",
-            }
-        },
-        {
-            "Update": {
-                "TableName": table,
-                "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
-                "UpdateExpression": "SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
-                "ConditionExpression": "attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished)",
-                "ExpressionAttributeNames": names,
-                "ExpressionAttributeValues": attribute_values,
-            }
-        },
-    ]
+    attribute_values[":key"] = {"S": delivery}
+    attribute_values[":keys"] = {"SS": [delivery]}
+    return {
+        "TableName": table,
+        "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
+        "UpdateExpression": "SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))) + " ADD deliveries :keys",
+        "ConditionExpression": "(attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished))"
+        " AND NOT contains(deliveries, :key)",
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": attribute_values,
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
 
 
 def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: float) -> str:
-    """The SQS message body the webhook sends (QueuedJob.to_json)."""
+    """The SQS message body the webhook sends (QueuedJob.to_json: every field, in declaration order)."""
     return json.dumps(
         {
             "project_id": hook["project_id"],
@@ -125,6 +117,8 @@ def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: floa
             "gitlab_instance": instance,
             "delivery": delivery,
             "attempt": 1,
+            "waits": 0,
+            "last_error": "",
         },
         separators=(",", ":"),
     )
@@ -153,23 +147,24 @@ class BareWebhook:
         return self._queue_url
 
     def record_and_queue(self, event: dict[str, Any]) -> None:
-        """TransactWriteItems + SendMessage for one API Gateway event, as the webhook does in steady state."""
+        """UpdateItem + SendMessage for one API Gateway event, as the webhook does in steady state.
+
+        The queue URL is resolved on first use, between the two, as JobQueue does: a first webhook makes its
+        calls in the app's order.
+        """
         headers = {k.lower(): v for k, v in event["headers"].items()}
         hook = json.loads(event["body"])
         delivery = headers["idempotency-key"]
         instance = headers.get("x-gitlab-instance", "")
         now = time.time()
-        self.dynamodb.transact_write_items(
-            TransactItems=transact_items(self.target.table, delivery, hook, instance, now)
-        )
+        self.dynamodb.update_item(**job_update(self.target.table, delivery, hook, instance, now))
         self.sqs.send_message(
             QueueUrl=self.queue_url(), MessageBody=queued_message(hook, instance, delivery, now), DelaySeconds=0
         )
 
     def cold(self, event: dict[str, Any]) -> None:
-        """Everything a first webhook costs: the token (GetParameters), the queue URL, then the two writes."""
+        """Everything a first webhook costs: the token (GetParameters), UpdateItem, the queue URL, SendMessage."""
         self.fetch_token()
-        self.queue_url()
         self.record_and_queue(event)
 
 

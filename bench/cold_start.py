@@ -1,10 +1,12 @@
 """Cold start: a fresh process handling its first webhook through the app, against the same calls made bare.
 
 Alternates, RUNS times each after one discarded warm-up pair, (a) a fresh interpreter that imports ``app`` and
-handles one valid pending Job Hook through ``app.app(event, context)`` (SSM GetParameters, TransactWriteItems,
-GetQueueUrl, SendMessage against moto server), and (b) a fresh interpreter that imports boto3 and makes those
-four calls on plain clients. Each whole subprocess is timed, interpreter start included. Target: the median of
-(a) at most TARGET_RATIO times the median of (b). Reports, never fails: exit status 0 whatever the figures.
+handles one valid pending Job Hook through ``app.app(event, context)`` (SSM GetParameters, DynamoDB UpdateItem,
+SQS GetQueueUrl and SendMessage against moto server), and (b) a fresh interpreter that imports boto3 and makes
+those four calls, in that order, on plain clients (``webhook_cost.py`` checks that they are the app's calls).
+Every app run must answer 200 {"queued": true}, or the run is reported invalid. Each whole subprocess is
+timed, interpreter start included. Target: the median of (a) at most TARGET_RATIO times the median of (b).
+Reports, never fails: exit status 0 whatever the figures.
 
 Run: ``.venv/bin/python bench/cold_start.py`` (or ``make bench``).
 """
@@ -157,6 +159,8 @@ def main() -> None:
         f"  app  (import app + first webhook via app.app)  {ms(app_wall):>10}",
         f"  bare (import boto3 + same 4 AWS calls)          {ms(bare_wall):>10}",
         f"  ratio app/bare {ratio:.2f} (target <= {TARGET_RATIO}): {'met' if met else 'MISSED'}",
+        f'  app runs answered 200 {{"queued": true}}: {WARMUP_PAIRS + RUNS - len(failures)}'
+        f" of {WARMUP_PAIRS + RUNS} (warm-up included)",
         f"  spawn to first response (no exit): app {ms(app_response)}  bare {ms(bare_response)}"
         f"  ratio {app_response / bare_response:.2f}",
         f"  import only:  app {ms(app_import)}  boto3 {ms(bare_import)}  (+{ms(app_import - bare_import)})",

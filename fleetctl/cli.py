@@ -178,9 +178,11 @@ def _print_exports(exports: dict[str, str]) -> None:
 def sandbox_up(detach: bool) -> None:
     """Start the sandbox (foreground until Ctrl-C, or --detach)."""
     state_file = _state_file()
-    if detach:
-        if state_file.exists():
+    if state_file.exists():
+        if _is_sandbox(int(json.loads(state_file.read_text())["pid"])):
             raise click.ClickException(f"a sandbox is already up ({state_file}); run 'fleetctl sandbox down'")
+        state_file.unlink()  # left behind by a sandbox that did not stop cleanly
+    if detach:
         state_file.parent.mkdir(parents=True, exist_ok=True)
         log = (state_file.parent / "sandbox.log").open("wb")
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -210,7 +212,11 @@ def sandbox_up(detach: bool) -> None:
     signal.signal(signal.SIGINT, _stop)
     with Sandbox() as stack:
         exports = stack.exports()
-        state_file.write_text(json.dumps({"pid": os.getpid(), "exports": exports}))
+        # Written aside and renamed into place: `up --detach` reads the file as soon as it exists, and must never
+        # see it created but not yet written.
+        partial = state_file.with_name(f"{state_file.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"pid": os.getpid(), "exports": exports}))
+        partial.replace(state_file)
         try:
             _print_exports(exports)
             click.echo("# sandbox up; Ctrl-C (or 'fleetctl sandbox down') stops it", err=True)
@@ -228,23 +234,33 @@ def sandbox_down() -> None:
         click.echo("no sandbox is up")
         return
     pid = int(json.loads(state_file.read_text())["pid"])
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not _is_sandbox(pid):
+        # A stale file (after a reboot or a kill -9): the pid may belong to something else by now.
         state_file.unlink(missing_ok=True)
         click.echo("sandbox was not running")
         return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
             os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+            time.sleep(0.2)
         os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone
     state_file.unlink(missing_ok=True)
     click.echo("sandbox stopped")
+
+
+def _is_sandbox(pid: int) -> bool:
+    """Whether ``pid`` is a running ``fleetctl sandbox up`` (read from /proc, without signalling it)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    # `python -m fleetctl.cli sandbox up` (detached) or the `fleetctl sandbox up` console script
+    launcher = any(part.endswith((b"fleetctl.cli", b"/fleetctl", b"fleetctl")) for part in command)
+    return launcher and b"sandbox" in command and b"up" in command
 
 
 @sandbox.command("pipeline")

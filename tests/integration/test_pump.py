@@ -1,0 +1,331 @@
+"""The event pump against moto server: what Lambda's event sources and EventBridge would deliver, and when.
+
+The handlers belong to a small Chalice app defined here, not to runner-fleet's ``app.py``: the pump's contract
+(batching, deletion, redelivery, dead-lettering, schedules, event rules) is what is under test, so the handlers
+only record what they were given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from chalice.app import Chalice, CloudWatchEvent, SQSEvent
+
+from chalicelib.aws import AwsClients
+from fleetctl.sandbox.local_aws import LocalAws
+from fleetctl.sandbox.pump import ACCOUNT_ID, EventPump
+
+JOBS_QUEUE = "pump-test-jobs"
+FAILING_QUEUE = "pump-test-failing"
+FAILING_DLQ = "pump-test-failing-dlq"
+RULE_PREFIX = "pump-test"
+STATE_CHANGE = "EC2 Instance State-change Notification"
+BATCH_SIZE = 25
+MAX_RECEIVE_COUNT = 2
+
+
+@dataclass
+class Recorded:
+    batches: list[list[str]] = field(default_factory=list)
+    failed_batches: list[list[str]] = field(default_factory=list)
+    ticks: list[CloudWatchEvent] = field(default_factory=list)
+    events: list[CloudWatchEvent] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.batches.clear()
+        self.failed_batches.clear()
+        self.ticks.clear()
+        self.events.clear()
+
+
+recorded = Recorded()
+app = Chalice(app_name="pump-test")
+
+
+@app.on_sqs_message(queue=JOBS_QUEUE, batch_size=BATCH_SIZE)
+def take_jobs(event: SQSEvent) -> None:
+    recorded.batches.append([record.body for record in event])
+
+
+@app.on_sqs_message(queue=FAILING_QUEUE, batch_size=10)
+def always_fails(event: SQSEvent) -> None:
+    recorded.failed_batches.append([record.body for record in event])
+    raise RuntimeError("handler failed on purpose")
+
+
+@app.schedule("rate(1 minute)")
+def every_minute(event: CloudWatchEvent) -> None:
+    recorded.ticks.append(event)
+
+
+@app.on_cw_event({"source": ["aws.ec2"], "detail-type": [STATE_CHANGE]})
+def instance_changed(event: CloudWatchEvent) -> None:
+    recorded.events.append(event)
+
+
+@dataclass(frozen=True)
+class Queues:
+    jobs: str
+    failing: str
+    dlq: str
+
+
+@dataclass(frozen=True)
+class World:
+    clients: AwsClients
+    queues: Queues
+
+    @property
+    def sqs(self) -> Any:
+        return self.clients.sqs
+
+    def pump(self) -> EventPump:
+        return EventPump(app, self.clients, rule_prefix=RULE_PREFIX).connect()
+
+    def send(self, url: str, bodies: list[str]) -> None:
+        for start in range(0, len(bodies), 10):
+            entries = [{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start : start + 10])]
+            assert not self.sqs.send_message_batch(QueueUrl=url, Entries=entries).get("Failed")
+
+    def counts(self, url: str) -> tuple[int, int]:
+        """(visible, in flight) messages on a queue."""
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]), int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+    def take_all(self, url: str) -> list[str]:
+        """Receive and delete every visible message; their bodies."""
+        bodies: list[str] = []
+        while True:
+            messages = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
+                "Messages", []
+            )
+            if not messages:
+                return bodies
+            for message in messages:
+                bodies.append(message["Body"])
+                self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    saved = dict(os.environ)
+    aws = LocalAws().start()
+    try:
+        aws.export_environment()
+        clients = AwsClients()
+        sqs = clients.sqs
+        jobs = sqs.create_queue(QueueName=JOBS_QUEUE)["QueueUrl"]
+        dlq = sqs.create_queue(QueueName=FAILING_DLQ)["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        failing = sqs.create_queue(
+            QueueName=FAILING_QUEUE,
+            Attributes={
+                "VisibilityTimeout": "1",
+                "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}),
+            },
+        )["QueueUrl"]
+        yield World(clients, Queues(jobs=jobs, failing=failing, dlq=dlq))
+    finally:
+        aws.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def pump(world: World) -> Iterator[EventPump]:
+    recorded.clear()
+    pump = world.pump()
+    yield pump
+    # Leave nothing behind for the next test; in-flight messages of the failing queue come back within a second.
+    failing = world.queues.failing
+    assert _eventually(lambda: not world.take_all(failing) and world.counts(failing) == (0, 0), timeout=5)
+    rule_queue = world.sqs.get_queue_url(QueueName=f"{RULE_PREFIX}-rule-instance_changed")["QueueUrl"]
+    for url in (world.queues.jobs, world.queues.dlq, rule_queue):
+        world.take_all(url)
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+# -- SQS ----------------------------------------------------------------------------------------------------------
+
+
+def test_batches_gather_more_than_one_receive_but_never_exceed_the_batch_size(world: World, pump: EventPump) -> None:
+    # given 60 messages: more than SQS returns per receive, more than one batch
+    bodies = [json.dumps({"job": i}) for i in range(60)]
+    world.send(world.queues.jobs, bodies)
+
+    # when
+    first = pump.pump_queues()
+
+    # then one batch filled to the handler's batch size, from several receives
+    assert first == BATCH_SIZE
+    assert [len(b) for b in recorded.batches] == [BATCH_SIZE]
+
+    # when the rest is drained
+    rest = pump.drain(timeout=20)
+
+    # then every message arrived exactly once, in batches no larger than the batch size
+    assert rest == len(bodies) - BATCH_SIZE
+    assert all(10 < len(b) <= BATCH_SIZE for b in recorded.batches[:2])
+    assert max(len(b) for b in recorded.batches) == BATCH_SIZE
+    delivered = [body for batch in recorded.batches for body in batch]
+    assert sorted(delivered) == sorted(bodies)
+
+
+def test_messages_of_a_handler_that_returns_are_deleted(world: World, pump: EventPump) -> None:
+    # given
+    world.send(world.queues.jobs, [f"job-{i}" for i in range(12)])
+
+    # when
+    pump.drain(timeout=20)
+
+    # then neither visible nor in flight: gone, not merely hidden for the visibility timeout
+    assert sorted(body for batch in recorded.batches for body in batch) == sorted(f"job-{i}" for i in range(12))
+    assert world.counts(world.queues.jobs) == (0, 0)
+
+
+def test_messages_of_a_handler_that_raises_stay_and_come_back_after_the_visibility_timeout(
+    world: World, pump: EventPump
+) -> None:
+    # given
+    bodies = ["fail-1", "fail-2", "fail-3"]
+    world.send(world.queues.failing, bodies)
+
+    # when the handler raises
+    assert pump.pump_queues() == 3
+
+    # then the batch is still on the queue, hidden for the visibility timeout, not deleted
+    assert recorded.failed_batches == [bodies]
+    assert world.counts(world.queues.failing) == (0, 3)
+    assert pump.pump_queues() == 0
+    assert len(recorded.failed_batches) == 1
+
+    # and after the visibility timeout (1 s) the same messages are delivered again
+    assert _eventually(lambda: pump.pump_queues() > 0, timeout=5)
+    assert len(recorded.failed_batches) == 2
+    assert sorted(recorded.failed_batches[1]) == sorted(bodies)
+
+
+def test_messages_that_keep_failing_end_in_the_dead_letter_queue(world: World, pump: EventPump) -> None:
+    # given a redrive policy with maxReceiveCount 2
+    bodies = ["poison-1", "poison-2"]
+    world.send(world.queues.failing, bodies)
+
+    # when the pump keeps polling while the handler keeps raising
+    def dead_lettered() -> bool:
+        pump.pump_queues()
+        return world.counts(world.queues.dlq) == (len(bodies), 0)
+
+    assert _eventually(dead_lettered, timeout=10)
+
+    # then the handler saw them maxReceiveCount times, and then they moved to the dead-letter queue
+    assert [sorted(b) for b in recorded.failed_batches] == [sorted(bodies)] * MAX_RECEIVE_COUNT
+    assert world.counts(world.queues.failing) == (0, 0)
+    assert sorted(world.take_all(world.queues.dlq)) == sorted(bodies)
+
+
+def test_a_failing_handler_does_not_hold_up_another_queue(world: World, pump: EventPump) -> None:
+    # given
+    world.send(world.queues.failing, ["bad"])
+    world.send(world.queues.jobs, ["good"])
+
+    # when
+    pump.pump_queues()
+
+    # then
+    assert recorded.failed_batches == [["bad"]]
+    assert recorded.batches == [["good"]]
+    assert world.counts(world.queues.jobs) == (0, 0)
+    assert world.counts(world.queues.failing) == (0, 1)
+
+
+# -- schedules ----------------------------------------------------------------------------------------------------
+
+
+def test_tick_calls_the_scheduled_handler_with_a_scheduled_event(pump: EventPump) -> None:
+    # given
+    now = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+    # when
+    fired = pump.tick(now=now)
+
+    # then
+    assert fired == 1
+    [event] = recorded.ticks
+    assert isinstance(event, CloudWatchEvent)
+    assert event.detail_type == "Scheduled Event"
+    assert event.source == "aws.events"
+    assert event.account == ACCOUNT_ID
+    assert event.time == "2023-11-14T22:13:20Z"
+    assert event.detail == {}
+    assert event.resources == [f"arn:aws:events:us-east-1:{ACCOUNT_ID}:rule/every_minute"]
+    # nothing else was triggered by a tick
+    assert recorded.batches == [] and recorded.events == []
+
+
+# -- EventBridge --------------------------------------------------------------------------------------------------
+
+
+def test_an_event_matching_the_rule_reaches_the_cw_handler_and_another_does_not(world: World, pump: EventPump) -> None:
+    # given
+    events = world.clients.client("events")
+    detail = {"instance-id": "i-123", "state": "terminated"}
+    answer = events.put_events(
+        Entries=[
+            {"Source": "aws.ec2", "DetailType": STATE_CHANGE, "Detail": json.dumps(detail)},
+            {
+                "Source": "aws.ec2",
+                "DetailType": "EC2 Spot Instance Interruption Warning",
+                "Detail": json.dumps({"instance-id": "i-456", "instance-action": "terminate"}),
+            },
+        ]
+    )
+    assert answer["FailedEntryCount"] == 0
+
+    # when
+    pump.drain(timeout=10)
+
+    # then only the state change matched moto's rule, delivered as a CloudWatchEvent with its account filled in
+    [event] = recorded.events
+    assert event.detail == detail
+    assert event.detail_type == STATE_CHANGE
+    assert event.source == "aws.ec2"
+    assert event.account == ACCOUNT_ID
+    # and it was consumed: pumping again delivers nothing more
+    assert pump.pump_events() == 0
+    assert len(recorded.events) == 1
+
+
+# -- drain --------------------------------------------------------------------------------------------------------
+
+
+def test_drain_returns_once_the_queues_stay_empty(world: World, pump: EventPump) -> None:
+    # given nothing to deliver
+    started = time.monotonic()
+    # when / then it returns promptly, having delivered nothing
+    assert pump.drain(timeout=30, idle_rounds=3) == 0
+    assert time.monotonic() - started < 10
+
+    # given work on the queue
+    world.send(world.queues.jobs, [f"late-{i}" for i in range(7)])
+    started = time.monotonic()
+    # when / then it delivers all of it and returns well before its timeout
+    assert pump.drain(timeout=30, idle_rounds=3) == 7
+    assert time.monotonic() - started < 10
+    assert world.counts(world.queues.jobs) == (0, 0)
