@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cold_start.py
 	$(BIN)/python bench/webhook_cost.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/scale_up_burst.py
 
 sandbox-up: $(STAMP)
 	$(BIN)/fleetctl sandbox up --detach

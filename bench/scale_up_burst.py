@@ -3,10 +3,10 @@
 The sandbox (moto server in a child process, the GitLab emulator, the webhook served over HTTP) runs the dev
 stage with both pools at max_runners MAX_RUNNERS and no warm runners; two event-pump threads play concurrent
 scale-up (and instance-state) invocations. A pipeline of JOBS_PER_POOL jobs tagged [docker, linux] and as many
-tagged [docker, dind] is created in the emulator, which delivers a real Job Hook per job over HTTP. Phase
-"fill": until 400 instances run (the 100 other jobs wait for capacity). Then FINISHING_PER_POOL instances per
-pool are terminated (and the state change announced, as AWS would); phase "tail": until the 100 waiting jobs
-have launched.
+tagged [docker, dind] is created in the emulator, which delivers real Job Hooks over HTTP (two per job: created,
+then pending). Phase "fill": until 400 instances run; the 100 other jobs wait for capacity. Then
+FINISHING_PER_POOL instances per pool are terminated (and the state change announced, as AWS would); phase
+"tail": until the 100 waiting jobs have launched.
 
 Counted, for every launched runner:
 
@@ -17,17 +17,25 @@ Counted, for every launched runner:
 * DynamoDB, SSM, EC2 and SQS calls by operation, from a botocore ``before-call`` handler on the app's own
   clients (``runtime.aws()``), split by who made them: the webhook (``WebhookIntake.handle``), scale-up and
   instance-state (the pump's handler invocations), and the pump itself (ReceiveMessage and DeleteMessageBatch,
-  which Lambda's event-source mapping makes in AWS). The split wraps two objects of this process at run time
-  (the webhook intake's ``handle`` and the pump's ``_invoke``) to tag the calling thread; no code changes.
-  The benchmark's own polling, terminations and baseline use clients of their own, so they are not counted.
+  which Lambda's event-source mapping makes in AWS).
 
-Wall time of the fill phase (pipeline creation until 400 instances run, polled every POLL_SECONDS) is reported
-against BASELINE_LAUNCHES bare ``run_instances`` calls (MinCount=MaxCount=1, the pool's launch template by
-name, alternating pools and subnets) made one by one against the same moto server after the burst. No target;
-the ratio is reported. Reports, never fails: exit status 0 whatever the figures.
+How it watches, without changing any code: the split wraps two objects of this process at run time (the
+webhook intake's ``handle`` and the pump's ``_invoke``) to tag the calling thread; progress is read from the
+app's own objects (an ``after-call`` handler on its EC2 client sums the instances CreateFleet made, and
+scale-up's ``handle`` is wrapped to sum the jobs its batch reports say it launched), so waiting costs moto
+nothing. Polling DescribeInstances or scanning the table while waiting would load moto (whose DynamoDB serves
+one request at a time) and this process's interpreter lock, and slow what is measured. DescribeInstances with
+the fleet's tag filters confirms the 400 running instances when CreateFleet has made them, and the table, the
+queues, EC2 and the emulator are checked once at the end. The benchmark's own calls use clients of their own,
+so they are not counted.
+
+Wall time of the fill phase (pipeline creation until CreateFleet has answered with the 400th instance) is
+reported against BASELINE_LAUNCHES bare ``run_instances`` calls (MinCount=MaxCount=1, the pool's launch
+template by name, alternating pools and subnets) made one by one against the same moto server after the burst.
+No target; the ratio is reported. Reports, never fails: exit status 0 whatever the figures.
 
 The sandbox's re-queue delays are its own (RUNNER_FLEET_LEASE_WAIT_SECONDS=2, against 20 by default): a job
-waiting for capacity asks again every few seconds here, far more often than in AWS.
+waiting for capacity asks again every few seconds here, far more often than it would in AWS.
 
 Run: ``.venv/bin/python bench/scale_up_burst.py`` (or ``make bench``).
 """
@@ -39,13 +47,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import PROJECT_DIR, footer, load_average, quiet_stdout, report, run_benchmark
+from _common import PROJECT_DIR, footer, load_average, ms, quiet_stdout, report, run_benchmark
 
 JOBS_PER_POOL = 250
 MAX_RUNNERS = 200
@@ -53,9 +61,8 @@ POOL_TAGS = {"docker": ("docker", "linux"), "build": ("docker", "dind")}  # pool
 FINISHING_PER_POOL = 50
 PUMPS = 2
 PUMP_INTERVAL = 0.1
-POLL_SECONDS = 0.5
 FILL_TIMEOUT = 150.0
-TAIL_TIMEOUT = 75.0
+TAIL_TIMEOUT = 120.0
 BASELINE_LAUNCHES = 2 * MAX_RUNNERS
 TARGET_CREATE_FLEET_PER_INSTANCE = 0.1
 TARGET_GITLAB_CALLS_PER_RUNNER = 2.0
@@ -70,17 +77,20 @@ SIDES = ("webhook", "scale_up", "instance_state", "pump", "other")
 
 
 class AwsCallCounter:
-    """API calls on the app's botocore clients, by (side, service, operation); HTTP attempts by service."""
+    """API calls on the app's botocore clients, by (side, service, operation); HTTP attempts by service; seconds
+    spent inside the calls by (service, operation), summed over threads (busy time, not wall time)."""
 
     def __init__(self, pump_threads: set[str]) -> None:
         self.calls: Counter[tuple[str, str, str]] = Counter()
         self.attempts: Counter[str] = Counter()
+        self.seconds: defaultdict[tuple[str, str], float] = defaultdict(float)
         self._pump_threads = pump_threads
         self._lock = threading.Lock()
         self._side = threading.local()
 
     def attach(self, client: Any) -> None:
         client.meta.events.register("before-call.*", self._before_call)
+        client.meta.events.register("after-call.*", self._after_call)
         client.meta.events.register("before-send.*", self._before_send)
 
     def acting_as(self, side: str, work: Callable[[], Any]) -> Any:
@@ -107,26 +117,59 @@ class AwsCallCounter:
         key = (self._current_side(), service, operation)
         with self._lock:
             self.calls[key] += 1
+        self._side.call_started = time.perf_counter()
+
+    def _after_call(self, event_name: str, **kwargs: Any) -> None:
+        _, service, operation = event_name.split(".", 2)
+        spent = time.perf_counter() - getattr(self._side, "call_started", time.perf_counter())
+        with self._lock:
+            self.seconds[(service, operation)] += spent
 
     def _before_send(self, event_name: str, **kwargs: Any) -> None:
         service = event_name.split(".")[1]
         with self._lock:
             self.attempts[service] += 1
 
-    def snapshot(self) -> tuple[Counter[tuple[str, str, str]], Counter[str]]:
+    def snapshot(self) -> tuple[Counter[tuple[str, str, str]], Counter[str], dict[tuple[str, str], float]]:
         with self._lock:
-            return Counter(self.calls), Counter(self.attempts)
+            return Counter(self.calls), Counter(self.attempts), dict(self.seconds)
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The counters at one moment."""
+
+    at: float
+    instances: int
+    aws: Counter[tuple[str, str, str]]
+    attempts: Counter[str]
+    in_calls: dict[tuple[str, str], float]
+    gitlab: Counter[tuple[str, str]]
 
 
 @dataclass
 class Phase:
-    """What one phase cost: launched instances, AWS calls and GitLab calls made during it, and its wall time."""
+    """What one phase cost: its wall time, launched instances, and the AWS and GitLab calls made during it."""
 
     name: str
     seconds: float
     instances: int
     aws: Counter[tuple[str, str, str]]
+    attempts: Counter[str]
+    in_calls: dict[tuple[str, str], float]
     gitlab: Counter[tuple[str, str]]
+
+    @classmethod
+    def between(cls, name: str, first: Mark, last: Mark) -> Phase:
+        return cls(
+            name,
+            last.at - first.at,
+            last.instances - first.instances,
+            last.aws - first.aws,
+            last.attempts - first.attempts,
+            {k: v - first.in_calls.get(k, 0.0) for k, v in last.in_calls.items()},
+            last.gitlab - first.gitlab,
+        )
 
     def create_fleet(self) -> int:
         return sum(n for (_, service, op), n in self.aws.items() if service == "ec2" and op == "CreateFleet")
@@ -226,6 +269,231 @@ def wait_until(condition: Callable[[], bool], timeout: float, every: float) -> b
         time.sleep(every)
 
 
+class Progress:
+    """What the app itself says it did, read from its own objects at no cost to moto: instances CreateFleet made
+    (an ``after-call`` handler on the app's EC2 client) and jobs scale-up reported launched (its BatchReport)."""
+
+    def __init__(self) -> None:
+        self.instances = 0
+        self.launched_jobs = 0
+        self.instances_at: dict[int, float] = {}  # instance count -> when CreateFleet answered with it
+        self._lock = threading.Lock()
+
+    def attach(self, ec2: Any, scale_up: Any) -> None:
+        ec2.meta.events.register("after-call.ec2.CreateFleet", self._fleet_created)
+        handle = scale_up.handle
+
+        def counted(jobs: Any) -> Any:
+            from chalicelib.scale_up import Outcome
+
+            batch = handle(jobs)
+            with self._lock:
+                self.launched_jobs += batch.outcomes.get(Outcome.LAUNCHED, 0)
+            return batch
+
+        scale_up.handle = counted
+
+    def _fleet_created(self, parsed: dict[str, Any], **kwargs: Any) -> None:
+        made = sum(len(entry.get("InstanceIds") or ()) for entry in parsed.get("Instances") or ())
+        with self._lock:
+            self.instances += made
+            self.instances_at[self.instances] = time.perf_counter()
+
+    def reached(self, instances: int) -> float | None:
+        """When the instance count first reached ``instances`` (perf_counter), or None."""
+        with self._lock:
+            return min((at for n, at in self.instances_at.items() if n >= instances), default=None)
+
+
+@dataclass
+class BurstResult:
+    phases: list[Phase]
+    fill_s: float | None
+    fill_confirmed: dict[str, int]
+    describe_s: float
+    tail_s: float | None
+    instances_ever: int
+    live_at_end: dict[str, int]
+    runners_at_end: int
+    launched_jobs: int
+    jobs_queue_depth: int
+    dead_letters: int
+    deliveries: list[Any]
+    baseline: list[float]
+    stages_s: dict[str, float]
+    problems: list[str]
+
+
+class Burst:
+    """The sandbox, the counters attached to the app's objects, and the two phases of the burst."""
+
+    def __init__(self, workdir: Path) -> None:
+        from fleetctl.sandbox.stack import Sandbox
+
+        isolate_environment()
+        self.stack = Sandbox(config_path=burst_config(workdir), workdir=workdir, run_pump=False)
+        self.pump_names = {f"bench-pump-{n}" for n in range(1, PUMPS + 1)}
+        self.counter = AwsCallCounter(self.pump_names)
+        self.progress = Progress()
+        self.problems: list[str] = []
+        self.stages: dict[str, float] = {}
+        self.deliveries_before = 0
+        self.stop_parts: dict[str, float] = {}
+
+    def start(self) -> None:
+        from chalicelib import runtime
+        from fleetctl.sandbox.pump import ACCOUNT_ID
+
+        began = time.perf_counter()
+        self.stack.start()
+        config = self.stack.config
+        assert config is not None
+        self.config = config
+        self.observer = Observer(config.fleet, config.state.table)
+        for service in COUNTED_SERVICES:
+            self.counter.attach(runtime.aws().client(service))
+        # Tag the calling thread with who is calling (see the module docstring): the webhook's intake, and each
+        # handler the pump invokes (scale_up, instance_state).
+        counter, intake = self.counter, runtime.webhook_intake()
+        handle, invoke = intake.handle, self.stack.pump._invoke
+        intake.handle = lambda headers, body: counter.acting_as("webhook", lambda: handle(headers, body))  # type: ignore[method-assign]
+        self.stack.pump._invoke = lambda name, handler, event: counter.acting_as(
+            name, lambda: invoke(name, handler, event)
+        )
+        self.progress.attach(runtime.aws().ec2, runtime.scale_up(ACCOUNT_ID))
+        self.stages["sandbox start"] = time.perf_counter() - began
+
+    def run(self) -> BurstResult:
+        stop = threading.Event()
+        pumps = [
+            threading.Thread(target=self.stack.pump.run, args=(stop,), kwargs={"interval": PUMP_INTERVAL}, name=name)
+            for name in sorted(self.pump_names)
+        ]
+        for pump in pumps:
+            pump.start()
+        try:
+            self.deliveries_before = len(self.stack.gitlab.deliveries)
+            start = self._mark()
+            fill_s, confirmed, describe_s = self._fill(start.at)
+            filled = self._mark()
+            tail_s = self._tail() if fill_s is not None else None
+            end = self._mark()
+        finally:
+            stop.set()
+            for pump in pumps:
+                pump.join(timeout=30)
+        phases = [Phase.between("fill", start, filled), Phase.between("tail", filled, end)]
+        self.stages["fill"], self.stages["tail"] = phases[0].seconds, phases[1].seconds
+        return self._collect(phases, fill_s, confirmed, describe_s, tail_s)
+
+    def _mark(self) -> Mark:
+        aws, attempts, in_calls = self.counter.snapshot()
+        return Mark(time.perf_counter(), self.progress.instances, aws, attempts, in_calls, self.stack.gitlab.calls)
+
+    def _fill(self, started: float) -> tuple[float | None, dict[str, int], float]:
+        """Create the pipeline; wait until CreateFleet has made 400 instances, then see them run in EC2."""
+        target = MAX_RUNNERS * len(POOL_TAGS)
+        self.stack.gitlab.create_pipeline(self.stack.project_id, self._specs())
+        if not wait_until(lambda: self.progress.instances >= target, FILL_TIMEOUT, 0.05):
+            self.problems.append(f"the pools did not fill in {FILL_TIMEOUT:.0f} s: {self.progress.instances} made")
+            return None, {}, 0.0
+        reached = self.progress.reached(target)
+        assert reached is not None
+        before = time.perf_counter()
+        confirmed = self._live()
+        describe_s = time.perf_counter() - before
+        if confirmed != dict.fromkeys(POOL_TAGS, MAX_RUNNERS):
+            self.problems.append(f"DescribeInstances shows {confirmed} running when CreateFleet had made {target}")
+        return reached - started, confirmed, describe_s
+
+    def _tail(self) -> float | None:
+        """Terminate FINISHING_PER_POOL instances per pool (announcing it, as AWS would); wait for the waiters."""
+        from fleetctl.sandbox.ec2_events import terminate_instances
+
+        running = self.observer.instances(("running",))
+        finishing = [i for pool in POOL_TAGS for i in running.get(pool, [])[:FINISHING_PER_POOL]]
+        began = time.perf_counter()
+        terminate_instances(self.observer.clients.ec2, self.observer.clients.client("events"), finishing)
+        total = JOBS_PER_POOL * len(POOL_TAGS)
+        if wait_until(lambda: self.progress.launched_jobs >= total, TAIL_TIMEOUT, 0.1):
+            return time.perf_counter() - began
+        self.problems.append(
+            f"the waiting jobs did not all launch in {TAIL_TIMEOUT:.0f} s:"
+            f" {self.progress.launched_jobs} of {total} jobs launched"
+        )
+        return None
+
+    def _collect(
+        self,
+        phases: list[Phase],
+        fill_s: float | None,
+        confirmed: dict[str, int],
+        describe_s: float,
+        tail_s: float | None,
+    ) -> BurstResult:
+        config, observer = self.config, self.observer
+        began = time.perf_counter()
+        result = BurstResult(
+            phases=phases,
+            fill_s=fill_s,
+            fill_confirmed=confirmed,
+            describe_s=describe_s,
+            tail_s=tail_s,
+            instances_ever=sum(len(ids) for ids in observer.instances(()).values()),
+            live_at_end=self._live(),
+            runners_at_end=len(self.stack.gitlab.runners()),
+            launched_jobs=observer.launched_jobs(self.stack.project_id),
+            jobs_queue_depth=observer.queue_depth(config.state.jobs_queue),
+            dead_letters=observer.queue_depth(config.state.dead_letter_queue),
+            deliveries=self.stack.gitlab.deliveries[self.deliveries_before :],
+            baseline=[],
+            stages_s=self.stages,
+            problems=self.problems,
+        )
+        self.stages["checks"] = time.perf_counter() - began
+        # The baseline, pumps stopped, against the same moto server (which now holds the burst's instances).
+        began = time.perf_counter()
+        result.baseline = bare_launches(observer, config)
+        self.stages["baseline"] = time.perf_counter() - began
+        return result
+
+    def stop(self) -> None:
+        began = time.perf_counter()
+        # Each part's share of the stop, timed through instance-level wrappers.
+        parts: list[tuple[str, Any]] = [
+            ("moto", self.stack.aws),
+            ("emulator", self.stack.gitlab),
+            ("webhook server", self.stack.server),
+        ]
+        for name, part in parts:
+            if part is not None:
+                part.stop = self._timed(f"stop {name}", part.stop)
+        self.stack.stop()
+        self.stages["sandbox stop"] = time.perf_counter() - began
+        self.stages.update(self.stop_parts)
+
+    def _timed(self, name: str, work: Callable[[], None]) -> Callable[[], None]:
+        def timed() -> None:
+            began = time.perf_counter()
+            try:
+                work()
+            finally:
+                self.stop_parts[name] = time.perf_counter() - began
+
+        return timed
+
+    def _live(self) -> dict[str, int]:
+        return {pool: len(ids) for pool, ids in sorted(self.observer.instances().items())}
+
+    @staticmethod
+    def _specs() -> list[dict[str, Any]]:
+        return [
+            {"name": f"{pool}-{i}", "stage": "test", "tags": list(tags)}
+            for pool, tags in POOL_TAGS.items()
+            for i in range(JOBS_PER_POOL)
+        ]
+
+
 def bare_launches(observer: Observer, config: Any) -> list[float]:
     """BASELINE_LAUNCHES run_instances calls one by one (pools and subnets alternating); each call's seconds."""
     from chalicelib.naming import launch_template_name
@@ -247,151 +515,31 @@ def bare_launches(observer: Observer, config: Any) -> list[float]:
     return seconds
 
 
-@dataclass
-class BurstResult:
-    phases: list[Phase]
-    fill_s: float | None
-    tail_s: float | None
-    highest: dict[str, int]
-    instances_ever: int
-    live_at_end: dict[str, int]
-    runners_at_end: int
-    launched_jobs: int
-    jobs_queue_depth: int
-    dead_letters: int
-    attempts: Counter[str]
-    baseline: list[float]
-    problems: list[str]
-
-
 def run_burst(workdir: Path) -> BurstResult:
-    from chalicelib import runtime
-    from fleetctl.sandbox.ec2_events import terminate_instances
-    from fleetctl.sandbox.stack import Sandbox
-
-    isolate_environment()
-    stack = Sandbox(config_path=burst_config(workdir), workdir=workdir, run_pump=False)
-    stack.start()
+    burst = Burst(workdir)
     try:
-        config = stack.config
-        assert config is not None
-        observer = Observer(config.fleet, config.state.table)
-        pump_names = {f"bench-pump-{n}" for n in range(1, PUMPS + 1)}
-        counter = AwsCallCounter(pump_names)
-        for service in COUNTED_SERVICES:
-            counter.attach(runtime.aws().client(service))
-        # Tag the calling thread with who is calling (see the module docstring): the webhook's intake, and each
-        # handler the pump invokes (scale_up, instance_state).
-        intake = runtime.webhook_intake()
-        handle = intake.handle
-        intake.handle = lambda headers, body: counter.acting_as("webhook", lambda: handle(headers, body))
-        invoke = stack.pump._invoke
-        stack.pump._invoke = lambda name, handler, event: counter.acting_as(name, lambda: invoke(name, handler, event))
-
-        specs = [
-            {"name": f"{pool}-{i}", "stage": "test", "tags": list(tags)}
-            for pool, tags in POOL_TAGS.items()
-            for i in range(JOBS_PER_POOL)
-        ]
-        highest: Counter[str] = Counter()
-        problems: list[str] = []
-
-        def live() -> dict[str, int]:
-            counts = {pool: len(ids) for pool, ids in observer.instances().items()}
-            for pool, n in counts.items():
-                highest[pool] = max(highest[pool], n)
-            return counts
-
-        full = dict.fromkeys(POOL_TAGS, MAX_RUNNERS)
-        stop = threading.Event()
-        pumps = [
-            threading.Thread(target=stack.pump.run, args=(stop,), kwargs={"interval": PUMP_INTERVAL}, name=name)
-            for name in sorted(pump_names)
-        ]
-        for pump in pumps:
-            pump.start()
-        try:
-            aws_0, _ = counter.snapshot()
-            gitlab_0 = stack.gitlab.calls
-            started = time.perf_counter()
-            stack.gitlab.create_pipeline(stack.project_id, specs)
-            filled = wait_until(lambda: live() == full, FILL_TIMEOUT, POLL_SECONDS)
-            fill_s = time.perf_counter() - started
-            aws_1, _ = counter.snapshot()
-            gitlab_1 = stack.gitlab.calls
-            ever_1 = sum(len(ids) for ids in observer.instances(()).values())
-            tail_s: float | None = None
-            if not filled:
-                problems.append(f"the pools did not fill in {FILL_TIMEOUT:.0f} s: {live()} live")
-            else:
-                running = observer.instances(("running",))
-                finishing = [i for pool in POOL_TAGS for i in running.get(pool, [])[:FINISHING_PER_POOL]]
-                tail_started = time.perf_counter()
-                terminate_instances(observer.clients.ec2, observer.clients.client("events"), finishing)
-                total_jobs = JOBS_PER_POOL * len(POOL_TAGS)
-                # Cheap signals first (EC2, the emulator's memory); the table scans confirm the launches.
-                signals = wait_until(
-                    lambda: live() == full and len(stack.gitlab.runners()) == 2 * MAX_RUNNERS,
-                    TAIL_TIMEOUT,
-                    POLL_SECONDS,
-                )
-                left = max(1.0, TAIL_TIMEOUT - (time.perf_counter() - tail_started))
-                if signals and wait_until(lambda: observer.launched_jobs(stack.project_id) == total_jobs, left, 1.0):
-                    tail_s = time.perf_counter() - tail_started
-                else:
-                    problems.append(f"the waiting jobs did not all launch in {TAIL_TIMEOUT:.0f} s")
-            aws_2, attempts = counter.snapshot()
-            gitlab_2 = stack.gitlab.calls
-        finally:
-            stop.set()
-            for pump in pumps:
-                pump.join(timeout=30)
-
-        ever_2 = sum(len(ids) for ids in observer.instances(()).values())
-        phases = [
-            Phase("fill", fill_s, ever_1, aws_1 - aws_0, gitlab_1 - gitlab_0),
-            Phase(
-                "tail",
-                (tail_s or 0.0),
-                ever_2 - ever_1,
-                aws_2 - aws_1,
-                gitlab_2 - gitlab_1,
-            ),
-        ]
-        result = BurstResult(
-            phases=phases,
-            fill_s=fill_s if filled else None,
-            tail_s=tail_s,
-            highest=dict(highest),
-            instances_ever=ever_2,
-            live_at_end={pool: len(ids) for pool, ids in observer.instances().items()},
-            runners_at_end=len(stack.gitlab.runners()),
-            launched_jobs=observer.launched_jobs(stack.project_id),
-            jobs_queue_depth=observer.queue_depth(config.state.jobs_queue),
-            dead_letters=observer.queue_depth(config.state.dead_letter_queue),
-            attempts=attempts,
-            baseline=[],
-            problems=problems,
-        )
-        # The baseline, pumps stopped, against the same moto server (which now holds the burst's instances).
-        result.baseline = bare_launches(observer, config)
-        return result
+        burst.start()
+        return burst.run()
     finally:
-        stack.stop()
+        burst.stop()
 
 
 def _per(n: float, d: int) -> float:
     return n / d if d else float("nan")
 
 
-def aws_table(total: Counter[tuple[str, str, str]], runners: int) -> list[str]:
-    """One line per service and operation: calls by side, total, and per launched runner."""
+def aws_table(total: Counter[tuple[str, str, str]], in_calls: dict[tuple[str, str], float], runners: int) -> list[str]:
+    """One line per service and operation: calls by side, total, per launched runner, seconds inside the calls."""
     sides = [s for s in SIDES if any(side == s for side, _, _ in total)]
     by_op: dict[tuple[str, str], Counter[str]] = {}
     for (side, service, op), n in total.items():
         by_op.setdefault((service, op), Counter())[side] += n
     width = max((len(f"{s}.{o}") for s, o in by_op), default=10) + 2
-    header = f"    {'operation':<{width}}" + "".join(f"{s:>15}" for s in sides) + f"{'total':>8}{'/runner':>9}"
+    header = (
+        f"    {'operation':<{width}}"
+        + "".join(f"{s:>15}" for s in sides)
+        + f"{'total':>8}{'/runner':>9}{'s in call':>11}"
+    )
     lines = [header]
     for service in COUNTED_SERVICES:
         for (svc, op), sides_of in sorted(by_op.items()):
@@ -401,7 +549,7 @@ def aws_table(total: Counter[tuple[str, str, str]], runners: int) -> list[str]:
             lines.append(
                 f"    {f'{svc}.{op}':<{width}}"
                 + "".join(f"{sides_of[s]:>15}" for s in sides)
-                + f"{calls:>8}{_per(calls, runners):>9.2f}"
+                + f"{calls:>8}{_per(calls, runners):>9.2f}{in_calls.get((svc, op), 0.0):>11.1f}"
             )
     return lines
 
@@ -425,6 +573,8 @@ def main() -> None:
 
     fill, tail = result.phases
     aws = fill.aws + tail.aws
+    attempts = fill.attempts + tail.attempts
+    in_calls = {k: fill.in_calls.get(k, 0.0) + tail.in_calls.get(k, 0.0) for k in {*fill.in_calls, *tail.in_calls}}
     gitlab = fill.gitlab + tail.gitlab
     instances = fill.instances + tail.instances
     create_fleet = fill.create_fleet() + tail.create_fleet()
@@ -434,51 +584,68 @@ def main() -> None:
     gitlab_per_runner = _per(scale_up_gitlab, instances)
     bare_s = sum(result.baseline)
     expected = JOBS_PER_POOL * len(POOL_TAGS)
+    full = dict.fromkeys(sorted(POOL_TAGS), MAX_RUNNERS)
     problems = list(result.problems)
     if result.instances_ever != expected:
         problems.append(f"{result.instances_ever} instances were launched, not {expected} (one per job)")
-    if any(n > MAX_RUNNERS for n in result.highest.values()):
-        problems.append(f"a pool ran more than {MAX_RUNNERS} instances: {result.highest}")
+    if result.live_at_end != full:
+        problems.append(f"{result.live_at_end} instances live at the end, not {full}")
     if result.launched_jobs != expected:
-        problems.append(f"{result.launched_jobs} of {expected} jobs launched")
+        problems.append(f"the table shows {result.launched_jobs} of {expected} jobs launched")
     if result.dead_letters:
         problems.append(f"{result.dead_letters} messages dead-lettered")
+    refused = [d for d in result.deliveries if d.status_code != 200]
+    if refused:
+        problems.append(f"{len(refused)} webhook deliveries not answered 200")
     valid = not problems
     fleet_met = fleet_per_instance <= TARGET_CREATE_FLEET_PER_INSTANCE
     gitlab_met = gitlab_per_runner <= TARGET_GITLAB_CALLS_PER_RUNNER
     ratio = (result.fill_s / bare_s) if result.fill_s and bare_s else float("nan")
-    waits = aws[("scale_up", "sqs", "SendMessage")]
+    requeued = aws[("scale_up", "sqs", "SendMessage")]
+    rereads = gitlab[SCALE_UP_ROUTES[0]] - expected
+    durations = sorted(d.duration for d in result.deliveries) or [0.0]
 
     lines = [
         f"scale-up burst: {expected} jobs as webhooks over {len(POOL_TAGS)} pools of max {MAX_RUNNERS},"
         f" {PUMPS} pump threads; {FINISHING_PER_POOL} per pool terminated once full",
-        f"  launched instances: {instances} ({fill.instances} fill, {tail.instances} tail);"
-        f" highest live per pool {result.highest}; GitLab runners at the end {result.runners_at_end}",
+        f"  launched instances: {instances} ({fill.instances} fill, {tail.instances} tail); at the end"
+        f" {result.live_at_end} live, {result.instances_ever} ever, {result.runners_at_end} GitLab runners,"
+        f" {result.launched_jobs} jobs launched in the table, {result.jobs_queue_depth} messages queued,"
+        f" {result.dead_letters} dead-lettered",
+        f"  webhook deliveries: {len(result.deliveries)} (created + pending per job),"
+        f" {len(result.deliveries) - len(refused)} answered 200; median {ms(durations[len(durations) // 2])},"
+        f" p95 {ms(durations[int(len(durations) * 0.95) - 1 if len(durations) > 1 else 0])}",
         f"  CreateFleet calls: {create_fleet} ({fill.create_fleet()} fill, {tail.create_fleet()} tail):"
         f" {fleet_per_instance:.3f} per instance (target <= {TARGET_CREATE_FLEET_PER_INSTANCE}):"
-        f" {'met' if fleet_met else 'MISSED'};"
-        f" mean {_per(instances, create_fleet):.1f} instances per call",
+        f" {_verdict(fleet_met)}; {_per(fill.instances, fill.create_fleet()):.1f} instances per call in the fill,"
+        f" {_per(tail.instances, tail.create_fleet()):.1f} in the tail",
         f"  GitLab API calls by scale-up: {scale_up_gitlab}, {gitlab_per_runner:.2f} per runner"
-        f" (target <= {TARGET_GITLAB_CALLS_PER_RUNNER}): {'met' if gitlab_met else 'MISSED'}",
+        f" (target <= {TARGET_GITLAB_CALLS_PER_RUNNER}): {_verdict(gitlab_met)}",
         *(
             f"    {method} {route}: {gitlab[(method, route)]} ({fill.gitlab[(method, route)]} fill,"
             f" {tail.gitlab[(method, route)]} tail), {_per(gitlab[(method, route)], instances):.2f} per runner"
             for method, route in SCALE_UP_ROUTES
         ),
+        f"    re-reads of jobs already read once (re-queued jobs asking again): {rereads};"
+        f" jobs re-queued by scale-up: {requeued}",
         f"    every GitLab API call: {gitlab_total} ({_per(gitlab_total, instances):.2f} per runner): "
         + ", ".join(f"{m} {r} x{n}" for (m, r), n in sorted(gitlab.items())),
-        f"    jobs re-queued by scale-up (mostly waiting for capacity; each re-read from GitLab): {waits}",
-        f"  AWS calls on the app's clients, whole run, by side (per runner = total / {instances}):",
-        *aws_table(aws, instances),
-        "    (webhook: WebhookIntake.handle; scale_up/instance_state: the pump's handler invocations, scale-up's"
-        " worker threads included; pump: the event-source polling Lambda does in AWS)",
-        "    HTTP attempts by service: " + ", ".join(f"{s} {n}" for s, n in sorted(result.attempts.items())),
-        f"  wall time, pipeline created to {2 * MAX_RUNNERS} instances running:"
-        f" {_seconds(result.fill_s)} (polled every {POLL_SECONDS} s);"
-        f" {len(result.baseline)} bare run_instances one by one: {bare_s:.1f} s"
-        f" ({_per(bare_s * 1000, len(result.baseline)):.1f} ms each; first 50 {_mean_ms(result.baseline[:50])},"
+        f"  AWS calls on the app's clients, whole burst, by side (per runner = total / {instances}):",
+        *aws_table(aws, in_calls, instances),
+        "    (webhook: WebhookIntake.handle; scale_up, instance_state: the pump's handler invocations, scale-up's",
+        "    worker threads included; pump: the polling Lambda's event-source mapping does in AWS; s in call: summed",
+        "    over threads, moto serves DynamoDB one request at a time)",
+        "    HTTP attempts by service: " + ", ".join(f"{s} {n}" for s, n in sorted(attempts.items())),
+        f"    fill phase: DynamoDB {_busy(fill, 'dynamodb'):.1f} s in call over {fill.seconds:.0f} s"
+        f" ({by_service(fill.aws, 'dynamodb')} calls, {_per(by_service(fill.aws, 'dynamodb'), fill.instances):.2f}"
+        f" per runner); tail: {_busy(tail, 'dynamodb'):.1f} s over {tail.seconds:.0f} s",
+        f"  wall time, pipeline created to {2 * MAX_RUNNERS} instances made: {_seconds(result.fill_s)}"
+        f" (DescribeInstances then showed {result.fill_confirmed} running, in {ms(result.describe_s)})",
+        f"    {len(result.baseline)} bare run_instances one by one, same moto: {bare_s:.1f} s"
+        f" ({_mean_ms(result.baseline)} each; first 50 {_mean_ms(result.baseline[:50])},"
         f" last 50 {_mean_ms(result.baseline[-50:])}); ratio burst/bare {ratio:.2f} (no target)",
-        f"  tail: terminations to the {2 * FINISHING_PER_POOL} waiting jobs launched: {_seconds(result.tail_s)}",
+        f"  tail, terminations to the {2 * FINISHING_PER_POOL} waiting jobs launched: {_seconds(result.tail_s)}",
+        "  stages: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stages_s.items()),
     ]
     if not valid:
         lines.append("  INVALID: " + "; ".join(problems))
@@ -495,28 +662,41 @@ def main() -> None:
         "gitlab_scale_up_calls_per_runner": round(gitlab_per_runner, 3),
         "target_gitlab_calls_per_runner": TARGET_GITLAB_CALLS_PER_RUNNER,
         "gitlab_met": gitlab_met,
+        "gitlab_job_rereads": rereads,
         "gitlab_calls_total": gitlab_total,
         "gitlab_calls_by_route": {f"{m} {r}": n for (m, r), n in sorted(gitlab.items())},
-        "requeued_by_scale_up": waits,
+        "requeued_by_scale_up": requeued,
         "dynamodb_calls": operations(aws, "dynamodb"),
+        "dynamodb_in_call_s": round(_busy(fill, "dynamodb") + _busy(tail, "dynamodb"), 1),
         "ssm_calls": operations(aws, "ssm"),
         "ec2_calls": operations(aws, "ec2"),
         "sqs_calls": operations(aws, "sqs"),
         "dynamodb_per_runner": round(_per(by_service(aws, "dynamodb"), instances), 2),
-        "dynamodb_per_runner_scale_up": round(_per(by_service(aws, "dynamodb", ("scale_up",)), instances), 2),
         "dynamodb_per_runner_webhook": round(_per(by_service(aws, "dynamodb", ("webhook",)), instances), 2),
+        "dynamodb_per_runner_scale_up": round(_per(by_service(aws, "dynamodb", ("scale_up",)), instances), 2),
+        "dynamodb_per_runner_instance_state": round(
+            _per(by_service(aws, "dynamodb", ("instance_state",)), instances), 2
+        ),
         "ssm_per_runner": round(_per(by_service(aws, "ssm"), instances), 2),
+        "webhook_deliveries": len(result.deliveries),
         "fill_s": _round(result.fill_s),
         "bare_run_instances_s": round(bare_s, 2),
         "bare_run_instances": len(result.baseline),
         "fill_over_bare_ratio": round(ratio, 3),
         "tail_s": _round(result.tail_s),
-        "highest_live": result.highest,
         "load_average": [load_before, load_average()],
         "valid": valid,
         "met": fleet_met and gitlab_met and valid,
     }
     report(lines, figures)
+
+
+def _busy(phase: Phase, service: str) -> float:
+    return sum(seconds for (svc, _), seconds in phase.in_calls.items() if svc == service)
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
 
 
 def _seconds(value: float | None) -> str:

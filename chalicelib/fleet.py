@@ -29,6 +29,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from chalicelib.aws import error_code
 from chalicelib.config import Market, PoolConfig
 from chalicelib.errors import RetryableError
+from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG
 
 __all__ = [
     "CAPACITY_ERROR_CODES",
@@ -48,9 +49,9 @@ __all__ = [
     "client_token",
 ]
 
-TAG_FLEET = "runner-fleet:fleet"
-TAG_POOL = "runner-fleet:pool"
-TAG_LAUNCH = "runner-fleet:launch-id"
+TAG_FLEET = FLEET_TAG
+TAG_POOL = POOL_TAG
+TAG_LAUNCH = LAUNCH_TAG
 
 # Error codes meaning "EC2 has no capacity for this request right now": another pool, another lifecycle or a
 # later attempt may succeed, so they lead to the on-demand fallback or a retry, never to a dead letter.
@@ -159,21 +160,11 @@ class FleetOutcome:
 
 
 @dataclass(frozen=True)
-class LaunchResult:
+class LaunchResult(FleetOutcome):
     """Everything one :meth:`FleetLauncher.launch` made and met, over all its CreateFleet calls."""
 
-    instances: tuple[LaunchedInstance, ...]
-    errors: tuple[FleetError, ...]
     fallback_used: bool
     calls: int
-
-    @property
-    def capacity_errors(self) -> tuple[FleetError, ...]:
-        return tuple(error for error in self.errors if error.capacity)
-
-    @property
-    def other_errors(self) -> tuple[FleetError, ...]:
-        return tuple(error for error in self.errors if not error.capacity)
 
 
 # ---- pure: request and answer ----------------------------------------------------------------------------

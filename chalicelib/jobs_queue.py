@@ -25,6 +25,9 @@ class QueuedJob:
     attempt: int = 1
     waits: int = 0
     last_error: str = ""
+    # Set once a job has been matched and waits for capacity: its next turn needs no GitLab read.
+    pool: str = ""
+    tags: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -34,7 +37,10 @@ class QueuedJob:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise TypeError("a queued job is a JSON object")
-        job = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "tags" in fields:
+            fields["tags"] = tuple(str(t) for t in fields["tags"])
+        job = cls(**fields)
         if not isinstance(job.project_id, int) or not isinstance(job.job_id, int):
             raise TypeError("project_id and job_id must be integers")
         return job

@@ -10,6 +10,8 @@ from __future__ import annotations
 # Tags on every runner instance and its volumes, set by the launch template.
 FLEET_TAG = "runner-fleet:fleet"
 POOL_TAG = "runner-fleet:pool"
+# Scale-up tags each instance with the launch that made it, so a retried launch can find and adopt it.
+LAUNCH_TAG = "runner-fleet:launch-id"
 # Scale-up tags each token parameter with the ARN of the instance it belongs to; the instance role may read
 # and delete a token only when this tag equals the calling instance's own ARN (see fleetctl/iam_policies.py).
 INSTANCE_ARN_TAG = "runner-fleet:instance-arn"

@@ -114,7 +114,10 @@ class ScaleUp:
 
     def handle(self, jobs: Sequence[QueuedJob]) -> BatchReport:
         report = BatchReport()
-        matched = self._read_and_match(jobs, report)
+        pools = {pool.name for pool in self._config.pools}
+        waiting = [job for job in jobs if job.pool in pools]
+        fresh = [job for job in jobs if job.pool not in pools]
+        matched = self._read_and_match(fresh, report) + self._admit_waiting(waiting, report)
         by_pool: dict[str, list[_Matched]] = defaultdict(list)
         for item in matched:
             by_pool[item.pool.name].append(item)
@@ -149,6 +152,25 @@ class ScaleUp:
             matched.append(_Matched(job, pool_config, answer.tags))
         return matched
 
+    def _admit_waiting(self, jobs: Sequence[QueuedJob], report: BatchReport) -> list[_Matched]:
+        """Jobs back from waiting for capacity: as many as their pool has room for go on, the rest wait again.
+
+        They were read from GitLab and matched before they waited; asking GitLab again on every turn would spend
+        its API rate limit on jobs that cannot launch anyway. Whether a job is still pending is checked by the
+        claim itself, against what the webhooks recorded.
+        """
+        by_pool: dict[str, list[QueuedJob]] = defaultdict(list)
+        for job in jobs:
+            by_pool[job.pool].append(job)
+        admitted: list[_Matched] = []
+        for pool_name, group in by_pool.items():
+            pool = self._config.pool(pool_name)
+            room = max(0, pool.max_runners - self._store.leases(pool_name))
+            admitted += [_Matched(job, pool, job.tags) for job in group[:room]]
+            for job in group[room:]:
+                self._wait(_Matched(job, pool, job.tags), report)
+        return admitted
+
     def _read_job(self, job: QueuedJob) -> Any:
         try:
             return self._gitlab.job(job.project_id, job.job_id)
@@ -165,8 +187,13 @@ class ScaleUp:
             claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
             if claim.outcome is ClaimOutcome.CLAIMED:
                 claimed.append(item)
-            else:
+            elif claim.outcome is ClaimOutcome.HELD:
                 resume[claim.launch_id].append(item)
+            else:
+                self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
+                logger.info("job no longer pending", extra=_job_log(item.job))
+                count("JobsNotPending")
+                report.add(Outcome.NOT_PENDING)
         for held_by, held in resume.items():
             self._resume(pool, held_by, held, report)
         if claimed:
@@ -344,7 +371,7 @@ class ScaleUp:
     def _wait(self, item: _Matched, report: BatchReport) -> None:
         """The pool is full: wait for capacity. Waiting is not failing, so it spends no attempt."""
         count("LeaseWaits")
-        job = replace(item.job, waits=item.job.waits + 1)
+        job = replace(item.job, waits=item.job.waits + 1, pool=item.pool.name, tags=item.tags)
         self._requeue(job, self._policy.lease_wait_delay(item.job.waits), report, Outcome.WAITING)
 
     def _retry(self, job: QueuedJob, pool: PoolConfig | None, reason: str, report: BatchReport) -> None:

@@ -208,6 +208,7 @@ class FleetStore:
 class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"
     HELD = "held"  # another launch already holds the job
+    NOT_PENDING = "not_pending"  # the webhooks already saw it start, finish or be cancelled
 
 
 @dataclass(frozen=True)
@@ -268,25 +269,36 @@ class ScaleStore(FleetStore):
     """The fleet table as scale-up and the instance-state handler use it."""
 
     def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
-        """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true."""
+        """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
+
+        The same condition refuses a job whose record the webhooks have moved past pending (running, finished,
+        cancelled), so a job that waited for capacity is checked at no extra call.
+        """
         now = self._clock()
         request = _update(
             self.table,
             job_key(project_id, job_id),
             "SET launch_id = :launch, claimed_at = :now, kind = :kind, project_id = :project, job_id = :job",
-            {":launch": launch_id, ":now": now, ":kind": "job", ":project": project_id, ":job": job_id},
-            "attribute_not_exists(launch_id)",
+            {
+                ":launch": launch_id,
+                ":now": now,
+                ":kind": "job",
+                ":project": project_id,
+                ":job": job_id,
+                ":pending": JobStatus.PENDING.rank,
+            },
+            "attribute_not_exists(launch_id) AND (attribute_not_exists(status_rank) OR status_rank <= :pending)",
         )
         try:
             self._client.update_item(**request, ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
-            held = exc.response.get("Item") or {}
-            holder = from_item(held).get("launch_id") if held else None
-            if holder is None:
-                holder = (self.get(job_key(project_id, job_id)) or {}).get("launch_id", "")
-            return Claim(ClaimOutcome.HELD, str(holder))
+            item = exc.response.get("Item")
+            old = from_item(item) if item else self.get(job_key(project_id, job_id)) or {}
+            if old.get("launch_id"):
+                return Claim(ClaimOutcome.HELD, str(old["launch_id"]))
+            return Claim(ClaimOutcome.NOT_PENDING, "")
         return Claim(ClaimOutcome.CLAIMED, launch_id)
 
     def release_claim(self, project_id: int, job_id: int, launch_id: str) -> None:

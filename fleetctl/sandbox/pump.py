@@ -112,17 +112,21 @@ class EventPump:
         return delivered
 
     def pump_events(self) -> int:
-        """Deliver EventBridge events that moto routed to each rule's queue."""
+        """Deliver every EventBridge event that moto routed to each rule's queue (EventBridge does not batch)."""
         delivered = 0
         for binding in self._rules:
-            for message in self._receive(binding):
-                event = json.loads(message["Body"])
-                # moto's EventBridge leaves out "account", which AWS always sends (and Chalice requires).
-                event.setdefault("account", ACCOUNT_ID)
-                if self._invoke(binding.name, binding.handler, event):
-                    self._delete(binding, [message])
-                delivered += 1
+            while messages := self._receive(binding):
+                delivered += self._deliver_events(binding, messages)
         return delivered
+
+    def _deliver_events(self, binding: _Binding, messages: list[dict[str, Any]]) -> int:
+        for message in messages:
+            event = json.loads(message["Body"])
+            # moto's EventBridge leaves out "account", which AWS always sends (and Chalice requires).
+            event.setdefault("account", ACCOUNT_ID)
+            if self._invoke(binding.name, binding.handler, event):
+                self._delete(binding, [message])
+        return len(messages)
 
     def tick(self, now: float | None = None) -> int:
         """Fire every scheduled handler once, as its EventBridge schedule would."""

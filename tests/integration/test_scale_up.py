@@ -24,7 +24,6 @@ from chalicelib.jobs_queue import QueuedJob
 from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
 from chalicelib.store import job_key, launch_key, pool_key, runner_key
 from fleetctl.sandbox.ec2_events import terminate_instances
-from fleetctl.sandbox.stack import GITLAB_ADMIN_TOKEN
 from tests.faults import SimulatedCrash, WireFaults
 
 ACCOUNT = "123456789012"
@@ -408,7 +407,7 @@ def test_a_runner_created_but_whose_answer_was_lost_is_found_not_duplicated(
 
 
 def test_the_same_job_queued_three_times_at_once_launches_once(fleet: Fleet) -> None:
-    [job] = fleet.pipeline(["docker"])
+    fleet.pipeline(["docker"])
     [body] = fleet.take_queued(1)
     scale_up = fleet.scale_up()
     threads = [threading.Thread(target=scale_up.handle_messages, args=([body],)) for _ in range(3)]
@@ -435,8 +434,13 @@ def test_a_full_pool_makes_jobs_wait_until_a_runner_finishes(fleet: Fleet) -> No
     assert len(fleet.instances("docker")) == 2
     assert fleet.leases("docker") == 2
     [waiting] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
-    assert (waiting.waits, waiting.attempt) == (1, 1)
+    assert (waiting.waits, waiting.attempt, waiting.pool, waiting.tags) == (1, 1, "docker", ("docker",))
     assert "launch_id" not in fleet.job(waiting.job_id)
+    # while the pool stays full, its turns cost no GitLab call
+    reads = fleet.gitlab_calls("GET", "/projects/:id/jobs/:job_id")
+    assert fleet.scale_up(config).handle([waiting]).as_dict() == {"waiting": 1}
+    [waiting] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    assert waiting.waits == 2
     # when a runner finishes (its instance terminates)
     finished = fleet.instances("docker")[0]["InstanceId"]
     terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [finished])
@@ -445,9 +449,31 @@ def test_a_full_pool_makes_jobs_wait_until_a_runner_finishes(fleet: Fleet) -> No
     assert fleet.leases("docker") == 1
     assert fleet.record(runner_key(finished))["state"] == "terminated"
     assert fleet.scale_up(config).handle([waiting]).as_dict() == {"launched": 1}
+    assert fleet.gitlab_calls("GET", "/projects/:id/jobs/:job_id") == reads
     assert len(fleet.instances("docker")) == 2
     assert fleet.leases("docker") == 2
     assert sorted(jobs) == sorted(j for j in jobs if fleet.job(j).get("launch_id"))
+
+
+def test_a_job_cancelled_while_it_waited_is_not_launched(fleet: Fleet) -> None:
+    config = fleet.with_pool("docker", max_runners=1)
+    first, second = fleet.pipeline(["docker"], ["docker"])
+    assert fleet.scale_up(config).handle_messages(fleet.take_queued(2)).as_dict() == {"launched": 1, "waiting": 1}
+    [waiting] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    assert waiting.job_id == second
+    # the job is cancelled (GitLab tells us by webhook) and capacity frees up
+    fleet.gitlab.set_job_status(fleet.sandbox.project_id, second, "canceled")
+    fleet.gitlab.wait_for_deliveries()
+    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [fleet.instances("docker")[0]["InstanceId"]])
+    fleet.sandbox.pump.pump_events()
+
+    report = fleet.scale_up(config).handle([waiting])
+
+    assert report.as_dict() == {"not_pending": 1}
+    assert fleet.instances("docker") == []
+    assert fleet.leases("docker") == 0
+    assert fleet.job(second)["outcome"] == "not_pending"
+    assert fleet.job(first)["launch_id"]
 
 
 def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fleet) -> None:

@@ -92,7 +92,9 @@ def test_a_tampered_body_is_refused(signed: Sandbox) -> None:
     assert _queued() == []
 
 
-@pytest.mark.parametrize("skew", [-301, 301, -3600])
+# Well clear of the 300 s boundary, which tests/unit/test_signing.py pins with an injected clock: over real HTTP a
+# loaded machine adds its own latency to the timestamp's age.
+@pytest.mark.parametrize("skew", [-360, 360, -3600])
 def test_a_timestamp_outside_five_minutes_is_refused(signed: Sandbox, skew: int) -> None:
     signer = Signer(signed)
     body = json.dumps(job_hook("pending")).encode()

@@ -59,5 +59,7 @@ def test_the_script_passes_shellcheck(pool_name: str) -> None:
     config = load_config(DEV)
     pool = config.pool(pool_name)
     script = render_user_data(config, pool, image_reference(pool, REGISTRY))
-    result = subprocess.run([_shellcheck(), "-s", "bash", "-"], check=False, input=script, text=True, capture_output=True)
+    result = subprocess.run(
+        [_shellcheck(), "-s", "bash", "-"], check=False, input=script, text=True, capture_output=True
+    )
     assert result.returncode == 0, result.stdout
