@@ -28,7 +28,7 @@ from typing import Any
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import RetryableError
 from chalicelib.fleet import FleetLauncher, LaunchedInstance, LaunchTemplateRef
-from chalicelib.gitlab_api import GitLabApi
+from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.naming import launch_template_name, runner_token_parameter
 from chalicelib.observability import count, logger
@@ -171,7 +171,7 @@ class ScaleUp:
                 self._wait(_Matched(job, pool, job.tags), report)
         return admitted
 
-    def _read_job(self, job: QueuedJob) -> Any:
+    def _read_job(self, job: QueuedJob) -> JobInfo | RetryableError | None:
         try:
             return self._gitlab.job(job.project_id, job.job_id)
         except RetryableError as exc:
@@ -295,6 +295,13 @@ class ScaleUp:
                     strict=True,
                 )
             )
+        created = {i: identity for i, identity in identities.items() if isinstance(identity, RunnerCredentials)}
+        failures = [identity for identity in identities.values() if isinstance(identity, RetryableError)]
+        # Tokens before records: a runner recorded with its GitLab id is never given an identity again, so its
+        # token must already be in SSM. A crash in between leaves an unrecorded runner, which the next attempt
+        # finds by its description and re-tokens.
+        for instance_id, credentials in created.items():
+            self._tokens.put(instance_id, credentials.token)
         now = self._clock()
         records = [
             RunnerRecord(
@@ -307,18 +314,14 @@ class ScaleUp:
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
                 token_parameter=runner_token_parameter(self._config.fleet, i.instance_id),
-                gitlab_runner_id=_runner_id(identities.get(i.instance_id)),
+                gitlab_runner_id=created[i.instance_id].runner_id if i.instance_id in created else None,
             )
             for i in new
         ]
         self._store.record_runners(launch_id, records)
-        for instance_id, identity in identities.items():
-            if instance_id in known and not isinstance(identity, RetryableError):
-                self._store.set_runner_identity(instance_id, identity[0])
-        failures = [e for e in identities.values() if isinstance(e, RetryableError)]
-        for instance_id, identity in identities.items():
-            if not isinstance(identity, RetryableError):
-                self._tokens.put(instance_id, identity[1])
+        for instance_id, credentials in created.items():
+            if instance_id in known:
+                self._store.set_runner_identity(instance_id, credentials.runner_id)
         for instance in new:
             count(f"Launches.{instance.lifecycle.value}")
             count(f"Launches.{instance.instance_type}")
@@ -345,15 +348,17 @@ class ScaleUp:
                 },
             )
 
-    def _runner_identity(self, pool: PoolConfig, instance: LaunchedInstance, adopting: bool) -> Any:
-        """(runner id, token) for an instance's new GitLab runner, or the RetryableError that prevented it."""
+    def _runner_identity(
+        self, pool: PoolConfig, instance: LaunchedInstance, adopting: bool
+    ) -> RunnerCredentials | RetryableError:
+        """The new GitLab runner of an instance, or the RetryableError that prevented it."""
         description = f"runner-fleet {self._config.fleet}/{pool.name} {instance.instance_id}"
         try:
             if adopting:
                 existing = self._gitlab.find_runner(description, pool.tags)
                 if existing is not None:
-                    return existing, self._gitlab.reset_runner_token(existing)
-            created = self._gitlab.create_runner(
+                    return RunnerCredentials(existing, self._gitlab.reset_runner_token(existing))
+            return self._gitlab.create_runner(
                 description=description,
                 tags=pool.tags,
                 run_untagged=pool.run_untagged,
@@ -361,7 +366,6 @@ class ScaleUp:
             )
         except RetryableError as exc:
             return exc
-        return created.runner_id, created.token
 
     # -- re-queueing -------------------------------------------------------------------------------------------
 
@@ -394,10 +398,6 @@ class ScaleUp:
             "job re-queued", extra={**_job_log(job), "delay": delay, "outcome": outcome.value, "reason": job.last_error}
         )
         report.add(outcome)
-
-
-def _runner_id(identity: Any) -> int | None:
-    return None if identity is None or isinstance(identity, RetryableError) else int(identity[0])
 
 
 def _job_log(job: QueuedJob) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def main() -> None:
     bound_host, bound_port = server.server_address[:2]
     print(f"http://{bound_host}:{bound_port}", flush=True)
     sys.stdin.read()  # returns when the parent closes the pipe or dies
-    server.shutdown()
+    # Everything moto holds is in memory and meant to vanish; waiting for its request threads only delays exit.
+    os._exit(0)
 
 
 if __name__ == "__main__":

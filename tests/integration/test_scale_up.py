@@ -457,12 +457,12 @@ def test_a_full_pool_makes_jobs_wait_until_a_runner_finishes(fleet: Fleet) -> No
 
 def test_a_job_cancelled_while_it_waited_is_not_launched(fleet: Fleet) -> None:
     config = fleet.with_pool("docker", max_runners=1)
-    first, second = fleet.pipeline(["docker"], ["docker"])
+    jobs = fleet.pipeline(["docker"], ["docker"])
     assert fleet.scale_up(config).handle_messages(fleet.take_queued(2)).as_dict() == {"launched": 1, "waiting": 1}
     [waiting] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
-    assert waiting.job_id == second
-    # the job is cancelled (GitLab tells us by webhook) and capacity frees up
-    fleet.gitlab.set_job_status(fleet.sandbox.project_id, second, "canceled")
+    [launched] = [j for j in jobs if j != waiting.job_id]
+    # the waiting job is cancelled (GitLab tells us by webhook) and then capacity frees up
+    fleet.gitlab.set_job_status(fleet.sandbox.project_id, waiting.job_id, "canceled")
     fleet.gitlab.wait_for_deliveries()
     terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [fleet.instances("docker")[0]["InstanceId"]])
     fleet.sandbox.pump.pump_events()
@@ -472,8 +472,8 @@ def test_a_job_cancelled_while_it_waited_is_not_launched(fleet: Fleet) -> None:
     assert report.as_dict() == {"not_pending": 1}
     assert fleet.instances("docker") == []
     assert fleet.leases("docker") == 0
-    assert fleet.job(second)["outcome"] == "not_pending"
-    assert fleet.job(first)["launch_id"]
+    assert fleet.job(waiting.job_id)["outcome"] == "not_pending"
+    assert fleet.job(launched)["launch_id"]
 
 
 def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fleet) -> None:
