@@ -104,20 +104,25 @@ class FleetStore:
         accepted so that a pending job whose first queueing failed is queued by GitLab's retry. On refusal the
         old item comes back with the error, which says which of the three it was, at no extra call.
         """
-        request = self._job_update(event, self._clock(), delivery_key, replay_key)
+        old = self._update_unless_refused(self._job_update(event, self._clock(), delivery_key, replay_key))
+        if old is None:
+            return EventOutcome.RECORDED
+        if replay_key is not None and replay_key in old.get("replays", set()):
+            return EventOutcome.REPLAY
+        if delivery_key in old.get("deliveries", set()):
+            return EventOutcome.DUPLICATE
+        return EventOutcome.STALE
+
+    def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Make a conditional UpdateItem: None when it applied, else the item as it was when it was refused."""
         try:
             self._client.update_item(**request, ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
             item = exc.response.get("Item")
-            old = from_item(item) if item else self.get(request["Key"]["pk"]["S"]) or {}
-            if replay_key is not None and replay_key in old.get("replays", set()):
-                return EventOutcome.REPLAY
-            if delivery_key in old.get("deliveries", set()):
-                return EventOutcome.DUPLICATE
-            return EventOutcome.STALE
-        return EventOutcome.RECORDED
+            return from_item(item) if item else self.get(request["Key"]["pk"]["S"]) or {}
+        return None
 
     def forget_delivery(self, project_id: int, job_id: int, delivery_key: str, replay_key: str | None = None) -> None:
         """Undo a delivery record so that GitLab's retry of it is processed, not dropped as a duplicate."""
@@ -289,17 +294,12 @@ class ScaleStore(FleetStore):
             },
             "attribute_not_exists(launch_id) AND (attribute_not_exists(status_rank) OR status_rank <= :pending)",
         )
-        try:
-            self._client.update_item(**request, ReturnValuesOnConditionCheckFailure="ALL_OLD")
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            item = exc.response.get("Item")
-            old = from_item(item) if item else self.get(job_key(project_id, job_id)) or {}
-            if old.get("launch_id"):
-                return Claim(ClaimOutcome.HELD, str(old["launch_id"]))
-            return Claim(ClaimOutcome.NOT_PENDING, "")
-        return Claim(ClaimOutcome.CLAIMED, launch_id)
+        old = self._update_unless_refused(request)
+        if old is None:
+            return Claim(ClaimOutcome.CLAIMED, launch_id)
+        if old.get("launch_id"):
+            return Claim(ClaimOutcome.HELD, str(old["launch_id"]))
+        return Claim(ClaimOutcome.NOT_PENDING, "")
 
     def release_claim(self, project_id: int, job_id: int, launch_id: str) -> None:
         """Untie a job from a launch that will not run it, so a later attempt can claim it again."""
