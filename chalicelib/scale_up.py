@@ -183,19 +183,21 @@ class ScaleUp:
         launch_id = self._new_launch_id()
         claimed: list[_Matched] = []
         resume: dict[str, list[_Matched]] = defaultdict(list)
+        claimed_at: dict[str, float] = {}
         for item in items:
             claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
             if claim.outcome is ClaimOutcome.CLAIMED:
                 claimed.append(item)
             elif claim.outcome is ClaimOutcome.HELD:
                 resume[claim.launch_id].append(item)
+                claimed_at[claim.launch_id] = max(claimed_at.get(claim.launch_id, 0.0), claim.claimed_at)
             else:
                 self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
                 logger.info("job no longer pending", extra=_job_log(item.job))
                 count("JobsNotPending")
                 report.add(Outcome.NOT_PENDING)
         for held_by, held in resume.items():
-            self._resume(pool, held_by, held, report)
+            self._resume(pool, held_by, held, claimed_at[held_by], report)
         if claimed:
             self._launch(pool, launch_id, claimed, report)
 
@@ -236,11 +238,19 @@ class ScaleUp:
         if instances:
             self._complete(pool, launch_id, instances, running[: len(instances)], report, adopting=False)
 
-    def _resume(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
+    def _resume(
+        self, pool: PoolConfig, launch_id: str, items: list[_Matched], claimed_at: float, report: BatchReport
+    ) -> None:
         """Jobs already claimed by ``launch_id``: done, in progress elsewhere, or left unfinished."""
         launch = self._store.get_launch(launch_id)
         if launch is not None and launch.get("state") == "launched":
             report.add(Outcome.DUPLICATE, len(items))
+            return
+        stale = self._clock() - STALE_LAUNCH_SECONDS
+        if launch is None and claimed_at > stale:
+            # Claimed a moment ago by an invocation that has not taken its leases yet: it is still at work.
+            for item in items:
+                self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
             return
         if launch is None or launch.get("state") == "failed":
             # Claimed, but the launch never took leases (or gave them all back): claim again, afresh.
@@ -248,7 +258,7 @@ class ScaleUp:
                 self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
             self._scale_pool(pool, items, report)
             return
-        if not self._store.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS):
+        if not self._store.take_over_launch(launch_id, stale_before=stale):
             # Another invocation is launching it right now (the same job delivered twice at once).
             for item in items:
                 self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)

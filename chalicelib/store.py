@@ -220,6 +220,7 @@ class ClaimOutcome(str, Enum):
 class Claim:
     outcome: ClaimOutcome
     launch_id: str
+    claimed_at: float = 0.0  # when the holding launch claimed the job (HELD only)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ class ScaleStore(FleetStore):
         if old is None:
             return Claim(ClaimOutcome.CLAIMED, launch_id)
         if old.get("launch_id"):
-            return Claim(ClaimOutcome.HELD, str(old["launch_id"]))
+            return Claim(ClaimOutcome.HELD, str(old["launch_id"]), float(old.get("claimed_at", 0)))
         return Claim(ClaimOutcome.NOT_PENDING, "")
 
     def release_claim(self, project_id: int, job_id: int, launch_id: str) -> None:

@@ -424,6 +424,24 @@ def test_the_same_job_queued_three_times_at_once_launches_once(fleet: Fleet) -> 
     assert fleet.take_queued(0, timeout=3) == []
 
 
+def test_a_copy_arriving_between_anothers_claim_and_its_leases_does_not_launch_again(fleet: Fleet) -> None:
+    # given another invocation that has just claimed the job and not yet taken its leases
+    [job] = fleet.pipeline(["docker"])
+    [body] = fleet.take_queued(1)
+    now = time.time()
+    fleet.runtime.store().claim_job(fleet.sandbox.project_id, job, "launch-of-another-invocation")
+    # when a copy of the job is handled meanwhile
+    report = fleet.scale_up(clock=lambda: now + 1).handle_messages([body])
+    # then it waits for that invocation instead of launching a second runner
+    assert report.as_dict() == {"duplicate": 1}
+    assert fleet.instances() == []
+    assert fleet.job(job)["launch_id"] == "launch-of-another-invocation"
+    # and once that claim has gone stale (its invocation died), the job is claimed afresh and launched
+    later = fleet.scale_up(clock=lambda: now + 300).handle_messages(fleet.take_queued(1))
+    assert later.as_dict() == {"launched": 1}
+    assert len(fleet.instances("docker")) == 1
+
+
 def test_a_full_pool_makes_jobs_wait_until_a_runner_finishes(fleet: Fleet) -> None:
     # given a pool of two runners, and three jobs
     config = fleet.with_pool("docker", max_runners=2)
