@@ -9,6 +9,7 @@ never both win; webhooks arrive in any order, so a job record only moves forward
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -104,8 +105,10 @@ class FleetStore:
         accepted so that a pending job whose first queueing failed is queued by GitLab's retry. On refusal the
         old item comes back with the error, which says which of the three it was, at no extra call.
         """
-        old = self._update_unless_refused(self._job_update(event, self._clock(), delivery_key, replay_key))
-        if old is None:
+        writer = uuid.uuid4().hex
+        old = self._update_unless_refused(self._job_update(event, self._clock(), delivery_key, replay_key, writer))
+        if old is None or old.get("writer") == writer:
+            # Refused by our own write: botocore retried a call whose answer timed out after it landed.
             return EventOutcome.RECORDED
         if replay_key is not None and replay_key in old.get("replays", set()):
             return EventOutcome.REPLAY
@@ -152,7 +155,9 @@ class FleetStore:
             for item in page.get("Items", []):
                 yield from_item(item)
 
-    def _job_update(self, event: JobEvent, now: float, delivery_key: str, replay_key: str | None) -> dict[str, Any]:
+    def _job_update(
+        self, event: JobEvent, now: float, delivery_key: str, replay_key: str | None, writer: str
+    ) -> dict[str, Any]:
         values: dict[str, Any] = {
             "kind": "job",
             "project_id": event.project_id,
@@ -169,6 +174,7 @@ class FleetStore:
             "runner_description": event.runner_description,
             "failure_reason": event.failure_reason,
             f"{event.status.value}_at": event.received_at,
+            "writer": writer,
         }
         if event.status.finished:
             values["ttl"] = int(now) + FINISHED_JOB_TTL_SECONDS
@@ -296,7 +302,8 @@ class ScaleStore(FleetStore):
             "attribute_not_exists(launch_id) AND (attribute_not_exists(status_rank) OR status_rank <= :pending)",
         )
         old = self._update_unless_refused(request)
-        if old is None:
+        if old is None or old.get("launch_id") == launch_id:
+            # (The second: refused by our own write, which landed before botocore retried the timed-out call.)
             return Claim(ClaimOutcome.CLAIMED, launch_id)
         if old.get("launch_id"):
             return Claim(ClaimOutcome.HELD, str(old["launch_id"]), float(old.get("claimed_at", 0)))

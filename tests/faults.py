@@ -25,6 +25,7 @@ import copy
 import re
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -33,6 +34,7 @@ from urllib.parse import parse_qsl, urlencode
 from xml.sax.saxutils import escape
 
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.exceptions import ReadTimeoutError
 from botocore.httpsession import URLLib3Session
 
 __all__ = ["Call", "SimulatedCrash", "WireFaults", "ec2_error_body"]
@@ -153,6 +155,7 @@ class WireFaults:
         self._errors: list[_ErrorFault] = []
         self._capacity: list[_CapacityFault] = []
         self._crashes: list[_CrashFault] = []
+        self._lost_answers: Counter[str] = Counter()
         self._attempts: list[str] = []
         self._http = URLLib3Session()
         self.calls: list[Call] = []
@@ -265,11 +268,23 @@ class WireFaults:
         with self._lock:
             self.calls.append(Call(operation=model.name, params=copy.deepcopy(params)))
 
+    def lose_answer(self, operation: str, times: int = 1) -> None:
+        """The next ``times`` calls of ``operation`` reach the endpoint and take effect, but their answer is lost
+        (a read timeout), so botocore's retry sends the same request again: the write has already landed."""
+        with self._lock:
+            self._lost_answers[operation] += times
+
     def _before_send(self, request: AWSPreparedRequest, event_name: str, **_: Any) -> AWSResponse | None:
         operation = event_name.rsplit(".", 1)[-1]
         with self._lock:
             self._attempts.append(operation)
             error = self._next_error(operation)
+            lose = self._lost_answers[operation] > 0
+            if lose:
+                self._lost_answers[operation] -= 1
+        if lose:
+            self._http.send(request)
+            raise ReadTimeoutError(endpoint_url=request.url)
         if error is not None:
             return _response(request.url, error.status, ec2_error_body(error.code, error.message))
         if operation == "CreateFleet":

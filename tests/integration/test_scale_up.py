@@ -424,6 +424,18 @@ def test_the_same_job_queued_three_times_at_once_launches_once(fleet: Fleet) -> 
     assert fleet.take_queued(0, timeout=3) == []
 
 
+def test_a_claim_whose_answer_was_lost_is_still_ours_and_launches(fleet: Fleet) -> None:
+    # the claim reaches DynamoDB, its answer times out, and botocore sends it again
+    [job] = fleet.pipeline(["docker"])
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults:
+        faults.lose_answer("UpdateItem")
+        report = fleet.scale_up().handle_messages(fleet.take_queued(1))
+    assert faults.attempts("UpdateItem") >= 2
+    assert report.as_dict() == {"launched": 1}
+    assert len(fleet.instances("docker")) == 1
+    assert fleet.record(launch_key(fleet.job(job)["launch_id"]))["state"] == "launched"
+
+
 def test_a_copy_arriving_between_anothers_claim_and_its_leases_does_not_launch_again(fleet: Fleet) -> None:
     # given another invocation that has just claimed the job and not yet taken its leases
     [job] = fleet.pipeline(["docker"])

@@ -161,6 +161,20 @@ def test_internal_failure_is_503_without_detail(client: Client) -> None:
     assert "Traceback" not in response.text and "ResourceNotFound" not in response.text
 
 
+def test_a_delivery_write_whose_answer_was_lost_still_queues_the_job(client: Client) -> None:
+    from tests.faults import WireFaults
+
+    # the job's write reaches DynamoDB, its answer times out, and botocore sends it again
+    body = job_hook("pending")
+    with WireFaults(client.runtime.aws().dynamodb) as faults:
+        faults.lose_answer("UpdateItem")
+        response = client.post(body)
+
+    assert faults.attempts("UpdateItem") == 2
+    assert (response.status_code, response.json()) == (200, {"queued": True})
+    assert [m["job_id"] for m in client.queued()] == [body["build_id"]]
+
+
 def test_a_failed_enqueue_loses_nothing_gitlab_retry_queues_it(client: Client) -> None:
     # given the jobs queue is unavailable when the first attempt arrives
     sqs = client.runtime.aws().sqs
