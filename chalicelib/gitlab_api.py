@@ -5,20 +5,29 @@ does not pay for it at cold start. Every failure that a later attempt may fix (5
 connections, even 401/403 while someone fixes a token) becomes ``RetryableError``; a job GitLab no longer
 knows (404) is simply gone. Retries are the jobs queue's business (a jittered, re-queued attempt), not a
 sleep inside a Lambda invocation, so python-gitlab's own transient retries are off.
+
+The API token is read through a callable, again once ``token_max_age`` has passed (a rotated token takes effect
+without a cold start) and at once after a 401 (a token revoked by its rotation); the client is rebuilt whenever
+the token it holds changed, and a call refused with 401 is repeated once with the fresh token.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from chalicelib.config import RunnerType
 from chalicelib.errors import RetryableError
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+# How long a token read is used before it is read again; the same age as the SSM cache behind the token callable
+# (runtime.GITLAB_TOKEN_MAX_AGE_SECONDS), so a rotation reaches GitLab calls within two such periods at most.
+DEFAULT_TOKEN_MAX_AGE_SECONDS = 300.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,9 @@ class RunnerCredentials:
 
 
 class GitLabApi:
+    """``token`` returns the API token (it may cache); ``fresh_token``, when given, reads it past any cache and
+    is used after a 401. ``clock`` is monotonic seconds, injectable for tests."""
+
     def __init__(
         self,
         url: str,
@@ -44,25 +56,42 @@ class GitLabApi:
         runner_type: RunnerType = RunnerType.INSTANCE,
         owner_id: int | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        fresh_token: Callable[[], str] | None = None,
+        token_max_age: float = DEFAULT_TOKEN_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = url
         self._token = token
+        self._fresh_token = fresh_token or token
         self._runner_type = runner_type
         self._owner_id = owner_id
         self._timeout = timeout
+        self._token_max_age = token_max_age
+        self._clock = clock
         self._client: Any = None
+        self._client_token = ""
+        self._token_read_at = 0.0
         self._lock = threading.Lock()
 
     def job(self, project_id: int, job_id: int) -> JobInfo | None:
         """The job's status and tags, or None when GitLab does not know it (deleted project or job)."""
-        with self._call(f"GET job {project_id}:{job_id}", missing_ok=True):
-            job = self._gitlab().projects.get(project_id, lazy=True).jobs.get(job_id)
+
+        def read(gl: Any) -> JobInfo:
+            job = gl.projects.get(project_id, lazy=True).jobs.get(job_id)
             return JobInfo(project_id, job_id, str(job.status), tuple(str(t) for t in job.tag_list or ()))
-        return None  # a 404: the contextmanager swallowed it
+
+        return self._call_or_none(f"GET job {project_id}:{job_id}", read)
 
     def create_runner(
-        self, *, description: str, tags: Sequence[str], run_untagged: bool, maximum_timeout: int
+        self,
+        *,
+        description: str,
+        tags: Sequence[str],
+        run_untagged: bool,
+        maximum_timeout: int,
+        access_level: str = "not_protected",
     ) -> RunnerCredentials:
+        """A new runner of the configured scope; ``access_level`` "ref_protected" limits it to protected refs."""
         from gitlab.v4.objects import CurrentUserRunnerManager
 
         settings: dict[str, Any] = {
@@ -72,7 +101,7 @@ class GitLabApi:
             "run_untagged": run_untagged,
             # A project runner stays with its project; group and instance runners cannot be locked.
             "locked": self._runner_type is RunnerType.PROJECT,
-            "access_level": "not_protected",
+            "access_level": access_level,
             "maximum_timeout": maximum_timeout,
             "paused": False,
         }
@@ -80,51 +109,91 @@ class GitLabApi:
             settings["group_id"] = self._owner_id
         elif self._runner_type is RunnerType.PROJECT:
             settings["project_id"] = self._owner_id
-        with self._call("POST /user/runners"):
-            created = CurrentUserRunnerManager(self._gitlab()).create(settings)
+        created = self._call("POST /user/runners", lambda gl: CurrentUserRunnerManager(gl).create(settings))
         return RunnerCredentials(int(created.id), str(created.token))
 
     def find_runner(self, description: str, tags: Sequence[str]) -> int | None:
-        """A runner with exactly this description (and these tags), from a creation whose answer was lost."""
-        with self._call("GET /runners/all"):
-            listing = self._gitlab().runners_all.list(tag_list=list(tags), iterator=True)
-            for runner in listing:
-                if runner.description == description:
-                    return int(runner.id)
-        return None
+        """A runner of the configured scope with exactly this description (and these tags), from a creation
+        whose answer was lost."""
+        path, query = self._runner_listing()
+        query = {**query, "tag_list": ",".join(tags)}
+
+        def search(gl: Any) -> int | None:
+            for runner in gl.http_list(path, query_data=query, iterator=True):
+                if runner.get("description") == description:
+                    return int(runner["id"])
+            return None
+
+        return self._call(f"GET {path}", search)
 
     def reset_runner_token(self, runner_id: int) -> str:
-        with self._call(f"POST /runners/{runner_id}/reset_authentication_token"):
-            answer = self._gitlab().http_post(f"/runners/{runner_id}/reset_authentication_token")
+        path = f"/runners/{runner_id}/reset_authentication_token"
+        answer = self._call(f"POST {path}", lambda gl: gl.http_post(path))
         return str(answer["token"])
 
     def delete_runner(self, runner_id: int) -> None:
         """Delete a runner; one that is already gone counts as deleted."""
-        with self._call(f"DELETE /runners/{runner_id}", missing_ok=True):
-            self._gitlab().runners.delete(runner_id)
+        self._call_or_none(f"DELETE /runners/{runner_id}", lambda gl: gl.runners.delete(runner_id))
 
-    def _gitlab(self) -> Any:
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    import gitlab
+    def _runner_listing(self) -> tuple[str, dict[str, str]]:
+        """The listing that holds the runners this fleet creates, readable with the token that creates them."""
+        if self._runner_type is RunnerType.GROUP:
+            # Owner of the group suffices; the listing also shows ancestor groups' and instance runners.
+            return f"/groups/{self._owner_id}/runners", {"type": RunnerType.GROUP.value}
+        if self._runner_type is RunnerType.PROJECT:
+            # Maintainer of the project suffices; the listing also shows group and instance runners.
+            return f"/projects/{self._owner_id}/runners", {"type": RunnerType.PROJECT.value}
+        # Only administrators may list every runner (GitLab.com offers no such listing), but only administrators
+        # may create instance runners too, so an instance-runner fleet already holds an administrator's token.
+        return "/runners/all", {"type": RunnerType.INSTANCE.value}
 
-                    self._client = gitlab.Gitlab(
-                        self._url, private_token=self._token(), timeout=self._timeout, retry_transient_errors=False
-                    )
-        return self._client
+    def _gitlab(self, *, refresh: bool = False) -> Any:
+        """The client, rebuilt when a token read (due by age, or forced by ``refresh``) returns a new token."""
+        with self._lock:
+            now = self._clock()
+            if refresh:
+                token = self._fresh_token()
+            elif self._client is None or now - self._token_read_at >= self._token_max_age:
+                token = self._token()
+            else:
+                return self._client
+            self._token_read_at = now
+            if self._client is None or token != self._client_token:
+                import gitlab
 
-    @contextmanager
-    def _call(self, what: str, *, missing_ok: bool = False) -> Iterator[None]:
+                self._client = gitlab.Gitlab(
+                    self._url, private_token=token, timeout=self._timeout, retry_transient_errors=False
+                )
+                self._client_token = token
+            return self._client
+
+    def _call(self, what: str, call: Callable[[Any], T]) -> T:
+        """``call(client)``; after a 401 the token is re-read and the call made once more. Every failure is a
+        ``RetryableError``."""
         import gitlab.exceptions
         import requests
 
         try:
-            yield
+            try:
+                return call(self._gitlab())
+            except gitlab.exceptions.GitlabAuthenticationError:
+                # A 401 means GitLab did nothing, so repeating the call is safe, even a create.
+                return call(self._gitlab(refresh=True))
         except gitlab.exceptions.GitlabError as exc:
-            code = exc.response_code
-            if code == 404 and missing_ok:
-                return
-            raise RetryableError(f"gitlab {what}: HTTP {code or 'error'}") from None
+            raise RetryableError(f"gitlab {what}: HTTP {exc.response_code or 'error'}") from None
         except requests.exceptions.RequestException as exc:
             raise RetryableError(f"gitlab {what}: {type(exc).__name__}") from None
+
+    def _call_or_none(self, what: str, call: Callable[[Any], T]) -> T | None:
+        """As ``_call``, but a 404 (GitLab does not know the object) answers None."""
+        import gitlab.exceptions
+
+        def absent_is_none(gl: Any) -> T | None:
+            try:
+                return call(gl)
+            except gitlab.exceptions.GitlabError as exc:
+                if exc.response_code == 404:
+                    return None
+                raise
+
+        return self._call(what, absent_is_none)

@@ -51,6 +51,7 @@ from fleetctl.sandbox.gitlab_model import (
     RunnerFilters,
     RunnerSettings,
     RunnerType,
+    User,
 )
 
 __all__ = ["Delivery", "GitLabEmulator", "JobSpec", "JobStatus"]
@@ -74,7 +75,8 @@ IDLE_CONNECTION_TIMEOUT = 65.0
 
 
 class Auth(Enum):
-    ADMIN = "admin"  # PRIVATE-TOKEN or Bearer token of the admin user
+    USER = "user"  # PRIVATE-TOKEN or Bearer token of any user; 401 without one
+    ADMIN = "admin"  # as USER, and the user must be an administrator: 403 otherwise
     RUNNER = "runner"  # runner API: the runner or job token travels in the body
 
 
@@ -86,6 +88,7 @@ class ApiRequest:
     params: dict[str, Any]  # query, form and JSON body merged; "key[]" collected as "key": [...]
     path_params: dict[str, str]
     base_url: str  # scheme://host[:port] as the client addressed us, for Link headers
+    user: User | None = None  # whom the access token authenticates; None on the runner API
 
 
 @dataclass
@@ -130,7 +133,7 @@ class Route:
     auth: Auth
 
     @classmethod
-    def build(cls, method: str, template: str, handler: Handler, auth: Auth = Auth.ADMIN) -> Route:
+    def build(cls, method: str, template: str, handler: Handler, auth: Auth = Auth.USER) -> Route:
         parts = [f"(?P<{part[1:]}>[^/]+)" if part.startswith(":") else re.escape(part) for part in template.split("/")]
         return cls(method, template, re.compile("/".join(parts)), handler, auth)
 
@@ -285,9 +288,8 @@ def paginate(req: ApiRequest, items: list[dict[str, Any]]) -> ApiResponse:
 
 
 class GitLabApi:
-    def __init__(self, model: GitLabModel, *, admin_token: str, version: str, stopping: threading.Event) -> None:
+    def __init__(self, model: GitLabModel, *, version: str, stopping: threading.Event) -> None:
         self._model = model
-        self._admin_token = admin_token
         self._version = version
         self._stopping = stopping
         self._faults: list[Fault] = []
@@ -331,12 +333,17 @@ class GitLabApi:
     ) -> ApiResponse:
         if route is None:
             return message(404)
-        if route.auth is Auth.ADMIN and not self._authenticated(headers):
-            return message(401)
+        user = None
+        if route.auth is not Auth.RUNNER:
+            user = self._user(headers)
+            if user is None:
+                return message(401)
+            if route.auth is Auth.ADMIN and not user.admin:
+                return message(403)
         try:
             query = parse_qsl(query_string, keep_blank_values=True)
             params = parse_params(query, headers.get("Content-Type") or "", body)
-            request = ApiRequest(method, path, query, params, path_params, base_url)
+            request = ApiRequest(method, path, query, params, path_params, base_url, user)
             return route.handler(request)
         except GitLabEmulatorError as exc:
             return ApiResponse(exc.status, exc.body)
@@ -357,19 +364,19 @@ class GitLabApi:
                     return fault
             return None
 
-    def _authenticated(self, headers: Mapping[str, str]) -> bool:
+    def _user(self, headers: Mapping[str, str]) -> User | None:
         token = headers.get("PRIVATE-TOKEN")
         if token is None:
             scheme, _, bearer = (headers.get("Authorization") or "").partition(" ")
             token = bearer if scheme.lower() == "bearer" else None
-        return token is not None and hmac.compare_digest(token.encode(), self._admin_token.encode())
+        return None if token is None else self._model.user_by_token(token)
 
     def _route_table(self) -> list[Route]:
         r = Route.build
         # Literal segments precede ":param" ones that would also match them (/runners/all, /runners/:id).
         return [
             r("GET", "/version", self._version_info),
-            r("GET", "/user", lambda _: ApiResponse(200, self._model.current_user())),
+            r("GET", "/user", lambda req: ApiResponse(200, self._model.current_user(_user(req)))),
             r("GET", "/projects", lambda req: paginate(req, self._model.list_projects())),
             r("POST", "/projects", self._create_project),
             r("GET", "/projects/:id", lambda req: ApiResponse(200, self._model.get_project(_pid(req)))),
@@ -386,10 +393,13 @@ class GitLabApi:
             r("GET", "/projects/:id/jobs/:job_id", self._get_job),
             r("POST", "/projects/:id/jobs/:job_id/retry", self._retry_job),
             r("POST", "/projects/:id/jobs/:job_id/cancel", self._cancel_job),
+            r("GET", "/projects/:id/runners", self._list_project_runners),
             r("POST", "/projects/:id/runners", self._enable_project_runner),
+            r("GET", "/groups/:id/runners", self._list_group_runners),
             r("POST", "/user/runners", self._create_runner),
             r("GET", "/runners", lambda req: self._list_runners(req, all_runners=False)),
-            r("GET", "/runners/all", lambda req: self._list_runners(req, all_runners=True)),
+            # Administrators (and auditors) only, and not offered on GitLab.com at all.
+            r("GET", "/runners/all", lambda req: self._list_runners(req, all_runners=True), Auth.ADMIN),
             r("POST", "/runners/verify", self._verify_runner, Auth.RUNNER),
             r("DELETE", "/runners", self._delete_runner_by_token, Auth.RUNNER),
             r("GET", "/runners/:id", lambda req: ApiResponse(200, self._model.get_runner(_rid(req)))),
@@ -398,7 +408,7 @@ class GitLabApi:
             r(
                 "POST",
                 "/runners/:id/reset_authentication_token",
-                lambda req: ApiResponse(201, self._model.reset_runner_token(_rid(req))),
+                lambda req: ApiResponse(201, self._model.reset_runner_token(_rid(req), _user(req))),
             ),
             r("GET", "/runners/:id/jobs", self._runner_jobs),
             r("GET", "/runners/:id/managers", self._runner_managers),
@@ -488,16 +498,16 @@ class GitLabApi:
             maximum_timeout=p_int(req.params, "maximum_timeout"),
             maintenance_note=p_str(req.params, "maintenance_note"),
         )
-        return ApiResponse(201, self._model.create_runner(settings))
+        return ApiResponse(201, self._model.create_runner(settings, _user(req)))
 
     def _list_runners(self, req: ApiRequest, *, all_runners: bool) -> ApiResponse:
-        filters = RunnerFilters(
-            runner_type=p_enum(req.params, "type", RunnerType),
-            status=p_str(req.params, "status") or p_str(req.params, "scope"),
-            paused=p_bool(req.params, "paused"),
-            tag_list=p_tags(req.params) or [],
-        )
-        return paginate(req, self._model.list_runners(filters, all_runners=all_runners))
+        return paginate(req, self._model.list_runners(_runner_filters(req), all_runners=all_runners))
+
+    def _list_group_runners(self, req: ApiRequest) -> ApiResponse:
+        return paginate(req, self._model.list_group_runners(req.path_params["id"], _runner_filters(req)))
+
+    def _list_project_runners(self, req: ApiRequest) -> ApiResponse:
+        return paginate(req, self._model.list_project_runners(_pid(req), _runner_filters(req)))
 
     def _update_runner(self, req: ApiRequest) -> ApiResponse:
         active = p_bool(req.params, "active")  # deprecated inverse of paused, still sent by older clients
@@ -512,10 +522,10 @@ class GitLabApi:
             maximum_timeout=p_int(req.params, "maximum_timeout"),
             maintenance_note=p_str(req.params, "maintenance_note"),
         )
-        return ApiResponse(200, self._model.update_runner(_rid(req), changes))
+        return ApiResponse(200, self._model.update_runner(_rid(req), changes, _user(req)))
 
     def _delete_runner(self, req: ApiRequest) -> ApiResponse:
-        self._model.delete_runner(_rid(req))
+        self._model.delete_runner(_rid(req), _user(req))
         return ApiResponse(204)
 
     def _delete_runner_by_token(self, req: ApiRequest) -> ApiResponse:
@@ -557,6 +567,21 @@ def _int_param(req: ApiRequest, key: str) -> int:
     if not value.isdigit():
         raise BadRequestError(f"{key} is invalid")
     return int(value)
+
+
+def _user(req: ApiRequest) -> User:
+    if req.user is None:  # routes with Auth.USER or Auth.ADMIN always carry one
+        raise RuntimeError(f"{req.method} {req.path} reached a user handler without a user")
+    return req.user
+
+
+def _runner_filters(req: ApiRequest) -> RunnerFilters:
+    return RunnerFilters(
+        runner_type=p_enum(req.params, "type", RunnerType),
+        status=p_str(req.params, "status") or p_str(req.params, "scope"),
+        paused=p_bool(req.params, "paused"),
+        tag_list=p_tags(req.params) or [],
+    )
 
 
 def _pid(req: ApiRequest) -> str:
@@ -864,7 +889,8 @@ class GitLabEmulator:
         self.admin_token = admin_token
         self._stopping = threading.Event()
         self._model = GitLabModel(legacy_timestamps=legacy_timestamps)
-        self._api = GitLabApi(self._model, admin_token=admin_token, version=version, stopping=self._stopping)
+        self._model.add_access_token(admin_token, admin=True)
+        self._api = GitLabApi(self._model, version=version, stopping=self._stopping)
         self._dispatcher = WebhookDispatcher(
             self._model,
             workers=delivery_workers,
@@ -922,6 +948,17 @@ class GitLabEmulator:
         if not self._url:
             raise RuntimeError("the GitLab emulator is not started")
         return self._url
+
+    # -- users and their tokens --
+
+    def add_token(self, token: str, *, admin: bool = False) -> None:
+        """Accept ``token``: an administrator's, or (default) that of a user owning every group and project but
+        no administrator, as a group- or project-runner fleet's token is."""
+        self._model.add_access_token(token, admin=admin)
+
+    def revoke_token(self, token: str) -> None:
+        """``token`` gets 401 from now on, as a revoked or expired personal access token does."""
+        self._model.revoke_access_token(token)
 
     # -- seeding and driving state from Python --
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -106,6 +107,11 @@ ADMIN_USER_ID = 1
 ADMIN_USERNAME = "root"
 ADMIN_NAME = "Administrator"
 ADMIN_EMAIL = "admin@example.com"
+# The one non-administrator the emulator knows. Memberships are not modelled: this user owns every group and
+# project, which is what a group- or project-runner fleet's token holder has, and no more.
+OWNER_USER_ID = 2
+OWNER_USERNAME = "fleet-owner"
+OWNER_NAME = "Fleet Owner"
 AVATAR_URL = "https://www.gravatar.com/avatar/e64c7d89f26bd1972efa854d13d7dd61?s=80&d=identicon"
 COMMIT_MESSAGE = "Sandbox pipeline\n"
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
@@ -185,6 +191,20 @@ class HookChanges:
 
 
 @dataclass(frozen=True)
+class User:
+    """Whom a personal access token authenticates; ``admin`` is GitLab's administrator flag."""
+
+    id: int
+    username: str
+    name: str
+    admin: bool
+
+
+ADMIN = User(ADMIN_USER_ID, ADMIN_USERNAME, ADMIN_NAME, admin=True)
+OWNER = User(OWNER_USER_ID, OWNER_USERNAME, OWNER_NAME, admin=False)
+
+
+@dataclass(frozen=True)
 class RunnerSettings:
     """``POST /user/runners`` parameters."""
 
@@ -217,7 +237,7 @@ class RunnerChanges:
 
 @dataclass(frozen=True)
 class RunnerFilters:
-    """``GET /runners`` and ``GET /runners/all`` filters."""
+    """Filters of the runner listings (``/runners``, ``/runners/all``, ``/groups|projects/:id/runners``)."""
 
     runner_type: RunnerType | None = None
     status: str | None = None
@@ -467,6 +487,7 @@ class GitLabModel:
         # Jobs waiting for a runner, in the order they were queued: dict order is the queue.
         self._queue: dict[int, Job] = {}
         self._runners: dict[int, Runner] = {}
+        self._tokens: dict[str, User] = {}
         self._deliveries: list[Delivery] = []
         # Id sequences start far apart, so a project id passed where a job or runner id belongs gets a 404
         # instead of quietly hitting another object.
@@ -485,14 +506,30 @@ class GitLabModel:
         with self.lock:
             self._on_event = on_event
 
-    # -- users and instance --
+    # -- users, their tokens, and the instance --
 
-    def current_user(self) -> dict[str, Any]:
+    def add_access_token(self, token: str, *, admin: bool) -> None:
+        """A personal access token of the administrator (``admin``) or of the owner of every group and project."""
+        with self.lock:
+            self._tokens[token] = ADMIN if admin else OWNER
+
+    def revoke_access_token(self, token: str) -> None:
+        with self.lock:
+            self._tokens.pop(token, None)
+
+    def user_by_token(self, token: str) -> User | None:
+        with self.lock:
+            for known, user in self._tokens.items():
+                if hmac.compare_digest(known.encode(), token.encode()):
+                    return user
+            return None
+
+    def current_user(self, user: User = ADMIN) -> dict[str, Any]:
         with self.lock:
             return {
-                **self._user_json(),
-                "email": ADMIN_EMAIL,
-                "is_admin": True,
+                **self._user_json(user),
+                "email": ADMIN_EMAIL if user.admin else f"{user.username}@example.com",
+                "is_admin": user.admin,
                 "can_create_project": True,
                 "can_create_group": True,
             }
@@ -669,8 +706,10 @@ class GitLabModel:
 
     # -- runners (admin API) --
 
-    def create_runner(self, settings: RunnerSettings) -> dict[str, Any]:
+    def create_runner(self, settings: RunnerSettings, user: User = ADMIN) -> dict[str, Any]:
         with self.lock:
+            if settings.runner_type is RunnerType.INSTANCE and not user.admin:
+                raise ForbiddenError()
             group: Namespace | None = None
             project_ids: list[int] = []
             if settings.runner_type is RunnerType.GROUP:
@@ -713,6 +752,40 @@ class GitLabModel:
                     found.append(self._runner_json(runner, now))
             return found
 
+    def list_group_runners(self, group_ref: str | int, filters: RunnerFilters) -> list[dict[str, Any]]:
+        """``GET /groups/:id/runners``: runners of the group and its ancestors, and instance runners."""
+        with self.lock:
+            group = self._group(group_ref)
+            now = self._clock()
+            return [
+                self._runner_json(runner, now)
+                for runner in self._runners.values()
+                if (
+                    runner.runner_type is RunnerType.INSTANCE
+                    or (runner.runner_type is RunnerType.GROUP and self._within(group.full_path, runner.group))
+                )
+                and self._runner_matches(runner, filters, now)
+            ]
+
+    def list_project_runners(self, project_ref: str | int, filters: RunnerFilters) -> list[dict[str, Any]]:
+        """``GET /projects/:id/runners``: runners assigned to the project, its groups' runners, instance runners."""
+        with self.lock:
+            project = self._project(project_ref)
+            now = self._clock()
+            return [
+                self._runner_json(runner, now)
+                for runner in self._runners.values()
+                if (
+                    runner.runner_type is RunnerType.INSTANCE
+                    or (runner.runner_type is RunnerType.PROJECT and project.id in runner.project_ids)
+                    or (
+                        runner.runner_type is RunnerType.GROUP
+                        and self._within(project.namespace.full_path, runner.group)
+                    )
+                )
+                and self._runner_matches(runner, filters, now)
+            ]
+
     def get_runner(self, runner_id: int) -> dict[str, Any]:
         with self.lock:
             return self._runner_detail_json(self._runner(runner_id))
@@ -721,9 +794,9 @@ class GitLabModel:
         with self.lock:
             return [self._runner_detail_json(r) for r in self._runners.values()]
 
-    def update_runner(self, runner_id: int, changes: RunnerChanges) -> dict[str, Any]:
+    def update_runner(self, runner_id: int, changes: RunnerChanges, user: User = ADMIN) -> dict[str, Any]:
         with self.lock:
-            runner = self._runner(runner_id)
+            runner = self._managed_runner(runner_id, user)
             if changes.description is not None:
                 runner.description = changes.description
             if changes.paused is not None:
@@ -742,14 +815,14 @@ class GitLabModel:
                 runner.maintenance_note = changes.maintenance_note
             return self._runner_detail_json(runner)
 
-    def delete_runner(self, runner_id: int) -> None:
+    def delete_runner(self, runner_id: int, user: User = ADMIN) -> None:
         with self.lock:
-            del self._runners[self._runner(runner_id).id]
+            del self._runners[self._managed_runner(runner_id, user).id]
 
-    def reset_runner_token(self, runner_id: int) -> dict[str, Any]:
+    def reset_runner_token(self, runner_id: int, user: User = ADMIN) -> dict[str, Any]:
         """``POST /runners/:id/reset_authentication_token``: the old token stops working at once."""
         with self.lock:
-            runner = self._runner(runner_id)
+            runner = self._managed_runner(runner_id, user)
             runner.token = "glrt-" + secrets.token_urlsafe(15)
             return {"token": runner.token, "token_expires_at": None}
 
@@ -865,6 +938,26 @@ class GitLabModel:
             if namespace.id == namespace_id:
                 return namespace
         raise NotFoundError(what)
+
+    def _group(self, ref: str | int) -> Namespace:
+        # Like projects, groups are addressed by numeric id or URL-encoded full path.
+        for namespace in self._namespaces.values():
+            if namespace.kind == "group" and (str(namespace.id) == str(ref) or namespace.full_path == ref):
+                return namespace
+        raise NotFoundError("Group")
+
+    @staticmethod
+    def _within(full_path: str, group: Namespace | None) -> bool:
+        """Whether ``full_path`` is ``group`` or lies below it."""
+        return group is not None and (full_path == group.full_path or full_path.startswith(group.full_path + "/"))
+
+    def _managed_runner(self, runner_id: int, user: User) -> Runner:
+        # Only administrators manage instance runners; group and project runners belong to their owner, which
+        # the emulator's one non-administrator is for every group and project.
+        runner = self._runner(runner_id)
+        if runner.runner_type is RunnerType.INSTANCE and not user.admin:
+            raise ForbiddenError()
+        return runner
 
     def _project(self, ref: str | int) -> Project:
         # GitLab accepts a numeric id or the URL-encoded "namespace/path" wherever :id appears.
@@ -1157,15 +1250,15 @@ class GitLabModel:
         host = self.external_url.split("://", 1)[-1].split(":", 1)[0]
         return f"git@{host}:{project.path_with_namespace}.git"
 
-    def _user_json(self) -> dict[str, Any]:
+    def _user_json(self, user: User = ADMIN) -> dict[str, Any]:
         return {
-            "id": ADMIN_USER_ID,
-            "username": ADMIN_USERNAME,
-            "name": ADMIN_NAME,
+            "id": user.id,
+            "username": user.username,
+            "name": user.name,
             "state": "active",
             "locked": False,
             "avatar_url": AVATAR_URL,
-            "web_url": f"{self.external_url}/{ADMIN_USERNAME}",
+            "web_url": f"{self.external_url}/{user.username}",
             "created_at": iso_ms(EPOCH),
             "bio": "",
             "location": "",

@@ -24,6 +24,7 @@ from requests.structures import CaseInsensitiveDict
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator, JobSpec
 
 ADMIN = "glpat-test-admin"
+OWNER = "glpat-test-owner"  # a non-administrator owning every group and project
 SIGNING_KEY = bytes(range(32))
 SIGNING_TOKEN = "whsec_" + base64.b64encode(SIGNING_KEY).decode()
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -302,6 +303,79 @@ def test_runners_are_created_listed_and_filtered_like_gitlab(emu: GitLabEmulator
     assert [r.id for r in gl.runners_all.list(status="never_contacted", get_all=True)] == [shared.id, mine.id]
     # The list shape has no tags: reading them takes GET /runners/:id, as with GitLab.
     assert "tag_list" not in gl.runners_all.list(get_all=True)[0].attributes
+
+
+def as_owner(emu: GitLabEmulator, method: str, path: str, **kwargs: Any) -> requests.Response:
+    return requests.request(method, api(emu, path), headers={"PRIVATE-TOKEN": OWNER}, timeout=5, **kwargs)
+
+
+def test_a_token_without_admin_gets_403_where_gitlab_wants_an_administrator(emu: GitLabEmulator) -> None:
+    # given a group owner's token, and an instance runner the administrator made
+    emu.add_token(OWNER)
+    project_id = emu.create_project("platform/app")
+    shared = new_runner(emu)
+
+    # when / then: /runners/all and instance runners are administrators' business
+    assert as_owner(emu, "GET", "/user").json()["is_admin"] is False
+    assert admin(emu, "GET", "/user").json()["is_admin"] is True
+    listing = as_owner(emu, "GET", "/runners/all")
+    assert (listing.status_code, listing.json()) == (403, {"message": "403 Forbidden"})
+    assert as_owner(emu, "POST", "/user/runners", json={"runner_type": "instance_type"}).status_code == 403
+    assert as_owner(emu, "DELETE", f"/runners/{shared['id']}").status_code == 403
+    assert as_owner(emu, "POST", f"/runners/{shared['id']}/reset_authentication_token").status_code == 403
+    # and group and project runners are the owner's
+    project_runner = as_owner(
+        emu, "POST", "/user/runners", json={"runner_type": "project_type", "project_id": project_id}
+    )
+    assert project_runner.status_code == 201
+    reset = as_owner(emu, "POST", f"/runners/{project_runner.json()['id']}/reset_authentication_token")
+    assert reset.status_code == 201
+
+
+def test_a_revoked_token_gets_401(emu: GitLabEmulator) -> None:
+    emu.add_token(OWNER)
+    assert as_owner(emu, "GET", "/user").status_code == 200
+
+    emu.revoke_token(OWNER)
+
+    assert as_owner(emu, "GET", "/user").status_code == 401
+
+
+def test_group_and_project_runner_listings_show_what_gitlab_shows(emu: GitLabEmulator) -> None:
+    # given runners of every scope, in and out of the platform group
+    emu.add_token(OWNER)
+    app_id = emu.create_project("platform/app")
+    other_id = emu.create_project("other/tool")
+    group_id = as_owner(emu, "GET", f"/projects/{app_id}").json()["namespace"]["id"]
+    other_group_id = as_owner(emu, "GET", f"/projects/{other_id}").json()["namespace"]["id"]
+
+    def create(**settings: Any) -> int:
+        answer = admin(emu, "POST", "/user/runners", json={"tag_list": "docker", **settings})
+        assert answer.status_code == 201, answer.text
+        return int(answer.json()["id"])
+
+    shared = create(runner_type="instance_type")
+    group = create(runner_type="group_type", group_id=group_id, tag_list="docker,dind")
+    create(runner_type="group_type", group_id=other_group_id)
+    app = create(runner_type="project_type", project_id=app_id)
+    create(runner_type="project_type", project_id=other_id)
+
+    def ids(path: str, **params: Any) -> list[int]:
+        answer = as_owner(emu, "GET", path, params=params)
+        assert answer.status_code == 200, answer.text
+        return [int(r["id"]) for r in answer.json()]
+
+    # when / then: a group lists its own runners and instance runners; a project adds its own
+    assert ids(f"/groups/{group_id}/runners") == [shared, group]
+    assert ids("/groups/platform/runners", type="group_type") == [group]
+    assert ids(f"/groups/{group_id}/runners", tag_list="docker,dind") == [group]
+    assert ids(f"/projects/{app_id}/runners") == [shared, group, app]
+    assert ids("/projects/platform%2Fapp/runners", type="project_type") == [app]
+    assert ids(f"/projects/{app_id}/runners", type="group_type") == [group]
+    assert as_owner(emu, "GET", "/groups/999/runners").json() == {"message": "404 Group Not Found"}
+    # the list shape is the one /runners/all has
+    [listed] = as_owner(emu, "GET", f"/groups/{group_id}/runners", params={"type": "group_type"}).json()
+    assert set(listed) == set(admin(emu, "GET", "/runners/all").json()[0])
 
 
 def test_runners_are_updated_and_deleted(emu: GitLabEmulator, gl: gitlab.Gitlab) -> None:
