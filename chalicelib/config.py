@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_ENV_VAR",
+    "AccessLevel",
     "FleetConfig",
     "GitLabConfig",
     "ImageConfig",
@@ -162,14 +164,46 @@ def _check_ssm_name(value: str) -> str:
     return value
 
 
+# Plain http is accepted only where no network sits between fleet and GitLab: the sandbox's emulator.
+_LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False
+
+
+def _unsafe_character(value: str) -> str | None:
+    """The first control or whitespace character in ``value``, shown as an escape, or None."""
+    for char in value:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            return repr(char)
+    return None
+
+
 def _check_url(value: str) -> str:
+    # urlsplit silently drops tabs and newlines (the WHATWG "unsafe bytes"), so the raw text is checked first:
+    # the URL ends up in the runners' user data, where a newline would start a shell command.
+    unsafe = _unsafe_character(value)
+    if unsafe is not None:
+        raise _invalid(f"must not contain whitespace or control characters, found {unsafe} in {_show(value)}")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _invalid(f"must be an http or https URL, got {_show(value)}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise _invalid(f"must use https (http is allowed only for localhost, 127.0.0.0/8 and ::1), got {_show(value)}")
     if parts.username or parts.password:
         raise _invalid("must not contain credentials; the API token comes from gitlab.token_parameter")
     if parts.query or parts.fragment:
         raise _invalid(f"must not have a query or fragment, got {_show(value)}")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise _invalid(f"must have a port between 0 and 65535, got {_show(value)}") from None
     # API paths are appended to the base URL; one canonical form avoids '//api/v4'.
     return value.rstrip("/")
 
@@ -302,6 +336,13 @@ class RunnerType(str, Enum):
     PROJECT = "project_type"
 
 
+class AccessLevel(str, Enum):
+    """Which jobs a pool's runners take (``POST /user/runners`` access_level)."""
+
+    NOT_PROTECTED = "not_protected"
+    REF_PROTECTED = "ref_protected"  # only jobs of protected branches and tags
+
+
 class GitLabConfig(_Model):
     """Where GitLab is, the SSM parameter holding the API token used to manage runners, and the runners' scope.
 
@@ -372,10 +413,16 @@ class WarmConfig(_Model):
 
 
 class ImageConfig(_Model):
-    """The CI job image of a pool, from the fleet's ECR registry; rotation pins it to a scanned digest."""
+    """The CI job image of a pool, from the fleet's ECR registry; rotation pins it to a scanned digest.
+
+    ``push`` lets the pool's runners push to its repository (a pool that builds its own image). Only a
+    repository no other pool runs may be pushed to: otherwise a job of this pool could replace the image
+    another pool's jobs run in.
+    """
 
     repository: _EcrRepository
     tag: _ImageTag = "latest"
+    push: _Flag = False
 
 
 class ScanGate(_Model):
@@ -406,6 +453,10 @@ class PoolConfig(_Model):
     image: ImageConfig
     scan: ScanGate | None = None
     privileged: _Flag = False
+    # A privileged job is root on its instance and can tamper with whatever the next job on it runs, so a
+    # privileged pool is ephemeral unless its config says explicitly that instances may be reused.
+    allow_privileged_reuse: _Flag = False
+    access_level: AccessLevel = AccessLevel.NOT_PROTECTED
     disk_gib: Annotated[int, Strict(), _between(8, 16384)] = 40
     max_launch_attempts: Annotated[int, Strict(), _between(1, 50)] = 8
     job_timeout_seconds: Annotated[int, Strict(), _between(600, 2_592_000)] = 3600
@@ -429,6 +480,14 @@ class PoolConfig(_Model):
             problems.add(("warm", "size"), f"must not exceed max_runners {self.max_runners}, got {self.warm.size}")
         if self.ephemeral and self.max_builds != 1:
             problems.add(("max_builds",), f"must be 1 when ephemeral is true, got {self.max_builds}")
+        if self.privileged and self.max_builds != 1 and not self.allow_privileged_reuse:
+            problems.add(
+                ("privileged",),
+                f"a privileged pool must be ephemeral (max_builds 1), got max_builds {self.max_builds}; "
+                "set allow_privileged_reuse: true to let one instance run several privileged jobs",
+            )
+        if self.allow_privileged_reuse and not self.privileged:
+            problems.add(("allow_privileged_reuse",), "must be false unless privileged is true")
         lifetime = self.max_lifetime_minutes * 60
         for field, seconds in (
             ("boot_deadline_seconds", self.boot_deadline_seconds),
@@ -493,6 +552,14 @@ class FleetConfig(_Model):
             if name in owners:
                 problems.add(loc, f"must differ from {_format_loc(owners[name])}, got {_show(name)}")
             owners.setdefault(name, loc)
+        for index, pool in enumerate(self.pools):
+            others = [o.name for o in self.pools if o is not pool and o.image.repository == pool.image.repository]
+            if pool.image.push and others:
+                problems.add(
+                    ("pools", index, "image", "push"),
+                    f"pool {pool.name} may not push to {pool.image.repository}, which pool(s) "
+                    f"{', '.join(others)} also run; give it a repository of its own",
+                )
         problems.raise_any()
         return self
 

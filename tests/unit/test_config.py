@@ -15,6 +15,7 @@ import pytest
 
 from chalicelib.config import (
     CONFIG_ENV_VAR,
+    AccessLevel,
     FleetConfig,
     Market,
     Severity,
@@ -103,6 +104,7 @@ def test_dev_stage_has_the_docker_and_build_pools() -> None:
     assert (docker.market, docker.on_demand_fallback, docker.max_runners) == (Market.SPOT, True, 20)
     assert (build.name, build.tags, build.run_untagged) == ("build", ("docker", "dind"), False)
     assert build.privileged is True
+    assert (build.ephemeral, build.max_builds) == (True, 1)  # a privileged pool is ephemeral
     assert build.instance_types == ("c7i.xlarge", "c6i.xlarge")
     assert build.max_runners == 10
     assert build.scan is not None
@@ -138,6 +140,9 @@ def test_minimal_pool_gets_documented_defaults() -> None:
     assert pool.disk_gib == 40
     assert pool.max_launch_attempts == 8
     assert pool.ami is None
+    assert pool.image.push is False
+    assert pool.access_level is AccessLevel.NOT_PROTECTED
+    assert pool.allow_privileged_reuse is False
 
 
 def test_gitlab_url_trailing_slash_is_stripped() -> None:
@@ -217,6 +222,85 @@ def test_gitlab_url_rule(url: str, reason: str) -> None:
     data["gitlab"]["url"] = url
 
     assert problems_of(data) == [f"gitlab.url: {reason}"]
+
+
+INJECTED_URL = "https://gitlab.example.com\nSETTINGS\ntouch /tmp/pwned"
+
+
+@pytest.mark.parametrize(
+    ("url", "found"),
+    [
+        (INJECTED_URL, "'\\n'"),
+        ("https://gitlab.example.com\r", "'\\r'"),
+        ("https://gitlab.example.com/\tx", "'\\t'"),
+        ("https://gitlab.example.com/a b", "' '"),
+        (" https://gitlab.example.com", "' '"),
+        ("https://gitlab.example.com\x00", "'\\x00'"),
+        ("https://gitlab.example.com\x1b[2J", "'\\x1b'"),
+        ("https://gitlab.example.com\x7f", "'\\x7f'"),
+        ("https://gitlab.example.com\x85", "'\\x85'"),
+        ("https://gitlab.example.com\u2028x", "'\\u2028'"),
+        ("https://gitlab.example.com\u00a0", "'\\xa0'"),
+        ("https://gitlab.example.com\u200b", "'\\u200b'"),
+    ],
+)
+def test_gitlab_url_refuses_whitespace_and_control_characters(url: str, found: str) -> None:
+    data = valid_config()
+    data["gitlab"]["url"] = url
+
+    [problem] = problems_of(data)
+
+    assert problem.startswith(f"gitlab.url: must not contain whitespace or control characters, found {found} in ")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://gitlab.example.com",
+        "http://gitlab.example.com:8929",
+        "http://10.0.0.5",
+        "http://128.0.0.1",
+        "http://[::2]:8080",
+        "http://localhost.example.com",
+        "http://0.0.0.0",
+    ],
+)
+def test_gitlab_url_needs_https_unless_loopback(url: str) -> None:
+    data = valid_config()
+    data["gitlab"]["url"] = url
+
+    assert problems_of(data) == [
+        f"gitlab.url: must use https (http is allowed only for localhost, 127.0.0.0/8 and ::1), got {url!r}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("https://gitlab.example.com", "https://gitlab.example.com"),
+        ("https://gitlab.example.com:8443/gitlab/", "https://gitlab.example.com:8443/gitlab"),
+        ("http://127.0.0.1:8929", "http://127.0.0.1:8929"),
+        ("http://127.10.20.30", "http://127.10.20.30"),
+        ("http://localhost:8080/", "http://localhost:8080"),
+        ("http://LOCALHOST:8080", "http://LOCALHOST:8080"),
+        ("http://[::1]:8929", "http://[::1]:8929"),
+        ("https://10.0.0.5", "https://10.0.0.5"),
+    ],
+)
+def test_gitlab_url_accepts_https_anywhere_and_http_on_loopback(url: str, parsed: str) -> None:
+    data = valid_config()
+    data["gitlab"]["url"] = url
+
+    assert parse_config(data).gitlab.url == parsed
+
+
+def test_gitlab_url_port_must_be_a_port() -> None:
+    data = valid_config()
+    data["gitlab"]["url"] = "https://gitlab.example.com:99999"
+
+    assert problems_of(data) == [
+        "gitlab.url: must have a port between 0 and 65535, got 'https://gitlab.example.com:99999'"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -515,6 +599,85 @@ def test_ephemeral_pool_refuses_more_than_one_build() -> None:
 
 def test_reused_pool_keeps_its_max_builds() -> None:
     assert parse_config(with_pool(max_builds=3)).pools[0].max_builds == 3
+
+
+# ---- trust: privileged reuse, image push, protected branches ----------------------------------------------------
+
+
+def test_privileged_pool_must_be_ephemeral() -> None:
+    assert problems_of(with_pool(privileged=True)) == [
+        "pools[0](docker).privileged: a privileged pool must be ephemeral (max_builds 1), got max_builds 10; "
+        "set allow_privileged_reuse: true to let one instance run several privileged jobs"
+    ]
+    assert problems_of(with_pool(privileged=True, max_builds=2))[0].startswith("pools[0](docker).privileged: ")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ephemeral": True},
+        {"max_builds": 1},
+        {"allow_privileged_reuse": True},
+        {"allow_privileged_reuse": True, "max_builds": 5},
+    ],
+)
+def test_privileged_pool_is_ephemeral_or_says_it_reuses(settings: dict[str, Any]) -> None:
+    assert parse_config(with_pool(privileged=True, **settings)).pools[0].privileged is True
+
+
+def test_allow_privileged_reuse_needs_a_privileged_pool() -> None:
+    assert problems_of(with_pool(allow_privileged_reuse=True)) == [
+        "pools[0](docker).allow_privileged_reuse: must be false unless privileged is true"
+    ]
+
+
+def test_a_pool_may_push_to_a_repository_of_its_own() -> None:
+    config = parse_config(
+        valid_config(
+            valid_pool("docker"),
+            valid_pool("build", tags=["dind"], image={"repository": "ci/dind", "push": True}),
+        )
+    )
+
+    assert [p.image.push for p in config.pools] == [False, True]
+
+
+def test_push_to_a_repository_another_pool_runs_is_refused_naming_both_pools() -> None:
+    data = valid_config(
+        valid_pool("docker"),
+        valid_pool("build", tags=["dind"], image={"repository": "ci/build-base", "push": True}),
+        valid_pool("lint", tags=["lint"]),
+    )
+
+    assert problems_of(data) == [
+        "pools[1](build).image.push: pool build may not push to ci/build-base, which pool(s) docker, lint also "
+        "run; give it a repository of its own"
+    ]
+
+
+def test_two_pools_pushing_to_one_repository_are_both_refused() -> None:
+    shared = {"repository": "ci/dind", "push": True}
+    data = valid_config(valid_pool("a", image=shared), valid_pool("b", tags=["b"], image=shared))
+
+    assert problems_of(data) == [
+        "pools[0](a).image.push: pool a may not push to ci/dind, which pool(s) b also run; give it a repository "
+        "of its own",
+        "pools[1](b).image.push: pool b may not push to ci/dind, which pool(s) a also run; give it a repository "
+        "of its own",
+    ]
+
+
+def test_image_push_must_be_a_boolean() -> None:
+    assert problems_of(with_pool(image={"repository": "ci/build-base", "push": "yes"})) == [
+        "pools[0](docker).image.push: must be true or false, got 'yes'"
+    ]
+
+
+def test_access_level_is_not_protected_or_ref_protected() -> None:
+    assert parse_config(with_pool(access_level="ref_protected")).pools[0].access_level is AccessLevel.REF_PROTECTED
+    assert problems_of(with_pool(access_level="protected")) == [
+        "pools[0](docker).access_level: must be 'not_protected' or 'ref_protected', got 'protected'"
+    ]
 
 
 # ---- warm windows ----------------------------------------------------------------------------------------
