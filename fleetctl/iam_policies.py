@@ -1,7 +1,8 @@
 """The runner instances' IAM policies, written by hand from the config: least privilege, no wildcard action.
 
-An instance can read and delete only its own token parameter, pull only its pools' CI images (push only where
-a pool builds images), and use the cache bucket. It gets nothing on EC2: it leaves by powering off, and the
+An instance can read and delete only its own token parameter, pull only its pools' CI images (push only to the
+repositories of pools whose config says ``image.push: true``, each run by that pool alone), and use the cache
+bucket. It gets nothing on EC2: it leaves by powering off, and the
 launch template makes an instance-initiated shutdown terminate it.
 """
 
@@ -44,7 +45,9 @@ def runner_instance_policy(config: FleetConfig) -> Policy:
     """The inline policy of the runner role."""
     token_parameters = "arn:aws:ssm:*:*:parameter" + runner_token_parameter(config.fleet, "*")
     pulled = sorted({pool.image.repository for pool in config.pools})
-    pushed = sorted({pool.image.repository for pool in config.pools if pool.privileged})
+    # Push is a per-pool opt-in, never implied by privileged: config validation refuses push to a repository
+    # another pool runs, so no pool's jobs can replace the image another pool's jobs run in.
+    pushed = sorted({pool.image.repository for pool in config.pools if pool.image.push})
     statements: list[dict[str, Any]] = [
         {
             "Sid": "OwnRunnerTokenOnly",
@@ -52,7 +55,10 @@ def runner_instance_policy(config: FleetConfig) -> Policy:
             "Action": ["ssm:DeleteParameter", "ssm:GetParameter"],
             "Resource": token_parameters,
             # ec2:SourceInstanceARN is the ARN of the instance whose role credentials sign the request, so an
-            # instance matches only the parameter scale-up tagged with its own ARN. SecureStrings use the
+            # instance matches only the parameter scale-up tagged with its own ARN. AWS documents the key in the
+            # Amazon EC2 User Guide, "Identity-based policies for Amazon EC2", section "ec2:SourceInstanceARN
+            # condition key": it specifies "the ARN of the instance from which a request is made" and is "an
+            # AWS global condition key", usable with services other than EC2 (here SSM). SecureStrings use the
             # AWS-managed aws/ssm key, whose key policy already allows decryption through SSM.
             "Condition": {"StringEquals": {f"ssm:resourceTag/{INSTANCE_ARN_TAG}": "${ec2:SourceInstanceARN}"}},
         },

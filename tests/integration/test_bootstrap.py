@@ -73,8 +73,9 @@ def config_document(network: SandboxNetwork | None = None, *, build_disk: int = 
                 **pool,
                 "name": "build",
                 "tags": ["dind"],
-                "image": {"repository": "ci/dind"},
+                "image": {"repository": "ci/dind", "push": True},
                 "privileged": True,
+                "ephemeral": True,
                 "disk_gib": build_disk,
             },
         ],
@@ -474,7 +475,7 @@ def test_policy_token_statement_is_bound_to_the_calling_instance() -> None:
     assert token["Condition"] == {"StringEquals": {f"ssm:resourceTag/{INSTANCE_ARN_TAG}": "${ec2:SourceInstanceARN}"}}
 
 
-def test_policy_pushes_only_to_privileged_pools_repositories() -> None:
+def test_policy_pushes_only_to_the_repositories_of_pools_that_push() -> None:
     statements = _statements(parse_config(config_document()))
 
     assert _as_list(statements["PullCiImages"]["Resource"]) == [
@@ -493,9 +494,9 @@ def test_policy_pushes_only_to_privileged_pools_repositories() -> None:
     assert statements["CacheListing"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}"
 
 
-def test_policy_without_privileged_pools_grants_no_push() -> None:
+def test_policy_grants_no_push_to_a_privileged_pool_that_does_not_push() -> None:
     document = config_document()
-    document["pools"][1]["privileged"] = False
+    document["pools"][1]["image"]["push"] = False
 
     statements = _statements(parse_config(document))
 
