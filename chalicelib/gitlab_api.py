@@ -116,7 +116,8 @@ class GitLabApi:
         """A runner of the configured scope with exactly this description (and these tags), from a creation
         whose answer was lost."""
         path, query = self._runner_listing()
-        query = {**query, "tag_list": ",".join(tags)}
+        if tags:  # with no tags to filter by, the parameter is left out rather than sent empty
+            query = {**query, "tag_list": ",".join(tags)}
 
         def search(gl: Any) -> int | None:
             for runner in gl.http_list(path, query_data=query, iterator=True):

@@ -224,3 +224,12 @@ def test_a_token_without_admin_cannot_create_instance_runners(emu: GitLabEmulato
     with pytest.raises(RetryableError, match="HTTP 403"):
         create(api, "runner-fleet-dev/docker/i-0123456789abcdef0")
     assert emu.runners() == []
+
+
+def test_a_pool_without_tags_finds_its_runner(emu: GitLabEmulator, project: dict[str, Any]) -> None:
+    api = GitLabApi(emu.url, lambda: OWNER, runner_type=RunnerType.PROJECT, owner_id=project["id"])
+    created = api.create_runner(
+        description="runner-fleet-dev/any/i-0123456789abcdef0", tags=(), run_untagged=True, maximum_timeout=3600
+    )
+
+    assert api.find_runner("runner-fleet-dev/any/i-0123456789abcdef0", ()) == created.runner_id
