@@ -99,10 +99,14 @@ def _chalice_drift(config: Any, config_file: Path, chalice_config: Path | None) 
         if stage_config_path(chalice_config, stage).resolve() != target:
             continue
         environment = settings["environment_variables"]
-        problems += [f"stage {stage}: environment_variables.{problem}" for problem in settings_drift(config, environment)]
+        problems += [
+            f"stage {stage}: environment_variables.{problem}" for problem in settings_drift(config, environment)
+        ]
         for policy in stage_policy_files(config, stage, chalice_config):
             if not policy.path.is_file():
-                problems.append(f"stage {stage}: {policy.path.name} is missing; run 'fleetctl policies --stage {stage}'")
+                problems.append(
+                    f"stage {stage}: {policy.path.name} is missing; run 'fleetctl policies --stage {stage}'"
+                )
             elif not policy.is_current():
                 problems.append(f"stage {stage}: {policy.path.name} is stale; run 'fleetctl policies --stage {stage}'")
     if problems:
@@ -113,13 +117,20 @@ def _chalice_drift(config: Any, config_file: Path, chalice_config: Path | None) 
 @main.command()
 @click.option("--stage", type=click.Choice(["dev", "prod", "all"]), default="all", show_default=True)
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each policy file that is stale.")
-def policies(stage: str, check: bool) -> None:
+@click.option(
+    "--chalice-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Chalice's config.json naming the stages and policy files (default: .chalice/config.json of this project).",
+)
+def policies(stage: str, check: bool, chalice_config: Path | None) -> None:
     """Generate the Lambda functions' IAM policies into .chalice/ from each stage's file."""
     from fleetctl.lambda_policies import CHALICE_CONFIG, chalice_stages, iter_policy_files
 
-    stages = sorted(chalice_stages(CHALICE_CONFIG)) if stage == "all" else [stage]
+    chalice_config = chalice_config or CHALICE_CONFIG
+    stages = sorted(chalice_stages(chalice_config)) if stage == "all" else [stage]
     try:
-        files = list(iter_policy_files(stages))
+        files = list(iter_policy_files(stages, chalice_config))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     stale = [policy for policy in files if not policy.is_current()]

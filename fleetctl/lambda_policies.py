@@ -112,7 +112,9 @@ def function_name(app_name: str, stage: str, function: LambdaFunction) -> str:
 def _logs(app_name: str, stage: str, function: LambdaFunction | None) -> Grant:
     # Without a function, the stage's default role: Chalice names it in config.json even though every function
     # has a policy of its own, so it gets logging only.
-    group = f"/aws/lambda/{function_name(app_name, stage, function)}" if function else f"/aws/lambda/{app_name}-{stage}*"
+    group = (
+        f"/aws/lambda/{function_name(app_name, stage, function)}" if function else f"/aws/lambda/{app_name}-{stage}*"
+    )
     return Grant(
         "OwnLogs",
         ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"),
@@ -317,7 +319,7 @@ def stage_config_path(chalice_config: Path, stage: str) -> Path:
     from chalicelib.config import CONFIG_ENV_VAR
 
     stages = chalice_stages(chalice_config)
-    relative = stages[stage]["environment_variables"][CONFIG_ENV_VAR]
+    relative = str(stages[stage]["environment_variables"][CONFIG_ENV_VAR])
     return chalice_config.resolve().parents[1] / relative
 
 
@@ -327,9 +329,7 @@ def stage_policy_files(config: FleetConfig, stage: str, chalice_config: Path = C
     app_name = str(document["app_name"])
     settings = document["stages"][stage]
     directory = chalice_config.parent
-    files = [
-        PolicyFile(stage, None, directory / settings["iam_policy_file"], (_logs(app_name, stage, None),))
-    ]
+    files = [PolicyFile(stage, None, directory / settings["iam_policy_file"], (_logs(app_name, stage, None),))]
     functions = settings.get("lambda_functions", {})
     for function in LambdaFunction:
         name = functions.get(function.chalice_name, {}).get("iam_policy_file", f"policy-{stage}-{function.value}.json")
