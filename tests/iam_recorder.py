@@ -22,9 +22,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from botocore.client import BaseClient
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FULL_SUITE_ENV = "RUNNER_FLEET_IAM_FULL"
 REPORT = PROJECT_DIR / ".pytest_cache" / "iam-calls.json"
+SNAPSHOTS = PROJECT_DIR / ".pytest_cache" / "iam-stage-files"
 PLACEHOLDER_ACCOUNT = "123456789012"
 
 # Entry modules of each Lambda function; the innermost one on the stack names the caller.
@@ -68,8 +71,10 @@ class Recorder:
         self.calls = 0
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._templates: dict[tuple[str, str], dict[str, Any]] = {}
+        self._templates: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._config_versions: dict[tuple[str, int, int], str] = {}
         self._original: Any = None
+        self._original_submit: Any = None
 
     # -- hooking botocore --------------------------------------------------------------------------------
 
@@ -86,15 +91,17 @@ class Recorder:
 
         self._original = original
         BaseClient._make_api_call = _make_api_call  # type: ignore[method-assign]
+        self._original_submit = _install_thread_pool_inheritance()
 
     def uninstall(self) -> None:
         if self._original is not None:
             BaseClient._make_api_call = self._original  # type: ignore[method-assign]
+            ThreadPoolExecutor.submit = self._original_submit  # type: ignore[method-assign]
 
     def _record(self, client: BaseClient, function: str, operation: str, params: dict[str, Any]) -> None:
         self._local.busy = True
         try:
-            config = os.environ.get("RUNNER_FLEET_CONFIG", "")
+            config = self._config_snapshot()
             try:
                 found = list(self._translate(client, operation, params))
             except Exception as exc:
@@ -105,6 +112,23 @@ class Recorder:
                     self.requests.add(Request(function, config, operation, action, resource, context, problem))
         finally:
             self._local.busy = False
+
+    def _config_snapshot(self) -> str:
+        """The stage file the call ran under, as it was then: the sandbox rewrites one file on every reset."""
+        path = os.environ.get("RUNNER_FLEET_CONFIG", "")
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return path
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        found = self._config_versions.get(key)
+        if found is None:
+            source = Path(path)
+            snapshot = SNAPSHOTS / str(os.getpid()) / f"{len(self._config_versions)}{source.suffix}"
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            snapshot.write_bytes(source.read_bytes())
+            found = self._config_versions[key] = str(snapshot)
+        return found
 
     # -- calls to IAM requests ---------------------------------------------------------------------------
 
@@ -194,26 +218,29 @@ class Recorder:
                 )
 
     def _template(self, client: BaseClient, spec: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The launch template's id, tags and default version's data, read once per template per endpoint."""
+        """The launch template's id, tags and default version's data (the template is looked up on every launch,
+        since the sandbox makes it anew on each reset; its version's data and tags once per id and version)."""
         name = spec.get("LaunchTemplateName") or spec.get("LaunchTemplateId") or ""
-        key = (str(client.meta.endpoint_url), name)
-        if key in self._templates:
-            return self._templates[key]
         by = {"LaunchTemplateNames": [name]} if spec.get("LaunchTemplateName") else {"LaunchTemplateIds": [name]}
         try:
             found = client.describe_launch_templates(**by)["LaunchTemplates"][0]  # type: ignore[attr-defined]
             template_id = found["LaunchTemplateId"]
-            version = client.describe_launch_template_versions(  # type: ignore[attr-defined]
-                LaunchTemplateId=template_id, Versions=[str(found["DefaultVersionNumber"])]
-            )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
-            tags = client.describe_tags(  # type: ignore[attr-defined]
-                Filters=[{"Name": "resource-id", "Values": [template_id]}]
-            )["Tags"]
-        except Exception:
+            version = str(found["DefaultVersionNumber"])
+            key = (str(client.meta.endpoint_url), template_id, version)
+            if key not in self._templates:
+                data = client.describe_launch_template_versions(  # type: ignore[attr-defined]
+                    LaunchTemplateId=template_id, Versions=[version]
+                )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+                tags = client.describe_tags(  # type: ignore[attr-defined]
+                    Filters=[{"Name": "resource-id", "Values": [template_id]}]
+                )["Tags"]
+                self._templates[key] = {"id": template_id, "data": data, "tags": {t["Key"]: t["Value"] for t in tags}}
+        except Exception:  # reported as an untranslatable call, and so denied
             return None
-        template = {"id": template_id, "data": version, "tags": {t["Key"]: t["Value"] for t in tags}}
-        self._templates[key] = template
-        return template
+        return self._templates[key]
+
+
+_inherited = threading.local()
 
 
 def _calling_function() -> str | None:
@@ -223,7 +250,30 @@ def _calling_function() -> str | None:
         if function is not None:
             return function
         frame = frame.f_back  # type: ignore[assignment]
-    return None
+    # Work a function hands to a thread pool runs on a stack of its own: it belongs to whoever submitted it.
+    return getattr(_inherited, "function", None)
+
+
+def _install_thread_pool_inheritance() -> Any:
+    original = ThreadPoolExecutor.submit
+
+    def submit(self: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        function = _calling_function()
+        if function is None:
+            return original(self, fn, *args, **kwargs)
+
+        def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            before = getattr(_inherited, "function", None)
+            _inherited.function = function
+            try:
+                return fn(*inner_args, **inner_kwargs)
+            finally:
+                _inherited.function = before
+
+        return original(self, run, *args, **kwargs)
+
+    ThreadPoolExecutor.submit = submit  # type: ignore[method-assign]
+    return original
 
 
 def _arn_maker(service: str, region: str) -> Any:
@@ -422,17 +472,27 @@ def judge(requests: Iterable[Request]) -> dict[str, Any]:
     return {"requests": rows, "denied": denied, "used": {k: sorted(v) for k, v in used.items()}}
 
 
-def unused_unjustified(used: Mapping[str, Iterable[str]]) -> list[str]:
-    """Statements of the dev stage's policies that no recorded call used and that have no ``without_call``."""
+def unused_unjustified(used: Mapping[str, Iterable[str]], recorded: Iterable[str]) -> list[str]:
+    """Statements no recorded call used that have no ``without_call`` reason, and functions never called.
+
+    Meaningful only for a whole-suite run: a subset of the tests leaves statements unused that the rest use.
+    """
     from chalicelib.config import load_config
     from fleetctl.lambda_policies import LambdaFunction, function_grants
 
     config = load_config(PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml")
+    seen = set(recorded)
     problems = []
     for function in LambdaFunction:
+        if function.value not in seen:
+            problems.append(f"{function.value}: no call recorded; the suite does not exercise this function")
+            continue
         for grant in function_grants(config, function, "runner-fleet", "dev"):
             if grant.sid not in set(used.get(function.value, ())) and not grant.without_call:
-                problems.append(f"{function.value}: statement {grant.sid} was used by no call and has no reason")
+                problems.append(
+                    f"{function.value}: statement {grant.sid} was used by no call; remove it or give it a "
+                    "without_call reason in fleetctl/lambda_policies.py"
+                )
     return problems
 
 
@@ -450,8 +510,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _recorder.requests:
         return
-    verdict = judge(_recorder.requests)
-    unused = unused_unjustified(verdict["used"]) if os.environ.get(FULL_SUITE_ENV) == "1" else []
+    try:
+        verdict = judge(_recorder.requests)
+    finally:
+        shutil.rmtree(SNAPSHOTS / str(os.getpid()), ignore_errors=True)
+    full = os.environ.get(FULL_SUITE_ENV) == "1"
+    unused = unused_unjustified(verdict["used"], {r.function for r in _recorder.requests}) if full else []
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps({**verdict, "unused_without_reason": unused, "calls": _recorder.calls}, indent=1))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
