@@ -8,14 +8,15 @@ reach) carries ``without_call``, the reason it is there anyway; the test suite r
 function makes and fails on a call no statement allows and on a statement no call used that has no such reason.
 
 Regions and accounts in ARNs are ``*``: a Lambda role reaches only resources of its own account unless another
-account's resource policy lets it in, and the names below are unique to the fleet.
+account's resource policy lets it in, and the names below are unique to the fleet. The partition follows the
+stage's region (``aws-cn`` for China, ``aws-us-gov`` for GovCloud, else ``aws``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -292,8 +293,33 @@ _GRANTS = {
 
 
 def function_grants(config: FleetConfig, function: LambdaFunction, app_name: str, stage: str) -> list[Grant]:
-    """Every statement of one function's policy, logging first."""
-    return [_logs(app_name, stage, function), *_GRANTS[function](config)]
+    """Every statement of one function's policy, logging first, in the stage's partition."""
+    grants = [_logs(app_name, stage, function), *_GRANTS[function](config)]
+    return [_in_partition(grant, partition_of(config.region)) for grant in grants]
+
+
+def partition_of(region: str | None) -> str:
+    """The AWS partition of a region: ARNs differ between aws, aws-cn and aws-us-gov."""
+    if region and region.startswith("cn-"):
+        return "aws-cn"
+    if region and region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def _in_partition(grant: Grant, partition: str) -> Grant:
+    if partition == "aws":
+        return grant
+
+    def move(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("arn:aws:", f"arn:{partition}:")
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        return value
+
+    condition = {op: {key: move(v) for key, v in pairs.items()} for op, pairs in grant.condition.items()}
+    return replace(grant, resources=tuple(move(r) for r in grant.resources), condition=condition)
 
 
 # ---- the stages of .chalice/config.json ------------------------------------------------------------------

@@ -234,3 +234,15 @@ def test_a_condition_key_the_call_does_not_give_is_a_denial(dev: FleetConfig) ->
     # the evaluator never lets a condition pass for want of a value (ForAllValues would, in IAM, on no keys)
     table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
     assert not allowed(dev, LambdaFunction.WEBHOOK, "dynamodb:UpdateItem", table)
+
+
+def test_arns_follow_the_stage_regions_partition(dev: FleetConfig) -> None:
+    # given the dev fleet in a China region
+    china = dev.model_copy(update={"region": "cn-north-1"})
+
+    # when
+    text = json.dumps(policy_document(function_grants(china, LambdaFunction.SCALE_UP, "runner-fleet", "dev")))
+
+    # then every ARN, in resources and conditions alike, is in the aws-cn partition
+    assert '"arn:aws:' not in text
+    assert '"arn:aws-cn:ec2:*:*:launch-template/*"' in text
