@@ -98,10 +98,19 @@ def _chalice_drift(config: Any, config_file: Path, chalice_config: Path | None) 
             continue
         if stage_config_path(chalice_config, stage).resolve() != target:
             continue
-        environment = settings["environment_variables"]
+        # Chalice merges the top-level, stage and function environments, the later winning.
+        top = json.loads(chalice_config.read_text()).get("environment_variables", {})
+        environment = {**top, **settings["environment_variables"]}
         problems += [
             f"stage {stage}: environment_variables.{problem}" for problem in settings_drift(config, environment)
         ]
+        for function, function_settings in settings.get("lambda_functions", {}).items():
+            if function_settings.get("environment_variables"):
+                merged = {**environment, **function_settings["environment_variables"]}
+                problems += [
+                    f"stage {stage}: lambda_functions.{function}.environment_variables.{problem}"
+                    for problem in settings_drift(config, merged)
+                ]
         for policy in stage_policy_files(config, stage, chalice_config):
             if not policy.path.is_file():
                 problems.append(

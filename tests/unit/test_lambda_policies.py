@@ -246,3 +246,20 @@ def test_arns_follow_the_stage_regions_partition(dev: FleetConfig) -> None:
     # then every ARN, in resources and conditions alike, is in the aws-cn partition
     assert '"arn:aws:' not in text
     assert '"arn:aws-cn:ec2:*:*:launch-template/*"' in text
+
+
+def test_validate_reports_a_function_environment_that_overrides_the_stage(project: Path) -> None:
+    # given scale-up's own environment pointing at another queue
+    chalice = project / ".chalice" / "config.json"
+    document = json.loads(chalice.read_text())
+    document["stages"]["dev"]["lambda_functions"]["scale_up"]["environment_variables"] = {
+        "RUNNER_FLEET_JOBS_QUEUE": "elsewhere"
+    }
+    chalice.write_text(json.dumps(document))
+
+    # when
+    result = validate(project)
+
+    # then
+    assert result.exit_code == 1
+    assert "lambda_functions.scale_up.environment_variables.RUNNER_FLEET_JOBS_QUEUE: is 'elsewhere'" in result.output
