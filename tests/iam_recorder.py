@@ -469,7 +469,15 @@ def judge(requests: Iterable[Request]) -> dict[str, Any]:
         rows.append(row)
         if not sids:
             denied.append({**row, "config": request.config, "why": why})
-    return {"requests": rows, "denied": denied, "used": {k: sorted(v) for k, v in used.items()}}
+    recorded: dict[str, set[str]] = {}
+    for row in rows:
+        recorded.setdefault(row["function"], set()).add(f"{row['action']} {row['resource']}")
+    return {
+        "recorded": {function: sorted(pairs) for function, pairs in sorted(recorded.items())},
+        "used": {k: sorted(v) for k, v in used.items()},
+        "denied": denied,
+        "requests": rows,
+    }
 
 
 def unused_unjustified(used: Mapping[str, Iterable[str]], recorded: Iterable[str]) -> list[str]:
