@@ -1,10 +1,13 @@
 # runner-fleet: `make demo` runs the sandbox scenario, `make test` runs the whole suite. Both set up .venv.
+# `make test` also judges every AWS call the Lambda code made against its generated IAM policy
+# (tests/iam_recorder.py); RUNNER_FLEET_IAM_FULL=1 adds the check that every policy statement was used or
+# says why not, which only holds when the whole suite ran. `make policies` regenerates .chalice/policy-*.json.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration e2e bench clean sandbox-up sandbox-down
+.PHONY: demo test lint typecheck unit integration e2e bench clean sandbox-up sandbox-down policies
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,7 +20,10 @@ demo: $(STAMP)
 	$(BIN)/fleetctl sandbox demo
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	RUNNER_FLEET_IAM_FULL=1 $(BIN)/python -m pytest -q
+
+policies: $(STAMP)
+	$(BIN)/fleetctl policies
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

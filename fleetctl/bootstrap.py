@@ -5,7 +5,8 @@ exists) and then executes it, so ``--dry-run`` prints exactly the plan that woul
 here and stored as SecureStrings; their values are never printed.
 
 The state side is the table, the queues and the secret parameters; the runner side is the instance role and
-profile (policy in ``fleetctl/iam_policies.py``), one launch template per pool and the cache bucket.
+profile (policy in ``fleetctl/iam_policies.py``), the EC2 Spot service-linked role, one launch template per pool
+(tagged with the fleet: scale-up may launch from no other) and the cache bucket.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ CACHE_LIFECYCLE_RULE_ID = "runner-fleet-cache-expiry"
 # The root device name of Amazon Linux, which runner_ami/ builds on; a name the AMI does not use would add a
 # second, empty volume instead of sizing the root one.
 ROOT_DEVICE = "/dev/xvda"
+SPOT_SERVICE = "spot.amazonaws.com"
+SPOT_ROLE_NAME = "AWSServiceRoleForEC2Spot"
+SPOT_ROLE_PATH = f"/aws-service-role/{SPOT_SERVICE}/"
 _AMI_ID = re.compile(r"ami-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 
 
@@ -94,6 +98,7 @@ class Bootstrapper:
             self._plan_role(),
             self._plan_role_policy(),
             self._plan_profile(),
+            self._plan_spot_role(),
             *self._plan_templates(),
             self._plan_bucket(),
         ]
@@ -300,6 +305,25 @@ class Bootstrapper:
         if change.params.get("add", True):
             iam.add_role_to_instance_profile(InstanceProfileName=change.name, RoleName=change.name)
 
+    # -- the EC2 Spot service-linked role ---------------------------------------------------------------------
+
+    def _plan_spot_role(self) -> Change:
+        # EC2 launches spot instances only once the account has this role; the console creates it on first use,
+        # the API does not, so a fresh account's first CreateFleet would fail without it. It is found by its
+        # service path (moto names the role differently from AWS).
+        found = self._aws.client("iam").list_roles(PathPrefix=SPOT_ROLE_PATH)["Roles"]
+        if found:
+            return Change("spot_role", SPOT_ROLE_NAME, Verb.KEEP, "service-linked, spot.amazonaws.com")
+        return Change("spot_role", SPOT_ROLE_NAME, Verb.CREATE, "service-linked, spot.amazonaws.com")
+
+    def _apply_spot_role(self, change: Change) -> None:
+        try:
+            self._aws.client("iam").create_service_linked_role(AWSServiceName=SPOT_SERVICE)
+        except ClientError as exc:
+            # Created in between (by the console or a concurrent bootstrap): what the plan wanted exists.
+            if error_code(exc) not in ("InvalidInput", "EntityAlreadyExists"):
+                raise
+
     # -- EC2 launch templates, one per pool ----------------------------------------------------------------
 
     def _plan_templates(self) -> list[Change]:
@@ -394,19 +418,35 @@ class Bootstrapper:
                 f"new default version {version}: " + ", ".join(drift),
                 {"data": data, "id": found["LaunchTemplateId"]},
             )
+        if not self._template_tagged(found["LaunchTemplateId"]):
+            return Change("template", name, Verb.UPDATE, f"tag {FLEET_TAG}", {"id": found["LaunchTemplateId"]})
         return Change("template", name, Verb.KEEP, f"{image_id}, version {default}")
+
+    def _template_tagged(self, template_id: str) -> bool:
+        # Scale-up may launch only from templates carrying the fleet's tag (fleetctl/lambda_policies.py).
+        found = self._aws.ec2.describe_tags(
+            Filters=[{"Name": "resource-id", "Values": [template_id]}, {"Name": "key", "Values": [FLEET_TAG]}]
+        )["Tags"]
+        return any(tag.get("Value") == self._config.fleet for tag in found)
+
+    def _tag_template(self, template_id: str) -> None:
+        self._aws.ec2.create_tags(Resources=[template_id], Tags=[{"Key": FLEET_TAG, "Value": self._config.fleet}])
 
     def _apply_template(self, change: Change) -> None:
         ec2 = self._aws.ec2
         description = f"runner-fleet {self._config.fleet} bootstrap"
         if change.verb is Verb.CREATE:
-            # The template itself goes untagged: moto copies request-level TagSpecifications into the version's
-            # data, which would then never match what is wanted. Its name carries the fleet.
-            ec2.create_launch_template(
+            # Tagged by a separate CreateTags rather than the request's TagSpecifications: moto copies those into
+            # the version's data, which would then never match what is wanted.
+            created_template = ec2.create_launch_template(
                 LaunchTemplateName=change.name,
                 VersionDescription=description,
                 LaunchTemplateData=change.params["data"],
             )
+            self._tag_template(created_template["LaunchTemplate"]["LaunchTemplateId"])
+            return
+        self._tag_template(change.params["id"])
+        if "data" not in change.params:
             return
         created = ec2.create_launch_template_version(
             LaunchTemplateId=change.params["id"],

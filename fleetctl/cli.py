@@ -1,4 +1,4 @@
-"""The ``fleetctl`` command line: validate, bootstrap, gitlab connect, status, sandbox."""
+"""The ``fleetctl`` command line: validate, policies, bootstrap, gitlab connect, status, sandbox."""
 
 from __future__ import annotations
 
@@ -48,8 +48,14 @@ def main() -> None:
 
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
-def validate(config_file: Path) -> None:
-    """Check a stage configuration file; print every problem with its field path."""
+@click.option(
+    "--chalice-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Chalice's config.json to check against the file (default: .chalice/config.json of this project).",
+)
+def validate(config_file: Path, chalice_config: Path | None) -> None:
+    """Check a stage configuration file, and the Chalice stage that loads it; print every problem."""
     from chalicelib.config import load_config
 
     try:
@@ -64,6 +70,90 @@ def validate(config_file: Path) -> None:
         + ", ".join(p.name for p in config.pools)
         + ")"
     )
+    problems = _chalice_drift(config, config_file, chalice_config)
+    if problems:
+        click.echo(f"{problems[0]}", err=True)
+        for problem in problems[1:]:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+
+
+def _chalice_drift(config: Any, config_file: Path, chalice_config: Path | None) -> list[str]:
+    """What disagrees between the stage file and the Chalice stages whose RUNNER_FLEET_CONFIG names it.
+
+    The first line says what was compared; no line at all means no drift. A file no stage names is not a
+    deployed stage (a sandbox or a draft): nothing to compare.
+    """
+    from chalicelib.config import CONFIG_ENV_VAR
+    from chalicelib.settings import settings_drift
+    from fleetctl.lambda_policies import CHALICE_CONFIG, chalice_stages, stage_config_path, stage_policy_files
+
+    chalice_config = chalice_config or CHALICE_CONFIG
+    if not chalice_config.is_file():
+        return []
+    target = config_file.resolve()
+    problems: list[str] = []
+    for stage, settings in chalice_stages(chalice_config).items():
+        if CONFIG_ENV_VAR not in settings.get("environment_variables", {}):
+            continue
+        if stage_config_path(chalice_config, stage).resolve() != target:
+            continue
+        # Chalice merges the top-level, stage and function environments, the later winning.
+        top = json.loads(chalice_config.read_text()).get("environment_variables", {})
+        environment = {**top, **settings["environment_variables"]}
+        problems += [
+            f"stage {stage}: environment_variables.{problem}" for problem in settings_drift(config, environment)
+        ]
+        for function, function_settings in settings.get("lambda_functions", {}).items():
+            if function_settings.get("environment_variables"):
+                merged = {**environment, **function_settings["environment_variables"]}
+                problems += [
+                    f"stage {stage}: lambda_functions.{function}.environment_variables.{problem}"
+                    for problem in settings_drift(config, merged)
+                ]
+        for policy in stage_policy_files(config, stage, chalice_config):
+            if not policy.path.is_file():
+                problems.append(
+                    f"stage {stage}: {policy.path.name} is missing; run 'fleetctl policies --stage {stage}'"
+                )
+            elif not policy.is_current():
+                problems.append(f"stage {stage}: {policy.path.name} is stale; run 'fleetctl policies --stage {stage}'")
+    if problems:
+        problems.insert(0, f"{chalice_config}: {len(problems)} problem(s) against {config_file}")
+    return problems
+
+
+@main.command()
+@click.option("--stage", type=click.Choice(["dev", "prod", "all"]), default="all", show_default=True)
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each policy file that is stale.")
+@click.option(
+    "--chalice-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Chalice's config.json naming the stages and policy files (default: .chalice/config.json of this project).",
+)
+def policies(stage: str, check: bool, chalice_config: Path | None) -> None:
+    """Generate the Lambda functions' IAM policies into .chalice/ from each stage's file."""
+    from fleetctl.lambda_policies import CHALICE_CONFIG, chalice_stages, iter_policy_files
+
+    chalice_config = chalice_config or CHALICE_CONFIG
+    stages = sorted(chalice_stages(chalice_config)) if stage == "all" else [stage]
+    try:
+        files = list(iter_policy_files(stages, chalice_config))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    stale = [policy for policy in files if not policy.is_current()]
+    if check:
+        for policy in stale:
+            click.echo(f"stale: {policy.path.name} (run 'fleetctl policies --stage {policy.stage}')", err=True)
+        if stale:
+            sys.exit(1)
+        click.echo(f"{len(files)} policy files current")
+        return
+    for policy in stale:
+        policy.path.write_text(policy.text)
+        click.echo(f"wrote {policy.path.name}")
+    click.echo(f"{len(files)} policy files, {len(stale)} written")
 
 
 @main.command()

@@ -14,6 +14,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["tests.iam_recorder"]
+
 
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:

@@ -145,6 +145,16 @@ def default_template_data(clients: AwsClients, name: str) -> dict[str, Any]:
     return dict(versions[0]["LaunchTemplateData"])
 
 
+def template_tags(clients: AwsClients, name: str) -> dict[str, str]:
+    found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"][0]
+    tags = clients.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [found["LaunchTemplateId"]]}])["Tags"]
+    return {tag["Key"]: tag["Value"] for tag in tags}
+
+
+def spot_roles(clients: AwsClients) -> list[dict[str, Any]]:
+    return list(clients.client("iam").list_roles(PathPrefix="/aws-service-role/spot.amazonaws.com/")["Roles"])
+
+
 # ---- the sandbox network -----------------------------------------------------------------------------------
 
 
@@ -184,6 +194,7 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
         ("role", Verb.CREATE),
         ("policy", Verb.CREATE),
         ("profile", Verb.CREATE),
+        ("spot_role", Verb.CREATE),
         ("template", Verb.CREATE),
         ("template", Verb.CREATE),
         ("bucket", Verb.CREATE),
@@ -254,6 +265,8 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
             spec["ResourceType"]: {t["Key"]: t["Value"] for t in spec["Tags"]} for spec in data["TagSpecifications"]
         }
         assert tagged == {kind: {FLEET_TAG: FLEET, POOL_TAG: pool.name} for kind in ("instance", "volume")}
+        # the template itself carries the fleet's tag: scale-up's policy launches from no other template
+        assert template_tags(clients, launch_template_name(FLEET, pool.name)) == {FLEET_TAG: FLEET}
     assert (
         default_template_data(clients, launch_template_name(FLEET, "build"))["BlockDeviceMappings"][0]["Ebs"][
             "VolumeSize"
@@ -283,6 +296,52 @@ def test_second_run_changes_nothing(clients: AwsClients, config: FleetConfig) ->
     for pool in config.pools:
         found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[launch_template_name(FLEET, pool.name)])
         assert found["LaunchTemplates"][0]["LatestVersionNumber"] == 1
+
+
+def test_a_fresh_account_gets_the_spot_service_linked_role_once(clients: AwsClients, config: FleetConfig) -> None:
+    # given a fresh account: no spot service-linked role, so EC2 would refuse every spot launch
+    assert spot_roles(clients) == []
+
+    # when bootstrap runs twice
+    first = run(config, clients)
+    second = run(config, clients)
+
+    # then the role for spot.amazonaws.com exists, made once and then kept
+    [role] = spot_roles(clients)
+    assert role["Path"] == "/aws-service-role/spot.amazonaws.com/"
+    assert by_name(first)["AWSServiceRoleForEC2Spot"].verb is Verb.CREATE
+    assert by_name(second)["AWSServiceRoleForEC2Spot"].verb is Verb.KEEP
+
+
+def test_a_spot_role_created_between_plan_and_execution_is_fine(clients: AwsClients, config: FleetConfig) -> None:
+    # given a plan made while the role was missing
+    subject = bootstrapper(config, clients)
+    plan = subject.plan()
+    assert by_name(plan)["AWSServiceRoleForEC2Spot"].verb is Verb.CREATE
+
+    # when someone else creates it before the plan runs
+    clients.client("iam").create_service_linked_role(AWSServiceName="spot.amazonaws.com")
+    subject.execute(plan)
+
+    # then executing the plan does not fail on "already exists", and there is one role
+    assert len(spot_roles(clients)) == 1
+
+
+def test_an_untagged_template_is_tagged_without_a_new_version(clients: AwsClients, config: FleetConfig) -> None:
+    # given templates made before bootstrap tagged them
+    run(config, clients)
+    docker = launch_template_name(FLEET, "docker")
+    found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[docker])["LaunchTemplates"][0]
+    clients.ec2.delete_tags(Resources=[found["LaunchTemplateId"]], Tags=[{"Key": FLEET_TAG}])
+
+    # when
+    plan = run(config, clients)
+
+    # then the tag is back and the default version is the same
+    assert by_name(plan)[docker].describe() == f"update   template   {docker} (tag {FLEET_TAG})"
+    assert template_tags(clients, docker) == {FLEET_TAG: FLEET}
+    again = clients.ec2.describe_launch_templates(LaunchTemplateNames=[docker])["LaunchTemplates"][0]
+    assert again["LatestVersionNumber"] == 1
 
 
 # ---- drift -------------------------------------------------------------------------------------------------
@@ -433,7 +492,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(clients: AwsClients, config
     # then
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 13
     assert all(line.startswith("would create ") for line in lines)
     assert GITLAB_TOKEN not in result.output
     assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
