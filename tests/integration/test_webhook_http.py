@@ -258,7 +258,19 @@ def _bad_inputs(token: str, url: str) -> list[tuple[str, dict[str, Any], int | t
             200,
         ),
         ("hostile ref", {"raw": hostile(ref="$(rm -rf /)`reboot`\u202e\u0000")}, 200),
-        ("very long name", {"raw": hostile(build_name="n" * 50_000)}, 200),
+        ("name beyond 255 characters", {"raw": hostile(build_name="n" * 256)}, 400),
+        ("very long name", {"raw": hostile(build_name="n" * 50_000)}, 400),
+        ("name larger than a DynamoDB item", {"raw": hostile(build_name="n" * 420_000)}, 400),
+        ("build_id beyond signed 64-bit", {"raw": with_field(build_id=2**63)}, 400),
+        ("build_id beyond 38 digits", {"raw": with_field(build_id=10**40)}, 400),
+        ("retries_count huge", {"raw": with_field(retries_count=10**30)}, 400),
+        ("object_kind huge", {"raw": with_field(object_kind="k" * 100_000)}, 400),
+        ("nested 100 000 deep", {"raw": good[:-1] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"}, 400),
+        (
+            "control characters in X-Gitlab-Instance",
+            {"headers": {**gitlab_headers(token), "X-Gitlab-Instance": "a\tb"}, "raw": good},
+            400,
+        ),
         ("unicode project name", {"raw": hostile(project_name="プロジェクト 🚀 \ud7ff")}, 200),
     ]
 
