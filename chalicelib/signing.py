@@ -51,7 +51,10 @@ def signing_key(secret: str) -> bytes:
 
 
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """The ``v1,<signature>`` value for a delivery; the sandbox's GitLab and the tests sign with it."""
+    """The ``v1,<signature>`` value for a delivery; the tests sign with it.
+
+    The sandbox's GitLab emulator signs with its own implementation, so the two are checked against each other.
+    """
     message = f"{webhook_id}.{timestamp}.".encode() + body
     digest = hmac.new(signing_key(secret), message, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode("ascii")

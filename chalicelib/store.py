@@ -65,7 +65,11 @@ class EventOutcome(str, Enum):
 
 @dataclass(frozen=True)
 class JobEvent:
-    """A job status change as the webhook reports it."""
+    """A job status change as the webhook reports it.
+
+    Its values come from a ``JobHook`` and the webhook's headers, bounded there (ids within a signed 64-bit
+    integer, every string a few KB at most), so one event's write stays far below DynamoDB's 400 KB item limit.
+    """
 
     project_id: int
     job_id: int
