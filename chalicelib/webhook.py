@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chalicelib.errors import AuthenticationError, PayloadError
+from chalicelib.errors import AuthenticationError, PayloadError, PayloadTooLargeError
 from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.observability import count, logger
@@ -142,7 +142,11 @@ class WebhookIntake:
             runner_description=hook.runner.description if hook.runner else None,
             failure_reason=hook.build_failure_reason if status is JobStatus.FAILED else None,
         )
-        outcome = self._store.record_job_event(key, event, replay_key)
+        try:
+            outcome = self._store.record_job_event(key, event, replay_key)
+        except PayloadTooLargeError as exc:
+            logger.warning("webhook refused: job record full", extra={"reason": str(exc)})
+            return WebhookResponse(413, {"error": "job record full"})
         log = {"project_id": hook.project_id, "job_id": hook.build_id, "status": status.value}
         if outcome is EventOutcome.REPLAY:
             return _refused("replayed signed delivery")
