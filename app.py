@@ -15,7 +15,9 @@ from chalicelib.observability import logger, metrics
 from chalicelib.settings import jobs_queue_name
 
 app = Chalice(app_name="runner-fleet")
-app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context(clear_state=True)))
+# log_event=False, not left to POWERTOOLS_LOGGER_LOG_EVENT: that variable would log every event whole, and the
+# webhook's carries the X-Gitlab-Token header and the signed body.
+app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context(clear_state=True, log_event=False)))
 app.register_middleware(ConvertToMiddleware(metrics.log_metrics))
 
 

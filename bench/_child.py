@@ -69,8 +69,9 @@ class BareTarget:
 def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, now: float) -> dict[str, Any]:
     """The UpdateItem FleetStore.record_job_event makes for an unsigned pending job, spelled out by hand.
 
-    One conditional write on the job's item: its fields set, the delivery key added to the item's string set of
-    deliveries, and the old item returned if the condition refuses the write (a duplicate or a stale event).
+    One conditional write on the job's item: its fields set (with a random ``writer`` that tells a refusal by
+    our own landed retry from a real duplicate), the delivery key added to the item's string set of deliveries,
+    and the old item returned if the condition refuses the write (a duplicate or a stale event).
     """
     values: dict[str, dict[str, str]] = {
         "kind": {"S": "job"},
@@ -85,6 +86,7 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
         "ref": {"S": hook["ref"]},
         "gitlab_instance": {"S": instance},
         "pending_at": {"N": repr(now)},
+        "writer": {"S": uuid.uuid4().hex},
     }
     names = {f"#a{i}": name for i, name in enumerate(values)}
     names["#rank"] = "status_rank"
@@ -119,6 +121,8 @@ def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: floa
             "attempt": 1,
             "waits": 0,
             "last_error": "",
+            "pool": "",
+            "tags": [],
         },
         separators=(",", ":"),
     )

@@ -19,7 +19,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,7 +47,7 @@ class LocalStack:
     """The moto server's environment (endpoint and dummy credentials) and the dev stage resources in it."""
 
     environment: dict[str, str]
-    webhook_token: str
+    webhook_token: str = field(repr=False)
     target: BareTarget
     plan: tuple[str, ...]
     process: MotoProcess

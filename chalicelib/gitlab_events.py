@@ -5,6 +5,12 @@ sent two timestamp formats over the years (``2019-11-21 13:34:18 UTC`` and ISO 8
 adds fields between releases, so unknown fields are ignored while the fields runner-fleet relies on are strict:
 a build id given as a string or a boolean is a malformed hook, not something to coerce.
 
+Every value the webhook keeps is bounded here, at the edge, so that nothing behind it (DynamoDB's 38-digit
+numbers and 400 KB items, SQS's 256 KB messages, GitLab's signed 64-bit ids) ever sees a value it cannot take
+and turns a hostile body into a 5xx: ids are positive and fit a signed 64-bit integer, counts are bounded, and
+every string has a maximum length (``MAX_*`` below; GitLab itself limits job and stage names to 255
+characters). A body nested deeper than the decoder's recursion limit is a malformed hook too.
+
 The model is a msgspec Struct rather than a pydantic model because it sits on the webhook's cold path: msgspec
 imports in a few milliseconds and decodes and validates the request bytes in one pass, where pydantic's import
 and model build would cost the webhook Lambda more than half of its cold start.
@@ -22,6 +28,15 @@ import msgspec.json
 from chalicelib.errors import PayloadError
 
 _LEGACY_FORMAT = "%Y-%m-%d %H:%M:%S %Z"
+
+MAX_ID = 2**63 - 1  # GitLab ids are PostgreSQL bigint
+MAX_COUNT = 1_000_000
+MAX_STATUS_LENGTH = 64
+MAX_NAME_LENGTH = 255  # job, stage and failure reason; GitLab refuses longer job and stage names
+MAX_TEXT_LENGTH = 1024  # ref, project name, runner description
+MAX_TIMESTAMP_LENGTH = 64
+MAX_RUNNER_TAGS = 256
+_MAX_ERROR_LENGTH = 200
 
 
 class JobStatus(str, Enum):
@@ -80,21 +95,27 @@ def parse_gitlab_time(value: object) -> datetime | None:
         if text.endswith(" UTC"):
             return datetime.strptime(text, _LEGACY_FORMAT).replace(tzinfo=UTC)
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        # An offset can push year 1 or 9999 out of datetime's range once it is converted to UTC.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise ValueError(f"unrecognised timestamp {text[:40]!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-Id = Annotated[int, msgspec.Meta(gt=0)]
+Id = Annotated[int, msgspec.Meta(gt=0, le=MAX_ID)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+Status = Annotated[str, msgspec.Meta(max_length=MAX_STATUS_LENGTH)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LENGTH)]
+Timestamp = Annotated[str, msgspec.Meta(max_length=MAX_TIMESTAMP_LENGTH)]
 
 
 class HookRunner(msgspec.Struct, frozen=True):
     """The runner that took the job (null while the job is created or pending)."""
 
     id: Id
-    description: str | None = None
-    tags: tuple[str, ...] = ()
-    runner_type: str | None = None
+    description: Text | None = None
+    tags: Annotated[tuple[Name, ...], msgspec.Meta(max_length=MAX_RUNNER_TAGS)] = ()
+    runner_type: Status | None = None
 
 
 class JobHook(msgspec.Struct, frozen=True):
@@ -102,18 +123,18 @@ class JobHook(msgspec.Struct, frozen=True):
 
     build_id: Id
     project_id: Id
-    build_status: str
+    build_status: Status
     object_kind: Literal["build"] = "build"
     pipeline_id: Id | None = None
-    build_name: str = ""
-    build_stage: str = ""
-    ref: str = ""
-    project_name: str = ""
-    build_created_at: str | None = None
-    build_started_at: str | None = None
-    build_finished_at: str | None = None
-    build_failure_reason: str | None = None
-    retries_count: int = 0
+    build_name: Name = ""
+    build_stage: Name = ""
+    ref: Text = ""
+    project_name: Text = ""
+    build_created_at: Timestamp | None = None
+    build_started_at: Timestamp | None = None
+    build_finished_at: Timestamp | None = None
+    build_failure_reason: Name | None = None
+    retries_count: Count = 0
     runner: HookRunner | None = None
 
     def __post_init__(self) -> None:
@@ -149,8 +170,21 @@ def parse_job_hook(body: bytes) -> JobHook:
     try:
         return _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise PayloadError(f"invalid Job Hook: {exc}") from None
+        raise PayloadError(f"invalid Job Hook: {_short(str(exc))}") from None
     except msgspec.DecodeError:
         raise PayloadError("body is not JSON") from None
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8") from None
+    except RecursionError:
+        # msgspec descends into unknown fields too; a legitimate hook nests three levels deep.
+        raise PayloadError("body is nested too deeply") from None
+
+
+def _short(message: str) -> str:
+    """msgspec quotes the bad value (an unknown ``object_kind``, say): keep the answer small, and the field."""
+    if len(message) <= _MAX_ERROR_LENGTH:
+        return message
+    problem, at, path = message.rpartition(" - at ")
+    if not at:
+        return message[:_MAX_ERROR_LENGTH] + "..."
+    return problem[: _MAX_ERROR_LENGTH // 2] + "..." + at + path[: _MAX_ERROR_LENGTH // 2]

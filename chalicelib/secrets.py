@@ -1,8 +1,15 @@
 """The webhook secrets, read from SSM Parameter Store and cached per Lambda container.
 
-Both parameters are fetched in one ``GetParameters`` call through Powertools Parameters. A missing or empty
-token is cached too, so a misconfigured fleet refuses every webhook (fail closed) without turning each refused
-request into an SSM call; a transient SSM failure is not cached and becomes a 503 that GitLab retries.
+Both parameters are fetched in one ``GetParameters`` call, made directly on the injected client: Powertools'
+``get_parameters_by_name(raise_on_error=False)`` reports a parameter it failed to read (throttled, KMS error)
+the same way as one that does not exist, which would turn a transient failure into a cached "not configured"
+and a 401 that may get the hook disabled. Here only a name SSM lists in ``InvalidParameters`` is missing.
+
+A missing or empty secret is cached too, so a misconfigured fleet refuses every webhook (fail closed) without
+turning each refused request into an SSM call; a failure to read is never cached: it is a
+``SecretUnavailableError`` (503), which GitLab retries. A signing parameter that is configured but missing or
+empty refuses every request as well (``signing_required`` without a ``signing_secret``): it never falls back
+to the token alone.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.errors import SecretUnavailableError
 
@@ -20,8 +29,11 @@ DEFAULT_MAX_AGE_SECONDS = 60
 
 @dataclass(frozen=True)
 class WebhookSecrets:
-    token: str | None
-    signing_secret: str | None
+    """The secrets as read; ``None`` is missing or empty. Their values never appear in a ``repr``."""
+
+    token: str | None = field(repr=False)
+    signing_secret: str | None = field(default=None, repr=False)
+    signing_required: bool = False
 
 
 class WebhookSecretSource:
@@ -55,22 +67,22 @@ class WebhookSecretSource:
             return secrets
 
     def _fetch(self) -> WebhookSecrets:
-        from aws_lambda_powertools.utilities.parameters import SSMProvider
-        from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
-        from botocore.exceptions import BotoCoreError, ClientError
-
         names = [self._token_parameter] + ([self._signing_parameter] if self._signing_parameter else [])
-        provider = SSMProvider(boto3_client=self._ssm_client)
         try:
-            # max_age=0: this class owns the cache (it also remembers "missing", which Powertools does not).
-            found = provider.get_parameters_by_name(
-                {name: {} for name in names}, decrypt=True, max_age=0, raise_on_error=False
-            )
-        except (GetParameterError, ClientError, BotoCoreError) as exc:
+            found = self._ssm_client.get_parameters(Names=names, WithDecryption=True)
+        except (ClientError, BotoCoreError) as exc:
             raise SecretUnavailableError(f"cannot read webhook secrets: {exc}") from None
-        token = found.get(self._token_parameter)
-        signing = found.get(self._signing_parameter) if self._signing_parameter else None
+        values = {p.get("Name"): p.get("Value") for p in found.get("Parameters", [])}
+        missing = set(found.get("InvalidParameters", []))
+        unaccounted = [name for name in names if name not in values and name not in missing]
+        if unaccounted:
+            raise SecretUnavailableError(f"SSM answered neither a value nor 'missing' for {unaccounted}")
         return WebhookSecrets(
-            token=token.strip() if isinstance(token, str) and token.strip() else None,
-            signing_secret=signing.strip() if isinstance(signing, str) and signing.strip() else None,
+            token=_secret(values.get(self._token_parameter)),
+            signing_secret=_secret(values.get(self._signing_parameter)) if self._signing_parameter else None,
+            signing_required=self._signing_parameter is not None,
         )
+
+
+def _secret(value: object) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None

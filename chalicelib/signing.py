@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from chalicelib.errors import AuthenticationError
 
 TOLERANCE_SECONDS = 300
+MAX_WEBHOOK_ID_LENGTH = 256
+_MAX_TIMESTAMP_DIGITS = 12  # seconds since the epoch: eleven digits last until the year 5138
 _SECRET_PREFIX = "whsec_"  # noqa: S105 - a format prefix, not a secret
 
 
@@ -24,7 +26,8 @@ def token_matches(provided: str | None, expected: str) -> bool:
     """Constant-time comparison of the ``X-Gitlab-Token`` header with the configured secret."""
     if not provided or not expected:
         return False
-    return hmac.compare_digest(provided.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
+    # surrogatepass: a header value is any str (a lone surrogate included); it must compare, never raise.
+    return hmac.compare_digest(provided.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,10 @@ def signing_key(secret: str) -> bytes:
 
 
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """The ``v1,<signature>`` value for a delivery; the sandbox's GitLab and the tests sign with it."""
+    """The ``v1,<signature>`` value for a delivery; the tests sign with it.
+
+    The sandbox's GitLab emulator signs with its own implementation, so the two are checked against each other.
+    """
     message = f"{webhook_id}.{timestamp}.".encode() + body
     digest = hmac.new(signing_key(secret), message, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode("ascii")
@@ -72,10 +78,13 @@ def verify_signature(
     """
     if not webhook_id or not timestamp or not signature:
         raise AuthenticationError("missing webhook-id, webhook-timestamp or webhook-signature")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise AuthenticationError("webhook-timestamp is not an integer") from None
+    if len(webhook_id) > MAX_WEBHOOK_ID_LENGTH or not webhook_id.isprintable():
+        raise AuthenticationError("webhook-id is not printable or too long")
+    # Digits only and few of them: int() would also take " 12", "1_2", other scripts' digits, and a number too
+    # large to subtract from a float (OverflowError).
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= _MAX_TIMESTAMP_DIGITS):
+        raise AuthenticationError("webhook-timestamp is not an integer")
+    sent_at = int(timestamp)
     if abs(now - sent_at) > tolerance:
         raise AuthenticationError("webhook-timestamp outside the tolerance window")
     expected = sign(secret, webhook_id, sent_at, body).encode("ascii")

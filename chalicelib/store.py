@@ -20,9 +20,11 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
+from chalicelib.errors import PayloadTooLargeError
 from chalicelib.gitlab_events import FINISHED_RANK, JobStatus
 
 FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
+_ITEM_TOO_LARGE = "exceeded the maximum allowed size"  # DynamoDB's ValidationException message for a 400 KB item
 _CONFLICT_ATTEMPTS = 4
 
 _serializer = TypeSerializer()
@@ -65,7 +67,11 @@ class EventOutcome(str, Enum):
 
 @dataclass(frozen=True)
 class JobEvent:
-    """A job status change as the webhook reports it."""
+    """A job status change as the webhook reports it.
+
+    Its values come from a ``JobHook`` and the webhook's headers, bounded there (ids within a signed 64-bit
+    integer, every string a few KB at most), so one event's write stays far below DynamoDB's 400 KB item limit.
+    """
 
     project_id: int
     job_id: int
@@ -106,7 +112,14 @@ class FleetStore:
         old item comes back with the error, which says which of the three it was, at no extra call.
         """
         writer = uuid.uuid4().hex
-        old = self._update_unless_refused(self._job_update(event, self._clock(), delivery_key, replay_key, writer))
+        try:
+            old = self._update_unless_refused(self._job_update(event, self._clock(), delivery_key, replay_key, writer))
+        except ClientError as exc:
+            # Every write adds its delivery key, so a job flooded with distinct deliveries reaches DynamoDB's 400 KB
+            # item limit; no retry can ever succeed, so it is the request's fault, not ours (a 503 is retried).
+            if error_code(exc) == "ValidationException" and _ITEM_TOO_LARGE in str(exc):
+                raise PayloadTooLargeError(f"the record of job {event.project_id}:{event.job_id} is full") from None
+            raise
         if old is None or old.get("writer") == writer:
             # Refused by our own write: botocore retried a call whose answer timed out after it landed.
             return EventOutcome.RECORDED

@@ -6,6 +6,10 @@ wrong, and 503 (never 500) when something of ours failed, which GitLab retries w
 
 Order matters: the token is checked before the body is even looked at; the size limit before the body is
 hashed for a signature; the signature before the JSON is parsed.
+
+A request that fails because of what it carries is a 400 (or 413), never a 5xx: GitLab retries a 5xx and
+disables the hook after a few. So every value this module keeps is bounded before it reaches DynamoDB or SQS:
+the body's fields by the ``JobHook`` model, the delivery key and the ``X-Gitlab-Instance`` header here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chalicelib.errors import AuthenticationError, PayloadError
+from chalicelib.errors import AuthenticationError, PayloadError, PayloadTooLargeError
 from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.observability import count, logger
@@ -27,6 +31,7 @@ from chalicelib.store import EventOutcome, FleetStore, JobEvent
 MAX_BODY_BYTES = 1024 * 1024
 JOB_HOOK = "Job Hook"
 _MAX_KEY_LENGTH = 128
+MAX_INSTANCE_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ def _bad_request(reason: str) -> WebhookResponse:
     logger.warning("webhook rejected", extra={"reason": reason})
     count("WebhooksMalformed")
     return WebhookResponse(400, {"error": reason})
+
+
+def gitlab_instance(headers: Mapping[str, str]) -> str:
+    """The ``X-Gitlab-Instance`` URL (kept on the job and its queue message), or PayloadError if it is not one."""
+    value = headers.get("x-gitlab-instance", "")
+    if len(value) > MAX_INSTANCE_LENGTH or not value.isprintable() or any(c.isspace() for c in value):
+        raise PayloadError(f"X-Gitlab-Instance header is not a URL of at most {MAX_INSTANCE_LENGTH} characters")
+    return value
 
 
 def delivery_key(headers: Mapping[str, str], body: bytes) -> str:
@@ -75,6 +88,9 @@ class WebhookIntake:
         secrets = self._secrets.get()
         if secrets.token is None:
             return _refused("no webhook token configured")
+        if secrets.signing_required and secrets.signing_secret is None:
+            # Never downgrade to the token alone: the operator asked for signed deliveries.
+            return _refused("webhook signing secret configured but missing or empty")
         if not token_matches(headers.get("x-gitlab-token"), secrets.token):
             return _refused("token mismatch")
         if len(body) > MAX_BODY_BYTES:
@@ -98,12 +114,13 @@ class WebhookIntake:
             return WebhookResponse(200, {"ignored": f"event {event[:40] or 'missing'}"})
         try:
             hook = parse_job_hook(body)
+            instance = gitlab_instance(headers)
         except PayloadError as exc:
             return _bad_request(str(exc))
-        return self._accept(hook, headers, body, signed)
+        return self._accept(hook, instance, headers, body, signed)
 
     def _accept(
-        self, hook: JobHook, headers: Mapping[str, str], body: bytes, signed: SignedDelivery | None
+        self, hook: JobHook, instance: str, headers: Mapping[str, str], body: bytes, signed: SignedDelivery | None
     ) -> WebhookResponse:
         status = hook.status
         if status is None:
@@ -120,12 +137,16 @@ class WebhookIntake:
             name=hook.build_name,
             stage=hook.build_stage,
             ref=hook.ref,
-            gitlab_instance=headers.get("x-gitlab-instance", ""),
+            gitlab_instance=instance,
             runner_id=hook.runner.id if hook.runner else None,
             runner_description=hook.runner.description if hook.runner else None,
             failure_reason=hook.build_failure_reason if status is JobStatus.FAILED else None,
         )
-        outcome = self._store.record_job_event(key, event, replay_key)
+        try:
+            outcome = self._store.record_job_event(key, event, replay_key)
+        except PayloadTooLargeError as exc:
+            logger.warning("webhook refused: job record full", extra={"reason": str(exc)})
+            return WebhookResponse(413, {"error": "job record full"})
         log = {"project_id": hook.project_id, "job_id": hook.build_id, "status": status.value}
         if outcome is EventOutcome.REPLAY:
             return _refused("replayed signed delivery")

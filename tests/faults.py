@@ -22,6 +22,7 @@ the EC2 query-protocol parser, ClientError) runs for real, and what reaches moto
 from __future__ import annotations
 
 import copy
+import json
 import re
 import threading
 import uuid
@@ -200,7 +201,7 @@ class WireFaults:
 
         Counted per attempt on the wire, so ``times=2`` with botocore's retries means two failed attempts;
         the first ``after`` attempts go through untouched (to fail only a later call, such as a fallback).
-        The body is in the EC2 query protocol's error format, which is what this injector is used for.
+        The body is in the EC2 query protocol's error format, or AWS's JSON one for a JSON-protocol client.
         """
         self._errors.append(
             _ErrorFault(
@@ -286,6 +287,10 @@ class WireFaults:
             self._http.send(request)
             raise ReadTimeoutError(endpoint_url=request.url)
         if error is not None:
+            if self._client.meta.service_model.protocol == "json":
+                # SSM, DynamoDB, ...: botocore reads the code from "__type", so retries and except-by-code see it.
+                content = json.dumps({"__type": error.code, "message": error.message}).encode()
+                return _response(request.url, error.status, content)
             return _response(request.url, error.status, ec2_error_body(error.code, error.message))
         if operation == "CreateFleet":
             return self._create_fleet_with_shortage(request)

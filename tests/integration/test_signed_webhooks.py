@@ -107,6 +107,19 @@ def test_a_timestamp_outside_five_minutes_is_refused(signed: Sandbox, skew: int)
     assert _queued() == []
 
 
+# A timestamp of hundreds of digits was parsed by int() and then overflowed against the float clock: a 503.
+@pytest.mark.parametrize("timestamp", ["1" + "0" * 400, "9" * 5000, "1_800_000_000"])
+def test_a_timestamp_that_is_not_plain_digits_is_refused_not_failed(signed: Sandbox, timestamp: str) -> None:
+    signer = Signer(signed)
+    body = json.dumps(job_hook("pending")).encode()
+    headers = signer.headers(body, webhook_id=f"msg_{uuid.uuid4().hex}") | {"webhook-timestamp": timestamp}
+
+    answer = signer.post(body, headers)
+
+    assert answer.status_code == 401
+    assert _queued() == []
+
+
 def test_a_valid_token_without_a_signature_is_refused(signed: Sandbox) -> None:
     signer = Signer(signed)
     body = json.dumps(job_hook("pending")).encode()

@@ -161,6 +161,28 @@ def test_internal_failure_is_503_without_detail(client: Client) -> None:
     assert "Traceback" not in response.text and "ResourceNotFound" not in response.text
 
 
+def test_a_job_whose_record_is_full_of_deliveries_gets_413_not_503(client: Client) -> None:
+    from chalicelib.store import job_key
+
+    # given a job whose item holds so many delivery keys that it is a few hundred bytes short of 400 KB
+    body = job_hook("pending")
+    client.runtime.aws().dynamodb.update_item(
+        TableName=client.sandbox.config.state.table,
+        Key={"pk": {"S": job_key(380, body["build_id"])}},
+        UpdateExpression="SET kind = :kind, status_rank = :rank ADD deliveries :keys",
+        ExpressionAttributeValues={
+            ":kind": {"S": "job"},
+            ":rank": {"N": "1"},
+            ":keys": {"SS": [f"{n:04d}" + "k" * 124 for n in range(3196)]},
+        },
+    )
+    # when one more distinct delivery arrives for it
+    response = client.post(body)
+    # then GitLab is told not to retry (a retry could never fit), and nothing is queued
+    assert (response.status_code, response.json()) == (413, {"error": "job record full"})
+    assert client.queued() == []
+
+
 def test_a_delivery_write_whose_answer_was_lost_still_queues_the_job(client: Client) -> None:
     from tests.faults import WireFaults
 
@@ -258,7 +280,19 @@ def _bad_inputs(token: str, url: str) -> list[tuple[str, dict[str, Any], int | t
             200,
         ),
         ("hostile ref", {"raw": hostile(ref="$(rm -rf /)`reboot`\u202e\u0000")}, 200),
-        ("very long name", {"raw": hostile(build_name="n" * 50_000)}, 200),
+        ("name beyond 255 characters", {"raw": hostile(build_name="n" * 256)}, 400),
+        ("very long name", {"raw": hostile(build_name="n" * 50_000)}, 400),
+        ("name larger than a DynamoDB item", {"raw": hostile(build_name="n" * 420_000)}, 400),
+        ("build_id beyond signed 64-bit", {"raw": with_field(build_id=2**63)}, 400),
+        ("build_id beyond 38 digits", {"raw": with_field(build_id=10**40)}, 400),
+        ("retries_count huge", {"raw": with_field(retries_count=10**30)}, 400),
+        ("object_kind huge", {"raw": with_field(object_kind="k" * 100_000)}, 400),
+        ("nested 100 000 deep", {"raw": good[:-1] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"}, 400),
+        (
+            "control characters in X-Gitlab-Instance",
+            {"headers": {**gitlab_headers(token), "X-Gitlab-Instance": "a\tb"}, "raw": good},
+            400,
+        ),
         ("unicode project name", {"raw": hostile(project_name="プロジェクト 🚀 \ud7ff")}, 200),
     ]
 

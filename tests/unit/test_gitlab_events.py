@@ -132,3 +132,43 @@ def test_a_string_that_is_not_utf8_is_refused() -> None:
     body = json.dumps(job_hook(build_name="NAME")).encode().replace(b"NAME", b"caf\xe9")
     with pytest.raises(PayloadError, match="not UTF-8"):
         parse_job_hook(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "accepted"),
+    [
+        ("build_id", 2**63 - 1, True),
+        ("build_id", 2**63, False),  # GitLab ids are signed 64-bit; scale-up sends them back to its API
+        ("project_id", 0, False),
+        ("pipeline_id", 2**64, False),
+        ("retries_count", 1_000_000, True),
+        ("retries_count", -1, False),
+        ("retries_count", 10**30, False),
+        ("build_status", "s" * 65, False),
+        ("build_name", "n" * 255, True),
+        ("build_name", "n" * 256, False),
+        ("build_stage", "s" * 256, False),
+        ("build_failure_reason", "f" * 256, False),
+        ("ref", "r" * 1024, True),
+        ("ref", "r" * 1025, False),
+        ("project_name", "p" * 1025, False),
+        ("build_created_at", "t" * 65, False),
+        ("build_created_at", "0001-01-01T00:00:00+23:59", False),  # before year 1 once in UTC
+        ("runner.id", 2**63, False),
+        ("runner.description", "d" * 1025, False),
+        ("runner.tags", ["t"] * 257, False),
+        ("runner.tags", ["t" * 256], False),
+    ],
+)
+def test_every_kept_value_is_bounded_and_a_refusal_names_the_field(path: str, value: object, accepted: bool) -> None:
+    # given a documented hook with one value at or beyond its bound
+    document = job_hook("running", runner={"id": 7, "description": "runner-fleet i-0abc", "tags": ["docker"]})
+    parent, _, name = path.rpartition(".")
+    (document[parent] if parent else document)[name] = value
+    # when / then
+    if accepted:
+        assert parse(document).build_id > 0
+    else:
+        with pytest.raises(PayloadError) as refused:
+            parse(document)
+        assert f"at `$.{path}" in str(refused.value)

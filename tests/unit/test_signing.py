@@ -87,9 +87,27 @@ def test_missing_headers_are_refused(webhook_id: str | None, timestamp: str | No
         verify_signature(SECRET, webhook_id=webhook_id, timestamp=timestamp, signature=signature, body=BODY, now=NOW)
 
 
-def test_a_non_numeric_timestamp_is_refused() -> None:
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "soon",
+        "1" + "0" * 400,  # int() takes it, but subtracting it from the float clock raised OverflowError
+        "9" * 5000,  # beyond int()'s digit limit
+        " 1800000000",
+        "1_800_000_000",
+        "\u0661\u0668\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660",  # Arabic-Indic digits
+        "-1800000000",
+    ],
+)
+def test_a_timestamp_that_is_not_plain_digits_is_refused(timestamp: str) -> None:
     with pytest.raises(AuthenticationError, match="integer"):
-        verify_signature(SECRET, webhook_id="id", timestamp="soon", signature="v1,x", body=BODY, now=NOW)
+        verify_signature(SECRET, webhook_id="id", timestamp=timestamp, signature="v1,x", body=BODY, now=NOW)
+
+
+@pytest.mark.parametrize("webhook_id", ["msg_\ud800", "msg_\n1", "m" * 257])
+def test_a_webhook_id_that_is_not_printable_or_too_long_is_refused(webhook_id: str) -> None:
+    with pytest.raises(AuthenticationError, match="webhook-id"):
+        verify_signature(SECRET, webhook_id=webhook_id, timestamp=str(NOW), signature="v1,x", body=BODY, now=NOW)
 
 
 def test_a_secret_that_is_not_base64_is_an_error() -> None:
@@ -108,6 +126,7 @@ def test_a_secret_that_is_not_base64_is_an_error() -> None:
         (None, "s3cret", False),
         ("s3cret", "", False),
         ("ünïcödé", "ünïcödé", True),
+        ("\ud800", "s3cret", False),  # a lone surrogate compares, it does not raise
     ],
 )
 def test_token_comparison(provided: str | None, expected: str, matches: bool) -> None:
