@@ -25,9 +25,18 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from botocore.exceptions import ClientError
+
+from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import RetryableError
-from chalicelib.fleet import FleetLauncher, LaunchedInstance, LaunchTemplateRef
+from chalicelib.fleet import (
+    THROTTLING_ERROR_CODES,
+    FleetLauncher,
+    LaunchedInstance,
+    LaunchRefusedError,
+    LaunchTemplateRef,
+)
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.naming import launch_template_name, runner_token_parameter
@@ -41,6 +50,16 @@ from chalicelib.store import ClaimOutcome, RunnerRecord, ScaleStore
 STALE_LAUNCH_SECONDS = 120.0
 DEFAULT_MAX_ATTEMPTS = 8
 GITLAB_WORKERS = 8
+# botocore's standard mode retried these already; one that still surfaces is worth another attempt later.
+_TRANSIENT_AWS_ERROR_CODES = THROTTLING_ERROR_CODES | {
+    "ProvisionedThroughputExceededException",
+    "TransactionConflictException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "InternalError",
+    "ServiceUnavailable",
+}
 
 
 class Outcome(str, Enum):
@@ -191,6 +210,9 @@ class ScaleUp:
             elif claim.outcome is ClaimOutcome.HELD:
                 resume[claim.launch_id].append(item)
                 claimed_at[claim.launch_id] = max(claimed_at.get(claim.launch_id, 0.0), claim.claimed_at)
+            elif claim.outcome is ClaimOutcome.DEAD_LETTERED:
+                logger.info("job already dead-lettered; copy dropped", extra=_job_log(item.job))
+                report.add(Outcome.DUPLICATE)
             else:
                 self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
                 logger.info("job no longer pending", extra=_job_log(item.job))
@@ -213,12 +235,20 @@ class ScaleUp:
         try:
             result = self._launcher.launch(pool, self._template(pool), launch_id, len(running))
         except RetryableError as exc:
-            self._store.give_back_launch_leases(launch_id, pool.name, len(running), len(running), finished=True)
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, len(running), len(running), finished=True, reason=exc.reason
+            )
             count("LaunchErrors")
             logger.warning("launch failed; jobs re-queued", extra={**log, "reason": exc.reason})
             for item in running:
                 self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
                 self._retry(item.job, pool, exc.reason, report)
+            return
+        except LaunchRefusedError as exc:
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, len(running), len(running), finished=True, reason=exc.code
+            )
+            self._refuse(pool, launch_id, running, exc.code, exc.reason, report)
             return
         for error in result.errors:
             count(f"LaunchError.{error.code}")
@@ -227,16 +257,24 @@ class ScaleUp:
         instances = list(result.instances)
         missing = running[len(instances) :]
         if missing:
+            codes = sorted({e.code for e in result.errors})
+            refused = not instances and bool(result.errors) and not result.capacity_errors
+            reason = ("refused: " if refused else "capacity: ") + (", ".join(codes) or "no instances")
             self._store.give_back_launch_leases(
-                launch_id, pool.name, len(running), len(missing), finished=not instances
+                launch_id, pool.name, len(running), len(missing), finished=not instances, reason=reason
             )
-            reason = "capacity: " + ", ".join(sorted({e.code for e in result.errors}) or {"no instances"})
-            logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
-            for item in missing:
-                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
-                self._retry(item.job, pool, reason, report)
+            if refused:
+                # EC2 answered 200 but refused every override for a reason no retry fixes.
+                self._refuse(pool, launch_id, missing, codes[0], reason, report, counted=True)
+            else:
+                logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
+                for item in missing:
+                    self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                    self._retry(item.job, pool, reason, report)
         if instances:
-            self._complete(pool, launch_id, instances, running[: len(instances)], report, adopting=False)
+            self._complete(
+                pool, launch_id, instances, running[: len(instances)], report, adopting=False, held=len(instances)
+            )
 
     def _resume(
         self, pool: PoolConfig, launch_id: str, items: list[_Matched], claimed_at: float, report: BatchReport
@@ -268,15 +306,55 @@ class ScaleUp:
         held = int(launch.get("leases", 0))
         instances = self._launcher.find_launched(launch_id)
         if not instances and held:
-            try:
-                # The same launch id gives the same ClientToken: AWS answers a repeat with the original fleet.
-                instances = list(self._launcher.launch(pool, self._template(pool), launch_id, held).instances)
-            except RetryableError as exc:
-                self._store.mark_launch_incomplete(launch_id)
-                for item in items:
-                    self._retry(item.job, pool, exc.reason, report)
+            relaunched = self._relaunch(pool, launch_id, items, held, report)
+            if relaunched is None:
                 return
-        self._complete(pool, launch_id, instances, items, report, adopting=True, held_leases=held)
+            instances = relaunched
+        self._complete(pool, launch_id, instances, items, report, adopting=True, held=held)
+
+    def _relaunch(
+        self, pool: PoolConfig, launch_id: str, items: list[_Matched], held: int, report: BatchReport
+    ) -> list[LaunchedInstance] | None:
+        """Launch again what an interrupted launch holds leases for; None when it failed (jobs handled)."""
+        try:
+            # The same launch id gives the same ClientToken: AWS answers a repeat with the original fleet.
+            return list(self._launcher.launch(pool, self._template(pool), launch_id, held).instances)
+        except RetryableError as exc:
+            if any(item.job.attempt >= pool.max_launch_attempts for item in items):
+                # A job is about to be dead-lettered: nobody would resume this launch, so it gives all back.
+                self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.reason)
+                for item in items:
+                    self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            else:
+                self._store.mark_launch_incomplete(launch_id, exc.reason)
+            for item in items:
+                self._retry(item.job, pool, exc.reason, report)
+        except LaunchRefusedError as exc:
+            self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.code)
+            self._refuse(pool, launch_id, items, exc.code, exc.reason, report)
+        return None
+
+    def _refuse(
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        items: list[_Matched],
+        code: str,
+        reason: str,
+        report: BatchReport,
+        *,
+        counted: bool = False,
+    ) -> None:
+        """EC2 refused the launch for good: its jobs are released and dead-lettered with the AWS error code."""
+        if not counted:
+            count(f"LaunchError.{code}")
+        logger.error(
+            "launch refused; jobs dead-lettered",
+            extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
+        )
+        for item in items:
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._dead_letter(item.job, reason, report, error_code=code)
 
     # -- runners for launched instances --------------------------------------------------------------------------
 
@@ -289,14 +367,20 @@ class ScaleUp:
         report: BatchReport,
         *,
         adopting: bool,
-        held_leases: int | None = None,
+        held: int,
     ) -> None:
-        known = self._store.runners([i.instance_id for i in instances]) if adopting else {}
-        new = [i for i in instances if i.instance_id not in known]
-        if held_leases is not None and held_leases > len(new):
-            # The interrupted launch made fewer instances than it held leases for: the rest go back to the pool.
-            self._store.give_back_launch_leases(launch_id, pool.name, held_leases, held_leases - len(new))
-        need_identity = [i for i in instances if known.get(i.instance_id, {}).get("gitlab_runner_id") is None]
+        """Record the launch's instances, then give each its GitLab runner and token (see the module docstring).
+
+        ``held`` is how many leases the launch record holds: one moves to each new runner record, the rest
+        (instances never made, or terminated before they were recorded) go back to the pool.
+        """
+        try:
+            alive, ready = self._record(pool, launch_id, instances, adopting=adopting, held=held)
+        except ClientError as exc:
+            # The instances exist and the launch record still holds their leases.
+            self._halt(pool, launch_id, items, exc, "recording runners", report)
+            return
+        need_identity = [i for i in alive if i.instance_id not in ready]
         with ThreadPoolExecutor(max_workers=min(GITLAB_WORKERS, max(1, len(need_identity)))) as workers:
             identities = dict(
                 zip(
@@ -305,13 +389,58 @@ class ScaleUp:
                     strict=True,
                 )
             )
+        failures = [identity.reason for identity in identities.values() if isinstance(identity, RetryableError)]
         created = {i: identity for i, identity in identities.items() if isinstance(identity, RunnerCredentials)}
-        failures = [identity for identity in identities.values() if isinstance(identity, RetryableError)]
-        # Tokens before records: a runner recorded with its GitLab id is never given an identity again, so its
-        # token must already be in SSM. A crash in between leaves an unrecorded runner, which the next attempt
-        # finds by its description and re-tokens.
-        for instance_id, credentials in created.items():
-            self._tokens.put(instance_id, credentials.token)
+        try:
+            ready += self._store_identities(created)
+        except ClientError as exc:
+            if not _transient(exc):
+                self._halt(pool, launch_id, items, exc, "storing runner tokens", report)
+                return
+            failures.append(f"storing runner tokens failed with {error_code(exc)}")
+        if failures:
+            # The instances are recorded and hold their leases; the jobs come back to finish their runners.
+            self._store.mark_launch_incomplete(launch_id, failures[0])
+            for item in items:
+                self._retry(item.job, pool, failures[0], report)
+            return
+        launched, surplus = items[: len(ready)], items[len(ready) :]
+        for item in surplus:
+            # Its instance was terminated before its runner was ready: the job needs another launch.
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._retry(item.job, pool, "instance terminated before its runner was ready", report)
+        if ready:
+            self._store.finish_launch(launch_id, ready)
+        else:
+            self._store.fail_launch(launch_id, "instances terminated before their runners were ready")
+        report.instances.extend(ready)
+        report.add(Outcome.LAUNCHED, len(launched))
+        by_id = {i.instance_id: i for i in instances}
+        now = self._clock()
+        for item, instance_id in zip(launched, ready, strict=False):
+            logger.info(
+                "runner launched",
+                extra={
+                    **_job_log(item.job),
+                    "pool": pool.name,
+                    "launch_id": launch_id,
+                    "instance_id": instance_id,
+                    "lifecycle": by_id[instance_id].lifecycle.value,
+                    "instance_type": by_id[instance_id].instance_type,
+                    "queue_wait": round(now - item.job.received_at, 3),
+                },
+            )
+
+    def _record(
+        self, pool: PoolConfig, launch_id: str, instances: list[LaunchedInstance], *, adopting: bool, held: int
+    ) -> tuple[list[LaunchedInstance], list[str]]:
+        """Runner records for the instances not recorded yet; returns the live instances and the ready ones.
+
+        Recorded before any GitLab runner or token exists, so the state-change handler always finds what to
+        clean up; an instance terminated before this write has a tombstone, which refuses it.
+        """
+        known = self._store.runners([i.instance_id for i in instances]) if adopting else {}
+        new = [i for i in instances if i.instance_id not in known]
         now = self._clock()
         records = [
             RunnerRecord(
@@ -324,39 +453,85 @@ class ScaleUp:
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
                 token_parameter=runner_token_parameter(self._config.fleet, i.instance_id),
-                gitlab_runner_id=created[i.instance_id].runner_id if i.instance_id in created else None,
             )
             for i in new
         ]
-        self._store.record_runners(launch_id, records)
-        for instance_id, credentials in created.items():
-            if instance_id in known:
-                self._store.set_runner_identity(instance_id, credentials.runner_id)
-        for instance in new:
-            count(f"Launches.{instance.lifecycle.value}")
-            count(f"Launches.{instance.instance_type}")
-        if failures:
-            # The instances are recorded and hold their leases; the jobs come back to finish their runners.
-            self._store.mark_launch_incomplete(launch_id)
-            for item in items:
-                self._retry(item.job, pool, failures[0].reason, report)
-            return
-        self._store.finish_launch(launch_id, [i.instance_id for i in instances])
-        report.instances.extend(i.instance_id for i in instances)
-        report.add(Outcome.LAUNCHED, len(items))
-        for item, instance in zip(items, instances, strict=False):
-            logger.info(
-                "runner launched",
-                extra={
-                    **_job_log(item.job),
-                    "pool": pool.name,
-                    "launch_id": launch_id,
-                    "instance_id": instance.instance_id,
-                    "lifecycle": instance.lifecycle.value,
-                    "instance_type": instance.instance_type,
-                    "queue_wait": round(now - item.job.received_at, 3),
-                },
+        refused = self._store.record_runners(launch_id, records)
+        dead = refused | {i for i, r in known.items() if r.get("state") == "terminated"}
+        alive = [i for i in instances if i.instance_id not in dead]
+        leftover = held - (len(new) - len(refused))
+        if leftover > 0:
+            # Leases for instances the launch will not run: never made, or terminated before they were recorded.
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, leftover, leftover, finished=not alive, reason="instances terminated"
             )
+        for instance in new:
+            if instance.instance_id not in refused:
+                count(f"Launches.{instance.lifecycle.value}")
+                count(f"Launches.{instance.instance_type}")
+        ready = [i.instance_id for i in alive if known.get(i.instance_id, {}).get("gitlab_runner_id") is not None]
+        return alive, ready
+
+    def _store_identities(self, created: dict[str, RunnerCredentials]) -> list[str]:
+        """Tokens, then identities, of new GitLab runners; returns the instances whose runner is now ready.
+
+        The identity write is refused once the instance is terminated; the token and GitLab runner just made
+        are then deleted here, since nobody else knows them. On an AWS error, the runners not stored yet are
+        deleted from GitLab (best effort) before it propagates: the retry finds or makes them again.
+        """
+        ready: list[str] = []
+        left = dict(created)
+        try:
+            for instance_id, credentials in created.items():
+                self._tokens.put(instance_id, credentials.token)
+                if self._store.set_runner_identity(instance_id, credentials.runner_id):
+                    ready.append(instance_id)
+                else:
+                    self._discard_runner(instance_id, credentials.runner_id)
+                del left[instance_id]
+        except ClientError:
+            for credentials in left.values():
+                try:
+                    self._gitlab.delete_runner(credentials.runner_id)
+                except RetryableError:
+                    # Found again by its description when the launch is resumed, or by the reconciler.
+                    logger.warning("GitLab runner of an unfinished launch left", extra={"id": credentials.runner_id})
+            raise
+        return ready
+
+    def _halt(
+        self, pool: PoolConfig, launch_id: str, items: list[_Matched], exc: ClientError, step: str, report: BatchReport
+    ) -> None:
+        """An AWS error after the instances exist. Their leases cannot go back while they run; the launch record
+        keeps them with the reason: transient, the jobs come back and resume it; refused for good, the launch
+        is failed (for the reconciler to reap its instances) and the jobs are released and dead-lettered."""
+        code = error_code(exc) or "UnknownError"
+        reason = f"{step} failed with {code}"
+        if _transient(exc):
+            self._store.mark_launch_incomplete(launch_id, reason)
+            for item in items:
+                self._retry(item.job, pool, reason, report)
+            return
+        self._store.fail_launch(launch_id, reason)
+        count(f"LaunchError.{code}")
+        logger.error(
+            "launch failed after its instances were made; jobs dead-lettered",
+            extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
+        )
+        for item in items:
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._dead_letter(item.job, reason, report, error_code=code)
+
+    def _discard_runner(self, instance_id: str, runner_id: int) -> None:
+        """The instance was terminated while its runner was made: delete what was made for it."""
+        logger.info("instance terminated before its runner was ready", extra={"instance_id": instance_id})
+        self._tokens.delete(instance_id)
+        try:
+            self._gitlab.delete_runner(runner_id)
+        except RetryableError as exc:
+            # Left on the terminated record, marked, for a retried event or the reconciler.
+            self._store.note_orphan_runner(instance_id, runner_id)
+            logger.warning("GitLab runner left for cleanup", extra={"instance_id": instance_id, "reason": exc.reason})
 
     def _runner_identity(
         self, pool: PoolConfig, instance: LaunchedInstance, adopting: bool
@@ -391,16 +566,23 @@ class ScaleUp:
     def _retry(self, job: QueuedJob, pool: PoolConfig | None, reason: str, report: BatchReport) -> None:
         max_attempts = pool.max_launch_attempts if pool else DEFAULT_MAX_ATTEMPTS
         if job.attempt >= max_attempts:
-            dead = replace(job, last_error=reason)
-            self._dead_letters.send(dead)
-            self._store.mark_job(job.project_id, job.job_id, Outcome.DEAD_LETTERED.value, reason=reason)
-            logger.error("job dead-lettered", extra={**_job_log(job), "reason": reason, "attempts": job.attempt})
-            count("JobsDeadLettered")
-            report.add(Outcome.DEAD_LETTERED)
+            self._dead_letter(job, reason, report)
             return
         count("JobsRetried")
         retried = replace(job, attempt=job.attempt + 1, last_error=reason)
         self._requeue(retried, self._policy.backoff_delay(job.attempt), report, Outcome.RETRIED)
+
+    def _dead_letter(self, job: QueuedJob, reason: str, report: BatchReport, *, error_code: str = "") -> None:
+        self._dead_letters.send(replace(job, last_error=reason))
+        self._store.mark_job(
+            job.project_id, job.job_id, Outcome.DEAD_LETTERED.value, reason=reason, error_code=error_code or None
+        )
+        logger.error(
+            "job dead-lettered",
+            extra={**_job_log(job), "reason": reason, "error_code": error_code, "attempts": job.attempt},
+        )
+        count("JobsDeadLettered")
+        report.add(Outcome.DEAD_LETTERED)
 
     def _requeue(self, job: QueuedJob, delay: int, report: BatchReport, outcome: Outcome) -> None:
         self._queue.send(job, delay_seconds=delay)
@@ -408,6 +590,12 @@ class ScaleUp:
             "job re-queued", extra={**_job_log(job), "delay": delay, "outcome": outcome.value, "reason": job.last_error}
         )
         report.add(outcome)
+
+
+def _transient(exc: ClientError) -> bool:
+    """An AWS error a later attempt may not meet (throttling, a conflict, AWS's own 5xx)."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return error_code(exc) in _TRANSIENT_AWS_ERROR_CODES or (isinstance(status, int) and status >= 500)
 
 
 def _job_log(job: QueuedJob) -> dict[str, Any]:

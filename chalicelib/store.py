@@ -220,6 +220,13 @@ class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"
     HELD = "held"  # another launch already holds the job
     NOT_PENDING = "not_pending"  # the webhooks already saw it start, finish or be cancelled
+    DEAD_LETTERED = "dead_lettered"  # scale-up gave up on it; a copy of its message must not launch it again
+
+
+# The value of a job item's ``outcome`` once scale-up has dead-lettered the job.
+DEAD_LETTERED_OUTCOME = "dead_lettered"
+# A terminated runner record whose token and GitLab runner may still exist carries this mark until both are gone.
+CLEANUP_PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,19 @@ class RunnerRecord:
     token_parameter: str
     gitlab_runner_id: int | None = None
     state: str = "booting"
+
+
+@dataclass(frozen=True)
+class Termination:
+    """What terminating a runner record found: the record as it is now (None for a tombstone just written)."""
+
+    record: dict[str, Any] | None
+    newly: bool  # this call terminated it (not a duplicate or late event)
+    tombstone: bool  # the instance had no record: a tombstone stands in for it
+
+    @property
+    def cleanup_pending(self) -> bool:
+        return self.record is not None and self.record.get("gitlab_cleanup") == CLEANUP_PENDING
 
 
 def launch_key(launch_id: str) -> str:
@@ -284,7 +304,8 @@ class ScaleStore(FleetStore):
         """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
 
         The same condition refuses a job whose record the webhooks have moved past pending (running, finished,
-        cancelled), so a job that waited for capacity is checked at no extra call.
+        cancelled), so a job that waited for capacity is checked at no extra call, and a job already
+        dead-lettered, so a second copy of its message cannot launch it (or fail the same way) again.
         """
         now = self._clock()
         request = _update(
@@ -298,13 +319,17 @@ class ScaleStore(FleetStore):
                 ":project": project_id,
                 ":job": job_id,
                 ":pending": JobStatus.PENDING.rank,
+                ":dead": DEAD_LETTERED_OUTCOME,
             },
-            "attribute_not_exists(launch_id) AND (attribute_not_exists(status_rank) OR status_rank <= :pending)",
+            "attribute_not_exists(launch_id) AND (attribute_not_exists(status_rank) OR status_rank <= :pending)"
+            " AND (attribute_not_exists(outcome) OR outcome <> :dead)",
         )
         old = self._update_unless_refused(request)
         if old is None or old.get("launch_id") == launch_id:
             # (The second: refused by our own write, which landed before botocore retried the timed-out call.)
             return Claim(ClaimOutcome.CLAIMED, launch_id)
+        if old.get("outcome") == DEAD_LETTERED_OUTCOME:
+            return Claim(ClaimOutcome.DEAD_LETTERED, "")
         if old.get("launch_id"):
             return Claim(ClaimOutcome.HELD, str(old["launch_id"]), float(old.get("claimed_at", 0)))
         return Claim(ClaimOutcome.NOT_PENDING, "")
@@ -413,20 +438,28 @@ class ScaleStore(FleetStore):
         return int((self.get(pool_key(pool)) or {}).get("leases", 0))
 
     def give_back_launch_leases(
-        self, launch_id: str, pool: str, held: int, count: int, *, finished: bool = False
+        self, launch_id: str, pool: str, held: int, count: int, *, finished: bool = False, reason: str = ""
     ) -> None:
         """Return ``count`` of the ``held`` leases a launch holds but will not use (it made fewer instances).
 
+        ``finished`` marks the launch failed (it holds nothing any more and runs no job), with ``reason``.
         Compare-and-set on the exact count held, so the write cannot land twice: botocore retries a timed-out
         transaction, and only real DynamoDB (not every stand-in) honours the idempotency token it carries.
         """
         if count <= 0:
+            if finished:
+                self.fail_launch(launch_id, reason)
             return
+        values: dict[str, Any] = {":left": held - count, ":held": held}
+        expression = "SET leases = :left"
+        if finished:
+            expression += ", #state = :failed, reason = :reason"
+            values.update({":failed": "failed", ":reason": reason or "failed"})
         launch_update = _update(
             self.table,
             launch_key(launch_id),
-            "SET leases = :left" + (", #state = :failed" if finished else ""),
-            {":left": held - count, ":held": held, **({":failed": "failed"} if finished else {})},
+            expression,
+            values,
             "leases = :held",
             names={"#state": "state"} if finished else None,
         )
@@ -456,6 +489,18 @@ class ScaleStore(FleetStore):
             )
         )
 
+    def fail_launch(self, launch_id: str, reason: str) -> None:
+        """The launch stops here with ``reason``; any leases it still holds are left for the reconciler."""
+        self._client.update_item(
+            **_update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :failed, reason = :reason, finished_at = :now",
+                {":failed": "failed", ":reason": reason or "failed", ":now": self._clock()},
+                names={"#state": "state"},
+            )
+        )
+
     def runners(self, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Runner records by instance id, for those that exist (one BatchGetItem per 100)."""
         found: dict[str, dict[str, Any]] = {}
@@ -470,76 +515,164 @@ class ScaleStore(FleetStore):
                 request = answer.get("UnprocessedKeys") or {}
         return found
 
-    def record_runners(self, launch_id: str, runners: list[RunnerRecord]) -> None:
-        """Create runner records, moving one lease each from the launch to the runner, in transactions."""
-        for start in range(0, len(runners), 99):
-            chunk = runners[start : start + 99]
-            writes: list[dict[str, Any]] = [
-                {
-                    "Put": {
-                        "TableName": self.table,
-                        "Item": to_item(
-                            {
-                                "pk": runner_key(r.instance_id),
-                                "kind": "runner",
-                                "lease": True,
-                                "updated_at": self._clock(),
-                                **r.__dict__,
-                            }
-                        ),
-                        "ConditionExpression": "attribute_not_exists(pk)",
-                    }
-                }
-                for r in chunk
-            ]
-            writes.append(
-                {
-                    "Update": _update(
-                        self.table,
-                        launch_key(launch_id),
-                        "SET leases = leases - :n",
-                        {":n": len(chunk)},
-                        "leases >= :n",
-                    )
-                }
-            )
-            try:
-                self._client.transact_write_items(TransactItems=writes)
-            except ClientError as exc:
-                if error_code(exc) != "TransactionCanceledException":
-                    raise
-                recorded = self.runners([r.instance_id for r in chunk])
-                if len(recorded) != len(chunk) or {r.get("launch_id") for r in recorded.values()} != {launch_id}:
-                    raise
-                # An earlier attempt of this transaction (retried after a timeout) landed.
+    def record_runners(self, launch_id: str, runners: list[RunnerRecord]) -> set[str]:
+        """Create runner records, moving one lease each from the launch to the runner, in transactions.
 
-    def set_runner_identity(self, instance_id: str, gitlab_runner_id: int) -> None:
+        Returns the instance ids refused because their instance was already terminated (the state-change
+        handler left a tombstone): their leases stay with the launch, for the caller to give back.
+        """
+        refused: set[str] = set()
+        pending = list(runners)
+        while pending:
+            chunk, pending = pending[:99], pending[99:]
+            landed, dead = self._record_chunk(launch_id, chunk)
+            refused |= dead
+            retry = [r for r in chunk if r.instance_id not in landed and r.instance_id not in dead]
+            pending = retry + pending
+        return refused
+
+    def _record_chunk(self, launch_id: str, chunk: list[RunnerRecord]) -> tuple[set[str], set[str]]:
+        """One transaction: (ids recorded, ids refused because terminated). Both empty means "retry the rest"."""
+        writes: list[dict[str, Any]] = [
+            {
+                "Put": {
+                    "TableName": self.table,
+                    "Item": to_item(
+                        {
+                            "pk": runner_key(r.instance_id),
+                            "kind": "runner",
+                            "lease": True,
+                            "updated_at": self._clock(),
+                            **r.__dict__,
+                        }
+                    ),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            }
+            for r in chunk
+        ]
+        writes.append(
+            {
+                "Update": _update(
+                    self.table,
+                    launch_key(launch_id),
+                    "SET leases = leases - :n",
+                    {":n": len(chunk)},
+                    "leases >= :n",
+                )
+            }
+        )
+        try:
+            self._client.transact_write_items(TransactItems=writes)
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise
+            recorded = self.runners([r.instance_id for r in chunk])
+            ours = {i for i, r in recorded.items() if r.get("launch_id") == launch_id}
+            dead = {i for i, r in recorded.items() if r.get("launch_id") != launch_id and r.get("tombstone")}
+            if ours and len(ours) == len(chunk):
+                # An earlier attempt of this transaction (retried after a timeout) landed.
+                return ours, set()
+            if not dead or ours:
+                raise
+            # Instances terminated before they were recorded: the others are recorded without them.
+            return set(), dead
+        return {r.instance_id for r in chunk}, set()
+
+    def set_runner_identity(self, instance_id: str, gitlab_runner_id: int) -> bool:
+        """Tie a runner record to its GitLab runner; False when the instance was terminated meanwhile.
+
+        The condition is what closes the race with the state-change handler: once it has terminated the record,
+        no identity lands on it, so the caller knows to delete the GitLab runner and token it just made.
+        """
+        old = self._update_unless_refused(
+            _update(
+                self.table,
+                runner_key(instance_id),
+                "SET gitlab_runner_id = :id, updated_at = :now",
+                {":id": gitlab_runner_id, ":now": self._clock(), ":terminated": "terminated"},
+                "attribute_exists(pk) AND #state <> :terminated",
+                names={"#state": "state"},
+            )
+        )
+        # Refused by our own write, which landed before botocore retried the timed-out call, still counts.
+        return old is None or (old.get("gitlab_runner_id") == gitlab_runner_id and old.get("state") != "terminated")
+
+    def note_orphan_runner(self, instance_id: str, gitlab_runner_id: int) -> None:
+        """A GitLab runner made for an instance terminated meanwhile, which could not be deleted at once.
+
+        Kept on the terminated record with the cleanup mark, for a retried event or the reconciler to delete.
+        """
         self._client.update_item(
             **_update(
                 self.table,
                 runner_key(instance_id),
-                "SET gitlab_runner_id = :id, updated_at = :now",
-                {":id": gitlab_runner_id, ":now": self._clock()},
-                "attribute_exists(pk)",
+                "SET gitlab_runner_id = :id, gitlab_cleanup = :pending, updated_at = :now",
+                {":id": gitlab_runner_id, ":pending": CLEANUP_PENDING, ":now": self._clock()},
             )
         )
 
-    def terminate_runner(self, instance_id: str, reason: str) -> dict[str, Any] | None:
+    def terminate_runner(self, instance_id: str, reason: str) -> Termination:
         """Mark a runner terminated and give its lease back to the pool, exactly once.
 
-        Returns the runner record as it was when this call terminated it, or None when the instance is unknown
-        or was already terminated (a duplicate or late event).
+        The terminated record keeps ``gitlab_cleanup: pending`` until :meth:`finish_cleanup`, so a retried or
+        duplicate event (or the reconciler) finishes deleting its token and GitLab runner. An instance with no
+        record yet (terminated between CreateFleet and its record write) gets a terminated tombstone, which
+        refuses that later write; its lease is still held by its launch, which gives it back.
         """
-        record = self.get(runner_key(instance_id))
-        if record is None or record.get("state") == "terminated":
-            return None
+        for _ in range(_CONFLICT_ATTEMPTS):
+            record = self.get(runner_key(instance_id))
+            if record is None:
+                if self._put_tombstone(instance_id, reason):
+                    return Termination(None, newly=True, tombstone=True)
+                continue  # the record was written meanwhile: terminate it
+            if record.get("state") == "terminated":
+                return Termination(record, newly=False, tombstone=bool(record.get("tombstone")))
+            if self._terminate(record, reason):
+                # Read again: an identity set between the read above and the termination is on the record now.
+                return Termination(self.get(runner_key(instance_id)) or record, newly=True, tombstone=False)
+        raise RuntimeError(f"runner record {instance_id} kept changing while it was terminated")
+
+    def _put_tombstone(self, instance_id: str, reason: str) -> bool:
+        now = self._clock()
+        item = {
+            "pk": runner_key(instance_id),
+            "kind": "runner",
+            "instance_id": instance_id,
+            "state": "terminated",
+            "tombstone": True,
+            "reason": reason,
+            "terminated_at": now,
+            "updated_at": now,
+            "ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
+        }
+        try:
+            self._client.put_item(
+                TableName=self.table, Item=to_item(item), ConditionExpression="attribute_not_exists(pk)"
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            found = self.get(runner_key(instance_id)) or {}
+            # Refused by our own landed write (a retried call) still counts.
+            return bool(found.get("tombstone"))
+        return True
+
+    def _terminate(self, record: Mapping[str, Any], reason: str) -> bool:
+        instance_id = str(record["instance_id"])
         now = self._clock()
         runner_update = _update(
             self.table,
             runner_key(instance_id),
-            "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl "
-            "REMOVE lease",
-            {":terminated": "terminated", ":reason": reason, ":now": now, ":ttl": int(now) + FINISHED_JOB_TTL_SECONDS},
+            "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl, "
+            "gitlab_cleanup = :pending REMOVE lease",
+            {
+                ":terminated": "terminated",
+                ":reason": reason,
+                ":now": now,
+                ":ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
+                ":pending": CLEANUP_PENDING,
+            },
             "#state <> :terminated",
             names={"#state": "state", "#ttl": "ttl"},
         )
@@ -562,18 +695,31 @@ class ScaleStore(FleetStore):
             self._client.transact_write_items(TransactItems=writes)
         except ClientError as exc:
             if error_code(exc) == "TransactionCanceledException":
-                return None  # a concurrent event terminated it first
+                return False  # a concurrent event (or our own landed attempt) terminated it: read it again
             raise
-        return record
+        return True
 
-    def mark_launch_incomplete(self, launch_id: str) -> None:
+    def finish_cleanup(self, instance_id: str) -> None:
+        """The token and GitLab runner of a terminated runner are gone: clear its cleanup mark."""
+        self._client.update_item(
+            **_update(
+                self.table,
+                runner_key(instance_id),
+                "REMOVE gitlab_cleanup",
+                {":t": "terminated"},
+                "#state = :t",
+                names={"#state": "state"},
+            )
+        )
+
+    def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
         """The invocation ends with runners still missing an identity; the next delivery may resume at once."""
         self._client.update_item(
             **_update(
                 self.table,
                 launch_key(launch_id),
-                "SET #state = :incomplete",
-                {":incomplete": "incomplete"},
+                "SET #state = :incomplete, reason = :reason",
+                {":incomplete": "incomplete", ":reason": reason or "incomplete"},
                 names={"#state": "state"},
             )
         )

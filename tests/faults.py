@@ -22,6 +22,7 @@ the EC2 query-protocol parser, ClientError) runs for real, and what reaches moto
 from __future__ import annotations
 
 import copy
+import json
 import re
 import threading
 import uuid
@@ -37,7 +38,7 @@ from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.exceptions import ReadTimeoutError
 from botocore.httpsession import URLLib3Session
 
-__all__ = ["Call", "SimulatedCrash", "WireFaults", "ec2_error_body"]
+__all__ = ["Call", "SimulatedCrash", "WireFaults", "ec2_error_body", "json_error_body"]
 
 # The statuses AWS sends with these codes; anything else is a client error (400).
 _STATUS_BY_CODE = {
@@ -85,6 +86,20 @@ def ec2_error_body(code: str, message: str, request_id: str | None = None) -> by
         f"<Response><Errors><Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message></Error>"
         f"</Errors><RequestID>{request_id}</RequestID></Response>"
     ).encode()
+
+
+def json_error_body(code: str, message: str) -> bytes:
+    """The body a JSON-protocol service (DynamoDB, SSM) sends with an error status."""
+    return json.dumps({"__type": code, "message": message}).encode()
+
+
+def _json_response(url: str, status: int, content: bytes) -> AWSResponse:
+    headers = {
+        "Content-Type": "application/x-amz-json-1.1",
+        "Content-Length": str(len(content)),
+        "x-amzn-RequestId": str(uuid.uuid4()),
+    }
+    return AWSResponse(url, status, headers, _Body(content))
 
 
 class _Body:
@@ -151,6 +166,8 @@ class WireFaults:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._service = client.meta.service_model.service_id.hyphenize()
+        # DynamoDB and SSM speak the JSON protocol: their errors are JSON bodies, not EC2's query XML.
+        self._json_protocol = client.meta.service_model.protocol == "json"
         self._lock = threading.Lock()
         self._errors: list[_ErrorFault] = []
         self._capacity: list[_CapacityFault] = []
@@ -200,7 +217,7 @@ class WireFaults:
 
         Counted per attempt on the wire, so ``times=2`` with botocore's retries means two failed attempts;
         the first ``after`` attempts go through untouched (to fail only a later call, such as a fallback).
-        The body is in the EC2 query protocol's error format, which is what this injector is used for.
+        The body is in the client's protocol's error format: EC2's query XML, or JSON for DynamoDB and SSM.
         """
         self._errors.append(
             _ErrorFault(
@@ -286,6 +303,8 @@ class WireFaults:
             self._http.send(request)
             raise ReadTimeoutError(endpoint_url=request.url)
         if error is not None:
+            if self._json_protocol:
+                return _json_response(request.url, error.status, json_error_body(error.code, error.message))
             return _response(request.url, error.status, ec2_error_body(error.code, error.message))
         if operation == "CreateFleet":
             return self._create_fleet_with_shortage(request)

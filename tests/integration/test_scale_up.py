@@ -530,3 +530,96 @@ def test_a_malformed_message_is_dead_lettered_with_its_reason(fleet: Fleet) -> N
     [dead] = fleet.dead_letters(1)
     assert dead["body"] == "this is not a job"
     assert dead["last_error"].startswith("malformed message")
+
+
+# -- launches EC2 refuses for good ------------------------------------------------------------------------------------
+
+
+def _launches(fleet: Fleet) -> list[dict[str, Any]]:
+    return list(fleet.runtime.store().scan("launch"))
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("UnauthorizedOperation", 403),
+        ("InvalidLaunchTemplateName.NotFoundException", 400),
+        ("InvalidLaunchTemplateId.Malformed", 400),
+        ("Unsupported", 400),
+        ("InvalidParameterValue", 400),
+    ],
+)
+def test_a_refused_launch_gives_capacity_back_and_dead_letters_its_jobs(fleet: Fleet, code: str, status: int) -> None:
+    # given two jobs, and EC2 refusing every CreateFleet for a reason no retry fixes
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    with WireFaults(fleet.ec2) as faults:
+        faults.fail("CreateFleet", code, status=status)
+        # when the batch is handled, and then delivered a second time
+        first = fleet.scale_up().handle_messages(bodies)
+        second = fleet.scale_up().handle_messages(bodies)
+    # then the capacity is back, nothing runs, and the jobs are dead-lettered with the code, once
+    assert first.as_dict() == {"dead_lettered": 2}
+    assert second.as_dict() == {"duplicate": 2}
+    assert len(faults.calls_to("CreateFleet")) == 1
+    assert fleet.instances() == []
+    assert fleet.leases("docker") == 0
+    for job_id in jobs:
+        item = fleet.job(job_id)
+        assert "launch_id" not in item
+        assert (item["outcome"], item["error_code"]) == ("dead_lettered", code)
+    dead = fleet.dead_letters(2)
+    assert sorted(d["job_id"] for d in dead) == sorted(jobs)
+    assert all(code in d["last_error"] for d in dead)
+    [launch] = _launches(fleet)
+    assert (launch["state"], launch["reason"], launch["leases"]) == ("failed", code, 0)
+    assert fleet.take_queued(0, timeout=1) == []
+
+
+def test_a_resumed_launch_that_ec2_refuses_gives_its_leases_back(fleet: Fleet) -> None:
+    # given a scale-up that died after taking its leases, before CreateFleet
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    now = time.time()
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults, pytest.raises(SimulatedCrash):
+        faults.crash_after("TransactWriteItems")
+        fleet.scale_up(clock=lambda: now).handle_messages(bodies)
+    assert fleet.leases("docker") == 2
+    # when the batch comes back once the launch is stale, and EC2 now refuses the launch
+    with WireFaults(fleet.ec2) as faults:
+        faults.fail("CreateFleet", "UnauthorizedOperation", status=403)
+        report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)
+    # then
+    assert report.as_dict() == {"dead_lettered": 2}
+    assert fleet.leases("docker") == 0
+    assert fleet.instances() == []
+    assert all("launch_id" not in fleet.job(j) for j in jobs)
+    assert all("UnauthorizedOperation" in d["last_error"] for d in fleet.dead_letters(2))
+
+
+def test_a_refused_token_write_dead_letters_and_leaves_the_launch_for_the_reconciler(fleet: Fleet) -> None:
+    # given SSM refusing the runner tokens (the role lost ssm:PutParameter)
+    jobs = fleet.pipeline(["docker"])
+    bodies = fleet.take_queued(1)
+    with WireFaults(fleet.runtime.aws().ssm) as faults:
+        faults.fail("PutParameter", "AccessDeniedException")
+        # when
+        report = fleet.scale_up().handle_messages(bodies)
+    # then the job is dead-lettered with the code, no GitLab runner is left behind, and the launch record
+    # says what went wrong and still holds nothing: the lease moved to the recorded runner, whose instance the
+    # reconciler reaps (and the state-change event then returns the lease)
+    assert report.as_dict() == {"dead_lettered": 1}
+    assert "launch_id" not in fleet.job(jobs[0])
+    assert fleet.job(jobs[0])["error_code"] == "AccessDeniedException"
+    [dead] = fleet.dead_letters(1)
+    assert "AccessDeniedException" in dead["last_error"]
+    [launch] = _launches(fleet)
+    assert launch["state"] == "failed"
+    assert "AccessDeniedException" in launch["reason"]
+    assert fleet.gitlab_runners() == []
+    [instance] = fleet.instances("docker")
+    record = fleet.record(runner_key(instance["InstanceId"]))
+    assert (record["state"], record.get("gitlab_runner_id")) == ("booting", None)
+    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance["InstanceId"]])
+    fleet.sandbox.pump.pump_events()
+    assert fleet.leases("docker") == 0
