@@ -4,12 +4,13 @@ When a runner instance is terminated (it powered off after its last build, was r
 capacity), its GitLab runner and any unread token are deleted and its capacity lease goes back to the pool, so a
 waiting job can launch. EventBridge may deliver an event twice or late; the lease is returned at most once.
 
-Order. What is ours in AWS goes first: the runner record is marked terminated (with ``gitlab_cleanup: pending``)
-and its lease returned in one transaction, then the token is deleted, then the GitLab runner, and only then is
-the mark cleared. EventBridge retries a failed invocation twice and then drops the event, so a GitLab outage can
-outlast it: the lease is back at once, and the terminated record still names the GitLab runner with the mark, for
-a retried event or the reconciler to finish. Every step is idempotent (a missing token or GitLab runner counts as
-deleted), so a duplicate or retried event finishes whatever is left and does nothing more.
+Order. What is ours in AWS goes first: the runner record is marked terminated (with ``token_cleanup`` and
+``gitlab_cleanup`` marks, both ``pending``) and its lease returned in one transaction, then the token is deleted,
+then the GitLab runner, and each mark is cleared once its deletion is done. EventBridge retries a failed
+invocation twice and then drops the event, so a GitLab outage can outlast it: the lease is back at once, and the
+terminated record still names the GitLab runner with its mark, for a retried event or the reconciler to finish.
+Every step is idempotent (a missing token or GitLab runner counts as deleted), so a duplicate or retried event
+finishes whatever is left and does nothing more.
 
 An instance terminated before scale-up recorded it gets a terminated tombstone record instead: scale-up's record
 write is conditioned on no record existing, so it is refused, and scale-up gives that lease back from its launch
@@ -24,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chalicelib.errors import PayloadError
+from chalicelib.errors import PayloadError, RetryableError
 from chalicelib.gitlab_api import GitLabApi
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
@@ -91,14 +92,23 @@ class InstanceEvents:
                 "runner terminated; lease returned",
                 extra={"instance_id": instance_id, "pool": record.get("pool")},
             )
-        if not termination.cleanup_pending:
+        if not termination.token_cleanup_pending and not termination.gitlab_cleanup_pending:
             return "terminated" if termination.newly else "already terminated"
         # Ours in AWS first (the record and lease above, the token here), GitLab last: a GitLab outage then
         # leaves only the GitLab runner, named on the record, for a retried event or the reconciler.
-        self._tokens.delete(instance_id)
+        if termination.token_cleanup_pending:
+            self._tokens.delete(instance_id)
         runner_id = record.get("gitlab_runner_id")
-        if runner_id is not None:
-            self._gitlab.delete_runner(int(runner_id))
+        if termination.gitlab_cleanup_pending and runner_id is not None:
+            try:
+                self._gitlab.delete_runner(int(runner_id))
+            except RetryableError as exc:
+                self._store.finish_cleanup(instance_id, gitlab=False)
+                logger.warning(
+                    "GitLab runner left for cleanup",
+                    extra={"instance_id": instance_id, "gitlab_runner_id": runner_id, "reason": exc.reason},
+                )
+                raise
         self._store.finish_cleanup(instance_id)
         logger.info("runner cleaned up", extra={"instance_id": instance_id, "gitlab_runner_id": runner_id})
         return "terminated" if termination.newly else "cleaned up"

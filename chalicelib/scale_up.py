@@ -11,6 +11,29 @@ ClientToken and is tagged on every instance. If the Lambda dies anywhere after t
 finds its job claimed by a launch that never finished and completes that launch: it adopts the instances
 tagged with the launch id (or launches them, with the same ClientToken, when there are none), records them,
 and creates their GitLab runners, finding one whose creation answer was lost by its description.
+
+Failures. A launch EC2 refuses for good (permissions, a missing template, a bad parameter) gives its leases
+back, releases its jobs' claims and dead-letters them with the AWS error code; a dead-lettered job is never
+claimed again. A throttled or short launch gives back what it did not use and re-queues its jobs. An AWS error
+after the instances exist cannot give their leases back (the instances hold them): the launch record is left
+``incomplete`` (transient, the jobs come back and resume it) or ``failed`` with the reason (for good, the jobs
+are dead-lettered), for the reconciler to reap its instances.
+
+Order of writes, and why. An instance can terminate at any moment, and the state-change handler can only clean
+up what a record names. So the runner records come first, right after CreateFleet, each taking its lease from
+the launch, with no GitLab runner yet; then the GitLab runners are made (in worker threads, GitLab calls only),
+then the tokens are put, and last each record gets its GitLab identity in a write conditioned on the record not
+being terminated. Each interleaving with the handler ends clean:
+
+* terminated before its record: the handler leaves a terminated tombstone, the record write is refused, and the
+  launch gives that lease back and re-queues one job;
+* terminated after its record, before its identity: the handler returns the lease and deletes the token if it
+  is there yet; the identity write is then refused, and scale-up deletes the token and GitLab runner it just made
+  (a GitLab runner it cannot delete is written onto the terminated record with its cleanup mark);
+* terminated after its identity: the handler finds everything on the record.
+
+The other order (tokens and GitLab runners before records, as before) leaves a token and a GitLab runner that no
+record names whenever the instance terminates in between, and nothing would ever delete them.
 """
 
 from __future__ import annotations

@@ -225,7 +225,8 @@ class ClaimOutcome(str, Enum):
 
 # The value of a job item's ``outcome`` once scale-up has dead-lettered the job.
 DEAD_LETTERED_OUTCOME = "dead_lettered"
-# A terminated runner record whose token and GitLab runner may still exist carries this mark until both are gone.
+# A terminated runner record carries ``token_cleanup`` / ``gitlab_cleanup`` with this value until its token / its
+# GitLab runner is deleted.
 CLEANUP_PENDING = "pending"
 
 
@@ -260,7 +261,11 @@ class Termination:
     tombstone: bool  # the instance had no record: a tombstone stands in for it
 
     @property
-    def cleanup_pending(self) -> bool:
+    def token_cleanup_pending(self) -> bool:
+        return self.record is not None and self.record.get("token_cleanup") == CLEANUP_PENDING
+
+    @property
+    def gitlab_cleanup_pending(self) -> bool:
         return self.record is not None and self.record.get("gitlab_cleanup") == CLEANUP_PENDING
 
 
@@ -615,8 +620,8 @@ class ScaleStore(FleetStore):
     def terminate_runner(self, instance_id: str, reason: str) -> Termination:
         """Mark a runner terminated and give its lease back to the pool, exactly once.
 
-        The terminated record keeps ``gitlab_cleanup: pending`` until :meth:`finish_cleanup`, so a retried or
-        duplicate event (or the reconciler) finishes deleting its token and GitLab runner. An instance with no
+        The terminated record keeps ``token_cleanup`` and ``gitlab_cleanup`` marks until :meth:`finish_cleanup`,
+        so a retried or duplicate event (or the reconciler) finishes deleting whichever is left. An instance with no
         record yet (terminated between CreateFleet and its record write) gets a terminated tombstone, which
         refuses that later write; its lease is still held by its launch, which gives it back.
         """
@@ -665,7 +670,7 @@ class ScaleStore(FleetStore):
             self.table,
             runner_key(instance_id),
             "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl, "
-            "gitlab_cleanup = :pending REMOVE lease",
+            "token_cleanup = :pending, gitlab_cleanup = :pending REMOVE lease",
             {
                 ":terminated": "terminated",
                 ":reason": reason,
@@ -699,13 +704,13 @@ class ScaleStore(FleetStore):
             raise
         return True
 
-    def finish_cleanup(self, instance_id: str) -> None:
-        """The token and GitLab runner of a terminated runner are gone: clear its cleanup mark."""
+    def finish_cleanup(self, instance_id: str, *, gitlab: bool = True) -> None:
+        """The token (and, with ``gitlab``, the GitLab runner) of a terminated runner are gone: clear the marks."""
         self._client.update_item(
             **_update(
                 self.table,
                 runner_key(instance_id),
-                "REMOVE gitlab_cleanup",
+                "REMOVE token_cleanup" + (", gitlab_cleanup" if gitlab else ""),
                 {":t": "terminated"},
                 "#state = :t",
                 names={"#state": "state"},

@@ -10,6 +10,7 @@ the EC2 query-protocol parser, ClientError) runs for real, and what reaches moto
   ``errorSet`` items for the overrides of the given instance types; the rest is launched by moto.
 * ``crash_after``: raise any BaseException once the real call has reached moto, as a Lambda killed between
   CreateFleet and its state write would.
+* ``run_after``: run an action once a call has landed, before its caller sees the answer (a race, made exact).
 * ``calls`` / ``attempts``: every API call (operation, parameters) and every attempt on the wire.
 
     with WireFaults(ec2) as faults:
@@ -27,7 +28,7 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -145,6 +146,13 @@ class _CrashFault:
 
 
 @dataclass
+class _Action:
+    operation: str
+    action: Callable[[dict[str, Any]], None]
+    remaining: int | None
+
+
+@dataclass
 class _Override:
     config: int
     index: int
@@ -172,6 +180,7 @@ class WireFaults:
         self._errors: list[_ErrorFault] = []
         self._capacity: list[_CapacityFault] = []
         self._crashes: list[_CrashFault] = []
+        self._actions: list[_Action] = []
         self._lost_answers: Counter[str] = Counter()
         self._attempts: list[str] = []
         self._http = URLLib3Session()
@@ -269,6 +278,11 @@ class WireFaults:
         """Raises ``exception`` once ``operation`` has been answered by the endpoint, before the caller sees it."""
         self._crashes.append(_CrashFault(operation=operation, exception=exception, remaining=times))
 
+    def run_after(self, operation: str, action: Callable[[dict[str, Any]], None], *, times: int | None = 1) -> None:
+        """Runs ``action(parsed answer)`` once ``operation`` has been answered, before the caller sees the answer:
+        something else happening in the world (an instance terminating, another Lambda's write) right then."""
+        self._actions.append(_Action(operation=operation, action=action, remaining=times))
+
     # ---- what was seen -----------------------------------------------------------------------------------
 
     def calls_to(self, operation: str) -> list[Call]:
@@ -310,7 +324,16 @@ class WireFaults:
             return self._create_fleet_with_shortage(request)
         return None
 
-    def _after_call(self, model: Any, **_: Any) -> None:
+    def _after_call(self, model: Any, parsed: dict[str, Any] | None = None, **_: Any) -> None:
+        with self._lock:
+            actions = []
+            for action in self._actions:
+                if action.operation == model.name:
+                    fires, action.remaining = _take(action.remaining)
+                    if fires:
+                        actions.append(action)
+        for action in actions:
+            action.action(parsed or {})
         with self._lock:
             crash = None
             for fault in self._crashes:

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import requests
 
 from chalicelib.config import FleetConfig
+from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
 from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
 from chalicelib.store import job_key, launch_key, pool_key, runner_key
@@ -152,6 +154,17 @@ class Fleet:
         )
         return answer.status_code
 
+    def instance_terminated(self, instance_id: str) -> str:
+        """Terminate an instance in EC2 and hand its state-change event to the handler, as EventBridge would."""
+        from chalicelib.instances import parse_state_change
+
+        self.ec2.terminate_instances(InstanceIds=[instance_id])
+        return str(self.runtime.instance_events(ACCOUNT).handle(parse_state_change(state_change(instance_id))))
+
+    def token_exists(self, instance_id: str) -> bool:
+        name = runner_token_parameter(self.config.fleet, instance_id)
+        return bool(self.runtime.aws().ssm.get_parameters(Names=[name])["Parameters"])
+
     def with_pool(self, name: str, **changes: Any) -> FleetConfig:
         pools = tuple(p.model_copy(update=changes) if p.name == name else p for p in self.config.pools)
         return self.config.model_copy(update={"pools": pools})
@@ -163,6 +176,21 @@ class Fleet:
             if r.get("gitlab_runner_id") is not None
         }
         assert {int(r["id"]) for r in self.gitlab_runners()} <= recorded
+
+
+def state_change(instance_id: str, state: str = "terminated") -> dict[str, Any]:
+    """An "EC2 Instance State-change Notification" as EventBridge delivers it (the documented sample's shape)."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "EC2 Instance State-change Notification",
+        "source": "aws.ec2",
+        "account": ACCOUNT,
+        "time": "2026-11-29T12:00:00Z",
+        "region": "us-east-1",
+        "resources": [f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "state": state},
+    }
 
 
 @pytest.fixture
@@ -623,3 +651,116 @@ def test_a_refused_token_write_dead_letters_and_leaves_the_launch_for_the_reconc
     terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance["InstanceId"]])
     fleet.sandbox.pump.pump_events()
     assert fleet.leases("docker") == 0
+
+
+# -- instances that terminate while scale-up works on them, and cleanup that outlasts GitLab ---------------------------
+
+
+def test_an_instance_terminated_before_its_record_gives_its_lease_back_and_its_job_another_launch(
+    fleet: Fleet,
+) -> None:
+    # given an instance that terminates right after CreateFleet made it, before scale-up records it
+    [job] = fleet.pipeline(["docker"])
+    handled: list[str] = []
+
+    def terminate_it(answer: dict[str, Any]) -> None:
+        [instance_id] = answer["Instances"][0]["InstanceIds"]
+        handled.append(fleet.instance_terminated(instance_id))
+
+    with WireFaults(fleet.ec2) as faults:
+        faults.run_after("CreateFleet", terminate_it)
+        # when
+        report = fleet.scale_up().handle_messages(fleet.take_queued(1))
+    # then nothing of it is left: no lease, no runner, no token; the job goes back for another launch
+    assert fleet.leases("docker") == 0
+    assert fleet.gitlab_runners() == []
+    assert handled == ["terminated before recorded"]
+    assert report.as_dict() == {"retried": 1}
+    assert fleet.instances() == []
+    assert "launch_id" not in fleet.job(job)
+    [again] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    assert again.job_id == job
+    [launch] = _launches(fleet)
+    assert (launch["state"], launch["leases"]) == ("failed", 0)
+    # and the retry launches it
+    assert fleet.scale_up().handle([again]).as_dict() == {"launched": 1}
+    assert fleet.leases("docker") == 1
+
+
+def test_an_instance_terminated_between_its_runner_and_its_record_leaves_no_token_or_runner(fleet: Fleet) -> None:
+    # given an instance that terminates once its GitLab runner exists and its token is written
+    [job] = fleet.pipeline(["docker"])
+    handled: list[str] = []
+
+    def terminate_it(_: dict[str, Any]) -> None:
+        [instance] = fleet.instances("docker")
+        handled.append(fleet.instance_terminated(instance["InstanceId"]))
+
+    with WireFaults(fleet.runtime.aws().ssm) as faults:
+        faults.run_after("PutParameter", terminate_it)
+        # when
+        report = fleet.scale_up().handle_messages(fleet.take_queued(1))
+    # then the handler returned the lease; scale-up deleted the runner and token it had just made
+    assert fleet.leases("docker") == 0
+    assert fleet.gitlab_runners() == []
+    assert handled == ["terminated"]
+    assert report.as_dict() == {"retried": 1}
+    [made] = fleet.runtime.store().scan("runner")
+    assert made["state"] == "terminated"
+    assert not fleet.token_exists(made["instance_id"])
+    assert "launch_id" not in fleet.job(job)
+
+
+def test_gitlab_down_during_termination_cleans_aws_first_and_a_retried_event_finishes(fleet: Fleet) -> None:
+    # given a running runner
+    fleet.pipeline(["docker"])
+    fleet.run()
+    [instance] = fleet.instances("docker")
+    instance_id = instance["InstanceId"]
+    [runner] = fleet.gitlab_runners()
+    # when it terminates while GitLab answers 500 to the runner's deletion
+    fleet.gitlab.fail_next("DELETE", r"/runners/\d+", status=500)
+    with pytest.raises(RetryableError):
+        fleet.instance_terminated(instance_id)
+    # then everything of ours in AWS is clean, and the record names what GitLab still has
+    assert fleet.leases("docker") == 0
+    assert not fleet.token_exists(instance_id)
+    record = fleet.record(runner_key(instance_id))
+    assert (record["state"], record["gitlab_runner_id"], record["gitlab_cleanup"]) == (
+        "terminated",
+        runner["id"],
+        "pending",
+    )
+    assert "token_cleanup" not in record
+    assert [r["id"] for r in fleet.gitlab_runners()] == [runner["id"]]
+    # when EventBridge retries the event, GitLab being back
+    calls = fleet.gitlab_calls("DELETE", "/runners/:id")
+    assert fleet.instance_terminated(instance_id) == "cleaned up"
+    # then only the GitLab runner is deleted, and the mark cleared
+    assert fleet.gitlab_calls("DELETE", "/runners/:id") == calls + 1
+    assert fleet.gitlab_runners() == []
+    assert "gitlab_cleanup" not in fleet.record(runner_key(instance_id))
+    assert fleet.leases("docker") == 0
+    # and a late duplicate does nothing more
+    assert fleet.instance_terminated(instance_id) == "already terminated"
+    assert fleet.gitlab_calls("DELETE", "/runners/:id") == calls + 1
+
+
+def test_duplicate_events_at_once_return_the_lease_once(fleet: Fleet) -> None:
+    # given two running runners
+    fleet.pipeline(["docker"], ["docker"])
+    fleet.run()
+    victim = fleet.instances("docker")[0]["InstanceId"]
+    # when the same event is handled three times at once
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(fleet.instance_terminated(victim))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # then the lease came back once, and the runner and token are gone
+    assert results.count("terminated") == 1
+    assert fleet.leases("docker") == 1
+    assert [r for r in fleet.gitlab_runners() if victim in r["description"]] == []
+    assert not fleet.token_exists(victim)
+    assert fleet.record(runner_key(victim))["state"] == "terminated"
