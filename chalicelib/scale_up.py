@@ -65,8 +65,8 @@ from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.naming import launch_template_name, runner_token_parameter
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
-from chalicelib.scaling import RetryPolicy, match_pool
-from chalicelib.store import ClaimOutcome, RunnerRecord, ScaleStore
+from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
+from chalicelib.store import Claim, ClaimOutcome, LaunchState, RunnerRecord, ScaleStore
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.
@@ -224,27 +224,79 @@ class ScaleUp:
     def _scale_pool(self, pool: PoolConfig, items: list[_Matched], report: BatchReport) -> None:
         launch_id = self._new_launch_id()
         claimed: list[_Matched] = []
-        resume: dict[str, list[_Matched]] = defaultdict(list)
+        held: dict[str, list[_Matched]] = defaultdict(list)
         claimed_at: dict[str, float] = {}
         for item in items:
-            claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
+            claim = self._claim(item, launch_id, report)
+            if claim is None:
+                continue
             if claim.outcome is ClaimOutcome.CLAIMED:
                 claimed.append(item)
-            elif claim.outcome is ClaimOutcome.HELD:
-                resume[claim.launch_id].append(item)
-                claimed_at[claim.launch_id] = max(claimed_at.get(claim.launch_id, 0.0), claim.claimed_at)
-            elif claim.outcome is ClaimOutcome.DEAD_LETTERED:
-                logger.info("job already dead-lettered; copy dropped", extra=_job_log(item.job))
-                report.add(Outcome.DUPLICATE)
             else:
-                self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
-                logger.info("job no longer pending", extra=_job_log(item.job))
-                count("JobsNotPending")
-                report.add(Outcome.NOT_PENDING)
-        for held_by, held in resume.items():
-            self._resume(pool, held_by, held, claimed_at[held_by], report)
+                held[claim.launch_id].append(item)
+                claimed_at[claim.launch_id] = max(claimed_at.get(claim.launch_id, 0.0), claim.claimed_at)
+        for holder, group in held.items():
+            claimed += self._held(pool, holder, group, claimed_at[holder], launch_id, report)
         if claimed:
             self._launch(pool, launch_id, claimed, report)
+
+    def _claim(self, item: _Matched, launch_id: str, report: BatchReport) -> Claim | None:
+        """Claim a job for ``launch_id``: the claim (ours or another launch's), or None when it needs no launch."""
+        claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
+        if claim.outcome is ClaimOutcome.DEAD_LETTERED:
+            logger.info("job already dead-lettered; copy dropped", extra=_job_log(item.job))
+            report.add(Outcome.DUPLICATE)
+            return None
+        if claim.outcome is ClaimOutcome.NOT_PENDING:
+            self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
+            logger.info("job no longer pending", extra=_job_log(item.job))
+            count("JobsNotPending")
+            report.add(Outcome.NOT_PENDING)
+            return None
+        return claim
+
+    def _held(
+        self,
+        pool: PoolConfig,
+        holder: str,
+        items: list[_Matched],
+        claimed_at: float,
+        launch_id: str,
+        report: BatchReport,
+    ) -> list[_Matched]:
+        """Jobs the launch ``holder`` holds; returns those claimed afresh for ``launch_id``, to launch with it."""
+        launch = self._store.get_launch(holder)
+        decision = decide_held_job(
+            LaunchState(launch["state"]) if launch else None,
+            claimed_at=claimed_at,
+            started_at=float(launch.get("started_at", 0)) if launch else 0.0,
+            now=self._clock(),
+            stale_after=STALE_LAUNCH_SECONDS,
+        )
+        if decision is HeldJob.DONE:
+            report.add(Outcome.DUPLICATE, len(items))
+            return []
+        if decision is HeldJob.RECLAIM:
+            reclaimed: list[_Matched] = []
+            for item in items:
+                self._store.release_claim(item.job.project_id, item.job.job_id, holder)
+                claim = self._claim(item, launch_id, report)
+                if claim is not None and claim.outcome is ClaimOutcome.CLAIMED:
+                    reclaimed.append(item)
+                elif claim is not None:
+                    # Another invocation reclaimed it first.
+                    self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
+            return reclaimed
+        if decision is HeldJob.RESUME and launch is not None and self._take_over(holder):
+            self._resume(pool, holder, launch, items, report)
+            return []
+        # A live invocation is at it (a copy delivered twice at once): come back once it is done.
+        for item in items:
+            self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
+        return []
+
+    def _take_over(self, launch_id: str) -> bool:
+        return self._store.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
 
     def _launch(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
         granted = self._store.acquire_leases(pool.name, len(items), pool.max_runners, launch_id)
@@ -300,30 +352,9 @@ class ScaleUp:
             )
 
     def _resume(
-        self, pool: PoolConfig, launch_id: str, items: list[_Matched], claimed_at: float, report: BatchReport
+        self, pool: PoolConfig, launch_id: str, launch: dict[str, Any], items: list[_Matched], report: BatchReport
     ) -> None:
-        """Jobs already claimed by ``launch_id``: done, in progress elsewhere, or left unfinished."""
-        launch = self._store.get_launch(launch_id)
-        if launch is not None and launch.get("state") == "launched":
-            report.add(Outcome.DUPLICATE, len(items))
-            return
-        stale = self._clock() - STALE_LAUNCH_SECONDS
-        if launch is None and claimed_at > stale:
-            # Claimed a moment ago by an invocation that has not taken its leases yet: it is still at work.
-            for item in items:
-                self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
-            return
-        if launch is None or launch.get("state") == "failed":
-            # Claimed, but the launch never took leases (or gave them all back): claim again, afresh.
-            for item in items:
-                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
-            self._scale_pool(pool, items, report)
-            return
-        if not self._store.take_over_launch(launch_id, stale_before=stale):
-            # Another invocation is launching it right now (the same job delivered twice at once).
-            for item in items:
-                self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
-            return
+        """Finish a launch that stopped part way, now that this invocation owns it."""
         logger.warning("resuming an unfinished launch", extra={"pool": pool.name, "launch_id": launch_id})
         count("LaunchesResumed")
         held = int(launch.get("leases", 0))

@@ -216,6 +216,16 @@ class FleetStore:
 # whatever crashes or retries happen in between.
 
 
+class LaunchState(str, Enum):
+    """Where a launch record is in its life."""
+
+    LAUNCHING = "launching"  # leases taken; an invocation is making the instances and their runners
+    RESUMING = "resuming"  # another invocation took over an unfinished launch
+    INCOMPLETE = "incomplete"  # the invocation ended with runners unfinished; the next delivery resumes it
+    LAUNCHED = "launched"  # every runner it made is recorded and has its GitLab identity
+    FAILED = "failed"  # it stopped for good (``reason``); any leases it still holds are the reconciler's
+
+
 class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"
     HELD = "held"  # another launch already holds the job

@@ -764,3 +764,20 @@ def test_duplicate_events_at_once_return_the_lease_once(fleet: Fleet) -> None:
     assert [r for r in fleet.gitlab_runners() if victim in r["description"]] == []
     assert not fleet.token_exists(victim)
     assert fleet.record(runner_key(victim))["state"] == "terminated"
+
+
+def test_a_job_abandoned_by_a_dead_launch_joins_the_batch_launch(fleet: Fleet) -> None:
+    # given one job claimed long ago by an invocation that died before taking leases, and a fresh one
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    now = time.time()
+    fleet.runtime.store().claim_job(fleet.sandbox.project_id, jobs[0], "launch-of-a-dead-invocation")
+    # when both come in one batch once that claim is stale
+    with WireFaults(fleet.ec2) as faults:
+        report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)
+    # then both launch together, with one CreateFleet call and one launch
+    assert report.as_dict() == {"launched": 2}
+    assert len(faults.calls_to("CreateFleet")) == 1
+    assert len(fleet.instances("docker")) == 2
+    assert len({fleet.job(j)["launch_id"] for j in jobs}) == 1
+    assert fleet.leases("docker") == 2
