@@ -88,20 +88,17 @@ class InstanceEvents:
         assert record is not None  # only a tombstone has none
         if termination.newly:
             count("RunnersTerminated")
-            logger.info(
-                "runner terminated; lease returned",
-                extra={"instance_id": instance_id, "pool": record.get("pool")},
-            )
-        if not termination.token_cleanup_pending and not termination.gitlab_cleanup_pending:
+            logger.info("runner terminated; lease returned", extra={"instance_id": instance_id, "pool": record.pool})
+        if not record.token_cleanup and not record.gitlab_cleanup:
             return "terminated" if termination.newly else "already terminated"
         # Ours in AWS first (the record and lease above, the token here), GitLab last: a GitLab outage then
         # leaves only the GitLab runner, named on the record, for a retried event or the reconciler.
-        if termination.token_cleanup_pending:
+        if record.token_cleanup:
             self._tokens.delete(instance_id)
-        runner_id = record.get("gitlab_runner_id")
-        if termination.gitlab_cleanup_pending and runner_id is not None:
+        runner_id = record.gitlab_runner_id
+        if record.gitlab_cleanup and runner_id is not None:
             try:
-                self._gitlab.delete_runner(int(runner_id))
+                self._gitlab.delete_runner(runner_id)
             except RetryableError as exc:
                 self._store.finish_cleanup(instance_id, gitlab=False)
                 logger.warning(

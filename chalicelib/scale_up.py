@@ -66,7 +66,7 @@ from chalicelib.naming import launch_template_name, runner_token_parameter
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
 from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
-from chalicelib.store import Claim, ClaimOutcome, LaunchState, RunnerRecord, ScaleStore
+from chalicelib.store import Claim, ClaimOutcome, LaunchRecord, RunnerRecord, ScaleStore
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.
@@ -267,9 +267,9 @@ class ScaleUp:
         """Jobs the launch ``holder`` holds; returns those claimed afresh for ``launch_id``, to launch with it."""
         launch = self._store.get_launch(holder)
         decision = decide_held_job(
-            LaunchState(launch["state"]) if launch else None,
+            launch.state if launch else None,
             claimed_at=claimed_at,
-            started_at=float(launch.get("started_at", 0)) if launch else 0.0,
+            started_at=launch.started_at if launch else 0.0,
             now=self._clock(),
             stale_after=STALE_LAUNCH_SECONDS,
         )
@@ -288,7 +288,7 @@ class ScaleUp:
                     self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
             return reclaimed
         if decision is HeldJob.RESUME and launch is not None and self._take_over(holder):
-            self._resume(pool, holder, launch, items, report)
+            self._resume(pool, launch, items, report)
             return []
         # A live invocation is at it (a copy delivered twice at once): come back once it is done.
         for item in items:
@@ -351,13 +351,11 @@ class ScaleUp:
                 pool, launch_id, instances, running[: len(instances)], report, adopting=False, held=len(instances)
             )
 
-    def _resume(
-        self, pool: PoolConfig, launch_id: str, launch: dict[str, Any], items: list[_Matched], report: BatchReport
-    ) -> None:
+    def _resume(self, pool: PoolConfig, launch: LaunchRecord, items: list[_Matched], report: BatchReport) -> None:
         """Finish a launch that stopped part way, now that this invocation owns it."""
+        launch_id, held = launch.launch_id, launch.leases
         logger.warning("resuming an unfinished launch", extra={"pool": pool.name, "launch_id": launch_id})
         count("LaunchesResumed")
-        held = int(launch.get("leases", 0))
         instances = self._launcher.find_launched(launch_id)
         if not instances and held:
             relaunched = self._relaunch(pool, launch_id, items, held, report)
@@ -511,7 +509,7 @@ class ScaleUp:
             for i in new
         ]
         refused = self._store.record_runners(launch_id, records)
-        dead = refused | {i for i, r in known.items() if r.get("state") == "terminated"}
+        dead = refused | {i for i, r in known.items() if r.terminated}
         alive = [i for i in instances if i.instance_id not in dead]
         leftover = held - (len(new) - len(refused))
         if leftover > 0:
@@ -523,7 +521,9 @@ class ScaleUp:
             if instance.instance_id not in refused:
                 count(f"Launches.{instance.lifecycle.value}")
                 count(f"Launches.{instance.instance_type}")
-        ready = [i.instance_id for i in alive if known.get(i.instance_id, {}).get("gitlab_runner_id") is not None]
+        ready = [
+            i.instance_id for i in alive if i.instance_id in known and known[i.instance_id].gitlab_runner_id is not None
+        ]
         return alive, ready
 
     def _store_identities(self, created: dict[str, RunnerCredentials]) -> list[str]:

@@ -247,36 +247,118 @@ class Claim:
     claimed_at: float = 0.0  # when the holding launch claimed the job (HELD only)
 
 
+class RunnerState(str, Enum):
+    """Where a runner record is in its life."""
+
+    BOOTING = "booting"  # its instance was launched; the runner has not finished a job yet
+    TERMINATED = "terminated"  # its instance is gone and its lease back in the pool
+
+
 @dataclass(frozen=True)
 class RunnerRecord:
+    """A ``RUNNER#<instance id>`` item, typed. A tombstone (an instance terminated before it was recorded) has
+    only its instance id, state and reason."""
+
     instance_id: str
-    pool: str
-    launch_id: str
-    lifecycle: str
-    instance_type: str
-    subnet_id: str | None
-    launched_at: float
-    boot_deadline_at: float
-    token_parameter: str
+    pool: str = ""
+    launch_id: str = ""
+    lifecycle: str = ""
+    instance_type: str = ""
+    subnet_id: str | None = None
+    launched_at: float = 0.0
+    boot_deadline_at: float = 0.0
+    token_parameter: str = ""
     gitlab_runner_id: int | None = None
-    state: str = "booting"
+    state: RunnerState = RunnerState.BOOTING
+    lease: bool = False  # holds one of its pool's leases
+    tombstone: bool = False
+    reason: str = ""
+    token_cleanup: bool = False  # terminated, and its token may still exist
+    gitlab_cleanup: bool = False  # terminated, and its GitLab runner may still exist
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is RunnerState.TERMINATED
+
+    @classmethod
+    def from_item(cls, values: Mapping[str, Any]) -> RunnerRecord:
+        runner_id = values.get("gitlab_runner_id")
+        return cls(
+            instance_id=str(values["instance_id"]),
+            pool=str(values.get("pool", "")),
+            launch_id=str(values.get("launch_id", "")),
+            lifecycle=str(values.get("lifecycle", "")),
+            instance_type=str(values.get("instance_type", "")),
+            subnet_id=values.get("subnet_id"),
+            launched_at=float(values.get("launched_at", 0)),
+            boot_deadline_at=float(values.get("boot_deadline_at", 0)),
+            token_parameter=str(values.get("token_parameter", "")),
+            gitlab_runner_id=int(runner_id) if runner_id is not None else None,
+            state=RunnerState(values.get("state", RunnerState.BOOTING.value)),
+            lease=bool(values.get("lease", False)),
+            tombstone=bool(values.get("tombstone", False)),
+            reason=str(values.get("reason", "")),
+            token_cleanup=values.get("token_cleanup") == CLEANUP_PENDING,
+            gitlab_cleanup=values.get("gitlab_cleanup") == CLEANUP_PENDING,
+        )
+
+    def new_item(self, now: float) -> dict[str, Any]:
+        """The item of a runner just recorded: it holds its lease, and has no GitLab identity yet."""
+        return to_item(
+            {
+                "pk": runner_key(self.instance_id),
+                "kind": "runner",
+                "instance_id": self.instance_id,
+                "pool": self.pool,
+                "launch_id": self.launch_id,
+                "lifecycle": self.lifecycle,
+                "instance_type": self.instance_type,
+                "subnet_id": self.subnet_id,
+                "launched_at": self.launched_at,
+                "boot_deadline_at": self.boot_deadline_at,
+                "token_parameter": self.token_parameter,
+                "gitlab_runner_id": self.gitlab_runner_id,
+                "state": self.state.value,
+                "lease": True,
+                "updated_at": now,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """A ``LAUNCH#<launch id>`` item, typed."""
+
+    launch_id: str
+    pool: str
+    state: LaunchState
+    leases: int  # leases it holds now (each moves to a runner record as its instance is recorded)
+    requested: int  # leases it took
+    started_at: float  # when its current owner started on it
+    reason: str = ""
+    instances: tuple[str, ...] = ()
+
+    @classmethod
+    def from_item(cls, launch_id: str, values: Mapping[str, Any]) -> LaunchRecord:
+        return cls(
+            launch_id=launch_id,
+            pool=str(values.get("pool", "")),
+            state=LaunchState(values["state"]),
+            leases=int(values.get("leases", 0)),
+            requested=int(values.get("requested", 0)),
+            started_at=float(values.get("started_at", 0)),
+            reason=str(values.get("reason", "")),
+            instances=tuple(str(i) for i in values.get("instances", ())),
+        )
 
 
 @dataclass(frozen=True)
 class Termination:
     """What terminating a runner record found: the record as it is now (None for a tombstone just written)."""
 
-    record: dict[str, Any] | None
+    record: RunnerRecord | None
     newly: bool  # this call terminated it (not a duplicate or late event)
     tombstone: bool  # the instance had no record: a tombstone stands in for it
-
-    @property
-    def token_cleanup_pending(self) -> bool:
-        return self.record is not None and self.record.get("token_cleanup") == CLEANUP_PENDING
-
-    @property
-    def gitlab_cleanup_pending(self) -> bool:
-        return self.record is not None and self.record.get("gitlab_cleanup") == CLEANUP_PENDING
 
 
 def launch_key(launch_id: str) -> str:
@@ -420,7 +502,7 @@ class ScaleStore(FleetStore):
                                 "pool": pool,
                                 "leases": take,
                                 "requested": take,
-                                "state": "launching",
+                                "state": LaunchState.LAUNCHING.value,
                                 "started_at": now,
                             }
                         ),
@@ -437,7 +519,7 @@ class ScaleStore(FleetStore):
                 landed = self.get_launch(launch_id)
                 if landed is not None:
                     # An earlier attempt of this transaction (retried after a timeout) already took the leases.
-                    return int(landed["requested"])
+                    return landed.requested
                 if reasons and reasons[0] == "ConditionalCheckFailed":
                     current = int((self.get(pool_key(pool)) or {}).get("leases", 0))
                     take = min(wanted, max_runners - current)
@@ -469,7 +551,7 @@ class ScaleStore(FleetStore):
         expression = "SET leases = :left"
         if finished:
             expression += ", #state = :failed, reason = :reason"
-            values.update({":failed": "failed", ":reason": reason or "failed"})
+            values.update({":failed": LaunchState.FAILED.value, ":reason": reason or "failed"})
         launch_update = _update(
             self.table,
             launch_key(launch_id),
@@ -486,12 +568,14 @@ class ScaleStore(FleetStore):
         except ClientError as exc:
             if error_code(exc) != "TransactionCanceledException":
                 raise
-            if int((self.get_launch(launch_id) or {}).get("leases", -1)) != held - count:
+            landed = self.get_launch(launch_id)
+            if landed is None or landed.leases != held - count:
                 raise
             # An earlier attempt of this very write landed.
 
-    def get_launch(self, launch_id: str) -> dict[str, Any] | None:
-        return self.get(launch_key(launch_id))
+    def get_launch(self, launch_id: str) -> LaunchRecord | None:
+        found = self.get(launch_key(launch_id))
+        return LaunchRecord.from_item(launch_id, found) if found else None
 
     def finish_launch(self, launch_id: str, instance_ids: list[str]) -> None:
         self._client.update_item(
@@ -499,7 +583,7 @@ class ScaleStore(FleetStore):
                 self.table,
                 launch_key(launch_id),
                 "SET #state = :done, finished_at = :now, instances = :ids",
-                {":done": "launched", ":now": self._clock(), ":ids": instance_ids},
+                {":done": LaunchState.LAUNCHED.value, ":now": self._clock(), ":ids": instance_ids},
                 names={"#state": "state"},
             )
         )
@@ -511,22 +595,22 @@ class ScaleStore(FleetStore):
                 self.table,
                 launch_key(launch_id),
                 "SET #state = :failed, reason = :reason, finished_at = :now",
-                {":failed": "failed", ":reason": reason or "failed", ":now": self._clock()},
+                {":failed": LaunchState.FAILED.value, ":reason": reason or "failed", ":now": self._clock()},
                 names={"#state": "state"},
             )
         )
 
-    def runners(self, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
+    def runners(self, instance_ids: list[str]) -> dict[str, RunnerRecord]:
         """Runner records by instance id, for those that exist (one BatchGetItem per 100)."""
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, RunnerRecord] = {}
         for start in range(0, len(instance_ids), 100):
             keys = [{"pk": {"S": runner_key(i)}} for i in instance_ids[start : start + 100]]
             request: dict[str, Any] = {self.table: {"Keys": keys, "ConsistentRead": True}}
             while request:
                 answer = self._client.batch_get_item(RequestItems=request)
                 for item in answer.get("Responses", {}).get(self.table, []):
-                    record = from_item(item)
-                    found[str(record["instance_id"])] = record
+                    record = RunnerRecord.from_item(from_item(item))
+                    found[record.instance_id] = record
                 request = answer.get("UnprocessedKeys") or {}
         return found
 
@@ -548,19 +632,12 @@ class ScaleStore(FleetStore):
 
     def _record_chunk(self, launch_id: str, chunk: list[RunnerRecord]) -> tuple[set[str], set[str]]:
         """One transaction: (ids recorded, ids refused because terminated). Both empty means "retry the rest"."""
+        now = self._clock()
         writes: list[dict[str, Any]] = [
             {
                 "Put": {
                     "TableName": self.table,
-                    "Item": to_item(
-                        {
-                            "pk": runner_key(r.instance_id),
-                            "kind": "runner",
-                            "lease": True,
-                            "updated_at": self._clock(),
-                            **r.__dict__,
-                        }
-                    ),
+                    "Item": r.new_item(now),
                     "ConditionExpression": "attribute_not_exists(pk)",
                 }
             }
@@ -583,8 +660,8 @@ class ScaleStore(FleetStore):
             if error_code(exc) != "TransactionCanceledException":
                 raise
             recorded = self.runners([r.instance_id for r in chunk])
-            ours = {i for i, r in recorded.items() if r.get("launch_id") == launch_id}
-            dead = {i for i, r in recorded.items() if r.get("launch_id") != launch_id and r.get("tombstone")}
+            ours = {i for i, r in recorded.items() if r.launch_id == launch_id}
+            dead = {i for i, r in recorded.items() if r.launch_id != launch_id and r.tombstone}
             if ours and len(ours) == len(chunk):
                 # An earlier attempt of this transaction (retried after a timeout) landed.
                 return ours, set()
@@ -605,13 +682,16 @@ class ScaleStore(FleetStore):
                 self.table,
                 runner_key(instance_id),
                 "SET gitlab_runner_id = :id, updated_at = :now",
-                {":id": gitlab_runner_id, ":now": self._clock(), ":terminated": "terminated"},
+                {":id": gitlab_runner_id, ":now": self._clock(), ":terminated": RunnerState.TERMINATED.value},
                 "attribute_exists(pk) AND #state <> :terminated",
                 names={"#state": "state"},
             )
         )
         # Refused by our own write, which landed before botocore retried the timed-out call, still counts.
-        return old is None or (old.get("gitlab_runner_id") == gitlab_runner_id and old.get("state") != "terminated")
+        if old is None:
+            return True
+        landed = RunnerRecord.from_item(old) if old.get("instance_id") else None
+        return landed is not None and landed.gitlab_runner_id == gitlab_runner_id and not landed.terminated
 
     def note_orphan_runner(self, instance_id: str, gitlab_runner_id: int) -> None:
         """A GitLab runner made for an instance terminated meanwhile, which could not be deleted at once.
@@ -636,16 +716,18 @@ class ScaleStore(FleetStore):
         refuses that later write; its lease is still held by its launch, which gives it back.
         """
         for _ in range(_CONFLICT_ATTEMPTS):
-            record = self.get(runner_key(instance_id))
-            if record is None:
+            found = self.get(runner_key(instance_id))
+            if found is None:
                 if self._put_tombstone(instance_id, reason):
                     return Termination(None, newly=True, tombstone=True)
                 continue  # the record was written meanwhile: terminate it
-            if record.get("state") == "terminated":
-                return Termination(record, newly=False, tombstone=bool(record.get("tombstone")))
+            record = RunnerRecord.from_item(found)
+            if record.terminated:
+                return Termination(record, newly=False, tombstone=record.tombstone)
             if self._terminate(record, reason):
                 # Read again: an identity set between the read above and the termination is on the record now.
-                return Termination(self.get(runner_key(instance_id)) or record, newly=True, tombstone=False)
+                again = self.get(runner_key(instance_id))
+                return Termination(RunnerRecord.from_item(again) if again else record, newly=True, tombstone=False)
         raise RuntimeError(f"runner record {instance_id} kept changing while it was terminated")
 
     def _put_tombstone(self, instance_id: str, reason: str) -> bool:
@@ -654,7 +736,7 @@ class ScaleStore(FleetStore):
             "pk": runner_key(instance_id),
             "kind": "runner",
             "instance_id": instance_id,
-            "state": "terminated",
+            "state": RunnerState.TERMINATED.value,
             "tombstone": True,
             "reason": reason,
             "terminated_at": now,
@@ -673,8 +755,8 @@ class ScaleStore(FleetStore):
             return bool(found.get("tombstone"))
         return True
 
-    def _terminate(self, record: Mapping[str, Any], reason: str) -> bool:
-        instance_id = str(record["instance_id"])
+    def _terminate(self, record: RunnerRecord, reason: str) -> bool:
+        instance_id = record.instance_id
         now = self._clock()
         runner_update = _update(
             self.table,
@@ -682,7 +764,7 @@ class ScaleStore(FleetStore):
             "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl, "
             "token_cleanup = :pending, gitlab_cleanup = :pending REMOVE lease",
             {
-                ":terminated": "terminated",
+                ":terminated": RunnerState.TERMINATED.value,
                 ":reason": reason,
                 ":now": now,
                 ":ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
@@ -692,14 +774,14 @@ class ScaleStore(FleetStore):
             names={"#state": "state", "#ttl": "ttl"},
         )
         writes: list[dict[str, Any]] = [{"Update": runner_update}]
-        if record.get("lease"):
+        if record.lease:
             runner_update["ConditionExpression"] += " AND lease = :true"
             runner_update["ExpressionAttributeValues"][":true"] = _attribute(True)
             writes.append(
                 {
                     "Update": _update(
                         self.table,
-                        pool_key(str(record["pool"])),
+                        pool_key(record.pool),
                         "ADD leases :minus",
                         {":minus": -1, ":one": 1},
                         "leases >= :one",
@@ -721,7 +803,7 @@ class ScaleStore(FleetStore):
                 self.table,
                 runner_key(instance_id),
                 "REMOVE token_cleanup" + (", gitlab_cleanup" if gitlab else ""),
-                {":t": "terminated"},
+                {":t": RunnerState.TERMINATED.value},
                 "#state = :t",
                 names={"#state": "state"},
             )
@@ -734,7 +816,7 @@ class ScaleStore(FleetStore):
                 self.table,
                 launch_key(launch_id),
                 "SET #state = :incomplete, reason = :reason",
-                {":incomplete": "incomplete", ":reason": reason or "incomplete"},
+                {":incomplete": LaunchState.INCOMPLETE.value, ":reason": reason or "incomplete"},
                 names={"#state": "state"},
             )
         )
@@ -748,9 +830,9 @@ class ScaleStore(FleetStore):
                     launch_key(launch_id),
                     "SET #state = :resuming, started_at = :now",
                     {
-                        ":resuming": "resuming",
-                        ":incomplete": "incomplete",
-                        ":launching": "launching",
+                        ":resuming": LaunchState.RESUMING.value,
+                        ":incomplete": LaunchState.INCOMPLETE.value,
+                        ":launching": LaunchState.LAUNCHING.value,
                         ":now": self._clock(),
                         ":stale": stale_before,
                     },
