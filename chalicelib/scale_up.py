@@ -62,7 +62,7 @@ from chalicelib.fleet import (
 )
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.naming import launch_template_name, runner_token_parameter
+from chalicelib.naming import launch_template_name, runner_description, runner_token_parameter
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
 from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
@@ -591,7 +591,7 @@ class ScaleUp:
         self, pool: PoolConfig, instance: LaunchedInstance, adopting: bool
     ) -> RunnerCredentials | RetryableError:
         """The new GitLab runner of an instance, or the RetryableError that prevented it."""
-        description = f"runner-fleet {self._config.fleet}/{pool.name} {instance.instance_id}"
+        description = runner_description(self._config.fleet, pool.name, instance.instance_id)
         try:
             if adopting:
                 existing = self._gitlab.find_runner(description, pool.tags)

@@ -23,7 +23,7 @@ import requests
 from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
-from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
+from chalicelib.naming import INSTANCE_ARN_TAG, runner_description, runner_token_parameter
 from chalicelib.store import job_key, launch_key, pool_key, runner_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from tests.faults import SimulatedCrash, WireFaults
@@ -217,7 +217,7 @@ def test_every_pending_job_gets_one_spot_runner_in_its_pool(fleet: Fleet) -> Non
     assert len(runners) == 4
     for instance in docker + build:
         pool = fleet.config.pool(instance["tags"]["runner-fleet:pool"])
-        runner = runners[f"runner-fleet {fleet.config.fleet}/{pool.name} {instance['InstanceId']}"]
+        runner = runners[runner_description(fleet.config.fleet, pool.name, instance["InstanceId"])]
         assert sorted(runner["tag_list"]) == sorted(pool.tags)
         assert runner["run_untagged"] is pool.run_untagged
         assert runner["maximum_timeout"] == pool.job_timeout_seconds
