@@ -50,7 +50,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib.aws import error_code
+from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import RetryableError
 from chalicelib.fleet import (
@@ -644,6 +644,30 @@ class ScaleUp:
             "job re-queued", extra={**_job_log(job), "delay": delay, "outcome": outcome.value, "reason": job.last_error}
         )
         report.add(outcome)
+
+
+def build_scale_up(
+    config: FleetConfig,
+    aws: AwsClients,
+    gitlab: GitLabApi,
+    account_id: str,
+    *,
+    policy: RetryPolicy | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ScaleUp:
+    """Scale-up wired to the fleet's table, queues, EC2 and SSM through ``aws``: the Lambda's and the tests' one
+    way to build it. ``account_id`` goes into the ARN each runner token is tagged with."""
+    return ScaleUp(
+        config,
+        ScaleStore(config.state.table, aws.dynamodb),
+        gitlab,
+        FleetLauncher(aws.ec2, config.fleet),
+        RunnerTokens(aws.ssm, config.fleet, str(aws.ssm.meta.region_name), account_id),
+        JobQueue(aws.sqs, config.state.jobs_queue),
+        JobQueue(aws.sqs, config.state.dead_letter_queue),
+        policy=policy,
+        clock=clock,
+    )
 
 
 def _transient(exc: ClientError) -> bool:

@@ -67,21 +67,16 @@ class Fleet:
             assert until(), "the fleet did not get there in time"
 
     def scale_up(self, config: FleetConfig | None = None, clock: Callable[[], float] | None = None) -> Any:
-        """A scale-up service wired like the Lambda's, with another config or clock where a test needs one."""
-        from chalicelib.fleet import FleetLauncher
-        from chalicelib.scale_up import ScaleUp
+        """A scale-up service built like the Lambda's, with another config or clock where a test needs one."""
+        from chalicelib.scale_up import build_scale_up
         from chalicelib.scaling import RetryPolicy
 
         rt = self.runtime
-        config = config or self.config
-        return ScaleUp(
-            config,
-            rt.store(),
+        return build_scale_up(
+            config or self.config,
+            rt.aws(),
             rt.gitlab_api(),
-            FleetLauncher(self.ec2, config.fleet),
-            rt.runner_tokens(ACCOUNT),
-            rt.jobs_queue(),
-            rt.dead_letter_queue(),
+            ACCOUNT,
             policy=RetryPolicy(base_delay=1, lease_wait=1),
             **({"clock": clock} if clock else {}),
         )
