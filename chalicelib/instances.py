@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import msgspec
 
 from chalicelib.errors import PayloadError, RetryableError
 from chalicelib.gitlab_api import GitLabApi
@@ -32,21 +32,23 @@ from chalicelib.runner_tokens import RunnerTokens
 from chalicelib.store import ScaleStore
 
 STATE_CHANGE = "EC2 Instance State-change Notification"
+# EC2's own name of the state (the event's ``detail.state``), not a runner-fleet state.
+EC2_TERMINATED = "terminated"
 
 
-class _StateDetail(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-    instance_id: str = Field(alias="instance-id")
+class _StateDetail(msgspec.Struct, frozen=True):
+    instance_id: str = msgspec.field(name="instance-id")
     state: str
 
 
-class InstanceStateChange(BaseModel):
-    """``aws.ec2`` "EC2 Instance State-change Notification" (pending, running, stopping, stopped, ...)."""
+class InstanceStateChange(msgspec.Struct, frozen=True):
+    """``aws.ec2`` "EC2 Instance State-change Notification" (pending, running, stopping, stopped, ...).
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    Decoded like the Job Hook: the fields relied on are strict, unknown ones ignored. The state stays a string:
+    EC2 may add states, and an event in a state this release does not know is ignored, not refused.
+    """
 
-    detail_type: str = Field(alias="detail-type")
+    detail_type: str = msgspec.field(name="detail-type")
     detail: _StateDetail
 
     @property
@@ -60,9 +62,9 @@ class InstanceStateChange(BaseModel):
 
 def parse_state_change(event: Any) -> InstanceStateChange:
     try:
-        change = InstanceStateChange.model_validate(event)
-    except ValidationError as exc:
-        raise PayloadError(f"not an instance state-change event: {exc.error_count()} problem(s)") from None
+        change = msgspec.convert(event, InstanceStateChange)
+    except msgspec.ValidationError as exc:
+        raise PayloadError(f"not an instance state-change event: {exc}") from None
     if change.detail_type != STATE_CHANGE:
         raise PayloadError(f"not an instance state-change event: {change.detail_type!r}")
     return change
@@ -76,7 +78,7 @@ class InstanceEvents:
 
     def handle(self, change: InstanceStateChange) -> str:
         """Clean up after a terminated instance; raises (so EventBridge retries) only when GitLab or AWS fails."""
-        if change.state != "terminated":
+        if change.state != EC2_TERMINATED:
             return "ignored"
         instance_id = change.instance_id
         termination = self._store.terminate_runner(instance_id, reason="instance terminated")

@@ -44,7 +44,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -614,7 +614,7 @@ class ScaleUp:
     def _wait(self, item: _Matched, report: BatchReport) -> None:
         """The pool is full: wait for capacity. Waiting is not failing, so it spends no attempt."""
         count("LeaseWaits")
-        job = replace(item.job, waits=item.job.waits + 1, pool=item.pool.name, tags=item.tags)
+        job = item.job.but(waits=item.job.waits + 1, pool=item.pool.name, tags=item.tags)
         self._requeue(job, self._policy.lease_wait_delay(item.job.waits), report, Outcome.WAITING)
 
     def _retry(self, job: QueuedJob, pool: PoolConfig | None, reason: str, report: BatchReport) -> None:
@@ -623,11 +623,11 @@ class ScaleUp:
             self._dead_letter(job, reason, report)
             return
         count("JobsRetried")
-        retried = replace(job, attempt=job.attempt + 1, last_error=reason)
+        retried = job.but(attempt=job.attempt + 1, last_error=reason)
         self._requeue(retried, self._policy.backoff_delay(job.attempt), report, Outcome.RETRIED)
 
     def _dead_letter(self, job: QueuedJob, reason: str, report: BatchReport, *, error_code: str = "") -> None:
-        self._dead_letters.send(replace(job, last_error=reason))
+        self._dead_letters.send(job.but(last_error=reason))
         self._store.mark_job(
             job.project_id, job.job_id, Outcome.DEAD_LETTERED.value, reason=reason, error_code=error_code or None
         )
@@ -687,6 +687,6 @@ def parse_records(bodies: Iterable[str]) -> tuple[list[QueuedJob], list[tuple[st
     for body in bodies:
         try:
             jobs.append(QueuedJob.from_json(body))
-        except (ValueError, TypeError, KeyError) as exc:
-            bad.append((body, f"malformed message: {type(exc).__name__}"))
+        except ValueError as exc:
+            bad.append((body, f"malformed message: {exc}"))
     return jobs, bad
