@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -725,9 +725,15 @@ class ScaleStore(FleetStore):
             if record.terminated:
                 return Termination(record, newly=False, tombstone=record.tombstone)
             if self._terminate(record, reason):
-                # Read again: an identity set between the read above and the termination is on the record now.
-                again = self.get(runner_key(instance_id))
-                return Termination(RunnerRecord.from_item(again) if again else record, newly=True, tombstone=False)
+                terminated = replace(
+                    record,
+                    state=RunnerState.TERMINATED,
+                    lease=False,
+                    reason=reason,
+                    token_cleanup=True,
+                    gitlab_cleanup=True,
+                )
+                return Termination(terminated, newly=True, tombstone=False)
         raise RuntimeError(f"runner record {instance_id} kept changing while it was terminated")
 
     def _put_tombstone(self, instance_id: str, reason: str) -> bool:
@@ -773,6 +779,10 @@ class ScaleStore(FleetStore):
             "#state <> :terminated",
             names={"#state": "state", "#ttl": "ttl"},
         )
+        if record.gitlab_runner_id is None:
+            # Scale-up may be setting the identity right now: then this write is refused, the record read again,
+            # and the GitLab runner it names deleted. Otherwise that runner would be known to nobody.
+            runner_update["ConditionExpression"] += " AND attribute_not_exists(gitlab_runner_id)"
         writes: list[dict[str, Any]] = [{"Update": runner_update}]
         if record.lease:
             runner_update["ConditionExpression"] += " AND lease = :true"

@@ -776,3 +776,25 @@ def test_a_job_abandoned_by_a_dead_launch_joins_the_batch_launch(fleet: Fleet) -
     assert len(fleet.instances("docker")) == 2
     assert len({fleet.job(j)["launch_id"] for j in jobs}) == 1
     assert fleet.leases("docker") == 2
+
+
+def test_an_identity_set_while_the_handler_terminates_is_still_cleaned_up(fleet: Fleet) -> None:
+    # given a runner whose record has no GitLab identity yet: scale-up is between its token and identity writes
+    fleet.pipeline(["docker"])
+    fleet.run()
+    [instance] = fleet.instances("docker")
+    instance_id = instance["InstanceId"]
+    [runner] = fleet.gitlab_runners()
+    store = fleet.runtime.store()
+    fleet.runtime.aws().dynamodb.update_item(
+        TableName=store.table, Key={"pk": {"S": runner_key(instance_id)}}, UpdateExpression="REMOVE gitlab_runner_id"
+    )
+    # when scale-up's identity write lands right after the handler read the record
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults:
+        faults.run_after("GetItem", lambda _: store.set_runner_identity(instance_id, int(runner["id"])))
+        result = fleet.instance_terminated(instance_id)
+    # then the handler still finds that runner, and deletes it
+    assert result == "terminated"
+    assert fleet.gitlab_runners() == []
+    assert not fleet.token_exists(instance_id)
+    assert fleet.leases("docker") == 0
