@@ -628,9 +628,7 @@ class ScaleUp:
 
     def _dead_letter(self, job: QueuedJob, reason: str, report: BatchReport, *, error_code: str = "") -> None:
         self._dead_letters.send(job.but(last_error=reason))
-        self._store.mark_job(
-            job.project_id, job.job_id, Outcome.DEAD_LETTERED.value, reason=reason, error_code=error_code or None
-        )
+        self._store.mark_job_dead_lettered(job.project_id, job.job_id, reason, error_code)
         logger.error(
             "job dead-lettered",
             extra={**_job_log(job), "reason": reason, "error_code": error_code, "attempts": job.attempt},

@@ -469,6 +469,10 @@ class ScaleStore(FleetStore):
             )
         )
 
+    def mark_job_dead_lettered(self, project_id: int, job_id: int, reason: str, error_code: str = "") -> None:
+        """Record that scale-up gave up on a job; :meth:`claim_job` refuses it from then on."""
+        self.mark_job(project_id, job_id, DEAD_LETTERED_OUTCOME, reason=reason, error_code=error_code or None)
+
     def acquire_leases(self, pool: str, wanted: int, max_runners: int, launch_id: str) -> int:
         """Take up to ``wanted`` leases of a pool for a new launch; returns how many were granted (maybe 0).
 
@@ -631,7 +635,7 @@ class ScaleStore(FleetStore):
         return refused
 
     def _record_chunk(self, launch_id: str, chunk: list[RunnerRecord]) -> tuple[set[str], set[str]]:
-        """One transaction: (ids recorded, ids refused because terminated). Both empty means "retry the rest"."""
+        """One transaction: (ids recorded, ids refused because terminated); the caller records the rest again."""
         now = self._clock()
         writes: list[dict[str, Any]] = [
             {
