@@ -24,6 +24,7 @@ from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
 from chalicelib.naming import INSTANCE_ARN_TAG, runner_description, runner_token_parameter
+from chalicelib.observability import metrics
 from chalicelib.store import job_key, launch_key, pool_key, runner_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from tests.faults import SimulatedCrash, WireFaults
@@ -579,10 +580,13 @@ def test_a_refused_launch_gives_capacity_back_and_dead_letters_its_jobs(fleet: F
     with WireFaults(fleet.ec2) as faults:
         faults.fail("CreateFleet", code, status=status)
         # when the batch is handled, and then delivered a second time
+        metrics.clear_metrics()
         first = fleet.scale_up().handle_messages(bodies)
+        counted = {name: sum(metric["Value"]) for name, metric in metrics.metric_set.items()}
         second = fleet.scale_up().handle_messages(bodies)
     # then the capacity is back, nothing runs, and the jobs are dead-lettered with the code, once
     assert first.as_dict() == {"dead_lettered": 2}
+    assert (counted[f"LaunchError.{code}"], counted["JobsDeadLettered"]) == (1, 2)
     assert second.as_dict() == {"duplicate": 2}
     assert len(faults.calls_to("CreateFleet")) == 1
     assert fleet.instances() == []
