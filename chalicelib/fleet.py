@@ -28,7 +28,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from chalicelib.aws import error_code
 from chalicelib.config import Market, PoolConfig
-from chalicelib.errors import RetryableError
+from chalicelib.errors import RetryableError, RunnerFleetError
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "FleetError",
     "FleetLauncher",
     "FleetOutcome",
+    "LaunchRefusedError",
     "LaunchResult",
     "LaunchTemplateRef",
     "LaunchedInstance",
@@ -75,6 +76,10 @@ CAPACITY_ERROR_CODES = frozenset(
     }
 )
 
+# "Unsupported" as the error of the whole call (not of one override in ``Errors``) means the request itself is
+# one EC2 will not take (a lifecycle or option the account or region does not offer): no later attempt succeeds.
+_CALL_CAPACITY_ERROR_CODES = CAPACITY_ERROR_CODES - {"Unsupported"}
+
 # botocore's standard retry mode already retried these with backoff; if they still surface, the launch should
 # be retried later (with the same launch id) rather than failed.
 THROTTLING_ERROR_CODES = frozenset(
@@ -93,6 +98,18 @@ THROTTLING_ERROR_CODES = frozenset(
 # Codes EC2 sends for its own transient failures; they normally come with a 5xx status, named here too in
 # case a proxy rewrites the status.
 _TRANSIENT_ERROR_CODES = frozenset({"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"})
+
+
+class LaunchRefusedError(RunnerFleetError):
+    """EC2 refused a launch for a reason no retry fixes (permissions, a missing template, a bad parameter).
+
+    ``code`` is the AWS error code, which scale-up dead-letters the jobs with.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
 
 
 class Lifecycle(str, Enum):
@@ -291,7 +308,7 @@ def _is_retryable(exc: Any) -> bool:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     return (
         code in THROTTLING_ERROR_CODES
-        or code in CAPACITY_ERROR_CODES
+        or code in _CALL_CAPACITY_ERROR_CODES
         or code in _TRANSIENT_ERROR_CODES
         or (isinstance(status, int) and status >= 500)
     )
@@ -313,7 +330,8 @@ class FleetLauncher:
         One CreateFleet in the pool's market; when spot capacity falls short and the pool allows it, one more
         on-demand CreateFleet for the missing count only, so a launch never asks for more than ``count``.
         Raises RetryableError when the first call is throttled, fails transiently or is refused for capacity
-        as a whole; other client errors (bad template, permissions) propagate.
+        as a whole; raises LaunchRefusedError for any other error EC2 answers the call with (bad template,
+        permissions, an unsupported request), which no retry fixes.
         """
         primary = Lifecycle.SPOT if pool.market is Market.SPOT else Lifecycle.ON_DEMAND
         first = self._create_fleet(pool, template, launch_id, count, primary)
@@ -327,7 +345,7 @@ class FleetLauncher:
             calls += 1
             try:
                 second = self._create_fleet(pool, template, launch_id, missing, Lifecycle.ON_DEMAND)
-            except (RetryableError, ClientError) as exc:
+            except (RetryableError, LaunchRefusedError) as exc:
                 # The spot instances exist already: raising would drop them from the result and leave them
                 # to the reaper. Report the failed fallback like any other fleet error instead; the caller
                 # sees the shortfall and retries the missing count.
@@ -378,7 +396,7 @@ class FleetLauncher:
         except ClientError as exc:
             if _is_retryable(exc):
                 raise RetryableError(_describe_failure(exc, lifecycle)) from exc
-            raise
+            raise LaunchRefusedError(error_code(exc) or "UnknownError", _describe_failure(exc, lifecycle)) from exc
         except (BotoConnectionError, HTTPClientError) as exc:
             # A timed-out call may still have launched instances: the retry reuses the launch id, so AWS
             # answers it with the same fleet (ClientToken) and find_launched can adopt what was made.
@@ -423,6 +441,8 @@ def _describe_failure(exc: Any, lifecycle: Lifecycle) -> str:
 
 
 def _call_failure(exc: BaseException, lifecycle: Lifecycle) -> FleetError:
+    if isinstance(exc, LaunchRefusedError):
+        return FleetError(code=exc.code, message=exc.reason, instance_type=None, subnet_id=None, lifecycle=lifecycle)
     cause = exc.__cause__ if isinstance(exc, RetryableError) and exc.__cause__ is not None else exc
     code = error_code(cause) or type(cause).__name__
     return FleetError(code=code, message=str(exc), instance_type=None, subnet_id=None, lifecycle=lifecycle)

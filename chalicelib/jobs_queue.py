@@ -7,43 +7,56 @@ that re-queued retries increment.
 
 from __future__ import annotations
 
-import json
 import threading
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+import msgspec.json
+
+# Ids are positive and fit DynamoDB's and GitLab's signed 64-bit integers.
+_Id = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 
 
-@dataclass(frozen=True)
-class QueuedJob:
-    project_id: int
-    job_id: int
+class QueuedJob(msgspec.Struct, frozen=True):
+    """One jobs-queue message. Like the Job Hook, decoded strictly (an id given as a string or a boolean is a
+    malformed message, not something to coerce) while unknown fields are ignored, so a message written by a newer
+    or older release still decodes. The JSON is an object with these fields, in this order."""
+
+    project_id: _Id
+    job_id: _Id
     received_at: float
-    pipeline_id: int | None = None
+    pipeline_id: _Id | None = None
     job_name: str = ""
     gitlab_instance: str = ""
     delivery: str = ""
-    attempt: int = 1
-    waits: int = 0
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] = 1
+    waits: _Count = 0
     last_error: str = ""
     # Set once a job has been matched and waits for capacity: its next turn needs no GitLab read.
     pool: str = ""
     tags: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return _encoder.encode(self).decode()
 
     @classmethod
-    def from_json(cls, text: str) -> QueuedJob:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise TypeError("a queued job is a JSON object")
-        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        if "tags" in fields:
-            fields["tags"] = tuple(str(t) for t in fields["tags"])
-        job = cls(**fields)
-        if not isinstance(job.project_id, int) or not isinstance(job.job_id, int):
-            raise TypeError("project_id and job_id must be integers")
-        return job
+    def from_json(cls, text: str | bytes) -> QueuedJob:
+        """Decode a message body; ValueError (naming the bad field) when it is not a queued job."""
+        try:
+            return _decoder.decode(text)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"not a queued job: {exc}") from None
+        except msgspec.DecodeError:
+            raise ValueError("not JSON") from None
+
+    def but(self, **changes: Any) -> QueuedJob:
+        """A copy with ``changes`` (a retry's attempt, a wait's pool and tags, a dead letter's last error)."""
+        return msgspec.structs.replace(self, **changes)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(QueuedJob)
 
 
 class JobQueue:

@@ -17,9 +17,20 @@ LAUNCH_TAG = "runner-fleet:launch-id"
 INSTANCE_ARN_TAG = "runner-fleet:instance-arn"
 
 
+def runner_token_prefix(fleet: str) -> str:
+    """The SSM path under which every runner token of a fleet lives (the instance appends its own id)."""
+    return f"/runner-fleet/{fleet}/runners/"
+
+
 def runner_token_parameter(fleet: str, instance_id: str) -> str:
     """The SSM SecureString holding the GitLab runner token of one instance."""
-    return f"/runner-fleet/{fleet}/runners/{instance_id}"
+    return runner_token_prefix(fleet) + instance_id
+
+
+def runner_description(fleet: str, pool: str, instance_id: str) -> str:
+    """The GitLab runner's description: names its instance, so a runner whose creation answer was lost is found
+    again by it, and an operator sees in GitLab which instance runs a job."""
+    return f"runner-fleet {fleet}/{pool} {instance_id}"
 
 
 def launch_template_name(fleet: str, pool: str) -> str:

@@ -101,24 +101,14 @@ def runner_tokens(account_id: str) -> RunnerTokens:
 
 @functools.cache
 def scale_up(account_id: str) -> ScaleUp:
-    from chalicelib.fleet import FleetLauncher
-    from chalicelib.scale_up import ScaleUp
+    from chalicelib.scale_up import build_scale_up
     from chalicelib.scaling import RetryPolicy
 
     policy = RetryPolicy(
         base_delay=float(os.environ.get("RUNNER_FLEET_RETRY_BASE_SECONDS", "4")),
         lease_wait=float(os.environ.get("RUNNER_FLEET_LEASE_WAIT_SECONDS", "20")),
     )
-    return ScaleUp(
-        config(),
-        store(),
-        gitlab_api(),
-        FleetLauncher(aws().ec2, config().fleet),
-        runner_tokens(account_id),
-        jobs_queue(),
-        dead_letter_queue(),
-        policy=policy,
-    )
+    return build_scale_up(config(), aws(), gitlab_api(), account_id, policy=policy)
 
 
 @functools.cache

@@ -11,6 +11,29 @@ ClientToken and is tagged on every instance. If the Lambda dies anywhere after t
 finds its job claimed by a launch that never finished and completes that launch: it adopts the instances
 tagged with the launch id (or launches them, with the same ClientToken, when there are none), records them,
 and creates their GitLab runners, finding one whose creation answer was lost by its description.
+
+Failures. A launch EC2 refuses for good (permissions, a missing template, a bad parameter) gives its leases
+back, releases its jobs' claims and dead-letters them with the AWS error code; a dead-lettered job is never
+claimed again. A throttled or short launch gives back what it did not use and re-queues its jobs. An AWS error
+after the instances exist cannot give their leases back (the instances hold them): the launch record is left
+``incomplete`` (transient, the jobs come back and resume it) or ``failed`` with the reason (for good, the jobs
+are dead-lettered), for the reconciler to reap its instances.
+
+Order of writes, and why. An instance can terminate at any moment, and the state-change handler can only clean
+up what a record names. So the runner records come first, right after CreateFleet, each taking its lease from
+the launch, with no GitLab runner yet; then the GitLab runners are made (in worker threads, GitLab calls only),
+then the tokens are put, and last each record gets its GitLab identity in a write conditioned on the record not
+being terminated. Each interleaving with the handler ends clean:
+
+* terminated before its record: the handler leaves a terminated tombstone, the record write is refused, and the
+  launch gives that lease back and re-queues one job;
+* terminated after its record, before its identity: the handler returns the lease and deletes the token if it
+  is there yet; the identity write is then refused, and scale-up deletes the token and GitLab runner it just made
+  (a GitLab runner it cannot delete is written onto the terminated record with its cleanup mark);
+* terminated after its identity: the handler finds everything on the record.
+
+The other order (tokens and GitLab runners before records, as before) leaves a token and a GitLab runner that no
+record names whenever the instance terminates in between, and nothing would ever delete them.
 """
 
 from __future__ import annotations
@@ -21,26 +44,45 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from botocore.exceptions import ClientError
+
+from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import RetryableError
-from chalicelib.fleet import FleetLauncher, LaunchedInstance, LaunchTemplateRef
+from chalicelib.fleet import (
+    THROTTLING_ERROR_CODES,
+    FleetLauncher,
+    LaunchedInstance,
+    LaunchRefusedError,
+    LaunchTemplateRef,
+)
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.naming import launch_template_name, runner_token_parameter
+from chalicelib.naming import launch_template_name, runner_description, runner_token_parameter
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
-from chalicelib.scaling import RetryPolicy, match_pool
-from chalicelib.store import ClaimOutcome, RunnerRecord, ScaleStore
+from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
+from chalicelib.store import Claim, ClaimOutcome, LaunchRecord, RunnerRecord, ScaleStore
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.
 STALE_LAUNCH_SECONDS = 120.0
 DEFAULT_MAX_ATTEMPTS = 8
 GITLAB_WORKERS = 8
+# botocore's standard mode retried these already; one that still surfaces is worth another attempt later.
+_TRANSIENT_AWS_ERROR_CODES = THROTTLING_ERROR_CODES | {
+    "ProvisionedThroughputExceededException",
+    "TransactionConflictException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "InternalError",
+    "ServiceUnavailable",
+}
 
 
 class Outcome(str, Enum):
@@ -182,24 +224,79 @@ class ScaleUp:
     def _scale_pool(self, pool: PoolConfig, items: list[_Matched], report: BatchReport) -> None:
         launch_id = self._new_launch_id()
         claimed: list[_Matched] = []
-        resume: dict[str, list[_Matched]] = defaultdict(list)
+        held: dict[str, list[_Matched]] = defaultdict(list)
         claimed_at: dict[str, float] = {}
         for item in items:
-            claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
+            claim = self._claim(item, launch_id, report)
+            if claim is None:
+                continue
             if claim.outcome is ClaimOutcome.CLAIMED:
                 claimed.append(item)
-            elif claim.outcome is ClaimOutcome.HELD:
-                resume[claim.launch_id].append(item)
-                claimed_at[claim.launch_id] = max(claimed_at.get(claim.launch_id, 0.0), claim.claimed_at)
             else:
-                self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
-                logger.info("job no longer pending", extra=_job_log(item.job))
-                count("JobsNotPending")
-                report.add(Outcome.NOT_PENDING)
-        for held_by, held in resume.items():
-            self._resume(pool, held_by, held, claimed_at[held_by], report)
+                held[claim.launch_id].append(item)
+                claimed_at[claim.launch_id] = max(claimed_at.get(claim.launch_id, 0.0), claim.claimed_at)
+        for holder, group in held.items():
+            claimed += self._held(pool, holder, group, claimed_at[holder], launch_id, report)
         if claimed:
             self._launch(pool, launch_id, claimed, report)
+
+    def _claim(self, item: _Matched, launch_id: str, report: BatchReport) -> Claim | None:
+        """Claim a job for ``launch_id``: the claim (ours or another launch's), or None when it needs no launch."""
+        claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
+        if claim.outcome is ClaimOutcome.DEAD_LETTERED:
+            logger.info("job already dead-lettered; copy dropped", extra=_job_log(item.job))
+            report.add(Outcome.DUPLICATE)
+            return None
+        if claim.outcome is ClaimOutcome.NOT_PENDING:
+            self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
+            logger.info("job no longer pending", extra=_job_log(item.job))
+            count("JobsNotPending")
+            report.add(Outcome.NOT_PENDING)
+            return None
+        return claim
+
+    def _held(
+        self,
+        pool: PoolConfig,
+        holder: str,
+        items: list[_Matched],
+        claimed_at: float,
+        launch_id: str,
+        report: BatchReport,
+    ) -> list[_Matched]:
+        """Jobs the launch ``holder`` holds; returns those claimed afresh for ``launch_id``, to launch with it."""
+        launch = self._store.get_launch(holder)
+        decision = decide_held_job(
+            launch.state if launch else None,
+            claimed_at=claimed_at,
+            started_at=launch.started_at if launch else 0.0,
+            now=self._clock(),
+            stale_after=STALE_LAUNCH_SECONDS,
+        )
+        if decision is HeldJob.DONE:
+            report.add(Outcome.DUPLICATE, len(items))
+            return []
+        if decision is HeldJob.RECLAIM:
+            reclaimed: list[_Matched] = []
+            for item in items:
+                self._store.release_claim(item.job.project_id, item.job.job_id, holder)
+                claim = self._claim(item, launch_id, report)
+                if claim is not None and claim.outcome is ClaimOutcome.CLAIMED:
+                    reclaimed.append(item)
+                elif claim is not None:
+                    # Another invocation reclaimed it first.
+                    self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
+            return reclaimed
+        if decision is HeldJob.RESUME and launch is not None and self._take_over(holder):
+            self._resume(pool, launch, items, report)
+            return []
+        # A live invocation is at it (a copy delivered twice at once): come back once it is done.
+        for item in items:
+            self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
+        return []
+
+    def _take_over(self, launch_id: str) -> bool:
+        return self._store.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
 
     def _launch(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
         granted = self._store.acquire_leases(pool.name, len(items), pool.max_runners, launch_id)
@@ -213,12 +310,20 @@ class ScaleUp:
         try:
             result = self._launcher.launch(pool, self._template(pool), launch_id, len(running))
         except RetryableError as exc:
-            self._store.give_back_launch_leases(launch_id, pool.name, len(running), len(running), finished=True)
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, len(running), len(running), finished=True, reason=exc.reason
+            )
             count("LaunchErrors")
             logger.warning("launch failed; jobs re-queued", extra={**log, "reason": exc.reason})
             for item in running:
                 self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
                 self._retry(item.job, pool, exc.reason, report)
+            return
+        except LaunchRefusedError as exc:
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, len(running), len(running), finished=True, reason=exc.code
+            )
+            self._refuse(pool, launch_id, running, exc.code, exc.reason, report)
             return
         for error in result.errors:
             count(f"LaunchError.{error.code}")
@@ -227,56 +332,81 @@ class ScaleUp:
         instances = list(result.instances)
         missing = running[len(instances) :]
         if missing:
+            codes = sorted({e.code for e in result.errors})
+            refused = not instances and bool(result.errors) and not result.capacity_errors
+            reason = ("refused: " if refused else "capacity: ") + (", ".join(codes) or "no instances")
             self._store.give_back_launch_leases(
-                launch_id, pool.name, len(running), len(missing), finished=not instances
+                launch_id, pool.name, len(running), len(missing), finished=not instances, reason=reason
             )
-            reason = "capacity: " + ", ".join(sorted({e.code for e in result.errors}) or {"no instances"})
-            logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
-            for item in missing:
-                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
-                self._retry(item.job, pool, reason, report)
+            if refused:
+                # EC2 answered 200 but refused every override for a reason no retry fixes.
+                self._refuse(pool, launch_id, missing, codes[0], reason, report, counted=True)
+            else:
+                logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
+                for item in missing:
+                    self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                    self._retry(item.job, pool, reason, report)
         if instances:
-            self._complete(pool, launch_id, instances, running[: len(instances)], report, adopting=False)
+            self._complete(
+                pool, launch_id, instances, running[: len(instances)], report, adopting=False, held=len(instances)
+            )
 
-    def _resume(
-        self, pool: PoolConfig, launch_id: str, items: list[_Matched], claimed_at: float, report: BatchReport
-    ) -> None:
-        """Jobs already claimed by ``launch_id``: done, in progress elsewhere, or left unfinished."""
-        launch = self._store.get_launch(launch_id)
-        if launch is not None and launch.get("state") == "launched":
-            report.add(Outcome.DUPLICATE, len(items))
-            return
-        stale = self._clock() - STALE_LAUNCH_SECONDS
-        if launch is None and claimed_at > stale:
-            # Claimed a moment ago by an invocation that has not taken its leases yet: it is still at work.
-            for item in items:
-                self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
-            return
-        if launch is None or launch.get("state") == "failed":
-            # Claimed, but the launch never took leases (or gave them all back): claim again, afresh.
-            for item in items:
-                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
-            self._scale_pool(pool, items, report)
-            return
-        if not self._store.take_over_launch(launch_id, stale_before=stale):
-            # Another invocation is launching it right now (the same job delivered twice at once).
-            for item in items:
-                self._requeue(item.job, self._policy.lease_wait_delay(0), report, Outcome.DUPLICATE)
-            return
+    def _resume(self, pool: PoolConfig, launch: LaunchRecord, items: list[_Matched], report: BatchReport) -> None:
+        """Finish a launch that stopped part way, now that this invocation owns it."""
+        launch_id, held = launch.launch_id, launch.leases
         logger.warning("resuming an unfinished launch", extra={"pool": pool.name, "launch_id": launch_id})
         count("LaunchesResumed")
-        held = int(launch.get("leases", 0))
         instances = self._launcher.find_launched(launch_id)
         if not instances and held:
-            try:
-                # The same launch id gives the same ClientToken: AWS answers a repeat with the original fleet.
-                instances = list(self._launcher.launch(pool, self._template(pool), launch_id, held).instances)
-            except RetryableError as exc:
-                self._store.mark_launch_incomplete(launch_id)
-                for item in items:
-                    self._retry(item.job, pool, exc.reason, report)
+            relaunched = self._relaunch(pool, launch_id, items, held, report)
+            if relaunched is None:
                 return
-        self._complete(pool, launch_id, instances, items, report, adopting=True, held_leases=held)
+            instances = relaunched
+        self._complete(pool, launch_id, instances, items, report, adopting=True, held=held)
+
+    def _relaunch(
+        self, pool: PoolConfig, launch_id: str, items: list[_Matched], held: int, report: BatchReport
+    ) -> list[LaunchedInstance] | None:
+        """Launch again what an interrupted launch holds leases for; None when it failed (jobs handled)."""
+        try:
+            # The same launch id gives the same ClientToken: AWS answers a repeat with the original fleet.
+            return list(self._launcher.launch(pool, self._template(pool), launch_id, held).instances)
+        except RetryableError as exc:
+            if any(item.job.attempt >= pool.max_launch_attempts for item in items):
+                # A job is about to be dead-lettered: nobody would resume this launch, so it gives all back.
+                self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.reason)
+                for item in items:
+                    self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            else:
+                self._store.mark_launch_incomplete(launch_id, exc.reason)
+            for item in items:
+                self._retry(item.job, pool, exc.reason, report)
+        except LaunchRefusedError as exc:
+            self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.code)
+            self._refuse(pool, launch_id, items, exc.code, exc.reason, report)
+        return None
+
+    def _refuse(
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        items: list[_Matched],
+        code: str,
+        reason: str,
+        report: BatchReport,
+        *,
+        counted: bool = False,
+    ) -> None:
+        """EC2 refused the launch for good: its jobs are released and dead-lettered with the AWS error code."""
+        if not counted:
+            count(f"LaunchError.{code}")
+        logger.error(
+            "launch refused; jobs dead-lettered",
+            extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
+        )
+        for item in items:
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._dead_letter(item.job, reason, report, error_code=code)
 
     # -- runners for launched instances --------------------------------------------------------------------------
 
@@ -289,14 +419,20 @@ class ScaleUp:
         report: BatchReport,
         *,
         adopting: bool,
-        held_leases: int | None = None,
+        held: int,
     ) -> None:
-        known = self._store.runners([i.instance_id for i in instances]) if adopting else {}
-        new = [i for i in instances if i.instance_id not in known]
-        if held_leases is not None and held_leases > len(new):
-            # The interrupted launch made fewer instances than it held leases for: the rest go back to the pool.
-            self._store.give_back_launch_leases(launch_id, pool.name, held_leases, held_leases - len(new))
-        need_identity = [i for i in instances if known.get(i.instance_id, {}).get("gitlab_runner_id") is None]
+        """Record the launch's instances, then give each its GitLab runner and token (see the module docstring).
+
+        ``held`` is how many leases the launch record holds: one moves to each new runner record, the rest
+        (instances never made, or terminated before they were recorded) go back to the pool.
+        """
+        try:
+            alive, ready = self._record(pool, launch_id, instances, adopting=adopting, held=held)
+        except ClientError as exc:
+            # The instances exist and the launch record still holds their leases.
+            self._halt(pool, launch_id, items, exc, "recording runners", report)
+            return
+        need_identity = [i for i in alive if i.instance_id not in ready]
         with ThreadPoolExecutor(max_workers=min(GITLAB_WORKERS, max(1, len(need_identity)))) as workers:
             identities = dict(
                 zip(
@@ -305,13 +441,58 @@ class ScaleUp:
                     strict=True,
                 )
             )
+        failures = [identity.reason for identity in identities.values() if isinstance(identity, RetryableError)]
         created = {i: identity for i, identity in identities.items() if isinstance(identity, RunnerCredentials)}
-        failures = [identity for identity in identities.values() if isinstance(identity, RetryableError)]
-        # Tokens before records: a runner recorded with its GitLab id is never given an identity again, so its
-        # token must already be in SSM. A crash in between leaves an unrecorded runner, which the next attempt
-        # finds by its description and re-tokens.
-        for instance_id, credentials in created.items():
-            self._tokens.put(instance_id, credentials.token)
+        try:
+            ready += self._store_identities(created)
+        except ClientError as exc:
+            if not _transient(exc):
+                self._halt(pool, launch_id, items, exc, "storing runner tokens", report)
+                return
+            failures.append(f"storing runner tokens failed with {error_code(exc)}")
+        if failures:
+            # The instances are recorded and hold their leases; the jobs come back to finish their runners.
+            self._store.mark_launch_incomplete(launch_id, failures[0])
+            for item in items:
+                self._retry(item.job, pool, failures[0], report)
+            return
+        launched, surplus = items[: len(ready)], items[len(ready) :]
+        for item in surplus:
+            # Its instance was terminated before its runner was ready: the job needs another launch.
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._retry(item.job, pool, "instance terminated before its runner was ready", report)
+        if ready:
+            self._store.finish_launch(launch_id, ready)
+        else:
+            self._store.fail_launch(launch_id, "instances terminated before their runners were ready")
+        report.instances.extend(ready)
+        report.add(Outcome.LAUNCHED, len(launched))
+        by_id = {i.instance_id: i for i in instances}
+        now = self._clock()
+        for item, instance_id in zip(launched, ready, strict=False):
+            logger.info(
+                "runner launched",
+                extra={
+                    **_job_log(item.job),
+                    "pool": pool.name,
+                    "launch_id": launch_id,
+                    "instance_id": instance_id,
+                    "lifecycle": by_id[instance_id].lifecycle.value,
+                    "instance_type": by_id[instance_id].instance_type,
+                    "queue_wait": round(now - item.job.received_at, 3),
+                },
+            )
+
+    def _record(
+        self, pool: PoolConfig, launch_id: str, instances: list[LaunchedInstance], *, adopting: bool, held: int
+    ) -> tuple[list[LaunchedInstance], list[str]]:
+        """Runner records for the instances not recorded yet; returns the live instances and the ready ones.
+
+        Recorded before any GitLab runner or token exists, so the state-change handler always finds what to
+        clean up; an instance terminated before this write has a tombstone, which refuses it.
+        """
+        known = self._store.runners([i.instance_id for i in instances]) if adopting else {}
+        new = [i for i in instances if i.instance_id not in known]
         now = self._clock()
         records = [
             RunnerRecord(
@@ -324,45 +505,93 @@ class ScaleUp:
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
                 token_parameter=runner_token_parameter(self._config.fleet, i.instance_id),
-                gitlab_runner_id=created[i.instance_id].runner_id if i.instance_id in created else None,
             )
             for i in new
         ]
-        self._store.record_runners(launch_id, records)
-        for instance_id, credentials in created.items():
-            if instance_id in known:
-                self._store.set_runner_identity(instance_id, credentials.runner_id)
-        for instance in new:
-            count(f"Launches.{instance.lifecycle.value}")
-            count(f"Launches.{instance.instance_type}")
-        if failures:
-            # The instances are recorded and hold their leases; the jobs come back to finish their runners.
-            self._store.mark_launch_incomplete(launch_id)
-            for item in items:
-                self._retry(item.job, pool, failures[0].reason, report)
-            return
-        self._store.finish_launch(launch_id, [i.instance_id for i in instances])
-        report.instances.extend(i.instance_id for i in instances)
-        report.add(Outcome.LAUNCHED, len(items))
-        for item, instance in zip(items, instances, strict=False):
-            logger.info(
-                "runner launched",
-                extra={
-                    **_job_log(item.job),
-                    "pool": pool.name,
-                    "launch_id": launch_id,
-                    "instance_id": instance.instance_id,
-                    "lifecycle": instance.lifecycle.value,
-                    "instance_type": instance.instance_type,
-                    "queue_wait": round(now - item.job.received_at, 3),
-                },
+        refused = self._store.record_runners(launch_id, records)
+        dead = refused | {i for i, r in known.items() if r.terminated}
+        alive = [i for i in instances if i.instance_id not in dead]
+        leftover = held - (len(new) - len(refused))
+        if leftover > 0:
+            # Leases for instances the launch will not run: never made, or terminated before they were recorded.
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, leftover, leftover, finished=not alive, reason="instances terminated"
             )
+        for instance in new:
+            if instance.instance_id not in refused:
+                count(f"Launches.{instance.lifecycle.value}")
+                count(f"Launches.{instance.instance_type}")
+        ready = [
+            i.instance_id for i in alive if i.instance_id in known and known[i.instance_id].gitlab_runner_id is not None
+        ]
+        return alive, ready
+
+    def _store_identities(self, created: dict[str, RunnerCredentials]) -> list[str]:
+        """Tokens, then identities, of new GitLab runners; returns the instances whose runner is now ready.
+
+        The identity write is refused once the instance is terminated; the token and GitLab runner just made
+        are then deleted here, since nobody else knows them. On an AWS error, the runners not stored yet are
+        deleted from GitLab (best effort) before it propagates: the retry finds or makes them again.
+        """
+        ready: list[str] = []
+        left = dict(created)
+        try:
+            for instance_id, credentials in created.items():
+                self._tokens.put(instance_id, credentials.token)
+                if self._store.set_runner_identity(instance_id, credentials.runner_id):
+                    ready.append(instance_id)
+                else:
+                    self._discard_runner(instance_id, credentials.runner_id)
+                del left[instance_id]
+        except ClientError:
+            for credentials in left.values():
+                try:
+                    self._gitlab.delete_runner(credentials.runner_id)
+                except RetryableError:
+                    # Found again by its description when the launch is resumed, or by the reconciler.
+                    logger.warning("GitLab runner of an unfinished launch left", extra={"id": credentials.runner_id})
+            raise
+        return ready
+
+    def _halt(
+        self, pool: PoolConfig, launch_id: str, items: list[_Matched], exc: ClientError, step: str, report: BatchReport
+    ) -> None:
+        """An AWS error after the instances exist. Their leases cannot go back while they run; the launch record
+        keeps them with the reason: transient, the jobs come back and resume it; refused for good, the launch
+        is failed (for the reconciler to reap its instances) and the jobs are released and dead-lettered."""
+        code = error_code(exc) or "UnknownError"
+        reason = f"{step} failed with {code}"
+        if _transient(exc):
+            self._store.mark_launch_incomplete(launch_id, reason)
+            for item in items:
+                self._retry(item.job, pool, reason, report)
+            return
+        self._store.fail_launch(launch_id, reason)
+        count(f"LaunchError.{code}")
+        logger.error(
+            "launch failed after its instances were made; jobs dead-lettered",
+            extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
+        )
+        for item in items:
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._dead_letter(item.job, reason, report, error_code=code)
+
+    def _discard_runner(self, instance_id: str, runner_id: int) -> None:
+        """The instance was terminated while its runner was made: delete what was made for it."""
+        logger.info("instance terminated before its runner was ready", extra={"instance_id": instance_id})
+        self._tokens.delete(instance_id)
+        try:
+            self._gitlab.delete_runner(runner_id)
+        except RetryableError as exc:
+            # Left on the terminated record, marked, for a retried event or the reconciler.
+            self._store.note_orphan_runner(instance_id, runner_id)
+            logger.warning("GitLab runner left for cleanup", extra={"instance_id": instance_id, "reason": exc.reason})
 
     def _runner_identity(
         self, pool: PoolConfig, instance: LaunchedInstance, adopting: bool
     ) -> RunnerCredentials | RetryableError:
         """The new GitLab runner of an instance, or the RetryableError that prevented it."""
-        description = f"runner-fleet {self._config.fleet}/{pool.name} {instance.instance_id}"
+        description = runner_description(self._config.fleet, pool.name, instance.instance_id)
         try:
             if adopting:
                 existing = self._gitlab.find_runner(description, pool.tags)
@@ -385,22 +614,27 @@ class ScaleUp:
     def _wait(self, item: _Matched, report: BatchReport) -> None:
         """The pool is full: wait for capacity. Waiting is not failing, so it spends no attempt."""
         count("LeaseWaits")
-        job = replace(item.job, waits=item.job.waits + 1, pool=item.pool.name, tags=item.tags)
+        job = item.job.but(waits=item.job.waits + 1, pool=item.pool.name, tags=item.tags)
         self._requeue(job, self._policy.lease_wait_delay(item.job.waits), report, Outcome.WAITING)
 
     def _retry(self, job: QueuedJob, pool: PoolConfig | None, reason: str, report: BatchReport) -> None:
         max_attempts = pool.max_launch_attempts if pool else DEFAULT_MAX_ATTEMPTS
         if job.attempt >= max_attempts:
-            dead = replace(job, last_error=reason)
-            self._dead_letters.send(dead)
-            self._store.mark_job(job.project_id, job.job_id, Outcome.DEAD_LETTERED.value, reason=reason)
-            logger.error("job dead-lettered", extra={**_job_log(job), "reason": reason, "attempts": job.attempt})
-            count("JobsDeadLettered")
-            report.add(Outcome.DEAD_LETTERED)
+            self._dead_letter(job, reason, report)
             return
         count("JobsRetried")
-        retried = replace(job, attempt=job.attempt + 1, last_error=reason)
+        retried = job.but(attempt=job.attempt + 1, last_error=reason)
         self._requeue(retried, self._policy.backoff_delay(job.attempt), report, Outcome.RETRIED)
+
+    def _dead_letter(self, job: QueuedJob, reason: str, report: BatchReport, *, error_code: str = "") -> None:
+        self._dead_letters.send(job.but(last_error=reason))
+        self._store.mark_job_dead_lettered(job.project_id, job.job_id, reason, error_code)
+        logger.error(
+            "job dead-lettered",
+            extra={**_job_log(job), "reason": reason, "error_code": error_code, "attempts": job.attempt},
+        )
+        count("JobsDeadLettered")
+        report.add(Outcome.DEAD_LETTERED)
 
     def _requeue(self, job: QueuedJob, delay: int, report: BatchReport, outcome: Outcome) -> None:
         self._queue.send(job, delay_seconds=delay)
@@ -408,6 +642,36 @@ class ScaleUp:
             "job re-queued", extra={**_job_log(job), "delay": delay, "outcome": outcome.value, "reason": job.last_error}
         )
         report.add(outcome)
+
+
+def build_scale_up(
+    config: FleetConfig,
+    aws: AwsClients,
+    gitlab: GitLabApi,
+    account_id: str,
+    *,
+    policy: RetryPolicy | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ScaleUp:
+    """Scale-up wired to the fleet's table, queues, EC2 and SSM through ``aws``: the Lambda's and the tests' one
+    way to build it. ``account_id`` goes into the ARN each runner token is tagged with."""
+    return ScaleUp(
+        config,
+        ScaleStore(config.state.table, aws.dynamodb),
+        gitlab,
+        FleetLauncher(aws.ec2, config.fleet),
+        RunnerTokens(aws.ssm, config.fleet, str(aws.ssm.meta.region_name), account_id),
+        JobQueue(aws.sqs, config.state.jobs_queue),
+        JobQueue(aws.sqs, config.state.dead_letter_queue),
+        policy=policy,
+        clock=clock,
+    )
+
+
+def _transient(exc: ClientError) -> bool:
+    """An AWS error a later attempt may not meet (throttling, a conflict, AWS's own 5xx)."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return error_code(exc) in _TRANSIENT_AWS_ERROR_CODES or (isinstance(status, int) and status >= 500)
 
 
 def _job_log(job: QueuedJob) -> dict[str, Any]:
@@ -421,6 +685,6 @@ def parse_records(bodies: Iterable[str]) -> tuple[list[QueuedJob], list[tuple[st
     for body in bodies:
         try:
             jobs.append(QueuedJob.from_json(body))
-        except (ValueError, TypeError, KeyError) as exc:
-            bad.append((body, f"malformed message: {type(exc).__name__}"))
+        except ValueError as exc:
+            bad.append((body, f"malformed message: {exc}"))
     return jobs, bad

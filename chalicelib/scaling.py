@@ -5,6 +5,10 @@ goes to pools with ``run_untagged``), which is GitLab's own rule for which runne
 pools can, the one with the fewest tags wins (the tightest fit, which keeps specialised pools such as
 privileged ``dind`` ones free for the jobs that need them); on a tie, the pool listed first in the stage
 configuration. The choice is deterministic and can be steered by ordering the pools.
+
+Held jobs: a job delivered again while another launch holds its claim is a duplicate once that launch is done,
+waits while a live invocation works on it, is claimed afresh when that launch failed or never took leases, and
+resumes that launch when it stopped part way (see :func:`decide_held_job`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from chalicelib.config import PoolConfig
+from chalicelib.store import LaunchState
 
 # SQS caps DelaySeconds at 15 minutes.
 MAX_DELAY_SECONDS = 900
@@ -55,3 +61,35 @@ class RetryPolicy:
         """Seconds a job whose pool is full waits before asking again; capacity frees as runners finish."""
         step = min(MAX_DELAY_SECONDS, self.lease_wait * (1 + min(waits, 5)))
         return int(max(1, min(MAX_DELAY_SECONDS, round(step * (0.75 + (rng or random).uniform(0, 0.5))))))
+
+
+class HeldJob(str, Enum):
+    """What to do with a job whose claim another launch holds."""
+
+    DONE = "done"  # that launch made its runner: this copy is a duplicate
+    IN_PROGRESS = "in_progress"  # a live invocation is at it: come back a little later
+    RECLAIM = "reclaim"  # that launch failed or never took leases: release and claim afresh, in this batch
+    RESUME = "resume"  # that launch stopped part way: take it over and finish it
+
+
+def decide_held_job(
+    state: LaunchState | None, *, claimed_at: float, started_at: float, now: float, stale_after: float
+) -> HeldJob:
+    """The decision for a held job, from its holding launch's state (None: no launch record yet).
+
+    ``claimed_at`` is when the launch claimed the job, ``started_at`` when the launch record's current owner
+    started on it; either is stale once older than ``stale_after`` seconds (the owner may still be alive until
+    then: a Lambda cannot run longer).
+    """
+    stale_before = now - stale_after
+    if state is LaunchState.LAUNCHED:
+        return HeldJob.DONE
+    if state is None:
+        # Claimed, and no leases taken: a live invocation between its claim and its leases, or a dead one.
+        return HeldJob.IN_PROGRESS if claimed_at > stale_before else HeldJob.RECLAIM
+    if state is LaunchState.FAILED:
+        return HeldJob.RECLAIM
+    if state is LaunchState.INCOMPLETE:
+        return HeldJob.RESUME
+    # Launching or resuming: owned by an invocation until it goes silent.
+    return HeldJob.IN_PROGRESS if started_at >= stale_before else HeldJob.RESUME

@@ -15,7 +15,7 @@ stage's region (``aws-cn`` for China, ``aws-us-gov`` for GovCloud, else ``aws``)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 
 from chalicelib.config import FleetConfig
 from chalicelib.naming import FLEET_TAG, instance_profile_name, runner_token_parameter
-from chalicelib.store import job_key
+from chalicelib.store import job_key, pool_key, runner_key
 
 POLICY_VERSION = "2012-10-17"
 CHALICE_DIR = Path(__file__).resolve().parents[1] / ".chalice"
@@ -155,8 +155,13 @@ def webhook_grants(config: FleetConfig) -> list[Grant]:
 
 def job_key_pattern() -> str:
     """``JOB#*``: the partition keys of job items, derived from the store's own key function."""
-    sample = job_key(1, 2)
-    return sample[: sample.index("#") + 1] + "*"
+    return _key_pattern(lambda _: job_key(1, 2))
+
+
+def _key_pattern(key: Callable[[str], str]) -> str:
+    """``KIND#*`` for one of the store's key functions: the prefix it puts before the item's own name."""
+    built = key("x")
+    return built[: built.index("#") + 1] + "*"
 
 
 def scale_up_grants(config: FleetConfig) -> list[Grant]:
@@ -185,10 +190,10 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
         # The GitLab API token that creates runners.
         Grant("ReadGitLabToken", ("ssm:GetParameter",), (_parameter_arn(config.gitlab.token_parameter),)),
         # Each instance's runner token, tagged at creation with the instance ARN (PutParameter with Tags needs
-        # AddTagsToResource too).
+        # AddTagsToResource too); deleted again when the instance terminated while its runner was being made.
         Grant(
             "WriteRunnerTokens",
-            ("ssm:AddTagsToResource", "ssm:PutParameter"),
+            ("ssm:AddTagsToResource", "ssm:DeleteParameter", "ssm:PutParameter"),
             (_parameter_arn(runner_token_parameter(config.fleet, "*")),),
         ),
         # Launching: scoped per the Service Authorization Reference ("Actions, resources, and condition keys for
@@ -265,9 +270,15 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
 
 def instance_state_grants(config: FleetConfig) -> list[Grant]:
     return [
-        # Runner records and the pools' capacity counters (a termination gives the lease back, in a transaction
-        # authorized per item).
-        Grant("RunnerRecordsAndPoolCounters", ("dynamodb:GetItem", "dynamodb:UpdateItem"), (_table_arn(config),)),
+        # Runner records and the pools' capacity counters, and nothing else in the table: a termination gives
+        # the lease back in a transaction authorized per item, and an instance terminated before scale-up
+        # recorded it gets a tombstone (PutItem) so that the late record write is refused.
+        Grant(
+            "RunnerRecordsAndPoolCounters",
+            ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"),
+            (_table_arn(config),),
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [_key_pattern(runner_key), _key_pattern(pool_key)]}},
+        ),
         # The GitLab API token that deletes the terminated instance's runner.
         Grant(
             "ReadGitLabToken",

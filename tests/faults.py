@@ -10,6 +10,7 @@ the EC2 query-protocol parser, ClientError) runs for real, and what reaches moto
   ``errorSet`` items for the overrides of the given instance types; the rest is launched by moto.
 * ``crash_after``: raise any BaseException once the real call has reached moto, as a Lambda killed between
   CreateFleet and its state write would.
+* ``run_after``: run an action once a call has landed, before its caller sees the answer (a race, made exact).
 * ``calls`` / ``attempts``: every API call (operation, parameters) and every attempt on the wire.
 
     with WireFaults(ec2) as faults:
@@ -27,7 +28,7 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -38,7 +39,7 @@ from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.exceptions import ReadTimeoutError
 from botocore.httpsession import URLLib3Session
 
-__all__ = ["Call", "SimulatedCrash", "WireFaults", "ec2_error_body"]
+__all__ = ["Call", "SimulatedCrash", "WireFaults", "ec2_error_body", "json_error_body"]
 
 # The statuses AWS sends with these codes; anything else is a client error (400).
 _STATUS_BY_CODE = {
@@ -88,6 +89,20 @@ def ec2_error_body(code: str, message: str, request_id: str | None = None) -> by
     ).encode()
 
 
+def json_error_body(code: str, message: str) -> bytes:
+    """The body a JSON-protocol service (DynamoDB, SSM) sends with an error status."""
+    return json.dumps({"__type": code, "message": message}).encode()
+
+
+def _json_response(url: str, status: int, content: bytes) -> AWSResponse:
+    headers = {
+        "Content-Type": "application/x-amz-json-1.1",
+        "Content-Length": str(len(content)),
+        "x-amzn-RequestId": str(uuid.uuid4()),
+    }
+    return AWSResponse(url, status, headers, _Body(content))
+
+
 class _Body:
     """The ``raw`` of an AWSResponse: botocore reads the content through ``stream()``."""
 
@@ -131,6 +146,13 @@ class _CrashFault:
 
 
 @dataclass
+class _Action:
+    operation: str
+    action: Callable[[dict[str, Any]], None]
+    remaining: int | None
+
+
+@dataclass
 class _Override:
     config: int
     index: int
@@ -152,10 +174,13 @@ class WireFaults:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._service = client.meta.service_model.service_id.hyphenize()
+        # DynamoDB and SSM speak the JSON protocol: their errors are JSON bodies, not EC2's query XML.
+        self._json_protocol = client.meta.service_model.protocol == "json"
         self._lock = threading.Lock()
         self._errors: list[_ErrorFault] = []
         self._capacity: list[_CapacityFault] = []
         self._crashes: list[_CrashFault] = []
+        self._actions: list[_Action] = []
         self._lost_answers: Counter[str] = Counter()
         self._attempts: list[str] = []
         self._http = URLLib3Session()
@@ -201,7 +226,7 @@ class WireFaults:
 
         Counted per attempt on the wire, so ``times=2`` with botocore's retries means two failed attempts;
         the first ``after`` attempts go through untouched (to fail only a later call, such as a fallback).
-        The body is in the EC2 query protocol's error format, or AWS's JSON one for a JSON-protocol client.
+        The body is in the client's protocol's error format: EC2's query XML, or JSON for DynamoDB and SSM.
         """
         self._errors.append(
             _ErrorFault(
@@ -253,6 +278,11 @@ class WireFaults:
         """Raises ``exception`` once ``operation`` has been answered by the endpoint, before the caller sees it."""
         self._crashes.append(_CrashFault(operation=operation, exception=exception, remaining=times))
 
+    def run_after(self, operation: str, action: Callable[[dict[str, Any]], None], *, times: int | None = 1) -> None:
+        """Runs ``action(parsed answer)`` once ``operation`` has been answered, before the caller sees the answer:
+        something else happening in the world (an instance terminating, another Lambda's write) right then."""
+        self._actions.append(_Action(operation=operation, action=action, remaining=times))
+
     # ---- what was seen -----------------------------------------------------------------------------------
 
     def calls_to(self, operation: str) -> list[Call]:
@@ -287,16 +317,23 @@ class WireFaults:
             self._http.send(request)
             raise ReadTimeoutError(endpoint_url=request.url)
         if error is not None:
-            if self._client.meta.service_model.protocol == "json":
-                # SSM, DynamoDB, ...: botocore reads the code from "__type", so retries and except-by-code see it.
-                content = json.dumps({"__type": error.code, "message": error.message}).encode()
-                return _response(request.url, error.status, content)
+            if self._json_protocol:
+                return _json_response(request.url, error.status, json_error_body(error.code, error.message))
             return _response(request.url, error.status, ec2_error_body(error.code, error.message))
         if operation == "CreateFleet":
             return self._create_fleet_with_shortage(request)
         return None
 
-    def _after_call(self, model: Any, **_: Any) -> None:
+    def _after_call(self, model: Any, parsed: dict[str, Any] | None = None, **_: Any) -> None:
+        with self._lock:
+            actions = []
+            for action in self._actions:
+                if action.operation == model.name:
+                    fires, action.remaining = _take(action.remaining)
+                    if fires:
+                        actions.append(action)
+        for action in actions:
+            action.action(parsed or {})
         with self._lock:
             crash = None
             for fault in self._crashes:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 
 from chalicelib.aws import AwsClients
 from chalicelib.config import PoolConfig, parse_config
@@ -22,6 +21,7 @@ from chalicelib.fleet import (
     TAG_LAUNCH,
     TAG_POOL,
     FleetLauncher,
+    LaunchRefusedError,
     LaunchTemplateRef,
     Lifecycle,
 )
@@ -336,20 +336,26 @@ def test_throttled_on_every_attempt_is_retryable_and_launches_nothing(
     assert faults.attempts("CreateFleet") == ec2.meta.config.retries["total_max_attempts"] > 1
 
 
-def test_a_rejected_request_is_not_retried(
-    ec2: Any, network: Network, launcher: FleetLauncher, faults: WireFaults
+@pytest.mark.parametrize(
+    "code",
+    ["InvalidLaunchTemplateName.NotFoundException", "UnauthorizedOperation", "Unsupported", "InvalidParameterValue"],
+)
+def test_a_rejected_request_is_refused_not_retried(
+    ec2: Any, network: Network, launcher: FleetLauncher, faults: WireFaults, code: str
 ) -> None:
-    # given
+    # given: EC2 refuses the call as a whole ("Unsupported" too: only inside Errors is it a capacity answer)
     launch_id = new_launch_id()
-    faults.fail("CreateFleet", "InvalidLaunchTemplateName.NotFoundException", "The launch template does not exist.")
+    faults.fail("CreateFleet", code, "The request is refused.")
 
     # when
-    with pytest.raises(ClientError) as raised:
+    with pytest.raises(LaunchRefusedError) as raised:
         launcher.launch(make_pool(network), network.template, launch_id, 1)
 
     # then
-    assert raised.value.response["Error"]["Code"] == "InvalidLaunchTemplateName.NotFoundException"
+    assert raised.value.code == code
+    assert code in raised.value.reason
     assert faults.attempts("CreateFleet") == 1
+    assert live_instances(ec2, launch_id) == []
 
 
 def test_a_throttled_fallback_keeps_the_spot_instances_already_made(

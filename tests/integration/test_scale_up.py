@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +21,10 @@ import pytest
 import requests
 
 from chalicelib.config import FleetConfig
+from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
-from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
+from chalicelib.naming import INSTANCE_ARN_TAG, runner_description, runner_token_parameter
+from chalicelib.observability import metrics
 from chalicelib.store import job_key, launch_key, pool_key, runner_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from tests.faults import SimulatedCrash, WireFaults
@@ -65,21 +68,16 @@ class Fleet:
             assert until(), "the fleet did not get there in time"
 
     def scale_up(self, config: FleetConfig | None = None, clock: Callable[[], float] | None = None) -> Any:
-        """A scale-up service wired like the Lambda's, with another config or clock where a test needs one."""
-        from chalicelib.fleet import FleetLauncher
-        from chalicelib.scale_up import ScaleUp
+        """A scale-up service built like the Lambda's, with another config or clock where a test needs one."""
+        from chalicelib.scale_up import build_scale_up
         from chalicelib.scaling import RetryPolicy
 
         rt = self.runtime
-        config = config or self.config
-        return ScaleUp(
-            config,
-            rt.store(),
+        return build_scale_up(
+            config or self.config,
+            rt.aws(),
             rt.gitlab_api(),
-            FleetLauncher(self.ec2, config.fleet),
-            rt.runner_tokens(ACCOUNT),
-            rt.jobs_queue(),
-            rt.dead_letter_queue(),
+            ACCOUNT,
             policy=RetryPolicy(base_delay=1, lease_wait=1),
             **({"clock": clock} if clock else {}),
         )
@@ -152,6 +150,17 @@ class Fleet:
         )
         return answer.status_code
 
+    def instance_terminated(self, instance_id: str) -> str:
+        """Terminate an instance in EC2 and hand its state-change event to the handler, as EventBridge would."""
+        from chalicelib.instances import parse_state_change
+
+        self.ec2.terminate_instances(InstanceIds=[instance_id])
+        return str(self.runtime.instance_events(ACCOUNT).handle(parse_state_change(state_change(instance_id))))
+
+    def token_exists(self, instance_id: str) -> bool:
+        name = runner_token_parameter(self.config.fleet, instance_id)
+        return bool(self.runtime.aws().ssm.get_parameters(Names=[name])["Parameters"])
+
     def with_pool(self, name: str, **changes: Any) -> FleetConfig:
         pools = tuple(p.model_copy(update=changes) if p.name == name else p for p in self.config.pools)
         return self.config.model_copy(update={"pools": pools})
@@ -163,6 +172,21 @@ class Fleet:
             if r.get("gitlab_runner_id") is not None
         }
         assert {int(r["id"]) for r in self.gitlab_runners()} <= recorded
+
+
+def state_change(instance_id: str, state: str = "terminated") -> dict[str, Any]:
+    """An "EC2 Instance State-change Notification" as EventBridge delivers it (the documented sample's shape)."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "EC2 Instance State-change Notification",
+        "source": "aws.ec2",
+        "account": ACCOUNT,
+        "time": "2026-11-29T12:00:00Z",
+        "region": "us-east-1",
+        "resources": [f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "state": state},
+    }
 
 
 @pytest.fixture
@@ -189,7 +213,7 @@ def test_every_pending_job_gets_one_spot_runner_in_its_pool(fleet: Fleet) -> Non
     assert len(runners) == 4
     for instance in docker + build:
         pool = fleet.config.pool(instance["tags"]["runner-fleet:pool"])
-        runner = runners[f"runner-fleet {fleet.config.fleet}/{pool.name} {instance['InstanceId']}"]
+        runner = runners[runner_description(fleet.config.fleet, pool.name, instance["InstanceId"])]
         assert sorted(runner["tag_list"]) == sorted(pool.tags)
         assert runner["run_untagged"] is pool.run_untagged
         assert runner["maximum_timeout"] == pool.job_timeout_seconds
@@ -530,3 +554,251 @@ def test_a_malformed_message_is_dead_lettered_with_its_reason(fleet: Fleet) -> N
     [dead] = fleet.dead_letters(1)
     assert dead["body"] == "this is not a job"
     assert dead["last_error"].startswith("malformed message")
+
+
+# -- launches EC2 refuses for good ------------------------------------------------------------------------------------
+
+
+def _launches(fleet: Fleet) -> list[dict[str, Any]]:
+    return list(fleet.runtime.store().scan("launch"))
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("UnauthorizedOperation", 403),
+        ("InvalidLaunchTemplateName.NotFoundException", 400),
+        ("InvalidLaunchTemplateId.Malformed", 400),
+        ("Unsupported", 400),
+        ("InvalidParameterValue", 400),
+    ],
+)
+def test_a_refused_launch_gives_capacity_back_and_dead_letters_its_jobs(fleet: Fleet, code: str, status: int) -> None:
+    # given two jobs, and EC2 refusing every CreateFleet for a reason no retry fixes
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    with WireFaults(fleet.ec2) as faults:
+        faults.fail("CreateFleet", code, status=status)
+        # when the batch is handled, and then delivered a second time
+        metrics.clear_metrics()
+        first = fleet.scale_up().handle_messages(bodies)
+        counted = {name: sum(metric["Value"]) for name, metric in metrics.metric_set.items()}
+        second = fleet.scale_up().handle_messages(bodies)
+    # then the capacity is back, nothing runs, and the jobs are dead-lettered with the code, once
+    assert first.as_dict() == {"dead_lettered": 2}
+    assert (counted[f"LaunchError.{code}"], counted["JobsDeadLettered"]) == (1, 2)
+    assert second.as_dict() == {"duplicate": 2}
+    assert len(faults.calls_to("CreateFleet")) == 1
+    assert fleet.instances() == []
+    assert fleet.leases("docker") == 0
+    for job_id in jobs:
+        item = fleet.job(job_id)
+        assert "launch_id" not in item
+        assert (item["outcome"], item["error_code"]) == ("dead_lettered", code)
+    dead = fleet.dead_letters(2)
+    assert sorted(d["job_id"] for d in dead) == sorted(jobs)
+    assert all(code in d["last_error"] for d in dead)
+    [launch] = _launches(fleet)
+    assert (launch["state"], launch["reason"], launch["leases"]) == ("failed", code, 0)
+    assert fleet.take_queued(0, timeout=1) == []
+
+
+def test_a_resumed_launch_that_ec2_refuses_gives_its_leases_back(fleet: Fleet) -> None:
+    # given a scale-up that died after taking its leases, before CreateFleet
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    now = time.time()
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults, pytest.raises(SimulatedCrash):
+        faults.crash_after("TransactWriteItems")
+        fleet.scale_up(clock=lambda: now).handle_messages(bodies)
+    assert fleet.leases("docker") == 2
+    # when the batch comes back once the launch is stale, and EC2 now refuses the launch
+    with WireFaults(fleet.ec2) as faults:
+        faults.fail("CreateFleet", "UnauthorizedOperation", status=403)
+        report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)
+    # then
+    assert report.as_dict() == {"dead_lettered": 2}
+    assert fleet.leases("docker") == 0
+    assert fleet.instances() == []
+    assert all("launch_id" not in fleet.job(j) for j in jobs)
+    assert all("UnauthorizedOperation" in d["last_error"] for d in fleet.dead_letters(2))
+
+
+def test_a_refused_token_write_dead_letters_and_leaves_the_launch_for_the_reconciler(fleet: Fleet) -> None:
+    # given SSM refusing the runner tokens (the role lost ssm:PutParameter)
+    jobs = fleet.pipeline(["docker"])
+    bodies = fleet.take_queued(1)
+    with WireFaults(fleet.runtime.aws().ssm) as faults:
+        faults.fail("PutParameter", "AccessDeniedException")
+        # when
+        report = fleet.scale_up().handle_messages(bodies)
+    # then the job is dead-lettered with the code, no GitLab runner is left behind, and the launch record
+    # says what went wrong and still holds nothing: the lease moved to the recorded runner, whose instance the
+    # reconciler reaps (and the state-change event then returns the lease)
+    assert report.as_dict() == {"dead_lettered": 1}
+    assert "launch_id" not in fleet.job(jobs[0])
+    assert fleet.job(jobs[0])["error_code"] == "AccessDeniedException"
+    [dead] = fleet.dead_letters(1)
+    assert "AccessDeniedException" in dead["last_error"]
+    [launch] = _launches(fleet)
+    assert launch["state"] == "failed"
+    assert "AccessDeniedException" in launch["reason"]
+    assert fleet.gitlab_runners() == []
+    [instance] = fleet.instances("docker")
+    record = fleet.record(runner_key(instance["InstanceId"]))
+    assert (record["state"], record.get("gitlab_runner_id")) == ("booting", None)
+    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance["InstanceId"]])
+    fleet.sandbox.pump.pump_events()
+    assert fleet.leases("docker") == 0
+
+
+# -- instances that terminate while scale-up works on them, and cleanup that outlasts GitLab ---------------------------
+
+
+def test_an_instance_terminated_before_its_record_gives_its_lease_back_and_its_job_another_launch(
+    fleet: Fleet,
+) -> None:
+    # given an instance that terminates right after CreateFleet made it, before scale-up records it
+    [job] = fleet.pipeline(["docker"])
+    handled: list[str] = []
+
+    def terminate_it(answer: dict[str, Any]) -> None:
+        [instance_id] = answer["Instances"][0]["InstanceIds"]
+        handled.append(fleet.instance_terminated(instance_id))
+
+    with WireFaults(fleet.ec2) as faults:
+        faults.run_after("CreateFleet", terminate_it)
+        # when
+        report = fleet.scale_up().handle_messages(fleet.take_queued(1))
+    # then nothing of it is left: no lease, no runner, no token; the job goes back for another launch
+    assert fleet.leases("docker") == 0
+    assert fleet.gitlab_runners() == []
+    assert handled == ["terminated before recorded"]
+    assert report.as_dict() == {"retried": 1}
+    assert fleet.instances() == []
+    assert "launch_id" not in fleet.job(job)
+    [again] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    assert again.job_id == job
+    [launch] = _launches(fleet)
+    assert (launch["state"], launch["leases"]) == ("failed", 0)
+    # and the retry launches it
+    assert fleet.scale_up().handle([again]).as_dict() == {"launched": 1}
+    assert fleet.leases("docker") == 1
+
+
+def test_an_instance_terminated_between_its_runner_and_its_record_leaves_no_token_or_runner(fleet: Fleet) -> None:
+    # given an instance that terminates once its GitLab runner exists and its token is written
+    [job] = fleet.pipeline(["docker"])
+    handled: list[str] = []
+
+    def terminate_it(_: dict[str, Any]) -> None:
+        [instance] = fleet.instances("docker")
+        handled.append(fleet.instance_terminated(instance["InstanceId"]))
+
+    with WireFaults(fleet.runtime.aws().ssm) as faults:
+        faults.run_after("PutParameter", terminate_it)
+        # when
+        report = fleet.scale_up().handle_messages(fleet.take_queued(1))
+    # then the handler returned the lease; scale-up deleted the runner and token it had just made
+    assert fleet.leases("docker") == 0
+    assert fleet.gitlab_runners() == []
+    assert handled == ["terminated"]
+    assert report.as_dict() == {"retried": 1}
+    [made] = fleet.runtime.store().scan("runner")
+    assert made["state"] == "terminated"
+    assert not fleet.token_exists(made["instance_id"])
+    assert "launch_id" not in fleet.job(job)
+
+
+def test_gitlab_down_during_termination_cleans_aws_first_and_a_retried_event_finishes(fleet: Fleet) -> None:
+    # given a running runner
+    fleet.pipeline(["docker"])
+    fleet.run()
+    [instance] = fleet.instances("docker")
+    instance_id = instance["InstanceId"]
+    [runner] = fleet.gitlab_runners()
+    # when it terminates while GitLab answers 500 to the runner's deletion
+    fleet.gitlab.fail_next("DELETE", r"/runners/\d+", status=500)
+    with pytest.raises(RetryableError):
+        fleet.instance_terminated(instance_id)
+    # then everything of ours in AWS is clean, and the record names what GitLab still has
+    assert fleet.leases("docker") == 0
+    assert not fleet.token_exists(instance_id)
+    record = fleet.record(runner_key(instance_id))
+    assert (record["state"], record["gitlab_runner_id"], record["gitlab_cleanup"]) == (
+        "terminated",
+        runner["id"],
+        "pending",
+    )
+    assert "token_cleanup" not in record
+    assert [r["id"] for r in fleet.gitlab_runners()] == [runner["id"]]
+    # when EventBridge retries the event, GitLab being back
+    calls = fleet.gitlab_calls("DELETE", "/runners/:id")
+    assert fleet.instance_terminated(instance_id) == "cleaned up"
+    # then only the GitLab runner is deleted, and the mark cleared
+    assert fleet.gitlab_calls("DELETE", "/runners/:id") == calls + 1
+    assert fleet.gitlab_runners() == []
+    assert "gitlab_cleanup" not in fleet.record(runner_key(instance_id))
+    assert fleet.leases("docker") == 0
+    # and a late duplicate does nothing more
+    assert fleet.instance_terminated(instance_id) == "already terminated"
+    assert fleet.gitlab_calls("DELETE", "/runners/:id") == calls + 1
+
+
+def test_duplicate_events_at_once_return_the_lease_once(fleet: Fleet) -> None:
+    # given two running runners
+    fleet.pipeline(["docker"], ["docker"])
+    fleet.run()
+    victim = fleet.instances("docker")[0]["InstanceId"]
+    # when the same event is handled three times at once
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(fleet.instance_terminated(victim))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # then the lease came back once, and the runner and token are gone
+    assert results.count("terminated") == 1
+    assert fleet.leases("docker") == 1
+    assert [r for r in fleet.gitlab_runners() if victim in r["description"]] == []
+    assert not fleet.token_exists(victim)
+    assert fleet.record(runner_key(victim))["state"] == "terminated"
+
+
+def test_a_job_abandoned_by_a_dead_launch_joins_the_batch_launch(fleet: Fleet) -> None:
+    # given one job claimed long ago by an invocation that died before taking leases, and a fresh one
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    bodies = fleet.take_queued(2)
+    now = time.time()
+    fleet.runtime.store().claim_job(fleet.sandbox.project_id, jobs[0], "launch-of-a-dead-invocation")
+    # when both come in one batch once that claim is stale
+    with WireFaults(fleet.ec2) as faults:
+        report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)
+    # then both launch together, with one CreateFleet call and one launch
+    assert report.as_dict() == {"launched": 2}
+    assert len(faults.calls_to("CreateFleet")) == 1
+    assert len(fleet.instances("docker")) == 2
+    assert len({fleet.job(j)["launch_id"] for j in jobs}) == 1
+    assert fleet.leases("docker") == 2
+
+
+def test_an_identity_set_while_the_handler_terminates_is_still_cleaned_up(fleet: Fleet) -> None:
+    # given a runner whose record has no GitLab identity yet: scale-up is between its token and identity writes
+    fleet.pipeline(["docker"])
+    fleet.run()
+    [instance] = fleet.instances("docker")
+    instance_id = instance["InstanceId"]
+    [runner] = fleet.gitlab_runners()
+    store = fleet.runtime.store()
+    fleet.runtime.aws().dynamodb.update_item(
+        TableName=store.table, Key={"pk": {"S": runner_key(instance_id)}}, UpdateExpression="REMOVE gitlab_runner_id"
+    )
+    # when scale-up's identity write lands right after the handler read the record
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults:
+        faults.run_after("GetItem", lambda _: store.set_runner_identity(instance_id, int(runner["id"])))
+        result = fleet.instance_terminated(instance_id)
+    # then the handler still finds that runner, and deletes it
+    assert result == "terminated"
+    assert fleet.gitlab_runners() == []
+    assert not fleet.token_exists(instance_id)
+    assert fleet.leases("docker") == 0
