@@ -602,6 +602,7 @@ class ScaleUp:
                 tags=pool.tags,
                 run_untagged=pool.run_untagged,
                 maximum_timeout=pool.job_timeout_seconds,
+                access_level=pool.access_level.value,
             )
         except RetryableError as exc:
             return exc

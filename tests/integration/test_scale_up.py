@@ -232,6 +232,45 @@ def test_every_pending_job_gets_one_spot_runner_in_its_pool(fleet: Fleet) -> Non
     assert fleet.dead_letters() == []
 
 
+def test_a_pool_limited_to_protected_branches_gets_runners_limited_to_them(fleet: Fleet) -> None:
+    # given a pool whose runners may take only jobs of protected branches and tags
+    from chalicelib.config import AccessLevel
+
+    config = fleet.with_pool("docker", access_level=AccessLevel.REF_PROTECTED)
+    fleet.pipeline(["docker"])
+    # when
+    report = fleet.scale_up(config).handle_messages(fleet.take_queued(1))
+    # then its GitLab runner is created with that access level, and the default stays unprotected
+    assert report.as_dict() == {"launched": 1}
+    assert [r["access_level"] for r in fleet.gitlab_runners()] == ["ref_protected"]
+    fleet.pipeline(["docker", "dind"])
+    fleet.scale_up().handle_messages(fleet.take_queued(1))
+    assert sorted(r["access_level"] for r in fleet.gitlab_runners()) == ["not_protected", "ref_protected"]
+
+
+def test_a_rotated_gitlab_token_is_used_without_a_cold_start(fleet: Fleet) -> None:
+    # given a scale-up that has already talked to GitLab with the current token
+    from fleetctl.sandbox.stack import GITLAB_ADMIN_TOKEN
+
+    fleet.pipeline(["docker"])
+    fleet.scale_up().handle_messages(fleet.take_queued(1))
+    # when the operator rotates the token: the new one in SSM, the old one revoked in GitLab
+    rotated = "glpat-rotated-" + uuid.uuid4().hex
+    fleet.gitlab.add_token(rotated, admin=True)
+    fleet.runtime.aws().ssm.put_parameter(
+        Name=fleet.config.gitlab.token_parameter, Value=rotated, Type="SecureString", Overwrite=True
+    )
+    fleet.gitlab.revoke_token(GITLAB_ADMIN_TOKEN)
+    try:
+        fleet.pipeline(["docker"])
+        report = fleet.scale_up().handle_messages(fleet.take_queued(1))
+    finally:
+        fleet.gitlab.add_token(GITLAB_ADMIN_TOKEN, admin=True)
+    # then the same process launches with the new token at once (a 401 makes it read past its cache)
+    assert report.as_dict() == {"launched": 1}
+    assert len(fleet.instances("docker")) == 2
+
+
 def test_one_createfleet_call_serves_a_whole_batch(fleet: Fleet) -> None:
     with WireFaults(fleet.ec2) as faults:
         fleet.pipeline(*[["docker"]] * 12)
