@@ -89,7 +89,18 @@ def gitlab_api() -> GitLabApi:
     def token() -> str:
         return str(provider.get(gitlab.token_parameter, decrypt=True, max_age=GITLAB_TOKEN_MAX_AGE_SECONDS))
 
-    return GitLabApi(gitlab.url, token, runner_type=gitlab.runner_type, owner_id=gitlab.runner_owner_id)
+    def fresh_token() -> str:
+        # After a 401: the token was rotated (or revoked) within the cache's age, so read past the cache.
+        return str(provider.get(gitlab.token_parameter, decrypt=True, force_fetch=True))
+
+    return GitLabApi(
+        gitlab.url,
+        token,
+        runner_type=gitlab.runner_type,
+        owner_id=gitlab.runner_owner_id,
+        fresh_token=fresh_token,
+        token_max_age=GITLAB_TOKEN_MAX_AGE_SECONDS,
+    )
 
 
 @functools.cache
