@@ -18,6 +18,7 @@ import unicodedata
 
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import ConfigError
+from chalicelib.naming import runner_token_prefix
 
 BOOT_SCRIPT = "/opt/runner-fleet/boot"
 SETTINGS_FILE = "/etc/runner-fleet/runner.env"
@@ -66,7 +67,7 @@ def render_user_data(config: FleetConfig, pool: PoolConfig, image: str) -> str:
     settings = (
         ("RUNNER_FLEET", "fleet", config.fleet),
         ("RUNNER_FLEET_POOL", f"{at}.name", pool.name),
-        ("RUNNER_FLEET_TOKEN_PREFIX", "fleet", f"/runner-fleet/{config.fleet}/runners/"),
+        ("RUNNER_FLEET_TOKEN_PREFIX", "fleet", runner_token_prefix(config.fleet)),
         ("GITLAB_URL", "gitlab.url", config.gitlab.url),
         ("RUNNER_IMAGE", f"{at}.image", image),
         ("RUNNER_MAX_BUILDS", f"{at}.max_builds", str(pool.max_builds)),

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from chalicelib.naming import runner_description
 from fleetctl.sandbox.stack import DEFAULT_WORKDIR, Sandbox
 
 TAG_PATTERN: list[list[str]] = [["docker", "linux"], ["docker", "dind"], [], ["docker"]]
@@ -112,7 +113,7 @@ def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
         runners_table = Table("instance", "pool", "type", "lifecycle", "GitLab runner")
         by_description = {r["description"]: r["id"] for r in runners}
         for instance in instances:
-            description = f"runner-fleet {stack.config.fleet}/{instance['pool']} {instance['id']}"
+            description = runner_description(stack.config.fleet, instance["pool"], instance["id"])
             runners_table.add_row(
                 instance["id"],
                 instance["pool"],
