@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from chalicelib.config import RunnerType
@@ -41,7 +41,7 @@ class JobInfo:
 @dataclass(frozen=True)
 class RunnerCredentials:
     runner_id: int
-    token: str
+    token: str = field(repr=False)  # a glrt- token: never in a log line or a traceback's locals
 
 
 class GitLabApi:
