@@ -240,8 +240,8 @@ def build_fleet_request(
         ],
         "TargetCapacitySpecification": capacity,
         "ClientToken": client_token(launch_id, lifecycle),
-        # Tagging at creation (not with a later CreateTags) means no instance ever exists untagged: the
-        # reconciler and find_launched recognise ours even if this Lambda dies right after the call.
+        # Tagging at creation (not with a later CreateTags) means no instance ever exists untagged:
+        # find_launched recognises ours even if this Lambda dies right after the call.
         "TagSpecifications": [{"ResourceType": resource, "Tags": tags} for resource in ("instance", "volume", "fleet")],
     }
     if lifecycle is Lifecycle.SPOT:

@@ -8,7 +8,8 @@ Order. What is ours in AWS goes first: the runner record is marked terminated (w
 ``gitlab_cleanup`` marks, both ``pending``) and its lease returned in one transaction, then the token is deleted,
 then the GitLab runner, and each mark is cleared once its deletion is done. EventBridge retries a failed
 invocation twice and then drops the event, so a GitLab outage can outlast it: the lease is back at once, and the
-terminated record still names the GitLab runner with its mark, for a retried event or the reconciler to finish.
+terminated record still names the GitLab runner with its mark, for a retried event (or reconciliation, not built
+yet) to finish.
 Every step is idempotent (a missing token or GitLab runner counts as deleted), so a duplicate or retried event
 finishes whatever is left and does nothing more.
 
@@ -94,7 +95,7 @@ class InstanceEvents:
         if not record.token_cleanup and not record.gitlab_cleanup:
             return "terminated" if termination.newly else "already terminated"
         # Ours in AWS first (the record and lease above, the token here), GitLab last: a GitLab outage then
-        # leaves only the GitLab runner, named on the record, for a retried event or the reconciler.
+        # leaves only the GitLab runner, named on the record, for a retried event (or reconciliation, not built yet).
         if record.token_cleanup:
             self._tokens.delete(instance_id)
         runner_id = record.gitlab_runner_id

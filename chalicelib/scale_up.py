@@ -17,7 +17,7 @@ back, releases its jobs' claims and dead-letters them with the AWS error code; a
 claimed again. A throttled or short launch gives back what it did not use and re-queues its jobs. An AWS error
 after the instances exist cannot give their leases back (the instances hold them): the launch record is left
 ``incomplete`` (transient, the jobs come back and resume it) or ``failed`` with the reason (for good, the jobs
-are dead-lettered), for the reconciler to reap its instances.
+are dead-lettered), for reconciliation (not built yet) to reap its instances.
 
 Order of writes, and why. An instance can terminate at any moment, and the state-change handler can only clean
 up what a record names. So the runner records come first, right after CreateFleet, each taking its lease from
@@ -548,7 +548,7 @@ class ScaleUp:
                 try:
                     self._gitlab.delete_runner(credentials.runner_id)
                 except RetryableError:
-                    # Found again by its description when the launch is resumed, or by the reconciler.
+                    # Found again by its description when the launch is resumed, or by reconciliation (not built yet).
                     logger.warning("GitLab runner of an unfinished launch left", extra={"id": credentials.runner_id})
             raise
         return ready
@@ -558,7 +558,8 @@ class ScaleUp:
     ) -> None:
         """An AWS error after the instances exist. Their leases cannot go back while they run; the launch record
         keeps them with the reason: transient, the jobs come back and resume it; refused for good, the launch
-        is failed (for the reconciler to reap its instances) and the jobs are released and dead-lettered."""
+        is failed (for reconciliation, not built yet, to reap its instances) and the jobs are released and
+        dead-lettered."""
         code = error_code(exc) or "UnknownError"
         reason = f"{step} failed with {code}"
         if _transient(exc):
@@ -583,7 +584,7 @@ class ScaleUp:
         try:
             self._gitlab.delete_runner(runner_id)
         except RetryableError as exc:
-            # Left on the terminated record, marked, for a retried event or the reconciler.
+            # Left on the terminated record, marked, for a retried event (or reconciliation, not built yet).
             self._store.note_orphan_runner(instance_id, runner_id)
             logger.warning("GitLab runner left for cleanup", extra={"instance_id": instance_id, "reason": exc.reason})
 

@@ -236,7 +236,8 @@ class LaunchState(str, Enum):
     RESUMING = "resuming"  # another invocation took over an unfinished launch
     INCOMPLETE = "incomplete"  # the invocation ended with runners unfinished; the next delivery resumes it
     LAUNCHED = "launched"  # every runner it made is recorded and has its GitLab identity
-    FAILED = "failed"  # it stopped for good (``reason``); any leases it still holds are the reconciler's
+    # It stopped for good (``reason``); any leases it still holds wait for reconciliation (not built yet).
+    FAILED = "failed"
 
 
 class ClaimOutcome(str, Enum):
@@ -606,7 +607,7 @@ class ScaleStore(FleetStore):
         )
 
     def fail_launch(self, launch_id: str, reason: str) -> None:
-        """The launch stops here with ``reason``; any leases it still holds are left for the reconciler."""
+        """The launch stops with ``reason``; any leases it still holds wait for reconciliation (not built yet)."""
         self._client.update_item(
             **_update(
                 self.table,
@@ -713,7 +714,8 @@ class ScaleStore(FleetStore):
     def note_orphan_runner(self, instance_id: str, gitlab_runner_id: int) -> None:
         """A GitLab runner made for an instance terminated meanwhile, which could not be deleted at once.
 
-        Kept on the terminated record with the cleanup mark, for a retried event or the reconciler to delete.
+        Kept on the terminated record with the cleanup mark, for a retried event (or reconciliation, not built yet)
+        to delete.
         """
         self._client.update_item(
             **_update(
@@ -728,7 +730,7 @@ class ScaleStore(FleetStore):
         """Mark a runner terminated and give its lease back to the pool, exactly once.
 
         The terminated record keeps ``token_cleanup`` and ``gitlab_cleanup`` marks until :meth:`finish_cleanup`,
-        so a retried or duplicate event (or the reconciler) finishes deleting whichever is left. An instance with no
+        so a retried or duplicate event finishes deleting whichever is left. An instance with no
         record yet (terminated between CreateFleet and its record write) gets a terminated tombstone, which
         refuses that later write; its lease is still held by its launch, which gives it back.
         """

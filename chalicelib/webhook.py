@@ -174,8 +174,8 @@ class WebhookIntake:
         try:
             self._queue.send(job)
         except Exception:
-            # Forget the delivery so GitLab's retry (same Idempotency-Key) is processed instead of being dropped
-            # as a duplicate; if even that fails, reconcile's pending-job sweep finds the job later.
+            # Forget the delivery so a resend of it (same Idempotency-Key) is processed instead of being dropped
+            # as a duplicate. If even that fails, the job stays recorded but not queued, and this log line says so.
             try:
                 self._store.forget_delivery(event.project_id, event.job_id, key, replay_key)
             except Exception:

@@ -401,8 +401,8 @@ class Bootstrapper:
                 raise
             return Change("template", name, Verb.CREATE, f"{image_id}, 1 version", {"data": data})
         default = int(found["DefaultVersionNumber"])
-        # Always an explicit version number: scale-up may add versions of its own, and moto answers $Latest
-        # with HTTP 500 once a template has more than one.
+        # Always an explicit version number: a template updated by an earlier bootstrap has several versions, and
+        # moto answers $Latest with HTTP 500 once it has more than one.
         current = ec2.describe_launch_template_versions(
             LaunchTemplateId=found["LaunchTemplateId"], Versions=[str(default)]
         )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
