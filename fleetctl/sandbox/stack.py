@@ -204,5 +204,8 @@ class Sandbox:
             pool["subnets"] = list(subnets)
             pool["security_groups"] = [security_group]
         target = self.workdir / "fleet.json"
-        target.write_text(json.dumps(document, indent=2))
+        # Replaced, not rewritten in place: the served webhook and the pump may read it at any moment.
+        partial = target.with_suffix(".json.partial")
+        partial.write_text(json.dumps(document, indent=2))
+        partial.replace(target)
         return target

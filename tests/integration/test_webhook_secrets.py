@@ -1,7 +1,7 @@
 """The webhook's secrets, over real HTTP to the served app, with SSM on moto server and faults at the wire.
 
 A configured signing secret that cannot be read refuses every request (never a downgrade to the token alone);
-an SSM failure is a 503 that is not cached, so GitLab's retry succeeds once SSM is back; only a parameter SSM
+an SSM failure is a 503 that is not cached, so the next delivery succeeds once SSM is back; only a parameter SSM
 reports as missing is "not configured", and that answer is cached.
 """
 
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from chalicelib.config import CONFIG_ENV_VAR
 from chalicelib.settings import WEBHOOK_SIGNING_PARAMETER
 from chalicelib.signing import sign
 from tests.faults import WireFaults
@@ -64,8 +67,14 @@ def webhook(fresh_sandbox: Any) -> Webhook:
 
 
 @pytest.fixture
-def signing_configured(webhook: Webhook, monkeypatch: pytest.MonkeyPatch) -> Iterator[Webhook]:
-    """The webhook Lambda's environment names a signing parameter (as the stage would after adding one)."""
+def signing_configured(webhook: Webhook, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Webhook]:
+    """The stage names a signing parameter: its stage file, and so the webhook Lambda's environment and policy."""
+    stage_file = Path(os.environ[CONFIG_ENV_VAR])
+    document = json.loads(stage_file.read_text())
+    document["webhook"]["signing_secret_parameter"] = SIGNING_PARAMETER
+    signed_stage = tmp_path / stage_file.name
+    signed_stage.write_text(json.dumps(document))
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(signed_stage))
     monkeypatch.setenv(WEBHOOK_SIGNING_PARAMETER, SIGNING_PARAMETER)
     webhook.runtime.reset()
     yield webhook
@@ -150,9 +159,10 @@ def test_a_missing_token_is_cached_and_refuses_every_request(webhook: Webhook) -
 # -- secrets never reach a log line or a repr ---------------------------------------------------------------------
 
 
-def test_secrets_do_not_show_in_their_repr(webhook: Webhook) -> None:
+def test_secrets_do_not_show_in_their_repr(signing_configured: Webhook) -> None:
     from chalicelib.secrets import WebhookSecretSource
 
+    webhook = signing_configured
     # given both secrets readable from SSM
     webhook.ssm.put_parameter(Name=SIGNING_PARAMETER, Value=SOME_SECRET, Type="SecureString")
     secrets = WebhookSecretSource(webhook.ssm, webhook.token_parameter, SIGNING_PARAMETER).get()
