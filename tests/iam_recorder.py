@@ -37,7 +37,8 @@ from botocore.client import BaseClient
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FULL_SUITE_ENV = "RUNNER_FLEET_IAM_FULL"
-REPORT = PROJECT_DIR / ".pytest_cache" / "iam-calls.json"
+# make test runs the slow scenarios in a second pytest process beside the rest: each writes its own report.
+REPORT = Path(os.environ.get("RUNNER_FLEET_IAM_REPORT") or PROJECT_DIR / ".pytest_cache" / "iam-calls.json")
 SNAPSHOTS = PROJECT_DIR / ".pytest_cache" / "iam-stage-files"
 PLACEHOLDER_ACCOUNT = "123456789012"
 

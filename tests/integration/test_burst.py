@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
+from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 from chalicelib.store import job_key, pool_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 
 MAX_RUNNERS = 200
+_SLOW_ANSWER = (ReadTimeoutError, ConnectTimeoutError)
 JOBS_PER_POOL = 250
 
 
@@ -51,6 +53,7 @@ class Monitor:
         self._store = runtime.store()
         self.highest: Counter[str] = Counter()
         self.samples = 0
+        self.missed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -73,8 +76,14 @@ class Monitor:
         # Capacity counters every second; instances (a DescribeInstances over hundreds, slow in moto, which also
         # serves the app) every fifth: the monitor must not starve the fleet it watches.
         while not self._stop.is_set():
-            leases = self.leases()
-            live = self.live_instances() if self.samples % 5 == 0 else Counter()
+            try:
+                leases = self.leases()
+                live = self.live_instances() if self.samples % 5 == 0 else Counter()
+            except _SLOW_ANSWER:
+                # moto, serving the whole burst, can answer the monitor too late; that sample is skipped.
+                self.missed += 1
+                self._stop.wait(1.0)
+                continue
             for pool in ("docker", "build"):
                 self.highest[f"{pool} instances"] = max(self.highest[f"{pool} instances"], live[pool])
                 self.highest[f"{pool} leases"] = max(self.highest[f"{pool} leases"], leases[pool])
@@ -92,11 +101,20 @@ class Monitor:
 
 def _wait(condition: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not _holds(condition):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(5)
 
 
+def _holds(condition: Any) -> bool:
+    """A look at the fleet; one that moto answers too late (while it serves the burst) counts as not yet."""
+    try:
+        return bool(condition())
+    except _SLOW_ANSWER:
+        return False
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_burst_of_500_jobs_never_overfills_a_pool_and_launches_every_job_once(burst_sandbox: Sandbox) -> None:
     from chalicelib import runtime
@@ -135,7 +153,8 @@ def test_a_burst_of_500_jobs_never_overfills_a_pool_and_launches_every_job_once(
     # Copies of a job (a re-sent message whose first answer was lost) may still wait out their delay: let them
     # come back and be recognised as launched already, launching nothing more.
     _wait(lambda: stack.pump.drain(timeout=5) == 0 and _queue_depth(runtime.jobs_queue().url) == 0, 60, "empty queue")
-    assert monitor.samples > 10
+    # Watched throughout: most seconds of the burst gave a sample.
+    assert monitor.samples > 10 and monitor.missed < monitor.samples
     assert monitor.highest["docker instances"] <= MAX_RUNNERS
     assert monitor.highest["build instances"] <= MAX_RUNNERS
     assert monitor.highest["docker leases"] <= MAX_RUNNERS
