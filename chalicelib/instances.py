@@ -30,7 +30,7 @@ from chalicelib.errors import PayloadError, RetryableError
 from chalicelib.gitlab_api import GitLabApi
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
-from chalicelib.store import ScaleStore
+from chalicelib.scale_store import ScaleStore
 
 STATE_CHANGE = "EC2 Instance State-change Notification"
 # EC2's own name of the state (the event's ``detail.state``), not a runner-fleet state.

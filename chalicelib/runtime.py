@@ -20,7 +20,7 @@ from chalicelib.errors import ConfigError
 from chalicelib.jobs_queue import JobQueue
 from chalicelib.secrets import WebhookSecretSource
 from chalicelib.settings import settings_drift, webhook_settings
-from chalicelib.store import FleetStore, ScaleStore
+from chalicelib.store import FleetStore
 from chalicelib.webhook import WebhookIntake
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from chalicelib.gitlab_api import GitLabApi
     from chalicelib.instances import InstanceEvents
     from chalicelib.runner_tokens import RunnerTokens
+    from chalicelib.scale_store import ScaleStore
     from chalicelib.scale_up import ScaleUp
 
 GITLAB_TOKEN_MAX_AGE_SECONDS = 300
@@ -52,12 +53,16 @@ def aws() -> AwsClients:
 
 
 @functools.cache
-def store() -> ScaleStore:
-    return ScaleStore(webhook_settings().table, aws().dynamodb)
-
-
 def fleet_store() -> FleetStore:
-    return store()
+    """The table as the webhook uses it; the webhook's cold start never loads scale-up's half of the store."""
+    return FleetStore(webhook_settings().table, aws().dynamodb)
+
+
+@functools.cache
+def store() -> ScaleStore:
+    from chalicelib.scale_store import ScaleStore
+
+    return ScaleStore(webhook_settings().table, aws().dynamodb)
 
 
 @functools.cache
@@ -74,7 +79,7 @@ def dead_letter_queue() -> JobQueue:
 def webhook_intake() -> WebhookIntake:
     settings = webhook_settings()
     secrets = WebhookSecretSource(aws().ssm, settings.token_parameter, settings.signing_parameter)
-    return WebhookIntake(secrets, store(), jobs_queue())
+    return WebhookIntake(secrets, fleet_store(), jobs_queue())
 
 
 @functools.cache
@@ -142,6 +147,7 @@ def reset() -> None:
     for built in (
         config,
         aws,
+        fleet_store,
         store,
         jobs_queue,
         dead_letter_queue,

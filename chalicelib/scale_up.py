@@ -65,8 +65,8 @@ from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.naming import launch_template_name, runner_description, runner_token_parameter
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerTokens
+from chalicelib.scale_store import Claim, ClaimOutcome, LaunchRecord, RunnerRecord, ScaleStore
 from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
-from chalicelib.store import Claim, ClaimOutcome, LaunchRecord, RunnerRecord, ScaleStore
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.

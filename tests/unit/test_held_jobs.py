@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from chalicelib.scale_store import LaunchState
 from chalicelib.scaling import HeldJob, decide_held_job
-from chalicelib.store import LaunchState
 
 NOW = 1_000_000.0
 STALE = 120.0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from chalicelib.store import (
+from chalicelib.scale_store import (
     CLEANUP_PENDING,
     LaunchRecord,
     LaunchState,
     RunnerRecord,
     RunnerState,
-    from_item,
 )
+from chalicelib.store import from_item
 
 
 def test_a_new_runner_item_decodes_back_into_the_same_record() -> None:

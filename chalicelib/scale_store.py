@@ -1,0 +1,672 @@
+"""The fleet table as scale-up and the instance-state handler use it: claims, leases, launches, runners.
+
+Capacity is counted by leases. A pool's ``leases`` counter is the number of runners it has or is about to have;
+it never exceeds max_runners because every increment is conditional. A lease is held first by a launch record
+(taken in the same transaction that raises the pool's counter), then moved, one by one and in a transaction, to
+the runner record of each instance the launch made, and finally given back when the instance is terminated or
+the launch made fewer instances than it asked for. Each move is conditional, so a lease is never counted twice,
+whatever crashes or retries happen in between.
+
+Kept apart from :mod:`chalicelib.store`, which the webhook imports: the webhook Lambda compiles and loads only the
+part of the table it uses (a Lambda writes no bytecode cache, so every module is compiled at each cold start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.aws import error_code
+from chalicelib.gitlab_events import JobStatus
+from chalicelib.store import (
+    FINISHED_JOB_TTL_SECONDS,
+    FleetStore,
+    attribute_value,
+    from_item,
+    job_key,
+    launch_key,
+    pool_key,
+    runner_key,
+    to_item,
+)
+
+_CONFLICT_ATTEMPTS = 4
+
+
+class LaunchState(str, Enum):
+    """Where a launch record is in its life."""
+
+    LAUNCHING = "launching"  # leases taken; an invocation is making the instances and their runners
+    RESUMING = "resuming"  # another invocation took over an unfinished launch
+    INCOMPLETE = "incomplete"  # the invocation ended with runners unfinished; the next delivery resumes it
+    LAUNCHED = "launched"  # every runner it made is recorded and has its GitLab identity
+    # It stopped for good (``reason``); any leases it still holds wait for reconciliation (not built yet).
+    FAILED = "failed"
+
+
+class ClaimOutcome(str, Enum):
+    CLAIMED = "claimed"
+    HELD = "held"  # another launch already holds the job
+    NOT_PENDING = "not_pending"  # the webhooks already saw it start, finish or be cancelled
+    DEAD_LETTERED = "dead_lettered"  # scale-up gave up on it; a copy of its message must not launch it again
+
+
+# The value of a job item's ``outcome`` once scale-up has dead-lettered the job.
+DEAD_LETTERED_OUTCOME = "dead_lettered"
+# A terminated runner record carries ``token_cleanup`` / ``gitlab_cleanup`` with this value until its token / its
+# GitLab runner is deleted.
+CLEANUP_PENDING = "pending"
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    launch_id: str
+    claimed_at: float = 0.0  # when the holding launch claimed the job (HELD only)
+
+
+class RunnerState(str, Enum):
+    """Where a runner record is in its life."""
+
+    BOOTING = "booting"  # its instance was launched; the runner has not finished a job yet
+    TERMINATED = "terminated"  # its instance is gone and its lease back in the pool
+
+
+@dataclass(frozen=True)
+class RunnerRecord:
+    """A ``RUNNER#<instance id>`` item, typed. A tombstone (an instance terminated before it was recorded) has
+    only its instance id, state and reason."""
+
+    instance_id: str
+    pool: str = ""
+    launch_id: str = ""
+    lifecycle: str = ""
+    instance_type: str = ""
+    subnet_id: str | None = None
+    launched_at: float = 0.0
+    boot_deadline_at: float = 0.0
+    token_parameter: str = ""
+    gitlab_runner_id: int | None = None
+    state: RunnerState = RunnerState.BOOTING
+    lease: bool = False  # holds one of its pool's leases
+    tombstone: bool = False
+    reason: str = ""
+    token_cleanup: bool = False  # terminated, and its token may still exist
+    gitlab_cleanup: bool = False  # terminated, and its GitLab runner may still exist
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is RunnerState.TERMINATED
+
+    @classmethod
+    def from_item(cls, values: Mapping[str, Any]) -> RunnerRecord:
+        runner_id = values.get("gitlab_runner_id")
+        return cls(
+            instance_id=str(values["instance_id"]),
+            pool=str(values.get("pool", "")),
+            launch_id=str(values.get("launch_id", "")),
+            lifecycle=str(values.get("lifecycle", "")),
+            instance_type=str(values.get("instance_type", "")),
+            subnet_id=values.get("subnet_id"),
+            launched_at=float(values.get("launched_at", 0)),
+            boot_deadline_at=float(values.get("boot_deadline_at", 0)),
+            token_parameter=str(values.get("token_parameter", "")),
+            gitlab_runner_id=int(runner_id) if runner_id is not None else None,
+            state=RunnerState(values.get("state", RunnerState.BOOTING.value)),
+            lease=bool(values.get("lease", False)),
+            tombstone=bool(values.get("tombstone", False)),
+            reason=str(values.get("reason", "")),
+            token_cleanup=values.get("token_cleanup") == CLEANUP_PENDING,
+            gitlab_cleanup=values.get("gitlab_cleanup") == CLEANUP_PENDING,
+        )
+
+    def new_item(self, now: float) -> dict[str, Any]:
+        """The item of a runner just recorded: it holds its lease, and has no GitLab identity yet."""
+        return to_item(
+            {
+                "pk": runner_key(self.instance_id),
+                "kind": "runner",
+                "instance_id": self.instance_id,
+                "pool": self.pool,
+                "launch_id": self.launch_id,
+                "lifecycle": self.lifecycle,
+                "instance_type": self.instance_type,
+                "subnet_id": self.subnet_id,
+                "launched_at": self.launched_at,
+                "boot_deadline_at": self.boot_deadline_at,
+                "token_parameter": self.token_parameter,
+                "gitlab_runner_id": self.gitlab_runner_id,
+                "state": self.state.value,
+                "lease": True,
+                "updated_at": now,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """A ``LAUNCH#<launch id>`` item, typed."""
+
+    launch_id: str
+    pool: str
+    state: LaunchState
+    leases: int  # leases it holds now (each moves to a runner record as its instance is recorded)
+    requested: int  # leases it took
+    started_at: float  # when its current owner started on it
+    reason: str = ""
+    instances: tuple[str, ...] = ()
+
+    @classmethod
+    def from_item(cls, launch_id: str, values: Mapping[str, Any]) -> LaunchRecord:
+        return cls(
+            launch_id=launch_id,
+            pool=str(values.get("pool", "")),
+            state=LaunchState(values["state"]),
+            leases=int(values.get("leases", 0)),
+            requested=int(values.get("requested", 0)),
+            started_at=float(values.get("started_at", 0)),
+            reason=str(values.get("reason", "")),
+            instances=tuple(str(i) for i in values.get("instances", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Termination:
+    """What terminating a runner record found: the record as it is now (None for a tombstone just written)."""
+
+    record: RunnerRecord | None
+    newly: bool  # this call terminated it (not a duplicate or late event)
+    tombstone: bool  # the instance had no record: a tombstone stands in for it
+
+
+def _update(
+    table: str,
+    pk: str,
+    expression: str,
+    values: Mapping[str, Any],
+    condition: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    update: dict[str, Any] = {
+        "TableName": table,
+        "Key": {"pk": {"S": pk}},
+        "UpdateExpression": expression,
+        "ExpressionAttributeValues": {k: attribute_value(v) for k, v in values.items()},
+    }
+    if condition:
+        update["ConditionExpression"] = condition
+    if names:
+        update["ExpressionAttributeNames"] = dict(names)
+    return update
+
+
+class ScaleStore(FleetStore):
+    """The fleet table as scale-up and the instance-state handler use it."""
+
+    def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
+        """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
+
+        The same condition refuses a job whose record the webhooks have moved past pending (running, finished,
+        cancelled), so a job that waited for capacity is checked at no extra call, and a job already
+        dead-lettered, so a second copy of its message cannot launch it (or fail the same way) again.
+        """
+        now = self._clock()
+        request = _update(
+            self.table,
+            job_key(project_id, job_id),
+            "SET launch_id = :launch, claimed_at = :now, kind = :kind, project_id = :project, job_id = :job",
+            {
+                ":launch": launch_id,
+                ":now": now,
+                ":kind": "job",
+                ":project": project_id,
+                ":job": job_id,
+                ":pending": JobStatus.PENDING.rank,
+                ":dead": DEAD_LETTERED_OUTCOME,
+            },
+            "attribute_not_exists(launch_id) AND (attribute_not_exists(status_rank) OR status_rank <= :pending)"
+            " AND (attribute_not_exists(outcome) OR outcome <> :dead)",
+        )
+        old = self._update_unless_refused(request)
+        if old is None or old.get("launch_id") == launch_id:
+            # (The second: refused by our own write, which landed before botocore retried the timed-out call.)
+            return Claim(ClaimOutcome.CLAIMED, launch_id)
+        if old.get("outcome") == DEAD_LETTERED_OUTCOME:
+            return Claim(ClaimOutcome.DEAD_LETTERED, "")
+        if old.get("launch_id"):
+            return Claim(ClaimOutcome.HELD, str(old["launch_id"]), float(old.get("claimed_at", 0)))
+        return Claim(ClaimOutcome.NOT_PENDING, "")
+
+    def release_claim(self, project_id: int, job_id: int, launch_id: str) -> None:
+        """Untie a job from a launch that will not run it, so a later attempt can claim it again."""
+        try:
+            self._client.update_item(
+                **_update(
+                    self.table,
+                    job_key(project_id, job_id),
+                    "REMOVE launch_id, claimed_at",
+                    {":launch": launch_id},
+                    "launch_id = :launch",
+                )
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def mark_job(self, project_id: int, job_id: int, outcome: str, **fields: Any) -> None:
+        """Record what scale-up decided for a job (unmatched, not pending, dead-lettered ...)."""
+        values = {
+            "outcome": outcome,
+            "outcome_at": self._clock(),
+            "kind": "job",
+            "project_id": project_id,
+            "job_id": job_id,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+        names = {f"#f{i}": k for i, k in enumerate(values)}
+        expression = "SET " + ", ".join(f"#f{i} = :f{i}" for i in range(len(values)))
+        self._client.update_item(
+            **_update(
+                self.table,
+                job_key(project_id, job_id),
+                expression,
+                {f":f{i}": v for i, v in enumerate(values.values())},
+                names=names,
+            )
+        )
+
+    def mark_job_dead_lettered(self, project_id: int, job_id: int, reason: str, error_code: str = "") -> None:
+        """Record that scale-up gave up on a job; :meth:`claim_job` refuses it from then on."""
+        self.mark_job(project_id, job_id, DEAD_LETTERED_OUTCOME, reason=reason, error_code=error_code or None)
+
+    def acquire_leases(self, pool: str, wanted: int, max_runners: int, launch_id: str) -> int:
+        """Take up to ``wanted`` leases of a pool for a new launch; returns how many were granted (maybe 0).
+
+        The pool counter's increment and the launch record that holds the leases are one transaction, so a crash
+        can never leave leases that nobody holds.
+        """
+        # Never ask for more than the pool holds: a pool without a counter yet passes the condition below.
+        take = min(wanted, max_runners)
+        for _ in range(_CONFLICT_ATTEMPTS * 4):
+            if take <= 0:
+                return 0
+            now = self._clock()
+            writes = [
+                {
+                    "Update": _update(
+                        self.table,
+                        pool_key(pool),
+                        "SET kind = :kind, #name = :name ADD leases :take",
+                        {":kind": "pool", ":name": pool, ":take": take, ":limit": max_runners - take},
+                        "attribute_not_exists(leases) OR leases <= :limit",
+                        names={"#name": "name"},
+                    )
+                },
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": to_item(
+                            {
+                                "pk": launch_key(launch_id),
+                                "kind": "launch",
+                                "pool": pool,
+                                "leases": take,
+                                "requested": take,
+                                "state": LaunchState.LAUNCHING.value,
+                                "started_at": now,
+                            }
+                        ),
+                        "ConditionExpression": "attribute_not_exists(pk)",
+                    }
+                },
+            ]
+            try:
+                self._client.transact_write_items(TransactItems=writes)
+            except ClientError as exc:
+                if error_code(exc) != "TransactionCanceledException":
+                    raise
+                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                landed = self.get_launch(launch_id)
+                if landed is not None:
+                    # An earlier attempt of this transaction (retried after a timeout) already took the leases.
+                    return landed.requested
+                if reasons and reasons[0] == "ConditionalCheckFailed":
+                    current = int((self.get(pool_key(pool)) or {}).get("leases", 0))
+                    take = min(wanted, max_runners - current)
+                    continue
+                if "TransactionConflict" in reasons:
+                    self._sleep(0.01)
+                    continue
+                raise
+            return take
+        return 0
+
+    def leases(self, pool: str) -> int:
+        return int((self.get(pool_key(pool)) or {}).get("leases", 0))
+
+    def give_back_launch_leases(
+        self, launch_id: str, pool: str, held: int, count: int, *, finished: bool = False, reason: str = ""
+    ) -> None:
+        """Return ``count`` of the ``held`` leases a launch holds but will not use (it made fewer instances).
+
+        ``finished`` marks the launch failed (it holds nothing any more and runs no job), with ``reason``.
+        Compare-and-set on the exact count held, so the write cannot land twice: botocore retries a timed-out
+        transaction, and only real DynamoDB (not every stand-in) honours the idempotency token it carries.
+        """
+        if count <= 0:
+            if finished:
+                self.fail_launch(launch_id, reason)
+            return
+        values: dict[str, Any] = {":left": held - count, ":held": held}
+        expression = "SET leases = :left"
+        if finished:
+            expression += ", #state = :failed, reason = :reason"
+            values.update({":failed": LaunchState.FAILED.value, ":reason": reason or "failed"})
+        launch_update = _update(
+            self.table,
+            launch_key(launch_id),
+            expression,
+            values,
+            "leases = :held",
+            names={"#state": "state"} if finished else None,
+        )
+        pool_update = _update(
+            self.table, pool_key(pool), "ADD leases :minus", {":minus": -count, ":n": count}, "leases >= :n"
+        )
+        try:
+            self._client.transact_write_items(TransactItems=[{"Update": launch_update}, {"Update": pool_update}])
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise
+            landed = self.get_launch(launch_id)
+            if landed is None or landed.leases != held - count:
+                raise
+            # An earlier attempt of this very write landed.
+
+    def get_launch(self, launch_id: str) -> LaunchRecord | None:
+        found = self.get(launch_key(launch_id))
+        return LaunchRecord.from_item(launch_id, found) if found else None
+
+    def finish_launch(self, launch_id: str, instance_ids: list[str]) -> None:
+        self._client.update_item(
+            **_update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :done, finished_at = :now, instances = :ids",
+                {":done": LaunchState.LAUNCHED.value, ":now": self._clock(), ":ids": instance_ids},
+                names={"#state": "state"},
+            )
+        )
+
+    def fail_launch(self, launch_id: str, reason: str) -> None:
+        """The launch stops with ``reason``; any leases it still holds wait for reconciliation (not built yet)."""
+        self._client.update_item(
+            **_update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :failed, reason = :reason, finished_at = :now",
+                {":failed": LaunchState.FAILED.value, ":reason": reason or "failed", ":now": self._clock()},
+                names={"#state": "state"},
+            )
+        )
+
+    def runners(self, instance_ids: list[str]) -> dict[str, RunnerRecord]:
+        """Runner records by instance id, for those that exist (one BatchGetItem per 100)."""
+        found: dict[str, RunnerRecord] = {}
+        for start in range(0, len(instance_ids), 100):
+            keys = [{"pk": {"S": runner_key(i)}} for i in instance_ids[start : start + 100]]
+            request: dict[str, Any] = {self.table: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                answer = self._client.batch_get_item(RequestItems=request)
+                for item in answer.get("Responses", {}).get(self.table, []):
+                    record = RunnerRecord.from_item(from_item(item))
+                    found[record.instance_id] = record
+                request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    def record_runners(self, launch_id: str, runners: list[RunnerRecord]) -> set[str]:
+        """Create runner records, moving one lease each from the launch to the runner, in transactions.
+
+        Returns the instance ids refused because their instance was already terminated (the state-change
+        handler left a tombstone): their leases stay with the launch, for the caller to give back.
+        """
+        refused: set[str] = set()
+        pending = list(runners)
+        while pending:
+            chunk, pending = pending[:99], pending[99:]
+            landed, dead = self._record_chunk(launch_id, chunk)
+            refused |= dead
+            retry = [r for r in chunk if r.instance_id not in landed and r.instance_id not in dead]
+            pending = retry + pending
+        return refused
+
+    def _record_chunk(self, launch_id: str, chunk: list[RunnerRecord]) -> tuple[set[str], set[str]]:
+        """One transaction: (ids recorded, ids refused because terminated); the caller records the rest again."""
+        now = self._clock()
+        writes: list[dict[str, Any]] = [
+            {
+                "Put": {
+                    "TableName": self.table,
+                    "Item": r.new_item(now),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            }
+            for r in chunk
+        ]
+        writes.append(
+            {
+                "Update": _update(
+                    self.table,
+                    launch_key(launch_id),
+                    "SET leases = leases - :n",
+                    {":n": len(chunk)},
+                    "leases >= :n",
+                )
+            }
+        )
+        try:
+            self._client.transact_write_items(TransactItems=writes)
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise
+            recorded = self.runners([r.instance_id for r in chunk])
+            ours = {i for i, r in recorded.items() if r.launch_id == launch_id}
+            dead = {i for i, r in recorded.items() if r.launch_id != launch_id and r.tombstone}
+            if ours and len(ours) == len(chunk):
+                # An earlier attempt of this transaction (retried after a timeout) landed.
+                return ours, set()
+            if not dead or ours:
+                raise
+            # Instances terminated before they were recorded: the others are recorded without them.
+            return set(), dead
+        return {r.instance_id for r in chunk}, set()
+
+    def set_runner_identity(self, instance_id: str, gitlab_runner_id: int) -> bool:
+        """Tie a runner record to its GitLab runner; False when the instance was terminated meanwhile.
+
+        The condition is what closes the race with the state-change handler: once it has terminated the record,
+        no identity lands on it, so the caller knows to delete the GitLab runner and token it just made.
+        """
+        old = self._update_unless_refused(
+            _update(
+                self.table,
+                runner_key(instance_id),
+                "SET gitlab_runner_id = :id, updated_at = :now",
+                {":id": gitlab_runner_id, ":now": self._clock(), ":terminated": RunnerState.TERMINATED.value},
+                "attribute_exists(pk) AND #state <> :terminated",
+                names={"#state": "state"},
+            )
+        )
+        # Refused by our own write, which landed before botocore retried the timed-out call, still counts.
+        if old is None:
+            return True
+        landed = RunnerRecord.from_item(old) if old.get("instance_id") else None
+        return landed is not None and landed.gitlab_runner_id == gitlab_runner_id and not landed.terminated
+
+    def note_orphan_runner(self, instance_id: str, gitlab_runner_id: int) -> None:
+        """A GitLab runner made for an instance terminated meanwhile, which could not be deleted at once.
+
+        Kept on the terminated record with the cleanup mark, for a retried event (or reconciliation, not built yet)
+        to delete.
+        """
+        self._client.update_item(
+            **_update(
+                self.table,
+                runner_key(instance_id),
+                "SET gitlab_runner_id = :id, gitlab_cleanup = :pending, updated_at = :now",
+                {":id": gitlab_runner_id, ":pending": CLEANUP_PENDING, ":now": self._clock()},
+            )
+        )
+
+    def terminate_runner(self, instance_id: str, reason: str) -> Termination:
+        """Mark a runner terminated and give its lease back to the pool, exactly once.
+
+        The terminated record keeps ``token_cleanup`` and ``gitlab_cleanup`` marks until :meth:`finish_cleanup`,
+        so a retried or duplicate event finishes deleting whichever is left. An instance with no
+        record yet (terminated between CreateFleet and its record write) gets a terminated tombstone, which
+        refuses that later write; its lease is still held by its launch, which gives it back.
+        """
+        for _ in range(_CONFLICT_ATTEMPTS):
+            found = self.get(runner_key(instance_id))
+            if found is None:
+                if self._put_tombstone(instance_id, reason):
+                    return Termination(None, newly=True, tombstone=True)
+                continue  # the record was written meanwhile: terminate it
+            record = RunnerRecord.from_item(found)
+            if record.terminated:
+                return Termination(record, newly=False, tombstone=record.tombstone)
+            if self._terminate(record, reason):
+                terminated = replace(
+                    record,
+                    state=RunnerState.TERMINATED,
+                    lease=False,
+                    reason=reason,
+                    token_cleanup=True,
+                    gitlab_cleanup=True,
+                )
+                return Termination(terminated, newly=True, tombstone=False)
+        raise RuntimeError(f"runner record {instance_id} kept changing while it was terminated")
+
+    def _put_tombstone(self, instance_id: str, reason: str) -> bool:
+        now = self._clock()
+        item = {
+            "pk": runner_key(instance_id),
+            "kind": "runner",
+            "instance_id": instance_id,
+            "state": RunnerState.TERMINATED.value,
+            "tombstone": True,
+            "reason": reason,
+            "terminated_at": now,
+            "updated_at": now,
+            "ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
+        }
+        try:
+            self._client.put_item(
+                TableName=self.table, Item=to_item(item), ConditionExpression="attribute_not_exists(pk)"
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            found = self.get(runner_key(instance_id)) or {}
+            # Refused by our own landed write (a retried call) still counts.
+            return bool(found.get("tombstone"))
+        return True
+
+    def _terminate(self, record: RunnerRecord, reason: str) -> bool:
+        instance_id = record.instance_id
+        now = self._clock()
+        runner_update = _update(
+            self.table,
+            runner_key(instance_id),
+            "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl, "
+            "token_cleanup = :pending, gitlab_cleanup = :pending REMOVE lease",
+            {
+                ":terminated": RunnerState.TERMINATED.value,
+                ":reason": reason,
+                ":now": now,
+                ":ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
+                ":pending": CLEANUP_PENDING,
+            },
+            "#state <> :terminated",
+            names={"#state": "state", "#ttl": "ttl"},
+        )
+        if record.gitlab_runner_id is None:
+            # Scale-up may be setting the identity right now: then this write is refused, the record read again,
+            # and the GitLab runner it names deleted. Otherwise that runner would be known to nobody.
+            runner_update["ConditionExpression"] += " AND attribute_not_exists(gitlab_runner_id)"
+        writes: list[dict[str, Any]] = [{"Update": runner_update}]
+        if record.lease:
+            runner_update["ConditionExpression"] += " AND lease = :true"
+            runner_update["ExpressionAttributeValues"][":true"] = attribute_value(True)
+            writes.append(
+                {
+                    "Update": _update(
+                        self.table,
+                        pool_key(record.pool),
+                        "ADD leases :minus",
+                        {":minus": -1, ":one": 1},
+                        "leases >= :one",
+                    )
+                }
+            )
+        try:
+            self._client.transact_write_items(TransactItems=writes)
+        except ClientError as exc:
+            if error_code(exc) == "TransactionCanceledException":
+                return False  # a concurrent event (or our own landed attempt) terminated it: read it again
+            raise
+        return True
+
+    def finish_cleanup(self, instance_id: str, *, gitlab: bool = True) -> None:
+        """The token (and, with ``gitlab``, the GitLab runner) of a terminated runner are gone: clear the marks."""
+        self._client.update_item(
+            **_update(
+                self.table,
+                runner_key(instance_id),
+                "REMOVE token_cleanup" + (", gitlab_cleanup" if gitlab else ""),
+                {":t": RunnerState.TERMINATED.value},
+                "#state = :t",
+                names={"#state": "state"},
+            )
+        )
+
+    def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
+        """The invocation ends with runners still missing an identity; the next delivery may resume at once."""
+        self._client.update_item(
+            **_update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :incomplete, reason = :reason",
+                {":incomplete": LaunchState.INCOMPLETE.value, ":reason": reason or "incomplete"},
+                names={"#state": "state"},
+            )
+        )
+
+    def take_over_launch(self, launch_id: str, stale_before: float) -> bool:
+        """Become the one invocation resuming a launch: it is incomplete, or its last owner went silent."""
+        try:
+            self._client.update_item(
+                **_update(
+                    self.table,
+                    launch_key(launch_id),
+                    "SET #state = :resuming, started_at = :now",
+                    {
+                        ":resuming": LaunchState.RESUMING.value,
+                        ":incomplete": LaunchState.INCOMPLETE.value,
+                        ":launching": LaunchState.LAUNCHING.value,
+                        ":now": self._clock(),
+                        ":stale": stale_before,
+                    },
+                    "#state = :incomplete OR (#state IN (:launching, :resuming) AND started_at < :stale)",
+                    names={"#state": "state"},
+                )
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
