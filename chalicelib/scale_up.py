@@ -396,12 +396,13 @@ class ScaleUp:
         report: BatchReport,
         *,
         counted: bool = False,
+        message: str = "launch refused; jobs dead-lettered",
     ) -> None:
         """EC2 refused the launch for good: its jobs are released and dead-lettered with the AWS error code."""
         if not counted:
             count(f"LaunchError.{code}")
         logger.error(
-            "launch refused; jobs dead-lettered",
+            message,
             extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
         )
         for item in items:
@@ -568,14 +569,15 @@ class ScaleUp:
                 self._retry(item.job, pool, reason, report)
             return
         self._store.fail_launch(launch_id, reason)
-        count(f"LaunchError.{code}")
-        logger.error(
-            "launch failed after its instances were made; jobs dead-lettered",
-            extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
+        self._refuse(
+            pool,
+            launch_id,
+            items,
+            code,
+            reason,
+            report,
+            message="launch failed after its instances were made; jobs dead-lettered",
         )
-        for item in items:
-            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
-            self._dead_letter(item.job, reason, report, error_code=code)
 
     def _discard_runner(self, instance_id: str, runner_id: int) -> None:
         """The instance was terminated while its runner was made: delete what was made for it."""
