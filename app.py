@@ -30,7 +30,7 @@ def gitlab_webhook() -> Response:
         body = raw.encode() if isinstance(raw, str) else raw
         result = runtime.webhook_intake().handle(request.headers, body)
     except Exception:
-        # The handler boundary: GitLab retries a 503, while a 500 (or a traceback) would teach it nothing.
+        # The handler boundary: a 503 with no detail says "ours failed"; a 500 (or a traceback) would leak more.
         logger.exception("webhook failed")
         return Response(body={"error": "unavailable"}, status_code=503)
     return Response(body=result.body, status_code=result.status)

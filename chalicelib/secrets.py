@@ -7,9 +7,9 @@ and a 401 that may get the hook disabled. Here only a name SSM lists in ``Invali
 
 A missing or empty secret is cached too, so a misconfigured fleet refuses every webhook (fail closed) without
 turning each refused request into an SSM call; a failure to read is never cached: it is a
-``SecretUnavailableError`` (503), which GitLab retries. A signing parameter that is configured but missing or
-empty refuses every request as well (``signing_required`` without a ``signing_secret``): it never falls back
-to the token alone.
+``SecretUnavailableError`` (503), and the next request reads SSM again. A signing parameter that is configured
+but missing or empty refuses every request as well (``signing_required`` without a ``signing_secret``): it never
+falls back to the token alone.
 """
 
 from __future__ import annotations

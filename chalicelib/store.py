@@ -119,7 +119,7 @@ class FleetStore:
         A delivery always concerns one job, so its key is kept in a set on that job's item: the condition refuses
         a key already there (GitLab redelivering), an exact replay of a signed attempt, and an event older than
         what the item holds (webhooks arrive in any order; a finished job never goes back). An equal rank is
-        accepted so that a pending job whose first queueing failed is queued by GitLab's retry. On refusal the
+        accepted so that a pending job whose first queueing failed is queued by a resend of the delivery. On refusal the
         old item comes back with the error, which says which of the three it was, at no extra call.
         """
         writer = uuid.uuid4().hex
@@ -152,7 +152,7 @@ class FleetStore:
         return None
 
     def forget_delivery(self, project_id: int, job_id: int, delivery_key: str, replay_key: str | None = None) -> None:
-        """Undo a delivery record so that GitLab's retry of it is processed, not dropped as a duplicate."""
+        """Undo a delivery record so that a resend of it is processed, not dropped as a duplicate."""
         expression = "DELETE deliveries :key" + (", replays :replay" if replay_key else "")
         values: dict[str, Any] = {":key": {"SS": [delivery_key]}}
         if replay_key:

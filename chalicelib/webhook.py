@@ -2,14 +2,16 @@
 
 GitLab waits at most 10 s for an answer and disables a hook after repeated 4xx/5xx answers, so this path never
 calls GitLab or EC2, answers 200 to events it does not act on, 401/400/413 only to requests that are really
-wrong, and 503 (never 500) when something of ours failed, which GitLab retries with the same Idempotency-Key.
+wrong, and 503 (never 500) when something of ours failed. GitLab does not redeliver a failed delivery by itself;
+a resend (the hook's "Resend request") repeats its Idempotency-Key.
 
 Order matters: the token is checked before the body is even looked at; the size limit before the body is
 hashed for a signature; the signature before the JSON is parsed.
 
-A request that fails because of what it carries is a 400 (or 413), never a 5xx: GitLab retries a 5xx and
-disables the hook after a few. So every value this module keeps is bounded before it reaches DynamoDB or SQS:
-the body's fields by the ``JobHook`` model, the delivery key and the ``X-Gitlab-Instance`` header here.
+A request that fails because of what it carries is a 400 (or 413), never a 5xx: a 5xx says we are broken, and every
+failed answer counts toward GitLab disabling the hook. So every value this module keeps is bounded before it reaches
+DynamoDB or SQS: the body's fields by the ``JobHook`` model, the delivery key and the ``X-Gitlab-Instance`` header
+here.
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ def test_a_failed_enqueue_loses_nothing_gitlab_retry_queues_it(client: Client) -
     headers = gitlab_headers(client.token, key="delivery-that-fails-once")
 
     first = client.post(body, headers=headers)
-    # when GitLab retries the same delivery (same Idempotency-Key) after the queue is back
+    # when the same delivery is resent (same Idempotency-Key) after the queue is back
     client.sandbox.bootstrap()
     retry = client.post(body, headers=headers)
 

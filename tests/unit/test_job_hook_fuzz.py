@@ -1,6 +1,6 @@
 """Property: ``parse_job_hook`` returns a hook the stores can take, or raises ``PayloadError``; nothing else.
 
-Anything else escaping the parser reaches the handler boundary as a 503, which GitLab retries until it disables
+Anything else escaping the parser reaches the handler boundary as a 503, which counts toward GitLab disabling
 the hook. The explicit examples are inputs that did escape before the model bounded them.
 """
 
