@@ -741,49 +741,38 @@ class GitLabModel:
             return {"id": runner.id, "token": runner.token, "token_expires_at": None}
 
     def list_runners(self, filters: RunnerFilters, *, all_runners: bool) -> list[dict[str, Any]]:
-        with self.lock:
-            now = self._clock()
-            found = []
-            for runner in self._runners.values():
-                # GET /runners is "runners I own": instance runners only appear in GET /runners/all.
-                if not all_runners and runner.runner_type is RunnerType.INSTANCE:
-                    continue
-                if self._runner_matches(runner, filters, now):
-                    found.append(self._runner_json(runner, now))
-            return found
+        # GET /runners is "runners I own": instance runners only appear in GET /runners/all.
+        return self._list_visible(filters, lambda runner: all_runners or runner.runner_type is not RunnerType.INSTANCE)
 
     def list_group_runners(self, group_ref: str | int, filters: RunnerFilters) -> list[dict[str, Any]]:
         """``GET /groups/:id/runners``: runners of the group and its ancestors, and instance runners."""
-        with self.lock:
+        with self.lock:  # reentrant: the listing below takes it again
             group = self._group(group_ref)
-            now = self._clock()
-            return [
-                self._runner_json(runner, now)
-                for runner in self._runners.values()
-                if (
-                    runner.runner_type is RunnerType.INSTANCE
-                    or (runner.runner_type is RunnerType.GROUP and self._within(group.full_path, runner.group))
-                )
-                and self._runner_matches(runner, filters, now)
-            ]
+            return self._list_visible(
+                filters,
+                lambda runner: runner.runner_type is RunnerType.INSTANCE
+                or (runner.runner_type is RunnerType.GROUP and self._within(group.full_path, runner.group)),
+            )
 
     def list_project_runners(self, project_ref: str | int, filters: RunnerFilters) -> list[dict[str, Any]]:
         """``GET /projects/:id/runners``: runners assigned to the project, its groups' runners, instance runners."""
-        with self.lock:
+        with self.lock:  # reentrant: the listing below takes it again
             project = self._project(project_ref)
+            return self._list_visible(
+                filters,
+                lambda runner: runner.runner_type is RunnerType.INSTANCE
+                or (runner.runner_type is RunnerType.PROJECT and project.id in runner.project_ids)
+                or (runner.runner_type is RunnerType.GROUP and self._within(project.namespace.full_path, runner.group)),
+            )
+
+    def _list_visible(self, filters: RunnerFilters, visible: Callable[[Runner], bool]) -> list[dict[str, Any]]:
+        """The runners a listing shows (``visible``) that also pass the request's filters, as the API gives them."""
+        with self.lock:
             now = self._clock()
             return [
                 self._runner_json(runner, now)
                 for runner in self._runners.values()
-                if (
-                    runner.runner_type is RunnerType.INSTANCE
-                    or (runner.runner_type is RunnerType.PROJECT and project.id in runner.project_ids)
-                    or (
-                        runner.runner_type is RunnerType.GROUP
-                        and self._within(project.namespace.full_path, runner.group)
-                    )
-                )
-                and self._runner_matches(runner, filters, now)
+                if visible(runner) and self._runner_matches(runner, filters, now)
             ]
 
     def get_runner(self, runner_id: int) -> dict[str, Any]:
