@@ -1,9 +1,11 @@
 """Local AWS: moto in server mode on a free loopback port, reached through the standard ``AWS_ENDPOINT_URL``.
 
 Everything (boto3 in the app, Powertools, fleetctl) finds it the way it would find real AWS, with no special
-code path. The credentials are dummies that moto accepts. moto runs in a child process of its own, as AWS is a
-peer of its own: the app, the GitLab emulator and the event pump then never wait on moto for the interpreter
-lock, which is what a burst of hundreds of launches needs on a two-core machine.
+code path. In front of moto sits the AWS shim (``fleetctl.sandbox.aws_shim``), which answers the way AWS does
+where moto is kinder: every client of the local AWS meets its rules. The credentials are dummies that moto
+accepts. moto runs in a child process of its own, as AWS is a peer of its own: the app, the GitLab emulator and
+the event pump then never wait on moto for the interpreter lock, which is what a burst of hundreds of launches
+needs on a two-core machine.
 
 moto's DynamoDB is not safe under concurrent requests (a transaction deep-copies table state while another
 request mutates it, and answers 500), while real DynamoDB serialises conflicting writes itself. So the server
@@ -57,7 +59,10 @@ def _serve(host: str, port: int) -> Any:
 
     # werkzeug would print an access log line per AWS call.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    app = _SerialDynamoDB(DomainDispatcherApplication(create_backend_app))
+    from fleetctl.sandbox.aws_rules import default_rules
+    from fleetctl.sandbox.aws_shim import AwsShim
+
+    app = AwsShim(_SerialDynamoDB(DomainDispatcherApplication(create_backend_app)), default_rules())
     return make_server(host, port, app, True, request_handler=MotoRequestHandler)
 
 
@@ -98,6 +103,13 @@ class LocalAws:
     def reset(self) -> None:
         """Forget every resource (moto's reset API), for a fresh test."""
         requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=30).raise_for_status()
+
+    def shim(self, rule: str, action: str, **payload: Any) -> Any:
+        """Configure one of the AWS shim's rules (``POST /_shim/<rule>/<action>``); returns its answer."""
+        response = requests.post(f"{self.endpoint_url}/_shim/{rule}/{action}", json=payload, timeout=30)
+        if response.status_code != 200:
+            raise ValueError(response.json().get("error", response.text))
+        return response.json()["result"]
 
     def environment(self) -> dict[str, str]:
         return {**ENV_DEFAULTS, "AWS_ENDPOINT_URL": self.endpoint_url}

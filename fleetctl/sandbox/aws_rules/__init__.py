@@ -1,0 +1,10 @@
+"""The AWS shim's rules (see ``fleetctl.sandbox.aws_shim``): one module per service, each rule citing the AWS
+documentation it encodes. ``default_rules`` is the chain every local AWS runs, outermost first."""
+
+from __future__ import annotations
+
+from fleetctl.sandbox.aws_shim import Rule
+
+
+def default_rules() -> list[Rule]:
+    return []
