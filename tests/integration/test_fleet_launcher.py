@@ -53,6 +53,8 @@ def ec2() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def network(ec2: Any) -> Network:
+    # An account that has launched spot before (or was bootstrapped) has EC2 Spot's service-linked role.
+    AwsClients().client("iam").create_service_linked_role(AWSServiceName="spot.amazonaws.com")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
     subnets = tuple(

@@ -7,4 +7,9 @@ from fleetctl.sandbox.aws_shim import Rule
 
 
 def default_rules() -> list[Rule]:
-    return []
+    from fleetctl.sandbox.aws_rules.ec2_fleet import FleetConfigRule, SpotServiceLinkedRoleRule
+
+    rules: list[Rule] = []
+    # A fleet EC2 finds malformed is refused before any launch is tried, spot or not.
+    rules += [FleetConfigRule(), SpotServiceLinkedRoleRule()]
+    return rules
