@@ -48,6 +48,7 @@ __all__ = [
     "build_fleet_request",
     "classify_fleet_result",
     "client_token",
+    "shared_zones",
 ]
 
 TAG_FLEET = FLEET_TAG
@@ -215,6 +216,9 @@ def build_fleet_request(
     # One override per type and subnet: each is a separate capacity pool to EC2, and the more pools a spot
     # request names, the likelier it is filled and the less likely it is interrupted. The order is the
     # config's, so the same pool always produces the same request (and the same idempotent retry).
+    # A capacity pool is a type in a zone, not in a subnet: two subnets of one zone would name each pool twice,
+    # which EC2 refuses for the whole fleet (InvalidFleetConfig). Bootstrap and `fleetctl validate --aws`
+    # refuse such a pool (see shared_zones); a launch EC2 refuses anyway is dead-lettered with that code.
     overrides = [
         {"InstanceType": instance_type, "SubnetId": subnet}
         for instance_type in pool.instance_types
@@ -253,6 +257,21 @@ def build_fleet_request(
         capacity["OnDemandTargetCapacity"] = count
         request["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
     return request
+
+
+def shared_zones(subnets: Sequence[str], zone_of: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """The Availability Zones holding more than one of ``subnets`` (in config order), by zone.
+
+    CreateFleet fails as a whole, with ``InvalidFleetConfig`` ("The fleet configuration contains duplicate
+    instance pools."), when two overrides name the same instance type in one zone: the request
+    :func:`build_fleet_request` makes for a pool with two subnets in one zone. Subnets whose zone is unknown
+    are left out.
+    """
+    by_zone: dict[str, list[str]] = {}
+    for subnet in subnets:
+        if subnet in zone_of:
+            by_zone.setdefault(zone_of[subnet], []).append(subnet)
+    return {zone: tuple(found) for zone, found in by_zone.items() if len(found) > 1}
 
 
 def _lifecycle(value: object) -> Lifecycle | None:

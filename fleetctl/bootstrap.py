@@ -7,6 +7,10 @@ here and stored as SecureStrings; their values are never printed.
 The state side is the table, the queues and the secret parameters; the runner side is the instance role and
 profile (policy in ``fleetctl/iam_policies.py``), the EC2 Spot service-linked role, one launch template per pool
 (tagged with the fleet: scale-up may launch from no other) and the cache bucket.
+
+Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
+every launch fail (:func:`chalicelib.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
+changed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import FleetConfig, PoolConfig
+from chalicelib.config import FleetConfig, Market, PoolConfig
+from chalicelib.errors import RunnerFleetError
+from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
 from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
@@ -34,9 +40,6 @@ JOBS_VISIBILITY_TIMEOUT_SECONDS = 360
 JOBS_MAX_RECEIVE_COUNT = 5
 CACHE_EXPIRY_DAYS = 14
 CACHE_LIFECYCLE_RULE_ID = "runner-fleet-cache-expiry"
-# The root device name of Amazon Linux, which runner_ami/ builds on; a name the AMI does not use would add a
-# second, empty volume instead of sizing the root one.
-ROOT_DEVICE = "/dev/xvda"
 SPOT_SERVICE = "spot.amazonaws.com"
 SPOT_ROLE_NAME = "AWSServiceRoleForEC2Spot"
 SPOT_ROLE_PATH = f"/aws-service-role/{SPOT_SERVICE}/"
@@ -48,6 +51,8 @@ class Verb(str, Enum):
     UPDATE = "update"
     KEEP = "exists"
     MISSING = "missing"
+    # Something in the account makes the configuration unusable: the plan is not executed at all.
+    INVALID = "invalid"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,14 @@ class Change:
     def describe(self) -> str:
         suffix = f" ({self.detail})" if self.detail else ""
         return f"{self.verb.value:<8} {self.kind:<10} {self.name}{suffix}"
+
+
+class PlanRefusedError(RunnerFleetError):
+    """The plan holds :attr:`Verb.INVALID` changes; nothing was executed."""
+
+    def __init__(self, invalid: list[Change]) -> None:
+        self.invalid = invalid
+        super().__init__("; ".join(change.describe() for change in invalid))
 
 
 def generate_webhook_token() -> str:
@@ -87,10 +100,12 @@ class Bootstrapper:
         self._token_factory = token_factory
         self._signing_factory = signing_factory
         self._registry_host: str | None = None
+        self._root_devices: dict[str, str | None] = {}
 
     def plan(self) -> list[Change]:
         state = self._config.state
         return [
+            *self._plan_subnets(),
             self._plan_table(state.table),
             self._plan_queue(state.dead_letter_queue, self._dlq_attributes()),
             self._plan_queue(state.jobs_queue, {"VisibilityTimeout": str(JOBS_VISIBILITY_TIMEOUT_SECONDS)}),
@@ -104,10 +119,22 @@ class Bootstrapper:
         ]
 
     def execute(self, changes: list[Change]) -> None:
+        """Apply ``changes``; raises PlanRefusedError, changing nothing, when any is :attr:`Verb.INVALID`."""
+        invalid = [change for change in changes if change.verb is Verb.INVALID]
+        if invalid:
+            raise PlanRefusedError(invalid)
         for change in changes:
             if change.verb in (Verb.KEEP, Verb.MISSING):
                 continue
             getattr(self, f"_apply_{change.kind}")(change)
+
+    # -- the pools' subnets (checked, never changed) -------------------------------------------------------
+
+    def _plan_subnets(self) -> list[Change]:
+        return [
+            Change("subnets", problem.pool, problem.verb, problem.detail)
+            for problem in subnet_problems(self._config, self._aws.ec2)
+        ]
 
     # -- DynamoDB -------------------------------------------------------------------------------------------
 
@@ -311,8 +338,7 @@ class Bootstrapper:
         # EC2 launches spot instances only once the account has this role; the console creates it on first use,
         # the API does not, so a fresh account's first CreateFleet would fail without it. It is found by its
         # service path (moto names the role differently from AWS).
-        found = self._aws.client("iam").list_roles(PathPrefix=SPOT_ROLE_PATH)["Roles"]
-        if found:
+        if spot_role_exists(self._aws.client("iam")):
             return Change("spot_role", SPOT_ROLE_NAME, Verb.KEEP, "service-linked, spot.amazonaws.com")
         return Change("spot_role", SPOT_ROLE_NAME, Verb.CREATE, "service-linked, spot.amazonaws.com")
 
@@ -344,11 +370,30 @@ class Bootstrapper:
             image_id = pool.ami or from_parameter
             if image_id is None:
                 changes.append(Change("template", name, Verb.MISSING, problem))
+                continue
+            root_device = self._root_device(image_id)
+            if root_device is None:
+                region = self._aws.ec2.meta.region_name
+                changes.append(Change("template", name, Verb.MISSING, f"no AMI: {image_id} not found in {region}"))
             else:
-                changes.append(self._plan_template(name, self._template_data(pool, image_id)))
+                changes.append(self._plan_template(name, self._template_data(pool, image_id, root_device)))
         return changes
 
-    def _template_data(self, pool: PoolConfig, image_id: str) -> dict[str, Any]:
+    def _root_device(self, image_id: str) -> str | None:
+        """The AMI's root device name (``/dev/xvda`` on Amazon Linux, ``/dev/sda1`` on Ubuntu), None when the
+        region has no such AMI. The template sizes the root volume under this name; under any other name EC2
+        would attach a second, empty volume and leave the root at the AMI's size."""
+        if image_id not in self._root_devices:
+            try:
+                images = self._aws.ec2.describe_images(ImageIds=[image_id])["Images"]
+            except ClientError as exc:
+                if error_code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
+                    raise
+                images = []
+            self._root_devices[image_id] = str(images[0]["RootDeviceName"]) if images else None
+        return self._root_devices[image_id]
+
+    def _template_data(self, pool: PoolConfig, image_id: str, root_device: str) -> dict[str, Any]:
         tags = [{"Key": FLEET_TAG, "Value": self._config.fleet}, {"Key": POOL_TAG, "Value": pool.name}]
         # User data is the pool's settings only (no secret, nothing per launch: CreateFleet cannot override it).
         # No KeyName: nobody logs in to a runner.
@@ -367,7 +412,7 @@ class Bootstrapper:
             },
             "BlockDeviceMappings": [
                 {
-                    "DeviceName": ROOT_DEVICE,
+                    "DeviceName": root_device,
                     "Ebs": {
                         "VolumeType": "gp3",
                         "VolumeSize": pool.disk_gib,
@@ -557,6 +602,64 @@ class Bootstrapper:
 
     def _tag_list(self) -> list[dict[str, str]]:
         return [{"Key": key, "Value": value} for key, value in self._tags().items()]
+
+
+@dataclass(frozen=True)
+class SubnetProblem:
+    pool: str
+    verb: Verb  # INVALID: no launch can succeed; MISSING: the subnet is not in the account (yet)
+    detail: str
+
+
+def subnet_problems(config: FleetConfig, ec2: Any) -> list[SubnetProblem]:
+    """What in the account makes a pool's subnets unusable: a subnet that does not exist, or two subnets of one
+    pool in the same Availability Zone (CreateFleet would refuse every launch of that pool with
+    ``InvalidFleetConfig``)."""
+    wanted = sorted({subnet for pool in config.pools for subnet in pool.subnets})
+    if not wanted:
+        return []
+    zone_of: dict[str, str] = {}
+    # A filter, not SubnetIds: one unknown id would fail the whole call instead of leaving that id out.
+    for page in ec2.get_paginator("describe_subnets").paginate(Filters=[{"Name": "subnet-id", "Values": wanted}]):
+        zone_of.update({subnet["SubnetId"]: subnet["AvailabilityZone"] for subnet in page["Subnets"]})
+    region = ec2.meta.region_name
+    problems = []
+    for pool in config.pools:
+        absent = [subnet for subnet in pool.subnets if subnet not in zone_of]
+        if absent:
+            problems.append(SubnetProblem(pool.name, Verb.MISSING, f"{', '.join(absent)} not found in {region}"))
+        for zone, subnets in shared_zones(pool.subnets, zone_of).items():
+            problems.append(
+                SubnetProblem(
+                    pool.name,
+                    Verb.INVALID,
+                    f"{', '.join(subnets)} are all in {zone}: EC2 refuses a fleet naming an instance type twice in "
+                    "one zone (InvalidFleetConfig); keep one subnet per zone",
+                )
+            )
+    return problems
+
+
+def spot_role_exists(iam: Any) -> bool:
+    """Whether the account has EC2 Spot's service-linked role, found by its service path (moto names the role
+    differently from AWS)."""
+    return bool(iam.list_roles(PathPrefix=SPOT_ROLE_PATH)["Roles"])
+
+
+def account_problems(config: FleetConfig, clients: AwsClients) -> list[str]:
+    """What in the live account keeps the pools from launching, one line each (``fleetctl validate --aws``)."""
+    index = {pool.name: i for i, pool in enumerate(config.pools)}
+    problems = [
+        f"pools[{index[problem.pool]}]({problem.pool}).subnets: {problem.detail}"
+        for problem in subnet_problems(config, clients.ec2)
+    ]
+    spot_pools = [pool.name for pool in config.pools if pool.market is Market.SPOT]
+    if spot_pools and not spot_role_exists(clients.client("iam")):
+        problems.append(
+            f"{SPOT_ROLE_NAME} is missing: every spot launch ({', '.join(spot_pools)}) fails with "
+            "AuthFailure.ServiceLinkedRoleCreationNotPermitted; 'fleetctl bootstrap' creates it"
+        )
+    return problems
 
 
 def _same_attribute(current: str | None, wanted: str) -> bool:

@@ -54,7 +54,14 @@ def main() -> None:
     default=None,
     help="Chalice's config.json to check against the file (default: .chalice/config.json of this project).",
 )
-def validate(config_file: Path, chalice_config: Path | None) -> None:
+@click.option(
+    "--aws",
+    "against_aws",
+    is_flag=True,
+    help="Also check the file against the live account (its region, the standard AWS credentials): each pool's "
+    "subnets exist, in distinct Availability Zones, and spot pools have EC2 Spot's service-linked role.",
+)
+def validate(config_file: Path, chalice_config: Path | None, against_aws: bool) -> None:
     """Check a stage configuration file, and the Chalice stage that loads it; print every problem."""
     from chalicelib.config import load_config
 
@@ -76,6 +83,16 @@ def validate(config_file: Path, chalice_config: Path | None) -> None:
         for problem in problems[1:]:
             click.echo(f"  {problem}", err=True)
         sys.exit(1)
+    if against_aws:
+        from fleetctl.bootstrap import account_problems
+
+        found = account_problems(config, _clients(config))
+        if found:
+            click.echo(f"{config_file}: {len(found)} problem(s) in account region {config.region}", err=True)
+            for problem in found:
+                click.echo(f"  {problem}", err=True)
+            sys.exit(1)
+        click.echo(f"{config_file}: the account in {config.region} has what the pools need")
 
 
 def _chalice_drift(config: Any, config_file: Path, chalice_config: Path | None) -> list[str]:
@@ -161,13 +178,16 @@ def policies(stage: str, check: bool, chalice_config: Path | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan without changing anything.")
 def bootstrap(config_path: Path, dry_run: bool) -> None:
     """Create or update the resources chalice deploy does not (idempotent)."""
-    from fleetctl.bootstrap import Bootstrapper
+    from fleetctl.bootstrap import Bootstrapper, Verb
 
     config = _load(config_path)
     bootstrapper = Bootstrapper(config, _clients(config), gitlab_token=os.environ.get("GITLAB_TOKEN"))
     plan = bootstrapper.plan()
     for change in plan:
         click.echo(("would " if dry_run else "") + change.describe())
+    invalid = [change for change in plan if change.verb is Verb.INVALID]
+    if invalid:
+        raise click.ClickException(f"{len(invalid)} invalid change(s) in the plan; nothing was changed")
     if not dry_run:
         bootstrapper.execute(plan)
 

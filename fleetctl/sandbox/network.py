@@ -2,8 +2,8 @@
 
 The shipped stage files name placeholder subnets and security groups. Launch templates and CreateFleet work on
 ids that exist, so the sandbox (and the tests) create a VPC, one subnet per availability zone and an
-egress-only security group, register one of the AMIs moto already knows under the config's ``ami_parameter``,
-and rewrite the config to use them. moto's ids fit the config's id rules (17 hex digits).
+egress-only security group, register a stand-in runner AMI under the config's ``ami_parameter``, and rewrite
+the config to use them. moto's ids fit the config's id rules (17 hex digits).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 SANDBOX_CIDR = "10.42.0.0/16"
 SUBNET_PREFIX = 20
 SECURITY_GROUP_NAME = "runner-fleet-sandbox-runners"
-SANDBOX_AMI_FILTERS = (
-    {"Name": "name", "Values": ["al2023-ami-2023*"]},
-    {"Name": "architecture", "Values": ["x86_64"]},
-)
+SANDBOX_AMI_NAME = "runner-fleet-sandbox-runner"
+# Not Amazon Linux's /dev/xvda: Ubuntu's images (and many built on them) boot from /dev/sda1, and the sandbox
+# image does too, so that a launch template assuming /dev/xvda would show in every test.
+SANDBOX_ROOT_DEVICE = "/dev/sda1"
+SANDBOX_ROOT_GIB = 8
 
 
 @dataclass(frozen=True)
@@ -59,19 +60,13 @@ def create_sandbox_network(ec2_client: Any, *, subnets: int = 2) -> SandboxNetwo
 
 
 def register_sandbox_ami(ssm_client: Any, ec2_client: Any, parameter_name: str) -> str:
-    """Stores the id of an AMI moto knows (Amazon's, first by name) in ``parameter_name``; returns the id.
+    """Registers the account's own stand-in runner AMI (once) and stores its id in ``parameter_name``.
 
-    Amazon Linux 2023 for x86_64 is preferred: runner_ami/ builds on it, and its root device is the one the
-    launch templates size. The filter also matters for speed: moto lists over a thousand Amazon images
-    otherwise, which takes more than a second per call.
+    An EBS-backed x86_64 image whose root device is ``/dev/sda1`` (see ``SANDBOX_ROOT_DEVICE``), made as an image
+    is registered in AWS: from a snapshot of a root volume. Returns the image id.
     """
-    images = ec2_client.describe_images(Owners=["amazon"], Filters=list(SANDBOX_AMI_FILTERS))["Images"]
-    if not images:
-        images = ec2_client.describe_images(Owners=["amazon"])["Images"]
-    if not images:
-        raise LookupError("the local EC2 knows no Amazon AMI to stand in for the runner AMI")
-    image = min(images, key=lambda found: (found.get("Name") or "", found["ImageId"]))
-    image_id = str(image["ImageId"])
+    found = ec2_client.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [SANDBOX_AMI_NAME]}])
+    image_id = str(found["Images"][0]["ImageId"]) if found["Images"] else _register_image(ec2_client)
     ssm_client.put_parameter(
         Name=parameter_name,
         Value=image_id,
@@ -80,3 +75,26 @@ def register_sandbox_ami(ssm_client: Any, ec2_client: Any, parameter_name: str) 
         Description="runner-fleet sandbox: stand-in runner AMI",
     )
     return image_id
+
+
+def _register_image(ec2_client: Any) -> str:
+    zone = ec2_client.describe_availability_zones()["AvailabilityZones"][0]["ZoneName"]
+    volume = ec2_client.create_volume(AvailabilityZone=zone, Size=SANDBOX_ROOT_GIB, VolumeType="gp3")["VolumeId"]
+    snapshot = ec2_client.create_snapshot(VolumeId=volume, Description=f"{SANDBOX_AMI_NAME} root")["SnapshotId"]
+    ec2_client.delete_volume(VolumeId=volume)
+    return str(
+        ec2_client.register_image(
+            Name=SANDBOX_AMI_NAME,
+            Description="runner-fleet sandbox: stand-in runner AMI",
+            Architecture="x86_64",
+            VirtualizationType="hvm",
+            EnaSupport=True,
+            RootDeviceName=SANDBOX_ROOT_DEVICE,
+            BlockDeviceMappings=[
+                {
+                    "DeviceName": SANDBOX_ROOT_DEVICE,
+                    "Ebs": {"SnapshotId": snapshot, "VolumeSize": SANDBOX_ROOT_GIB, "VolumeType": "gp3"},
+                }
+            ],
+        )["ImageId"]
+    )

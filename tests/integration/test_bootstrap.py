@@ -24,15 +24,10 @@ from chalicelib.naming import (
     launch_template_name,
     runner_token_parameter,
 )
-from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, Verb
+from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, PlanRefusedError, Verb
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, runner_instance_policy
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
-from fleetctl.sandbox.network import (
-    SANDBOX_AMI_FILTERS,
-    SandboxNetwork,
-    create_sandbox_network,
-    register_sandbox_ami,
-)
+from fleetctl.sandbox.network import SANDBOX_ROOT_DEVICE, SandboxNetwork, create_sandbox_network, register_sandbox_ami
 
 FLEET = "bootstrap-test"
 AMI_PARAMETER = "/runner-fleet/test/runner-ami"
@@ -41,6 +36,8 @@ WEBHOOK_TOKEN = "webhook-token-value-0123456789abcdef"
 SIGNING_SECRET = "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWUtMDEyMzQ1Njc4OQ=="
 GITLAB_TOKEN = "glpat-bootstrap-test-token"
 SECRETS = (WEBHOOK_TOKEN, SIGNING_SECRET, GITLAB_TOKEN)
+# Amazon Linux 2023 images moto knows: their root device is /dev/xvda, unlike the sandbox's stand-in AMI.
+AMAZON_LINUX = ({"Name": "name", "Values": ["al2023-ami-2023*"]}, {"Name": "architecture", "Values": ["x86_64"]})
 
 
 def config_document(network: SandboxNetwork | None = None, *, build_disk: int = 80) -> dict[str, Any]:
@@ -235,15 +232,19 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     profile = iam.get_instance_profile(InstanceProfileName=role_name)["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [role_name]
 
-    # one hardened template per pool
+    # one hardened template per pool, read back from EC2 (moto ignores these settings when it launches, so the
+    # template data is where they are checked), its root volume under the AMI's own root device name
+    root_device = clients.ec2.describe_images(ImageIds=[ami])["Images"][0]["RootDeviceName"]
+    assert root_device == SANDBOX_ROOT_DEVICE == "/dev/sda1"
     for pool in config.pools:
         data = default_template_data(clients, launch_template_name(FLEET, pool.name))
         assert data["ImageId"] == ami
         assert data["IamInstanceProfile"] == {"Name": role_name}
         assert data["MetadataOptions"]["HttpTokens"] == "required"
         assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        assert data["MetadataOptions"]["HttpEndpoint"] == "enabled"
         [root] = data["BlockDeviceMappings"]
-        assert root["DeviceName"] == "/dev/xvda"
+        assert root["DeviceName"] == root_device
         assert root["Ebs"] == {
             "VolumeType": "gp3",
             "VolumeSize": pool.disk_gib,
@@ -374,7 +375,7 @@ def test_new_ami_in_the_parameter_updates_every_template(clients: AwsClients, co
     run(config, clients)
     other = next(
         image["ImageId"]
-        for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(SANDBOX_AMI_FILTERS))["Images"]
+        for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(AMAZON_LINUX))["Images"]
         if image["ImageId"] != ami
     )
     clients.ssm.put_parameter(Name=AMI_PARAMETER, Value=other, Type="String", Overwrite=True)
@@ -382,13 +383,15 @@ def test_new_ami_in_the_parameter_updates_every_template(clients: AwsClients, co
     # when
     plan = run(config, clients)
 
-    # then
+    # then the templates follow the new image, and its root device name (Amazon Linux: /dev/xvda)
     updates = {change.name: change.detail for change in plan if change.verb is Verb.UPDATE}
     assert updates == {
-        launch_template_name(FLEET, "docker"): "new default version 2: ImageId",
-        launch_template_name(FLEET, "build"): "new default version 2: ImageId",
+        launch_template_name(FLEET, "docker"): "new default version 2: ImageId, BlockDeviceMappings",
+        launch_template_name(FLEET, "build"): "new default version 2: ImageId, BlockDeviceMappings",
     }
-    assert default_template_data(clients, launch_template_name(FLEET, "docker"))["ImageId"] == other
+    data = default_template_data(clients, launch_template_name(FLEET, "docker"))
+    assert data["ImageId"] == other
+    assert [m["DeviceName"] for m in data["BlockDeviceMappings"]] == ["/dev/xvda"]
 
 
 def test_a_key_pair_added_by_hand_is_removed(clients: AwsClients, config: FleetConfig) -> None:
@@ -439,7 +442,7 @@ def test_without_an_ami_no_template_is_made(clients: AwsClients, network: Sandbo
     # given no AMI parameter, and one pool naming its own AMI
     pinned = next(
         image["ImageId"]
-        for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(SANDBOX_AMI_FILTERS))["Images"]
+        for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(AMAZON_LINUX))["Images"]
     )
     document = config_document(network)
     document["pools"][1]["ami"] = pinned
@@ -455,6 +458,130 @@ def test_without_an_ami_no_template_is_made(clients: AwsClients, network: Sandbo
     names = [t["LaunchTemplateName"] for t in clients.ec2.describe_launch_templates()["LaunchTemplates"]]
     assert names == [build]
     assert default_template_data(clients, build)["ImageId"] == pinned
+
+
+def test_an_ami_the_region_does_not_have_gets_no_template(clients: AwsClients, network: SandboxNetwork) -> None:
+    # given a pool naming an AMI that is not in the region (its root device name cannot be known)
+    document = config_document(network)
+    document["pools"][0]["ami"] = "ami-0123456789abcdef0"
+    config = parse_config(document)
+    register_sandbox_ami(clients.ssm, clients.ec2, AMI_PARAMETER)
+
+    # when
+    plan = run(config, clients)
+
+    # then that pool's template is reported missing, naming the AMI; the other pool's is made
+    docker, build = launch_template_name(FLEET, "docker"), launch_template_name(FLEET, "build")
+    assert by_name(plan)[docker].verb is Verb.MISSING
+    assert by_name(plan)[docker].detail == "no AMI: ami-0123456789abcdef0 not found in us-east-1"
+    names = [t["LaunchTemplateName"] for t in clients.ec2.describe_launch_templates()["LaunchTemplates"]]
+    assert names == [build]
+
+
+# ---- the pools' subnets -------------------------------------------------------------------------------------
+
+
+def second_subnet_in_zone_of(clients: AwsClients, network: SandboxNetwork, subnet: str) -> tuple[str, str]:
+    """Another subnet in the zone of ``subnet``; returns (new subnet, zone)."""
+    zone = clients.ec2.describe_subnets(SubnetIds=[subnet])["Subnets"][0]["AvailabilityZone"]
+    made = clients.ec2.create_subnet(VpcId=network.vpc_id, CidrBlock="10.42.240.0/20", AvailabilityZone=zone)
+    return str(made["Subnet"]["SubnetId"]), str(zone)
+
+
+def test_a_pool_with_two_subnets_in_one_zone_is_refused_and_nothing_is_made(
+    clients: AwsClients, network: SandboxNetwork, ami: str, tmp_path: Path
+) -> None:
+    """EC2 refuses a fleet naming an instance type twice in one zone (InvalidFleetConfig, see
+    tests/integration/test_aws_ec2_rules.py): every launch of such a pool would fail, so bootstrap refuses it."""
+    from click.testing import CliRunner
+
+    from fleetctl.cli import main
+
+    # given the docker pool with a second subnet in the zone of its first
+    first = network.subnet_ids[0]
+    extra, zone = second_subnet_in_zone_of(clients, network, first)
+    document = config_document(network)
+    document["pools"][0]["subnets"] = [*network.subnet_ids, extra]
+    config = parse_config(document)
+
+    # when
+    plan = bootstrapper(config, clients).plan()
+
+    # then the plan names the pool, both subnets and their zone
+    [invalid] = [change for change in plan if change.verb is Verb.INVALID]
+    assert (invalid.kind, invalid.name) == ("subnets", "docker")
+    assert invalid.detail.startswith(f"{first}, {extra} are all in {zone}: ")
+    assert "InvalidFleetConfig" in invalid.detail
+
+    # and executing it changes nothing
+    with pytest.raises(PlanRefusedError):
+        bootstrapper(config, clients).execute(plan)
+    assert clients.dynamodb.list_tables()["TableNames"] == []
+
+    # and the command fails the same way, with or without --dry-run
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    for extra_args in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, ["bootstrap", "--config", str(path), *extra_args])
+        assert result.exit_code == 1
+        assert f"invalid  subnets    docker ({first}, {extra} are all in {zone}" in result.output
+        assert "nothing was changed" in result.output
+    assert clients.dynamodb.list_tables()["TableNames"] == []
+    assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
+
+
+def test_a_subnet_the_account_does_not_have_is_reported_missing(clients: AwsClients, ami: str) -> None:
+    # given the placeholder subnet of a config nobody adapted
+    config = parse_config(config_document())
+
+    # when
+    plan = run(config, clients)
+
+    # then each pool says which subnet is missing, and the rest of the plan still ran
+    missing = [(change.name, change.detail) for change in plan if change.kind == "subnets"]
+    assert missing == [
+        ("docker", "subnet-0a1b2c3d4e5f60718 not found in us-east-1"),
+        ("build", "subnet-0a1b2c3d4e5f60718 not found in us-east-1"),
+    ]
+    assert {change.verb for change in plan if change.kind == "subnets"} == {Verb.MISSING}
+    assert clients.dynamodb.list_tables()["TableNames"] == ["bootstrap-test"]
+
+
+def test_validate_aws_checks_the_live_account(
+    clients: AwsClients, network: SandboxNetwork, ami: str, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from fleetctl.cli import main
+
+    def validate(document: dict[str, Any]) -> Any:
+        path = tmp_path / "stage.json"
+        path.write_text(json.dumps(document))
+        return CliRunner().invoke(main, ["validate", str(path), "--aws"])
+
+    # given an account never bootstrapped: no spot service-linked role
+    result = validate(config_document(network))
+    assert result.exit_code == 1
+    assert "AWSServiceRoleForEC2Spot is missing: every spot launch (docker, build) fails with " in result.output
+    assert "AuthFailure.ServiceLinkedRoleCreationNotPermitted" in result.output
+
+    # given a bootstrapped account, and the build pool with two subnets in one zone
+    run(parse_config(config_document(network)), clients)
+    assert validate(config_document(network)).exit_code == 0
+    extra, zone = second_subnet_in_zone_of(clients, network, network.subnet_ids[1])
+    document = config_document(network)
+    document["pools"][1]["subnets"] = [*network.subnet_ids, extra]
+
+    # when
+    result = validate(document)
+
+    # then the pool, its subnets and the zone are named
+    assert result.exit_code == 1
+    assert (
+        f"pools[1](build).subnets: {network.subnet_ids[1]}, {extra} are all in {zone}: EC2 refuses a fleet "
+        "naming an instance type twice in one zone (InvalidFleetConfig); keep one subnet per zone"
+    ) in result.output
+    assert "docker" not in result.output.split("problem(s)")[1]
 
 
 # ---- dry run and secrets -----------------------------------------------------------------------------------
