@@ -9,6 +9,13 @@ target is a local queue of its own, so the pump never second-guesses a pattern.
 Lambda semantics are kept where they matter: a batch whose handler returns is deleted; one whose handler
 raises stays on the queue and comes back after its visibility timeout (and reaches the dead-letter queue after
 the redrive policy's receive count).
+
+EventBridge invokes a Lambda target asynchronously, and Lambda's asynchronous invocation retries a function
+error only twice, one minute and then two minutes later; then, with no failure destination or dead-letter
+queue (runner-fleet's functions have none), the event is dropped. An event that waited longer than the maximum
+event age (6 hours by default) is dropped without an attempt. The pump does the same, logs each drop and keeps
+it in :attr:`EventPump.dropped_events`, so a handler that only works on a fourth try fails here too.
+See https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +32,22 @@ from chalicelib.aws import AwsClients
 from chalicelib.observability import logger
 
 ACCOUNT_ID = "123456789012"
+# Lambda's asynchronous invocation: the waits before the second and the third (last) attempt after a function
+# error, and how long an event may wait in the queue at most (the defaults; MaximumRetryAttempts may only lower
+# the retries, MaximumEventAgeInSeconds only lower the age).
+ASYNC_RETRY_DELAYS = (60, 120)
+MAX_EVENT_AGE_SECONDS = 6 * 3600
+
+
+@dataclass(frozen=True)
+class DroppedEvent:
+    """An EventBridge event Lambda would have discarded: its handler, the event's id, the attempts made, why."""
+
+    handler: str
+    event_id: str
+    detail_type: str
+    attempts: int
+    reason: str
 
 
 @dataclass
@@ -58,13 +81,26 @@ class _Binding:
 
 
 class EventPump:
-    def __init__(self, app: Any, clients: AwsClients, *, rule_prefix: str = "sandbox") -> None:
+    def __init__(
+        self,
+        app: Any,
+        clients: AwsClients,
+        *,
+        rule_prefix: str = "sandbox",
+        event_retry_delays: Sequence[int] = ASYNC_RETRY_DELAYS,
+        max_event_age: float = MAX_EVENT_AGE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._app = app
         self._aws = clients
         self._rule_prefix = rule_prefix
+        self._retry_delays = tuple(event_retry_delays)
+        self._max_event_age = max_event_age
+        self._clock = clock
         self._sqs: list[_Binding] = []
         self._rules: list[_Binding] = []
         self._schedules: list[tuple[str, Callable[[Any, Any], Any]]] = []
+        self.dropped_events: list[DroppedEvent] = []
 
     def connect(self) -> EventPump:
         """Find the app's event handlers; create the EventBridge rules and their delivery queues."""
@@ -124,9 +160,48 @@ class EventPump:
             event = json.loads(message["Body"])
             # moto's EventBridge leaves out "account", which AWS always sends (and Chalice requires).
             event.setdefault("account", ACCOUNT_ID)
-            if self._invoke(binding.name, binding.handler, event):
+            attributes = message.get("Attributes", {})
+            # Every receive of a rule's queue is one attempt: the receive count is the attempt number.
+            attempt = int(attributes.get("ApproximateReceiveCount", "1"))
+            sent = int(attributes.get("SentTimestamp", "0")) / 1000
+            if sent and self._clock() - sent > self._max_event_age:
+                self._drop(binding, message, event, attempt - 1, "maximum event age")
+            elif self._invoke(binding.name, binding.handler, event):
                 self._delete(binding, [message])
+            elif attempt > len(self._retry_delays):
+                self._drop(binding, message, event, attempt, "retry attempts")
+            else:
+                # Back on the queue, invisible until Lambda's next attempt is due.
+                self._aws.sqs.change_message_visibility(
+                    QueueUrl=binding.queue_url,
+                    ReceiptHandle=message["ReceiptHandle"],
+                    VisibilityTimeout=self._retry_delays[attempt - 1],
+                )
         return len(messages)
+
+    def _drop(
+        self, binding: _Binding, message: dict[str, Any], event: dict[str, Any], attempts: int, reason: str
+    ) -> None:
+        dropped = DroppedEvent(
+            handler=binding.name,
+            event_id=str(event.get("id", "")),
+            detail_type=str(event.get("detail-type", "")),
+            attempts=attempts,
+            reason=reason,
+        )
+        self.dropped_events.append(dropped)
+        self._delete(binding, [message])
+        # Lambda counts these in its AsyncEventsDropped metric; with no failure destination the event is gone.
+        logger.error(
+            "EventBridge event dropped, as Lambda drops it",
+            extra={
+                "handler": dropped.handler,
+                "event_id": dropped.event_id,
+                "detail_type": dropped.detail_type,
+                "attempts": dropped.attempts,
+                "reason": dropped.reason,
+            },
+        )
 
     def tick(self, now: float | None = None) -> int:
         """Fire every scheduled handler once, as its EventBridge schedule would."""

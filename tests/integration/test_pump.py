@@ -19,13 +19,14 @@ from chalice.app import Chalice, CloudWatchEvent, SQSEvent
 
 from chalicelib.aws import AwsClients
 from fleetctl.sandbox.local_aws import LocalAws
-from fleetctl.sandbox.pump import ACCOUNT_ID, EventPump
+from fleetctl.sandbox.pump import ACCOUNT_ID, ASYNC_RETRY_DELAYS, MAX_EVENT_AGE_SECONDS, DroppedEvent, EventPump
 
 JOBS_QUEUE = "pump-test-jobs"
 FAILING_QUEUE = "pump-test-failing"
 FAILING_DLQ = "pump-test-failing-dlq"
 RULE_PREFIX = "pump-test"
 STATE_CHANGE = "EC2 Instance State-change Notification"
+FAILING_SOURCE = "pump.test.failing"
 BATCH_SIZE = 25
 MAX_RECEIVE_COUNT = 2
 
@@ -36,12 +37,14 @@ class Recorded:
     failed_batches: list[list[str]] = field(default_factory=list)
     ticks: list[CloudWatchEvent] = field(default_factory=list)
     events: list[CloudWatchEvent] = field(default_factory=list)
+    failed_events: list[tuple[float, CloudWatchEvent]] = field(default_factory=list)
 
     def clear(self) -> None:
         self.batches.clear()
         self.failed_batches.clear()
         self.ticks.clear()
         self.events.clear()
+        self.failed_events.clear()
 
 
 recorded = Recorded()
@@ -69,6 +72,12 @@ def instance_changed(event: CloudWatchEvent) -> None:
     recorded.events.append(event)
 
 
+@app.on_cw_event({"source": [FAILING_SOURCE]})
+def event_fails(event: CloudWatchEvent) -> None:
+    recorded.failed_events.append((time.monotonic(), event))
+    raise RuntimeError("handler failed on purpose")
+
+
 @dataclass(frozen=True)
 class Queues:
     jobs: str
@@ -85,8 +94,8 @@ class World:
     def sqs(self) -> Any:
         return self.clients.sqs
 
-    def pump(self) -> EventPump:
-        return EventPump(app, self.clients, rule_prefix=RULE_PREFIX).connect()
+    def pump(self, **options: Any) -> EventPump:
+        return EventPump(app, self.clients, rule_prefix=RULE_PREFIX, **options).connect()
 
     def send(self, url: str, bodies: list[str]) -> None:
         for start in range(0, len(bodies), 10):
@@ -148,8 +157,11 @@ def pump(world: World) -> Iterator[EventPump]:
     # Leave nothing behind for the next test; in-flight messages of the failing queue come back within a second.
     failing = world.queues.failing
     assert _eventually(lambda: not world.take_all(failing) and world.counts(failing) == (0, 0), timeout=5)
-    rule_queue = world.sqs.get_queue_url(QueueName=f"{RULE_PREFIX}-rule-instance_changed")["QueueUrl"]
-    for url in (world.queues.jobs, world.queues.dlq, rule_queue):
+    rule_queues = [
+        world.sqs.get_queue_url(QueueName=f"{RULE_PREFIX}-rule-{name}")["QueueUrl"]
+        for name in ("instance_changed", "event_fails")
+    ]
+    for url in (world.queues.jobs, world.queues.dlq, *rule_queues):
         world.take_all(url)
 
 
@@ -310,6 +322,70 @@ def test_an_event_matching_the_rule_reaches_the_cw_handler_and_another_does_not(
     # and it was consumed: pumping again delivers nothing more
     assert pump.pump_events() == 0
     assert len(recorded.events) == 1
+
+
+def _put_failing_event(world: World) -> None:
+    answer = world.clients.client("events").put_events(
+        Entries=[{"Source": FAILING_SOURCE, "DetailType": "Test Failure", "Detail": json.dumps({"n": 1})}]
+    )
+    assert answer["FailedEntryCount"] == 0
+
+
+def test_an_event_whose_handler_keeps_failing_is_tried_three_times_then_dropped(world: World, pump: EventPump) -> None:
+    """EventBridge invokes a Lambda target asynchronously. "If the function returns an error, by default Lambda
+    attempts to run it two more times, with a one-minute wait between the first two attempts, and two minutes
+    between the second and third attempts"; then, with no failure destination or dead-letter queue, the event
+    is discarded (https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html; the limits,
+    https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-configuring.html: at most 2 retries, events
+    kept at most 6 hours). Here the waits are shortened to 1 and 2 seconds; the pump's defaults are the real ones.
+    """
+    assert (ASYNC_RETRY_DELAYS, MAX_EVENT_AGE_SECONDS) == ((60, 120), 6 * 3600)
+    quick = world.pump(event_retry_delays=(1, 2))
+    _put_failing_event(world)
+
+    # when the handler fails the first time
+    assert quick.pump_events() == 1
+    # then the event is not tried again before the first wait is over
+    assert quick.pump_events() == 0
+    assert len(recorded.failed_events) == 1
+
+    # when the pump keeps polling
+    def dropped() -> bool:
+        quick.pump_events()
+        return bool(quick.dropped_events)
+
+    assert _eventually(dropped, timeout=15)
+
+    # then the handler saw the same event three times, after the waits, and then it was dropped for good
+    times = [at for at, _ in recorded.failed_events]
+    ids = {event.to_dict()["id"] for _, event in recorded.failed_events}
+    assert len(times) == 3 and len(ids) == 1
+    assert times[1] - times[0] >= 0.9
+    assert times[2] - times[1] >= 1.9
+    assert quick.dropped_events == [
+        DroppedEvent(
+            handler="event_fails", event_id=ids.pop(), detail_type="Test Failure", attempts=3, reason="retry attempts"
+        )
+    ]
+    url = world.sqs.get_queue_url(QueueName=f"{RULE_PREFIX}-rule-event_fails")["QueueUrl"]
+    assert world.counts(url) == (0, 0)
+
+
+def test_an_event_older_than_the_maximum_event_age_is_dropped_untried(world: World, pump: EventPump) -> None:
+    """Lambda discards an event that waited in its asynchronous queue longer than the maximum event age (6 hours
+    by default, https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-configuring.html)."""
+    # given a pump whose clock is past the event's age limit
+    late = world.pump(clock=lambda: time.time() + MAX_EVENT_AGE_SECONDS + 60)
+    _put_failing_event(world)
+
+    # when
+    assert late.pump_events() == 1
+
+    # then the handler never ran, and the event is gone
+    assert recorded.failed_events == []
+    assert [(d.handler, d.attempts, d.reason) for d in late.dropped_events] == [("event_fails", 0, "maximum event age")]
+    url = world.sqs.get_queue_url(QueueName=f"{RULE_PREFIX}-rule-event_fails")["QueueUrl"]
+    assert world.counts(url) == (0, 0)
 
 
 # -- drain --------------------------------------------------------------------------------------------------------
