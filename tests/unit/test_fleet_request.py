@@ -20,6 +20,7 @@ from chalicelib.fleet import (
     build_fleet_request,
     classify_fleet_result,
     client_token,
+    shared_zones,
 )
 
 SUBNET_A = "subnet-0a1b2c3d4e5f60718"
@@ -150,6 +151,17 @@ def test_overrides_are_every_instance_type_in_every_subnet_in_config_order() -> 
             ],
         }
     ]
+
+
+def test_subnets_sharing_a_zone_are_found_by_zone_in_config_order() -> None:
+    # given three subnets, two of them in us-east-1a (CreateFleet would name each type twice there)
+    subnet_c = "subnet-0c1d2e3f4a5b60718"
+    zones = {SUBNET_A: "us-east-1a", SUBNET_B: "us-east-1b", subnet_c: "us-east-1a"}
+    # then
+    assert shared_zones([subnet_c, SUBNET_B, SUBNET_A], zones) == {"us-east-1a": (subnet_c, SUBNET_A)}
+    assert shared_zones([SUBNET_A, SUBNET_B], zones) == {}
+    # a subnet whose zone is unknown is left out (bootstrap reports it missing instead)
+    assert shared_zones([SUBNET_A, "subnet-0d1e2f3a4b5c60718"], zones) == {}
 
 
 def test_the_same_launch_builds_the_same_request() -> None:
