@@ -13,13 +13,20 @@ __all__ = ["fleet"]  # the fixture, shared with the scale-up suite
 
 
 def take_job(fleet: Fleet, instance_id: str) -> dict[str, Any]:
-    """The runner on ``instance_id`` asks GitLab for a job with the token the fleet gave it, as gitlab-runner does."""
+    """The runner on ``instance_id`` asks GitLab for a job of this test's project with the token the fleet gave
+    it, as gitlab-runner does. The session's GitLab still holds earlier tests' pending jobs, which an instance
+    runner may be handed first: those it just keeps."""
     token = fleet.token_of(instance_id)["Value"]
-    answer = requests.post(
-        f"{fleet.gitlab.url}/api/v4/jobs/request", json={"token": token, "system_id": "s_" + instance_id}, timeout=10
-    )
-    assert answer.status_code == 201, answer.text
-    return dict(answer.json())
+    while True:
+        answer = requests.post(
+            f"{fleet.gitlab.url}/api/v4/jobs/request",
+            json={"token": token, "system_id": "s_" + instance_id},
+            timeout=10,
+        )
+        assert answer.status_code == 201, answer.text
+        job = dict(answer.json())
+        if job["job_info"]["project_id"] == fleet.sandbox.project_id:
+            return job
 
 
 def test_a_later_stage_is_queued_and_launched_only_once_the_earlier_stage_finished(fleet: Fleet) -> None:
