@@ -2,8 +2,10 @@
 
 Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance id>``, ``LAUNCH#<launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``.
 A job item also remembers the webhook deliveries (and signed attempts) it has seen, for de-duplication, and
-expires by TTL once finished. Every state change is a conditional write, so two Lambdas racing on the same item
-never both win; webhooks arrive in any order, so a job record only moves forward in its life.
+expires by TTL: soon once finished, and long after its last event otherwise, since GitLab sends no Job Hook
+when it skips a job (a later stage after a failure) and such a record would never hear of its end. Every state
+change is a conditional write, so two Lambdas racing on the same item never both win; webhooks arrive in any
+order, so a job record only moves forward in its life.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from chalicelib.errors import PayloadTooLargeError
 from chalicelib.gitlab_events import FINISHED_RANK, JobStatus
 
 FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
+# Far beyond any wait GitLab allows a live job (a pending one is dropped as stuck after a day); a job that comes
+# back later (a stage unblocked by a manual job, say) is recorded afresh by its next Job Hook.
+UNFINISHED_JOB_TTL_SECONDS = 30 * 24 * 3600
 _ITEM_TOO_LARGE = "exceeded the maximum allowed size"  # DynamoDB's ValidationException message for a 400 KB item
 
 _serializer = TypeSerializer()
@@ -200,8 +205,7 @@ class FleetStore:
             f"{event.status.value}_at": event.received_at,
             "writer": writer,
         }
-        if event.status.finished:
-            values["ttl"] = int(now) + FINISHED_JOB_TTL_SECONDS
+        values["ttl"] = int(now) + (FINISHED_JOB_TTL_SECONDS if event.status.finished else UNFINISHED_JOB_TTL_SECONDS)
         present = {k: v for k, v in values.items() if v is not None}
         names = {f"#a{i}": k for i, k in enumerate(present)}
         assignments = ", ".join(f"#a{i} = :v{i}" for i in range(len(present)))

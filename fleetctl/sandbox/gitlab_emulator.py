@@ -37,21 +37,28 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from fleetctl.sandbox.gitlab_model import (
+    RUNNER_FILTER_STATUSES,
+    RUNNER_SCOPES,
+    RUNNER_TYPES,
     SIGNING_TOKEN_PREFIX,
     AccessLevel,
     BadRequestError,
+    Clock,
     Delivery,
     GitLabEmulatorError,
     GitLabModel,
     HookChanges,
     JobSpec,
     JobStatus,
+    MessageError,
     OutgoingEvent,
     RunnerChanges,
     RunnerFilters,
     RunnerSettings,
     RunnerType,
     User,
+    When,
+    utcnow,
 )
 
 __all__ = ["Delivery", "GitLabEmulator", "JobSpec", "JobStatus"]
@@ -89,6 +96,8 @@ class ApiRequest:
     path_params: dict[str, str]
     base_url: str  # scheme://host[:port] as the client addressed us, for Link headers
     user: User | None = None  # whom the access token authenticates; None on the runner API
+    headers: Mapping[str, str] = field(default_factory=dict)  # looked up case-insensitively
+    body: bytes = b""  # as sent, for the endpoints that take a raw body (the job trace)
 
 
 @dataclass
@@ -343,10 +352,10 @@ class GitLabApi:
         try:
             query = parse_qsl(query_string, keep_blank_values=True)
             params = parse_params(query, headers.get("Content-Type") or "", body)
-            request = ApiRequest(method, path, query, params, path_params, base_url, user)
+            request = ApiRequest(method, path, query, params, path_params, base_url, user, headers, body)
             return route.handler(request)
         except GitLabEmulatorError as exc:
-            return ApiResponse(exc.status, exc.body)
+            return ApiResponse(exc.status, exc.body, dict(exc.headers))
 
     def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str]]:
         for route in self._routes:
@@ -414,6 +423,7 @@ class GitLabApi:
             r("GET", "/runners/:id/managers", self._runner_managers),
             r("POST", "/jobs/request", self._request_job, Auth.RUNNER),
             r("PUT", "/jobs/:job_id", self._update_job, Auth.RUNNER),
+            r("PATCH", "/jobs/:job_id/trace", self._append_trace, Auth.RUNNER),
             r("GET", "/sandbox/deliveries", self._deliveries),
         ]
 
@@ -447,7 +457,8 @@ class GitLabApi:
 
     def _create_pipeline(self, req: ApiRequest) -> ApiResponse:
         ref = p_str(req.params, "ref", required=True) or "main"
-        pipeline = self._model.create_pipeline(_pid(req), ref, _job_specs(req.params.get("jobs")))
+        stages = p_tags(req.params, "stages")
+        pipeline = self._model.create_pipeline(_pid(req), ref, _job_specs(req.params.get("jobs")), stages)
         return ApiResponse(201, pipeline)
 
     def _list_pipelines(self, req: ApiRequest) -> ApiResponse:
@@ -501,13 +512,18 @@ class GitLabApi:
         return ApiResponse(201, self._model.create_runner(settings, _user(req)))
 
     def _list_runners(self, req: ApiRequest, *, all_runners: bool) -> ApiResponse:
-        return paginate(req, self._model.list_runners(_runner_filters(req), all_runners=all_runners))
+        # GET /runners takes only statuses as its deprecated scope; GET /runners/all takes types too.
+        filters = _runner_filters(req, scopes=RUNNER_SCOPES if all_runners else RUNNER_FILTER_STATUSES)
+        return paginate(req, self._model.list_runners(filters, all_runners=all_runners))
 
     def _list_group_runners(self, req: ApiRequest) -> ApiResponse:
-        return paginate(req, self._model.list_group_runners(req.path_params["id"], _runner_filters(req)))
+        # The group listing declares no scope parameter: one sent is ignored.
+        filters = _runner_filters(req, scopes=None)
+        return paginate(req, self._model.list_group_runners(req.path_params["id"], filters))
 
     def _list_project_runners(self, req: ApiRequest) -> ApiResponse:
-        return paginate(req, self._model.list_project_runners(_pid(req), _runner_filters(req)))
+        filters = _runner_filters(req, scopes=RUNNER_SCOPES)
+        return paginate(req, self._model.list_project_runners(_pid(req), filters))
 
     def _update_runner(self, req: ApiRequest) -> ApiResponse:
         active = p_bool(req.params, "active")  # deprecated inverse of paused, still sent by older clients
@@ -548,14 +564,22 @@ class GitLabApi:
         return ApiResponse(204) if job is None else ApiResponse(201, job)
 
     def _update_job(self, req: ApiRequest) -> ApiResponse:
-        state = p_str(req.params, "state", required=True) or ""
-        self._model.update_job_from_runner(
-            _int_param(req, "job_id"),
-            p_str(req.params, "token", required=True) or "",
-            state,
-            p_str(req.params, "failure_reason"),
+        # Grape requires the token; the state is optional, and one the runner may not report is a 400 whose
+        # body, like that of the 200, is the HTTP status itself (UpdateBuildStateService's result).
+        token = p_str(req.params, "token", required=True) or ""
+        status, job_status = self._model.update_job_from_runner(
+            _int_param(req, "job_id"), token, p_str(req.params, "state"), p_str(req.params, "failure_reason")
         )
-        return ApiResponse(200, {"status": state})
+        return ApiResponse(status, str(status), {"Job-Status": job_status})
+
+    def _append_trace(self, req: ApiRequest) -> ApiResponse:
+        # gitlab-runner sends the job token in the JOB-TOKEN header and the log bytes as the body.
+        token = p_str(req.params, "token") or req.headers.get("JOB-TOKEN") or ""
+        size, job_status = self._model.append_trace(
+            _int_param(req, "job_id"), token, req.headers.get("Content-Range"), req.body
+        )
+        headers = {"Job-Status": job_status, "Range": f"0-{size}", "X-GitLab-Trace-Update-Interval": "60"}
+        return ApiResponse(202, headers=headers)
 
     def _deliveries(self, req: ApiRequest) -> ApiResponse:
         since = p_int(req.params, "since") or 0
@@ -575,12 +599,38 @@ def _user(req: ApiRequest) -> User:
     return req.user
 
 
-def _runner_filters(req: ApiRequest) -> RunnerFilters:
+def _runner_filters(req: ApiRequest, *, scopes: Sequence[str] | None) -> RunnerFilters:
+    """The listing filters, validated as Grape validates them (lib/api/ci/runners.rb ``filter_params``): every
+    value outside its list is named in one 400, in the order the parameters are declared. ``scopes`` are the
+    deprecated ``scope`` values this listing takes (``None``: it has no such parameter)."""
+    problems: list[str] = []
+
+    def pick(key: str, allowed: Sequence[str]) -> str | None:
+        value = p_str(req.params, key)
+        if value is not None and value not in allowed:
+            problems.append(f"{key} does not have a valid value")
+            return None
+        return value
+
+    scope = pick("scope", RUNNER_SCOPES) if scopes is not None else None
+    runner_type = pick("type", RUNNER_TYPES)
+    try:
+        paused = p_bool(req.params, "paused")
+    except BadRequestError:
+        problems.append("paused is invalid")
+        paused = None
+    status = pick("status", RUNNER_FILTER_STATUSES)
+    if problems:
+        raise BadRequestError(", ".join(problems))
+    if scopes is not None and scope is not None and scope not in scopes:
+        # filter_runners' own check, after Grape's: a known scope this listing does not take.
+        raise MessageError(400, "Scope contains invalid value")
     return RunnerFilters(
-        runner_type=p_enum(req.params, "type", RunnerType),
-        status=p_str(req.params, "status") or p_str(req.params, "scope"),
-        paused=p_bool(req.params, "paused"),
+        runner_type=None if runner_type is None else RunnerType(runner_type),
+        status=status,
+        paused=paused,
         tag_list=p_tags(req.params) or [],
+        scope=scope,
     )
 
 
@@ -625,6 +675,7 @@ def _job_spec(item: Any) -> JobSpec:
         stage=str(item.get("stage") or "test"),
         tags=tuple(p_tags(item, "tags") or ()),
         allow_failure=bool(p_bool(item, "allow_failure")),
+        when=p_enum(item, "when", When) or When.ON_SUCCESS,
     )
 
 
@@ -883,12 +934,14 @@ class GitLabEmulator:
         legacy_timestamps: bool = False,
         delivery_workers: int = 8,
         webhook_timeout: float = 10.0,
+        clock: Clock = utcnow,
     ) -> None:
+        """``clock`` is GitLab's idea of now (runner contact and staleness, job timestamps)."""
         self._host = host
         self._port = port
         self.admin_token = admin_token
         self._stopping = threading.Event()
-        self._model = GitLabModel(legacy_timestamps=legacy_timestamps)
+        self._model = GitLabModel(legacy_timestamps=legacy_timestamps, clock=clock)
         self._model.add_access_token(admin_token, admin=True)
         self._api = GitLabApi(self._model, version=version, stopping=self._stopping)
         self._dispatcher = WebhookDispatcher(
@@ -967,10 +1020,17 @@ class GitLabEmulator:
         project = self._model.create_project(path=path, name=path, namespace_path=namespace or None)
         return int(project["id"])
 
-    def create_pipeline(self, project_id: int, jobs: Sequence[JobSpec | Mapping[str, Any]], ref: str = "main") -> int:
-        """Jobs as ``JobSpec`` or as the HTTP extension's dicts (``{"name", "stage", "tags"}``)."""
+    def create_pipeline(
+        self,
+        project_id: int,
+        jobs: Sequence[JobSpec | Mapping[str, Any]],
+        ref: str = "main",
+        stages: Sequence[str] | None = None,
+    ) -> int:
+        """Jobs as ``JobSpec`` or as the HTTP extension's dicts (``{"name", "stage", "tags", "when"}``), in
+        ``stages`` order (GitLab's default ``build``, ``test``, ``deploy`` when ``None``)."""
         specs = [job if isinstance(job, JobSpec) else _job_spec(job) for job in jobs]
-        return int(self._model.create_pipeline(project_id, ref, specs)["id"])
+        return int(self._model.create_pipeline(project_id, ref, specs, stages)["id"])
 
     def set_job_status(
         self,
@@ -986,6 +1046,10 @@ class GitLabEmulator:
 
     def job(self, project_id: int, job_id: int) -> dict[str, Any]:
         return self._model.get_job(project_id, job_id)
+
+    def job_trace(self, project_id: int, job_id: int) -> bytes:
+        """The job's log as its runner uploaded it."""
+        return self._model.job_trace(project_id, job_id)
 
     def jobs_of_pipeline(self, project_id: int, pipeline_id: int) -> list[dict[str, Any]]:
         """The pipeline's jobs in creation order."""

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import threading
 import uuid
@@ -51,9 +52,78 @@ class JobStatus(StrEnum):
     WAITING_FOR_CALLBACK = "waiting_for_callback"
 
 
+# GitLab's COMPLETED_STATUSES (app/models/concerns/ci/has_status.rb): a stage whose jobs are all here is done.
 FINISHED_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.SKIPPED})
-# A runner may only report on a job it is still working on.
+# A runner may only report on a job it is still working on ("processing on runner").
 RUNNER_OWNED_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.CANCELING})
+# The states a runner may report with PUT /jobs/:id (Ci::UpdateBuildStateService); anything else is a 400.
+RUNNER_REPORTED_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.SUCCESS, JobStatus.FAILED})
+# Transitions after which Ci::Build executes its Job Hooks (besides creation): entering pending, pending to
+# running, and finishing as success, failed or canceled. Skipping, going back to created, manual and canceling
+# send nothing.
+HOOKED_STATUSES = frozenset({JobStatus.PENDING, JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class When(StrEnum):
+    """A job's ``when:``: which outcome of the earlier stages lets it run (Ci::ProcessBuildService)."""
+
+    ON_SUCCESS = "on_success"
+    ON_FAILURE = "on_failure"
+    ALWAYS = "always"
+
+
+# The earlier stages' composite status that lets a job of each kind become pending; any other completed status
+# skips it.
+RUNS_AFTER: dict[When, frozenset[JobStatus]] = {
+    When.ON_SUCCESS: frozenset({JobStatus.SUCCESS, JobStatus.SKIPPED}),
+    When.ON_FAILURE: frozenset({JobStatus.FAILED}),
+    When.ALWAYS: frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.SKIPPED}),
+}
+
+# The stages a pipeline has when .gitlab-ci.yml lists none; a listed ``stages:`` is wrapped in .pre and .post.
+DEFAULT_STAGES = (".pre", "build", "test", "deploy", ".post")
+
+# Enums::Ci::CommitStatus.failure_reasons: a reason a runner reports outside this list is stored as
+# unknown_failure, and so is the reason of every job that did not fail (the enum maps NULL to it).
+UNKNOWN_FAILURE = "unknown_failure"
+FAILURE_REASONS = frozenset(
+    {
+        UNKNOWN_FAILURE,
+        "script_failure",
+        "api_failure",
+        "stuck_or_timeout_failure",
+        "runner_system_failure",
+        "missing_dependency_failure",
+        "runner_unsupported",
+        "stale_schedule",
+        "job_execution_timeout",
+        "archived_failure",
+        "unmet_prerequisites",
+        "scheduler_failure",
+        "data_integrity_failure",
+        "forward_deployment_failure",
+        "user_blocked",
+        "project_deleted",
+        "ci_quota_exceeded",
+        "pipeline_loop_detected",
+        "no_matching_runner",
+        "trace_size_exceeded",
+        "builds_disabled",
+        "environment_creation_failure",
+        "deployment_rejected",
+        "failed_outdated_deployment_job",
+        "job_execution_server_timeout",
+        "stuck_pending_with_matching_runners",
+        "stuck_pending_no_matching_runners",
+        "no_updates_running",
+        "no_updates_canceling",
+        "server_timeout_running",
+        "server_timeout_canceling",
+        "runner_configuration_error",
+        "runner_external_dependency_failure",
+        "runner_interrupted",
+    }
+)
 
 
 class RunnerType(StrEnum):
@@ -72,11 +142,17 @@ class RunnerStatus(StrEnum):
     OFFLINE = "offline"
     STALE = "stale"
     NEVER_CONTACTED = "never_contacted"
+    PAUSED = "paused"
 
 
-# GitLab's thresholds: no contact for 2 hours is offline, for 7 days (or never, after 7 days) is stale.
+# Ci::Runner's ONLINE_CONTACT_TIMEOUT and STALE_TIMEOUT: a runner last heard from 2 hours ago or more is offline;
+# one created 7 days ago or more and not heard from in the last 7 days is stale.
 RUNNER_OFFLINE_AFTER = timedelta(hours=2)
 RUNNER_STALE_AFTER = timedelta(days=7)
+# The values the runner listings' filters accept (lib/api/ci/runners.rb): anything else is a 400.
+RUNNER_TYPES = tuple(t.value for t in RunnerType)
+RUNNER_FILTER_STATUSES = ("active", "paused", "online", "offline", "never_contacted", "stale")
+RUNNER_SCOPES = ("specific", "shared", *RUNNER_TYPES, *RUNNER_FILTER_STATUSES)
 
 # Every boolean event flag a project hook carries, with GitLab's defaults (only push is on by default).
 HOOK_EVENT_FLAGS: dict[str, bool] = {
@@ -125,8 +201,9 @@ EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 class GitLabEmulatorError(Exception):
     status = 500
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self.body = body
+        self.headers = headers or {}  # sent with the error, as the runner API's Job-Status and Range are
         super().__init__(json.dumps(body))
 
 
@@ -158,8 +235,17 @@ class ValidationError(GitLabEmulatorError):
 class ForbiddenError(GitLabEmulatorError):
     status = 403
 
-    def __init__(self, reason: str | None = None) -> None:
-        super().__init__({"message": f"403 Forbidden - {reason}" if reason else "403 Forbidden"})
+    def __init__(self, reason: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__({"message": f"403 Forbidden - {reason}" if reason else "403 Forbidden"}, headers)
+
+
+class MessageError(GitLabEmulatorError):
+    """An endpoint's own refusal (``render_api_error!`` or ``error!``): ``{"message": ...}`` with any status,
+    unlike Grape's parameter errors."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__({"message": message}, headers)
+        self.status = status
 
 
 # --------------------------------------------------------------------------------
@@ -175,6 +261,7 @@ class JobSpec:
     stage: str = "test"
     tags: Sequence[str] = ()
     allow_failure: bool = False
+    when: When = When.ON_SUCCESS
 
 
 @dataclass(frozen=True)
@@ -243,6 +330,7 @@ class RunnerFilters:
     status: str | None = None
     paused: bool | None = None
     tag_list: Sequence[str] = ()
+    scope: str | None = None  # deprecated: a type or a status, by its old names too ("shared", "specific")
 
 
 # --------------------------------------------------------------------------------
@@ -390,7 +478,13 @@ class Pipeline:
     ref: str
     sha: str
     created_at: datetime
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def current_jobs(self) -> list[Job]:
+        """The latest try of each job: a retried job stays listed (``include_retried``) but no longer counts."""
+        return [j for j in self.jobs if not j.retried]
 
 
 @dataclass
@@ -402,6 +496,7 @@ class Job:
     tags: list[str]
     allow_failure: bool
     created_at: datetime
+    when: When = When.ON_SUCCESS
     retries_count: int = 0
     status: JobStatus = JobStatus.CREATED
     queued_at: datetime | None = None
@@ -412,6 +507,7 @@ class Job:
     runner_manager: RunnerManagerRecord | None = None
     token: str | None = None
     retried: bool = False
+    trace: bytearray = field(default_factory=bytearray)
 
     @property
     def project(self) -> Project:
@@ -444,6 +540,47 @@ def seconds_between(start: datetime | None, end: datetime | None) -> float | Non
     if start is None or end is None:
         return None
     return round((end - start).total_seconds(), 6)
+
+
+def composite_status(jobs: Iterable[Job]) -> JobStatus | None:
+    """The status of a group of jobs (a stage, the stages before one, a pipeline) as GitLab derives it
+    (lib/gitlab/ci/status/composite.rb), or ``None`` for no jobs. A job allowed to fail that failed or was canceled
+    counts as a success with warnings; a manual job allowed to fail is ignored."""
+    found: set[str] = set()
+    for job in jobs:
+        if job.allow_failure and job.status in {JobStatus.FAILED, JobStatus.CANCELED}:
+            found.add("success_with_warnings")
+        elif job.allow_failure and job.status is JobStatus.MANUAL:
+            found.add("ignored")
+        else:
+            found.add(job.status.value)
+    if not found:
+        return None
+
+    def only(*names: str) -> bool:
+        return found <= set(names)
+
+    def any_of(*names: str) -> bool:
+        return bool(found & set(names))
+
+    lenient = ("success_with_warnings", "ignored")
+    ordered: list[tuple[bool, JobStatus]] = [
+        (only("skipped", "ignored"), JobStatus.SKIPPED),
+        (only("success", "skipped", *lenient), JobStatus.SUCCESS),
+        (only("created", *lenient), JobStatus.CREATED),
+        (only("preparing", *lenient), JobStatus.PREPARING),
+        (only("canceled", "success", "skipped", *lenient), JobStatus.CANCELED),
+        (only("pending", "created", "skipped", *lenient), JobStatus.PENDING),
+        (any_of("running", "pending"), JobStatus.RUNNING),
+        (any_of("waiting_for_resource"), JobStatus.WAITING_FOR_RESOURCE),
+        (any_of("waiting_for_callback"), JobStatus.WAITING_FOR_CALLBACK),
+        (any_of("manual"), JobStatus.MANUAL),
+        (any_of("scheduled"), JobStatus.SCHEDULED),
+        (any_of("preparing"), JobStatus.PREPARING),
+        (any_of("created"), JobStatus.RUNNING),
+        (any_of("canceling"), JobStatus.CANCELING),
+    ]
+    return next((status for matched, status in ordered if matched), JobStatus.FAILED)
 
 
 def parse_signing_token(value: str) -> str:
@@ -617,12 +754,23 @@ class GitLabModel:
 
     # -- pipelines --
 
-    def create_pipeline(self, project_ref: str | int, ref: str, jobs: Sequence[JobSpec]) -> dict[str, Any]:
+    def create_pipeline(
+        self, project_ref: str | int, ref: str, jobs: Sequence[JobSpec], stages: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """A pipeline of ``jobs`` in ``stages`` order (GitLab's default stages when ``None``). Every job is created,
+        then the pipeline is processed: the first stage with jobs becomes pending, later stages stay created."""
         with self.lock:
             project = self._project(project_ref)
             if not jobs:
                 # What GitLab says when .gitlab-ci.yml yields no jobs for the ref.
                 raise BadRequestError("No stages / jobs for this pipeline.")
+            order = list(DEFAULT_STAGES) if stages is None else [".pre", *stages, ".post"]
+            for spec in jobs:
+                if spec.stage not in order:
+                    # The YAML processor's error, answered on the pipeline's base like any validation failure.
+                    available = ", ".join(order)
+                    problem = f"{spec.name} job: chosen stage does not exist; available stages are {available}"
+                    raise ValidationError({"base": [problem]})
             pipeline_id = self._take_id("pipeline")
             pipeline = Pipeline(
                 id=pipeline_id,
@@ -631,12 +779,13 @@ class GitLabModel:
                 ref=ref,
                 sha=hashlib.sha1(f"{project.id}:{pipeline_id}".encode(), usedforsecurity=False).hexdigest(),
                 created_at=self._clock(),
+                stages=order,
             )
             self._pipelines[pipeline.id] = pipeline
-            created = [self._new_job(pipeline, spec.name, spec.stage, spec.tags, spec.allow_failure) for spec in jobs]
-            # GitLab creates every job first, then its processing service queues them: two Job Hooks per job.
-            for job in created:
-                self._transition(job, JobStatus.PENDING)
+            # GitLab creates every job first (a Job Hook each), then its processing service queues what may run.
+            for spec in jobs:
+                self._new_job(pipeline, spec.name, spec.stage, spec.tags, spec.allow_failure, spec.when)
+            self._process(pipeline)
             return self._pipeline_json(pipeline, detailed=True)
 
     def get_pipeline(self, project_ref: str | int, pipeline_id: int) -> dict[str, Any]:
@@ -670,15 +819,24 @@ class GitLabModel:
         with self.lock:
             return self._job_json(self._job(project_ref, job_id))
 
+    def job_trace(self, project_ref: str | int, job_id: int) -> bytes:
+        with self.lock:
+            return bytes(self._job(project_ref, job_id).trace)
+
     def retry_job(self, project_ref: str | int, job_id: int) -> dict[str, Any]:
         with self.lock:
             old = self._job(project_ref, job_id)
             if old.status not in FINISHED_STATUSES or old.retried:
                 raise ForbiddenError("Job is not retryable")
             old.retried = True
-            new = self._new_job(old.pipeline, old.name, old.stage, old.tags, old.allow_failure)
+            new = self._new_job(old.pipeline, old.name, old.stage, old.tags, old.allow_failure, old.when)
             new.retries_count = old.retries_count + 1
-            self._transition(new, JobStatus.PENDING)
+            # Ci::ResetSkippedJobsService: jobs of later stages skipped because of the old try wait again.
+            later = old.pipeline.stages.index(old.stage)
+            for job in old.pipeline.current_jobs:
+                if job.status is JobStatus.SKIPPED and old.pipeline.stages.index(job.stage) > later:
+                    self._transition(job, JobStatus.CREATED)
+            self._process(old.pipeline)
             return self._job_json(new)
 
     def cancel_job(self, project_ref: str | int, job_id: int) -> dict[str, Any]:
@@ -686,6 +844,7 @@ class GitLabModel:
             job = self._job(project_ref, job_id)
             if job.status not in FINISHED_STATUSES:
                 self._transition(job, JobStatus.CANCELED)
+                self._process(job.pipeline)
             return self._job_json(job)
 
     def set_job_status(
@@ -702,6 +861,7 @@ class GitLabModel:
             if runner_id is not None:
                 job.runner = self._runner(runner_id)
             self._transition(job, status, failure_reason=failure_reason)
+            self._process(job.pipeline)
             return self._job_json(job)
 
     # -- runners (admin API) --
@@ -873,22 +1033,39 @@ class GitLabModel:
             self._transition(job, JobStatus.RUNNING)
             return self._job_payload_for_runner(job)
 
-    def update_job_from_runner(self, job_id: int, job_token: str, state: str, failure_reason: str | None) -> None:
+    def update_job_from_runner(
+        self, job_id: int, job_token: str, state: str | None, failure_reason: str | None
+    ) -> tuple[int, str]:
+        """``PUT /jobs/:id``: the HTTP status GitLab answers (200, or 400 for a state a runner may not report)
+        and the job's status afterwards, which GitLab sends back in ``Job-Status``."""
         with self.lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise NotFoundError("Job")
-            if job.token is None or not secrets.compare_digest(job.token, job_token):
-                raise ForbiddenError()
-            if job.status not in RUNNER_OWNED_STATUSES:
-                raise ForbiddenError("Job is not running")
-            try:
-                status = JobStatus(state)
-            except ValueError as exc:
-                raise BadRequestError("state does not have a valid value") from exc
-            if status not in {JobStatus.RUNNING, JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELED}:
-                raise BadRequestError("state does not have a valid value")
-            self._transition(job, status, failure_reason=failure_reason)
+            job = self._job_for_runner(job_id, job_token)
+            status = next((s for s in RUNNER_REPORTED_STATUSES if s.value == state), None)
+            if status is None:
+                return 400, job.status.value
+            if status is not JobStatus.RUNNING:  # "running" only keeps the job alive
+                reason = failure_reason if failure_reason in FAILURE_REASONS else UNKNOWN_FAILURE
+                self._transition(job, status, failure_reason=reason)
+                self._process(job.pipeline)
+            return 200, job.status.value
+
+    def append_trace(self, job_id: int, job_token: str, content_range: str | None, data: bytes) -> tuple[int, str]:
+        """``PATCH /jobs/:id/trace``: append ``data`` where ``Content-Range`` starts, which must be the end of the
+        stored trace. Returns the trace's new size and the job's status (the ``Range`` and ``Job-Status``
+        headers of the 202)."""
+        with self.lock:
+            job = self._job_for_runner(job_id, job_token)
+            if content_range is None:
+                raise MessageError(400, "400 Missing header Content-Range")
+            # Ci::AppendBuildTraceService reads only the start ("start-end" or "start-end/total"); Ruby's to_i
+            # makes anything unreadable a 0.
+            digits = re.match(r"\s*(\d+)", content_range.split("-", 1)[0])
+            start = int(digits.group(1)) if digits else 0
+            if start != len(job.trace):
+                # Nothing is appended; Range says how much GitLab has, for the runner to resend from there.
+                raise MessageError(416, "416 Range Not Satisfiable", {"Range": f"0-{len(job.trace)}"})
+            job.trace += data
+            return len(job.trace), job.status.value
 
     # -- delivery log --
 
@@ -987,6 +1164,22 @@ class GitLabModel:
             raise NotFoundError("Runner")
         return runner
 
+    def _job_for_runner(self, job_id: int, job_token: str) -> Job:
+        """The job a runner's request is about, authenticated by its job token (``authenticate_job!``): an
+        unknown job is a 403, not a 404, so that gitlab-runner stops working on it. A valid request counts as
+        the runner's heartbeat."""
+        job = self._jobs.get(job_id)
+        if job is None or job.token is None or not secrets.compare_digest(job.token, job_token):
+            raise ForbiddenError()
+        if job.status not in RUNNER_OWNED_STATUSES:
+            raise ForbiddenError("Job is not processing on runner", {"Job-Status": job.status.value})
+        now = self._clock()
+        if job.runner is not None:
+            job.runner.contacted_at = now
+        if job.runner_manager is not None:
+            job.runner_manager.contacted_at = now
+        return job
+
     def _runner_by_token(self, token: str) -> Runner:
         for runner in self._runners.values():
             if secrets.compare_digest(runner.token, token):
@@ -1008,7 +1201,9 @@ class GitLabModel:
             hook.description = changes.description
         hook.flags.update({k: v for k, v in changes.flags.items() if k in HOOK_EVENT_FLAGS})
 
-    def _new_job(self, pipeline: Pipeline, name: str, stage: str, tags: Iterable[str], allow_failure: bool) -> Job:
+    def _new_job(
+        self, pipeline: Pipeline, name: str, stage: str, tags: Iterable[str], allow_failure: bool, when: When
+    ) -> Job:
         job = Job(
             id=self._take_id("job"),
             pipeline=pipeline,
@@ -1017,6 +1212,7 @@ class GitLabModel:
             tags=list(tags),
             allow_failure=allow_failure,
             created_at=self._clock(),
+            when=when,
         )
         self._jobs[job.id] = job
         pipeline.jobs.append(job)
@@ -1024,11 +1220,12 @@ class GitLabModel:
         return job
 
     def _transition(self, job: Job, status: JobStatus, *, failure_reason: str | None = None) -> None:
-        """Move a job to ``status``, keep its timestamps as GitLab does, and send the Job Hook."""
+        """Move a job to ``status``, keep its timestamps as GitLab does, and send the Job Hook if Ci::Build sends
+        one for this transition."""
         if job.status == status:
             return
         now = self._clock()
-        job.status = status
+        previous, job.status = job.status, status
         if status is JobStatus.PENDING:
             job.queued_at = now
             job.runner = None
@@ -1040,8 +1237,25 @@ class GitLabModel:
         if status in FINISHED_STATUSES:
             job.finished_at = now
             job.token = None
-        job.failure_reason = (failure_reason or "unknown_failure") if status is JobStatus.FAILED else None
-        self._emit_job_event(job)
+        job.failure_reason = (failure_reason or UNKNOWN_FAILURE) if status is JobStatus.FAILED else None
+        if status in HOOKED_STATUSES or (previous is JobStatus.PENDING and status is JobStatus.RUNNING):
+            self._emit_job_event(job)
+
+    def _process(self, pipeline: Pipeline) -> None:
+        """Ci::PipelineProcessing::AtomicProcessingService, stage-ordered: a created job moves on once every job
+        of the earlier stages is complete, to pending if their composite status suits its ``when`` and to skipped
+        otherwise. Stages are taken in order and see what the earlier ones just became, as GitLab's status
+        collection does."""
+        for position, stage in enumerate(pipeline.stages):
+            waiting = [j for j in pipeline.current_jobs if j.stage == stage and j.status is JobStatus.CREATED]
+            if not waiting:
+                continue
+            earlier = [j for j in pipeline.current_jobs if pipeline.stages.index(j.stage) < position]
+            before = composite_status(earlier) or JobStatus.SUCCESS
+            if before not in FINISHED_STATUSES:
+                continue
+            for job in waiting:
+                self._transition(job, JobStatus.PENDING if before in RUNS_AFTER[job.when] else JobStatus.SKIPPED)
 
     def _may_run(self, runner: Runner, job: Job) -> bool:
         if runner.paused:
@@ -1073,52 +1287,61 @@ class GitLabModel:
         return manager
 
     def _runner_status(self, runner: Runner, now: datetime) -> RunnerStatus:
-        return self._contact_status(runner.contacted_at, runner.created_at, now)
+        """The REST API's ``status``, Ci::Runner#deprecated_rest_status: stale before anything else, then never
+        contacted, and only a runner that is heard from and not paused is online or offline."""
+        status = self._contact_status(runner.contacted_at, runner.created_at, now)
+        if status in {RunnerStatus.ONLINE, RunnerStatus.OFFLINE} and runner.paused:
+            return RunnerStatus.PAUSED
+        return status
 
     @staticmethod
-    def _contact_status(contacted_at: datetime | None, created_at: datetime, now: datetime) -> RunnerStatus:
-        if contacted_at is None:
-            never = now - created_at <= RUNNER_STALE_AFTER
-            return RunnerStatus.NEVER_CONTACTED if never else RunnerStatus.STALE
-        if now - contacted_at > RUNNER_STALE_AFTER:
+    def _online(contacted_at: datetime | None, now: datetime) -> bool:
+        return contacted_at is not None and contacted_at > now - RUNNER_OFFLINE_AFTER
+
+    @classmethod
+    def _contact_status(cls, contacted_at: datetime | None, created_at: datetime, now: datetime) -> RunnerStatus:
+        """Ci::HasRunnerStatus#status, shared by runners and runner managers."""
+        if max(created_at, contacted_at or created_at) <= now - RUNNER_STALE_AFTER:
             return RunnerStatus.STALE
-        if now - contacted_at > RUNNER_OFFLINE_AFTER:
-            return RunnerStatus.OFFLINE
-        return RunnerStatus.ONLINE
+        if contacted_at is None:
+            return RunnerStatus.NEVER_CONTACTED
+        return RunnerStatus.ONLINE if cls._online(contacted_at, now) else RunnerStatus.OFFLINE
+
+    def _in_scope(self, runner: Runner, scope: str, now: datetime) -> bool:
+        """Ci::Runner's scopes, which the ``type``, ``status``, ``paused`` and ``scope`` filters name. These are
+        queries, not the ``status`` field: a stale runner last heard from long ago is also ``offline``, and a
+        paused runner is ``online`` while it keeps asking for jobs."""
+        deadline = now - RUNNER_STALE_AFTER
+        scopes: dict[str, Callable[[], bool]] = {
+            "active": lambda: not runner.paused,
+            "paused": lambda: runner.paused,
+            "online": lambda: self._online(runner.contacted_at, now),
+            "offline": lambda: runner.contacted_at is not None and not self._online(runner.contacted_at, now),
+            "never_contacted": lambda: runner.contacted_at is None,
+            "stale": lambda: runner.created_at <= deadline
+            and (runner.contacted_at is None or runner.contacted_at <= deadline),
+            "shared": lambda: runner.runner_type is RunnerType.INSTANCE,
+            "specific": lambda: runner.runner_type is not RunnerType.INSTANCE,
+        }
+        return runner.runner_type.value == scope if scope in RUNNER_TYPES else scopes[scope]()
 
     def _runner_matches(self, runner: Runner, filters: RunnerFilters, now: datetime) -> bool:
-        if filters.runner_type is not None and runner.runner_type is not filters.runner_type:
+        """Every given filter narrows the listing further (``apply_filter`` chains the scopes)."""
+        scopes = [
+            filters.scope,
+            None if filters.runner_type is None else filters.runner_type.value,
+            filters.status,
+            None if filters.paused is None else ("paused" if filters.paused else "active"),
+        ]
+        if not all(self._in_scope(runner, scope, now) for scope in scopes if scope is not None):
             return False
-        if filters.paused is not None and runner.paused != filters.paused:
-            return False
-        if filters.status is not None:
-            # "active" and "paused" are the deprecated spellings of the paused filter.
-            if filters.status == "active":
-                return not runner.paused
-            if filters.status == "paused":
-                return runner.paused
-            if self._runner_status(runner, now) != filters.status:
-                return False
         return set(filters.tag_list) <= set(runner.tag_list)
 
     def _pipeline_status(self, pipeline: Pipeline) -> JobStatus:
-        jobs = [j for j in pipeline.jobs if not j.retried]
-        statuses = {j.status for j in jobs}
-        if unfinished := statuses - FINISHED_STATUSES:
-            # Some jobs done and some still queued is "running" to GitLab, like a job actually running.
-            if unfinished & {JobStatus.RUNNING, JobStatus.PREPARING, JobStatus.CANCELING} or (
-                statuses & FINISHED_STATUSES
-            ):
-                return JobStatus.RUNNING
-            return JobStatus.PENDING if JobStatus.PENDING in unfinished else JobStatus.CREATED
-        if any(j.status is JobStatus.FAILED and not j.allow_failure for j in jobs):
-            return JobStatus.FAILED
-        if JobStatus.CANCELED in statuses:
-            return JobStatus.CANCELED
-        return JobStatus.SKIPPED if statuses == {JobStatus.SKIPPED} else JobStatus.SUCCESS
+        return composite_status(pipeline.current_jobs) or JobStatus.SUCCESS
 
     def _pipeline_times(self, pipeline: Pipeline) -> tuple[datetime | None, datetime | None]:
-        jobs = [j for j in pipeline.jobs if not j.retried]
+        jobs = pipeline.current_jobs
         started = [j.started_at for j in jobs if j.started_at is not None]
         finished = [j.finished_at for j in jobs if j.finished_at is not None]
         done = self._pipeline_status(pipeline) in FINISHED_STATUSES
@@ -1171,7 +1394,7 @@ class GitLabModel:
             "build_duration": seconds_between(job.started_at, job.finished_at),
             "build_queued_duration": seconds_between(job.queued_at, job.started_at or now),
             "build_allow_failure": job.allow_failure,
-            "build_failure_reason": job.failure_reason,
+            "build_failure_reason": job.failure_reason or UNKNOWN_FAILURE,
             "retries_count": job.retries_count,
             "pipeline_id": pipeline.id,
             "project_id": project.id,
@@ -1371,7 +1594,7 @@ class GitLabModel:
             "is_shared": runner.runner_type is RunnerType.INSTANCE,
             "runner_type": runner.runner_type.value,
             "name": None,
-            "online": status is RunnerStatus.ONLINE,
+            "online": self._online(runner.contacted_at, now),
             "status": status.value,
         }
 
