@@ -223,6 +223,12 @@ def _check_bucket(value: str) -> str:
     raise _invalid(f"must not be formatted as an IP address, got {_show(value)}")
 
 
+# What GitLab refuses when a runner is created (app/models/ci/runner.rb, app/models/ci/tag.rb in gitlab-org/gitlab):
+# more than 50 tags, a tag name over 255 characters; the timeout floor is job_timeout_seconds' lower bound.
+GITLAB_MAX_RUNNER_TAGS = 50
+GITLAB_MAX_TAG_LENGTH = 255
+
+
 def _check_tag(value: str) -> str:
     if not value:
         raise _invalid("must not be empty")
@@ -231,6 +237,8 @@ def _check_tag(value: str) -> str:
     # GitLab takes a runner's tags as one comma-separated list, so a comma would split the tag in two.
     if "," in value:
         raise _invalid(f"must not contain commas, got {_show(value)}")
+    if len(value) > GITLAB_MAX_TAG_LENGTH:
+        raise _invalid(f"must be at most {GITLAB_MAX_TAG_LENGTH} characters (GitLab's limit), got {len(value)}")
     return value
 
 
@@ -476,6 +484,11 @@ class PoolConfig(_Model):
         problems = _Problems()
         if not self.tags and not self.run_untagged:
             problems.add(("tags",), "must not be empty unless run_untagged is true, or no job can match")
+        if len(self.tags) > GITLAB_MAX_RUNNER_TAGS:
+            problems.add(
+                ("tags",),
+                f"must list at most {GITLAB_MAX_RUNNER_TAGS} tags, GitLab's limit for a runner, got {len(self.tags)}",
+            )
         if self.warm.size > self.max_runners:
             problems.add(("warm", "size"), f"must not exceed max_runners {self.max_runners}, got {self.warm.size}")
         if self.ephemeral and self.max_builds != 1:

@@ -5,11 +5,15 @@ Both parameters are fetched in one ``GetParameters`` call, made directly on the 
 the same way as one that does not exist, which would turn a transient failure into a cached "not configured"
 and a 401 that may get the hook disabled. Here only a name SSM lists in ``InvalidParameters`` is missing.
 
-A missing or empty secret is cached too, so a misconfigured fleet refuses every webhook (fail closed) without
+A missing or empty token is cached too, so a misconfigured fleet refuses every webhook (fail closed) without
 turning each refused request into an SSM call; a failure to read is never cached: it is a
-``SecretUnavailableError`` (503), and the next request reads SSM again. A signing parameter that is configured
-but missing or empty refuses every request as well (``signing_required`` without a ``signing_secret``): it never
-falls back to the token alone.
+``SecretUnavailableError`` (503), and the next request reads SSM again.
+
+The signing parameter is written by ``fleetctl gitlab connect`` only once GitLab has confirmed that it signs the
+hook's deliveries (``signing_token_present: true``; GitLab before 19.0, or with its ``webhook_signing_token`` flag
+off, ignores the secret). So a configured signing parameter that does not exist means "GitLab does not sign":
+the token alone is checked. One that exists but is blank is a broken secret and refuses every request
+(``signing_required`` without a ``signing_secret``); one that cannot be read is a 503, never a downgrade.
 """
 
 from __future__ import annotations
@@ -77,10 +81,11 @@ class WebhookSecretSource:
         unaccounted = [name for name in names if name not in values and name not in missing]
         if unaccounted:
             raise SecretUnavailableError(f"SSM answered neither a value nor 'missing' for {unaccounted}")
+        signing_set = self._signing_parameter is not None and self._signing_parameter not in missing
         return WebhookSecrets(
             token=_secret(values.get(self._token_parameter)),
-            signing_secret=_secret(values.get(self._signing_parameter)) if self._signing_parameter else None,
-            signing_required=self._signing_parameter is not None,
+            signing_secret=_secret(values.get(self._signing_parameter)) if signing_set else None,
+            signing_required=signing_set,
         )
 
 

@@ -92,7 +92,7 @@ class WebhookIntake:
             return _refused("no webhook token configured")
         if secrets.signing_required and secrets.signing_secret is None:
             # Never downgrade to the token alone: the operator asked for signed deliveries.
-            return _refused("webhook signing secret configured but missing or empty")
+            return _refused("webhook signing secret configured but empty")
         if not token_matches(headers.get("x-gitlab-token"), secrets.token):
             return _refused("token mismatch")
         if len(body) > MAX_BODY_BYTES:

@@ -27,7 +27,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import FleetConfig, Market, PoolConfig
+from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
 from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
@@ -80,8 +80,14 @@ def generate_webhook_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def generate_signing_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+def check_fleet_token(config: FleetConfig, token: str, *, ssl_verify: bool = True) -> None:
+    """Refuse a GitLab token the fleet cannot work with, before it is stored: ``GitLabTokenError`` naming each
+    missing scope (``read_api``, ``create_runner``, ``manage_runner``, or ``api`` for all three), an expired or
+    revoked token, or, for instance runners, a user who is no administrator."""
+    from fleetctl.gitlab_token import FLEET_NEEDS, check_token
+
+    admin_needed = config.gitlab.runner_type is RunnerType.INSTANCE
+    check_token(config.gitlab.url, token, FLEET_NEEDS, admin_needed=admin_needed, ssl_verify=ssl_verify)
 
 
 class Bootstrapper:
@@ -92,13 +98,11 @@ class Bootstrapper:
         *,
         gitlab_token: str | None = None,
         token_factory: Callable[[], str] = generate_webhook_token,
-        signing_factory: Callable[[], str] = generate_signing_secret,
     ) -> None:
         self._config = config
         self._aws = clients
         self._gitlab_token = gitlab_token
         self._token_factory = token_factory
-        self._signing_factory = signing_factory
         self._registry_host: str | None = None
         self._root_devices: dict[str, str | None] = {}
 
@@ -208,11 +212,9 @@ class Bootstrapper:
     # -- SSM ------------------------------------------------------------------------------------------------
 
     def _plan_parameters(self) -> list[Change]:
-        changes = [self._plan_generated(self._config.webhook.token_parameter, "webhook token")]
-        if self._config.webhook.signing_secret_parameter:
-            changes.append(self._plan_generated(self._config.webhook.signing_secret_parameter, "signing secret"))
-        changes.append(self._plan_gitlab_token())
-        return changes
+        # The signing secret is not made here: `fleetctl gitlab connect` writes it once GitLab confirms that it
+        # signs the hook's deliveries, since the webhook requires signatures as soon as the parameter exists.
+        return [self._plan_generated(self._config.webhook.token_parameter, "webhook token"), self._plan_gitlab_token()]
 
     def _current_value(self, name: str) -> str | None:
         try:
@@ -243,12 +245,7 @@ class Bootstrapper:
 
     def _apply_parameter(self, change: Change) -> None:
         generate = change.params.get("generate")
-        if generate == "webhook token":
-            value = self._token_factory()
-        elif generate == "signing secret":
-            value = self._signing_factory()
-        else:
-            value = self._gitlab_token or ""
+        value = self._token_factory() if generate == "webhook token" else self._gitlab_token or ""
         self._aws.ssm.put_parameter(
             Name=change.name,
             Value=value,

@@ -177,11 +177,21 @@ def policies(stage: str, check: bool, chalice_config: Path | None) -> None:
 @CONFIG_OPTION
 @click.option("--dry-run", is_flag=True, help="Print the plan without changing anything.")
 def bootstrap(config_path: Path, dry_run: bool) -> None:
-    """Create or update the resources chalice deploy does not (idempotent)."""
-    from fleetctl.bootstrap import Bootstrapper, Verb
+    """Create or update the resources chalice deploy does not (idempotent).
+
+    With GITLAB_TOKEN set, the token is first checked with GitLab (scopes read_api, create_runner and
+    manage_runner, or api; an administrator's for instance runners) and stored only if it passes."""
+    from fleetctl.bootstrap import Bootstrapper, Verb, check_fleet_token
+    from fleetctl.gitlab_token import GitLabTokenError
 
     config = _load(config_path)
-    bootstrapper = Bootstrapper(config, _clients(config), gitlab_token=os.environ.get("GITLAB_TOKEN"))
+    gitlab_token = os.environ.get("GITLAB_TOKEN")
+    if gitlab_token:
+        try:
+            check_fleet_token(config, gitlab_token)
+        except GitLabTokenError as exc:
+            raise click.ClickException(str(exc)) from None
+    bootstrapper = Bootstrapper(config, _clients(config), gitlab_token=gitlab_token)
     plan = bootstrapper.plan()
     for change in plan:
         click.echo(("would " if dry_run else "") + change.describe())
@@ -208,26 +218,34 @@ def gitlab() -> None:
     help="The deployed webhook URL (…/webhooks/gitlab). Defaults to $RUNNER_FLEET_WEBHOOK_URL.",
 )
 @click.option("--gitlab-url", envvar="GITLAB_URL", help="Defaults to $GITLAB_URL, else the config's gitlab.url.")
-@click.option("--gitlab-token", envvar="GITLAB_TOKEN", required=True, help="API token. Defaults to $GITLAB_TOKEN.")
+@click.option(
+    "--gitlab-token", envvar="GITLAB_TOKEN", required=True, help="API token (scope api). Defaults to $GITLAB_TOKEN."
+)
 def gitlab_connect(
     config_path: Path, project_id: str, webhook_url: str, gitlab_url: str | None, gitlab_token: str
 ) -> None:
-    """Create or update the project webhook (job events, secret token from SSM)."""
-    from fleetctl.gitlab_connect import connect_project_hook
+    """Create or update the project webhook (job events, secret token from SSM).
+
+    When the stage names webhook.signing_secret_parameter, signing is turned on only if GitLab answers that it
+    took the signing secret (GitLab 19.0 with the webhook_signing_token flag); otherwise it says why and the
+    webhook keeps checking X-Gitlab-Token alone."""
+    from fleetctl.gitlab_connect import connect
+    from fleetctl.gitlab_token import GitLabTokenError
 
     config = _load(config_path)
-    ssm = _clients(config).ssm
-    token = ssm.get_parameter(Name=config.webhook.token_parameter, WithDecryption=True)["Parameter"]["Value"]
-    signing = None
-    if config.webhook.signing_secret_parameter:
-        signing = ssm.get_parameter(Name=config.webhook.signing_secret_parameter, WithDecryption=True)["Parameter"][
-            "Value"
-        ]
-    result = connect_project_hook(
-        gitlab_url or config.gitlab.url, gitlab_token, project_id, webhook_url, token, signing
-    )
-    verb = "created" if result.created else "updated"
-    click.echo(f"{verb} hook {result.hook_id} on project {project_id} -> {webhook_url} (job events)")
+    try:
+        result = connect(
+            config,
+            _clients(config).ssm,
+            gitlab_url=gitlab_url or config.gitlab.url,
+            gitlab_token=gitlab_token,
+            project_id=project_id,
+            webhook_url=webhook_url,
+        )
+    except GitLabTokenError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in result.describe(project_id, webhook_url):
+        click.echo(line)
 
 
 @main.command()

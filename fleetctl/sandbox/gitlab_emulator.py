@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from enum import Enum
 from hashlib import sha256
 from http import HTTPStatus
@@ -37,11 +38,17 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from fleetctl.sandbox.gitlab_model import (
+    API_SCOPE,
+    CREATE_RUNNER_SCOPE,
+    MANAGE_RUNNER_SCOPE,
+    READ_API_SCOPE,
     RUNNER_FILTER_STATUSES,
     RUNNER_SCOPES,
     RUNNER_TYPES,
     SIGNING_TOKEN_PREFIX,
+    TOKEN_SCOPES,
     AccessLevel,
+    AccessToken,
     BadRequestError,
     Clock,
     Delivery,
@@ -74,6 +81,24 @@ MAX_PER_PAGE = 100
 RETRY_BACKOFF = (0.2, 0.5, 1.0)
 # Idle keep-alive connections are closed after this long, as nginx in front of GitLab does (65 s by default).
 IDLE_CONNECTION_TIMEOUT = 65.0
+# Feature flag gating hook signing tokens (gitlab-org/gitlab!231325: "signing_token is silently ignored when the
+# webhook_signing_token feature flag is disabled"), and the release that introduced them.
+WEBHOOK_SIGNING_FLAG = "webhook_signing_token"
+SIGNING_TOKEN_SINCE = (19, 0)
+# The manage_runner scope (gitlab-org/gitlab!153285) opened /runners/:id endpoints in GitLab 17.1.
+MANAGE_RUNNER_SINCE = (17, 1)
+# Rack::OAuth2's description for insufficient_scope, which lib/api/api_guard.rb sends as the error_description.
+INSUFFICIENT_SCOPE_DESCRIPTION = "The request requires higher privileges than provided by the access token."
+EXPIRED_DESCRIPTION = "Token is expired. You can either do re-authorization or token refresh."
+REVOKED_DESCRIPTION = "Token was revoked. You have to re-authorize from the user."
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"17.9.0"`` or ``"19.0.0-ee"`` as ``(17, 9, 0)``."""
+    numbers = re.findall(r"\d+", version.split("-", 1)[0])
+    if not numbers:
+        raise ValueError(f"not a GitLab version: {version!r}")
+    return tuple(int(n) for n in numbers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,6 +113,37 @@ class Auth(Enum):
 
 
 @dataclass(frozen=True)
+class Scopes:
+    """The token scopes an endpoint class registers with ``allow_access_with_scope`` (``lib/api/api_guard.rb``),
+    besides the ones ``lib/api/api.rb`` registers for every endpoint: ``api``, and ``read_api`` on GET and HEAD.
+
+    ``extra`` are accepted on ``methods`` (every method when empty); ``any`` accepts every scope, as
+    ``GET /personal_access_tokens/self`` does."""
+
+    extra: tuple[str, ...] = ()
+    methods: frozenset[str] = frozenset()
+    since: tuple[int, ...] = ()
+    any: bool = False
+
+    def registered(self, version: tuple[int, ...]) -> list[str]:
+        """Every scope the endpoint registers, in GitLab's order: what an insufficient_scope answer lists."""
+        extra = list(self.extra) if version >= self.since else []
+        return [*extra, API_SCOPE, READ_API_SCOPE]
+
+    def accepts(self, scopes: Sequence[str], method: str, version: tuple[int, ...]) -> bool:
+        if self.any or API_SCOPE in scopes:
+            return True
+        if READ_API_SCOPE in scopes and method in {"GET", "HEAD"}:
+            return True
+        if version < self.since or (self.methods and method not in self.methods):
+            return False
+        return any(scope in scopes for scope in self.extra)
+
+
+DEFAULT_SCOPES = Scopes()
+
+
+@dataclass(frozen=True)
 class ApiRequest:
     method: str
     path: str  # after /api/v4, still percent-encoded
@@ -96,6 +152,7 @@ class ApiRequest:
     path_params: dict[str, str]
     base_url: str  # scheme://host[:port] as the client addressed us, for Link headers
     user: User | None = None  # whom the access token authenticates; None on the runner API
+    token: AccessToken | None = None  # the access token itself; None on the runner API
     headers: Mapping[str, str] = field(default_factory=dict)  # looked up case-insensitively
     body: bytes = b""  # as sent, for the endpoints that take a raw body (the job trace)
 
@@ -121,6 +178,17 @@ class ApiResponse:
         return json.dumps(self.body).encode(), "application/json"
 
 
+def oauth_error(status: int, error: str, description: str, **extra: str) -> ApiResponse:
+    """Rack::OAuth2's bearer error, as ``lib/api/api_guard.rb`` answers token failures: a JSON body with
+    ``error`` and ``error_description`` (and ``scope`` for insufficient_scope). Its 401s carry a
+    ``WWW-Authenticate`` challenge; its 403 does not (the FIXME in api_guard.rb)."""
+    body = {"error": error, "error_description": description, **extra}
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = f'Bearer realm="", error="{error}", error_description="{description}"'
+    return ApiResponse(status, body, headers)
+
+
 def message(status: int) -> ApiResponse:
     """GitLab's bare error body, e.g. ``{"message": "404 Not Found"}``."""
     try:
@@ -140,11 +208,14 @@ class Route:
     pattern: re.Pattern[str]
     handler: Handler
     auth: Auth
+    scopes: Scopes = DEFAULT_SCOPES
 
     @classmethod
-    def build(cls, method: str, template: str, handler: Handler, auth: Auth = Auth.USER) -> Route:
+    def build(
+        cls, method: str, template: str, handler: Handler, auth: Auth = Auth.USER, scopes: Scopes = DEFAULT_SCOPES
+    ) -> Route:
         parts = [f"(?P<{part[1:]}>[^/]+)" if part.startswith(":") else re.escape(part) for part in template.split("/")]
-        return cls(method, template, re.compile("/".join(parts)), handler, auth)
+        return cls(method, template, re.compile("/".join(parts)), handler, auth, scopes)
 
 
 @dataclass
@@ -300,6 +371,7 @@ class GitLabApi:
     def __init__(self, model: GitLabModel, *, version: str, stopping: threading.Event) -> None:
         self._model = model
         self._version = version
+        self._release = parse_version(version)
         self._stopping = stopping
         self._faults: list[Fault] = []
         self._calls: Counter[tuple[str, str]] = Counter()
@@ -342,17 +414,19 @@ class GitLabApi:
     ) -> ApiResponse:
         if route is None:
             return message(404)
-        user = None
+        token = None
         if route.auth is not Auth.RUNNER:
-            user = self._user(headers)
-            if user is None:
-                return message(401)
-            if route.auth is Auth.ADMIN and not user.admin:
-                return message(403)
+            token = self._token(headers)
+            refused = self._refuse(token, route, method)
+            if refused is not None:
+                return refused
+            assert token is not None
+            self._model.use_access_token(token)
         try:
             query = parse_qsl(query_string, keep_blank_values=True)
             params = parse_params(query, headers.get("Content-Type") or "", body)
-            request = ApiRequest(method, path, query, params, path_params, base_url, user, headers, body)
+            user = None if token is None else token.user
+            request = ApiRequest(method, path, query, params, path_params, base_url, user, token, headers, body)
             return route.handler(request)
         except GitLabEmulatorError as exc:
             return ApiResponse(exc.status, exc.body, dict(exc.headers))
@@ -373,19 +447,47 @@ class GitLabApi:
                     return fault
             return None
 
-    def _user(self, headers: Mapping[str, str]) -> User | None:
+    def _token(self, headers: Mapping[str, str]) -> AccessToken | None:
         token = headers.get("PRIVATE-TOKEN")
         if token is None:
             scheme, _, bearer = (headers.get("Authorization") or "").partition(" ")
             token = bearer if scheme.lower() == "bearer" else None
-        return None if token is None else self._model.user_by_token(token)
+        return None if token is None else self._model.access_token(token)
+
+    def _refuse(self, token: AccessToken | None, route: Route, method: str) -> ApiResponse | None:
+        """GitLab's answer to a token that may not make this request, in the order
+        ``AccessTokenValidationService#validate`` checks (expired, revoked, scopes), then the route's own
+        administrator check; None when the request may go on."""
+        if token is None:
+            return message(401)
+        if token.expired(self._model.now()):
+            return oauth_error(401, "invalid_token", EXPIRED_DESCRIPTION)
+        if token.revoked:
+            return oauth_error(401, "invalid_token", REVOKED_DESCRIPTION)
+        if not route.scopes.accepts(token.scopes, method, self._release):
+            registered = " ".join(route.scopes.registered(self._release))
+            return oauth_error(403, "insufficient_scope", INSUFFICIENT_SCOPE_DESCRIPTION, scope=registered)
+        if route.auth is Auth.ADMIN and not token.user.admin:
+            return message(403)
+        return None
+
+    def signing_honoured(self) -> bool:
+        return self._release >= SIGNING_TOKEN_SINCE and WEBHOOK_SIGNING_FLAG in self._model.features
 
     def _route_table(self) -> list[Route]:
         r = Route.build
+        # lib/api/users.rb: GET /user also takes read_user. lib/api/user_runners.rb: POST /user/runners also takes
+        # create_runner. lib/api/ci/runners.rb: every /runners/:id endpoint also takes manage_runner (17.1 on).
+        read_user = Scopes(("read_user",), frozenset({"GET", "HEAD"}))
+        create_runner = Scopes((CREATE_RUNNER_SCOPE,), frozenset({"POST"}))
+        manage_runner = Scopes((MANAGE_RUNNER_SCOPE,), since=MANAGE_RUNNER_SINCE)
+        # lib/api/personal_access_tokens/self_information.rb: any token may read itself, whatever its scopes.
+        any_scope = Scopes(tuple(sorted(TOKEN_SCOPES)), any=True)
         # Literal segments precede ":param" ones that would also match them (/runners/all, /runners/:id).
         return [
             r("GET", "/version", self._version_info),
-            r("GET", "/user", lambda req: ApiResponse(200, self._model.current_user(_user(req)))),
+            r("GET", "/user", lambda req: ApiResponse(200, self._model.current_user(_user(req))), scopes=read_user),
+            r("GET", "/personal_access_tokens/self", self._token_self, scopes=any_scope),
             r("GET", "/projects", lambda req: paginate(req, self._model.list_projects())),
             r("POST", "/projects", self._create_project),
             r("GET", "/projects/:id", lambda req: ApiResponse(200, self._model.get_project(_pid(req)))),
@@ -405,22 +507,28 @@ class GitLabApi:
             r("GET", "/projects/:id/runners", self._list_project_runners),
             r("POST", "/projects/:id/runners", self._enable_project_runner),
             r("GET", "/groups/:id/runners", self._list_group_runners),
-            r("POST", "/user/runners", self._create_runner),
+            r("POST", "/user/runners", self._create_runner, scopes=create_runner),
             r("GET", "/runners", lambda req: self._list_runners(req, all_runners=False)),
             # Administrators (and auditors) only, and not offered on GitLab.com at all.
             r("GET", "/runners/all", lambda req: self._list_runners(req, all_runners=True), Auth.ADMIN),
             r("POST", "/runners/verify", self._verify_runner, Auth.RUNNER),
             r("DELETE", "/runners", self._delete_runner_by_token, Auth.RUNNER),
-            r("GET", "/runners/:id", lambda req: ApiResponse(200, self._model.get_runner(_rid(req)))),
-            r("PUT", "/runners/:id", self._update_runner),
-            r("DELETE", "/runners/:id", self._delete_runner),
+            r(
+                "GET",
+                "/runners/:id",
+                lambda req: ApiResponse(200, self._model.get_runner(_rid(req))),
+                scopes=manage_runner,
+            ),
+            r("PUT", "/runners/:id", self._update_runner, scopes=manage_runner),
+            r("DELETE", "/runners/:id", self._delete_runner, scopes=manage_runner),
             r(
                 "POST",
                 "/runners/:id/reset_authentication_token",
                 lambda req: ApiResponse(201, self._model.reset_runner_token(_rid(req), _user(req))),
+                scopes=manage_runner,
             ),
-            r("GET", "/runners/:id/jobs", self._runner_jobs),
-            r("GET", "/runners/:id/managers", self._runner_managers),
+            r("GET", "/runners/:id/jobs", self._runner_jobs, scopes=manage_runner),
+            r("GET", "/runners/:id/managers", self._runner_managers, scopes=manage_runner),
             r("POST", "/jobs/request", self._request_job, Auth.RUNNER),
             r("PUT", "/jobs/:job_id", self._update_job, Auth.RUNNER),
             r("PATCH", "/jobs/:job_id/trace", self._append_trace, Auth.RUNNER),
@@ -431,6 +539,11 @@ class GitLabApi:
 
     def _version_info(self, _req: ApiRequest) -> ApiResponse:
         return ApiResponse(200, {"version": self._version, "revision": "emulator", "enterprise": False})
+
+    def _token_self(self, req: ApiRequest) -> ApiResponse:
+        if req.token is None:  # routes with Auth.USER always carry one
+            raise RuntimeError("GET /personal_access_tokens/self reached its handler without a token")
+        return ApiResponse(200, self._model.personal_access_token_json(req.token))
 
     def _create_project(self, req: ApiRequest) -> ApiResponse:
         project = self._model.create_project(
@@ -942,8 +1055,11 @@ class GitLabEmulator:
         self.admin_token = admin_token
         self._stopping = threading.Event()
         self._model = GitLabModel(legacy_timestamps=legacy_timestamps, clock=clock)
-        self._model.add_access_token(admin_token, admin=True)
+        self._model.add_access_token(admin_token, admin=True, scopes=(API_SCOPE,), name="admin")
         self._api = GitLabApi(self._model, version=version, stopping=self._stopping)
+        self._model.signing_honoured = self._api.signing_honoured
+        self._model.hook_token_fields = parse_version(version) >= SIGNING_TOKEN_SINCE
+        self.version = version
         self._dispatcher = WebhookDispatcher(
             self._model,
             workers=delivery_workers,
@@ -1004,16 +1120,42 @@ class GitLabEmulator:
 
     # -- users and their tokens --
 
-    def add_token(self, token: str, *, admin: bool = False) -> None:
-        """Accept ``token``: an administrator's, or (default) that of a user owning every group and project but
-        no administrator, as a group- or project-runner fleet's token is."""
-        self._model.add_access_token(token, admin=admin)
+    def add_token(
+        self,
+        token: str,
+        *,
+        admin: bool = False,
+        scopes: Sequence[str] = (API_SCOPE,),
+        expires_at: date | None = None,
+        name: str = "fleet",
+    ) -> None:
+        """Accept ``token``, a personal access token with ``scopes``: an administrator's, or (default) that of a
+        user owning every group and project but no administrator, as a group- or project-runner fleet's token
+        is. A request its scopes do not cover gets 403 ``insufficient_scope``; from ``expires_at`` on it gets 401."""
+        self._model.add_access_token(token, admin=admin, scopes=scopes, expires_at=expires_at, name=name)
 
     def revoke_token(self, token: str) -> None:
-        """``token`` gets 401 from now on, as a revoked or expired personal access token does."""
+        """``token`` gets 401 ("Token was revoked") from now on."""
         self._model.revoke_access_token(token)
 
+    # -- instance administration --
+
+    def enable_feature(self, name: str) -> None:
+        """An administrator's ``Feature.enable(:name)``, e.g. ``webhook_signing_token`` (which only GitLab 19.0
+        and later know)."""
+        with self._model.lock:
+            self._model.features.add(name)
+
+    def disable_feature(self, name: str) -> None:
+        """An administrator's ``Feature.disable(:name)``."""
+        with self._model.lock:
+            self._model.features.discard(name)
+
     # -- seeding and driving state from Python --
+
+    def create_group(self, full_path: str) -> int:
+        """A group (the id of an existing one at that path); as an administrator seeds it, not through the API."""
+        return self._model.create_group(full_path)
 
     def create_project(self, path_with_namespace: str) -> int:
         namespace, _, path = path_with_namespace.rpartition("/")

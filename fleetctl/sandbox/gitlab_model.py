@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -248,6 +248,16 @@ class MessageError(GitLabEmulatorError):
         self.status = status
 
 
+class RefusedError(GitLabEmulatorError):
+    """What an endpoint refuses by calling Grape's ``bad_request!(reason)`` (``lib/api/helpers.rb``):
+    ``{"message": "400 Bad request - <reason>"}``."""
+
+    status = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__({"message": f"400 Bad request - {reason}"})
+
+
 # --------------------------------------------------------------------------------
 # Inputs: typed requests the HTTP layer (or Python callers) hand to the model
 # --------------------------------------------------------------------------------
@@ -289,6 +299,50 @@ class User:
 
 ADMIN = User(ADMIN_USER_ID, ADMIN_USERNAME, ADMIN_NAME, admin=True)
 OWNER = User(OWNER_USER_ID, OWNER_USERNAME, OWNER_NAME, admin=False)
+
+# Personal access token scopes (doc/user/profile/personal_access_tokens.md). Only the first four decide anything
+# in the emulator; the others are accepted so that a token can carry them, as real tokens do.
+API_SCOPE = "api"
+READ_API_SCOPE = "read_api"
+CREATE_RUNNER_SCOPE = "create_runner"
+MANAGE_RUNNER_SCOPE = "manage_runner"
+TOKEN_SCOPES = frozenset(
+    {
+        API_SCOPE,
+        READ_API_SCOPE,
+        CREATE_RUNNER_SCOPE,
+        MANAGE_RUNNER_SCOPE,
+        "read_user",
+        "read_repository",
+        "write_repository",
+        "read_registry",
+        "write_registry",
+        "sudo",
+        "admin_mode",
+        "ai_features",
+        "k8s_proxy",
+        "read_service_ping",
+        "self_rotate",
+    }
+)
+
+
+@dataclass
+class AccessToken:
+    """A personal access token: whose it is, what it may do, and whether it still works."""
+
+    id: int
+    name: str
+    user: User
+    scopes: tuple[str, ...]
+    created_at: datetime
+    expires_at: date | None = None
+    revoked: bool = False
+    last_used_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        # PersonalAccessToken#expired?: a token expires at the start of its expiry date.
+        return self.expires_at is not None and self.expires_at <= now.astimezone(UTC).date()
 
 
 @dataclass(frozen=True)
@@ -596,6 +650,35 @@ def parse_signing_token(value: str) -> str:
     return value
 
 
+# ``Ci::Runner`` limits (app/models/ci/runner.rb).
+RUNNER_MIN_TIMEOUT = 600
+RUNNER_MAX_TAGS = 50
+RUNNER_TEXT_MAX = 1024
+
+
+def runner_validation_errors(settings: RunnerSettings) -> list[str]:
+    """The full messages of ``Ci::Runner``'s validations a new runner fails, in the model's declaration order."""
+    problems: list[str] = []
+    if not settings.tag_list and not settings.run_untagged:
+        problems.append("Tags list can not be empty when runner is not allowed to pick untagged jobs")
+    if len(settings.tag_list) > RUNNER_MAX_TAGS:
+        problems.append(f"Tags list Too many tags specified. Please limit the number of tags to {RUNNER_MAX_TAGS}")
+    if len(settings.description) > RUNNER_TEXT_MAX:
+        problems.append(f"Description is too long (maximum is {RUNNER_TEXT_MAX} characters)")
+    if settings.maximum_timeout is not None and settings.maximum_timeout < RUNNER_MIN_TIMEOUT:
+        problems.append("Maximum timeout needs to be at least 10 minutes")
+    if settings.maintenance_note is not None and len(settings.maintenance_note) > RUNNER_TEXT_MAX:
+        problems.append(f"Maintenance note is too long (maximum is {RUNNER_TEXT_MAX} characters)")
+    return problems
+
+
+def to_sentence(parts: Sequence[str]) -> str:
+    """Rails' ``Array#to_sentence``: "a", "a and b", "a, b, and c"."""
+    if len(parts) <= 2:
+        return " and ".join(parts)
+    return ", ".join(parts[:-1]) + ", and " + parts[-1]
+
+
 # --------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------
@@ -624,7 +707,13 @@ class GitLabModel:
         # Jobs waiting for a runner, in the order they were queued: dict order is the queue.
         self._queue: dict[int, Job] = {}
         self._runners: dict[int, Runner] = {}
-        self._tokens: dict[str, User] = {}
+        self._tokens: dict[str, AccessToken] = {}
+        # Instance feature flags an administrator enabled (``Feature.enable(:name)``).
+        self.features: set[str] = set()
+        # Whether hooks honour ``signing_token``; the HTTP layer decides it from the version and the flags.
+        self.signing_honoured: Callable[[], bool] = lambda: False
+        # Whether hook answers carry ``token_present`` and ``signing_token_present`` (GitLab 19.0 and later).
+        self.hook_token_fields = False
         self._deliveries: list[Delivery] = []
         # Id sequences start far apart, so a project id passed where a job or runner id belongs gets a 404
         # instead of quietly hitting another object.
@@ -635,6 +724,7 @@ class GitLabModel:
             "pipeline": 1_000,
             "job": 100_000,
             "runner": 10_000_000,
+            "token": 1,
         }
         self._next_manager_id = 1
         self._admin_namespace = self._namespace(ADMIN_USERNAME, kind="user")
@@ -645,21 +735,66 @@ class GitLabModel:
 
     # -- users, their tokens, and the instance --
 
-    def add_access_token(self, token: str, *, admin: bool) -> None:
+    def add_access_token(
+        self,
+        token: str,
+        *,
+        admin: bool,
+        scopes: Iterable[str] = (API_SCOPE,),
+        expires_at: date | None = None,
+        name: str = "fleet",
+    ) -> None:
         """A personal access token of the administrator (``admin``) or of the owner of every group and project."""
+        chosen = tuple(dict.fromkeys(scopes))
+        unknown = sorted(set(chosen) - TOKEN_SCOPES)
+        if not chosen or unknown:
+            raise ValueError(f"a personal access token needs known scopes, got {list(chosen)}")
         with self.lock:
-            self._tokens[token] = ADMIN if admin else OWNER
+            self._tokens[token] = AccessToken(
+                id=self._take_id("token"),
+                name=name,
+                user=ADMIN if admin else OWNER,
+                scopes=chosen,
+                created_at=self._clock(),
+                expires_at=expires_at,
+            )
 
     def revoke_access_token(self, token: str) -> None:
+        """GitLab keeps a revoked token, so that using it is answered "revoked" rather than "unknown"."""
         with self.lock:
-            self._tokens.pop(token, None)
+            found = self._tokens.get(token)
+            if found is not None:
+                found.revoked = True
 
-    def user_by_token(self, token: str) -> User | None:
+    def access_token(self, token: str) -> AccessToken | None:
         with self.lock:
-            for known, user in self._tokens.items():
+            for known, found in self._tokens.items():
                 if hmac.compare_digest(known.encode(), token.encode()):
-                    return user
+                    return found
             return None
+
+    def use_access_token(self, found: AccessToken) -> None:
+        with self.lock:
+            found.last_used_at = self._clock()
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def personal_access_token_json(self, found: AccessToken) -> dict[str, Any]:
+        """``GET /personal_access_tokens/self``: ``Entities::PersonalAccessToken``, never the token itself."""
+        with self.lock:
+            return {
+                "id": found.id,
+                "name": found.name,
+                "revoked": found.revoked,
+                "created_at": iso_ms(found.created_at),
+                "description": None,
+                "scopes": list(found.scopes),
+                "user_id": found.user.id,
+                "last_used_at": iso_ms(found.last_used_at),
+                "active": not found.revoked and not found.expired(self._clock()),
+                "expires_at": None if found.expires_at is None else found.expires_at.isoformat(),
+            }
 
     def current_user(self, user: User = ADMIN) -> dict[str, Any]:
         with self.lock:
@@ -672,6 +807,11 @@ class GitLabModel:
             }
 
     # -- projects --
+
+    def create_group(self, full_path: str) -> int:
+        """The group at ``full_path`` (made if new); its id."""
+        with self.lock:
+            return self._namespace(full_path, kind="group").id
 
     def create_project(
         self,
@@ -867,19 +1007,33 @@ class GitLabModel:
     # -- runners (admin API) --
 
     def create_runner(self, settings: RunnerSettings, user: User = ADMIN) -> dict[str, Any]:
+        """``POST /user/runners`` as ``lib/api/user_runners.rb`` and ``Ci::Runners::CreateRunnerService`` answer it:
+        a missing ``group_id``/``project_id`` is Grape's 400, an unknown group or project the strategy's 400
+        ("Missing/invalid group"), no right to create one a 403, and the ``Ci::Runner`` validations a 400 listing
+        every failed rule in one sentence."""
         with self.lock:
-            if settings.runner_type is RunnerType.INSTANCE and not user.admin:
-                raise ForbiddenError()
             group: Namespace | None = None
             project_ids: list[int] = []
             if settings.runner_type is RunnerType.GROUP:
                 if settings.group_id is None:
                     raise BadRequestError("group_id is missing")
-                group = self._namespace_by_id(settings.group_id, what="Group")
+                group = self._group_or_none(settings.group_id)
+                if group is None:
+                    raise RefusedError("Missing/invalid group")
             elif settings.runner_type is RunnerType.PROJECT:
                 if settings.project_id is None:
                     raise BadRequestError("project_id is missing")
-                project_ids.append(self._project(settings.project_id).id)
+                project = self._projects.get(settings.project_id)
+                if project is None:
+                    raise RefusedError("Missing/invalid project")
+                project_ids.append(project.id)
+            # Memberships are not modelled: the one non-administrator owns every group and project, so only an
+            # instance runner (:create_instance_runner, administrators only) is beyond it.
+            if settings.runner_type is RunnerType.INSTANCE and not user.admin:
+                raise ForbiddenError("Insufficient permissions")
+            problems = runner_validation_errors(settings)
+            if problems:
+                raise RefusedError(to_sentence(problems))
             runner = Runner(
                 id=self._take_id("runner"),
                 # Authentication tokens are "glrt-" plus 20 characters.
@@ -1105,6 +1259,12 @@ class GitLabModel:
                 return namespace
         raise NotFoundError(what)
 
+    def _group_or_none(self, group_id: int) -> Namespace | None:
+        for namespace in self._namespaces.values():
+            if namespace.kind == "group" and namespace.id == group_id:
+                return namespace
+        return None
+
     def _group(self, ref: str | int) -> Namespace:
         # Like projects, groups are addressed by numeric id or URL-encoded full path.
         for namespace in self._namespaces.values():
@@ -1187,10 +1347,12 @@ class GitLabModel:
         raise ForbiddenError()
 
     def _apply_hook_changes(self, hook: Hook, changes: HookChanges) -> None:
-        if changes.signing_token:
-            hook.signing_token = parse_signing_token(changes.signing_token)
-        elif changes.signing_token == "":
-            hook.signing_token = None
+        # Before GitLab 19.0, and with the webhook_signing_token flag off, the parameter is silently ignored.
+        if self.signing_honoured():
+            if changes.signing_token:
+                hook.signing_token = parse_signing_token(changes.signing_token)
+            elif changes.signing_token == "":
+                hook.signing_token = None
         if changes.url:
             hook.url = changes.url
         if changes.token is not None:
@@ -1362,7 +1524,9 @@ class GitLabModel:
                 project_id=hook.project_id,
                 url=hook.url,
                 token=hook.token,
-                signing_token=hook.signing_token,
+                # Modelled as read when the hook executes: turned off again, it stops signing what it had stored
+                # while the hook keeps reporting signing_token_present (the harsher reading of !231325).
+                signing_token=hook.signing_token if self.signing_honoured() else None,
                 webhook_uuid=hook.webhook_uuid,
                 enable_ssl_verification=hook.flags["enable_ssl_verification"],
             )
@@ -1532,8 +1696,13 @@ class GitLabModel:
             "custom_headers": [],
             "custom_webhook_template": None,
             "created_at": iso_ms(hook.created_at),
-            "token_present": hook.token is not None,
-            "signing_token_present": hook.signing_token is not None,
+            # Both fields came with signing tokens (gitlab-org/gitlab!231325, GitLab 19.0); older versions
+            # answer neither.
+            **(
+                {"token_present": hook.token is not None, "signing_token_present": hook.signing_token is not None}
+                if self.hook_token_fields
+                else {}
+            ),
         }
 
     def _commit_json(self, pipeline: Pipeline) -> dict[str, Any]:

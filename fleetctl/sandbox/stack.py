@@ -3,6 +3,11 @@
 It is what ``make demo``, ``fleetctl sandbox up`` and the tests run, so all three exercise the same pieces.
 The stage configuration is the shipped ``dev.yaml`` with the GitLab URL pointed at the emulator, written to
 the sandbox's work directory and named by ``RUNNER_FLEET_CONFIG`` exactly as a deployed Lambda finds its own.
+
+GitLab is used the way README.md tells an operator to: the fleet makes group runners of the sandbox's group with
+a non-administrator token holding exactly the scopes the fleet needs (read_api, create_runner, manage_runner),
+which bootstrap checks and stores; the hook is connected with another non-administrator token of scope api.
+What only an administrator could do (groups, projects, feature flags) is seeded from Python, not the API.
 """
 
 from __future__ import annotations
@@ -22,8 +27,14 @@ from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
 
 DEFAULT_CONFIG = PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml"
 DEFAULT_WORKDIR = PROJECT_DIR / ".sandbox"
-SANDBOX_PROJECT = "demo/app"
+SANDBOX_GROUP = "demo"
+SANDBOX_PROJECT = f"{SANDBOX_GROUP}/app"
 GITLAB_ADMIN_TOKEN = "glpat-sandbox-admin"  # noqa: S105 - the emulator's fixed local token
+# The fleet's own token (what bootstrap stores for scale-up) and the operator's (gitlab connect, pipelines).
+GITLAB_FLEET_TOKEN = "glpat-sandbox-fleet"  # noqa: S105 - a fixed local token
+GITLAB_FLEET_SCOPES = ("read_api", "create_runner", "manage_runner")
+GITLAB_OPERATOR_TOKEN = "glpat-sandbox-operator"  # noqa: S105 - a fixed local token
+GITLAB_OPERATOR_SCOPES = ("api",)
 # Re-queued jobs wait seconds, not minutes, so a scenario plays out while you watch.
 SANDBOX_ENVIRONMENT = {
     "RUNNER_FLEET_RETRY_BASE_SECONDS": "1",
@@ -47,13 +58,22 @@ class Sandbox:
         ports: SandboxPorts | None = None,
         *,
         run_pump: bool = True,
+        gitlab_version: str = "17.9.0",
+        gitlab_features: tuple[str, ...] = (),
     ) -> None:
         self._config_path = config_path
         self.workdir = workdir
         self._ports = ports = ports or SandboxPorts()
         self._run_pump = run_pump
         self.aws = LocalAws(port=ports.aws)
-        self.gitlab = GitLabEmulator(port=ports.gitlab, admin_token=GITLAB_ADMIN_TOKEN)
+        self.gitlab = GitLabEmulator(port=ports.gitlab, admin_token=GITLAB_ADMIN_TOKEN, version=gitlab_version)
+        self.gitlab.add_token(GITLAB_FLEET_TOKEN, scopes=GITLAB_FLEET_SCOPES, name="runner-fleet")
+        self.gitlab.add_token(GITLAB_OPERATOR_TOKEN, scopes=GITLAB_OPERATOR_SCOPES, name="operator")
+        for feature in gitlab_features:
+            self.gitlab.enable_feature(feature)
+        self.group_id = 0
+        # What the last connect said about signing ("signed", or why not).
+        self.signing = ""
         self.server: WebhookServer | None = None
         self.pump: Any = None
         self._stop = threading.Event()
@@ -71,6 +91,7 @@ class Sandbox:
         self.aws.start()
         self.aws.export_environment()
         self.gitlab.start()
+        self.group_id = self.gitlab.create_group(SANDBOX_GROUP)
         for key, value in SANDBOX_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         self._prepare_aws()
@@ -106,40 +127,54 @@ class Sandbox:
         self.connect()
 
     def bootstrap(self) -> list[str]:
+        """``fleetctl bootstrap`` with GITLAB_TOKEN set to the fleet's token: checked with GitLab, then stored."""
         from chalicelib import runtime
-        from fleetctl.bootstrap import Bootstrapper
+        from fleetctl.bootstrap import Bootstrapper, check_fleet_token
 
         assert self.config is not None
-        bootstrapper = Bootstrapper(self.config, runtime.aws(), gitlab_token=GITLAB_ADMIN_TOKEN)
+        check_fleet_token(self.config, GITLAB_FLEET_TOKEN)
+        bootstrapper = Bootstrapper(self.config, runtime.aws(), gitlab_token=GITLAB_FLEET_TOKEN)
         plan = bootstrapper.plan()
         bootstrapper.execute(plan)
         return [change.describe() for change in plan]
 
     def connect(self) -> int:
-        from fleetctl.gitlab_connect import connect_project_hook
+        """``fleetctl gitlab connect`` with the operator's token."""
+        from chalicelib import runtime
+        from fleetctl.gitlab_connect import connect
 
-        assert self.server is not None
-        secrets = self.secrets()
-        return connect_project_hook(
-            self.gitlab.url,
-            GITLAB_ADMIN_TOKEN,
-            self.project_id,
-            self.server.webhook_url,
-            secrets["token"],
-            secrets.get("signing"),
-        ).hook_id
+        assert self.server is not None and self.config is not None
+        result = connect(
+            self.config,
+            runtime.aws().ssm,
+            gitlab_url=self.gitlab.url,
+            gitlab_token=GITLAB_OPERATOR_TOKEN,
+            project_id=self.project_id,
+            webhook_url=self.server.webhook_url,
+        )
+        self.signing = result.signing
+        return result.hook.hook_id
 
     def secrets(self) -> dict[str, str]:
+        """The webhook token, and the signing secret when connect stored one."""
+        from botocore.exceptions import ClientError
+
         from chalicelib import runtime
+        from chalicelib.aws import error_code
 
         assert self.config is not None
         ssm = runtime.aws().ssm
         names = {"token": self.config.webhook.token_parameter}
         if self.config.webhook.signing_secret_parameter:
             names["signing"] = self.config.webhook.signing_secret_parameter
-        return {
-            key: ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"] for key, name in names.items()
-        }
+        found: dict[str, str] = {}
+        for key, name in names.items():
+            try:
+                found[key] = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+            except ClientError as exc:
+                if key == "token" or error_code(exc) != "ParameterNotFound":
+                    raise
+        return found
 
     def exports(self) -> dict[str, str]:
         assert self.server is not None and self.config is not None
@@ -150,7 +185,7 @@ class Sandbox:
             "RUNNER_FLEET_WEBHOOK_URL": self.server.webhook_url,
             "RUNNER_FLEET_WEBHOOK_SECRET": self.secrets()["token"],
             "GITLAB_URL": self.gitlab.url,
-            "GITLAB_TOKEN": GITLAB_ADMIN_TOKEN,
+            "GITLAB_TOKEN": GITLAB_OPERATOR_TOKEN,
             "RUNNER_FLEET_SANDBOX_PROJECT": str(self.project_id),
         }
 
@@ -200,6 +235,9 @@ class Sandbox:
 
         document = yaml.safe_load(self._config_path.read_text())
         document["gitlab"]["url"] = self.gitlab.url
+        # Group runners, so that the fleet's token needs no administrator (see the module docstring).
+        document["gitlab"]["runner_type"] = "group_type"
+        document["gitlab"]["runner_owner_id"] = self.group_id
         for pool in document["pools"]:
             pool["subnets"] = list(subnets)
             pool["security_groups"] = [security_group]

@@ -119,7 +119,6 @@ def bootstrapper(config: FleetConfig, clients: AwsClients, gitlab_token: str | N
         clients,
         gitlab_token=gitlab_token,
         token_factory=lambda: WEBHOOK_TOKEN,
-        signing_factory=lambda: SIGNING_SECRET,
     )
 
 
@@ -187,7 +186,6 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
         ("queue", Verb.CREATE),
         ("parameter", Verb.CREATE),
         ("parameter", Verb.CREATE),
-        ("parameter", Verb.CREATE),
         ("role", Verb.CREATE),
         ("policy", Verb.CREATE),
         ("profile", Verb.CREATE),
@@ -215,11 +213,13 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     assert int(redrive["maxReceiveCount"]) == JOBS_MAX_RECEIVE_COUNT
     for name, value in (
         ("/runner-fleet/test/webhook-token", WEBHOOK_TOKEN),
-        ("/runner-fleet/test/signing-secret", SIGNING_SECRET),
         ("/runner-fleet/test/gitlab-token", GITLAB_TOKEN),
     ):
         stored = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
         assert (stored["Type"], stored["Value"]) == ("SecureString", value)
+    # the signing secret is left to `gitlab connect`, which writes it once GitLab signs the hook
+    signing = ssm.get_parameters(Names=["/runner-fleet/test/signing-secret"])
+    assert signing["InvalidParameters"] == ["/runner-fleet/test/signing-secret"]
 
     # the instance role, its policy and the profile holding it
     iam = clients.client("iam")
@@ -606,20 +606,24 @@ def test_dry_run_prints_the_plan_and_changes_nothing(clients: AwsClients, config
     from click.testing import CliRunner
 
     from fleetctl.cli import main
+    from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
 
-    # given
+    # given an instance-runner stage and an administrator's token (the token is checked with GitLab first)
     path = tmp_path / "stage.json"
-    path.write_text(json.dumps(config.model_dump(mode="json")))
+    with GitLabEmulator(admin_token=GITLAB_TOKEN) as gitlab:
+        document = config.model_dump(mode="json")
+        document["gitlab"]["url"] = gitlab.url
+        path.write_text(json.dumps(document))
 
-    # when
-    result = CliRunner().invoke(
-        main, ["bootstrap", "--config", str(path), "--dry-run"], env={"GITLAB_TOKEN": GITLAB_TOKEN}
-    )
+        # when
+        result = CliRunner().invoke(
+            main, ["bootstrap", "--config", str(path), "--dry-run"], env={"GITLAB_TOKEN": GITLAB_TOKEN}
+        )
 
     # then
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 13
+    assert len(lines) == 12
     assert all(line.startswith("would create ") for line in lines)
     assert GITLAB_TOKEN not in result.output
     assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []

@@ -139,6 +139,14 @@ def emu(emulator_factory: Callable[..., GitLabEmulator]) -> GitLabEmulator:
 
 
 @pytest.fixture
+def signing_emu(emulator_factory: Callable[..., GitLabEmulator]) -> GitLabEmulator:
+    """A GitLab that honours hook signing tokens: 19.0 with the webhook_signing_token flag on."""
+    emulator = emulator_factory(version="19.0.0")
+    emulator.enable_feature("webhook_signing_token")
+    return emulator
+
+
+@pytest.fixture
 def gl(emu: GitLabEmulator) -> gitlab.Gitlab:
     client = gitlab.Gitlab(emu.url, private_token=ADMIN, timeout=5)
     client.auth()
@@ -221,8 +229,10 @@ def test_projects_are_found_by_id_or_encoded_path(emu: GitLabEmulator, gl: gitla
 # -- hooks --
 
 
-def test_hooks_crud_never_returns_secrets(emu: GitLabEmulator, gl: gitlab.Gitlab) -> None:
+def test_hooks_crud_never_returns_secrets(signing_emu: GitLabEmulator) -> None:
     # given
+    emu = signing_emu
+    gl = gitlab.Gitlab(emu.url, private_token=ADMIN, timeout=5)
     project = gl.projects.get(emu.create_project("acme/app"))
 
     # when
@@ -252,8 +262,9 @@ def test_hooks_crud_never_returns_secrets(emu: GitLabEmulator, gl: gitlab.Gitlab
     assert missing.value.response_code == 404
 
 
-def test_a_malformed_signing_token_is_rejected(emu: GitLabEmulator) -> None:
+def test_a_malformed_signing_token_is_rejected(signing_emu: GitLabEmulator) -> None:
     # given
+    emu = signing_emu
     project_id = emu.create_project("acme/app")
 
     # when
@@ -684,8 +695,11 @@ def test_legacy_timestamps_use_the_old_format_without_iso_fields(
     assert not [key for key in body["commit"] if key.endswith("_iso")]
 
 
-def test_signed_deliveries_carry_a_valid_standard_webhooks_signature(emu: GitLabEmulator, receiver: Receiver) -> None:
+def test_signed_deliveries_carry_a_valid_standard_webhooks_signature(
+    signing_emu: GitLabEmulator, receiver: Receiver
+) -> None:
     # given
+    emu = signing_emu
     project_id = emu.create_project("acme/app")
     hook(emu, project_id, receiver.url, signing_token=SIGNING_TOKEN)
 

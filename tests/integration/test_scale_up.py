@@ -250,22 +250,22 @@ def test_a_pool_limited_to_protected_branches_gets_runners_limited_to_them(fleet
 
 def test_a_rotated_gitlab_token_is_used_without_a_cold_start(fleet: Fleet) -> None:
     # given a scale-up that has already talked to GitLab with the current token
-    from fleetctl.sandbox.stack import GITLAB_ADMIN_TOKEN
+    from fleetctl.sandbox.stack import GITLAB_FLEET_SCOPES, GITLAB_FLEET_TOKEN
 
     fleet.pipeline(["docker"])
     fleet.scale_up().handle_messages(fleet.take_queued(1))
     # when the operator rotates the token: the new one in SSM, the old one revoked in GitLab
     rotated = "glpat-rotated-" + uuid.uuid4().hex
-    fleet.gitlab.add_token(rotated, admin=True)
+    fleet.gitlab.add_token(rotated, scopes=GITLAB_FLEET_SCOPES)
     fleet.runtime.aws().ssm.put_parameter(
         Name=fleet.config.gitlab.token_parameter, Value=rotated, Type="SecureString", Overwrite=True
     )
-    fleet.gitlab.revoke_token(GITLAB_ADMIN_TOKEN)
+    fleet.gitlab.revoke_token(GITLAB_FLEET_TOKEN)
     try:
         fleet.pipeline(["docker"])
         report = fleet.scale_up().handle_messages(fleet.take_queued(1))
     finally:
-        fleet.gitlab.add_token(GITLAB_ADMIN_TOKEN, admin=True)
+        fleet.gitlab.add_token(GITLAB_FLEET_TOKEN, scopes=GITLAB_FLEET_SCOPES)
     # then the same process launches with the new token at once (a 401 makes it read past its cache)
     assert report.as_dict() == {"launched": 1}
     assert len(fleet.instances("docker")) == 2
@@ -583,6 +583,38 @@ def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fle
     assert [r["description"] for r in fleet.gitlab_runners() if victim in r["description"]] == []
     with pytest.raises(Exception, match="ParameterNotFound"):
         fleet.token_of(victim)
+
+
+def test_a_non_admin_token_with_exactly_the_documented_scopes_runs_launch_and_termination(fleet: Fleet) -> None:
+    """The README's scopes (read_api, create_runner, manage_runner) on a group Owner's token, no administrator:
+    GitLab answers 403 insufficient_scope to anything else (lib/api/api_guard.rb), and /runners/all is for
+    administrators only (doc/api/runners.md)."""
+    from fleetctl.sandbox.stack import GITLAB_FLEET_TOKEN
+
+    # given the token scale-up reads from SSM
+    ssm = fleet.runtime.aws().ssm
+    stored = ssm.get_parameter(Name=fleet.config.gitlab.token_parameter, WithDecryption=True)["Parameter"]["Value"]
+    assert stored == GITLAB_FLEET_TOKEN
+    self_info = requests.get(
+        f"{fleet.gitlab.url}/api/v4/personal_access_tokens/self", headers={"PRIVATE-TOKEN": stored}, timeout=10
+    ).json()
+    assert sorted(self_info["scopes"]) == ["create_runner", "manage_runner", "read_api"]
+    assert fleet.gitlab.job(fleet.sandbox.project_id, fleet.pipeline(["docker"])[0])["status"] == "pending"
+    # when a job launches a runner, and a runner whose creation answer was lost is recovered, and both terminate
+    fleet.gitlab.fail_next("POST", r"/user/runners", status=502, after_processing=True)
+    fleet.run(
+        until=lambda: bool(fleet.instances("docker"))
+        and "gitlab_runner_id" in fleet.record(runner_key(fleet.instances("docker")[0]["InstanceId"]))
+    )
+    victim = fleet.instances("docker")[0]["InstanceId"]
+    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [victim])
+    fleet.run()
+    # then every step succeeded with that token: launched, recorded, and gone from GitLab again
+    assert fleet.record(runner_key(victim))["state"] == "terminated"
+    assert fleet.gitlab_runners() == []
+    assert fleet.leases("docker") == 0
+    assert fleet.gitlab_calls("GET", "/runners/all") == 0
+    assert fleet.gitlab_calls("GET", "/groups/:id/runners") >= 1
 
 
 def test_a_malformed_message_is_dead_lettered_with_its_reason(fleet: Fleet) -> None:

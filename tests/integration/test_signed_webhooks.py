@@ -32,7 +32,14 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     document["webhook"]["signing_secret_parameter"] = SIGNING_PARAMETER
     config = workdir / "signed.yaml"
     config.write_text(yaml.safe_dump(document))
-    stack = Sandbox(config_path=Path(config), workdir=workdir, run_pump=False)
+    # Hook signing tokens are honoured from GitLab 19.0, with the webhook_signing_token flag on.
+    stack = Sandbox(
+        config_path=Path(config),
+        workdir=workdir,
+        run_pump=False,
+        gitlab_version="19.0.0",
+        gitlab_features=("webhook_signing_token",),
+    )
     stack.start()
     yield stack
     stack.stop()

@@ -1129,3 +1129,40 @@ def test_job_timeout_bounds() -> None:
     assert problems_of(with_pool(job_timeout_seconds=60)) == [
         "pools[0](docker).job_timeout_seconds: must be between 600 and 2592000, got 60"
     ]
+
+
+# -- what GitLab refuses when a pool's runner is created fails validation first ---------------------------------
+
+
+def test_more_tags_than_gitlab_allows_on_a_runner_are_refused() -> None:
+    """Ci::Runner::TAG_LIST_MAX_LENGTH = 50 (app/models/ci/runner.rb in gitlab-org/gitlab)."""
+    assert parse_config(with_pool(tags=[f"t{i}" for i in range(50)])).pools[0].tags[-1] == "t49"
+    assert problems_of(with_pool(tags=[f"t{i}" for i in range(51)])) == [
+        "pools[0](docker).tags: must list at most 50 tags, GitLab's limit for a runner, got 51"
+    ]
+
+
+def test_a_tag_longer_than_gitlab_keeps_is_refused() -> None:
+    """Ci::Tag validates name length maximum 255 (app/models/ci/tag.rb in gitlab-org/gitlab)."""
+    assert parse_config(with_pool(tags=["a" * 255])).pools[0].tags == ("a" * 255,)
+    assert problems_of(with_pool(tags=["linux", "a" * 256])) == [
+        "pools[0](docker).tags[1]: must be at most 255 characters (GitLab's limit), got 256"
+    ]
+
+
+def test_a_runner_timeout_under_ten_minutes_is_refused() -> None:
+    """Ci::Runner validates maximum_timeout >= 600, "needs to be at least 10 minutes" (app/models/ci/runner.rb)."""
+    assert parse_config(with_pool(job_timeout_seconds=600)).pools[0].job_timeout_seconds == 600
+    assert problems_of(with_pool(job_timeout_seconds=599)) == [
+        "pools[0](docker).job_timeout_seconds: must be between 600 and 2592000, got 599"
+    ]
+
+
+def test_the_longest_runner_description_fits_gitlab() -> None:
+    """Ci::Runner validates description length maximum 1024 (app/models/ci/runner.rb); the description is
+    naming.runner_description of the longest fleet and pool names the config allows and a 17-digit instance id."""
+    from chalicelib.naming import runner_description
+
+    longest = runner_description("f" * 40, "p" * 32, "i-" + "0" * 17)
+
+    assert len(longest) <= 1024
