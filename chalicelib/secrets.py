@@ -9,11 +9,12 @@ A missing or empty token is cached too, so a misconfigured fleet refuses every w
 turning each refused request into an SSM call; a failure to read is never cached: it is a
 ``SecretUnavailableError`` (503), and the next request reads SSM again.
 
-The signing parameter is written by ``fleetctl gitlab connect`` only once GitLab has confirmed that it signs the
-hook's deliveries (``signing_token_present: true``; GitLab before 19.0, or with its ``webhook_signing_token`` flag
-off, ignores the secret). So a configured signing parameter that does not exist means "GitLab does not sign":
-the token alone is checked. One that exists but is blank is a broken secret and refuses every request
-(``signing_required`` without a ``signing_secret``); one that cannot be read is a 503, never a downgrade.
+The signing parameter is written by ``fleetctl gitlab connect`` from GitLab's answer: the secret once GitLab has
+confirmed that it signs the hook's deliveries (``signing_token_present: true``), or the word ``unsigned``
+(:data:`UNSIGNED`) when GitLab ignored the secret (before 19.0, or with its ``webhook_signing_token`` flag off):
+only then is the token alone checked. A configured signing parameter that is missing (connect never ran, or a
+name mistyped) or blank refuses every request (``signing_required`` without a ``signing_secret``), and one that
+cannot be read is a 503: none of them is ever a silent downgrade to the token alone.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from chalicelib.errors import SecretUnavailableError
 
 DEFAULT_MAX_AGE_SECONDS = 60
+# The signing parameter's value when GitLab does not sign this fleet's hook: check X-Gitlab-Token alone.
+UNSIGNED = "unsigned"
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,12 @@ class WebhookSecretSource:
         unaccounted = [name for name in names if name not in values and name not in missing]
         if unaccounted:
             raise SecretUnavailableError(f"SSM answered neither a value nor 'missing' for {unaccounted}")
-        signing_set = self._signing_parameter is not None and self._signing_parameter not in missing
+        signing = _secret(values.get(self._signing_parameter)) if self._signing_parameter else None
+        unsigned = self._signing_parameter is None or signing == UNSIGNED
         return WebhookSecrets(
             token=_secret(values.get(self._token_parameter)),
-            signing_secret=_secret(values.get(self._signing_parameter)) if signing_set else None,
-            signing_required=signing_set,
+            signing_secret=None if unsigned else signing,
+            signing_required=not unsigned,
         )
 
 

@@ -8,8 +8,9 @@ Signed webhooks exist only on GitLab 19.0 and later, behind the ``webhook_signin
 older GitLab, or one with the flag off, accepts ``signing_token`` and silently ignores it (gitlab-org/gitlab
 !231325). So when the stage names a signing parameter, connect sends a signing secret and believes only
 GitLab's answer: the secret is stored in SSM (where the webhook then requires signatures) only once the hook
-says ``signing_token_present: true``. Otherwise the parameter is left unset (or deleted, when GitLab stopped
-honouring it), the webhook keeps checking ``X-Gitlab-Token`` alone, and connect says why.
+says ``signing_token_present: true``. Otherwise the parameter says ``unsigned`` (its description says why), the
+webhook checks ``X-Gitlab-Token`` alone, and connect says why. Until connect has written one of the two, a
+configured signing parameter is missing and the webhook refuses every delivery: it never guesses.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig
+from chalicelib.secrets import UNSIGNED
 from fleetctl.gitlab_token import CONNECT_NEEDS, check_token
 
 SIGNING_FLAG = "webhook_signing_token"
@@ -132,6 +134,8 @@ def connect(
         hook = connect_project_hook(gitlab_url, gitlab_token, project_id, webhook_url, token, ssl_verify=ssl_verify)
         return ConnectResult(hook, "not configured: the stage names no webhook.signing_secret_parameter")
     stored = _read(ssm, parameter)
+    if stored == UNSIGNED:
+        stored = None
     # GitLab never returns a signing secret, so re-sending the stored one is what keeps the two equal.
     candidate = stored or signing_factory()
     hook = connect_project_hook(
@@ -143,11 +147,17 @@ def connect(
             # value, which the webhook treats as a broken secret, is replaced.)
             ssm.put_parameter(Name=parameter, Value=candidate, Type="SecureString", Overwrite=True)
         return ConnectResult(hook, "signed")
-    if stored is not None:
-        # GitLab stopped signing (flag turned off, or an older GitLab): a webhook still requiring signatures
-        # would refuse every delivery, and GitLab disables a hook that keeps failing.
-        ssm.delete_parameter(Name=parameter)
-    return ConnectResult(hook, signing_unavailable_reason(hook.signing_token_present))
+    # GitLab does not sign (or stopped: flag turned off, an older GitLab): a webhook requiring signatures would
+    # refuse every delivery, and GitLab disables a hook that keeps failing. Say so explicitly, and why.
+    reason = signing_unavailable_reason(hook.signing_token_present)
+    ssm.put_parameter(
+        Name=parameter,
+        Value=UNSIGNED,
+        Type="SecureString",
+        Overwrite=True,
+        Description=f"GitLab does not sign: {reason}"[:1024],
+    )
+    return ConnectResult(hook, reason)
 
 
 def _read(ssm: Any, name: str) -> str | None:

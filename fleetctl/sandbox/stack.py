@@ -161,6 +161,7 @@ class Sandbox:
 
         from chalicelib import runtime
         from chalicelib.aws import error_code
+        from chalicelib.secrets import UNSIGNED
 
         assert self.config is not None
         ssm = runtime.aws().ssm
@@ -174,6 +175,8 @@ class Sandbox:
             except ClientError as exc:
                 if key == "token" or error_code(exc) != "ParameterNotFound":
                     raise
+        if found.get("signing") == UNSIGNED:
+            del found["signing"]
         return found
 
     def exports(self) -> dict[str, str]:

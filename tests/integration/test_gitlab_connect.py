@@ -14,6 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from chalicelib.secrets import UNSIGNED
 from fleetctl.cli import main
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 
@@ -149,9 +150,10 @@ def delivered_statuses(stack: Sandbox) -> set[int | None]:
 
 def test_on_gitlab_before_19_signing_stays_off_and_deliveries_are_accepted(old_gitlab: Sandbox) -> None:
     # given the stage names a signing parameter; the sandbox connected the hook at start
-    # then connect said why signing is off, stored no secret, and GitLab's unsigned deliveries are accepted
+    # then connect said why signing is off, stored no secret but "unsigned", and unsigned deliveries are accepted
     assert "signed webhooks need GitLab 19.0 or later" in old_gitlab.signing
     assert "signing" not in old_gitlab.secrets()
+    assert signing_parameter(old_gitlab) == UNSIGNED
     assert delivered_statuses(old_gitlab) == {200}
 
 
@@ -161,6 +163,7 @@ def test_on_gitlab_19_signing_follows_the_feature_flag(gitlab_19: Sandbox) -> No
     # given GitLab 19.0 with the webhook_signing_token flag off: connect at start said so, stored nothing
     assert "webhook_signing_token feature flag is off" in gitlab_19.signing
     assert "signing" not in gitlab_19.secrets()
+    assert signing_parameter(gitlab_19) == UNSIGNED
     assert delivered_statuses(gitlab_19) == {200}
 
     # when an administrator enables the flag and the operator connects again
@@ -174,3 +177,9 @@ def test_on_gitlab_19_signing_follows_the_feature_flag(gitlab_19: Sandbox) -> No
     assert delivered_statuses(gitlab_19) == {200}
     signed = [d for d in gitlab_19.gitlab.deliveries if d.event == "Job Hook"][-1]
     assert signed.status_code == 200
+
+
+def signing_parameter(stack: Sandbox) -> str:
+    from chalicelib import runtime
+
+    return str(runtime.aws().ssm.get_parameter(Name=SIGNING_PARAMETER, WithDecryption=True)["Parameter"]["Value"])

@@ -1,7 +1,8 @@
 """The webhook's secrets, over real HTTP to the served app, with SSM on moto server and faults at the wire.
 
 A configured signing secret that cannot be read refuses every request (never a downgrade to the token alone), and
-so does one left blank; one never written (GitLab does not sign) leaves the token check alone;
+so does one left blank or never written; one that says ``unsigned`` (GitLab does not sign) leaves the token check
+alone;
 an SSM failure is a 503 that is not cached, so the next delivery succeeds once SSM is back; only a parameter SSM
 reports as missing is "not configured", and that answer is cached.
 """
@@ -21,6 +22,7 @@ import pytest
 import requests
 
 from chalicelib.config import CONFIG_ENV_VAR
+from chalicelib.secrets import UNSIGNED
 from chalicelib.settings import WEBHOOK_SIGNING_PARAMETER
 from chalicelib.signing import sign
 from tests.faults import WireFaults
@@ -86,10 +88,22 @@ def signing_configured(webhook: Webhook, monkeypatch: pytest.MonkeyPatch, tmp_pa
 # -- a configured signing secret that cannot be used refuses every request ---------------------------------------
 
 
-def test_a_configured_signing_parameter_not_written_yet_checks_the_token_alone(signing_configured: Webhook) -> None:
-    """``fleetctl gitlab connect`` writes the parameter only once GitLab signs the hook's deliveries (GitLab 19.0
-    with the webhook_signing_token flag, gitlab-org/gitlab!231325); until then GitLab sends the token alone."""
-    # given the parameter is configured but was never created
+def test_a_configured_signing_parameter_never_written_refuses_even_the_right_token(signing_configured: Webhook) -> None:
+    """A stage that names a signing parameter asked for signed deliveries: until ``fleetctl gitlab connect`` has
+    written either the secret or ``unsigned``, nothing says GitLab does not sign, so nothing is accepted."""
+    # given the parameter is configured but was never created (connect not run yet, or a mistyped name)
+    # when GitLab sends the right token unsigned, and signed with some secret
+    answers = [signing_configured.post().status_code, signing_configured.post(signed_with=SOME_SECRET).status_code]
+    # then both are refused: never a silent downgrade to the token alone
+    assert answers == [401, 401]
+    assert signing_configured.queued() == []
+
+
+def test_a_signing_parameter_marked_unsigned_checks_the_token_alone(signing_configured: Webhook) -> None:
+    """What connect writes when GitLab ignores ``signing_token`` (before 19.0, or 19.0 with the
+    webhook_signing_token flag off, gitlab-org/gitlab!231325): GitLab then sends the token alone."""
+    # given connect found that GitLab does not sign
+    signing_configured.ssm.put_parameter(Name=SIGNING_PARAMETER, Value=UNSIGNED, Type="SecureString")
     # when GitLab sends the right token unsigned, and someone a wrong token
     right, wrong = signing_configured.post(), signing_configured.post(token="not-the-token")
     # then
