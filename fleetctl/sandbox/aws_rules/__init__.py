@@ -3,8 +3,9 @@ documentation it encodes. ``default_rules`` is the chain every local AWS runs, o
 
 from __future__ import annotations
 
+from fleetctl.sandbox.aws_rules.ssm import ParameterStoreThroughput
 from fleetctl.sandbox.aws_shim import Rule
 
 
 def default_rules() -> list[Rule]:
-    return []
+    return [ParameterStoreThroughput()]
