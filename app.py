@@ -39,13 +39,11 @@ def gitlab_webhook() -> Response:
 @app.on_sqs_message(queue=jobs_queue_name(), batch_size=50, maximum_batching_window_in_seconds=1)
 def scale_up(event: SQSEvent) -> None:
     # Raising fails the whole batch back to SQS; every job-level failure is re-queued by scale_up itself.
-    account = runtime.account_of(event.context)
-    runtime.scale_up(account).handle_messages(record.body for record in event)
+    runtime.scale_up().handle_messages(record.body for record in event)
 
 
 @app.on_cw_event({"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-change Notification"]})
 def instance_state(event: CloudWatchEvent) -> None:
     from chalicelib.instances import parse_state_change
 
-    account = runtime.account_of(event.context)
-    runtime.instance_events(account).handle(parse_state_change(event.to_dict()))
+    runtime.instance_events().handle(parse_state_change(event.to_dict()))

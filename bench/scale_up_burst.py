@@ -14,10 +14,11 @@ Counted, for every launched runner:
 * GitLab API calls per launched runner made by scale-up (GET job, POST /user/runners, GET /runners/all, POST
   reset_authentication_token; target at most TARGET_GITLAB_CALLS_PER_RUNNER), from the emulator's own count,
   and every GitLab API call (instance-state's runner deletions too);
-* DynamoDB, SSM, EC2 and SQS calls by operation, from a botocore ``before-call`` handler on the app's own
-  clients (``runtime.aws()``), split by who made them: the webhook (``WebhookIntake.handle``), scale-up and
-  instance-state (the pump's handler invocations), and the pump itself (ReceiveMessage and DeleteMessageBatch,
-  which Lambda's event-source mapping makes in AWS).
+* DynamoDB, SSM, IAM, EC2 and SQS calls by operation (runner tokens are DynamoDB items; SSM holds only the
+  GitLab token, IAM answers the runner role's id once per process), from a botocore ``before-call`` handler on
+  the app's own clients (``runtime.aws()``), split by who made them: the webhook (``WebhookIntake.handle``),
+  scale-up and instance-state (the pump's handler invocations), and the pump itself (ReceiveMessage and
+  DeleteMessageBatch, which Lambda's event-source mapping makes in AWS).
 
 How it watches, without changing any code: the split wraps two objects of this process at run time (the
 webhook intake's ``handle`` and the pump's ``_invoke``) to tag the calling thread; progress is read from the
@@ -72,7 +73,7 @@ SCALE_UP_ROUTES = (
     ("GET", "/runners/all"),
     ("POST", "/runners/:id/reset_authentication_token"),
 )
-COUNTED_SERVICES = ("dynamodb", "ssm", "ec2", "sqs")
+COUNTED_SERVICES = ("dynamodb", "ssm", "ec2", "sqs", "iam")
 SIDES = ("webhook", "scale_up", "instance_state", "pump", "other")
 
 
@@ -342,7 +343,6 @@ class Burst:
 
     def start(self) -> None:
         from chalicelib import runtime
-        from fleetctl.sandbox.pump import ACCOUNT_ID
 
         began = time.perf_counter()
         self.stack.start()
@@ -360,7 +360,7 @@ class Burst:
         self.stack.pump._invoke = lambda name, handler, event: counter.acting_as(
             name, lambda: invoke(name, handler, event)
         )
-        self.progress.attach(runtime.aws().ec2, runtime.scale_up(ACCOUNT_ID))
+        self.progress.attach(runtime.aws().ec2, runtime.scale_up())
         self.stages["sandbox start"] = time.perf_counter() - began
 
     def run(self) -> BurstResult:
@@ -669,6 +669,7 @@ def main() -> None:
         "dynamodb_calls": operations(aws, "dynamodb"),
         "dynamodb_in_call_s": round(_busy(fill, "dynamodb") + _busy(tail, "dynamodb"), 1),
         "ssm_calls": operations(aws, "ssm"),
+        "iam_calls": operations(aws, "iam"),
         "ec2_calls": operations(aws, "ec2"),
         "sqs_calls": operations(aws, "sqs"),
         "dynamodb_per_runner": round(_per(by_service(aws, "dynamodb"), instances), 2),

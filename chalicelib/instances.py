@@ -96,8 +96,8 @@ class InstanceEvents:
             return "terminated" if termination.newly else "already terminated"
         # Ours in AWS first (the record and lease above, the token here), GitLab last: a GitLab outage then
         # leaves only the GitLab runner, named on the record, for a retried event (or reconciliation, not built yet).
-        if record.token_cleanup:
-            self._tokens.delete(instance_id)
+        if record.token_cleanup and record.token_key:
+            self._tokens.delete(record.token_key)
         runner_id = record.gitlab_runner_id
         if record.gitlab_cleanup and runner_id is not None:
             try:

@@ -12,19 +12,6 @@ FLEET_TAG = "runner-fleet:fleet"
 POOL_TAG = "runner-fleet:pool"
 # Scale-up tags each instance with the launch that made it, so a retried launch can find and adopt it.
 LAUNCH_TAG = "runner-fleet:launch-id"
-# Scale-up tags each token parameter with the ARN of the instance it belongs to; the instance role may read
-# and delete a token only when this tag equals the calling instance's own ARN (see fleetctl/iam_policies.py).
-INSTANCE_ARN_TAG = "runner-fleet:instance-arn"
-
-
-def runner_token_prefix(fleet: str) -> str:
-    """The SSM path under which every runner token of a fleet lives (the instance appends its own id)."""
-    return f"/runner-fleet/{fleet}/runners/"
-
-
-def runner_token_parameter(fleet: str, instance_id: str) -> str:
-    """The SSM SecureString holding the GitLab runner token of one instance."""
-    return runner_token_prefix(fleet) + instance_id
 
 
 def runner_description(fleet: str, pool: str, instance_id: str) -> str:

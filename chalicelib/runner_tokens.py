@@ -1,49 +1,89 @@
-"""Each runner instance's GitLab token, in an SSM SecureString that only that instance may read.
+"""Each runner instance's GitLab token, in a fleet-table item that only that instance may read and delete.
 
-The parameter is named after the instance id (the instance derives the name from its own metadata, so user data
-never carries it) and tagged with the instance's ARN; the instance role allows GetParameter and DeleteParameter
-only where that tag equals ``${ec2:SourceInstanceARN}``. The boot script reads the token once and deletes it.
+Why DynamoDB and not Parameter Store: Parameter Store takes about 3 PutParameter calls a second per account and
+Region (standard throughput; 10 with higher throughput), so one token parameter per launched instance throttles
+a burst of a few launches a second. A DynamoDB item is written at the table's own, far higher rate.
+
+The key. For a role assigned to an EC2 instance, IAM sets the request's ``aws:userid`` to ``<role id>:<instance
+id>`` (IAM User Guide, "IAM policy elements: Variables and tags", "Request information that you can use for policy
+variables"): EC2 names the role session after the instance, and the runner role trusts only EC2, so no one else can
+choose that session name. The item's key is ``TOKEN#<role id>:<instance id>`` and the instance role may
+``GetItem`` and ``DeleteItem`` only where ``dynamodb:LeadingKeys`` equals ``TOKEN#${aws:userid}``
+(``fleetctl/iam_policies.py``). The instance learns its own ``aws:userid`` as the ``UserId`` of
+``sts:GetCallerIdentity``, which needs no permission; user data names only the table.
+
+The role id (``AROA...``) exists only once bootstrap has made the role, and changes if the role is made again;
+scale-up reads it with ``iam:GetRole`` on the runner role, once per process. The runner record keeps the item's
+key, so the instance-state handler deletes a token without asking IAM.
+
+At rest the token is encrypted by the table's server-side encryption (bootstrap creates the table with the KMS
+key ``aws/dynamodb``). The item expires by TTL a while after the pool's boot deadline, a backstop for the
+deletions that scale-up, the instance itself and the instance-state handler make.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
-from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
+from chalicelib.store import to_item, token_key
+
+# How long after its boot deadline an unread token may stay: TTL deletion is a backstop, never the first deletion.
+TOKEN_GRACE_SECONDS = 3600
 
 
-def instance_arn(region: str, account_id: str, instance_id: str) -> str:
-    return f"arn:aws:ec2:{region}:{account_id}:instance/{instance_id}"
+def session_user_id(role_id: str, instance_id: str) -> str:
+    """``aws:userid`` of the role session EC2 gives an instance of the role."""
+    return f"{role_id}:{instance_id}"
+
+
+class RunnerRole:
+    """The runner role's unique id, read with ``iam:GetRole`` on first use and kept for the process."""
+
+    def __init__(self, iam_client: Any, role_name: str) -> None:
+        self._iam = iam_client
+        self._role_name = role_name
+        self._role_id: str | None = None
+        self._lock = threading.Lock()
+
+    def role_id(self) -> str:
+        if self._role_id is None:
+            with self._lock:
+                if self._role_id is None:
+                    self._role_id = str(self._iam.get_role(RoleName=self._role_name)["Role"]["RoleId"])
+        return self._role_id
 
 
 class RunnerTokens:
-    def __init__(self, ssm_client: Any, fleet: str, region: str, account_id: str) -> None:
-        self._ssm = ssm_client
-        self._fleet = fleet
-        self._region = region
-        self._account_id = account_id
+    def __init__(self, dynamodb_client: Any, table: str, role: RunnerRole | None = None) -> None:
+        self._dynamodb = dynamodb_client
+        self._table = table
+        self._role = role
 
-    def put(self, instance_id: str, token: str) -> str:
-        """Store (or, after a token reset, replace) an instance's token; returns the parameter name."""
-        name = runner_token_parameter(self._fleet, instance_id)
-        arn = instance_arn(self._region, self._account_id, instance_id)
-        try:
-            # SSM refuses Tags together with Overwrite, so the first write tags and a replacement overwrites.
-            self._ssm.put_parameter(
-                Name=name, Value=token, Type="SecureString", Tags=[{"Key": INSTANCE_ARN_TAG, "Value": arn}]
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ParameterAlreadyExists":
-                raise
-            self._ssm.put_parameter(Name=name, Value=token, Type="SecureString", Overwrite=True)
-        return name
+    def learn_role(self) -> str:
+        """The runner role's id, read now if not yet known (a ``ClientError`` when IAM refuses or fails)."""
+        if self._role is None:
+            raise RuntimeError("token keys are derived by scale-up, which knows the runner role")
+        return self._role.role_id()
 
-    def delete(self, instance_id: str) -> None:
+    def key(self, instance_id: str) -> str:
+        """The item key of an instance's token (scale-up's side only)."""
+        return token_key(session_user_id(self.learn_role(), instance_id))
+
+    def put(self, key: str, instance_id: str, token: str, expires_at: float) -> None:
+        """Store (or, after a token reset, replace) an instance's token under ``key``."""
+        item = {"pk": key, "kind": "token", "instance_id": instance_id, "token": token, "ttl": int(expires_at)}
+        self._dynamodb.put_item(TableName=self._table, Item=to_item(item))
+
+    def delete(self, key: str) -> None:
+        """Delete a token; one already gone (read by its instance, or deleted before) counts as deleted."""
         try:
-            self._ssm.delete_parameter(Name=runner_token_parameter(self._fleet, instance_id))
+            self._dynamodb.delete_item(TableName=self._table, Key={"pk": {"S": key}})
         except ClientError as exc:
-            if error_code(exc) != "ParameterNotFound":
+            # DeleteItem of a missing item succeeds; a refused condition cannot happen without one. Anything
+            # else is a real failure, for the caller's retry.
+            if error_code(exc) != "ConditionalCheckFailedException":
                 raise

@@ -109,14 +109,15 @@ def gitlab_api() -> GitLabApi:
 
 
 @functools.cache
-def runner_tokens(account_id: str) -> RunnerTokens:
+def runner_tokens() -> RunnerTokens:
+    """The token store as the instance-state handler uses it: deleting by the key a runner record names."""
     from chalicelib.runner_tokens import RunnerTokens
 
-    return RunnerTokens(aws().ssm, config().fleet, str(aws().ssm.meta.region_name), account_id)
+    return RunnerTokens(aws().dynamodb, webhook_settings().table)
 
 
 @functools.cache
-def scale_up(account_id: str) -> ScaleUp:
+def scale_up() -> ScaleUp:
     from chalicelib.scale_up import build_scale_up
     from chalicelib.scaling import RetryPolicy
 
@@ -124,20 +125,14 @@ def scale_up(account_id: str) -> ScaleUp:
         base_delay=float(os.environ.get("RUNNER_FLEET_RETRY_BASE_SECONDS", "4")),
         lease_wait=float(os.environ.get("RUNNER_FLEET_LEASE_WAIT_SECONDS", "20")),
     )
-    return build_scale_up(config(), aws(), gitlab_api(), account_id, policy=policy)
+    return build_scale_up(config(), aws(), gitlab_api(), policy=policy)
 
 
 @functools.cache
-def instance_events(account_id: str) -> InstanceEvents:
+def instance_events() -> InstanceEvents:
     from chalicelib.instances import InstanceEvents
 
-    return InstanceEvents(store(), gitlab_api(), runner_tokens(account_id))
-
-
-def account_of(context: object) -> str:
-    """The AWS account id, from the Lambda context's function ARN (arn:aws:lambda:region:account:function:name)."""
-    parts = str(getattr(context, "invoked_function_arn", "")).split(":")
-    return parts[4] if len(parts) > 4 else ""
+    return InstanceEvents(store(), gitlab_api(), runner_tokens())
 
 
 def reset() -> None:

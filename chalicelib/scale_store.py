@@ -89,7 +89,7 @@ class RunnerRecord:
     subnet_id: str | None = None
     launched_at: float = 0.0
     boot_deadline_at: float = 0.0
-    token_parameter: str = ""
+    token_key: str = ""  # the fleet-table item holding its GitLab runner token (chalicelib.runner_tokens)
     gitlab_runner_id: int | None = None
     state: RunnerState = RunnerState.BOOTING
     lease: bool = False  # holds one of its pool's leases
@@ -114,7 +114,7 @@ class RunnerRecord:
             subnet_id=values.get("subnet_id"),
             launched_at=float(values.get("launched_at", 0)),
             boot_deadline_at=float(values.get("boot_deadline_at", 0)),
-            token_parameter=str(values.get("token_parameter", "")),
+            token_key=str(values.get("token_key", "")),
             gitlab_runner_id=int(runner_id) if runner_id is not None else None,
             state=RunnerState(values.get("state", RunnerState.BOOTING.value)),
             lease=bool(values.get("lease", False)),
@@ -138,7 +138,7 @@ class RunnerRecord:
                 "subnet_id": self.subnet_id,
                 "launched_at": self.launched_at,
                 "boot_deadline_at": self.boot_deadline_at,
-                "token_parameter": self.token_parameter,
+                "token_key": self.token_key,
                 "gitlab_runner_id": self.gitlab_runner_id,
                 "state": self.state.value,
                 "lease": True,

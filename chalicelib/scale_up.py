@@ -62,9 +62,9 @@ from chalicelib.fleet import (
 )
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.naming import launch_template_name, runner_description, runner_token_parameter
+from chalicelib.naming import instance_profile_name, launch_template_name, runner_description
 from chalicelib.observability import count, logger
-from chalicelib.runner_tokens import RunnerTokens
+from chalicelib.runner_tokens import TOKEN_GRACE_SECONDS, RunnerRole, RunnerTokens
 from chalicelib.scale_store import Claim, ClaimOutcome, LaunchRecord, RunnerRecord, ScaleStore
 from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
 
@@ -156,6 +156,8 @@ class ScaleUp:
 
     def handle(self, jobs: Sequence[QueuedJob]) -> BatchReport:
         report = BatchReport()
+        if jobs and not self._knows_runner_role(jobs, report):
+            return report
         pools = {pool.name for pool in self._config.pools}
         waiting = [job for job in jobs if job.pool in pools]
         fresh = [job for job in jobs if job.pool not in pools]
@@ -167,6 +169,19 @@ class ScaleUp:
             self._scale_pool(self._config.pool(pool_name), items, report)
         logger.info("scale-up batch done", extra={"outcomes": report.as_dict(), "jobs": len(jobs)})
         return report
+
+    def _knows_runner_role(self, jobs: Sequence[QueuedJob], report: BatchReport) -> bool:
+        """Every token's key needs the runner role's id; without it nothing is launched (an instance whose token
+        could not be handed over would only hold a lease), and the jobs come back later."""
+        try:
+            self._tokens.learn_role()
+        except ClientError as exc:
+            reason = f"reading the runner role failed with {error_code(exc) or 'UnknownError'}"
+            logger.error("runner role unreadable; batch re-queued", extra={"reason": reason})
+            for job in jobs:
+                self._retry(job, None, reason, report)
+            return False
+        return True
 
     def _read_and_match(self, jobs: Sequence[QueuedJob], report: BatchReport) -> list[_Matched]:
         with ThreadPoolExecutor(max_workers=min(GITLAB_WORKERS, max(1, len(jobs)))) as pool:
@@ -445,7 +460,7 @@ class ScaleUp:
         failures = [identity.reason for identity in identities.values() if isinstance(identity, RetryableError)]
         created = {i: identity for i, identity in identities.items() if isinstance(identity, RunnerCredentials)}
         try:
-            ready += self._store_identities(created)
+            ready += self._store_identities(pool, created)
         except ClientError as exc:
             if not _transient(exc):
                 self._halt(pool, launch_id, items, exc, "storing runner tokens", report)
@@ -505,7 +520,7 @@ class ScaleUp:
                 subnet_id=i.subnet_id,
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
-                token_parameter=runner_token_parameter(self._config.fleet, i.instance_id),
+                token_key=self._tokens.key(i.instance_id),
             )
             for i in new
         ]
@@ -527,7 +542,7 @@ class ScaleUp:
         ]
         return alive, ready
 
-    def _store_identities(self, created: dict[str, RunnerCredentials]) -> list[str]:
+    def _store_identities(self, pool: PoolConfig, created: dict[str, RunnerCredentials]) -> list[str]:
         """Tokens, then identities, of new GitLab runners; returns the instances whose runner is now ready.
 
         The identity write is refused once the instance is terminated; the token and GitLab runner just made
@@ -536,9 +551,10 @@ class ScaleUp:
         """
         ready: list[str] = []
         left = dict(created)
+        expires_at = self._clock() + pool.boot_deadline_seconds + TOKEN_GRACE_SECONDS
         try:
             for instance_id, credentials in created.items():
-                self._tokens.put(instance_id, credentials.token)
+                self._tokens.put(self._tokens.key(instance_id), instance_id, credentials.token, expires_at)
                 if self._store.set_runner_identity(instance_id, credentials.runner_id):
                     ready.append(instance_id)
                 else:
@@ -582,7 +598,7 @@ class ScaleUp:
     def _discard_runner(self, instance_id: str, runner_id: int) -> None:
         """The instance was terminated while its runner was made: delete what was made for it."""
         logger.info("instance terminated before its runner was ready", extra={"instance_id": instance_id})
-        self._tokens.delete(instance_id)
+        self._tokens.delete(self._tokens.key(instance_id))
         try:
             self._gitlab.delete_runner(runner_id)
         except RetryableError as exc:
@@ -652,19 +668,20 @@ def build_scale_up(
     config: FleetConfig,
     aws: AwsClients,
     gitlab: GitLabApi,
-    account_id: str,
     *,
     policy: RetryPolicy | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ScaleUp:
-    """Scale-up wired to the fleet's table, queues, EC2 and SSM through ``aws``: the Lambda's and the tests' one
-    way to build it. ``account_id`` goes into the ARN each runner token is tagged with."""
+    """Scale-up wired to the fleet's table, queues, EC2 and the runner role through ``aws``: the Lambda's and the
+    tests' one way to build it."""
     return ScaleUp(
         config,
         ScaleStore(config.state.table, aws.dynamodb),
         gitlab,
         FleetLauncher(aws.ec2, config.fleet),
-        RunnerTokens(aws.ssm, config.fleet, str(aws.ssm.meta.region_name), account_id),
+        RunnerTokens(
+            aws.dynamodb, config.state.table, RunnerRole(aws.client("iam"), instance_profile_name(config.fleet))
+        ),
         JobQueue(aws.sqs, config.state.jobs_queue),
         JobQueue(aws.sqs, config.state.dead_letter_queue),
         policy=policy,

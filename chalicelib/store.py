@@ -1,6 +1,7 @@
 """The fleet table: one DynamoDB table holding jobs, runners, pools and images, keyed by kind.
 
-Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance id>``, ``LAUNCH#<launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``.
+Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance id>``, ``LAUNCH#<launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``,
+``TOKEN#<role id>:<instance id>`` (a runner's GitLab token, see ``chalicelib.runner_tokens``).
 A job item also remembers the webhook deliveries (and signed attempts) it has seen, for de-duplication, and
 expires by TTL: soon once finished, and long after its last event otherwise, since GitLab sends no Job Hook
 when it skips a job (a later stage after a failure) and such a record would never hear of its end. Every state
@@ -49,6 +50,11 @@ def runner_key(instance_id: str) -> str:
 
 def pool_key(pool: str) -> str:
     return f"POOL#{pool}"
+
+
+def token_key(session_user_id: str) -> str:
+    """The item holding a runner's token, keyed by its instance's ``aws:userid`` (``<role id>:<instance id>``)."""
+    return f"TOKEN#{session_user_id}"
 
 
 def attribute_value(value: Any) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 CreateFleet cannot override user data, and one CreateFleet call starts many instances, so user data belongs to
 the pool's launch template and says only what every instance of the pool shares: where GitLab is, which image
-to run, how many builds and how long to idle. Each instance finds its own token from its own identity (the SSM
-parameter named after its instance id, read through IMDSv2). The boot logic itself lives in the runner AMI
+to run, how many builds and how long to idle. Each instance finds its own token from its own identity: the
+fleet-table item ``TOKEN#<aws:userid>``, its role session's user id as ``sts:GetCallerIdentity`` answers it
+(see ``chalicelib.runner_tokens``). The boot logic itself lives in the runner AMI
 (``/opt/runner-fleet/boot``); an AMI without it powers the instance off rather than idle at our expense.
 
 User data runs as root on every instance, so the renderer does not trust config validation alone: a value that
@@ -18,7 +19,7 @@ import unicodedata
 
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import ConfigError
-from chalicelib.naming import runner_token_prefix
+from chalicelib.store import token_key
 
 BOOT_SCRIPT = "/opt/runner-fleet/boot"
 SETTINGS_FILE = "/etc/runner-fleet/runner.env"
@@ -67,7 +68,8 @@ def render_user_data(config: FleetConfig, pool: PoolConfig, image: str) -> str:
     settings = (
         ("RUNNER_FLEET", "fleet", config.fleet),
         ("RUNNER_FLEET_POOL", f"{at}.name", pool.name),
-        ("RUNNER_FLEET_TOKEN_PREFIX", "fleet", runner_token_prefix(config.fleet)),
+        ("RUNNER_FLEET_TOKEN_TABLE", "state.table", config.state.table),
+        ("RUNNER_FLEET_TOKEN_KEY_PREFIX", "fleet", token_key("")),
         ("GITLAB_URL", "gitlab.url", config.gitlab.url),
         ("RUNNER_IMAGE", f"{at}.image", image),
         ("RUNNER_MAX_BUILDS", f"{at}.max_builds", str(pool.max_builds)),

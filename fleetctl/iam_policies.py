@@ -1,6 +1,6 @@
 """The runner instances' IAM policies, written by hand from the config: least privilege, no wildcard action.
 
-An instance can read and delete only its own token parameter, pull only its pools' CI images (push only to the
+An instance can read and delete only its own token item, pull only its pools' CI images (push only to the
 repositories of pools whose config says ``image.push: true``, each run by that pool alone), and use the cache
 bucket. It gets nothing on EC2: it leaves by powering off, and the
 launch template makes an instance-initiated shutdown terminate it.
@@ -11,9 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from chalicelib.config import FleetConfig
-from chalicelib.naming import INSTANCE_ARN_TAG, runner_token_parameter
+from chalicelib.store import token_key
 
 POLICY_VERSION = "2012-10-17"
+# IAM resolves this policy variable to the calling role session's unique id: "<role id>:<instance id>" for the
+# role of an EC2 instance (see chalicelib/runner_tokens.py).
+SESSION_USER_ID = "${aws:userid}"
 RUNNER_POLICY_NAME = "runner-instance"
 
 ECR_PULL_ACTIONS = ("ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer")
@@ -43,7 +46,6 @@ def ec2_trust_policy() -> Policy:
 
 def runner_instance_policy(config: FleetConfig) -> Policy:
     """The inline policy of the runner role."""
-    token_parameters = "arn:aws:ssm:*:*:parameter" + runner_token_parameter(config.fleet, "*")
     pulled = sorted({pool.image.repository for pool in config.pools})
     # Push is a per-pool opt-in, never implied by privileged: config validation refuses push to a repository
     # another pool runs, so no pool's jobs can replace the image another pool's jobs run in.
@@ -52,15 +54,15 @@ def runner_instance_policy(config: FleetConfig) -> Policy:
         {
             "Sid": "OwnRunnerTokenOnly",
             "Effect": "Allow",
-            "Action": ["ssm:DeleteParameter", "ssm:GetParameter"],
-            "Resource": token_parameters,
-            # ec2:SourceInstanceARN is the ARN of the instance whose role credentials sign the request, so an
-            # instance matches only the parameter scale-up tagged with its own ARN. AWS documents the key in the
-            # Amazon EC2 User Guide, "Identity-based policies for Amazon EC2", section "ec2:SourceInstanceARN
-            # condition key": it specifies "the ARN of the instance from which a request is made" and is "an
-            # AWS global condition key", usable with services other than EC2 (here SSM). SecureStrings use the
-            # AWS-managed aws/ssm key, whose key policy already allows decryption through SSM.
-            "Condition": {"StringEquals": {f"ssm:resourceTag/{INSTANCE_ARN_TAG}": "${ec2:SourceInstanceARN}"}},
+            "Action": ["dynamodb:DeleteItem", "dynamodb:GetItem"],
+            "Resource": f"arn:aws:dynamodb:*:*:table/{config.state.table}",
+            # dynamodb:LeadingKeys is the partition key of the item the request touches (DynamoDB developer
+            # guide, "Using IAM policy conditions for fine-grained access control"). ForAllValues:StringEquals
+            # on TOKEN#${aws:userid} matches only the item keyed by the calling session's own user id, which
+            # for an instance is "<role id>:<its instance id>": no instance reaches another's token, nor any
+            # other item of the table. The table's server-side encryption uses the AWS-managed aws/dynamodb key,
+            # whose key policy already allows its use through DynamoDB.
+            "Condition": {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [token_key(SESSION_USER_ID)]}},
         },
         {
             # GetAuthorizationToken has no resource-level permission; the token grants only what the other

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from chalicelib.config import FleetConfig
-from chalicelib.naming import FLEET_TAG, instance_profile_name, runner_token_parameter
-from chalicelib.store import job_key, pool_key, runner_key
+from chalicelib.naming import FLEET_TAG, instance_profile_name
+from chalicelib.store import job_key, launch_key, pool_key, runner_key, token_key
 
 POLICY_VERSION = "2012-10-17"
 CHALICE_DIR = Path(__file__).resolve().parents[1] / ".chalice"
@@ -158,6 +158,11 @@ def job_key_pattern() -> str:
     return _key_pattern(lambda _: job_key(1, 2))
 
 
+def _token_items() -> dict[str, dict[str, list[str]]]:
+    """Only runner token items (``TOKEN#*``)."""
+    return {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [_key_pattern(token_key)]}}
+
+
 def _key_pattern(key: Callable[[str], str]) -> str:
     """``KIND#*`` for one of the store's key functions: the prefix it puts before the item's own name."""
     built = key("x")
@@ -182,19 +187,31 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
         # A job out of attempts, or a message that is not a job, goes to the dead-letter queue.
         Grant("DeadLetterJobs", ("sqs:GetQueueUrl", "sqs:SendMessage"), (_queue_arn(config.state.dead_letter_queue),)),
         # Claims, leases, launches and runner records. Transactions are authorized per item as these actions.
+        # Never the token items: scale-up writes runner tokens but has no need to read one back.
         Grant(
             "FleetTable",
             ("dynamodb:BatchGetItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"),
             (_table_arn(config),),
+            {
+                "ForAllValues:StringLike": {
+                    "dynamodb:LeadingKeys": [job_key_pattern()]
+                    + [_key_pattern(k) for k in (launch_key, pool_key, runner_key)]
+                }
+            },
         ),
         # The GitLab API token that creates runners.
         Grant("ReadGitLabToken", ("ssm:GetParameter",), (_parameter_arn(config.gitlab.token_parameter),)),
-        # Each instance's runner token, tagged at creation with the instance ARN (PutParameter with Tags needs
-        # AddTagsToResource too); deleted again when the instance terminated while its runner was being made.
+        # Each instance's runner token, handed over in its own item (chalicelib/runner_tokens.py); deleted again
+        # when the instance terminated while its runner was being made.
         Grant(
-            "WriteRunnerTokens",
-            ("ssm:AddTagsToResource", "ssm:DeleteParameter", "ssm:PutParameter"),
-            (_parameter_arn(runner_token_parameter(config.fleet, "*")),),
+            "HandOverRunnerTokens", ("dynamodb:DeleteItem", "dynamodb:PutItem"), (_table_arn(config),), _token_items()
+        ),
+        # A token item's key holds the runner role's unique id (the instance's aws:userid is "<role id>:<instance
+        # id>"), which exists only once bootstrap made the role; read once per cold start.
+        Grant(
+            "ReadRunnerRoleId",
+            ("iam:GetRole",),
+            (f"arn:aws:iam::*:role/{instance_profile_name(config.fleet)}",),
         ),
         # Launching: scoped per the Service Authorization Reference ("Actions, resources, and condition keys for
         # Amazon EC2": the resource types and condition keys of CreateFleet and RunInstances) and the EC2 User
@@ -288,11 +305,7 @@ def instance_state_grants(config: FleetConfig) -> list[Grant]:
             "first; a Lambda container of instance-state reads it on its first termination",
         ),
         # A terminated instance's token, if it never read (and deleted) it itself.
-        Grant(
-            "DeleteUnreadRunnerTokens",
-            ("ssm:DeleteParameter",),
-            (_parameter_arn(runner_token_parameter(config.fleet, "*")),),
-        ),
+        Grant("DeleteUnreadRunnerTokens", ("dynamodb:DeleteItem",), (_table_arn(config),), _token_items()),
     ]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -150,6 +151,8 @@ class Recorder:
             yield action, "*", (), ""
         elif prefix == "ec2" and operation == "CreateFleet":
             yield from self._create_fleet(client, region, params)
+        elif prefix == "iam" and operation == "GetRole":
+            yield action, f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{params['RoleName']}", (), ""
         else:
             yield action, "?", (), f"no translation of {action} into IAM resources"
 
@@ -393,11 +396,26 @@ class UnknownCondition(Exception):
     """A condition operator or key this evaluator cannot judge: the statement does not allow the request."""
 
 
+_POLICY_VARIABLE = re.compile(r"\$\{([^}]+)\}")
+
+
+def _resolve_variables(value: str, context: Mapping[str, tuple[str, ...]]) -> str:
+    """A policy variable (``${aws:userid}``) replaced by the request's single value for that key."""
+
+    def value_of(match: re.Match[str]) -> str:
+        found = context.get(match.group(1))
+        if not found or len(found) != 1:
+            raise UnknownCondition(f"policy variable {match.group(0)} has no single value in the request")
+        return found[0]
+
+    return _POLICY_VARIABLE.sub(value_of, value)
+
+
 def _condition_holds(operator: str, key: str, wanted: list[Any], context: Mapping[str, tuple[str, ...]]) -> bool:
     if key not in context:
         raise UnknownCondition(f"condition key {key} is not derived from the call")
     have = context[key]
-    wanted_text = [str(w).lower() if isinstance(w, bool) else str(w) for w in wanted]
+    wanted_text = [_resolve_variables(str(w).lower() if isinstance(w, bool) else str(w), context) for w in wanted]
     quantifier, _, base = operator.rpartition(":")
     compare = {
         "StringEquals": lambda p, v: p == v,

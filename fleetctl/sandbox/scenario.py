@@ -70,7 +70,6 @@ def _fleet_instances(ec2: Any, fleet: str) -> list[dict[str, Any]]:
 
 def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
     from chalicelib import runtime
-    from chalicelib.naming import runner_token_parameter
     from chalicelib.store import pool_key
     from fleetctl.sandbox.ec2_events import terminate_instances
 
@@ -98,13 +97,8 @@ def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
         ec2 = runtime.aws().ec2
         instances = [i for i in _fleet_instances(ec2, stack.config.fleet) if i["state"] != "terminated"]
         runners = stack.gitlab.runners()
-        token_prefix = runner_token_parameter(stack.config.fleet, "")
-        tokens = [
-            p["Name"]
-            for page in runtime.aws().ssm.get_paginator("get_parameters_by_path").paginate(Path=token_prefix)
-            for p in page["Parameters"]
-            if p["Type"] == "SecureString"
-        ]
+        # Each runner's token item (its key only: the value stays out of the demo's output).
+        tokens = [item["pk"] for item in store.scan("token")]
 
         jobs_table = Table("job", "tags", "outcome")
         for spec, job_id in zip(specs, job_ids, strict=True):

@@ -18,11 +18,9 @@ from chalicelib.aws import AwsClients
 from chalicelib.config import FleetConfig, parse_config
 from chalicelib.naming import (
     FLEET_TAG,
-    INSTANCE_ARN_TAG,
     POOL_TAG,
     instance_profile_name,
     launch_template_name,
-    runner_token_parameter,
 )
 from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, PlanRefusedError, Verb
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, runner_instance_policy
@@ -659,10 +657,10 @@ def _as_list(value: str | list[str]) -> list[str]:
 def test_policy_token_statement_is_bound_to_the_calling_instance() -> None:
     token = _statements(parse_config(config_document()))["OwnRunnerTokenOnly"]
 
-    assert sorted(_as_list(token["Action"])) == ["ssm:DeleteParameter", "ssm:GetParameter"]
-    assert token["Resource"] == f"arn:aws:ssm:*:*:parameter/runner-fleet/{FLEET}/runners/*"
-    assert token["Resource"].endswith(runner_token_parameter(FLEET, "*"))
-    assert token["Condition"] == {"StringEquals": {f"ssm:resourceTag/{INSTANCE_ARN_TAG}": "${ec2:SourceInstanceARN}"}}
+    document = config_document()
+    assert sorted(_as_list(token["Action"])) == ["dynamodb:DeleteItem", "dynamodb:GetItem"]
+    assert token["Resource"] == f"arn:aws:dynamodb:*:*:table/{document['state']['table']}"
+    assert token["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["TOKEN#${aws:userid}"]}}
 
 
 def test_policy_pushes_only_to_the_repositories_of_pools_that_push() -> None:

@@ -23,9 +23,10 @@ import requests
 from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
-from chalicelib.naming import INSTANCE_ARN_TAG, runner_description, runner_token_parameter
+from chalicelib.naming import instance_profile_name, runner_description
 from chalicelib.observability import metrics
-from chalicelib.store import job_key, launch_key, pool_key, runner_key
+from chalicelib.runner_tokens import session_user_id
+from chalicelib.store import job_key, launch_key, pool_key, runner_key, token_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from tests.faults import SimulatedCrash, WireFaults
 
@@ -77,7 +78,6 @@ class Fleet:
             config or self.config,
             rt.aws(),
             rt.gitlab_api(),
-            ACCOUNT,
             policy=RetryPolicy(base_delay=1, lease_wait=1),
             **({"clock": clock} if clock else {}),
         )
@@ -137,12 +137,20 @@ class Fleet:
     def leases(self, pool: str) -> int:
         return int(self.record(pool_key(pool)).get("leases", 0))
 
+    def runner_role_id(self) -> str:
+        iam = self.runtime.aws().client("iam")
+        return str(iam.get_role(RoleName=instance_profile_name(self.config.fleet))["Role"]["RoleId"])
+
+    def token_key(self, instance_id: str) -> str:
+        """Where the instance looks for its token: its role session's aws:userid, "<role id>:<instance id>"."""
+        return token_key(session_user_id(self.runner_role_id(), instance_id))
+
     def token_of(self, instance_id: str) -> dict[str, Any]:
-        ssm = self.runtime.aws().ssm
-        name = runner_token_parameter(self.config.fleet, instance_id)
-        parameter = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
-        tags = ssm.list_tags_for_resource(ResourceType="Parameter", ResourceId=name)["TagList"]
-        return {**parameter, "tags": {t["Key"]: t["Value"] for t in tags}}
+        """The token item the instance would read (KeyError when there is none)."""
+        found = self.record(self.token_key(instance_id))
+        if not found:
+            raise KeyError(f"no token for {instance_id}")
+        return found
 
     def verify_runner_token(self, token: str) -> int:
         answer = requests.post(
@@ -155,11 +163,10 @@ class Fleet:
         from chalicelib.instances import parse_state_change
 
         self.ec2.terminate_instances(InstanceIds=[instance_id])
-        return str(self.runtime.instance_events(ACCOUNT).handle(parse_state_change(state_change(instance_id))))
+        return str(self.runtime.instance_events().handle(parse_state_change(state_change(instance_id))))
 
     def token_exists(self, instance_id: str) -> bool:
-        name = runner_token_parameter(self.config.fleet, instance_id)
-        return bool(self.runtime.aws().ssm.get_parameters(Names=[name])["Parameters"])
+        return bool(self.record(self.token_key(instance_id)))
 
     def with_pool(self, name: str, **changes: Any) -> FleetConfig:
         pools = tuple(p.model_copy(update=changes) if p.name == name else p for p in self.config.pools)
@@ -217,12 +224,11 @@ def test_every_pending_job_gets_one_spot_runner_in_its_pool(fleet: Fleet) -> Non
         assert sorted(runner["tag_list"]) == sorted(pool.tags)
         assert runner["run_untagged"] is pool.run_untagged
         assert runner["maximum_timeout"] == pool.job_timeout_seconds
-        # its token: a SecureString only this instance may read, and a token GitLab accepts
+        # its token: in the item keyed by the instance's own role session, and a token GitLab accepts
         token = fleet.token_of(instance["InstanceId"])
-        assert token["Type"] == "SecureString"
-        assert token["tags"][INSTANCE_ARN_TAG] == f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/{instance['InstanceId']}"
-        assert fleet.verify_runner_token(token["Value"]) == 200
+        assert fleet.verify_runner_token(token["token"]) == 200
         record = fleet.record(runner_key(instance["InstanceId"]))
+        assert record["token_key"] == token["pk"] == fleet.token_key(instance["InstanceId"])
         assert (record["state"], record["gitlab_runner_id"], record["pool"]) == ("booting", runner["id"], pool.name)
     # capacity counted, every job launched once, nothing left waiting or dead
     assert (fleet.leases("docker"), fleet.leases("build")) == (3, 1)
@@ -297,7 +303,7 @@ def test_no_runner_token_reaches_the_logs(fleet: Fleet) -> None:
         std_logger.removeHandler(handler)
     logs = stream.getvalue()
     assert "runner launched" in logs  # the logs were captured at all
-    tokens = [fleet.token_of(i["InstanceId"])["Value"] for i in fleet.instances()]
+    tokens = [fleet.token_of(i["InstanceId"])["token"] for i in fleet.instances()]
     assert len(tokens) == 2
     assert not [t for t in tokens if t in logs]
     assert "glrt-" not in logs
@@ -442,7 +448,7 @@ def test_a_failed_runner_creation_is_finished_by_the_retry(fleet: Fleet) -> None
     assert fleet.gitlab_calls("POST", "/user/runners") == 3
     fleet.assert_every_gitlab_runner_is_recorded()
     for instance in instances:
-        assert fleet.verify_runner_token(fleet.token_of(instance["InstanceId"])["Value"]) == 200
+        assert fleet.verify_runner_token(fleet.token_of(instance["InstanceId"])["token"]) == 200
 
 
 @pytest.mark.parametrize("fault", [{"status": 500}, {"status": 502, "delay": 6.0}], ids=["500", "timeout"])
@@ -463,7 +469,7 @@ def test_a_runner_created_but_whose_answer_was_lost_is_found_not_duplicated(
     assert runner["description"].endswith(instance["InstanceId"])
     fleet.assert_every_gitlab_runner_is_recorded()
     # its token was reset, so the one in SSM is the one GitLab accepts
-    assert fleet.verify_runner_token(fleet.token_of(instance["InstanceId"])["Value"]) == 200
+    assert fleet.verify_runner_token(fleet.token_of(instance["InstanceId"])["token"]) == 200
 
 
 # -- exactly once, within limits -------------------------------------------------------------------------------------
@@ -581,8 +587,7 @@ def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fle
 
     assert fleet.leases("docker") == 1
     assert [r["description"] for r in fleet.gitlab_runners() if victim in r["description"]] == []
-    with pytest.raises(Exception, match="ParameterNotFound"):
-        fleet.token_of(victim)
+    assert not fleet.token_exists(victim)
 
 
 def test_a_non_admin_token_with_exactly_the_documented_scopes_runs_launch_and_termination(fleet: Fleet) -> None:
@@ -696,11 +701,12 @@ def test_a_resumed_launch_that_ec2_refuses_gives_its_leases_back(fleet: Fleet) -
 
 
 def test_a_refused_token_write_dead_letters_and_leaves_the_launch_for_the_reconciler(fleet: Fleet) -> None:
-    # given SSM refusing the runner tokens (the role lost ssm:PutParameter)
+    # given DynamoDB refusing the runner tokens (the role lost dynamodb:PutItem on token items; scale-up's only
+    # PutItem is the token's)
     jobs = fleet.pipeline(["docker"])
     bodies = fleet.take_queued(1)
-    with WireFaults(fleet.runtime.aws().ssm) as faults:
-        faults.fail("PutParameter", "AccessDeniedException")
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults:
+        faults.fail("PutItem", "AccessDeniedException")
         # when
         report = fleet.scale_up().handle_messages(bodies)
     # then the job is dead-lettered with the code, no GitLab runner is left behind, and the launch record
@@ -766,8 +772,8 @@ def test_an_instance_terminated_between_its_runner_and_its_record_leaves_no_toke
         [instance] = fleet.instances("docker")
         handled.append(fleet.instance_terminated(instance["InstanceId"]))
 
-    with WireFaults(fleet.runtime.aws().ssm) as faults:
-        faults.run_after("PutParameter", terminate_it)
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults:
+        faults.run_after("PutItem", terminate_it)
         # when
         report = fleet.scale_up().handle_messages(fleet.take_queued(1))
     # then the handler returned the lease; scale-up deleted the runner and token it had just made

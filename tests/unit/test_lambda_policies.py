@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from chalicelib.config import FleetConfig, load_config
-from chalicelib.naming import FLEET_TAG, runner_token_parameter
+from chalicelib.naming import FLEET_TAG
 from fleetctl.cli import main
 from fleetctl.lambda_policies import LambdaFunction, function_grants, iter_policy_files, policy_document
 from tests.iam_recorder import Request, allowing_statements
@@ -174,12 +174,33 @@ def test_webhook_writes_only_job_items(dev: FleetConfig) -> None:
 
 
 def test_instance_state_and_webhook_cannot_launch_or_write_tokens(dev: FleetConfig) -> None:
-    token = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter" + runner_token_parameter(dev.fleet, "i-0123")
+    table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
+    token = {"dynamodb:LeadingKeys": ["TOKEN#AROAEXAMPLEROLEID0001:i-0123"]}
     for function in (LambdaFunction.WEBHOOK, LambdaFunction.INSTANCE_STATE):
         assert not allowed(dev, function, "ec2:CreateFleet", ec2("fleet/*"))
-        assert not allowed(dev, function, "ssm:PutParameter", token)
-    assert allowed(dev, LambdaFunction.INSTANCE_STATE, "ssm:DeleteParameter", token)
-    assert not allowed(dev, LambdaFunction.INSTANCE_STATE, "ssm:DeleteParameter", token.replace(dev.fleet, "other"))
+        assert not allowed(dev, function, "dynamodb:PutItem", table, **token)
+        assert not allowed(dev, function, "dynamodb:GetItem", table, **token)
+    # instance-state deletes an unread token, and no other item
+    assert allowed(dev, LambdaFunction.INSTANCE_STATE, "dynamodb:DeleteItem", table, **token)
+    assert not allowed(
+        dev, LambdaFunction.INSTANCE_STATE, "dynamodb:DeleteItem", table, **{"dynamodb:LeadingKeys": ["POOL#docker"]}
+    )
+
+
+def test_scale_up_writes_tokens_but_never_reads_one(dev: FleetConfig) -> None:
+    up = LambdaFunction.SCALE_UP
+    table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
+    token = {"dynamodb:LeadingKeys": ["TOKEN#AROAEXAMPLEROLEID0001:i-0123"]}
+    assert allowed(dev, up, "dynamodb:PutItem", table, **token)
+    assert allowed(dev, up, "dynamodb:DeleteItem", table, **token)
+    for action in ("dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"):
+        assert not allowed(dev, up, action, table, **token)
+    # its own items as before
+    assert allowed(dev, up, "dynamodb:GetItem", table, **{"dynamodb:LeadingKeys": ["RUNNER#i-0123"]})
+    # and the runner role's id, from that role only
+    role = f"arn:aws:iam::{ACCOUNT}:role/{dev.fleet}-runner"
+    assert allowed(dev, up, "iam:GetRole", role)
+    assert not allowed(dev, up, "iam:GetRole", f"arn:aws:iam::{ACCOUNT}:role/admin")
 
 
 def launch_context(template: str = "lt-0123456789abcdef0") -> dict[str, list[str]]:

@@ -1,11 +1,13 @@
-"""Names both sides rely on: the token path scale-up writes is the one a runner instance reads."""
+"""Names both sides rely on: the token item scale-up writes is the one a runner instance reads."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from chalicelib.config import load_config
-from chalicelib.naming import runner_token_parameter, runner_token_prefix
+from chalicelib.runner_tokens import session_user_id
+from chalicelib.store import token_key
 from chalicelib.userdata import image_reference, render_user_data
 
 DEV = Path(__file__).resolve().parents[2] / "chalicelib" / "stages" / "dev.yaml"
@@ -16,7 +18,10 @@ def test_the_instance_reads_its_token_where_scale_up_writes_it() -> None:
     config = load_config(DEV)
     pool = config.pools[0]
     script = render_user_data(config, pool, image_reference(pool, "123456789012.dkr.ecr.us-east-1.amazonaws.com"))
-    # then the prefix it appends its own instance id to is the one scale-up writes under
-    prefix = runner_token_prefix(config.fleet)
-    assert prefix in script
-    assert runner_token_parameter(config.fleet, "i-0123456789abcdef0") == prefix + "i-0123456789abcdef0"
+    settings = dict(line.split("=", 1) for line in script.splitlines() if line.startswith("RUNNER_FLEET_TOKEN_"))
+    # when the instance appends its role session's user id (sts:GetCallerIdentity's UserId) to the key prefix
+    user_id = session_user_id("AROAEXAMPLEROLEID0001", "i-0123456789abcdef0")
+    key = shlex.split(settings["RUNNER_FLEET_TOKEN_KEY_PREFIX"])[0] + user_id
+    # then it reads the table and item scale-up writes
+    assert shlex.split(settings["RUNNER_FLEET_TOKEN_TABLE"]) == [config.state.table]
+    assert key == token_key(user_id) == "TOKEN#AROAEXAMPLEROLEID0001:i-0123456789abcdef0"

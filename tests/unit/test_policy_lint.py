@@ -68,15 +68,5 @@ def test_runner_instance_policy_has_no_parliament_finding(stage: str) -> None:
     # when
     findings = _findings(policy)
 
-    # then the only finding allowed is ssm:resourceTag/<key> on the token statement: SSM documents that key for
-    # parameters (it is among SSM's condition keys in the Service Authorization Reference) while the per-action
-    # table lists only aws:ResourceTag, which is all parliament checks against.
-    unexplained = [
-        (finding.issue, finding.detail)
-        for finding in findings
-        if not (
-            finding.issue == "UNKNOWN_CONDITION_FOR_ACTION"
-            and str(finding.detail).startswith("Unknown condition ssm:resourceTag/")
-        )
-    ]
-    assert unexplained == []
+    # then nothing: the token statement's dynamodb:LeadingKeys is a condition key GetItem and DeleteItem take
+    assert [(finding.issue, finding.detail) for finding in findings] == []

@@ -1,5 +1,6 @@
-"""The runner instances' policy, as a pure function of the config: pull on the pools' repositories only, push
-only where a pool opts in with ``image.push`` on a repository of its own, never because a pool is privileged."""
+"""The runner instances' policy, as a pure function of the config: its own token only, pull on the pools'
+repositories only, push only where a pool opts in with ``image.push`` on a repository of its own, never because a
+pool is privileged."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import pytest
 
 from chalicelib.config import parse_config
 from chalicelib.errors import ConfigError
-from chalicelib.naming import INSTANCE_ARN_TAG
+from chalicelib.runner_tokens import session_user_id
+from chalicelib.store import token_key
 from fleetctl.iam_policies import ECR_PULL_ACTIONS, ECR_PUSH_ACTIONS, runner_instance_policy
+from tests.iam_recorder import Request, allowing_statements
+
+ROLE_ID = "AROAEXAMPLEROLEID0001"
+TABLE = "arn:aws:dynamodb:us-east-1:123456789012:table/policy-test"
 
 SUBNET = "subnet-0123456789abcdef0"
 SG = "sg-0123456789abcdef0"
@@ -105,9 +111,44 @@ def test_no_policy_can_let_a_pool_push_to_an_image_another_pool_runs() -> None:
     ]
 
 
-def test_the_token_statement_matches_only_the_calling_instances_own_parameter() -> None:
+def instance_may(action: str, instance_id: str, *keys: str) -> bool:
+    """Whether the runner policy lets ``instance_id``'s role session make ``action`` on the table's ``keys``.
+
+    The request context is what IAM gives a call signed with an EC2 instance's role credentials: ``aws:userid``
+    is "<role id>:<instance id>" (IAM User Guide, "IAM policy elements: Variables and tags", "Request information
+    that you can use for policy variables"), and ``dynamodb:LeadingKeys`` the partition keys the call touches
+    (DynamoDB developer guide, "Using IAM policy conditions for fine-grained access control").
+    """
+    policy = runner_instance_policy(parse_config(config(pool("docker", "ci/base"))))
+    context = [("aws:userid", (session_user_id(ROLE_ID, instance_id),))]
+    if keys:
+        context.append(("dynamodb:LeadingKeys", keys))
+    request = Request("runner", "", action, action, TABLE, tuple(context))
+    return bool(allowing_statements(policy, request)[0])
+
+
+def test_an_instance_reads_and_deletes_its_own_token_item_and_no_other_item() -> None:
+    own = token_key(session_user_id(ROLE_ID, "i-0aaaaaaaaaaaaaaaa"))
+    other = token_key(session_user_id(ROLE_ID, "i-0bbbbbbbbbbbbbbbb"))
+    # its own token: read, then delete
+    assert instance_may("dynamodb:GetItem", "i-0aaaaaaaaaaaaaaaa", own)
+    assert instance_may("dynamodb:DeleteItem", "i-0aaaaaaaaaaaaaaaa", own)
+    # another instance's token, any other item of the table, or its own and another's at once: refused
+    for keys in ((other,), ("RUNNER#i-0aaaaaaaaaaaaaaaa",), ("POOL#docker",), (own, other)):
+        assert not instance_may("dynamodb:GetItem", "i-0aaaaaaaaaaaaaaaa", *keys), keys
+        assert not instance_may("dynamodb:DeleteItem", "i-0aaaaaaaaaaaaaaaa", *keys), keys
+    # a token keyed by the same instance id under another role (a role made again, or another fleet's): refused
+    assert not instance_may("dynamodb:GetItem", "i-0aaaaaaaaaaaaaaaa", "TOKEN#AROAOTHERROLE0000001:i-0aaaaaaaaaaaaaaaa")
+    # it may not write a token, nor read without naming a key (Scan, Query by another key)
+    assert not instance_may("dynamodb:PutItem", "i-0aaaaaaaaaaaaaaaa", own)
+    assert not instance_may("dynamodb:UpdateItem", "i-0aaaaaaaaaaaaaaaa", own)
+    assert not instance_may("dynamodb:Scan", "i-0aaaaaaaaaaaaaaaa")
+
+
+def test_the_token_statement_is_keyed_by_the_calling_session() -> None:
     statements = runner_instance_policy(parse_config(config(pool("docker", "ci/base"))))["Statement"]
     [token] = [s for s in statements if s["Sid"] == "OwnRunnerTokenOnly"]
 
-    assert token["Resource"] == "arn:aws:ssm:*:*:parameter/runner-fleet/policy-test/runners/*"
-    assert token["Condition"] == {"StringEquals": {f"ssm:resourceTag/{INSTANCE_ARN_TAG}": "${ec2:SourceInstanceARN}"}}
+    assert token["Resource"] == "arn:aws:dynamodb:*:*:table/policy-test"
+    assert sorted(token["Action"]) == ["dynamodb:DeleteItem", "dynamodb:GetItem"]
+    assert token["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["TOKEN#${aws:userid}"]}}

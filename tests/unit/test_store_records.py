@@ -25,7 +25,7 @@ def test_a_new_runner_item_decodes_back_into_the_same_record() -> None:
         subnet_id="subnet-0123456789abcdef0",
         launched_at=100.5,
         boot_deadline_at=700.5,
-        token_parameter="/runner-fleet/f/runners/i-0123456789abcdef0",
+        token_key="TOKEN#AROAEXAMPLEROLEID0001:i-0123456789abcdef0",
     )
     # when
     decoded = RunnerRecord.from_item(from_item(record.new_item(now=100.5)))
