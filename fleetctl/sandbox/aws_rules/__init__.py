@@ -3,8 +3,15 @@ documentation it encodes. ``default_rules`` is the chain every local AWS runs, o
 
 from __future__ import annotations
 
+from fleetctl.sandbox.aws_rules.dynamodb import TransactionConflicts, TransactionTokens
+from fleetctl.sandbox.aws_rules.ec2_idempotency import ClientTokens
 from fleetctl.sandbox.aws_shim import Rule
 
 
 def default_rules() -> list[Rule]:
-    return []
+    return [
+        # A repeated token is answered before anything else looks at the call: it changes nothing.
+        TransactionTokens(),
+        TransactionConflicts(),
+        ClientTokens(),
+    ]
