@@ -7,7 +7,11 @@ Its answers need care, which is why they are read in one place:
 * partial success (some instances and some errors) and total failure (no instance, only errors) are both
   ordinary HTTP 200 answers, so an empty ``Instances`` is not an exception;
 * a retried call must not make a second set of instances: the ``ClientToken`` is derived from the launch id,
-  so AWS answers a repeat with the first call's fleet;
+  so AWS answers a repeat with the first call's fleet, provided the repeat sends the very same parameters
+  (otherwise it is refused with ``IdempotentParameterMismatch``): a launch's requests are planned once
+  (:class:`LaunchPlan`), kept with the launch, and sent again unchanged;
+* a call that got no answer may have launched instances: it is reported as such
+  (:class:`LaunchOutcomeUnknownError`), for the launch to be resumed with its plan, never made anew;
 * a caller that dies between CreateFleet and recording its instances can find them by the launch-id
   tag (:meth:`FleetLauncher.find_launched`), because every instance is tagged at creation.
 
@@ -17,7 +21,9 @@ thin layer that performs the calls with an injected EC2 client.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -40,6 +46,8 @@ __all__ = [
     "FleetError",
     "FleetLauncher",
     "FleetOutcome",
+    "LaunchOutcomeUnknownError",
+    "LaunchPlan",
     "LaunchRefusedError",
     "LaunchResult",
     "LaunchTemplateRef",
@@ -48,6 +56,8 @@ __all__ = [
     "build_fleet_request",
     "classify_fleet_result",
     "client_token",
+    "fallback_request",
+    "plan_launch",
     "shared_zones",
 ]
 
@@ -111,6 +121,15 @@ class LaunchRefusedError(RunnerFleetError):
         self.code = code
         self.reason = reason
         super().__init__(reason)
+
+
+class LaunchOutcomeUnknownError(RetryableError):
+    """CreateFleet got no answer (a timeout, a dropped connection) or AWS's own 5xx: instances may exist or not.
+
+    The launch must not be given up and made again under another launch id, which would leave whatever the
+    first call made to nobody: it is resumed, and the same request, with the same ``ClientToken``, is sent
+    again, which EC2 answers with the first call's fleet if it made one.
+    """
 
 
 class Lifecycle(str, Enum):
@@ -183,6 +202,8 @@ class LaunchResult(FleetOutcome):
 
     fallback_used: bool
     calls: int
+    # The on-demand fallback got no answer: it may have made instances that are not in ``instances``.
+    fallback_unknown: bool = False
 
 
 # ---- pure: request and answer ----------------------------------------------------------------------------
@@ -274,6 +295,69 @@ def shared_zones(subnets: Sequence[str], zone_of: Mapping[str, str]) -> dict[str
     return {zone: tuple(found) for zone, found in by_zone.items() if len(found) > 1}
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Every CreateFleet request of one launch, fixed once: kept on the launch record when its leases are taken,
+    so a resumed launch sends EC2 exactly what the first attempt sent (same overrides, count, template version
+    and ``ClientToken``) whatever changed in the configuration meanwhile. EC2 then answers a call that already
+    completed with its first answer, and launches only what was never launched.
+
+    ``request`` is the first CreateFleet's keyword arguments; ``fallback`` says whether a spot shortfall is made up
+    on demand, with :func:`fallback_request`.
+    """
+
+    launch_id: str
+    request: Mapping[str, Any]
+    fallback: bool
+
+    @property
+    def count(self) -> int:
+        return int(self.request["TargetCapacitySpecification"]["TotalTargetCapacity"])
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self.request["TargetCapacitySpecification"]["DefaultTargetCapacityType"])
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"launch_id": self.launch_id, "request": self.request, "fallback": self.fallback},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> LaunchPlan:
+        data = json.loads(text)
+        return cls(launch_id=str(data["launch_id"]), request=data["request"], fallback=bool(data["fallback"]))
+
+
+def plan_launch(pool: PoolConfig, template: LaunchTemplateRef, *, fleet: str, launch_id: str, count: int) -> LaunchPlan:
+    """The plan of a launch of ``count`` instances of ``pool``: its market first, on demand for a spot shortfall
+    when the pool allows."""
+    primary = Lifecycle.SPOT if pool.market is Market.SPOT else Lifecycle.ON_DEMAND
+    request = build_fleet_request(pool, template, fleet=fleet, launch_id=launch_id, count=count, lifecycle=primary)
+    return LaunchPlan(
+        launch_id=launch_id, request=request, fallback=primary is Lifecycle.SPOT and pool.on_demand_fallback
+    )
+
+
+def fallback_request(plan: LaunchPlan, missing: int) -> dict[str, Any]:
+    """The on-demand CreateFleet for the ``missing`` instances of a spot launch: the plan's request with the
+    other lifecycle, count and token, so the same shortfall always makes the same request."""
+    if missing < 1:
+        raise ValueError(f"missing must be at least 1, got {missing}")
+    request = copy.deepcopy(dict(plan.request))
+    request.pop("SpotOptions", None)
+    request["TargetCapacitySpecification"] = {
+        "TotalTargetCapacity": missing,
+        "DefaultTargetCapacityType": Lifecycle.ON_DEMAND.value,
+        "OnDemandTargetCapacity": missing,
+    }
+    request["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
+    request["ClientToken"] = client_token(plan.launch_id, Lifecycle.ON_DEMAND)
+    return request
+
+
 def _lifecycle(value: object) -> Lifecycle | None:
     try:
         return Lifecycle(value)
@@ -333,6 +417,15 @@ def _is_retryable(exc: Any) -> bool:
     )
 
 
+def _outcome_unknown(exc: Any) -> bool:
+    """AWS's own failure (a 5xx that is not throttling): the call may have been carried out."""
+    code = error_code(exc)
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in THROTTLING_ERROR_CODES or code in _CALL_CAPACITY_ERROR_CODES:
+        return False
+    return code in _TRANSIENT_ERROR_CODES or (isinstance(status, int) and status >= 500)
+
+
 # ---- I/O: performing launches ----------------------------------------------------------------------------
 
 
@@ -343,32 +436,40 @@ class FleetLauncher:
         self._ec2 = ec2_client
         self._fleet = fleet
 
-    def launch(self, pool: PoolConfig, template: LaunchTemplateRef, launch_id: str, count: int) -> LaunchResult:
-        """Launches up to ``count`` instances of ``pool``, tagged with ``launch_id``.
+    def plan(self, pool: PoolConfig, template: LaunchTemplateRef, launch_id: str, count: int) -> LaunchPlan:
+        return plan_launch(pool, template, fleet=self._fleet, launch_id=launch_id, count=count)
 
-        One CreateFleet in the pool's market; when spot capacity falls short and the pool allows it, one more
-        on-demand CreateFleet for the missing count only, so a launch never asks for more than ``count``.
-        Raises RetryableError when the first call is throttled, fails transiently or is refused for capacity
-        as a whole; raises LaunchRefusedError for any other error EC2 answers the call with (bad template,
-        permissions, an unsupported request), which no retry fixes.
+    def launch(self, pool: PoolConfig, template: LaunchTemplateRef, launch_id: str, count: int) -> LaunchResult:
+        """Launches up to ``count`` instances of ``pool``, tagged with ``launch_id`` (see :meth:`execute`)."""
+        return self.execute(self.plan(pool, template, launch_id, count))
+
+    def execute(self, plan: LaunchPlan) -> LaunchResult:
+        """Sends a launch plan's CreateFleet requests; the same plan always sends the same requests.
+
+        One CreateFleet in the pool's market; when spot capacity falls short and the plan allows it, one more
+        on-demand CreateFleet for the missing count only, so a launch never asks for more than its count.
+        Raises LaunchOutcomeUnknownError when the first call got no answer or a 5xx (instances may exist),
+        RetryableError when it is throttled or refused for capacity as a whole; raises LaunchRefusedError for
+        any other error EC2 answers the call with (bad template, permissions, an unsupported request), which no
+        retry fixes.
         """
-        primary = Lifecycle.SPOT if pool.market is Market.SPOT else Lifecycle.ON_DEMAND
-        first = self._create_fleet(pool, template, launch_id, count, primary)
+        first = self._create_fleet(plan.request, plan.lifecycle)
         instances = list(first.instances)
         errors = list(first.errors)
         calls = 1
-        fallback_used = False
-        missing = count - len(instances)
-        if missing > 0 and first.capacity_errors and primary is Lifecycle.SPOT and pool.on_demand_fallback:
+        fallback_used = fallback_unknown = False
+        missing = plan.count - len(instances)
+        if missing > 0 and first.capacity_errors and plan.fallback:
             fallback_used = True
             calls += 1
             try:
-                second = self._create_fleet(pool, template, launch_id, missing, Lifecycle.ON_DEMAND)
+                second = self._create_fleet(fallback_request(plan, missing), Lifecycle.ON_DEMAND)
             except (RetryableError, LaunchRefusedError) as exc:
                 # The spot instances exist already: raising would drop them from the result and leave them
                 # to the reaper. Report the failed fallback like any other fleet error instead; the caller
-                # sees the shortfall and retries the missing count.
+                # sees the shortfall (and whether the fallback may have made instances anyway).
                 errors.append(_call_failure(exc, Lifecycle.ON_DEMAND))
+                fallback_unknown = isinstance(exc, LaunchOutcomeUnknownError)
             else:
                 instances.extend(second.instances)
                 errors.extend(second.errors)
@@ -377,14 +478,14 @@ class FleetLauncher:
             errors=tuple(errors),
             fallback_used=fallback_used,
             calls=calls,
+            fallback_unknown=fallback_unknown,
         )
 
     def find_launched(self, launch_id: str) -> list[LaunchedInstance]:
         """The live instances of this fleet tagged with ``launch_id``.
 
-        Adopts what a CreateFleet made when its caller died before recording the answer. AWS would answer a
-        repeated call with the same ClientToken with the same fleet, but moto ignores the token, and a token
-        does not help a caller that must not launch again at all.
+        Adopts what a CreateFleet made when its caller died before recording the answer, without a call that
+        could launch anything.
         """
         # Filtering on instance-lifecycle would be cheaper, but moto answers that filter with HTTP 500; the
         # lifecycle is read from each instance instead.
@@ -399,27 +500,19 @@ class FleetLauncher:
                 found.extend(_described(instance) for instance in reservation.get("Instances", ()))
         return sorted(found, key=lambda instance: instance.instance_id)
 
-    def _create_fleet(
-        self,
-        pool: PoolConfig,
-        template: LaunchTemplateRef,
-        launch_id: str,
-        count: int,
-        lifecycle: Lifecycle,
-    ) -> FleetOutcome:
-        request = build_fleet_request(
-            pool, template, fleet=self._fleet, launch_id=launch_id, count=count, lifecycle=lifecycle
-        )
+    def _create_fleet(self, request: Mapping[str, Any], lifecycle: Lifecycle) -> FleetOutcome:
         try:
             response = self._ec2.create_fleet(**request)
         except ClientError as exc:
+            if _outcome_unknown(exc):
+                raise LaunchOutcomeUnknownError(_describe_failure(exc, lifecycle)) from exc
             if _is_retryable(exc):
                 raise RetryableError(_describe_failure(exc, lifecycle)) from exc
             raise LaunchRefusedError(error_code(exc) or "UnknownError", _describe_failure(exc, lifecycle)) from exc
         except (BotoConnectionError, HTTPClientError) as exc:
-            # A timed-out call may still have launched instances: the retry reuses the launch id, so AWS
-            # answers it with the same fleet (ClientToken) and find_launched can adopt what was made.
-            raise RetryableError(f"CreateFleet ({lifecycle.value}) did not answer: {exc}") from exc
+            # A timed-out call may still have launched instances (botocore's own retries already sent it again
+            # with the same token): the launch is resumed with the same plan, never made anew.
+            raise LaunchOutcomeUnknownError(f"CreateFleet ({lifecycle.value}) did not answer: {exc}") from exc
         return classify_fleet_result(response)
 
     def _fill_subnets(self, instances: Sequence[LaunchedInstance]) -> list[LaunchedInstance]:

@@ -13,7 +13,8 @@ part of the table it uses (a Lambda writes no bytecode cache, so every module is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
@@ -35,6 +36,36 @@ from chalicelib.store import (
 )
 
 _CONFLICT_ATTEMPTS = 4
+# DynamoDB cancels a transaction that meets another one on an item (``TransactionConflict``), or that is throttled
+# (``ThrottlingError``, ``ProvisionedThroughputExceeded``), and refuses a single-item write on an item a
+# transaction holds (``TransactionConflictException``). botocore's standard retry mode retries none of these, so
+# the store does, with jittered exponential backoff, a bounded number of times; the last failure is raised.
+TRANSIENT_CANCELLATION_REASONS = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"})
+_WRITE_ATTEMPTS = 8
+_BACKOFF_BASE_SECONDS = 0.025
+_BACKOFF_CAP_SECONDS = 1.0
+
+
+def cancellation_reasons(exc: BaseException) -> list[str]:
+    """The ``CancellationReasons`` codes of a TransactionCanceledException, one per action ("None" where that
+    action was fine); [] for any other error."""
+    if error_code(exc) != "TransactionCanceledException":
+        return []
+    response = getattr(exc, "response", {}) or {}
+    return [str(reason.get("Code") or "None") for reason in response.get("CancellationReasons") or ()]
+
+
+def transiently_cancelled(exc: BaseException) -> bool:
+    """A transaction cancelled only for reasons a later attempt may not meet (a conflict, throttling), and for no
+    failed condition: trying again is right, and taking it as "the condition said it is done" is wrong."""
+    reasons = set(cancellation_reasons(exc))
+    return bool(reasons & TRANSIENT_CANCELLATION_REASONS) and "ConditionalCheckFailed" not in reasons
+
+
+def conflict_backoff(attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` of a write that met a conflict: exponential, equal jitter."""
+    step = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
+    return float(step / 2 + (rng or random).uniform(0, step / 2))
 
 
 class LaunchState(str, Enum):
@@ -159,6 +190,7 @@ class LaunchRecord:
     started_at: float  # when its current owner started on it
     reason: str = ""
     instances: tuple[str, ...] = ()
+    plan: str = ""  # the CreateFleet requests it sends, as JSON (see chalicelib.fleet.LaunchPlan)
 
     @classmethod
     def from_item(cls, launch_id: str, values: Mapping[str, Any]) -> LaunchRecord:
@@ -171,6 +203,7 @@ class LaunchRecord:
             started_at=float(values.get("started_at", 0)),
             reason=str(values.get("reason", "")),
             instances=tuple(str(i) for i in values.get("instances", ())),
+            plan=str(values.get("plan", "")),
         )
 
 
@@ -206,6 +239,54 @@ def _update(
 
 class ScaleStore(FleetStore):
     """The fleet table as scale-up and the instance-state handler use it."""
+
+    def _transact(self, writes: list[dict[str, Any]]) -> ClientError | None:
+        """One TransactWriteItems, tried again while DynamoDB cancels it only for a conflict or throttling.
+
+        Returns None once it applied, or the TransactionCanceledException when it was cancelled for a reason
+        another attempt does not change (a failed condition: the caller reads what is there and decides). Raises
+        that exception when conflicts outlast the attempts, so the caller's event fails visibly and comes back,
+        rather than be taken as done. Each attempt is a new call, with a new idempotency token: the cancelled
+        one changed nothing.
+        """
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                self._client.transact_write_items(TransactItems=writes)
+            except ClientError as exc:
+                if error_code(exc) != "TransactionCanceledException":
+                    raise
+                if not transiently_cancelled(exc):
+                    return exc
+                if attempt + 1 == _WRITE_ATTEMPTS:
+                    raise
+                self._sleep(conflict_backoff(attempt))
+                continue
+            return None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                return super()._update_unless_refused(request)
+            except ClientError as exc:
+                if error_code(exc) != "TransactionConflictException" or attempt + 1 == _WRITE_ATTEMPTS:
+                    raise
+                self._sleep(conflict_backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write(self, operation: str, request: Mapping[str, Any]) -> None:
+        """A single-item write (``update_item`` or ``put_item``), tried again while it meets a transaction on its
+        item (TransactionConflictException, which botocore does not retry). Other errors propagate at once."""
+        call = getattr(self._client, operation)
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                call(**request)
+            except ClientError as exc:
+                if error_code(exc) != "TransactionConflictException" or attempt + 1 == _WRITE_ATTEMPTS:
+                    raise
+                self._sleep(conflict_backoff(attempt))
+                continue
+            return
 
     def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
         """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
@@ -283,11 +364,19 @@ class ScaleStore(FleetStore):
         """Record that scale-up gave up on a job; :meth:`claim_job` refuses it from then on."""
         self.mark_job(project_id, job_id, DEAD_LETTERED_OUTCOME, reason=reason, error_code=error_code or None)
 
-    def acquire_leases(self, pool: str, wanted: int, max_runners: int, launch_id: str) -> int:
+    def acquire_leases(
+        self,
+        pool: str,
+        wanted: int,
+        max_runners: int,
+        launch_id: str,
+        plan: Callable[[int], str] | None = None,
+    ) -> int:
         """Take up to ``wanted`` leases of a pool for a new launch; returns how many were granted (maybe 0).
 
         The pool counter's increment and the launch record that holds the leases are one transaction, so a crash
-        can never leave leases that nobody holds.
+        can never leave leases that nobody holds. ``plan(granted)`` gives what the launch will send to EC2, kept
+        on the record in the same write, so whoever resumes the launch sends exactly that.
         """
         # Never ask for more than the pool holds: a pool without a counter yet passes the condition below.
         take = min(wanted, max_runners)
@@ -318,31 +407,26 @@ class ScaleStore(FleetStore):
                                 "requested": take,
                                 "state": LaunchState.LAUNCHING.value,
                                 "started_at": now,
+                                "plan": plan(take) if plan else None,
                             }
                         ),
                         "ConditionExpression": "attribute_not_exists(pk)",
                     }
                 },
             ]
-            try:
-                self._client.transact_write_items(TransactItems=writes)
-            except ClientError as exc:
-                if error_code(exc) != "TransactionCanceledException":
-                    raise
-                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
-                landed = self.get_launch(launch_id)
-                if landed is not None:
-                    # An earlier attempt of this transaction (retried after a timeout) already took the leases.
-                    return landed.requested
-                if reasons and reasons[0] == "ConditionalCheckFailed":
-                    current = int((self.get(pool_key(pool)) or {}).get("leases", 0))
-                    take = min(wanted, max_runners - current)
-                    continue
-                if "TransactionConflict" in reasons:
-                    self._sleep(0.01)
-                    continue
-                raise
-            return take
+            refused = self._transact(writes)
+            if refused is None:
+                return take
+            landed = self.get_launch(launch_id)
+            if landed is not None:
+                # An earlier attempt of this transaction (retried after a timeout) already took the leases.
+                return landed.requested
+            if cancellation_reasons(refused)[:1] != ["ConditionalCheckFailed"]:
+                raise refused
+            # The pool has less room than the counter showed: ask for what is left.
+            current = int((self.get(pool_key(pool)) or {}).get("leases", 0))
+            take = min(wanted, max_runners - current)
+        # The counter kept moving under us: no room was found this time, and the jobs wait for capacity.
         return 0
 
     def leases(self, pool: str) -> int:
@@ -377,14 +461,11 @@ class ScaleStore(FleetStore):
         pool_update = _update(
             self.table, pool_key(pool), "ADD leases :minus", {":minus": -count, ":n": count}, "leases >= :n"
         )
-        try:
-            self._client.transact_write_items(TransactItems=[{"Update": launch_update}, {"Update": pool_update}])
-        except ClientError as exc:
-            if error_code(exc) != "TransactionCanceledException":
-                raise
+        refused = self._transact([{"Update": launch_update}, {"Update": pool_update}])
+        if refused is not None:
             landed = self.get_launch(launch_id)
             if landed is None or landed.leases != held - count:
-                raise
+                raise refused
             # An earlier attempt of this very write landed.
 
     def get_launch(self, launch_id: str) -> LaunchRecord | None:
@@ -392,26 +473,28 @@ class ScaleStore(FleetStore):
         return LaunchRecord.from_item(launch_id, found) if found else None
 
     def finish_launch(self, launch_id: str, instance_ids: list[str]) -> None:
-        self._client.update_item(
-            **_update(
+        self._write(
+            "update_item",
+            _update(
                 self.table,
                 launch_key(launch_id),
                 "SET #state = :done, finished_at = :now, instances = :ids",
                 {":done": LaunchState.LAUNCHED.value, ":now": self._clock(), ":ids": instance_ids},
                 names={"#state": "state"},
-            )
+            ),
         )
 
     def fail_launch(self, launch_id: str, reason: str) -> None:
         """The launch stops with ``reason``; any leases it still holds wait for reconciliation (not built yet)."""
-        self._client.update_item(
-            **_update(
+        self._write(
+            "update_item",
+            _update(
                 self.table,
                 launch_key(launch_id),
                 "SET #state = :failed, reason = :reason, finished_at = :now",
                 {":failed": LaunchState.FAILED.value, ":reason": reason or "failed", ":now": self._clock()},
                 names={"#state": "state"},
-            )
+            ),
         )
 
     def runners(self, instance_ids: list[str]) -> dict[str, RunnerRecord]:
@@ -468,22 +551,19 @@ class ScaleStore(FleetStore):
                 )
             }
         )
-        try:
-            self._client.transact_write_items(TransactItems=writes)
-        except ClientError as exc:
-            if error_code(exc) != "TransactionCanceledException":
-                raise
-            recorded = self.runners([r.instance_id for r in chunk])
-            ours = {i for i, r in recorded.items() if r.launch_id == launch_id}
-            dead = {i for i, r in recorded.items() if r.launch_id != launch_id and r.tombstone}
-            if ours and len(ours) == len(chunk):
-                # An earlier attempt of this transaction (retried after a timeout) landed.
-                return ours, set()
-            if not dead or ours:
-                raise
-            # Instances terminated before they were recorded: the others are recorded without them.
-            return set(), dead
-        return {r.instance_id for r in chunk}, set()
+        refused = self._transact(writes)
+        if refused is None:
+            return {r.instance_id for r in chunk}, set()
+        recorded = self.runners([r.instance_id for r in chunk])
+        ours = {i for i, r in recorded.items() if r.launch_id == launch_id}
+        dead = {i for i, r in recorded.items() if r.launch_id != launch_id and r.tombstone}
+        if ours and len(ours) == len(chunk):
+            # An earlier attempt of this transaction (retried after a timeout) landed.
+            return ours, set()
+        if not dead or ours:
+            raise refused
+        # Instances terminated before they were recorded: the others are recorded without them.
+        return set(), dead
 
     def set_runner_identity(self, instance_id: str, gitlab_runner_id: int) -> bool:
         """Tie a runner record to its GitLab runner; False when the instance was terminated meanwhile.
@@ -513,13 +593,14 @@ class ScaleStore(FleetStore):
         Kept on the terminated record with the cleanup mark, for a retried event (or reconciliation, not built yet)
         to delete.
         """
-        self._client.update_item(
-            **_update(
+        self._write(
+            "update_item",
+            _update(
                 self.table,
                 runner_key(instance_id),
                 "SET gitlab_runner_id = :id, gitlab_cleanup = :pending, updated_at = :now",
                 {":id": gitlab_runner_id, ":pending": CLEANUP_PENDING, ":now": self._clock()},
-            )
+            ),
         )
 
     def terminate_runner(self, instance_id: str, reason: str) -> Termination:
@@ -565,8 +646,9 @@ class ScaleStore(FleetStore):
             "ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
         }
         try:
-            self._client.put_item(
-                TableName=self.table, Item=to_item(item), ConditionExpression="attribute_not_exists(pk)"
+            self._write(
+                "put_item",
+                {"TableName": self.table, "Item": to_item(item), "ConditionExpression": "attribute_not_exists(pk)"},
             )
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
@@ -613,44 +695,49 @@ class ScaleStore(FleetStore):
                     )
                 }
             )
-        try:
-            self._client.transact_write_items(TransactItems=writes)
-        except ClientError as exc:
-            if error_code(exc) == "TransactionCanceledException":
-                return False  # a concurrent event (or our own landed attempt) terminated it: read it again
-            raise
-        return True
+        refused = self._transact(writes)
+        if refused is None:
+            return True
+        if "ConditionalCheckFailed" in cancellation_reasons(refused):
+            # The record is not as read: a concurrent event (or our own landed attempt) terminated it, or an
+            # identity landed on it. Read it again.
+            return False
+        # Cancelled for another reason: the record and lease are untouched, and nothing says it is terminated.
+        raise refused
 
     def finish_cleanup(self, instance_id: str, *, gitlab: bool = True) -> None:
         """The token (and, with ``gitlab``, the GitLab runner) of a terminated runner are gone: clear the marks."""
-        self._client.update_item(
-            **_update(
+        self._write(
+            "update_item",
+            _update(
                 self.table,
                 runner_key(instance_id),
                 "REMOVE token_cleanup" + (", gitlab_cleanup" if gitlab else ""),
                 {":t": RunnerState.TERMINATED.value},
                 "#state = :t",
                 names={"#state": "state"},
-            )
+            ),
         )
 
     def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
         """The invocation ends with runners still missing an identity; the next delivery may resume at once."""
-        self._client.update_item(
-            **_update(
+        self._write(
+            "update_item",
+            _update(
                 self.table,
                 launch_key(launch_id),
                 "SET #state = :incomplete, reason = :reason",
                 {":incomplete": LaunchState.INCOMPLETE.value, ":reason": reason or "incomplete"},
                 names={"#state": "state"},
-            )
+            ),
         )
 
     def take_over_launch(self, launch_id: str, stale_before: float) -> bool:
         """Become the one invocation resuming a launch: it is incomplete, or its last owner went silent."""
         try:
-            self._client.update_item(
-                **_update(
+            self._write(
+                "update_item",
+                _update(
                     self.table,
                     launch_key(launch_id),
                     "SET #state = :resuming, started_at = :now",
@@ -663,7 +750,7 @@ class ScaleStore(FleetStore):
                     },
                     "#state = :incomplete OR (#state IN (:launching, :resuming) AND started_at < :stale)",
                     names={"#state": "state"},
-                )
+                ),
             )
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":

@@ -7,14 +7,18 @@ launched, not pending any more, matched to no pool, waiting for capacity, re-que
 dead-lettered with its reason; each is logged and counted.
 
 Crash safety. A job is claimed for a launch id before anything is launched; the launch id derives CreateFleet's
-ClientToken and is tagged on every instance. If the Lambda dies anywhere after that, the redelivered message
+ClientToken and is tagged on every instance, and the launch record keeps the exact CreateFleet requests (its
+plan) from the moment it takes its leases. If the Lambda dies anywhere after that, the redelivered message
 finds its job claimed by a launch that never finished and completes that launch: it adopts the instances
-tagged with the launch id (or launches them, with the same ClientToken, when there are none), records them,
-and creates their GitLab runners, finding one whose creation answer was lost by its description.
+tagged with the launch id (or, when they are fewer than planned, sends the plan again unchanged, which EC2
+answers with the first call's fleet through the ClientToken), records them, and creates their GitLab runners,
+finding one whose creation answer was lost by its description.
 
 Failures. A launch EC2 refuses for good (permissions, a missing template, a bad parameter) gives its leases
 back, releases its jobs' claims and dead-letters them with the AWS error code; a dead-lettered job is never
-claimed again. A throttled or short launch gives back what it did not use and re-queues its jobs. An AWS error
+claimed again. A throttled or short launch gives back what it did not use and re-queues its jobs. A CreateFleet
+that got no answer (a timeout, AWS's 5xx) may have made instances: the launch keeps its leases and claims, and
+its jobs come back to resume it with the same plan, never to launch again under a new launch id. An AWS error
 after the instances exist cannot give their leases back (the instances hold them): the launch record is left
 ``incomplete`` (transient, the jobs come back and resume it) or ``failed`` with the reason (for good, the jobs
 are dead-lettered), for reconciliation (not built yet) to reap its instances.
@@ -57,7 +61,10 @@ from chalicelib.fleet import (
     THROTTLING_ERROR_CODES,
     FleetLauncher,
     LaunchedInstance,
+    LaunchOutcomeUnknownError,
+    LaunchPlan,
     LaunchRefusedError,
+    LaunchResult,
     LaunchTemplateRef,
 )
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
@@ -65,7 +72,14 @@ from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.naming import instance_profile_name, launch_template_name, runner_description
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import TOKEN_GRACE_SECONDS, RunnerRole, RunnerTokens
-from chalicelib.scale_store import Claim, ClaimOutcome, LaunchRecord, RunnerRecord, ScaleStore
+from chalicelib.scale_store import (
+    Claim,
+    ClaimOutcome,
+    LaunchRecord,
+    RunnerRecord,
+    ScaleStore,
+    transiently_cancelled,
+)
 from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
@@ -314,7 +328,13 @@ class ScaleUp:
         return self._store.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
 
     def _launch(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
-        granted = self._store.acquire_leases(pool.name, len(items), pool.max_runners, launch_id)
+        granted = self._store.acquire_leases(
+            pool.name,
+            len(items),
+            pool.max_runners,
+            launch_id,
+            plan=lambda take: self._plan(pool, launch_id, take).to_json(),
+        )
         running, waiting = items[:granted], items[granted:]
         for item in waiting:
             self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
@@ -323,7 +343,10 @@ class ScaleUp:
             return
         log = {"pool": pool.name, "launch_id": launch_id, "count": len(running)}
         try:
-            result = self._launcher.launch(pool, self._template(pool), launch_id, len(running))
+            result = self._launcher.execute(self._plan(pool, launch_id, len(running)))
+        except LaunchOutcomeUnknownError as exc:
+            self._keep_for_resume(pool, launch_id, running, exc.reason, report, finished=True)
+            return
         except RetryableError as exc:
             self._store.give_back_launch_leases(
                 launch_id, pool.name, len(running), len(running), finished=True, reason=exc.reason
@@ -346,48 +369,119 @@ class ScaleUp:
             count("OnDemandFallbacks")
         instances = list(result.instances)
         missing = running[len(instances) :]
-        if missing:
-            codes = sorted({e.code for e in result.errors})
-            refused = not instances and bool(result.errors) and not result.capacity_errors
-            reason = ("refused: " if refused else "capacity: ") + (", ".join(codes) or "no instances")
-            self._store.give_back_launch_leases(
-                launch_id, pool.name, len(running), len(missing), finished=not instances, reason=reason
-            )
-            if refused:
-                # EC2 answered 200 but refused every override for a reason no retry fixes.
-                self._refuse(pool, launch_id, missing, codes[0], reason, report, counted=True)
-            else:
-                logger.warning("launch short of capacity", extra={**log, "made": len(instances), "reason": reason})
-                for item in missing:
-                    self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
-                    self._retry(item.job, pool, reason, report)
+        unknown = missing if result.fallback_unknown else []
+        if missing and not unknown:
+            self._short(pool, launch_id, result, len(running), missing, report, log)
         if instances:
             self._complete(
                 pool, launch_id, instances, running[: len(instances)], report, adopting=False, held=len(instances)
             )
+        if unknown:
+            # The on-demand fallback got no answer: its instances may exist. Their leases and jobs stay with
+            # this launch, which the jobs resume, sending the same fallback request again.
+            reason = "on-demand fallback did not answer"
+            self._keep_for_resume(pool, launch_id, unknown, reason, report, finished=not instances)
+
+    def _short(
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        result: LaunchResult,
+        held: int,
+        missing: list[_Matched],
+        report: BatchReport,
+        log: dict[str, Any],
+    ) -> None:
+        """EC2 made fewer instances than asked, and said why: the missing leases go back, their jobs are retried
+        (capacity) or dead-lettered (refused for good)."""
+        made = len(result.instances)
+        codes = sorted({e.code for e in result.errors})
+        refused = not made and bool(result.errors) and not result.capacity_errors
+        reason = ("refused: " if refused else "capacity: ") + (", ".join(codes) or "no instances")
+        self._store.give_back_launch_leases(launch_id, pool.name, held, len(missing), finished=not made, reason=reason)
+        if refused:
+            # EC2 answered 200 but refused every override for a reason no retry fixes.
+            self._refuse(pool, launch_id, missing, codes[0], reason, report, counted=True)
+            return
+        logger.warning("launch short of capacity", extra={**log, "made": made, "reason": reason})
+        for item in missing:
+            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._retry(item.job, pool, reason, report)
+
+    def _keep_for_resume(
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        items: list[_Matched],
+        reason: str,
+        report: BatchReport,
+        *,
+        finished: bool,
+    ) -> None:
+        """A CreateFleet of this launch got no answer, so instances may exist that nobody has heard of.
+
+        Giving the leases back and launching the jobs again under a new launch id would leave those instances to
+        nobody, beyond the pool's limit. Instead the launch keeps its leases and the jobs their claims; the jobs
+        come back (an attempt spent) and resume it, sending the same requests with the same ``ClientToken``, which
+        EC2 answers with whatever the lost call made. Only when a job has no attempt left does the launch give
+        its leases back (``finished`` marks it failed), its jobs going to the dead-letter queue.
+        """
+        count("LaunchErrors")
+        log = {"pool": pool.name, "launch_id": launch_id, "reason": reason}
+        if any(item.job.attempt >= pool.max_launch_attempts for item in items):
+            launch = self._store.get_launch(launch_id)
+            held = launch.leases if launch else 0
+            self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=finished, reason=reason)
+            logger.warning("launch outcome unknown and its jobs out of attempts; leases given back", extra=log)
+            for item in items:
+                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                self._retry(item.job, pool, reason, report)
+            return
+        self._store.mark_launch_incomplete(launch_id, reason)
+        logger.warning("launch outcome unknown; its jobs will resume it with the same request", extra=log)
+        for item in items:
+            self._retry(item.job, pool, reason, report)
 
     def _resume(self, pool: PoolConfig, launch: LaunchRecord, items: list[_Matched], report: BatchReport) -> None:
-        """Finish a launch that stopped part way, now that this invocation owns it."""
+        """Finish a launch that stopped part way, now that this invocation owns it.
+
+        The instances tagged with its launch id are adopted. When they are fewer than it planned and it still
+        holds leases, its requests are sent again exactly as first sent (the plan on its record): EC2 answers
+        the calls that completed with their first answers, and launches only what was never launched.
+        """
         launch_id, held = launch.launch_id, launch.leases
         logger.warning("resuming an unfinished launch", extra={"pool": pool.name, "launch_id": launch_id})
         count("LaunchesResumed")
+        # A launch recorded without its plan made no CreateFleet call yet: planning it now sends nothing different.
+        plan = LaunchPlan.from_json(launch.plan) if launch.plan else self._plan(pool, launch_id, held)
         instances = self._launcher.find_launched(launch_id)
-        if not instances and held:
-            relaunched = self._relaunch(pool, launch_id, items, held, report)
+        if held and len(instances) < plan.count:
+            relaunched = self._relaunch(pool, launch_id, plan, items, held, instances, report)
             if relaunched is None:
                 return
             instances = relaunched
         self._complete(pool, launch_id, instances, items, report, adopting=True, held=held)
 
     def _relaunch(
-        self, pool: PoolConfig, launch_id: str, items: list[_Matched], held: int, report: BatchReport
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        plan: LaunchPlan,
+        items: list[_Matched],
+        held: int,
+        found: list[LaunchedInstance],
+        report: BatchReport,
     ) -> list[LaunchedInstance] | None:
-        """Launch again what an interrupted launch holds leases for; None when it failed (jobs handled)."""
+        """Send an interrupted launch's plan again; the instances it has (``found`` and what EC2 answers), or None
+        when the jobs were handled here."""
+        last_attempt = any(item.job.attempt >= pool.max_launch_attempts for item in items)
         try:
-            # The same launch id gives the same ClientToken: AWS answers a repeat with the original fleet.
-            return list(self._launcher.launch(pool, self._template(pool), launch_id, held).instances)
+            result = self._launcher.execute(plan)
         except RetryableError as exc:
-            if any(item.job.attempt >= pool.max_launch_attempts for item in items):
+            if last_attempt and found:
+                # Nobody would resume it again: run with the instances there are; the other leases go back.
+                return found
+            if last_attempt:
                 # A job is about to be dead-lettered: nobody would resume this launch, so it gives all back.
                 self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.reason)
                 for item in items:
@@ -396,10 +490,21 @@ class ScaleUp:
                 self._store.mark_launch_incomplete(launch_id, exc.reason)
             for item in items:
                 self._retry(item.job, pool, exc.reason, report)
+            return None
         except LaunchRefusedError as exc:
+            if found:
+                return found
             self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.code)
             self._refuse(pool, launch_id, items, exc.code, exc.reason, report)
-        return None
+            return None
+        if result.fallback_unknown and not last_attempt:
+            self._store.mark_launch_incomplete(launch_id, "on-demand fallback did not answer")
+            for item in items:
+                self._retry(item.job, pool, "on-demand fallback did not answer", report)
+            return None
+        merged = {instance.instance_id: instance for instance in result.instances}
+        merged.update({instance.instance_id: instance for instance in found})
+        return sorted(merged.values(), key=lambda instance: instance.instance_id)
 
     def _refuse(
         self,
@@ -631,6 +736,9 @@ class ScaleUp:
     def _template(self, pool: PoolConfig) -> LaunchTemplateRef:
         return LaunchTemplateRef(launch_template_name(self._config.fleet, pool.name))
 
+    def _plan(self, pool: PoolConfig, launch_id: str, count: int) -> LaunchPlan:
+        return self._launcher.plan(pool, self._template(pool), launch_id, count)
+
     def _wait(self, item: _Matched, report: BatchReport) -> None:
         """The pool is full: wait for capacity. Waiting is not failing, so it spends no attempt."""
         count("LeaseWaits")
@@ -690,9 +798,14 @@ def build_scale_up(
 
 
 def _transient(exc: ClientError) -> bool:
-    """An AWS error a later attempt may not meet (throttling, a conflict, AWS's own 5xx)."""
+    """An AWS error a later attempt may not meet (throttling, a conflict, AWS's own 5xx): also a transaction
+    DynamoDB cancelled only for conflicts or throttling, which the store tried again until it gave up."""
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return error_code(exc) in _TRANSIENT_AWS_ERROR_CODES or (isinstance(status, int) and status >= 500)
+    return (
+        error_code(exc) in _TRANSIENT_AWS_ERROR_CODES
+        or transiently_cancelled(exc)
+        or (isinstance(status, int) and status >= 500)
+    )
 
 
 def _job_log(job: QueuedJob) -> dict[str, Any]:

@@ -3,6 +3,8 @@ documentation it encodes. ``default_rules`` is the chain every local AWS runs, o
 
 from __future__ import annotations
 
+from fleetctl.sandbox.aws_rules.dynamodb import TransactionConflicts, TransactionTokens
+from fleetctl.sandbox.aws_rules.ec2_idempotency import ClientTokens
 from fleetctl.sandbox.aws_rules.ssm import ParameterStoreThroughput
 from fleetctl.sandbox.aws_shim import Rule
 
@@ -10,7 +12,13 @@ from fleetctl.sandbox.aws_shim import Rule
 def default_rules() -> list[Rule]:
     from fleetctl.sandbox.aws_rules.ec2_fleet import FleetConfigRule, SpotServiceLinkedRoleRule
 
-    rules: list[Rule] = [ParameterStoreThroughput()]
-    # A fleet EC2 finds malformed is refused before any launch is tried, spot or not.
-    rules += [FleetConfigRule(), SpotServiceLinkedRoleRule()]
-    return rules
+    return [
+        ParameterStoreThroughput(),
+        # A repeated token is answered before anything else looks at the call: it changes nothing.
+        TransactionTokens(),
+        TransactionConflicts(),
+        ClientTokens(),
+        # A fleet EC2 finds malformed is refused before any launch is tried, spot or not.
+        FleetConfigRule(),
+        SpotServiceLinkedRoleRule(),
+    ]
