@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from chalicelib.instances import parse_state_change
-from chalicelib.naming import runner_token_parameter
 from chalicelib.store import runner_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from fleetctl.sandbox.pump import EventPump
-from tests.integration.test_scale_up import ACCOUNT, Fleet, state_change
+from tests.integration.test_scale_up import Fleet, state_change
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,7 +90,7 @@ def test_gitlab_down_for_all_three_attempts_leaves_the_lease_back_and_the_cleanu
     assert [int(r["id"]) for r in fleet.gitlab_runners()] == [runner_id]
 
     # when that record is acted on later, GitLab being back (the same event, as reconciliation would send it)
-    result = fleet.runtime.instance_events(ACCOUNT).handle(parse_state_change(state_change(instance_id)))
+    result = fleet.runtime.instance_events().handle(parse_state_change(state_change(instance_id)))
 
     # then only the GitLab runner was left to delete
     assert result == "cleaned up"
@@ -114,7 +113,6 @@ def test_gitlab_back_by_the_third_attempt_finishes_the_cleanup(fleet: Fleet) -> 
     assert pump.dropped_events == []
     assert fleet.gitlab_runners() == []
     assert fleet.leases("docker") == 0
-    ssm = fleet.runtime.aws().ssm
-    assert ssm.get_parameters(Names=[runner_token_parameter(fleet.config.fleet, instance_id)])["Parameters"] == []
+    assert not fleet.token_exists(instance_id)
     assert fleet.record(runner_key(instance_id))["state"] == "terminated"
     assert runner_id not in {int(r["id"]) for r in fleet.gitlab.runners()}
