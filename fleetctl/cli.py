@@ -192,20 +192,22 @@ def gitlab() -> None:
 def gitlab_connect(
     config_path: Path, project_id: str, webhook_url: str, gitlab_url: str | None, gitlab_token: str
 ) -> None:
-    """Create or update the project webhook (job events, secret token from SSM)."""
+    """Create or update the project webhook (job events, secret token from SSM), and record it for ``status``."""
+    from chalicelib.store import FleetStore
     from fleetctl.gitlab_connect import connect_project_hook
 
     config = _load(config_path)
-    ssm = _clients(config).ssm
+    clients = _clients(config)
+    ssm = clients.ssm
     token = ssm.get_parameter(Name=config.webhook.token_parameter, WithDecryption=True)["Parameter"]["Value"]
     signing = None
     if config.webhook.signing_secret_parameter:
         signing = ssm.get_parameter(Name=config.webhook.signing_secret_parameter, WithDecryption=True)["Parameter"][
             "Value"
         ]
-    result = connect_project_hook(
-        gitlab_url or config.gitlab.url, gitlab_token, project_id, webhook_url, token, signing
-    )
+    url = gitlab_url or config.gitlab.url
+    result = connect_project_hook(url, gitlab_token, project_id, webhook_url, token, signing)
+    FleetStore(config.state.table, clients.dynamodb).record_hook(result.project_id, result.hook_id, url, webhook_url)
     verb = "created" if result.created else "updated"
     click.echo(f"{verb} hook {result.hook_id} on project {project_id} -> {webhook_url} (job events)")
 
@@ -213,13 +215,22 @@ def gitlab_connect(
 @main.command()
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(config_path: Path, as_json: bool) -> None:
-    """Jobs by status, runners by state, and each pool's runners, leases and image."""
+@click.option(
+    "--gitlab-token",
+    envvar="GITLAB_TOKEN",
+    help="API token to read the hooks with. Defaults to $GITLAB_TOKEN, else the config's gitlab.token_parameter.",
+)
+def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
+    """Jobs by status (and those recorded but never queued), runners by state, each pool's runners, leases and
+    image, and whether GitLab still executes each hook ``gitlab connect`` made."""
     from chalicelib.store import FleetStore
     from fleetctl.status import fleet_status
 
     config = _load(config_path)
-    summary = fleet_status(config, FleetStore(config.state.table, _clients(config).dynamodb))
+    clients = _clients(config)
+    summary = fleet_status(
+        config, FleetStore(config.state.table, clients.dynamodb), _hook_reader(config, clients, gitlab_token)
+    )
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return
@@ -229,7 +240,19 @@ def status(config_path: Path, as_json: bool) -> None:
     console = Console()
     console.print(
         f"[bold]{summary['fleet']}[/bold]  jobs: {summary['jobs'] or '-'}  runners: {summary['runners'] or '-'}"
+        f"  unqueued jobs: {summary['unqueued_jobs']}"
     )
+    if summary["hooks"]:
+        hooks = Table("project", "hook", "url", "alert status", "disabled until")
+        for hook in summary["hooks"]:
+            hooks.add_row(
+                str(hook["project_id"]),
+                str(hook["hook_id"]),
+                hook["url"],
+                hook["alert_status"] or f"unknown: {hook['error']}",
+                hook["disabled_until"] or "-",
+            )
+        console.print(hooks)
     table = Table("pool", "tags", "max", "runners", "leases", "image", "digest")
     for pool in summary["pools"]:
         table.add_row(
@@ -242,6 +265,36 @@ def status(config_path: Path, as_json: bool) -> None:
             pool["image_digest"] or "-",
         )
     console.print(table)
+
+
+def _hook_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
+    """Reads a recorded hook from GitLab with ``gitlab_token``, else the fleet's own API token from SSM (read once,
+    when the first hook is read)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from chalicelib.aws import error_code
+    from chalicelib.errors import GitLabUnavailableError
+    from chalicelib.store import HookRecord
+    from fleetctl.gitlab_connect import HookState, read_project_hook
+
+    tokens: list[str] = [gitlab_token] if gitlab_token else []
+
+    def token() -> str:
+        if not tokens:
+            name = config.gitlab.token_parameter
+            try:
+                found = clients.ssm.get_parameter(Name=name, WithDecryption=True)
+            except ClientError as exc:
+                raise GitLabUnavailableError(f"no GitLab token: {name} unreadable ({error_code(exc)})") from None
+            except BotoCoreError as exc:
+                raise GitLabUnavailableError(f"no GitLab token: {name} unreadable ({type(exc).__name__})") from None
+            tokens.append(str(found["Parameter"]["Value"]))
+        return tokens[0]
+
+    def read(hook: HookRecord) -> HookState:
+        return read_project_hook(hook.gitlab_url or config.gitlab.url, token(), hook.project_id, hook.hook_id)
+
+    return read
 
 
 # -- sandbox ----------------------------------------------------------------------------------------------------

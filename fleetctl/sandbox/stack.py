@@ -116,18 +116,22 @@ class Sandbox:
         return [change.describe() for change in plan]
 
     def connect(self) -> int:
+        """What ``fleetctl gitlab connect`` does: create the project's hook and record it in the fleet table."""
+        from chalicelib import runtime
         from fleetctl.gitlab_connect import connect_project_hook
 
         assert self.server is not None
         secrets = self.secrets()
-        return connect_project_hook(
+        result = connect_project_hook(
             self.gitlab.url,
             GITLAB_ADMIN_TOKEN,
             self.project_id,
             self.server.webhook_url,
             secrets["token"],
             secrets.get("signing"),
-        ).hook_id
+        )
+        runtime.store().record_hook(result.project_id, result.hook_id, self.gitlab.url, self.server.webhook_url)
+        return result.hook_id
 
     def secrets(self) -> dict[str, str]:
         from chalicelib import runtime
