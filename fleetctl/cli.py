@@ -242,17 +242,15 @@ def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
         f"[bold]{summary['fleet']}[/bold]  jobs: {summary['jobs'] or '-'}  runners: {summary['runners'] or '-'}"
         f"  unqueued jobs: {summary['unqueued_jobs']}"
     )
-    if summary["hooks"]:
-        hooks = Table("project", "hook", "url", "alert status", "disabled until")
-        for hook in summary["hooks"]:
-            hooks.add_row(
-                str(hook["project_id"]),
-                str(hook["hook_id"]),
-                hook["url"],
-                hook["alert_status"] or f"unknown: {hook['error']}",
-                hook["disabled_until"] or "-",
-            )
-        console.print(hooks)
+    for hook in summary["hooks"]:
+        state = hook["alert_status"] or f"unknown ({hook['error']})"
+        until = f" until {hook['disabled_until']}" if hook["alert_status"] == "temporarily_disabled" else ""
+        # One line per hook, never truncated: the state is what the operator came for.
+        console.print(
+            f"hook {hook['hook_id']} of project {hook['project_id']} -> {hook['url']}: {state}{until}",
+            soft_wrap=True,
+            markup=False,
+        )
     table = Table("pool", "tags", "max", "runners", "leases", "image", "digest")
     for pool in summary["pools"]:
         table.add_row(
