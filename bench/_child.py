@@ -70,9 +70,9 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
     """The UpdateItem FleetStore.record_job_event makes for an unsigned pending job, spelled out by hand.
 
     One conditional write on the job's item: its fields set (with a random ``writer`` that tells a refusal by
-    our own landed retry from a real duplicate) and ``queued`` false, the delivery key added to the item's string
-    set of deliveries, and the old item returned if the condition refuses the write (a duplicate, a stale event,
-    or a job already queued).
+    our own landed retry from a real duplicate, and is the queue claim) and ``queued`` false, the delivery key
+    added to the item's string set of deliveries, and the old item returned if the condition refuses the write (a
+    duplicate, a stale event, or a job already queued).
     """
     values: dict[str, dict[str, str]] = {
         "kind": {"S": "job"},
@@ -98,13 +98,15 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
     attribute_values[":key"] = {"S": delivery}
     attribute_values[":keys"] = {"SS": [delivery]}
     attribute_values[":unqueued"] = {"BOOL": False}
+    attribute_values[":writer"] = values["writer"]
+    attribute_values[":claimed"] = {"N": repr(now)}
     attribute_values[":queued"] = {"BOOL": True}
     return {
         "TableName": table,
         "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
         "UpdateExpression": "SET "
         + ", ".join(f"#a{i} = :v{i}" for i in range(len(values)))
-        + ", #queued = :unqueued ADD deliveries :keys",
+        + ", #queued = :unqueued, queue_claim = :writer, queue_claim_at = :claimed ADD deliveries :keys",
         "ConditionExpression": "(attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished))"
         " AND NOT contains(deliveries, :key) AND (attribute_not_exists(#queued) OR #queued <> :queued)",
         "ExpressionAttributeNames": names,
@@ -118,7 +120,7 @@ def queued_mark(table: str, hook: dict[str, Any], now: float) -> dict[str, Any]:
     return {
         "TableName": table,
         "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
-        "UpdateExpression": "SET #queued = :true, queued_at = :now",
+        "UpdateExpression": "SET #queued = :true, queued_at = :now REMOVE queue_claim, queue_claim_at",
         "ConditionExpression": "attribute_exists(pk)",
         "ExpressionAttributeNames": {"#queued": "queued"},
         "ExpressionAttributeValues": {":true": {"BOOL": True}, ":now": {"N": repr(now)}},

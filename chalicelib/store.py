@@ -9,7 +9,10 @@ never both win; webhooks arrive in any order, so a job record only moves forward
 A pending job is recorded first and queued second: its item says ``queued = false`` until the jobs-queue send
 succeeded, then ``queued = true`` and ``queued_at``. GitLab never redelivers a delivery we failed to answer, so a
 pending job recorded but never queued stays findable in the table (:func:`is_unqueued_pending`,
-:meth:`FleetStore.unqueued_pending_jobs`) for a resend of its delivery or a later sweep to queue.
+:meth:`FleetStore.unqueued_pending_jobs`) for a resend of its delivery or a later sweep to queue. Whoever sends
+holds the item's queue claim (``queue_claim``, ``queue_claim_at``) meanwhile, so copies of one delivery arriving
+together send once; a claim is dropped when its send fails, and one older than ``QUEUE_CLAIM_SECONDS`` (its holder
+died) may be taken over.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from chalicelib.errors import PayloadTooLargeError
 from chalicelib.gitlab_events import FINISHED_RANK, JobStatus
 
 FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
+# A queue claim this old belongs to a webhook that died between recording and sending (the webhook Lambda runs for
+# 10 s at most): another may take it over.
+QUEUE_CLAIM_SECONDS = 60
 _ITEM_TOO_LARGE = "exceeded the maximum allowed size"  # DynamoDB's ValidationException message for a 400 KB item
 
 _serializer = TypeSerializer()
@@ -88,6 +94,15 @@ class EventOutcome(str, Enum):
     ALREADY_QUEUED = "already queued"  # another delivery of this pending job already queued it
     REPLAY = "replay"  # this exact signed attempt (id and timestamp) was already seen
     STALE = "stale"  # the job is already further along than this event says
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a delivery did; ``claim`` is set when the caller is to queue the job, and names the queue
+    claim it holds (for :meth:`FleetStore.release_queue_claim` should the send fail)."""
+
+    outcome: EventOutcome
+    claim: str | None = None
 
 
 def is_unqueued_pending(item: Mapping[str, Any]) -> bool:
@@ -198,16 +213,17 @@ class FleetStore:
         self._clock = clock
         self._sleep = sleep
 
-    def record_job_event(self, delivery_key: str, event: JobEvent, replay_key: str | None = None) -> EventOutcome:
+    def record_job_event(self, delivery_key: str, event: JobEvent, replay_key: str | None = None) -> Recorded:
         """Record a delivery on its job's item and apply the job's status, in one conditional write.
 
         A delivery always concerns one job, so its key is kept in a set on that job's item: the condition refuses
         a key already there (a resend), an exact replay of a signed attempt, an event older than what the item
         holds (webhooks arrive in any order; a finished job never goes back) and, for a pending event, a job
         already queued. An equal rank is accepted, so a second hook's delivery of the same status is recorded. A
-        pending event records the job as not yet queued (:meth:`mark_queued` follows the send). On refusal the old
-        item comes back with the error, which says which it was at no extra call: a resend of a delivery whose
-        job was never queued is ``UNQUEUED``, to be queued now.
+        pending event records the job as not yet queued, under this call's queue claim (:meth:`mark_queued` follows
+        the send). On refusal the old item comes back with the error, which says which it was at no extra call: a
+        resend of a delivery whose job was never queued, and whose claim is free, is ``UNQUEUED`` once this call
+        took the claim, to be queued now.
         """
         writer = uuid.uuid4().hex
         try:
@@ -218,17 +234,58 @@ class FleetStore:
             if error_code(exc) == "ValidationException" and _ITEM_TOO_LARGE in str(exc):
                 raise PayloadTooLargeError(f"the record of job {event.project_id}:{event.job_id} is full") from None
             raise
-        if old is None or old.get("writer") == writer:
-            # Refused by our own write: botocore retried a call whose answer timed out after it landed.
-            return EventOutcome.RECORDED
-        if replay_key is not None and replay_key in old.get("replays", set()):
-            return EventOutcome.REPLAY
         pending = event.status is JobStatus.PENDING
+        if old is None or old.get("writer") == writer:
+            # (The second: refused by our own write, which landed before botocore retried the timed-out call.)
+            return Recorded(EventOutcome.RECORDED, writer if pending else None)
+        if replay_key is not None and replay_key in old.get("replays", set()):
+            return Recorded(EventOutcome.REPLAY)
         if delivery_key in old.get("deliveries", set()):
-            return EventOutcome.UNQUEUED if pending and is_unqueued_pending(old) else EventOutcome.DUPLICATE
+            if pending and is_unqueued_pending(old) and self._take_queue_claim(event, old, writer):
+                return Recorded(EventOutcome.UNQUEUED, writer)
+            return Recorded(EventOutcome.DUPLICATE)
         if pending and old.get("status") == JobStatus.PENDING.value and old.get("queued") is True:
-            return EventOutcome.ALREADY_QUEUED
-        return EventOutcome.STALE
+            return Recorded(EventOutcome.ALREADY_QUEUED)
+        return Recorded(EventOutcome.STALE)
+
+    def _take_queue_claim(self, event: JobEvent, old: Mapping[str, Any], claim: str) -> bool:
+        """Take the queue claim of an unqueued job when it is free (released, or its holder died): one conditional
+        write, which only one of several copies of a delivery arriving together wins."""
+        now = self._clock()
+        held = old.get("queue_claim")
+        if held is not None and float(old.get("queue_claim_at", 0)) > now - QUEUE_CLAIM_SECONDS:
+            return False
+        values: dict[str, Any] = {":claim": {"S": claim}, ":now": attribute_value(now), ":no": {"BOOL": False}}
+        condition = "#queued = :no AND "
+        if held is None:
+            condition += "attribute_not_exists(queue_claim)"
+        else:
+            condition += "queue_claim = :held"
+            values[":held"] = {"S": str(held)}
+        request = {
+            "TableName": self.table,
+            "Key": {"pk": {"S": job_key(event.project_id, event.job_id)}},
+            "UpdateExpression": "SET queue_claim = :claim, queue_claim_at = :now",
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": {"#queued": "queued"},
+            "ExpressionAttributeValues": values,
+        }
+        refused = self._update_unless_refused(request)
+        return refused is None or refused.get("queue_claim") == claim
+
+    def release_queue_claim(self, project_id: int, job_id: int, claim: str) -> None:
+        """Give back a queue claim whose send failed, so that a resend of the delivery can queue the job at once."""
+        try:
+            self._client.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": job_key(project_id, job_id)}},
+                UpdateExpression="REMOVE queue_claim, queue_claim_at",
+                ConditionExpression="queue_claim = :claim",
+                ExpressionAttributeValues={":claim": {"S": claim}},
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
 
     def mark_queued(self, project_id: int, job_id: int) -> None:
         """Record that the job's queue message was sent: it is no longer an unqueued pending job."""
@@ -236,7 +293,7 @@ class FleetStore:
             self._client.update_item(
                 TableName=self.table,
                 Key={"pk": {"S": job_key(project_id, job_id)}},
-                UpdateExpression="SET #queued = :true, queued_at = :now",
+                UpdateExpression="SET #queued = :true, queued_at = :now REMOVE queue_claim, queue_claim_at",
                 ConditionExpression="attribute_exists(pk)",  # never leave a stub item behind
                 ExpressionAttributeNames={"#queued": "queued"},
                 ExpressionAttributeValues={":true": {"BOOL": True}, ":now": attribute_value(self._clock())},
@@ -340,9 +397,12 @@ class FleetStore:
             "(attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished)) AND NOT contains(deliveries, :key)"
         )
         if event.status is JobStatus.PENDING:
-            # Not queued until the send succeeded; a job already queued is not recorded (nor queued) again.
-            assignments += ", #queued = :unqueued"
+            # Not queued until the send succeeded, which this write claims; a job already queued is not recorded
+            # (nor queued) again.
+            assignments += ", #queued = :unqueued, queue_claim = :writer, queue_claim_at = :claimed"
             names["#queued"] = "queued"
+            attribute_values[":writer"] = {"S": writer}
+            attribute_values[":claimed"] = attribute_value(now)
             attribute_values[":unqueued"] = {"BOOL": False}
             attribute_values[":queued"] = {"BOOL": True}
             condition += " AND (attribute_not_exists(#queued) OR #queued <> :queued)"

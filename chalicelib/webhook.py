@@ -149,15 +149,16 @@ class WebhookIntake:
             failure_reason=hook.build_failure_reason if status is JobStatus.FAILED else None,
         )
         try:
-            outcome = self._store.record_job_event(key, event, replay_key)
+            recorded = self._store.record_job_event(key, event, replay_key)
         except PayloadTooLargeError as exc:
             logger.warning("webhook refused: job record full", extra={"reason": str(exc)})
             return WebhookResponse(413, {"error": "job record full"})
         log = {"project_id": hook.project_id, "job_id": hook.build_id, "status": status.value}
+        outcome = recorded.outcome
         if outcome is EventOutcome.REPLAY:
             return _refused("replayed signed delivery")
-        if status is JobStatus.PENDING and outcome in {EventOutcome.RECORDED, EventOutcome.UNQUEUED}:
-            self._enqueue(event, key)
+        if recorded.claim is not None:
+            self._enqueue(event, key, recorded.claim)
             logger.info("job queued", extra={**log, "resent": outcome is EventOutcome.UNQUEUED})
             count("JobsQueued")
             return WebhookResponse(200, {"queued": True})
@@ -167,9 +168,10 @@ class WebhookIntake:
         logger.info("job status recorded", extra=log)
         return WebhookResponse(200, {"recorded": status.value})
 
-    def _enqueue(self, event: JobEvent, key: str) -> None:
+    def _enqueue(self, event: JobEvent, key: str, claim: str) -> None:
         """Send the job's message, then mark its record queued. A failed send propagates (503) and leaves the
-        record as it is, pending and not queued, so a resend of the delivery or a sweep can queue it later."""
+        record pending and not queued, its queue claim given back, so a resend of the delivery (or a sweep) can
+        queue it later."""
         job = QueuedJob(
             project_id=event.project_id,
             job_id=event.job_id,
@@ -187,6 +189,11 @@ class WebhookIntake:
                 extra={"project_id": event.project_id, "job_id": event.job_id, "delivery": key},
             )
             count("JobsNotQueued")
+            try:
+                self._store.release_queue_claim(event.project_id, event.job_id, claim)
+            except (ClientError, BotoCoreError):
+                # The claim then lapses after QUEUE_CLAIM_SECONDS; a resend before that is taken as a duplicate.
+                logger.exception("queue claim not released", extra={"delivery": key})
             raise
         try:
             self._store.mark_queued(event.project_id, event.job_id)

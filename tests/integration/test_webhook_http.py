@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.payloads import gitlab_headers, job_hook
+from tests.payloads import gitlab_headers, job_hook, next_job_id
 
 MiB = 1024 * 1024
 
@@ -398,3 +398,24 @@ def test_a_burst_of_200_deliveries_loses_nothing(client: Client) -> None:
 
     assert [a.status_code for a in answers] == [200] * 200
     assert sorted(m["job_id"] for m in client.queued()) == sorted(b["build_id"] for b in bodies)
+
+
+def test_a_queue_claim_left_by_a_webhook_that_died_lapses(client: Client) -> None:
+    from chalicelib.gitlab_events import JobStatus
+    from chalicelib.store import QUEUE_CLAIM_SECONDS, EventOutcome, FleetStore, JobEvent
+
+    # given a pending job recorded by a webhook that died before sending (its queue claim still held)
+    now = [1_000.0]
+    store = FleetStore(client.sandbox.config.state.table, client.runtime.aws().dynamodb, clock=lambda: now[0])
+    event = JobEvent(project_id=5, job_id=next_job_id(), status=JobStatus.PENDING, received_at=now[0])
+    first = store.record_job_event("delivery-1", event)
+    # when the delivery is resent at once, and again once the claim has lapsed
+    soon = store.record_job_event("delivery-1", event)
+    now[0] += QUEUE_CLAIM_SECONDS + 1
+    later = store.record_job_event("delivery-1", event)
+    after = store.record_job_event("delivery-1", event)
+    # then only the resend after the lapse may queue the job, under a claim of its own; the next is a duplicate
+    assert first.outcome is EventOutcome.RECORDED and first.claim is not None
+    assert (soon.outcome, soon.claim) == (EventOutcome.DUPLICATE, None)
+    assert later.outcome is EventOutcome.UNQUEUED and later.claim not in (None, first.claim)
+    assert (after.outcome, after.claim) == (EventOutcome.DUPLICATE, None)
