@@ -70,8 +70,9 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
     """The UpdateItem FleetStore.record_job_event makes for an unsigned pending job, spelled out by hand.
 
     One conditional write on the job's item: its fields set (with a random ``writer`` that tells a refusal by
-    our own landed retry from a real duplicate), the delivery key added to the item's string set of deliveries,
-    and the old item returned if the condition refuses the write (a duplicate or a stale event).
+    our own landed retry from a real duplicate, and is the queue claim) and ``queued`` false, the delivery key
+    added to the item's string set of deliveries, and the old item returned if the condition refuses the write (a
+    duplicate, a stale event, or a job already queued).
     """
     values: dict[str, dict[str, str]] = {
         "kind": {"S": "job"},
@@ -90,20 +91,39 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
     }
     names = {f"#a{i}": name for i, name in enumerate(values)}
     names["#rank"] = "status_rank"
+    names["#queued"] = "queued"
     attribute_values: dict[str, dict[str, Any]] = {f":v{i}": value for i, value in enumerate(values.values())}
     attribute_values[":rank"] = {"N": str(PENDING_RANK)}
     attribute_values[":finished"] = {"N": str(FINISHED_RANK)}
     attribute_values[":key"] = {"S": delivery}
     attribute_values[":keys"] = {"SS": [delivery]}
+    attribute_values[":unqueued"] = {"BOOL": False}
+    attribute_values[":writer"] = values["writer"]
+    attribute_values[":claimed"] = {"N": repr(now)}
+    attribute_values[":queued"] = {"BOOL": True}
     return {
         "TableName": table,
         "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
-        "UpdateExpression": "SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))) + " ADD deliveries :keys",
+        "UpdateExpression": "SET "
+        + ", ".join(f"#a{i} = :v{i}" for i in range(len(values)))
+        + ", #queued = :unqueued, queue_claim = :writer, queue_claim_at = :claimed ADD deliveries :keys",
         "ConditionExpression": "(attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished))"
-        " AND NOT contains(deliveries, :key)",
+        " AND NOT contains(deliveries, :key) AND (attribute_not_exists(#queued) OR #queued <> :queued)",
         "ExpressionAttributeNames": names,
         "ExpressionAttributeValues": attribute_values,
         "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+
+
+def queued_mark(table: str, hook: dict[str, Any], now: float) -> dict[str, Any]:
+    """The UpdateItem FleetStore.mark_queued makes once the message is sent."""
+    return {
+        "TableName": table,
+        "Key": {"pk": {"S": f"JOB#{hook['project_id']}:{hook['build_id']}"}},
+        "UpdateExpression": "SET #queued = :true, queued_at = :now REMOVE queue_claim, queue_claim_at",
+        "ConditionExpression": "attribute_exists(pk)",
+        "ExpressionAttributeNames": {"#queued": "queued"},
+        "ExpressionAttributeValues": {":true": {"BOOL": True}, ":now": {"N": repr(now)}},
     }
 
 
@@ -151,7 +171,8 @@ class BareWebhook:
         return self._queue_url
 
     def record_and_queue(self, event: dict[str, Any]) -> None:
-        """UpdateItem + SendMessage for one API Gateway event, as the webhook does in steady state.
+        """UpdateItem + SendMessage + UpdateItem (the queued mark) for one API Gateway event, as the webhook does in
+        steady state.
 
         The queue URL is resolved on first use, between the two, as JobQueue does: a first webhook makes its
         calls in the app's order.
@@ -165,9 +186,11 @@ class BareWebhook:
         self.sqs.send_message(
             QueueUrl=self.queue_url(), MessageBody=queued_message(hook, instance, delivery, now), DelaySeconds=0
         )
+        self.dynamodb.update_item(**queued_mark(self.target.table, hook, time.time()))
 
     def cold(self, event: dict[str, Any]) -> None:
-        """Everything a first webhook costs: the token (GetParameters), UpdateItem, the queue URL, SendMessage."""
+        """Everything a first webhook costs: the token (GetParameters), UpdateItem, the queue URL, SendMessage,
+        UpdateItem."""
         self.fetch_token()
         self.record_and_queue(event)
 

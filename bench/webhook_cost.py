@@ -1,7 +1,8 @@
 """Warm cost of one webhook: the handler against the bare AWS calls, and AWS calls per webhook.
 
 In one process, after warming both paths, alternates SAMPLES times (a) a valid pending Job Hook for a new job
-through ``app.app(event, context)`` and (b) the same UpdateItem + SendMessage made on a plain boto3 client.
+through ``app.app(event, context)`` and (b) the same UpdateItem + SendMessage + UpdateItem (recorded, queued,
+marked queued) made on a plain boto3 client.
 Targets: median (a) at most TARGET_RATIO times median (b), and at most TARGET_CALLS AWS calls per webhook in
 steady state, counted by a botocore ``before-call`` handler on the app's own clients. The baseline is checked,
 not assumed, to make the app's calls: the operations and request shapes (expressions, attribute names, value
@@ -42,7 +43,7 @@ SAMPLES = 300
 CLEAR_EVERY = 25  # pairs between emptying the table and the queue (see LocalStack.clear)
 CACHE_REFRESH_CALL = "ssm.GetParameters"
 TARGET_RATIO = 1.3
-TARGET_CALLS = 2
+TARGET_CALLS = 3  # record the job, queue it, mark it queued
 SERVICES = ("ssm", "dynamodb", "sqs")
 
 
@@ -227,8 +228,8 @@ def main() -> None:
     outside_calls = (sum(samples.app) - meter.in_calls) / SAMPLES
     lines = [
         f"webhook cost: {SAMPLES} warm webhooks each way (after {WARMUP} warm-up), one process, medians",
-        f"  app  (app.app: verify, parse, UpdateItem, SendMessage)  {ms(app_median):>9}",
-        f"  bare (boto3: UpdateItem, SendMessage)                   {ms(bare_median):>9}",
+        f"  app  (app.app: verify, parse, UpdateItem, SendMessage, UpdateItem)  {ms(app_median):>9}",
+        f"  bare (boto3: UpdateItem, SendMessage, UpdateItem)                   {ms(bare_median):>9}",
         f"  ratio app/bare {ratio:.2f} (target <= {TARGET_RATIO}): {'met' if ratio_met else 'MISSED'}",
         f"  app time outside its AWS calls: {ms(outside_calls)} per webhook (mean)",
         f"  AWS calls per webhook: at most {most_calls}, {mean_calls:.2f} on average"

@@ -43,3 +43,11 @@ class RetryableError(RunnerFleetError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class GitLabUnavailableError(RunnerFleetError):
+    """GitLab could not be asked, or refused: unreachable, timed out, or an error status. ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -1,12 +1,21 @@
 """The fleet table: one DynamoDB table holding jobs, runners, pools and images, keyed by kind.
 
 Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance id>``, ``LAUNCH#<launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``,
-``TOKEN#<role id>:<instance id>`` (a runner's GitLab token, see ``chalicelib.runner_tokens``).
+``TOKEN#<role id>:<instance id>`` (a runner's GitLab token, see ``chalicelib.runner_tokens``), and
+``HOOK#<project>``: the GitLab hook ``fleetctl gitlab connect`` made, which ``fleetctl status`` asks GitLab about.
 A job item also remembers the webhook deliveries (and signed attempts) it has seen, for de-duplication, and
 expires by TTL: soon once finished, and long after its last event otherwise, since GitLab sends no Job Hook
 when it skips a job (a later stage after a failure) and such a record would never hear of its end. Every state
 change is a conditional write, so two Lambdas racing on the same item never both win; webhooks arrive in any
 order, so a job record only moves forward in its life.
+
+A pending job is recorded first and queued second: its item says ``queued = false`` until the jobs-queue send
+succeeded, then ``queued = true`` and ``queued_at``. GitLab never redelivers a delivery we failed to answer, so a
+pending job recorded but never queued stays findable in the table (:func:`is_unqueued_pending`,
+:meth:`FleetStore.unqueued_pending_jobs`) for a resend of its delivery or a later sweep to queue. Whoever sends
+holds the item's queue claim (``queue_claim``, ``queue_claim_at``) meanwhile, so copies of one delivery arriving
+together send once; a claim is dropped when its send fails, and one older than ``QUEUE_CLAIM_SECONDS`` (its holder
+died) may be taken over.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
 # Far beyond any wait GitLab allows a live job (a pending one is dropped as stuck after a day); a job that comes
 # back later (a stage unblocked by a manual job, say) is recorded afresh by its next Job Hook.
 UNFINISHED_JOB_TTL_SECONDS = 30 * 24 * 3600
+# A queue claim this old belongs to a webhook that died between recording and sending (the webhook Lambda runs for
+# 10 s at most): another may take it over.
+QUEUE_CLAIM_SECONDS = 60
 _ITEM_TOO_LARGE = "exceeded the maximum allowed size"  # DynamoDB's ValidationException message for a 400 KB item
 
 _serializer = TypeSerializer()
@@ -57,6 +69,10 @@ def token_key(session_user_id: str) -> str:
     return f"TOKEN#{session_user_id}"
 
 
+def hook_key(project_id: int) -> str:
+    return f"HOOK#{project_id}"
+
+
 def attribute_value(value: Any) -> dict[str, Any]:
     # DynamoDB numbers are decimals; boto3 refuses floats rather than guess their precision.
     if isinstance(value, float):
@@ -82,9 +98,59 @@ class EventOutcome(str, Enum):
     """What recording a webhook delivery did."""
 
     RECORDED = "recorded"
+    # This delivery (Idempotency-Key) was recorded before, but its pending job was never queued (the send failed):
+    # a resend of it queues the job now.
+    UNQUEUED = "unqueued"
     DUPLICATE = "duplicate"  # this delivery (Idempotency-Key) was already processed
+    ALREADY_QUEUED = "already queued"  # another delivery of this pending job already queued it
     REPLAY = "replay"  # this exact signed attempt (id and timestamp) was already seen
     STALE = "stale"  # the job is already further along than this event says
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a delivery did; ``claim`` is set when the caller is to queue the job, and names the queue
+    claim it holds (for :meth:`FleetStore.release_queue_claim` should the send fail)."""
+
+    outcome: EventOutcome
+    claim: str | None = None
+
+
+def is_unqueued_pending(item: Mapping[str, Any]) -> bool:
+    """A job item the webhook recorded as pending whose queue send never succeeded, and that scale-up has not seen
+    since (no claim, no outcome). Items written before the ``queued`` attribute existed carry none and are not
+    counted: they were queued when recorded."""
+    return (
+        item.get("kind") == "job"
+        and item.get("status") == JobStatus.PENDING.value
+        and item.get("queued") is False
+        and "launch_id" not in item
+        and "outcome" not in item
+    )
+
+
+@dataclass(frozen=True)
+class UnqueuedJob:
+    """A pending job recorded but never queued: what is needed to queue it again."""
+
+    project_id: int
+    job_id: int
+    pending_at: float
+    pipeline_id: int | None = None
+    name: str = ""
+    gitlab_instance: str = ""
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> UnqueuedJob:
+        pipeline_id = item.get("pipeline_id")
+        return cls(
+            project_id=int(item["project_id"]),
+            job_id=int(item["job_id"]),
+            pending_at=float(item.get("pending_at", 0)),
+            pipeline_id=None if pipeline_id is None else int(pipeline_id),
+            name=str(item.get("name", "")),
+            gitlab_instance=str(item.get("gitlab_instance", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -109,6 +175,40 @@ class JobEvent:
     failure_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class HookRecord:
+    """The GitLab project hook feeding this fleet, as ``fleetctl gitlab connect`` created or updated it."""
+
+    project_id: int
+    hook_id: int
+    gitlab_url: str
+    webhook_url: str
+    connected_at: float = 0.0
+
+    def to_item(self) -> dict[str, Any]:
+        return to_item(
+            {
+                "pk": hook_key(self.project_id),
+                "kind": "hook",
+                "project_id": self.project_id,
+                "hook_id": self.hook_id,
+                "gitlab_url": self.gitlab_url,
+                "webhook_url": self.webhook_url,
+                "connected_at": self.connected_at,
+            }
+        )
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> HookRecord:
+        return cls(
+            project_id=int(item["project_id"]),
+            hook_id=int(item["hook_id"]),
+            gitlab_url=str(item.get("gitlab_url", "")),
+            webhook_url=str(item.get("webhook_url", "")),
+            connected_at=float(item.get("connected_at", 0)),
+        )
+
+
 class FleetStore:
     """Conditional reads and writes on the fleet table through the low-level DynamoDB client."""
 
@@ -124,14 +224,17 @@ class FleetStore:
         self._clock = clock
         self._sleep = sleep
 
-    def record_job_event(self, delivery_key: str, event: JobEvent, replay_key: str | None = None) -> EventOutcome:
+    def record_job_event(self, delivery_key: str, event: JobEvent, replay_key: str | None = None) -> Recorded:
         """Record a delivery on its job's item and apply the job's status, in one conditional write.
 
         A delivery always concerns one job, so its key is kept in a set on that job's item: the condition refuses
-        a key already there (GitLab redelivering), an exact replay of a signed attempt, and an event older than
-        what the item holds (webhooks arrive in any order; a finished job never goes back). An equal rank is
-        accepted so that a pending job whose first queueing failed is queued by a resend of the delivery. On refusal the
-        old item comes back with the error, which says which of the three it was, at no extra call.
+        a key already there (a resend), an exact replay of a signed attempt, an event older than what the item
+        holds (webhooks arrive in any order; a finished job never goes back) and, for a pending event, a job
+        already queued. An equal rank is accepted, so a second hook's delivery of the same status is recorded. A
+        pending event records the job as not yet queued, under this call's queue claim (:meth:`mark_queued` follows
+        the send). On refusal the old item comes back with the error, which says which it was at no extra call: a
+        resend of a delivery whose job was never queued, and whose claim is free, is ``UNQUEUED`` once this call
+        took the claim, to be queued now.
         """
         writer = uuid.uuid4().hex
         try:
@@ -142,14 +245,99 @@ class FleetStore:
             if error_code(exc) == "ValidationException" and _ITEM_TOO_LARGE in str(exc):
                 raise PayloadTooLargeError(f"the record of job {event.project_id}:{event.job_id} is full") from None
             raise
+        pending = event.status is JobStatus.PENDING
         if old is None or old.get("writer") == writer:
-            # Refused by our own write: botocore retried a call whose answer timed out after it landed.
-            return EventOutcome.RECORDED
+            # (The second: refused by our own write, which landed before botocore retried the timed-out call.)
+            return Recorded(EventOutcome.RECORDED, writer if pending else None)
         if replay_key is not None and replay_key in old.get("replays", set()):
-            return EventOutcome.REPLAY
+            return Recorded(EventOutcome.REPLAY)
         if delivery_key in old.get("deliveries", set()):
-            return EventOutcome.DUPLICATE
-        return EventOutcome.STALE
+            if pending and is_unqueued_pending(old) and self._take_queue_claim(event, old, writer):
+                return Recorded(EventOutcome.UNQUEUED, writer)
+            return Recorded(EventOutcome.DUPLICATE)
+        if pending and old.get("status") == JobStatus.PENDING.value and old.get("queued") is True:
+            return Recorded(EventOutcome.ALREADY_QUEUED)
+        return Recorded(EventOutcome.STALE)
+
+    def _take_queue_claim(self, event: JobEvent, old: Mapping[str, Any], claim: str) -> bool:
+        """Take the queue claim of an unqueued job when it is free (released, or its holder died): one conditional
+        write, which only one of several copies of a delivery arriving together wins."""
+        now = self._clock()
+        held = old.get("queue_claim")
+        if held is not None and float(old.get("queue_claim_at", 0)) > now - QUEUE_CLAIM_SECONDS:
+            return False
+        values: dict[str, Any] = {":claim": {"S": claim}, ":now": attribute_value(now), ":no": {"BOOL": False}}
+        condition = "#queued = :no AND "
+        if held is None:
+            condition += "attribute_not_exists(queue_claim)"
+        else:
+            condition += "queue_claim = :held"
+            values[":held"] = {"S": str(held)}
+        request = {
+            "TableName": self.table,
+            "Key": {"pk": {"S": job_key(event.project_id, event.job_id)}},
+            "UpdateExpression": "SET queue_claim = :claim, queue_claim_at = :now",
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": {"#queued": "queued"},
+            "ExpressionAttributeValues": values,
+        }
+        refused = self._update_unless_refused(request)
+        return refused is None or refused.get("queue_claim") == claim
+
+    def release_queue_claim(self, project_id: int, job_id: int, claim: str) -> None:
+        """Give back a queue claim whose send failed, so that a resend of the delivery can queue the job at once."""
+        try:
+            self._client.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": job_key(project_id, job_id)}},
+                UpdateExpression="REMOVE queue_claim, queue_claim_at",
+                ConditionExpression="queue_claim = :claim",
+                ExpressionAttributeValues={":claim": {"S": claim}},
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def mark_queued(self, project_id: int, job_id: int) -> None:
+        """Record that the job's queue message was sent: it is no longer an unqueued pending job."""
+        try:
+            self._client.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": job_key(project_id, job_id)}},
+                UpdateExpression="SET #queued = :true, queued_at = :now REMOVE queue_claim, queue_claim_at",
+                ConditionExpression="attribute_exists(pk)",  # never leave a stub item behind
+                ExpressionAttributeNames={"#queued": "queued"},
+                ExpressionAttributeValues={":true": {"BOOL": True}, ":now": attribute_value(self._clock())},
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def unqueued_pending_jobs(self, recorded_before: float | None = None) -> Iterator[UnqueuedJob]:
+        """Pending jobs recorded but never queued (:func:`is_unqueued_pending`), those recorded before
+        ``recorded_before`` only when given (a send may be in flight for a job recorded a moment ago). A scan: for
+        a periodic sweep or the operator, never on the webhook's path."""
+        values: dict[str, Any] = {
+            ":job": {"S": "job"},
+            ":pending": {"S": JobStatus.PENDING.value},
+            ":no": {"BOOL": False},
+        }
+        condition = (
+            "kind = :job AND #status = :pending AND #queued = :no"
+            " AND attribute_not_exists(launch_id) AND attribute_not_exists(outcome)"
+        )
+        if recorded_before is not None:
+            values[":before"] = attribute_value(recorded_before)
+            condition += " AND pending_at < :before"
+        pages = self._client.get_paginator("scan").paginate(
+            TableName=self.table,
+            FilterExpression=condition,
+            ExpressionAttributeNames={"#status": "status", "#queued": "queued"},
+            ExpressionAttributeValues=values,
+        )
+        for page in pages:
+            for item in page.get("Items", []):
+                yield UnqueuedJob.from_item(from_item(item))
 
     def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """Make a conditional UpdateItem: None when it applied, else the item as it was when it was refused."""
@@ -162,18 +350,11 @@ class FleetStore:
             return from_item(item) if item else self.get(request["Key"]["pk"]["S"]) or {}
         return None
 
-    def forget_delivery(self, project_id: int, job_id: int, delivery_key: str, replay_key: str | None = None) -> None:
-        """Undo a delivery record so that a resend of it is processed, not dropped as a duplicate."""
-        expression = "DELETE deliveries :key" + (", replays :replay" if replay_key else "")
-        values: dict[str, Any] = {":key": {"SS": [delivery_key]}}
-        if replay_key:
-            values[":replay"] = {"SS": [replay_key]}
-        self._client.update_item(
-            TableName=self.table,
-            Key={"pk": {"S": job_key(project_id, job_id)}},
-            UpdateExpression=expression,
-            ExpressionAttributeValues=values,
-        )
+    def record_hook(self, project_id: int, hook_id: int, gitlab_url: str, webhook_url: str) -> HookRecord:
+        """Remember the hook that feeds the fleet from ``project_id`` (one per project: a reconnect replaces it)."""
+        record = HookRecord(project_id, hook_id, gitlab_url, webhook_url, self._clock())
+        self._client.put_item(TableName=self.table, Item=record.to_item())
+        return record
 
     def get(self, pk: str, consistent: bool = True) -> dict[str, Any] | None:
         found = self._client.get_item(TableName=self.table, Key={"pk": {"S": pk}}, ConsistentRead=consistent)
@@ -225,6 +406,16 @@ class FleetStore:
         condition = (
             "(attribute_not_exists(pk) OR (#rank <= :rank AND #rank < :finished)) AND NOT contains(deliveries, :key)"
         )
+        if event.status is JobStatus.PENDING:
+            # Not queued until the send succeeded, which this write claims; a job already queued is not recorded
+            # (nor queued) again.
+            assignments += ", #queued = :unqueued, queue_claim = :writer, queue_claim_at = :claimed"
+            names["#queued"] = "queued"
+            attribute_values[":writer"] = {"S": writer}
+            attribute_values[":claimed"] = attribute_value(now)
+            attribute_values[":unqueued"] = {"BOOL": False}
+            attribute_values[":queued"] = {"BOOL": True}
+            condition += " AND (attribute_not_exists(#queued) OR #queued <> :queued)"
         if replay_key is not None:
             attribute_values[":replay"] = {"S": replay_key}
             attribute_values[":replays"] = {"SS": [replay_key]}

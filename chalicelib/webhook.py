@@ -1,9 +1,11 @@
 """GitLab webhook intake: authenticate, parse, de-duplicate, queue. Nothing else happens in the request.
 
-GitLab waits at most 10 s for an answer and disables a hook after repeated 4xx/5xx answers, so this path never
-calls GitLab or EC2, answers 200 to events it does not act on, 401/400/413 only to requests that are really
-wrong, and 503 (never 500) when something of ours failed. GitLab does not redeliver a failed delivery by itself;
-a resend (the hook's "Resend request") repeats its Idempotency-Key.
+GitLab waits at most 10 s for an answer and disables a hook after more than 3 consecutive failed answers (4xx and
+5xx alike), so this path never calls GitLab or EC2, answers 200 to events it does not act on, 401/400/413 only to
+requests that are really wrong, and 503 (never 500) when something of ours failed. GitLab never redelivers a
+failed delivery by itself; only a person's resend (the hook's "Resend request") repeats its Idempotency-Key. So a
+pending job is recorded first and queued second, and marked queued only once the send succeeded: a 503 leaves
+the job recorded and findable as not queued, and a resend of the delivery queues it.
 
 Order matters: the token is checked before the body is even looked at; the size limit before the body is
 hashed for a signature; the signature before the JSON is parsed.
@@ -21,6 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.errors import AuthenticationError, PayloadError, PayloadTooLargeError
 from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
@@ -64,7 +68,7 @@ def gitlab_instance(headers: Mapping[str, str]) -> str:
 
 
 def delivery_key(headers: Mapping[str, str], body: bytes) -> str:
-    """Idempotency-Key (stable across GitLab's retries), else X-Gitlab-Event-UUID, else the body's digest."""
+    """Idempotency-Key (the same on a resend of the delivery), else X-Gitlab-Event-UUID, else the body's digest."""
     key = headers.get("idempotency-key") or headers.get("x-gitlab-event-uuid")
     if not key or len(key) > _MAX_KEY_LENGTH or not key.isprintable():
         return "sha256:" + hashlib.sha256(body).hexdigest()
@@ -145,25 +149,29 @@ class WebhookIntake:
             failure_reason=hook.build_failure_reason if status is JobStatus.FAILED else None,
         )
         try:
-            outcome = self._store.record_job_event(key, event, replay_key)
+            recorded = self._store.record_job_event(key, event, replay_key)
         except PayloadTooLargeError as exc:
             logger.warning("webhook refused: job record full", extra={"reason": str(exc)})
             return WebhookResponse(413, {"error": "job record full"})
         log = {"project_id": hook.project_id, "job_id": hook.build_id, "status": status.value}
+        outcome = recorded.outcome
         if outcome is EventOutcome.REPLAY:
             return _refused("replayed signed delivery")
+        if recorded.claim is not None:
+            self._enqueue(event, key, recorded.claim)
+            logger.info("job queued", extra={**log, "resent": outcome is EventOutcome.UNQUEUED})
+            count("JobsQueued")
+            return WebhookResponse(200, {"queued": True})
         if outcome is not EventOutcome.RECORDED:
             logger.info("webhook ignored", extra={**log, "outcome": outcome.value})
             return WebhookResponse(200, {"ignored": outcome.value})
-        if status is not JobStatus.PENDING:
-            logger.info("job status recorded", extra=log)
-            return WebhookResponse(200, {"recorded": status.value})
-        self._enqueue(event, key, replay_key)
-        logger.info("job queued", extra=log)
-        count("JobsQueued")
-        return WebhookResponse(200, {"queued": True})
+        logger.info("job status recorded", extra=log)
+        return WebhookResponse(200, {"recorded": status.value})
 
-    def _enqueue(self, event: JobEvent, key: str, replay_key: str | None) -> None:
+    def _enqueue(self, event: JobEvent, key: str, claim: str) -> None:
+        """Send the job's message, then mark its record queued. A failed send propagates (503) and leaves the
+        record pending and not queued, its queue claim given back, so a resend of the delivery (or a sweep) can
+        queue it later."""
         job = QueuedJob(
             project_id=event.project_id,
             job_id=event.job_id,
@@ -175,11 +183,22 @@ class WebhookIntake:
         )
         try:
             self._queue.send(job)
-        except Exception:
-            # Forget the delivery so a resend of it (same Idempotency-Key) is processed instead of being dropped
-            # as a duplicate. If even that fails, the job stays recorded but not queued, and this log line says so.
+        except (ClientError, BotoCoreError):
+            logger.warning(
+                "job recorded but not queued",
+                extra={"project_id": event.project_id, "job_id": event.job_id, "delivery": key},
+            )
+            count("JobsNotQueued")
             try:
-                self._store.forget_delivery(event.project_id, event.job_id, key, replay_key)
-            except Exception:
-                logger.exception("could not forget delivery after a failed enqueue", extra={"delivery": key})
+                self._store.release_queue_claim(event.project_id, event.job_id, claim)
+            except (ClientError, BotoCoreError):
+                # The claim then lapses after QUEUE_CLAIM_SECONDS; a resend before that is taken as a duplicate.
+                logger.exception("queue claim not released", extra={"delivery": key})
             raise
+        try:
+            self._store.mark_queued(event.project_id, event.job_id)
+        except (ClientError, BotoCoreError):
+            # The message is on its way, so the delivery succeeded: answering 503 would count toward GitLab
+            # disabling the hook for a job that will run. Unmarked, the job may be queued a second time by a resend
+            # or a sweep, which scale-up's one-claim-per-job absorbs.
+            logger.exception("job queued but not marked queued", extra={"delivery": key})

@@ -224,26 +224,31 @@ def gitlab() -> None:
 def gitlab_connect(
     config_path: Path, project_id: str, webhook_url: str, gitlab_url: str | None, gitlab_token: str
 ) -> None:
-    """Create or update the project webhook (job events, secret token from SSM).
+    """Create or update the project webhook (job events, secret token from SSM), and record it for ``status``.
 
     When the stage names webhook.signing_secret_parameter, signing is turned on only if GitLab answers that it
     took the signing secret (GitLab 19.0 with the webhook_signing_token flag); otherwise it says why and the
     webhook keeps checking X-Gitlab-Token alone."""
+    from chalicelib.store import FleetStore
     from fleetctl.gitlab_connect import connect
     from fleetctl.gitlab_token import GitLabTokenError
 
     config = _load(config_path)
+    clients = _clients(config)
+    url = gitlab_url or config.gitlab.url
     try:
         result = connect(
             config,
-            _clients(config).ssm,
-            gitlab_url=gitlab_url or config.gitlab.url,
+            clients.ssm,
+            gitlab_url=url,
             gitlab_token=gitlab_token,
             project_id=project_id,
             webhook_url=webhook_url,
         )
     except GitLabTokenError as exc:
         raise click.ClickException(str(exc)) from None
+    hook = result.hook
+    FleetStore(config.state.table, clients.dynamodb).record_hook(hook.project_id, hook.hook_id, url, webhook_url)
     for line in result.describe(project_id, webhook_url):
         click.echo(line)
 
@@ -251,13 +256,22 @@ def gitlab_connect(
 @main.command()
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(config_path: Path, as_json: bool) -> None:
-    """Jobs by status, runners by state, and each pool's runners, leases and image."""
+@click.option(
+    "--gitlab-token",
+    envvar="GITLAB_TOKEN",
+    help="API token to read the hooks with. Defaults to $GITLAB_TOKEN, else the config's gitlab.token_parameter.",
+)
+def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
+    """Jobs by status (and those recorded but never queued), runners by state, each pool's runners, leases and
+    image, and whether GitLab still executes each hook ``gitlab connect`` made."""
     from chalicelib.store import FleetStore
     from fleetctl.status import fleet_status
 
     config = _load(config_path)
-    summary = fleet_status(config, FleetStore(config.state.table, _clients(config).dynamodb))
+    clients = _clients(config)
+    summary = fleet_status(
+        config, FleetStore(config.state.table, clients.dynamodb), _hook_reader(config, clients, gitlab_token)
+    )
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return
@@ -267,7 +281,17 @@ def status(config_path: Path, as_json: bool) -> None:
     console = Console()
     console.print(
         f"[bold]{summary['fleet']}[/bold]  jobs: {summary['jobs'] or '-'}  runners: {summary['runners'] or '-'}"
+        f"  unqueued jobs: {summary['unqueued_jobs']}"
     )
+    for hook in summary["hooks"]:
+        state = hook["alert_status"] or f"unknown ({hook['error']})"
+        until = f" until {hook['disabled_until']}" if hook["alert_status"] == "temporarily_disabled" else ""
+        # One line per hook, never truncated: the state is what the operator came for.
+        console.print(
+            f"hook {hook['hook_id']} of project {hook['project_id']} -> {hook['url']}: {state}{until}",
+            soft_wrap=True,
+            markup=False,
+        )
     table = Table("pool", "tags", "max", "runners", "leases", "image", "digest")
     for pool in summary["pools"]:
         table.add_row(
@@ -280,6 +304,36 @@ def status(config_path: Path, as_json: bool) -> None:
             pool["image_digest"] or "-",
         )
     console.print(table)
+
+
+def _hook_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
+    """Reads a recorded hook from GitLab with ``gitlab_token``, else the fleet's own API token from SSM (read once,
+    when the first hook is read)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from chalicelib.aws import error_code
+    from chalicelib.errors import GitLabUnavailableError
+    from chalicelib.store import HookRecord
+    from fleetctl.gitlab_connect import HookState, read_project_hook
+
+    tokens: list[str] = [gitlab_token] if gitlab_token else []
+
+    def token() -> str:
+        if not tokens:
+            name = config.gitlab.token_parameter
+            try:
+                found = clients.ssm.get_parameter(Name=name, WithDecryption=True)
+            except ClientError as exc:
+                raise GitLabUnavailableError(f"no GitLab token: {name} unreadable ({error_code(exc)})") from None
+            except BotoCoreError as exc:
+                raise GitLabUnavailableError(f"no GitLab token: {name} unreadable ({type(exc).__name__})") from None
+            tokens.append(str(found["Parameter"]["Value"]))
+        return tokens[0]
+
+    def read(hook: HookRecord) -> HookState:
+        return read_project_hook(hook.gitlab_url or config.gitlab.url, token(), hook.project_id, hook.hook_id)
+
+    return read
 
 
 # -- sandbox ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ GitLab's answer: the secret is stored in SSM (where the webhook then requires si
 says ``signing_token_present: true``. Otherwise the parameter says ``unsigned`` (its description says why), the
 webhook checks ``X-Gitlab-Token`` alone, and connect says why. Until connect has written one of the two, a
 configured signing parameter is missing and the webhook refuses every delivery: it never guesses.
+
+The CLI records the hook in the fleet table, so ``fleetctl status`` can later read it back
+(:func:`read_project_hook`): GitLab disables a hook after repeated failed deliveries, and while it is disabled no
+job event reaches the fleet.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig
+from chalicelib.errors import GitLabUnavailableError
 from chalicelib.secrets import UNSIGNED
 from fleetctl.gitlab_token import CONNECT_NEEDS, check_token
 
 SIGNING_FLAG = "webhook_signing_token"
+STATUS_TIMEOUT_SECONDS = 5.0
 
 
 def generate_signing_secret() -> str:
@@ -38,6 +44,7 @@ def generate_signing_secret() -> str:
 
 @dataclass(frozen=True)
 class HookResult:
+    project_id: int  # GitLab's numeric id, also when the project was named by its path
     hook_id: int
     created: bool
     signed: bool = False
@@ -68,6 +75,15 @@ def signing_unavailable_reason(present: bool | None) -> str:
         f"GitLab ignored signing_token: the {SIGNING_FLAG} feature flag is off "
         f"(an administrator enables it with Feature.enable(:{SIGNING_FLAG}))"
     )
+
+
+@dataclass(frozen=True)
+class HookState:
+    """Whether GitLab executes the hook: ``alert_status`` is ``executable``, ``temporarily_disabled`` (until
+    ``disabled_until``) or ``disabled`` (for good, after 40 failures in a row)."""
+
+    alert_status: str
+    disabled_until: str | None
 
 
 def connect_project_hook(
@@ -102,15 +118,21 @@ def connect_project_hook(
             for key, value in settings.items():
                 setattr(hook, key, value)
             hook.save()
-            return _result(int(hook.id), created=False, answer=hook.attributes, sent=bool(signing_secret))
+            return _result(hook.attributes, created=False, sent=bool(signing_secret))
     created = project.hooks.create(settings)
-    return _result(int(created.id), created=True, answer=created.attributes, sent=bool(signing_secret))
+    return _result(created.attributes, created=True, sent=bool(signing_secret))
 
 
-def _result(hook_id: int, *, created: bool, answer: dict[str, Any], sent: bool) -> HookResult:
+def _result(answer: dict[str, Any], *, created: bool, sent: bool) -> HookResult:
     present = answer.get("signing_token_present")
     present = present if isinstance(present, bool) else None
-    return HookResult(hook_id, created, signed=sent and present is True, signing_token_present=present)
+    return HookResult(
+        int(answer["project_id"]),
+        int(answer["id"]),
+        created,
+        signed=sent and present is True,
+        signing_token_present=present,
+    )
 
 
 def connect(
@@ -168,3 +190,28 @@ def _read(ssm: Any, name: str) -> str | None:
             raise
         return None
     return str(value).strip() or None
+
+
+def read_project_hook(
+    gitlab_url: str,
+    gitlab_token: str,
+    project_id: int,
+    hook_id: int,
+    *,
+    ssl_verify: bool = True,
+    timeout: float = STATUS_TIMEOUT_SECONDS,
+) -> HookState:
+    """The hook's state from ``GET /projects/:id/hooks/:hook_id``; ``GitLabUnavailableError`` saying why when
+    GitLab cannot be reached or refuses (a deleted hook, a token without access)."""
+    import gitlab
+    import requests
+
+    client = gitlab.Gitlab(gitlab_url, private_token=gitlab_token, ssl_verify=ssl_verify, timeout=timeout)
+    try:
+        hook = client.projects.get(project_id, lazy=True).hooks.get(hook_id)
+    except gitlab.exceptions.GitlabError as exc:
+        raise GitLabUnavailableError(f"GitLab answered {exc.response_code}: {exc.error_message}") from None
+    except requests.RequestException as exc:
+        raise GitLabUnavailableError(f"GitLab unreachable: {type(exc).__name__}") from None
+    until = getattr(hook, "disabled_until", None)
+    return HookState(str(getattr(hook, "alert_status", "executable")), None if until is None else str(until))

@@ -7,7 +7,9 @@ and headers are exercised the way production exercises them. Mocking python-gitl
 
 This module is the HTTP half (moto's ``responses.py``): it parses requests, routes them to
 ``gitlab_model.GitLabModel``, injects faults at the wire, and delivers webhooks from a worker pool the way
-GitLab's Sidekiq does: concurrently, unordered, retried on 5xx and timeouts with the same Idempotency-Key.
+GitLab's Sidekiq does: concurrently, unordered, and once. A failed delivery (4xx, 5xx, timeout, refused
+connection) is logged and never sent again by itself; only a resend (the hook's "Resend request", or the
+events API) repeats it, with the same Idempotency-Key. Failures count toward disabling the hook.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,9 +79,10 @@ E = TypeVar("E", bound=Enum)
 API_PREFIX = "/api/v4"
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
-# Pauses before the 2nd, 3rd and 4th attempt of a webhook. GitLab documents no retry policy; this mirrors a
-# short Sidekiq retry so tests can observe retries without waiting minutes.
-RETRY_BACKOFF = (0.2, 0.5, 1.0)
+# A hook's events API pages by at most 20 (lib/api/hooks/events.rb).
+MAX_HOOK_EVENTS_PER_PAGE = 20
+# WebHookService keeps at most this much of a receiver's answer in the log, for display only.
+RESPONSE_BODY_SIZE_LIMIT = 8 * 1024
 # Idle keep-alive connections are closed after this long, as nginx in front of GitLab does (65 s by default).
 IDLE_CONNECTION_TIMEOUT = 65.0
 # Feature flag gating hook signing tokens (gitlab-org/gitlab!231325: "signing_token is silently ignored when the
@@ -375,7 +379,12 @@ class GitLabApi:
         self._stopping = stopping
         self._faults: list[Fault] = []
         self._calls: Counter[tuple[str, str]] = Counter()
+        self._execute: Callable[[OutgoingEvent], Delivery] | None = None
         self._routes = self._route_table()
+
+    def set_executor(self, execute: Callable[[OutgoingEvent], Delivery]) -> None:
+        """Where a resend is sent from: synchronously, within the API request, as GitLab's WebHook#execute."""
+        self._execute = execute
 
     # -- wire-level controls --
 
@@ -496,6 +505,8 @@ class GitLabApi:
             r("GET", "/projects/:id/hooks/:hook_id", self._get_hook),
             r("PUT", "/projects/:id/hooks/:hook_id", self._update_hook),
             r("DELETE", "/projects/:id/hooks/:hook_id", self._delete_hook),
+            r("GET", "/projects/:id/hooks/:hook_id/events", self._list_hook_events),
+            r("POST", "/projects/:id/hooks/:hook_id/events/:hook_log_id/resend", self._resend_hook_event),
             r("POST", "/projects/:id/pipeline", self._create_pipeline),
             r("GET", "/projects/:id/pipelines", self._list_pipelines),
             r("GET", "/projects/:id/pipelines/:pipeline_id", self._get_pipeline),
@@ -567,6 +578,35 @@ class GitLabApi:
     def _delete_hook(self, req: ApiRequest) -> ApiResponse:
         self._model.delete_hook(_pid(req), _int_param(req, "hook_id"))
         return ApiResponse(204)
+
+    def _list_hook_events(self, req: ApiRequest) -> ApiResponse:
+        per_page = p_int(req.params, "per_page")
+        if per_page is not None and not 1 <= per_page <= MAX_HOOK_EVENTS_PER_PAGE:
+            raise BadRequestError("per_page does not have a valid value")
+        status = req.params.get("status")
+        statuses = [s for v in (status if isinstance(status, list) else [status or ""]) for s in str(v).split(",") if s]
+        for value in statuses:
+            if value not in {"successful", "client_failure", "server_failure"} and not _is_http_status(value):
+                raise BadRequestError("status does not have a valid value")
+        events = self._model.list_hook_logs(_pid(req), _int_param(req, "hook_id"), statuses)
+        return paginate(req, events)
+
+    def _resend_hook_event(self, req: ApiRequest) -> ApiResponse:
+        if self._execute is None:
+            raise RuntimeError("the GitLab emulator has no webhook executor")
+        # The resend runs within this request, so it carries the request's X-Gitlab-Event-UUID when there is one
+        # (Gitlab::Middleware::WebhookRecursionDetection), else a new one.
+        event = self._model.resend_execution(
+            _pid(req),
+            _int_param(req, "hook_id"),
+            _int_param(req, "hook_log_id"),
+            req.headers.get("X-Gitlab-Event-UUID"),
+        )
+        delivery = self._execute(event)
+        if delivery.status_code is None:
+            # WebHookService#execute answers a transport error with its message; the API passes it on as a 422.
+            return ApiResponse(422, {"message": delivery.error or "internal error"})
+        return ApiResponse(201, {"response_status": delivery.status_code})
 
     def _create_pipeline(self, req: ApiRequest) -> ApiResponse:
         ref = p_str(req.params, "ref", required=True) or "main"
@@ -699,6 +739,14 @@ class GitLabApi:
         return ApiResponse(200, [d.to_json() for d in self._model.deliveries(since)])
 
 
+def _is_http_status(value: str) -> bool:
+    try:
+        HTTPStatus(int(value))
+    except ValueError:
+        return False
+    return True
+
+
 def _int_param(req: ApiRequest, key: str) -> int:
     value = req.path_params[key]
     if not value.isdigit():
@@ -805,7 +853,11 @@ def sign(signing_token: str, message_id: str, timestamp: int, body: bytes) -> st
 
 
 class WebhookDispatcher:
-    """Sends queued events from a pool of workers. As with Sidekiq, deliveries have no order."""
+    """Sends queued events from a pool of workers, each once. As with Sidekiq, deliveries have no order.
+
+    WebHookService#execute rescues transport errors and takes any answer as the end of the execution, so
+    WebHookWorker's Sidekiq retries never redeliver a hook that failed: the execution is logged and done.
+    """
 
     def __init__(
         self,
@@ -857,8 +909,10 @@ class WebhookDispatcher:
             session.trust_env = False  # a proxy from the environment must not sit between us and loopback
             while (event := self._queue.get()) is not None:
                 try:
-                    if not self._stopping.is_set():  # on stop, drop what is queued rather than send it
-                        self._deliver(session, event)
+                    # On stop, drop what is queued rather than send it; a hook disabled (or deleted) since the
+                    # event was queued is not executed either (WebHookWorker, WebHookService#execute).
+                    if not self._stopping.is_set() and self._model.hook_executable(event.target.hook_id):
+                        self.execute(event, session)
                 except Exception:  # a worker must survive anything one delivery does
                     log.exception("webhook delivery to %s crashed", event.target.url)
                 finally:
@@ -866,32 +920,30 @@ class WebhookDispatcher:
                         self._unfinished -= 1
                         self._idle.notify_all()
 
-    def _deliver(self, session: requests.Session, event: OutgoingEvent) -> None:
-        for attempt, backoff in enumerate((*RETRY_BACKOFF, None), start=1):
-            delivery = self._attempt(session, event, attempt)
-            self._model.record_delivery(delivery)
-            status = delivery.status_code
-            # 4xx means the receiver looked and refused: retrying would not change its mind.
-            if status is not None and status < 500:
-                return
-            if backoff is None or self._stopping.wait(backoff):
-                return
+    def execute(self, event: OutgoingEvent, session: requests.Session | None = None) -> Delivery:
+        """Send one execution and log it (which updates the hook's failure state); the logged row."""
+        if session is not None:
+            return self._model.log_execution(self._send(session, event))
+        with requests.Session() as own:
+            own.trust_env = False
+            return self._model.log_execution(self._send(own, event))
 
-    def _attempt(self, session: requests.Session, event: OutgoingEvent, attempt: int) -> Delivery:
+    def _send(self, session: requests.Session, event: OutgoingEvent) -> Delivery:
         target = event.target
+        webhook_uuid = str(uuid.uuid4())  # WebHookService#build_headers: a new one for every request
         headers = {
             "Content-Type": "application/json",
             "User-Agent": self._user_agent,
             "X-Gitlab-Event": event.event,
             "X-Gitlab-Instance": self._instance_url(),
-            "X-Gitlab-Webhook-UUID": target.webhook_uuid,
+            "X-Gitlab-Webhook-UUID": webhook_uuid,
             "X-Gitlab-Event-UUID": event.event_uuid,
             "Idempotency-Key": event.idempotency_key,
         }
         if target.token is not None:
             headers["X-Gitlab-Token"] = target.token
         if target.signing_token is not None:
-            timestamp = int(time.time())  # of this attempt, so a receiver's freshness check holds on retries
+            timestamp = int(time.time())  # of this request, so a receiver's freshness check holds on a resend
             headers["webhook-id"] = event.idempotency_key
             headers["webhook-timestamp"] = str(timestamp)
             signature = sign(target.signing_token, event.idempotency_key, timestamp, event.body)
@@ -900,6 +952,8 @@ class WebhookDispatcher:
         sent_at = time.time()
         status: int | None = None
         error: str | None = None
+        response_headers: dict[str, str] = {}
+        response_body = ""
         try:
             response = session.post(
                 target.url,
@@ -910,22 +964,29 @@ class WebhookDispatcher:
                 allow_redirects=False,  # GitLab does not follow redirects from hook receivers
             )
             status = response.status_code
+            response_headers = dict(response.headers)
+            response_body = response.content[:RESPONSE_BODY_SIZE_LIMIT].decode("utf-8", "replace")
         except requests.Timeout:
             error = "timeout"
         except requests.RequestException as exc:
             error = f"{type(exc).__name__}: {exc}"
+        # The log never shows the secret token (WebHooks::LogExecutionService).
+        logged_headers = {**headers, "X-Gitlab-Token": "[REDACTED]"} if "X-Gitlab-Token" in headers else headers
         return Delivery(
             hook_id=target.hook_id,
             url=target.url,
             event=event.event,
             event_uuid=event.event_uuid,
+            webhook_uuid=webhook_uuid,
             idempotency_key=event.idempotency_key,
-            attempt=attempt,
             status_code=status,
             error=error,
             sent_at=sent_at,
             duration=time.monotonic() - started,
             payload=json.loads(event.body),
+            request_headers=logged_headers,
+            response_headers=response_headers,
+            response_body=response_body,
         )
 
 
@@ -1048,13 +1109,16 @@ class GitLabEmulator:
         delivery_workers: int = 8,
         webhook_timeout: float = 10.0,
         clock: Clock = utcnow,
+        auto_disabling: bool = True,
     ) -> None:
-        """``clock`` is GitLab's idea of now (runner contact and staleness, job timestamps)."""
+        """``clock`` is GitLab's idea of now (runner contact and staleness, job timestamps, a hook's backoff);
+        ``auto_disabling`` is GitLab's ``auto_disabling_web_hooks`` flag (on at GitLab.com; off by default on
+        self-managed instances)."""
         self._host = host
         self._port = port
         self.admin_token = admin_token
         self._stopping = threading.Event()
-        self._model = GitLabModel(legacy_timestamps=legacy_timestamps, clock=clock)
+        self._model = GitLabModel(legacy_timestamps=legacy_timestamps, clock=clock, auto_disabling=auto_disabling)
         self._model.add_access_token(admin_token, admin=True, scopes=(API_SCOPE,), name="admin")
         self._api = GitLabApi(self._model, version=version, stopping=self._stopping)
         self._model.signing_honoured = self._api.signing_honoured
@@ -1069,6 +1133,7 @@ class GitLabEmulator:
             stopping=self._stopping,
         )
         self._model.set_event_sink(self._dispatcher.enqueue)
+        self._api.set_executor(self._dispatcher.execute)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._url = ""
@@ -1207,8 +1272,27 @@ class GitLabEmulator:
 
     @property
     def deliveries(self) -> list[Delivery]:
-        """Every webhook attempt so far, oldest first (a snapshot)."""
+        """Every hook execution so far (resends included), oldest first (a snapshot)."""
         return self._model.deliveries()
+
+    def resend(self, delivery: Delivery | int, *, event_uuid: str | None = None) -> Delivery:
+        """Resend a logged execution now, as the hook's "Resend request" button does: the same payload and
+        Idempotency-Key, to the hook as it is now; the new execution's log row. ``GitLabEmulatorError`` (422)
+        when the hook's URL changed or the hook is disabled, as GitLab refuses then."""
+        logged = delivery if isinstance(delivery, Delivery) else self._logged(delivery)
+        hook = self._model.hook_project(logged.hook_id)
+        event = self._model.resend_execution(hook, logged.hook_id, logged.id, event_uuid)
+        return self._dispatcher.execute(event)
+
+    def hook(self, project_id: int, hook_id: int) -> dict[str, Any]:
+        """The hook as ``GET /projects/:id/hooks/:hook_id`` shows it (``alert_status``, ``disabled_until`` ...)."""
+        return self._model.get_hook(project_id, hook_id)
+
+    def _logged(self, log_id: int) -> Delivery:
+        found = [d for d in self._model.deliveries() if d.id == log_id]
+        if not found:
+            raise KeyError(f"no hook execution logged with id {log_id}")
+        return found[0]
 
     def wait_for_deliveries(self, timeout: float = 10.0) -> None:
         """Block until every queued webhook has been delivered or given up on; ``TimeoutError`` otherwise."""

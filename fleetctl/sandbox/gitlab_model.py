@@ -19,7 +19,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -176,6 +176,18 @@ HOOK_EVENT_FLAGS: dict[str, bool] = {
 }
 
 JOB_HOOK = "Job Hook"
+JOB_HOOKS_TRIGGER = "job_hooks"  # a hook log's ``trigger``: the hook scope the event was sent for
+
+# WebHooks::AutoDisabling (app/models/concerns/web_hooks/auto_disabling.rb): after more than 3 consecutive failed
+# executions a project hook is disabled for 1 minute, doubling with each further failure up to a day, and for good
+# once it has failed 40 times in a row; a success resets it.
+TEMPORARILY_DISABLED_FAILURE_THRESHOLD = 3
+PERMANENTLY_DISABLED_FAILURE_THRESHOLD = 39
+INITIAL_BACKOFF = timedelta(minutes=1)
+MAX_BACKOFF = timedelta(days=1)
+BACKOFF_GROWTH_FACTOR = 2
+# WebHookLog rows the API lists (WebHooks::WebHookLogsFinder): the last 7 days.
+HOOK_LOG_WINDOW = timedelta(days=7)
 SIGNING_TOKEN_PREFIX = "whsec_"  # noqa: S105 - a format prefix, not a secret
 SIGNING_KEY_BYTES = 32
 
@@ -230,6 +242,24 @@ class ValidationError(GitLabEmulatorError):
 
     def __init__(self, problems: dict[str, list[str]]) -> None:
         super().__init__({"message": problems})
+
+
+class RecordNotFoundError(GitLabEmulatorError):
+    """A row looked up with ``find`` that does not exist: lib/api/api.rb rescues ActiveRecord::RecordNotFound."""
+
+    status = 404
+
+    def __init__(self) -> None:
+        super().__init__({"message": "404 Not found"})
+
+
+class UnprocessableError(GitLabEmulatorError):
+    """A request GitLab understood but refuses to act on (``render_api_error!(message, 422)``)."""
+
+    status = 422
+
+    def __init__(self, message: str) -> None:
+        super().__init__({"message": message})
 
 
 class ForbiddenError(GitLabEmulatorError):
@@ -401,13 +431,13 @@ class HookTarget:
     url: str
     token: str | None
     signing_token: str | None
-    webhook_uuid: str
     enable_ssl_verification: bool
 
 
 @dataclass(frozen=True)
 class OutgoingEvent:
-    """One event for one hook. The Idempotency-Key is fixed here so every retry of it carries the same key."""
+    """One execution of one hook. A resend repeats the Idempotency-Key of the execution it resends; the
+    X-Gitlab-Event-UUID is that of the execution (Gitlab::WebHooks::RecursionDetection::UUID)."""
 
     target: HookTarget
     event: str
@@ -418,28 +448,42 @@ class OutgoingEvent:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One webhook attempt, as GitLab's "Recent events" page would list it."""
+    """One hook execution (a WebHookLog), as the hook's "Recent events" page and its events API list it.
+
+    ``id`` and ``created_at`` are given when the model logs it; ``id`` is what a resend names.
+    """
 
     hook_id: int
     url: str
     event: str
     event_uuid: str
+    webhook_uuid: str
     idempotency_key: str
-    attempt: int
     status_code: int | None
     error: str | None
     sent_at: float
     duration: float
     payload: dict[str, Any]
+    request_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
+    response_body: str = ""
+    id: int = 0
+    created_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        """WebHookService#response_category: a 2xx or 3xx answer is a success; 4xx, 5xx and no answer are not."""
+        return self.status_code is not None and 200 <= self.status_code < 400
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "id": self.id,
             "hook_id": self.hook_id,
             "url": self.url,
             "event": self.event,
             "event_uuid": self.event_uuid,
+            "webhook_uuid": self.webhook_uuid,
             "idempotency_key": self.idempotency_key,
-            "attempt": self.attempt,
             "status_code": self.status_code,
             "error": self.error,
             "sent_at": self.sent_at,
@@ -485,13 +529,15 @@ class Hook:
     id: int
     project_id: int
     url: str
-    webhook_uuid: str
     created_at: datetime
     token: str | None = None
     signing_token: str | None = None
     name: str | None = None
     description: str | None = None
     flags: dict[str, bool] = field(default_factory=lambda: dict(HOOK_EVENT_FLAGS))
+    # WebHooks::AutoDisabling's columns: consecutive failed executions, and the end of the current backoff.
+    recent_failures: int = 0
+    disabled_until: datetime | None = None
 
 
 @dataclass
@@ -693,10 +739,13 @@ class GitLabModel:
         legacy_timestamps: bool = False,
         clock: Clock = utcnow,
         on_event: Callable[[OutgoingEvent], None] | None = None,
+        auto_disabling: bool = True,
     ) -> None:
         self.lock = threading.RLock()
         self.external_url = "http://gitlab.sandbox"
         self._legacy_timestamps = legacy_timestamps
+        # The ``auto_disabling_web_hooks`` ops flag: on at GitLab.com, off by default on self-managed instances.
+        self._auto_disabling = auto_disabling
         self._clock = clock
         self._on_event = on_event or (lambda _event: None)
         self._namespaces: dict[str, Namespace] = {}
@@ -715,6 +764,7 @@ class GitLabModel:
         # Whether hook answers carry ``token_present`` and ``signing_token_present`` (GitLab 19.0 and later).
         self.hook_token_fields = False
         self._deliveries: list[Delivery] = []
+        self._next_log_id = 1
         # Id sequences start far apart, so a project id passed where a job or runner id belongs gets a 404
         # instead of quietly hitting another object.
         self._next_id = {
@@ -871,7 +921,6 @@ class GitLabModel:
                 id=self._take_id("hook"),
                 project_id=project.id,
                 url=changes.url,
-                webhook_uuid=str(uuid.uuid4()),
                 created_at=self._clock(),
             )
             self._apply_hook_changes(hook, changes)
@@ -891,6 +940,57 @@ class GitLabModel:
     def delete_hook(self, project_ref: str | int, hook_id: int) -> None:
         with self.lock:
             del self._hooks[self._hook(project_ref, hook_id).id]
+
+    def hook_project(self, hook_id: int) -> int:
+        """The id of the project a hook belongs to."""
+        with self.lock:
+            hook = self._hooks.get(hook_id)
+            if hook is None:
+                raise NotFoundError("Hook")
+            return hook.project_id
+
+    def hook_executable(self, hook_id: int) -> bool:
+        """Whether an execution of the hook may be sent now: WebHookWorker finds the hook (gone: nothing is sent)
+        and WebHookService#execute refuses a disabled one."""
+        with self.lock:
+            hook = self._hooks.get(hook_id)
+            return hook is not None and self._executable(hook, self._clock())
+
+    def list_hook_logs(
+        self, project_ref: str | int, hook_id: int, statuses: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """``GET /projects/:id/hooks/:hook_id/events``: the hook's executions of the last 7 days, newest first,
+        optionally only those whose status is one of ``statuses`` (a code, or ``successful``, ``client_failure``,
+        ``server_failure``)."""
+        with self.lock:
+            hook = self._hook(project_ref, hook_id)
+            since = self._clock() - HOOK_LOG_WINDOW
+            logs = [
+                d
+                for d in reversed(self._deliveries)
+                if d.hook_id == hook.id and d.created_at is not None and d.created_at >= since
+            ]
+            return [self._hook_log_json(d) for d in logs if not statuses or _status_matches(d, statuses)]
+
+    def resend_execution(
+        self, project_ref: str | int, hook_id: int, log_id: int, event_uuid: str | None = None
+    ) -> OutgoingEvent:
+        """What ``POST .../hooks/:hook_id/events/:hook_log_id/resend`` sends (WebHooks::Events::ResendService):
+        the logged payload and Idempotency-Key, to the hook as it is now. Refused (422) when the hook's URL changed
+        since, or the hook is disabled; the X-Gitlab-Event-UUID is the resend request's own, or a new one."""
+        with self.lock:
+            hook = self._hook(project_ref, hook_id)
+            log = next((d for d in self._deliveries if d.id == log_id and d.hook_id == hook.id), None)
+            if log is None:
+                raise RecordNotFoundError()
+            if log.url != hook.url:
+                raise UnprocessableError("The hook URL has changed, and this log entry cannot be retried")
+            if not self._executable(hook, self._clock()):
+                raise UnprocessableError("Hook disabled")
+            body = json.dumps(log.payload).encode()
+            return OutgoingEvent(
+                self._hook_target(hook), log.event, event_uuid or str(uuid.uuid4()), log.idempotency_key, body
+            )
 
     # -- pipelines --
 
@@ -1223,9 +1323,21 @@ class GitLabModel:
 
     # -- delivery log --
 
-    def record_delivery(self, delivery: Delivery) -> None:
+    def log_execution(self, delivery: Delivery) -> Delivery:
+        """Log one execution and update its hook's failure state (WebHooks::LogExecutionService): a success
+        re-enables the hook, a failure backs it off. Returns the logged row, with its id."""
         with self.lock:
-            self._deliveries.append(delivery)
+            now = self._clock()
+            logged = replace(delivery, id=self._next_log_id, created_at=now)
+            self._next_log_id += 1
+            self._deliveries.append(logged)
+            hook = self._hooks.get(delivery.hook_id)
+            if hook is not None and self._auto_disabling:
+                if logged.ok:
+                    hook.recent_failures, hook.disabled_until = 0, None
+                else:
+                    self._back_off(hook, now)
+            return logged
 
     def deliveries(self, since: int = 0) -> list[Delivery]:
         with self.lock:
@@ -1516,21 +1628,59 @@ class GitLabModel:
         if not hooks:
             return
         body = json.dumps(self._job_hook_body(job)).encode()
-        # One event UUID for the event; one Idempotency-Key per hook execution, kept across its retries.
-        event_uuid = str(uuid.uuid4())
+        now = self._clock()
         for hook in hooks:
-            target = HookTarget(
-                hook_id=hook.id,
-                project_id=hook.project_id,
-                url=hook.url,
-                token=hook.token,
-                # Modelled as read when the hook executes: turned off again, it stops signing what it had stored
-                # while the hook keeps reporting signing_token_present (the harsher reading of !231325).
-                signing_token=hook.signing_token if self.signing_honoured() else None,
-                webhook_uuid=hook.webhook_uuid,
-                enable_ssl_verification=hook.flags["enable_ssl_verification"],
-            )
-            self._on_event(OutgoingEvent(target, JOB_HOOK, event_uuid, str(uuid.uuid4()), body))
+            # A disabled hook is not executed at all: the event is never sent, not even later.
+            if not self._executable(hook, now):
+                continue
+            # Job Hooks are executed by Sidekiq workers, each with its own request store and no request UUID to
+            # inherit, so every hook execution gets a new X-Gitlab-Event-UUID (RecursionDetection::UUID
+            # #uuid_for_hook) and a new Idempotency-Key (WebHookService#generate_idempotency_key).
+            self._on_event(OutgoingEvent(self._hook_target(hook), JOB_HOOK, str(uuid.uuid4()), str(uuid.uuid4()), body))
+
+    def _hook_target(self, hook: Hook) -> HookTarget:
+        return HookTarget(
+            hook_id=hook.id,
+            project_id=hook.project_id,
+            url=hook.url,
+            token=hook.token,
+            # Modelled as read when the hook executes: turned off again, it stops signing what it had stored
+            # while the hook keeps reporting signing_token_present (the harsher reading of !231325).
+            signing_token=hook.signing_token if self.signing_honoured() else None,
+            enable_ssl_verification=hook.flags["enable_ssl_verification"],
+        )
+
+    def _alert_status(self, hook: Hook, now: datetime) -> str:
+        """WebHooks::AutoDisabling#alert_status."""
+        if not self._auto_disabling:
+            return "executable"
+        if self._temporarily_disabled(hook, now):
+            return "temporarily_disabled"
+        if hook.recent_failures > PERMANENTLY_DISABLED_FAILURE_THRESHOLD:
+            return "disabled"
+        return "executable"
+
+    def _temporarily_disabled(self, hook: Hook, now: datetime) -> bool:
+        return (
+            hook.disabled_until is not None
+            and hook.disabled_until >= now
+            and TEMPORARILY_DISABLED_FAILURE_THRESHOLD < hook.recent_failures <= PERMANENTLY_DISABLED_FAILURE_THRESHOLD
+        )
+
+    def _executable(self, hook: Hook, now: datetime) -> bool:
+        return self._alert_status(hook, now) == "executable"
+
+    def _back_off(self, hook: Hook, now: datetime) -> None:
+        """WebHooks::AutoDisabling#backoff!: count the failure; past the grace of 3, disable for a backoff that
+        starts at a minute and doubles per further failure, up to a day. A hook already disabled is left as is."""
+        if not self._executable(hook, now):
+            return
+        failures = min(hook.recent_failures + 1, PERMANENTLY_DISABLED_FAILURE_THRESHOLD + 1)
+        if failures > TEMPORARILY_DISABLED_FAILURE_THRESHOLD:
+            exponent = hook.recent_failures - TEMPORARILY_DISABLED_FAILURE_THRESHOLD
+            backoff = min(max(INITIAL_BACKOFF * BACKOFF_GROWTH_FACTOR**exponent, INITIAL_BACKOFF), MAX_BACKOFF)
+            hook.disabled_until = now + backoff
+        hook.recent_failures = failures
 
     def _hook_time(self, key: str, at: datetime | None) -> dict[str, str | None]:
         if self._legacy_timestamps:
@@ -1690,8 +1840,8 @@ class GitLabModel:
             **hook.flags,
             "push_events_branch_filter": None,
             "branch_filter_strategy": "wildcard",
-            "alert_status": "executable",
-            "disabled_until": None,
+            "alert_status": self._alert_status(hook, self._clock()),
+            "disabled_until": iso_ms(hook.disabled_until),
             "url_variables": [],
             "custom_headers": [],
             "custom_webhook_template": None,
@@ -1703,6 +1853,23 @@ class GitLabModel:
                 if self.hook_token_fields
                 else {}
             ),
+        }
+
+    @staticmethod
+    def _hook_log_json(delivery: Delivery) -> dict[str, Any]:
+        """API::Entities::WebHookLog. An execution that got no answer is logged with the status "internal error"
+        (WebHookService::InternalErrorResponse)."""
+        return {
+            "id": delivery.id,
+            "url": delivery.url,
+            "trigger": JOB_HOOKS_TRIGGER,
+            "request_headers": delivery.request_headers,
+            "request_data": delivery.payload,
+            "response_headers": delivery.response_headers,
+            "response_body": delivery.response_body,
+            "execution_duration": delivery.duration,
+            "response_status": "internal error" if delivery.status_code is None else str(delivery.status_code),
+            "created_at": iso_ms(delivery.created_at),
         }
 
     def _commit_json(self, pipeline: Pipeline) -> dict[str, Any]:
@@ -1923,3 +2090,14 @@ class GitLabModel:
             "dependencies": [],
             "features": {"trace_sections": True},
         }
+
+
+def _status_matches(delivery: Delivery, statuses: Sequence[str]) -> bool:
+    """WebHooks::WebHookLogsFinder's status filter: exact codes and the three categories."""
+    code = delivery.status_code
+    categories = {
+        "successful": code is not None and 200 <= code < 300,
+        "client_failure": code is not None and 400 <= code < 500,
+        "server_failure": code is None or code >= 500,
+    }
+    return any(categories.get(status, str(code) == status) for status in statuses)

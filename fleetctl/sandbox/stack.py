@@ -139,7 +139,7 @@ class Sandbox:
         return [change.describe() for change in plan]
 
     def connect(self) -> int:
-        """``fleetctl gitlab connect`` with the operator's token."""
+        """``fleetctl gitlab connect`` with the operator's token: connect the hook and record it in the fleet table."""
         from chalicelib import runtime
         from fleetctl.gitlab_connect import connect
 
@@ -153,7 +153,9 @@ class Sandbox:
             webhook_url=self.server.webhook_url,
         )
         self.signing = result.signing
-        return result.hook.hook_id
+        hook = result.hook
+        runtime.store().record_hook(hook.project_id, hook.hook_id, self.gitlab.url, self.server.webhook_url)
+        return hook.hook_id
 
     def secrets(self) -> dict[str, str]:
         """The webhook token, and the signing secret when connect stored one."""

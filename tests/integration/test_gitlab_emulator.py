@@ -8,11 +8,13 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -609,7 +611,7 @@ def test_job_hooks_carry_gitlab_headers_and_body(emu: GitLabEmulator, receiver: 
     assert first.headers["X-Gitlab-Event"] == "Job Hook"
     assert first.headers["X-Gitlab-Token"] == "hook-secret"
     assert first.headers["X-Gitlab-Instance"] == emu.url
-    assert first.headers["X-Gitlab-Webhook-UUID"] == second.headers["X-Gitlab-Webhook-UUID"]
+    assert first.headers["X-Gitlab-Webhook-UUID"] != second.headers["X-Gitlab-Webhook-UUID"]
     assert first.headers["X-Gitlab-Event-UUID"] != second.headers["X-Gitlab-Event-UUID"]
     assert first.headers["Idempotency-Key"] != second.headers["Idempotency-Key"]
     body = next(b for b in receiver.bodies() if b["build_status"] == "pending")
@@ -627,7 +629,7 @@ def test_job_hooks_carry_gitlab_headers_and_body(emu: GitLabEmulator, receiver: 
     assert body["runner"] is None and body["environment"] is None
     assert "tag_list" not in body and "tags" not in body  # job tags never travel in a Job Hook
     assert {d.hook_id for d in emu.deliveries} == {hook_id}
-    assert [(d.attempt, d.status_code) for d in emu.deliveries] == [(1, 200), (1, 200)]
+    assert [(d.id, d.status_code) for d in emu.deliveries] == [(1, 200), (2, 200)]
 
 
 def test_job_hooks_show_the_runner_once_it_took_the_job(emu: GitLabEmulator, receiver: Receiver) -> None:
@@ -719,83 +721,383 @@ def test_signed_deliveries_carry_a_valid_standard_webhooks_signature(
         assert abs(int(timestamp) - time.time()) < 60
 
 
-def test_a_5xx_is_retried_with_the_same_idempotency_key(
+class FakeClock:
+    """The emulator's clock, stepped by hand so a hook's backoff passes without waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def one_job(emu: GitLabEmulator, project_id: int) -> int:
+    """A pending job, created before any hook exists so that it sent nothing yet."""
+    pipeline = emu.create_pipeline(project_id, [JobSpec("build")])
+    return int(emu.jobs_of_pipeline(project_id, pipeline)[0]["id"])
+
+
+def one_event(emu: GitLabEmulator, project_id: int, job_id: int) -> None:
+    """Exactly one Job Hook (the job flips between pending and running), delivered before this returns."""
+    status = "running" if emu.job(project_id, job_id)["status"] == "pending" else "pending"
+    emu.set_job_status(project_id, job_id, status)
+    emu.wait_for_deliveries(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("answer", "logged"),
+    [
+        ((503, 0.0), (503, None)),
+        ((500, 0.0), (500, None)),
+        ((422, 0.0), (422, None)),
+        ((200, 1.0), (None, "timeout")),  # stalls past the hook timeout
+    ],
+)
+def test_a_failed_delivery_is_never_sent_again(
+    emulator_factory: Callable[..., GitLabEmulator],
+    receiver_factory: Callable[..., Receiver],
+    answer: tuple[int, float],
+    logged: tuple[int | None, str | None],
+) -> None:
+    """GitLab does not redeliver a failed webhook by itself. WebHookService#execute rescues transport errors
+    (Gitlab::HTTP::HTTP_ERRORS) and takes any answer, 5xx included, as the end of the execution; it only logs it
+    (gitlab-org/gitlab app/services/web_hook_service.rb), so WebHookWorker's Sidekiq retries
+    (app/workers/web_hook_worker.rb) never fire for a failed delivery. Only a resend repeats it."""
+    # given
+    emu = emulator_factory(webhook_timeout=0.3)
+    receiver = receiver_factory(lambda _got: answer)
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook(emu, project_id, receiver.url)
+
+    # when
+    one_event(emu, project_id, job_id)
+    time.sleep(1.2)  # longer than any backoff a retrying sender would use here
+
+    # then
+    assert len(receiver.received) == 1
+    assert [(d.status_code, d.error) for d in emu.deliveries] == [logged]
+
+
+def test_a_refused_connection_is_logged_once_as_an_internal_error(emu: GitLabEmulator) -> None:
+    """A receiver that is down gets no second try either; the hook log shows "internal error"
+    (WebHookService::InternalErrorResponse, app/services/web_hook_service.rb; lib/api/entities/web_hook_log.rb)."""
+    # given: nothing listens on the hook's port
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, url)
+
+    # when
+    one_event(emu, project_id, job_id)
+    events = admin(emu, "GET", f"/projects/{project_id}/hooks/{hook_id}/events").json()
+
+    # then
+    assert [d.status_code for d in emu.deliveries] == [None]
+    assert [e["response_status"] for e in events] == ["internal error"]
+
+
+def test_the_hook_events_api_lists_executions_newest_first(
     emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]
 ) -> None:
-    # given: the receiver fails the first attempt of every delivery
+    """GET /projects/:id/hooks/:hook_id/events lists the hook's WebHookLog rows, newest first, filtered by status
+    code or category, 20 a page at most, the secret token redacted (gitlab-org/gitlab lib/api/hooks/events.rb,
+    lib/api/entities/web_hook_log.rb, app/services/web_hooks/log_execution_service.rb;
+    https://docs.gitlab.com/api/project_webhooks/#list-webhook-events)."""
+    # given: a receiver that refuses the first delivery and accepts the second
+    receiver = receiver_factory(lambda got: (503, 0.0) if len(receiver.received) == 1 else (200, 0.0))
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url, token="hook-secret")
+    one_event(emu, project_id, job_id)
+    one_event(emu, project_id, job_id)
+    path = f"/projects/{project_id}/hooks/{hook_id}/events"
+
+    # when
+    events = admin(emu, "GET", path).json()
+    failed = admin(emu, "GET", path, params={"status": "server_failure"}).json()
+    ok = admin(emu, "GET", path, params={"status": "200"}).json()
+    too_many = admin(emu, "GET", path, params={"per_page": 21})
+    nonsense = admin(emu, "GET", path, params={"status": "bad"})
+
+    # then
+    assert [(e["id"], e["response_status"]) for e in events] == [(2, "200"), (1, "503")]
+    assert set(events[0]) == {
+        "id",
+        "url",
+        "trigger",
+        "request_headers",
+        "request_data",
+        "response_headers",
+        "response_body",
+        "execution_duration",
+        "response_status",
+        "created_at",
+    }
+    assert (events[0]["trigger"], events[0]["url"]) == ("job_hooks", receiver.url)
+    assert events[0]["request_headers"]["X-Gitlab-Token"] == "[REDACTED]"
+    assert events[0]["request_data"]["build_status"] == "pending"
+    assert [e["id"] for e in failed] == [1] and [e["id"] for e in ok] == [2]
+    assert too_many.status_code == 400 and nonsense.status_code == 400
+
+
+def test_a_resend_repeats_the_idempotency_key_under_new_uuids(
+    emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]
+) -> None:
+    """POST /projects/:id/hooks/:hook_id/events/:hook_log_id/resend executes the hook again, at once, with the
+    logged payload and the same Idempotency-Key, and answers 201 with the receiver's status (gitlab-org/gitlab
+    lib/api/hooks/resend_hook.rb, app/services/web_hooks/events/resend_service.rb, lib/api/entities/
+    retry_webhook_event.rb). It is a new request: a new X-Gitlab-Webhook-UUID (WebHookService#build_headers) and,
+    outside a webhook-made request, a new X-Gitlab-Event-UUID (lib/gitlab/web_hooks/recursion_detection/uuid.rb)."""
+    # given: a delivery that failed
     receiver = receiver_factory(lambda got: (503, 0.0) if got.attempt == 1 else (200, 0.0))
     project_id = emu.create_project("acme/app")
-    hook(emu, project_id, receiver.url, signing_token=SIGNING_TOKEN)
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url, signing_token=SIGNING_TOKEN)
+    one_event(emu, project_id, job_id)
+    [failed] = emu.deliveries
 
     # when
-    emu.create_pipeline(project_id, [JobSpec("build")])
-    emu.wait_for_deliveries(timeout=5)
+    resent = admin(emu, "POST", f"/projects/{project_id}/hooks/{hook_id}/events/{failed.id}/resend")
 
     # then
-    attempts = Counter(r.headers["Idempotency-Key"] for r in receiver.received)
-    assert list(attempts.values()) == [2, 2]
-    assert len({(r.headers["Idempotency-Key"], r.headers["X-Gitlab-Event-UUID"]) for r in receiver.received}) == 2
-    assert sorted((d.attempt, d.status_code) for d in emu.deliveries) == [
-        (1, 503),
-        (1, 503),
-        (2, 200),
-        (2, 200),
+    assert (resent.status_code, resent.json()) == (201, {"response_status": 200})
+    first, second = receiver.received
+    assert second.headers["Idempotency-Key"] == first.headers["Idempotency-Key"] == failed.idempotency_key
+    assert second.headers["webhook-id"] == first.headers["webhook-id"]
+    assert second.headers["X-Gitlab-Event-UUID"] != first.headers["X-Gitlab-Event-UUID"]
+    assert second.headers["X-Gitlab-Webhook-UUID"] != first.headers["X-Gitlab-Webhook-UUID"]
+    assert second.json == first.json
+    assert [(d.id, d.status_code, d.idempotency_key) for d in emu.deliveries] == [
+        (1, 503, failed.idempotency_key),
+        (2, 200, failed.idempotency_key),
     ]
-    assert delivered_keys(emu) == attempts
 
 
-def test_a_4xx_is_not_retried(emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]) -> None:
+def test_a_resend_from_python_is_the_same_as_over_http(emu: GitLabEmulator, receiver: Receiver) -> None:
+    """GitLabEmulator.resend is the "Resend request" button: the same execution as the API's resend
+    (app/services/web_hooks/events/resend_service.rb)."""
     # given
-    receiver = receiver_factory(lambda _got: (422, 0.0))
     project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
     hook(emu, project_id, receiver.url)
+    one_event(emu, project_id, job_id)
+    [first] = emu.deliveries
 
     # when
-    emu.create_pipeline(project_id, [JobSpec("build")])
-    emu.wait_for_deliveries(timeout=5)
+    again = emu.resend(first)
+    by_id = emu.resend(first.id, event_uuid="from-a-webhook-made-request")
 
     # then
-    assert len(receiver.received) == 2
-    assert [(d.attempt, d.status_code) for d in emu.deliveries] == [(1, 422), (1, 422)]
+    assert (again.id, again.status_code, again.idempotency_key) == (2, 200, first.idempotency_key)
+    assert len({first.event_uuid, again.event_uuid}) == 2
+    assert by_id.event_uuid == "from-a-webhook-made-request"
+    assert [r.headers["Idempotency-Key"] for r in receiver.received] == [first.idempotency_key] * 3
 
 
-def test_delivery_gives_up_after_four_attempts(emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]) -> None:
-    # given: one event only, to a receiver that always fails
-    receiver = receiver_factory(lambda _got: (500, 0.0))
+def test_a_resend_made_by_a_webhook_request_passes_its_event_uuid_on(emu: GitLabEmulator, receiver: Receiver) -> None:
+    """A request that carries X-Gitlab-Event-UUID (one a webhook receiver made) sets the UUID every hook executed
+    within it sends (Gitlab::Middleware::WebhookRecursionDetection, lib/gitlab/web_hooks/recursion_detection.rb;
+    spec/requests/recursive_webhook_detection_spec.rb)."""
+    # given
     project_id = emu.create_project("acme/app")
-    pipeline = emu.create_pipeline(project_id, [JobSpec("build")])
-    job_id = admin(emu, "GET", f"/projects/{project_id}/pipelines/{pipeline}/jobs").json()[0]["id"]
-    hook(emu, project_id, receiver.url)
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url)
+    one_event(emu, project_id, job_id)
+    [first] = emu.deliveries
 
     # when
-    emu.set_job_status(project_id, job_id, "canceled")
-    emu.wait_for_deliveries(timeout=5)
+    requests.post(
+        api(emu, f"/projects/{project_id}/hooks/{hook_id}/events/{first.id}/resend"),
+        headers={"PRIVATE-TOKEN": ADMIN, "X-Gitlab-Event-UUID": "0f5c2e9a-recursive"},
+        timeout=5,
+    )
 
     # then
-    assert [d.attempt for d in emu.deliveries] == [1, 2, 3, 4]
-    assert len({r.headers["Idempotency-Key"] for r in receiver.received}) == 1
+    assert receiver.received[-1].headers["X-Gitlab-Event-UUID"] == "0f5c2e9a-recursive"
 
 
-def test_a_receiver_timeout_is_retried(
+def test_every_hook_execution_gets_its_own_event_uuid(
+    emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]
+) -> None:
+    """Job Hooks are executed in Sidekiq (BuildHooksWorker, WebHookWorker), where no request UUID is set, so
+    RecursionDetection::UUID#uuid_for_hook gives each hook of one event a new X-Gitlab-Event-UUID (gitlab-org/gitlab
+    lib/gitlab/web_hooks/recursion_detection/uuid.rb; spec/requests/recursive_webhook_detection_spec.rb, "the
+    webhook requests contain different UUID headers"); each also gets its own Idempotency-Key
+    (WebHookService#generate_idempotency_key)."""
+    # given: two hooks on one project
+    one, two = receiver_factory(), receiver_factory()
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook(emu, project_id, one.url)
+    hook(emu, project_id, two.url)
+
+    # when: one event
+    one_event(emu, project_id, job_id)
+
+    # then
+    [a], [b] = one.received, two.received
+    assert a.json == b.json
+    assert a.headers["X-Gitlab-Event-UUID"] != b.headers["X-Gitlab-Event-UUID"]
+    assert a.headers["Idempotency-Key"] != b.headers["Idempotency-Key"]
+
+
+def test_resends_gitlab_refuses(emu: GitLabEmulator, receiver: Receiver) -> None:
+    """A resend of an unknown log row is a 404 "404 Not found" (ActiveRecord::RecordNotFound, lib/api/api.rb);
+    after the hook's URL changed it is a 422 (WebHooks::Events::ResendService#url_changed_response); a receiver
+    that cannot be reached makes it a 422 with the error (WebHookService#execute's error response, rendered by
+    lib/api/hooks/resend_hook.rb)."""
+    # given
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url)
+    one_event(emu, project_id, job_id)
+    [first] = emu.deliveries
+    path = f"/projects/{project_id}/hooks/{hook_id}/events"
+
+    # when
+    unknown = admin(emu, "POST", f"{path}/999/resend")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+    admin(emu, "PUT", f"/projects/{project_id}/hooks/{hook_id}", json={"url": dead_url})
+    moved = admin(emu, "POST", f"{path}/{first.id}/resend")
+    one_event(emu, project_id, job_id)  # to the unreachable URL
+    unreachable = admin(emu, "POST", f"{path}/{emu.deliveries[-1].id}/resend")
+
+    # then
+    assert (unknown.status_code, unknown.json()) == (404, {"message": "404 Not found"})
+    assert (moved.status_code, moved.json()) == (
+        422,
+        {"message": "The hook URL has changed, and this log entry cannot be retried"},
+    )
+    assert unreachable.status_code == 422 and "ConnectionError" in unreachable.json()["message"]
+    assert len(receiver.received) == 1
+
+
+def test_a_hook_failing_four_times_in_a_row_is_disabled_for_a_minute(
     emulator_factory: Callable[..., GitLabEmulator], receiver_factory: Callable[..., Receiver]
 ) -> None:
-    # given: the first attempt stalls past the hook timeout
-    emu = emulator_factory(webhook_timeout=0.3)
-    receiver = receiver_factory(lambda got: (200, 1.0) if got.attempt == 1 else (200, 0.0))
+    """After more than 3 consecutive failed executions (4xx and 5xx alike) a project hook is temporarily disabled
+    for 1 minute; while disabled its events are not sent at all, a resend is refused with "Hook disabled", and
+    the API shows alert_status "temporarily_disabled" and disabled_until (gitlab-org/gitlab
+    app/models/concerns/web_hooks/auto_disabling.rb, app/services/web_hooks/log_execution_service.rb,
+    app/services/web_hook_service.rb; https://docs.gitlab.com/user/project/integrations/webhooks/#auto-disabled-webhooks)."""
+    # given: a receiver that fails everything, 4xx and 5xx mixed
+    clock = FakeClock()
+    emu = emulator_factory(clock=clock)
+    answers = iter([500, 422, 503, 400] + [200] * 10)
+    receiver = receiver_factory(lambda _got: (next(answers), 0.0))
     project_id = emu.create_project("acme/app")
-    pipeline = emu.create_pipeline(project_id, [JobSpec("build")])
-    job_id = admin(emu, "GET", f"/projects/{project_id}/pipelines/{pipeline}/jobs").json()[0]["id"]
-    hook(emu, project_id, receiver.url)
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url)
 
-    # when
-    emu.set_job_status(project_id, job_id, "running")
-    emu.wait_for_deliveries(timeout=5)
+    # when: three failures, then a fourth
+    for _ in range(3):
+        one_event(emu, project_id, job_id)
+    after_three = emu.hook(project_id, hook_id)
+    one_event(emu, project_id, job_id)
+    disabled = admin(emu, "GET", f"/projects/{project_id}/hooks/{hook_id}").json()
+    one_event(emu, project_id, job_id)  # happens while disabled
+    refused = admin(emu, "POST", f"/projects/{project_id}/hooks/{hook_id}/events/1/resend")
+    clock.advance(minutes=1, seconds=1)
+    one_event(emu, project_id, job_id)  # after the minute: sent, and answered 200
 
     # then
-    assert [(d.attempt, d.status_code, d.error) for d in emu.deliveries] == [
-        (1, None, "timeout"),
-        (2, 200, None),
-    ]
+    assert (after_three["alert_status"], after_three["disabled_until"]) == ("executable", None)
+    assert disabled["alert_status"] == "temporarily_disabled"
+    assert disabled["disabled_until"] == "2025-03-01T12:01:00.000Z"
+    assert (refused.status_code, refused.json()) == (422, {"message": "Hook disabled"})
+    assert [d.status_code for d in emu.deliveries] == [500, 422, 503, 400, 200]
+    assert len(receiver.received) == 5
+    assert (emu.hook(project_id, hook_id)["alert_status"], emu.hook(project_id, hook_id)["disabled_until"]) == (
+        "executable",
+        None,
+    )
+
+
+def test_each_further_failure_doubles_the_backoff_up_to_a_day_and_40_disable_for_good(
+    emulator_factory: Callable[..., GitLabEmulator], receiver_factory: Callable[..., Receiver]
+) -> None:
+    """The backoff starts at 1 minute and doubles with each failure past the fourth (INITIAL_BACKOFF,
+    BACKOFF_GROWTH_FACTOR), capped at MAX_BACKOFF, 1 day; the 40th consecutive failure disables the hook for good,
+    alert_status "disabled" (PERMANENTLY_DISABLED_FAILURE_THRESHOLD = 39, gitlab-org/gitlab
+    app/models/concerns/web_hooks/auto_disabling.rb)."""
+    # given
+    clock = FakeClock()
+    emu = emulator_factory(clock=clock)
+    receiver = receiver_factory(lambda _got: (500, 0.0))
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url)
+    backoffs: list[timedelta] = []
+
+    # when: every failure is followed by a wait past the hook's backoff
+    for _ in range(40):
+        one_event(emu, project_id, job_id)
+        shown = emu.hook(project_id, hook_id)
+        if shown["disabled_until"] is not None:
+            until = datetime.fromisoformat(shown["disabled_until"])
+            backoffs.append(until - clock.now)
+            clock.advance(seconds=(until - clock.now).total_seconds() + 1)
+    final = emu.hook(project_id, hook_id)
+    one_event(emu, project_id, job_id)
+
+    # then
+    minutes = [int(b.total_seconds() // 60) for b in backoffs]
+    assert minutes[:12] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1440]
+    assert minutes[12:] == [1440] * (len(minutes) - 12)
+    assert len(receiver.received) == 40
+    assert final["alert_status"] == "disabled"
+
+
+def test_a_success_resets_the_failure_count(
+    emulator_factory: Callable[..., GitLabEmulator], receiver_factory: Callable[..., Receiver]
+) -> None:
+    """A successful execution re-enables the hook and clears its failures (WebHooks::AutoDisabling#enable!,
+    called by app/services/web_hooks/log_execution_service.rb), so three failures, a success and three more
+    failures never disable it."""
+    # given
+    emu = emulator_factory(clock=FakeClock())
+    answers = iter([500, 500, 500, 200, 500, 500, 500])
+    receiver = receiver_factory(lambda _got: (next(answers), 0.0))
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url)
+
+    # when
+    for _ in range(7):
+        one_event(emu, project_id, job_id)
+
+    # then
+    assert len(receiver.received) == 7
+    assert emu.hook(project_id, hook_id)["alert_status"] == "executable"
+
+
+def test_without_the_auto_disabling_flag_a_failing_hook_stays_enabled(
+    emulator_factory: Callable[..., GitLabEmulator], receiver_factory: Callable[..., Receiver]
+) -> None:
+    """Auto-disabling sits behind the ``auto_disabling_web_hooks`` ops flag, on at GitLab.com and off by default on
+    self-managed instances (gitlab-org/gitlab config/feature_flags/ops/auto_disabling_web_hooks.yml)."""
+    # given
+    emu = emulator_factory(clock=FakeClock(), auto_disabling=False)
+    receiver = receiver_factory(lambda _got: (500, 0.0))
+    project_id = emu.create_project("acme/app")
+    job_id = one_job(emu, project_id)
+    hook_id = hook(emu, project_id, receiver.url)
+
+    # when
+    for _ in range(6):
+        one_event(emu, project_id, job_id)
+
+    # then
+    assert len(receiver.received) == 6
+    assert emu.hook(project_id, hook_id)["alert_status"] == "executable"
 
 
 def test_wait_for_deliveries_times_out_while_a_receiver_stalls(
@@ -828,9 +1130,10 @@ def test_the_delivery_log_is_served_for_other_processes(emu: GitLabEmulator, rec
     anonymous = requests.get(api(emu, "/sandbox/deliveries"), timeout=5)
 
     # then
-    assert [(d["hook_id"], d["event"], d["attempt"], d["status_code"]) for d in log] == [
-        (hook_id, "Job Hook", 1, 200)
-    ] * 2
+    assert [(d["id"], d["hook_id"], d["event"], d["status_code"]) for d in log] == [
+        (1, hook_id, "Job Hook", 200),
+        (2, hook_id, "Job Hook", 200),
+    ]
     assert len(later) == 1 and later[0]["idempotency_key"] == log[1]["idempotency_key"]
     assert anonymous.status_code == 401
 

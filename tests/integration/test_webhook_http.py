@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.payloads import gitlab_headers, job_hook
+from tests.payloads import gitlab_headers, job_hook, next_job_id
 
 MiB = 1024 * 1024
 
@@ -192,29 +192,89 @@ def test_a_delivery_write_whose_answer_was_lost_still_queues_the_job(client: Cli
         faults.lose_answer("UpdateItem")
         response = client.post(body)
 
-    assert faults.attempts("UpdateItem") == 2
+    assert faults.attempts("UpdateItem") == 3  # the job's write twice, then its queued mark
     assert (response.status_code, response.json()) == (200, {"queued": True})
     assert [m["job_id"] for m in client.queued()] == [body["build_id"]]
 
 
-def test_a_failed_enqueue_loses_nothing_gitlab_retry_queues_it(client: Client) -> None:
-    # given the jobs queue is unavailable when the first attempt arrives
-    sqs = client.runtime.aws().sqs
-    queue_url = client.runtime.jobs_queue().url
-    sqs.delete_queue(QueueUrl=queue_url)
+def test_a_failed_send_leaves_the_job_recorded_unqueued_and_a_resend_queues_it_once(client: Client) -> None:
+    """GitLab never redelivers a delivery answered 503 (app/services/web_hook_service.rb); only a resend repeats
+    its Idempotency-Key (app/services/web_hooks/events/resend_service.rb)."""
+    from tests.faults import WireFaults
+
+    # given the jobs queue refuses every send (botocore's retries included) when the delivery arrives
     body = job_hook("pending")
+    job = (body["project_id"], body["build_id"])
     headers = gitlab_headers(client.token, key="delivery-that-fails-once")
+    store = client.runtime.store()
+    with WireFaults(client.runtime.aws().sqs) as faults:
+        faults.fail("SendMessage", "ServiceUnavailable")
+        first = client.post(body, headers=headers)
+    recorded = client.job(*job)
+    unqueued = list(store.unqueued_pending_jobs())
 
-    first = client.post(body, headers=headers)
-    # when the same delivery is resent (same Idempotency-Key) after the queue is back
-    client.sandbox.bootstrap()
-    retry = client.post(body, headers=headers)
+    # when the same delivery is resent (same Idempotency-Key, a new X-Gitlab-Event-UUID), twice
+    resent = client.post(body, headers={**headers, "X-Gitlab-Event-UUID": "resend-1"})
+    again = client.post(body, headers={**headers, "X-Gitlab-Event-UUID": "resend-2"})
 
-    # then the first answer told GitLab to retry, and the retry was queued, not dropped as a duplicate
-    assert first.status_code == 503
-    assert retry.status_code == 200
-    assert retry.json() == {"queued": True}
+    # then the failed answer left the job recorded as pending and not queued, and the first resend queued it once
+    assert faults.attempts("SendMessage") > 1
+    assert (first.status_code, first.json()) == (503, {"error": "unavailable"})
+    assert recorded is not None and (recorded["status"], recorded["queued"]) == ("pending", False)
+    assert [(j.project_id, j.job_id) for j in unqueued] == [job]
+    assert (resent.status_code, resent.json()) == (200, {"queued": True})
+    assert (again.status_code, again.json()) == (200, {"ignored": "duplicate"})
     assert [m["job_id"] for m in client.queued()] == [body["build_id"]]
+    marked = client.job(*job)
+    assert marked is not None and marked["queued"] is True and marked["queued_at"] >= marked["pending_at"]
+    assert list(store.unqueued_pending_jobs()) == []
+
+
+def test_a_second_delivery_of_a_queued_job_does_not_queue_it_again(client: Client) -> None:
+    # given a pending job queued by one hook's delivery
+    body = job_hook("pending")
+    first = client.post(body, headers=gitlab_headers(client.token, key="from-the-project-hook"))
+    # when a second hook (another Idempotency-Key) delivers the same event
+    second = client.post(body, headers=gitlab_headers(client.token, key="from-another-hook"))
+    # then
+    assert first.json() == {"queued": True}
+    assert (second.status_code, second.json()) == (200, {"ignored": "already queued"})
+    assert len(client.queued()) == 1
+
+
+def test_a_lost_queued_mark_still_answers_200(client: Client) -> None:
+    from tests.faults import WireFaults
+
+    # given the message is sent but every write of the queued mark fails
+    body = job_hook("pending")
+    with WireFaults(client.runtime.aws().dynamodb) as faults:
+        faults.fail("UpdateItem", "InternalServerError", status=500, after=1)
+        response = client.post(body)
+    # then GitLab hears of success (the job is queued), and the job stays findable as unqueued for a sweep
+    assert (response.status_code, response.json()) == (200, {"queued": True})
+    assert [m["job_id"] for m in client.queued()] == [body["build_id"]]
+    assert [j.job_id for j in client.runtime.store().unqueued_pending_jobs()] == [body["build_id"]]
+
+
+def test_unqueued_jobs_are_listed_only_once_old_enough(client: Client) -> None:
+    from tests.faults import WireFaults
+
+    # given a job whose send failed
+    body = job_hook("pending")
+    with WireFaults(client.runtime.aws().sqs) as faults:
+        faults.fail("SendMessage", "ServiceUnavailable")
+        client.post(body)
+    recorded = client.job(body["project_id"], body["build_id"])
+    assert recorded is not None
+    store = client.runtime.store()
+    # then a sweep that leaves in-flight sends alone sees it only after it was recorded
+    assert list(store.unqueued_pending_jobs(recorded_before=recorded["pending_at"])) == []
+    [found] = store.unqueued_pending_jobs(recorded_before=recorded["pending_at"] + 1)
+    assert (found.project_id, found.job_id, found.pipeline_id) == (
+        body["project_id"],
+        body["build_id"],
+        body["pipeline_id"],
+    )
 
 
 # -- thirty-odd bad inputs: each gets its documented status, never a 500, and nothing is queued ------------------
@@ -338,3 +398,24 @@ def test_a_burst_of_200_deliveries_loses_nothing(client: Client) -> None:
 
     assert [a.status_code for a in answers] == [200] * 200
     assert sorted(m["job_id"] for m in client.queued()) == sorted(b["build_id"] for b in bodies)
+
+
+def test_a_queue_claim_left_by_a_webhook_that_died_lapses(client: Client) -> None:
+    from chalicelib.gitlab_events import JobStatus
+    from chalicelib.store import QUEUE_CLAIM_SECONDS, EventOutcome, FleetStore, JobEvent
+
+    # given a pending job recorded by a webhook that died before sending (its queue claim still held)
+    now = [1_000.0]
+    store = FleetStore(client.sandbox.config.state.table, client.runtime.aws().dynamodb, clock=lambda: now[0])
+    event = JobEvent(project_id=5, job_id=next_job_id(), status=JobStatus.PENDING, received_at=now[0])
+    first = store.record_job_event("delivery-1", event)
+    # when the delivery is resent at once, and again once the claim has lapsed
+    soon = store.record_job_event("delivery-1", event)
+    now[0] += QUEUE_CLAIM_SECONDS + 1
+    later = store.record_job_event("delivery-1", event)
+    after = store.record_job_event("delivery-1", event)
+    # then only the resend after the lapse may queue the job, under a claim of its own; the next is a duplicate
+    assert first.outcome is EventOutcome.RECORDED and first.claim is not None
+    assert (soon.outcome, soon.claim) == (EventOutcome.DUPLICATE, None)
+    assert later.outcome is EventOutcome.UNQUEUED and later.claim not in (None, first.claim)
+    assert (after.outcome, after.claim) == (EventOutcome.DUPLICATE, None)

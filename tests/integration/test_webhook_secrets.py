@@ -146,12 +146,12 @@ def test_an_ssm_failure_is_an_uncached_503(webhook: Webhook, code: str, status: 
     webhook.runtime.reset()
     with WireFaults(webhook.ssm) as faults:
         faults.fail("GetParameters", code, status=status)
-        # when GitLab delivers, and retries while SSM still fails
+        # when two deliveries arrive while SSM still fails
         during = [webhook.post().status_code, webhook.post().status_code]
-    # and retries once SSM answers again
+    # and another once SSM answers again
     after = webhook.post()
 
-    # then GitLab was told to retry, the failure was not cached, and the retry was queued
+    # then each failed answer said "ours failed", the failure was not cached, and the later delivery was queued
     assert during == [503, 503]
     assert len(faults.calls_to("GetParameters")) == 2
     assert faults.attempts("GetParameters") == 2 * attempts
