@@ -847,7 +847,7 @@ def test_the_hook_events_api_lists_executions_newest_first(
 
 
 def test_a_resend_repeats_the_idempotency_key_under_new_uuids(
-    emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]
+    signing_emu: GitLabEmulator, receiver_factory: Callable[..., Receiver]
 ) -> None:
     """POST /projects/:id/hooks/:hook_id/events/:hook_log_id/resend executes the hook again, at once, with the
     logged payload and the same Idempotency-Key, and answers 201 with the receiver's status (gitlab-org/gitlab
@@ -856,14 +856,14 @@ def test_a_resend_repeats_the_idempotency_key_under_new_uuids(
     outside a webhook-made request, a new X-Gitlab-Event-UUID (lib/gitlab/web_hooks/recursion_detection/uuid.rb)."""
     # given: a delivery that failed
     receiver = receiver_factory(lambda got: (503, 0.0) if got.attempt == 1 else (200, 0.0))
-    project_id = emu.create_project("acme/app")
-    job_id = one_job(emu, project_id)
-    hook_id = hook(emu, project_id, receiver.url, signing_token=SIGNING_TOKEN)
-    one_event(emu, project_id, job_id)
-    [failed] = emu.deliveries
+    project_id = signing_emu.create_project("acme/app")
+    job_id = one_job(signing_emu, project_id)
+    hook_id = hook(signing_emu, project_id, receiver.url, signing_token=SIGNING_TOKEN)
+    one_event(signing_emu, project_id, job_id)
+    [failed] = signing_emu.deliveries
 
     # when
-    resent = admin(emu, "POST", f"/projects/{project_id}/hooks/{hook_id}/events/{failed.id}/resend")
+    resent = admin(signing_emu, "POST", f"/projects/{project_id}/hooks/{hook_id}/events/{failed.id}/resend")
 
     # then
     assert (resent.status_code, resent.json()) == (201, {"response_status": 200})
@@ -873,7 +873,7 @@ def test_a_resend_repeats_the_idempotency_key_under_new_uuids(
     assert second.headers["X-Gitlab-Event-UUID"] != first.headers["X-Gitlab-Event-UUID"]
     assert second.headers["X-Gitlab-Webhook-UUID"] != first.headers["X-Gitlab-Webhook-UUID"]
     assert second.json == first.json
-    assert [(d.id, d.status_code, d.idempotency_key) for d in emu.deliveries] == [
+    assert [(d.id, d.status_code, d.idempotency_key) for d in signing_emu.deliveries] == [
         (1, 503, failed.idempotency_key),
         (2, 200, failed.idempotency_key),
     ]
