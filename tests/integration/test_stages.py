@@ -16,7 +16,7 @@ def take_job(fleet: Fleet, instance_id: str) -> dict[str, Any]:
     """The runner on ``instance_id`` asks GitLab for a job of this test's project with the token the fleet gave
     it, as gitlab-runner does. The session's GitLab still holds earlier tests' pending jobs, which an instance
     runner may be handed first: those it just keeps."""
-    token = fleet.token_of(instance_id)["Value"]
+    token = fleet.token_of(instance_id)["token"]
     while True:
         answer = requests.post(
             f"{fleet.gitlab.url}/api/v4/jobs/request",
