@@ -1,9 +1,10 @@
 """Webhook authentication: the shared ``X-Gitlab-Token`` and Standard Webhooks signatures.
 
 GitLab sends its secret token as-is, so the comparison must be constant-time. When a signing secret is
-configured, GitLab also signs each delivery attempt the Standard Webhooks way (``webhook-id``,
+configured, GitLab also signs each request the Standard Webhooks way (``webhook-id``,
 ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>``); the timestamp is
-per attempt, so a retry carries a fresh one while a replayed capture repeats the old pair.
+per request, so a resend (the hook's "Resend request") carries a fresh one under the same ``webhook-id``, while a
+replayed capture repeats the old pair.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Standard Webhooks signatures over real HTTP, on a stage configured with a signing secret.
 
-GitLab (the emulator) signs every delivery attempt; runner-fleet accepts those, refuses a bad or stale
-signature, refuses an exact replay of a captured attempt, and treats a retry (same id, fresh timestamp) as the
+GitLab (the emulator) signs every request it sends; runner-fleet accepts those, refuses a bad or stale
+signature, refuses an exact replay of a captured request, and treats a resend (same id, fresh timestamp) as the
 duplicate it is.
 """
 
@@ -137,7 +137,7 @@ def test_a_valid_token_without_a_signature_is_refused(signed: Sandbox) -> None:
     assert _queued() == []
 
 
-def test_an_exact_replay_is_refused_and_a_retry_is_a_duplicate(signed: Sandbox) -> None:
+def test_an_exact_replay_is_refused_and_a_resend_is_a_duplicate(signed: Sandbox) -> None:
     signer = Signer(signed)
     body = json.dumps(job_hook("pending")).encode()
     webhook_id = f"msg_{uuid.uuid4().hex}"
@@ -145,9 +145,9 @@ def test_an_exact_replay_is_refused_and_a_retry_is_a_duplicate(signed: Sandbox) 
 
     first = signer.post(body, captured)
     replay = signer.post(body, captured)
-    retry = signer.post(body, signer.headers(body, webhook_id=webhook_id, timestamp=int(time.time()) + 1))
+    resend = signer.post(body, signer.headers(body, webhook_id=webhook_id, timestamp=int(time.time()) + 1))
 
     assert (first.status_code, first.json()) == (200, {"queued": True})
     assert replay.status_code == 401
-    assert (retry.status_code, retry.json()) == (200, {"ignored": "duplicate"})
+    assert (resend.status_code, resend.json()) == (200, {"ignored": "duplicate"})
     assert len(_queued()) == 1
