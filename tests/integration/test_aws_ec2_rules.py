@@ -6,7 +6,6 @@ tested where the product is: ``test_fleet_rules_in_scale_up.py`` and ``test_boot
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +49,6 @@ class Account:
     def running(self) -> int:
         found = self.ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
         return sum(len(r["Instances"]) for r in found["Reservations"])
-
-
-@pytest.fixture(scope="module")
-def local_aws() -> Iterator[LocalAws]:
-    aws = LocalAws().start()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in aws.environment().items():
-            env.setenv(key, value)
-        yield aws
-    aws.stop()
 
 
 @pytest.fixture

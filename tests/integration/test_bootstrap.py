@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +77,6 @@ def config_document(network: SandboxNetwork | None = None, *, build_disk: int = 
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_aws() -> Iterator[LocalAws]:
-    aws = LocalAws().start()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in aws.environment().items():
-            env.setenv(key, value)
-        yield aws
-    aws.stop()
 
 
 @pytest.fixture

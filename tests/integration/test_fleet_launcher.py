@@ -42,13 +42,8 @@ class Network:
 
 
 @pytest.fixture(scope="module")
-def ec2() -> Iterator[Any]:
-    local = LocalAws().start()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in local.environment().items():
-            env.setenv(key, value)
-        yield AwsClients().ec2
-    local.stop()
+def ec2(local_aws: LocalAws) -> Any:
+    return AwsClients().ec2
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator, JobSpec
+from tests.integration.conftest import EMULATOR_ADMIN_TOKEN
 
-ADMIN = "glpat-test-admin"
+ADMIN = EMULATOR_ADMIN_TOKEN
 OWNER = "glpat-test-owner"  # a non-administrator owning every group and project
 SIGNING_KEY = bytes(range(32))
 SIGNING_TOKEN = "whsec_" + base64.b64encode(SIGNING_KEY).decode()
@@ -119,25 +120,6 @@ def receiver(receiver_factory: Callable[..., Receiver]) -> Receiver:
 
 
 # -- the emulator and clients --
-
-
-@pytest.fixture
-def emulator_factory() -> Iterator[Callable[..., GitLabEmulator]]:
-    started: list[GitLabEmulator] = []
-
-    def make(**kwargs: Any) -> GitLabEmulator:
-        emulator = GitLabEmulator(admin_token=ADMIN, **kwargs).start()
-        started.append(emulator)
-        return emulator
-
-    yield make
-    for emulator in started:
-        emulator.stop()
-
-
-@pytest.fixture
-def emu(emulator_factory: Callable[..., GitLabEmulator]) -> GitLabEmulator:
-    return emulator_factory()
 
 
 @pytest.fixture

@@ -16,29 +16,11 @@ import pytest
 import requests
 
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator, JobSpec
+from tests.integration.conftest import EMULATOR_ADMIN_TOKEN
 
-ADMIN = "glpat-test-admin"
+ADMIN = EMULATOR_ADMIN_TOKEN
 SIGNING_TOKEN = "whsec_" + base64.b64encode(b"k" * 32).decode()
 INSUFFICIENT = "The request requires higher privileges than provided by the access token."
-
-
-@pytest.fixture
-def emulator_factory() -> Iterator[Callable[..., GitLabEmulator]]:
-    started: list[GitLabEmulator] = []
-
-    def make(**kwargs: Any) -> GitLabEmulator:
-        emulator = GitLabEmulator(admin_token=ADMIN, **kwargs).start()
-        started.append(emulator)
-        return emulator
-
-    yield make
-    for emulator in started:
-        emulator.stop()
-
-
-@pytest.fixture
-def emu(emulator_factory: Callable[..., GitLabEmulator]) -> GitLabEmulator:
-    return emulator_factory()
 
 
 def call(emu: GitLabEmulator, token: str, method: str, path: str, **kwargs: Any) -> requests.Response:

@@ -20,22 +20,12 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def local() -> Iterator[LocalAws]:
-    aws = LocalAws().start()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in aws.environment().items():
-            env.setenv(key, value)
-        yield aws
-    aws.stop()
-
-
-@pytest.fixture(scope="module")
-def dynamodb(local: LocalAws) -> Any:
+def dynamodb(local_aws: LocalAws) -> Any:
     return AwsClients().dynamodb
 
 
 @pytest.fixture
-def table(local: LocalAws, dynamodb: Any) -> Iterator[str]:
+def table(local_aws: LocalAws, dynamodb: Any) -> Iterator[str]:
     name = f"shim-{uuid.uuid4().hex[:8]}"
     dynamodb.create_table(
         TableName=name,
@@ -44,7 +34,7 @@ def table(local: LocalAws, dynamodb: Any) -> Iterator[str]:
         BillingMode="PAY_PER_REQUEST",
     )
     yield name
-    local.reset()
+    local_aws.reset()
 
 
 def _add(table: str, pk: str, n: int = 1) -> dict[str, Any]:
@@ -67,7 +57,7 @@ def _count(dynamodb: Any, table: str, pk: str) -> int:
 
 
 def test_an_injected_conflict_cancels_the_transaction_with_a_reason_per_item(
-    local: LocalAws, dynamodb: Any, table: str
+    local_aws: LocalAws, dynamodb: Any, table: str
 ) -> None:
     """DynamoDB API reference, TransactWriteItems, Errors (TransactionCanceledException, reason
     ``TransactionConflict``), and the developer guide's "Transaction conflict handling in DynamoDB":
@@ -75,7 +65,7 @@ def test_an_injected_conflict_cancels_the_transaction_with_a_reason_per_item(
     https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis.html#transaction-conflict-handling
     """
     # given one conflict injected on the pool items
-    local.shim("transaction_conflicts", "inject", prefix="POOL#", times=1)
+    local_aws.shim("transaction_conflicts", "inject", prefix="POOL#", times=1)
     writes = [_add(table, "LAUNCH#1"), _add(table, "POOL#docker")]
     # when a transaction touches one
     with WireFaults(dynamodb) as faults, pytest.raises(ClientError) as refused:
@@ -93,17 +83,17 @@ def test_an_injected_conflict_cancels_the_transaction_with_a_reason_per_item(
     # and the next one goes through
     dynamodb.transact_write_items(TransactItems=writes)
     assert _count(dynamodb, table, "POOL#docker") == 1
-    assert local.shim("transaction_conflicts", "status")["fired"] == 1
+    assert local_aws.shim("transaction_conflicts", "status")["fired"] == 1
 
 
 def test_an_injected_conflict_refuses_a_single_item_write_only_when_asked(
-    local: LocalAws, dynamodb: Any, table: str
+    local_aws: LocalAws, dynamodb: Any, table: str
 ) -> None:
     """Developer guide, "Transaction conflict handling in DynamoDB": a PutItem, UpdateItem or DeleteItem on an
     item an ongoing transaction holds is refused with TransactionConflictException:
     https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis.html#transaction-conflict-handling
     """
-    local.shim("transaction_conflicts", "inject", prefix="RUNNER#", times=1, operations=["UpdateItem"])
+    local_aws.shim("transaction_conflicts", "inject", prefix="RUNNER#", times=1, operations=["UpdateItem"])
     # a transaction on that item, and a write to another item, are not touched
     dynamodb.transact_write_items(TransactItems=[_add(table, "RUNNER#i-1")])
     dynamodb.update_item(**_add(table, "POOL#x")["Update"])
@@ -113,10 +103,10 @@ def test_an_injected_conflict_refuses_a_single_item_write_only_when_asked(
     assert _count(dynamodb, table, "RUNNER#i-1") == 1
 
 
-def test_a_configuration_naming_an_unknown_operation_is_refused(local: LocalAws) -> None:
+def test_a_configuration_naming_an_unknown_operation_is_refused(local_aws: LocalAws) -> None:
     """The shim's own admin API: a conflict applies to the writes DynamoDB documents as conflicting only."""
     with pytest.raises(ValueError, match="GetItem"):
-        local.shim("transaction_conflicts", "inject", prefix="POOL#", operations=["GetItem"])
+        local_aws.shim("transaction_conflicts", "inject", prefix="POOL#", operations=["GetItem"])
 
 
 def _transaction_request(table: str, *pks: str, operation: str = "TransactWriteItems") -> AwsRequest:
@@ -185,7 +175,7 @@ def test_a_write_arriving_while_a_transaction_holds_its_item_conflicts() -> None
 
 
 def test_a_repeated_token_with_the_same_request_succeeds_without_applying_again(
-    local: LocalAws, dynamodb: Any, table: str
+    local_aws: LocalAws, dynamodb: Any, table: str
 ) -> None:
     """DynamoDB API reference, TransactWriteItems, ClientRequestToken: "multiple identical calls have the same
     effect as one single call":
@@ -200,7 +190,7 @@ def test_a_repeated_token_with_the_same_request_succeeds_without_applying_again(
     assert _count(dynamodb, table, "POOL#a") == 2
 
 
-def test_a_retry_of_a_call_whose_answer_was_lost_applies_once(local: LocalAws, dynamodb: Any, table: str) -> None:
+def test_a_retry_of_a_call_whose_answer_was_lost_applies_once(local_aws: LocalAws, dynamodb: Any, table: str) -> None:
     """DynamoDB API reference, TransactWriteItems, ClientRequestToken: botocore fills the token once per call
     (the idempotencyToken trait), so its retry of a timed-out call carries the same token and changes nothing:
     https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_TransactWriteItems.html#DDB-TransactWriteItems-request-ClientRequestToken
@@ -212,7 +202,7 @@ def test_a_retry_of_a_call_whose_answer_was_lost_applies_once(local: LocalAws, d
     assert _count(dynamodb, table, "POOL#a") == 1
 
 
-def test_a_repeated_token_with_another_request_is_a_mismatch(local: LocalAws, dynamodb: Any, table: str) -> None:
+def test_a_repeated_token_with_another_request_is_a_mismatch(local_aws: LocalAws, dynamodb: Any, table: str) -> None:
     """DynamoDB API reference, TransactWriteItems, Errors (IdempotentParameterMismatchException) and
     ClientRequestToken ("a change in other parameters within the 10-minute idempotency window"):
     https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_TransactWriteItems.html
@@ -225,7 +215,9 @@ def test_a_repeated_token_with_another_request_is_a_mismatch(local: LocalAws, dy
     assert _count(dynamodb, table, "POOL#a") == 1
 
 
-def test_a_token_is_forgotten_ten_minutes_after_its_call_completed(local: LocalAws, dynamodb: Any, table: str) -> None:
+def test_a_token_is_forgotten_ten_minutes_after_its_call_completed(
+    local_aws: LocalAws, dynamodb: Any, table: str
+) -> None:
     """DynamoDB API reference, TransactWriteItems, ClientRequestToken: "valid for 10 minutes after the first
     request that uses it is completed. After 10 minutes, any request with the same client token is treated as a
     new request":
@@ -233,21 +225,21 @@ def test_a_token_is_forgotten_ten_minutes_after_its_call_completed(local: LocalA
     """
     token = str(uuid.uuid4())
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
-    local.shim("transaction_tokens", "advance", seconds=599)
+    local_aws.shim("transaction_tokens", "advance", seconds=599)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     assert _count(dynamodb, table, "POOL#a") == 1
-    local.shim("transaction_tokens", "advance", seconds=2)
+    local_aws.shim("transaction_tokens", "advance", seconds=2)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     assert _count(dynamodb, table, "POOL#a") == 2
 
 
-def test_a_cancelled_transaction_is_not_remembered(local: LocalAws, dynamodb: Any, table: str) -> None:
+def test_a_cancelled_transaction_is_not_remembered(local_aws: LocalAws, dynamodb: Any, table: str) -> None:
     """DynamoDB API reference, TransactWriteItems, ClientRequestToken: the token makes a *successful* call
     idempotent; a call that was cancelled changed nothing and may be sent again:
     https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_TransactWriteItems.html#DDB-TransactWriteItems-request-ClientRequestToken
     """
     token = str(uuid.uuid4())
-    local.shim("transaction_conflicts", "inject", prefix="POOL#", times=1)
+    local_aws.shim("transaction_conflicts", "inject", prefix="POOL#", times=1)
     with pytest.raises(ClientError):
         dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)

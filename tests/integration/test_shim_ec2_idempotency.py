@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,17 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def local() -> Iterator[LocalAws]:
-    aws = LocalAws().start()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in aws.environment().items():
-            env.setenv(key, value)
-        yield aws
-    aws.stop()
-
-
-@pytest.fixture(scope="module")
-def ec2(local: LocalAws) -> Any:
+def ec2(local_aws: LocalAws) -> Any:
     return AwsClients().ec2
 
 
