@@ -24,6 +24,7 @@ from typing import Any  # noqa: E402
 RESULT_PREFIX = "BENCH_RESULT "
 LAMBDA_TIMEOUT_MS = 10_000  # the api_handler's lambda_timeout in .chalice/config.json
 PENDING_RANK = 2  # chalicelib.gitlab_events: JobStatus.PENDING.rank
+UNFINISHED_JOB_TTL_SECONDS = 30 * 24 * 3600  # chalicelib.store: an unfinished job's record expires after 30 days
 FINISHED_RANK = 5
 
 
@@ -88,6 +89,7 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
         "gitlab_instance": {"S": instance},
         "pending_at": {"N": repr(now)},
         "writer": {"S": uuid.uuid4().hex},
+        "ttl": {"N": str(int(now) + UNFINISHED_JOB_TTL_SECONDS)},
     }
     names = {f"#a{i}": name for i, name in enumerate(values)}
     names["#rank"] = "status_rank"

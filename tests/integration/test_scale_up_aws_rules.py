@@ -26,11 +26,11 @@ def fleet(fresh_sandbox: Any) -> Fleet:
 
 
 def _conflicts(fleet: Fleet, prefix: str, times: int, **extra: Any) -> None:
-    fleet.sandbox.aws.shim("transaction_conflicts", "inject", prefix=prefix, times=times, **extra)
+    fleet.sandbox.aws.shim("transaction-conflicts", "inject", prefix=prefix, times=times, **extra)
 
 
 def _fired(fleet: Fleet) -> int:
-    return int(fleet.sandbox.aws.shim("transaction_conflicts", "status")["fired"])
+    return int(fleet.sandbox.aws.shim("transaction-conflicts", "status")["fired"])
 
 
 def _every_instance_of(fleet: Fleet, launch_id: str) -> list[str]:

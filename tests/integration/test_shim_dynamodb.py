@@ -65,7 +65,7 @@ def test_an_injected_conflict_cancels_the_transaction_with_a_reason_per_item(
     https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis.html#transaction-conflict-handling
     """
     # given one conflict injected on the pool items
-    local_aws.shim("transaction_conflicts", "inject", prefix="POOL#", times=1)
+    local_aws.shim("transaction-conflicts", "inject", prefix="POOL#", times=1)
     writes = [_add(table, "LAUNCH#1"), _add(table, "POOL#docker")]
     # when a transaction touches one
     with WireFaults(dynamodb) as faults, pytest.raises(ClientError) as refused:
@@ -83,7 +83,7 @@ def test_an_injected_conflict_cancels_the_transaction_with_a_reason_per_item(
     # and the next one goes through
     dynamodb.transact_write_items(TransactItems=writes)
     assert _count(dynamodb, table, "POOL#docker") == 1
-    assert local_aws.shim("transaction_conflicts", "status")["fired"] == 1
+    assert local_aws.shim("transaction-conflicts", "status")["fired"] == 1
 
 
 def test_an_injected_conflict_refuses_a_single_item_write_only_when_asked(
@@ -93,7 +93,7 @@ def test_an_injected_conflict_refuses_a_single_item_write_only_when_asked(
     item an ongoing transaction holds is refused with TransactionConflictException:
     https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis.html#transaction-conflict-handling
     """
-    local_aws.shim("transaction_conflicts", "inject", prefix="RUNNER#", times=1, operations=["UpdateItem"])
+    local_aws.shim("transaction-conflicts", "inject", prefix="RUNNER#", times=1, operations=["UpdateItem"])
     # a transaction on that item, and a write to another item, are not touched
     dynamodb.transact_write_items(TransactItems=[_add(table, "RUNNER#i-1")])
     dynamodb.update_item(**_add(table, "POOL#x")["Update"])
@@ -106,7 +106,7 @@ def test_an_injected_conflict_refuses_a_single_item_write_only_when_asked(
 def test_a_configuration_naming_an_unknown_operation_is_refused(local_aws: LocalAws) -> None:
     """The shim's own admin API: a conflict applies to the writes DynamoDB documents as conflicting only."""
     with pytest.raises(ValueError, match="GetItem"):
-        local_aws.shim("transaction_conflicts", "inject", prefix="POOL#", operations=["GetItem"])
+        local_aws.shim("transaction-conflicts", "inject", prefix="POOL#", operations=["GetItem"])
 
 
 def _transaction_request(table: str, *pks: str, operation: str = "TransactWriteItems") -> AwsRequest:
@@ -225,10 +225,10 @@ def test_a_token_is_forgotten_ten_minutes_after_its_call_completed(
     """
     token = str(uuid.uuid4())
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
-    local_aws.shim("transaction_tokens", "advance", seconds=599)
+    local_aws.shim("transaction-tokens", "advance", seconds=599)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     assert _count(dynamodb, table, "POOL#a") == 1
-    local_aws.shim("transaction_tokens", "advance", seconds=2)
+    local_aws.shim("transaction-tokens", "advance", seconds=2)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     assert _count(dynamodb, table, "POOL#a") == 2
 
@@ -239,7 +239,7 @@ def test_a_cancelled_transaction_is_not_remembered(local_aws: LocalAws, dynamodb
     https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_TransactWriteItems.html#DDB-TransactWriteItems-request-ClientRequestToken
     """
     token = str(uuid.uuid4())
-    local_aws.shim("transaction_conflicts", "inject", prefix="POOL#", times=1)
+    local_aws.shim("transaction-conflicts", "inject", prefix="POOL#", times=1)
     with pytest.raises(ClientError):
         dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)

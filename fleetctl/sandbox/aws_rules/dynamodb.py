@@ -93,7 +93,7 @@ class TransactionConflicts(Rule):
       touch such an item. ``status`` says how many fired.
     """
 
-    name = "transaction_conflicts"
+    name = "transaction-conflicts"
 
     def __init__(self, *, live: bool = True, key_attribute: str = "pk") -> None:
         self._lock = threading.Lock()
@@ -243,7 +243,7 @@ class TransactionTokens(Rule):
     test can step past the window.
     """
 
-    name = "transaction_tokens"
+    name = "transaction-tokens"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

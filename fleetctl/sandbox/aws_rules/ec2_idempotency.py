@@ -40,7 +40,7 @@ class ClientTokens(Rule):
     waits for the first answer, as a retry would.
     """
 
-    name = "ec2_client_tokens"
+    name = "ec2-client-tokens"
     operations = frozenset({"CreateFleet"})
 
     def __init__(self) -> None:
