@@ -16,8 +16,6 @@ from tests.integration.test_gitlab_emulator import (
     Receiver,
     admin,
     api,
-    emu,
-    emulator_factory,
     gl,
     hook,
     new_runner,
@@ -26,7 +24,7 @@ from tests.integration.test_gitlab_emulator import (
     request_job,
 )
 
-__all__ = ["emu", "emulator_factory", "gl", "receiver", "receiver_factory"]  # fixtures shared with the main suite
+__all__ = ["gl", "receiver", "receiver_factory"]  # fixtures shared with the main suite
 
 pytestmark = pytest.mark.timeout(30)
 
