@@ -99,10 +99,10 @@ class Monitor:
         self._thread.join(timeout=30)
 
 
-def _wait(condition: Any, timeout: float, what: str) -> None:
+def _wait(condition: Any, timeout: float, what: str, state: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while not _holds(condition):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}" + (f": {state()}" if state else "")
         time.sleep(5)
 
 
@@ -150,9 +150,15 @@ def test_a_burst_of_500_jobs_never_overfills_a_pool_and_launches_every_job_once(
             for pump in pumps:
                 pump.join(timeout=30)
 
-    # Copies of a job (a re-sent message whose first answer was lost) may still wait out their delay: let them
-    # come back and be recognised as launched already, launching nothing more.
-    _wait(lambda: stack.pump.drain(timeout=5) == 0 and _queue_depth(runtime.jobs_queue().url) == 0, 60, "empty queue")
+    # Copies of a job (a re-sent message whose first answer was lost, a job re-queued to resume a launch whose
+    # CreateFleet answer was lost) may still wait out their delay: let them come back and be recognised as
+    # launched already, launching nothing more.
+    _wait(
+        lambda: stack.pump.drain(timeout=5) == 0 and _queue_depth(runtime.jobs_queue().url) == 0,
+        180,
+        "empty queue",
+        lambda: f"queue {_queue_attributes(runtime.jobs_queue().url)}",
+    )
     # Watched throughout: most seconds of the burst gave a sample.
     assert monitor.samples > 10 and monitor.missed < monitor.samples
     assert monitor.highest["docker instances"] <= MAX_RUNNERS
@@ -201,7 +207,7 @@ def _all_instances_ever(ec2: Any) -> int:
     return sum(len(r["Instances"]) for page in pages for r in page["Reservations"])
 
 
-def _queue_depth(url: str) -> int:
+def _queue_attributes(url: str) -> dict[str, int]:
     from chalicelib import runtime
 
     attributes = runtime.aws().sqs.get_queue_attributes(
@@ -212,4 +218,8 @@ def _queue_depth(url: str) -> int:
             "ApproximateNumberOfMessagesDelayed",
         ],
     )["Attributes"]
-    return sum(int(v) for v in attributes.values())
+    return {name: int(value) for name, value in attributes.items()}
+
+
+def _queue_depth(url: str) -> int:
+    return sum(_queue_attributes(url).values())
