@@ -24,6 +24,30 @@ DEFAULT_CONFIG = Config(
 )
 
 
+_shared_loader: list[Any] = []  # the process's one botocore data loader, once a session made it
+_loader_lock = threading.Lock()
+
+
+def _new_session(region: str | None) -> boto3.Session:
+    """A boto3 session whose botocore data loader (service models, endpoints) is shared by every session of the
+    process: each ``AwsClients`` gets clients of its own, but the JSON behind them is parsed once. A Lambda builds
+    one session anyway; the sandbox and tests, which start afresh many times, would otherwise parse the EC2 model
+    and the endpoint table again each time."""
+    import botocore.session
+
+    core = botocore.session.get_session()
+    with _loader_lock:
+        if _shared_loader:
+            core.register_component("data_loader", _shared_loader[0])
+        else:
+            _shared_loader.append(core.get_component("data_loader"))
+        session = boto3.Session(botocore_session=core, region_name=region)
+        # boto3 adds its own data directory to the loader's search path for every session it makes.
+        paths = _shared_loader[0].search_paths
+        paths[:] = list(dict.fromkeys(paths))
+    return session
+
+
 class AwsClients:
     """Builds each service client once per process, from an injected session and botocore config."""
 
@@ -49,7 +73,7 @@ class AwsClients:
             found = self._clients.get(service)
             if found is None:
                 if self._session is None:
-                    self._session = boto3.Session(region_name=self._region)
+                    self._session = _new_session(self._region)
                 found = self._session.client(service, config=self._config)
                 self._clients[service] = found
             return found
