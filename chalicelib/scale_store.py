@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -36,6 +36,7 @@ from chalicelib.store import (
 )
 
 _CONFLICT_ATTEMPTS = 4
+_T = TypeVar("_T")
 # DynamoDB cancels a transaction that meets another one on an item (``TransactionConflict``), or that is throttled
 # (``ThrottlingError``, ``ProvisionedThroughputExceeded``), and refuses a single-item write on an item a
 # transaction holds (``TransactionConflictException``). botocore's standard retry mode retries none of these, so
@@ -264,29 +265,27 @@ class ScaleStore(FleetStore):
             return None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
+    def _past_conflicts(self, write: Callable[[], _T]) -> _T:
+        """One single-item write, tried again while it meets a transaction on its item
+        (TransactionConflictException, which botocore does not retry). Other errors, and the last conflict,
+        propagate."""
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                return super()._update_unless_refused(request)
+                return write()
             except ClientError as exc:
                 if error_code(exc) != "TransactionConflictException" or attempt + 1 == _WRITE_ATTEMPTS:
                     raise
                 self._sleep(conflict_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        update = super()._update_unless_refused
+        return self._past_conflicts(lambda: update(request))
+
     def _write(self, operation: str, request: Mapping[str, Any]) -> None:
-        """A single-item write (``update_item`` or ``put_item``), tried again while it meets a transaction on its
-        item (TransactionConflictException, which botocore does not retry). Other errors propagate at once."""
+        """A single-item write (``update_item`` or ``put_item``), past conflicts with transactions."""
         call = getattr(self._client, operation)
-        for attempt in range(_WRITE_ATTEMPTS):
-            try:
-                call(**request)
-            except ClientError as exc:
-                if error_code(exc) != "TransactionConflictException" or attempt + 1 == _WRITE_ATTEMPTS:
-                    raise
-                self._sleep(conflict_backoff(attempt))
-                continue
-            return
+        self._past_conflicts(lambda: call(**request))
 
     def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
         """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
