@@ -155,7 +155,7 @@ def connect(
     if parameter is None:
         hook = connect_project_hook(gitlab_url, gitlab_token, project_id, webhook_url, token, ssl_verify=ssl_verify)
         return ConnectResult(hook, "not configured: the stage names no webhook.signing_secret_parameter")
-    stored = _read(ssm, parameter)
+    stored = read_parameter(ssm, parameter)
     if stored == UNSIGNED:
         stored = None
     # GitLab never returns a signing secret, so re-sending the stored one is what keeps the two equal.
@@ -182,7 +182,8 @@ def connect(
     return ConnectResult(hook, reason)
 
 
-def _read(ssm: Any, name: str) -> str | None:
+def read_parameter(ssm: Any, name: str) -> str | None:
+    """A SecureString's value, decrypted and stripped; None when it does not exist or is blank."""
     try:
         value = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
     except ClientError as exc:

@@ -159,26 +159,21 @@ class Sandbox:
 
     def secrets(self) -> dict[str, str]:
         """The webhook token, and the signing secret when connect stored one."""
-        from botocore.exceptions import ClientError
-
         from chalicelib import runtime
-        from chalicelib.aws import error_code
         from chalicelib.secrets import UNSIGNED
+        from fleetctl.gitlab_connect import read_parameter
 
         assert self.config is not None
         ssm = runtime.aws().ssm
-        names = {"token": self.config.webhook.token_parameter}
+        found = {
+            "token": ssm.get_parameter(Name=self.config.webhook.token_parameter, WithDecryption=True)["Parameter"][
+                "Value"
+            ]
+        }
         if self.config.webhook.signing_secret_parameter:
-            names["signing"] = self.config.webhook.signing_secret_parameter
-        found: dict[str, str] = {}
-        for key, name in names.items():
-            try:
-                found[key] = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
-            except ClientError as exc:
-                if key == "token" or error_code(exc) != "ParameterNotFound":
-                    raise
-        if found.get("signing") == UNSIGNED:
-            del found["signing"]
+            signing = read_parameter(ssm, self.config.webhook.signing_secret_parameter)
+            if signing is not None and signing != UNSIGNED:
+                found["signing"] = signing
         return found
 
     def exports(self) -> dict[str, str]:

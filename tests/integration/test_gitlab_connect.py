@@ -121,23 +121,24 @@ def signed_stage(workdir: Path) -> Path:
     return config
 
 
-# One sandbox at a time: a sandbox points the process's environment (AWS endpoint, stage file) at itself.
-@pytest.fixture
-def old_gitlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    workdir = tmp_path_factory.mktemp("old-gitlab")
-    stack = Sandbox(config_path=signed_stage(workdir), workdir=workdir, run_pump=False, gitlab_version="17.9.0")
+def signed_sandbox(tmp_path_factory: pytest.TempPathFactory, gitlab_version: str) -> Iterator[Sandbox]:
+    """A sandbox whose stage names a signing parameter, on a GitLab of ``gitlab_version``. One sandbox at a time:
+    a sandbox points the process's environment (AWS endpoint, stage file) at itself."""
+    workdir = tmp_path_factory.mktemp(f"gitlab-{gitlab_version}")
+    stack = Sandbox(config_path=signed_stage(workdir), workdir=workdir, run_pump=False, gitlab_version=gitlab_version)
     stack.start()
     yield stack
     stack.stop()
+
+
+@pytest.fixture
+def old_gitlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    yield from signed_sandbox(tmp_path_factory, "17.9.0")
 
 
 @pytest.fixture
 def gitlab_19(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    workdir = tmp_path_factory.mktemp("gitlab-19")
-    stack = Sandbox(config_path=signed_stage(workdir), workdir=workdir, run_pump=False, gitlab_version="19.0.0")
-    stack.start()
-    yield stack
-    stack.stop()
+    yield from signed_sandbox(tmp_path_factory, "19.0.0")
 
 
 def delivered_statuses(stack: Sandbox) -> set[int | None]:
