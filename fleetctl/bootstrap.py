@@ -10,7 +10,9 @@ profile (policy in ``fleetctl/iam_policies.py``), the EC2 Spot service-linked ro
 
 Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
 every launch fail (:func:`chalicelib.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
-changed.
+changed. So is a plan with a pool whose AMI cannot boot on all its instance types (:func:`pool_images`): each
+pool's template boots the runner AMI published for the architecture its types share (``fleetctl.ami``), or the
+pool's own ``ami`` when it names one, and names the pool's CI image by the digest ECR has for its tag.
 """
 
 from __future__ import annotations
