@@ -8,6 +8,11 @@ GitLab is used the way README.md tells an operator to: the fleet makes group run
 a non-administrator token holding exactly the scopes the fleet needs (read_api, create_runner, manage_runner),
 which bootstrap checks and stores; the hook is connected with another non-administrator token of scope api.
 What only an administrator could do (groups, projects, feature flags) is seeded from Python, not the API.
+
+The runner instances are played by simulated agents (``fleetctl.sandbox.agents``), one per running instance of the
+fleet, unless the sandbox is made with ``agents=False`` (tests that look at instances as scale-up left them). They
+idle out after ``SANDBOX_AGENT_OPTIONS.wait_timeout_seconds``, a sandbox-only stand-in for the pools' idle wait,
+whose minimum in a stage file (30 s) would make every scenario wait.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Self
 
 from chalicelib.config import FleetConfig, load_config
 from chalicelib.settings import settings_environment
+from fleetctl.sandbox.agents import AgentManager, AgentOptions
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
 from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
@@ -42,6 +48,9 @@ SANDBOX_ENVIRONMENT = {
     "POWERTOOLS_METRICS_NAMESPACE": "RunnerFleet",
 }
 
+# Instances boot in a second and idle out after three (see the module docstring).
+SANDBOX_AGENT_OPTIONS = AgentOptions(boot_delay_seconds=1.0, wait_timeout_seconds=3.0)
+
 
 @dataclass(frozen=True)
 class SandboxPorts:
@@ -60,6 +69,8 @@ class Sandbox:
         run_pump: bool = True,
         gitlab_version: str = "17.9.0",
         gitlab_features: tuple[str, ...] = (),
+        agents: bool = True,
+        agent_options: AgentOptions = SANDBOX_AGENT_OPTIONS,
     ) -> None:
         self._config_path = config_path
         self.workdir = workdir
@@ -82,6 +93,10 @@ class Sandbox:
         self._projects = 0
         self._saved_environ: dict[str, str] | None = None
         self.config: FleetConfig | None = None
+        self._run_agents = agents
+        self._agent_options = agent_options
+        # Started with the sandbox when ``agents`` is true; replaced on reset.
+        self.agents: AgentManager | None = None
 
     def start(self) -> Self:
         from chalicelib import runtime
@@ -109,12 +124,14 @@ class Sandbox:
         self.project_id = self.gitlab.create_project(SANDBOX_PROJECT)
         self._projects = 1
         self.connect()
+        self._start_agents()
         return self
 
     def reset(self) -> None:
         """Forget every AWS resource and start again from a fresh bootstrap and a new connected project."""
         from chalicelib import runtime
 
+        self._stop_agents()
         self.aws.reset()
         self._prepare_aws()
         if self.pump is not None:
@@ -125,6 +142,7 @@ class Sandbox:
         self._projects += 1
         self.project_id = self.gitlab.create_project(f"{SANDBOX_PROJECT}-{self._projects}")
         self.connect()
+        self._start_agents()
 
     def bootstrap(self) -> list[str]:
         """``fleetctl bootstrap`` with GITLAB_TOKEN set to the fleet's token: checked with GitLab, then stored."""
@@ -190,6 +208,7 @@ class Sandbox:
         }
 
     def stop(self) -> None:
+        self._stop_agents()
         self._stop.set()
         if self._pump_thread is not None:
             self._pump_thread.join(timeout=10)
@@ -211,6 +230,18 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _start_agents(self) -> None:
+        from chalicelib.aws import AwsClients
+
+        if self._run_agents and self.config is not None:
+            clients = AwsClients(region=SANDBOX_REGION)
+            self.agents = AgentManager(self.config.fleet, clients, self._agent_options).start()
+
+    def _stop_agents(self) -> None:
+        agents, self.agents = self.agents, None
+        if agents is not None:
+            agents.stop()
 
     def _prepare_aws(self) -> None:
         """What an AWS account would already have (a VPC, an AMI), the stage config pointing at it, a bootstrap."""
