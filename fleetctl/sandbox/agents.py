@@ -352,7 +352,7 @@ class AgentRecord:
 
     instance_id: str
     pool: str
-    fault: Fault | None
+    fault: Fault | None = None
     phase: Phase = Phase.BOOTING
     system_id: str = ""
     runner_id: int | None = None
@@ -385,6 +385,7 @@ class RunnerAgent:
         options: AgentOptions,
         stopping: threading.Event,
         on_job: Callable[[JobOutcome], None],
+        take_fault: Callable[[str, str], Fault | None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.record = record
@@ -393,6 +394,7 @@ class RunnerAgent:
         self._options = options
         self._stopping = stopping
         self._on_job = on_job
+        self._take_fault = take_fault
         self._clock = clock
         self._http = requests.Session()
         self._started = clock()
@@ -406,6 +408,8 @@ class RunnerAgent:
     def run(self) -> None:
         try:
             self._wait(self._options.boot_delay_seconds)
+            # A fault switch may be set until the instance boots, by its id once its launch answered.
+            self.record.fault = self._take_fault(self.instance_id, self.record.pool)
             if self.record.fault is Fault.HANG_AT_BOOT:
                 self._hang("fault: hang at boot")
                 return
@@ -779,7 +783,7 @@ class AgentManager:
             with self._lock:
                 if instance_id in self._records or self._stopping.is_set():
                     continue
-                record = AgentRecord(instance_id=instance_id, pool=pool, fault=self.faults.take(instance_id, pool))
+                record = AgentRecord(instance_id=instance_id, pool=pool)
                 self._records[instance_id] = record
             agent = RunnerAgent(
                 record,
@@ -788,6 +792,7 @@ class AgentManager:
                 options=self.options,
                 stopping=self._stopping,
                 on_job=self._count_job,
+                take_fault=self.faults.take,
             )
             thread = threading.Thread(target=agent.run, name=f"agent-{instance_id}", daemon=True)
             with self._lock:

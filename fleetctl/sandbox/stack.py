@@ -116,11 +116,7 @@ class Sandbox:
         from fleetctl.sandbox.pump import EventPump
 
         self.pump = EventPump(app.app, runtime.aws()).connect()
-        if self._run_pump:
-            self._pump_thread = threading.Thread(
-                target=self.pump.run, args=(self._stop,), name="event-pump", daemon=True
-            )
-            self._pump_thread.start()
+        self._start_pump()
         self.project_id = self.gitlab.create_project(SANDBOX_PROJECT)
         self._projects = 1
         self.connect()
@@ -132,6 +128,8 @@ class Sandbox:
         from chalicelib import runtime
 
         self._stop_agents()
+        # The pump stops while AWS forgets its queues, and polls the new ones afterwards.
+        self._stop_pump()
         self.aws.reset()
         self._prepare_aws()
         if self.pump is not None:
@@ -139,6 +137,7 @@ class Sandbox:
             from fleetctl.sandbox.pump import EventPump
 
             self.pump = EventPump(app.app, runtime.aws()).connect()
+            self._start_pump()
         self._projects += 1
         self.project_id = self.gitlab.create_project(f"{SANDBOX_PROJECT}-{self._projects}")
         self.connect()
@@ -209,9 +208,7 @@ class Sandbox:
 
     def stop(self) -> None:
         self._stop_agents()
-        self._stop.set()
-        if self._pump_thread is not None:
-            self._pump_thread.join(timeout=10)
+        self._stop_pump()
         if self.server is not None:
             self.server.stop()
         self.gitlab.stop()
@@ -230,6 +227,20 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _start_pump(self) -> None:
+        if self._run_pump and self.pump is not None:
+            self._stop = threading.Event()
+            self._pump_thread = threading.Thread(
+                target=self.pump.run, args=(self._stop,), name="event-pump", daemon=True
+            )
+            self._pump_thread.start()
+
+    def _stop_pump(self) -> None:
+        self._stop.set()
+        thread, self._pump_thread = self._pump_thread, None
+        if thread is not None:
+            thread.join(timeout=10)
 
     def _start_agents(self) -> None:
         from chalicelib.aws import AwsClients
