@@ -19,10 +19,11 @@ pytest_plugins = ["tests.iam_recorder"]
 
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The whole local stack (moto server, GitLab emulator, served webhook), once per test session."""
+    """The whole local stack (moto server, GitLab emulator, served webhook), once per test session. Without
+    runner agents: the tests drive scale-up themselves and look at instances and tokens as it left them."""
     from fleetctl.sandbox.stack import Sandbox
 
-    stack = Sandbox(workdir=tmp_path_factory.mktemp("sandbox"), run_pump=False)
+    stack = Sandbox(workdir=tmp_path_factory.mktemp("sandbox"), run_pump=False, agents=False)
     stack.start()
     yield stack
     stack.stop()

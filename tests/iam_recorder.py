@@ -332,8 +332,13 @@ def _dynamodb(region: str, operation: str, params: Mapping[str, Any]) -> Iterabl
             keys = body["Keys"] if operation == "BatchGetItem" else [_write_key(w) for w in body]
             yield f"dynamodb:{operation}", table(f"table/{name}"), _leading(keys), ""
     elif "TableName" in params:
-        # Scan, Query, DescribeTable...: the table, without the leading keys (a LeadingKeys condition denies).
-        yield f"dynamodb:{operation}", table(f"table/{params['TableName']}"), (), ""
+        # Scan, Query, DescribeTable...: the table, without the leading keys (a LeadingKeys condition denies). A
+        # Query or Scan of an index is authorized on the index's own ARN, table/<table>/index/<index> (Service
+        # Authorization Reference, "Actions, resources, and condition keys for Amazon DynamoDB").
+        resource = f"table/{params['TableName']}"
+        if params.get("IndexName"):
+            resource += f"/index/{params['IndexName']}"
+        yield f"dynamodb:{operation}", table(resource), (), ""
     else:
         yield f"dynamodb:{operation}", "?", (), "no table in the call"
 

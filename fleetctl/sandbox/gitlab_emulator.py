@@ -43,6 +43,7 @@ from requests.structures import CaseInsensitiveDict
 from fleetctl.sandbox.gitlab_model import (
     API_SCOPE,
     CREATE_RUNNER_SCOPE,
+    DEFAULT_SCRIPT,
     MANAGE_RUNNER_SCOPE,
     READ_API_SCOPE,
     RUNNER_FILTER_STATUSES,
@@ -822,7 +823,7 @@ def _hook_changes(params: Mapping[str, Any], *, creating: bool) -> HookChanges:
 
 
 def _job_specs(raw: Any) -> list[JobSpec]:
-    """The emulator's stand-in for .gitlab-ci.yml: ``"jobs": [{"name", "stage", "tags"}]``."""
+    """The emulator's stand-in for .gitlab-ci.yml: ``"jobs": [{"name", "stage", "tags", "script"}]``."""
     if not isinstance(raw, list) or not raw:
         raise BadRequestError("jobs is missing")
     return [_job_spec(item) for item in raw]
@@ -837,7 +838,18 @@ def _job_spec(item: Any) -> JobSpec:
         tags=tuple(p_tags(item, "tags") or ()),
         allow_failure=bool(p_bool(item, "allow_failure")),
         when=p_enum(item, "when", When) or When.ON_SUCCESS,
+        script=_script(item.get("script")),
     )
+
+
+def _script(raw: Any) -> tuple[str, ...]:
+    """``script:`` as .gitlab-ci.yml takes it: one line or a list of lines (none given: ``DEFAULT_SCRIPT``)."""
+    if raw is None:
+        return DEFAULT_SCRIPT
+    lines = [raw] if isinstance(raw, str) else raw
+    if not isinstance(lines, list) or not lines or not all(isinstance(line, str) for line in lines):
+        raise BadRequestError("jobs[script] is invalid")
+    return tuple(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1234,8 +1246,8 @@ class GitLabEmulator:
         ref: str = "main",
         stages: Sequence[str] | None = None,
     ) -> int:
-        """Jobs as ``JobSpec`` or as the HTTP extension's dicts (``{"name", "stage", "tags", "when"}``), in
-        ``stages`` order (GitLab's default ``build``, ``test``, ``deploy`` when ``None``)."""
+        """Jobs as ``JobSpec`` or as the HTTP extension's dicts (``{"name", "stage", "tags", "when", "script"}``),
+        in ``stages`` order (GitLab's default ``build``, ``test``, ``deploy`` when ``None``)."""
         specs = [job if isinstance(job, JobSpec) else _job_spec(job) for job in jobs]
         return int(self._model.create_pipeline(project_id, ref, specs, stages)["id"])
 

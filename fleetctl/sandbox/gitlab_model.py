@@ -82,6 +82,8 @@ RUNS_AFTER: dict[When, frozenset[JobStatus]] = {
 
 # The stages a pipeline has when .gitlab-ci.yml lists none; a listed ``stages:`` is wrapped in .pre and .post.
 DEFAULT_STAGES = (".pre", "build", "test", "deploy", ".post")
+# A job's script when its spec gives none: a second of work, so a job is seen running before it finishes.
+DEFAULT_SCRIPT = ("sleep 1",)
 
 # Enums::Ci::CommitStatus.failure_reasons: a reason a runner reports outside this list is stored as
 # unknown_failure, and so is the reason of every job that did not fail (the enum maps NULL to it).
@@ -302,6 +304,8 @@ class JobSpec:
     tags: Sequence[str] = ()
     allow_failure: bool = False
     when: When = When.ON_SUCCESS
+    # The job's ``script:`` lines, handed to the runner in the ``/jobs/request`` answer's ``steps``.
+    script: Sequence[str] = DEFAULT_SCRIPT
 
 
 @dataclass(frozen=True)
@@ -597,6 +601,7 @@ class Job:
     allow_failure: bool
     created_at: datetime
     when: When = When.ON_SUCCESS
+    script: tuple[str, ...] = DEFAULT_SCRIPT
     retries_count: int = 0
     status: JobStatus = JobStatus.CREATED
     queued_at: datetime | None = None
@@ -1024,7 +1029,9 @@ class GitLabModel:
             self._pipelines[pipeline.id] = pipeline
             # GitLab creates every job first (a Job Hook each), then its processing service queues what may run.
             for spec in jobs:
-                self._new_job(pipeline, spec.name, spec.stage, spec.tags, spec.allow_failure, spec.when)
+                self._new_job(
+                    pipeline, spec.name, spec.stage, spec.tags, spec.allow_failure, spec.when, tuple(spec.script)
+                )
             self._process(pipeline)
             return self._pipeline_json(pipeline, detailed=True)
 
@@ -1069,7 +1076,7 @@ class GitLabModel:
             if old.status not in FINISHED_STATUSES or old.retried:
                 raise ForbiddenError("Job is not retryable")
             old.retried = True
-            new = self._new_job(old.pipeline, old.name, old.stage, old.tags, old.allow_failure, old.when)
+            new = self._new_job(old.pipeline, old.name, old.stage, old.tags, old.allow_failure, old.when, old.script)
             new.retries_count = old.retries_count + 1
             # Ci::ResetSkippedJobsService: jobs of later stages skipped because of the old try wait again.
             later = old.pipeline.stages.index(old.stage)
@@ -1476,7 +1483,14 @@ class GitLabModel:
         hook.flags.update({k: v for k, v in changes.flags.items() if k in HOOK_EVENT_FLAGS})
 
     def _new_job(
-        self, pipeline: Pipeline, name: str, stage: str, tags: Iterable[str], allow_failure: bool, when: When
+        self,
+        pipeline: Pipeline,
+        name: str,
+        stage: str,
+        tags: Iterable[str],
+        allow_failure: bool,
+        when: When,
+        script: tuple[str, ...],
     ) -> Job:
         job = Job(
             id=self._take_id("job"),
@@ -1487,6 +1501,7 @@ class GitLabModel:
             allow_failure=allow_failure,
             created_at=self._clock(),
             when=when,
+            script=script,
         )
         self._jobs[job.id] = job
         pipeline.jobs.append(job)
@@ -2031,10 +2046,13 @@ class GitLabModel:
         return data
 
     def _job_payload_for_runner(self, job: Job) -> dict[str, Any]:
-        """The ``POST /jobs/request`` answer: what gitlab-runner needs to run the job."""
+        """The ``POST /jobs/request`` answer: what gitlab-runner needs to run the job, in the shape of
+        ``API::Entities::Ci::JobRequest::Response`` (lib/api/entities/ci/job_request/*.rb). The job's script is
+        the one step ``Gitlab::Ci::Build::Step.from_commands`` makes of it."""
         pipeline, project, runner = job.pipeline, job.project, job.runner
         assert runner is not None and job.token is not None
         timeout = runner.maximum_timeout or 3600
+        root = self._namespaces.get(project.namespace.full_path.split("/", 1)[0], project.namespace)
         public = {
             "CI_SERVER_URL": self.external_url,
             "CI_PROJECT_ID": str(project.id),
@@ -2058,9 +2076,21 @@ class GitLabModel:
                 "id": job.id,
                 "name": job.name,
                 "stage": job.stage,
+                "pipeline_id": pipeline.id,
                 "project_id": project.id,
                 "project_name": project.name,
+                "project_full_path": project.path_with_namespace,
+                "namespace_id": project.namespace.id,
+                "root_namespace_id": root.id,
+                "organization_id": 1,
+                "instance_id": None,
+                "instance_uuid": None,
+                "user_id": ADMIN_USER_ID,
+                "scoped_user_id": None,
                 "time_in_queue_seconds": seconds_between(job.queued_at, job.started_at),
+                "project_jobs_running_on_instance_runners_count": "+Inf",
+                "queue_size": len(self._queue),
+                "queue_depth": 0,
             },
             "git_info": {
                 "repo_url": f"{self._web_url(project)}.git",
@@ -2070,13 +2100,15 @@ class GitLabModel:
                 "ref_type": "branch",
                 "refspecs": [f"+refs/heads/{pipeline.ref}:refs/remotes/origin/{pipeline.ref}"],
                 "depth": 20,
+                "repo_object_format": "sha1",
+                "protected": False,
             },
-            "runner_info": {"timeout": timeout, "runner_session_url": None},
+            "runner_info": {"uuid": None, "timeout": timeout, "runner_session_url": None},
             "variables": variables,
             "steps": [
                 {
                     "name": "script",
-                    "script": [f"echo 'emulated job {job.name}'"],
+                    "script": list(job.script),
                     "timeout": timeout,
                     "when": "on_success",
                     "allow_failure": False,
@@ -2087,8 +2119,8 @@ class GitLabModel:
             "artifacts": [],
             "cache": [],
             "credentials": [],
-            "dependencies": [],
             "features": {"trace_sections": True},
+            "dependencies": [],
         }
 
 

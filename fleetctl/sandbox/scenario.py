@@ -75,7 +75,9 @@ def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
 
     console = console or Console(highlight=False, width=120)
     started = time.monotonic()
-    with Sandbox(workdir=DEFAULT_WORKDIR / "demo") as stack:
+    # Without runner agents: the checks below look at every instance, runner and token as scale-up left them,
+    # and the scenario powers one instance off itself.
+    with Sandbox(workdir=DEFAULT_WORKDIR / "demo", agents=False) as stack:
         assert stack.server is not None and stack.config is not None
         console.print(f"[bold]runner-fleet sandbox[/bold]  AWS {stack.aws.endpoint_url}  GitLab {stack.gitlab.url}")
         for line in stack.bootstrap():

@@ -8,6 +8,11 @@ GitLab is used the way README.md tells an operator to: the fleet makes group run
 a non-administrator token holding exactly the scopes the fleet needs (read_api, create_runner, manage_runner),
 which bootstrap checks and stores; the hook is connected with another non-administrator token of scope api.
 What only an administrator could do (groups, projects, feature flags) is seeded from Python, not the API.
+
+The runner instances are played by simulated agents (``fleetctl.sandbox.agents``), one per running instance of the
+fleet, unless the sandbox is made with ``agents=False`` (tests that look at instances as scale-up left them). They
+idle out after ``SANDBOX_AGENT_OPTIONS.wait_timeout_seconds``, a sandbox-only stand-in for the pools' idle wait,
+whose minimum in a stage file (30 s) would make every scenario wait.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Self
 
 from chalicelib.config import FleetConfig, load_config
 from chalicelib.settings import settings_environment
+from fleetctl.sandbox.agents import AgentManager, AgentOptions
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
 from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
@@ -42,6 +48,9 @@ SANDBOX_ENVIRONMENT = {
     "POWERTOOLS_METRICS_NAMESPACE": "RunnerFleet",
 }
 
+# Instances boot in a second and idle out after three (see the module docstring).
+SANDBOX_AGENT_OPTIONS = AgentOptions(boot_delay_seconds=1.0, wait_timeout_seconds=3.0)
+
 
 @dataclass(frozen=True)
 class SandboxPorts:
@@ -60,6 +69,8 @@ class Sandbox:
         run_pump: bool = True,
         gitlab_version: str = "17.9.0",
         gitlab_features: tuple[str, ...] = (),
+        agents: bool = True,
+        agent_options: AgentOptions = SANDBOX_AGENT_OPTIONS,
     ) -> None:
         self._config_path = config_path
         self.workdir = workdir
@@ -82,6 +93,10 @@ class Sandbox:
         self._projects = 0
         self._saved_environ: dict[str, str] | None = None
         self.config: FleetConfig | None = None
+        self._run_agents = agents
+        self._agent_options = agent_options
+        # Started with the sandbox when ``agents`` is true; replaced on reset.
+        self.agents: AgentManager | None = None
 
     def start(self) -> Self:
         from chalicelib import runtime
@@ -101,20 +116,20 @@ class Sandbox:
         from fleetctl.sandbox.pump import EventPump
 
         self.pump = EventPump(app.app, runtime.aws()).connect()
-        if self._run_pump:
-            self._pump_thread = threading.Thread(
-                target=self.pump.run, args=(self._stop,), name="event-pump", daemon=True
-            )
-            self._pump_thread.start()
+        self._start_pump()
         self.project_id = self.gitlab.create_project(SANDBOX_PROJECT)
         self._projects = 1
         self.connect()
+        self._start_agents()
         return self
 
     def reset(self) -> None:
         """Forget every AWS resource and start again from a fresh bootstrap and a new connected project."""
         from chalicelib import runtime
 
+        self._stop_agents()
+        # The pump stops while AWS forgets its queues, and polls the new ones afterwards.
+        self._stop_pump()
         self.aws.reset()
         self._prepare_aws()
         if self.pump is not None:
@@ -122,9 +137,11 @@ class Sandbox:
             from fleetctl.sandbox.pump import EventPump
 
             self.pump = EventPump(app.app, runtime.aws()).connect()
+            self._start_pump()
         self._projects += 1
         self.project_id = self.gitlab.create_project(f"{SANDBOX_PROJECT}-{self._projects}")
         self.connect()
+        self._start_agents()
 
     def bootstrap(self) -> list[str]:
         """``fleetctl bootstrap`` with GITLAB_TOKEN set to the fleet's token: checked with GitLab, then stored."""
@@ -190,9 +207,8 @@ class Sandbox:
         }
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._pump_thread is not None:
-            self._pump_thread.join(timeout=10)
+        self._stop_agents()
+        self._stop_pump()
         if self.server is not None:
             self.server.stop()
         self.gitlab.stop()
@@ -211,6 +227,32 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _start_pump(self) -> None:
+        if self._run_pump and self.pump is not None:
+            self._stop = threading.Event()
+            self._pump_thread = threading.Thread(
+                target=self.pump.run, args=(self._stop,), name="event-pump", daemon=True
+            )
+            self._pump_thread.start()
+
+    def _stop_pump(self) -> None:
+        self._stop.set()
+        thread, self._pump_thread = self._pump_thread, None
+        if thread is not None:
+            thread.join(timeout=10)
+
+    def _start_agents(self) -> None:
+        from chalicelib.aws import AwsClients
+
+        if self._run_agents and self.config is not None:
+            clients = AwsClients(region=SANDBOX_REGION)
+            self.agents = AgentManager(self.config.fleet, clients, self._agent_options).start()
+
+    def _stop_agents(self) -> None:
+        agents, self.agents = self.agents, None
+        if agents is not None:
+            agents.stop()
 
     def _prepare_aws(self) -> None:
         """What an AWS account would already have (a VPC, an AMI), the stage config pointing at it, a bootstrap."""

@@ -36,7 +36,8 @@ def burst_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]
         pool["warm"] = {"size": 0, "windows": []}
     config = workdir / "burst.yaml"
     config.write_text(yaml.safe_dump(document))
-    stack = Sandbox(config_path=Path(config), workdir=workdir, run_pump=False)
+    # No agents: the burst counts instances as scale-up launched them, none powered off by a finished job.
+    stack = Sandbox(config_path=Path(config), workdir=workdir, run_pump=False, agents=False)
     stack.start()
     yield stack
     stack.stop()

@@ -1,0 +1,311 @@
+"""The sandbox's runner agents play runner instances the way CONTRACT's boot steps (runner_ami/README.md) say.
+
+The whole sandbox runs (moto server behind the AWS shim, the GitLab emulator, the served webhook, the event pump,
+the agents): a pipeline's Job Hooks reach scale-up, which launches an instance and writes its token; the agent of
+that instance boots and runs the job, and its power-off comes back as EC2's state-change event. Each test checks
+what a user of the fleet would see in GitLab, EC2 and the fleet table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from chalicelib.store import pool_key, runner_key
+from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, JobOutcome, Phase
+from fleetctl.sandbox.stack import Sandbox
+
+pytestmark = pytest.mark.timeout(90)
+
+WAIT_TIMEOUT = 2.0
+OPTIONS = AgentOptions(boot_delay_seconds=0.3, wait_timeout_seconds=WAIT_TIMEOUT, check_interval_seconds=0.2)
+
+
+@pytest.fixture(scope="module")
+def agents_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    stack = Sandbox(workdir=tmp_path_factory.mktemp("agents"), agent_options=OPTIONS)
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+class Stack:
+    """The sandbox as the tests look at it: GitLab, EC2, the fleet table and the agents."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        from chalicelib import runtime
+
+        self.sandbox = sandbox
+        self.gitlab = sandbox.gitlab
+        assert sandbox.agents is not None and sandbox.config is not None
+        self.agents = sandbox.agents
+        self.config = sandbox.config
+        self.ec2 = runtime.aws().ec2
+        self.store = runtime.store()
+        self.pipelines_jobs: list[int] = []
+
+    def pipeline(self, *jobs: dict[str, Any], stages: list[str] | None = None) -> list[int]:
+        pipeline_id = self.gitlab.create_pipeline(self.sandbox.project_id, list(jobs), stages=stages)
+        job_ids = [int(j["id"]) for j in self.gitlab.jobs_of_pipeline(self.sandbox.project_id, pipeline_id)]
+        self.pipelines_jobs += job_ids
+        return job_ids
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self.gitlab.job(self.sandbox.project_id, job_id)
+
+    def state(self, instance_id: str) -> str:
+        found = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+        return str(found["State"]["Name"])
+
+    def record(self, instance_id: str) -> dict[str, Any]:
+        return self.store.get(runner_key(instance_id)) or {}
+
+    def leases(self, pool: str) -> int:
+        return int((self.store.get(pool_key(pool)) or {}).get("leases", 0))
+
+    def agent_of(self, job_id: int, timeout: float = 20.0) -> AgentRecord:
+        """The agent that took ``job_id``."""
+        found: list[AgentRecord] = []
+
+        def took() -> bool:
+            found[:] = [r for r in self.agents.records() if any(j == job_id for j, _ in r.jobs)]
+            return bool(found)
+
+        assert wait_until(took, timeout), f"no agent took job {job_id}: {self.agents.records()}"
+        return found[0]
+
+    def booted(self, pool: str, count: int = 1, timeout: float = 20.0) -> list[AgentRecord]:
+        assert wait_until(lambda: len([r for r in self.agents.records() if r.pool == pool]) >= count, timeout)
+        return [r for r in self.agents.records() if r.pool == pool]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.fixture
+def stack(agents_sandbox: Sandbox) -> Iterator[Stack]:
+    agents_sandbox.reset()
+    stack = Stack(agents_sandbox)
+    yield stack
+    # The fleet's runners are group runners: a job this test left pending would go to the next test's runner.
+    for job_id in stack.pipelines_jobs:
+        if stack.job(job_id)["status"] in ("created", "pending", "running"):
+            stack.gitlab.set_job_status(agents_sandbox.project_id, job_id, "canceled")
+
+
+def test_an_agent_boots_as_the_contract_says_runs_its_job_and_powers_off_after_the_wait_timeout(
+    stack: Stack,
+) -> None:
+    """Boot steps 1-12 of CONTRACT.md / runner_ami/README.md, each by its effect: the token item is read and gone
+    (6, 7), the runner verified with a system id (10, ``POST /runners/verify``, doc/api/runners.md "Verify
+    authentication for a registered runner"), the job taken (``POST /jobs/request``), reported running and then
+    successful (``PUT /jobs/:id``, lib/api/ci/runner.rb) with its log (``PATCH /jobs/:id/trace``), and the
+    instance terminated once no job came for the wait timeout (gitlab-runner commands/single.go
+    checkFinishedConditions), which hands its lease back and deletes its GitLab runner (the instance-state
+    handler)."""
+    # given
+    (job_id,) = stack.pipeline({"name": "build", "tags": ["docker"], "script": ["echo building", "sleep 0.5"]})
+
+    # when
+    agent = stack.agent_of(job_id)
+    instance_id = agent.instance_id
+    record = stack.record(instance_id)
+    assert wait_until(lambda: stack.job(job_id)["status"] == "success", 15)
+    finished = time.monotonic()
+    assert wait_until(lambda: stack.state(instance_id) == "terminated", WAIT_TIMEOUT + 10)
+    idle = time.monotonic() - finished
+
+    # then
+    assert stack.store.get(record["token_key"]) is None, "the instance deleted its token item"
+    job = stack.job(job_id)
+    assert job["runner"]["id"] == record["gitlab_runner_id"] == agent.runner_id
+    assert instance_id in job["runner"]["description"]
+    trace = stack.gitlab.job_trace(stack.sandbox.project_id, job_id).decode()
+    assert "$ echo building" in trace and "$ sleep 0.5" in trace
+    calls = stack.gitlab.calls
+    assert calls[("POST", "/runners/verify")] >= 1
+    assert calls[("PUT", "/jobs/:job_id")] >= 2  # running, then success
+    assert idle >= WAIT_TIMEOUT - 0.5, f"powered off {idle:.1f}s after its job, before the wait timeout"
+    assert wait_until(lambda: agent.terminated, 5) and agent.ended == "wait timeout"
+    assert agent.jobs == [(job_id, JobOutcome.SUCCESS)]
+    # The power-off reached the fleet: lease back, GitLab runner gone.
+    assert wait_until(lambda: stack.leases("docker") == 0, 10)
+    assert wait_until(lambda: all(r["id"] != agent.runner_id for r in stack.gitlab.runners()), 10)
+
+
+def test_the_job_hooks_of_an_agent_run_name_its_runner(stack: Stack) -> None:
+    """GitLab's Job Hook for running and finished carries the runner that took the job (id, description, tags:
+    lib/gitlab/data_builder/build.rb ``runner``; doc/user/project/integrations/webhook_events.md "Job events")."""
+    # given
+    (job_id,) = stack.pipeline({"name": "unit", "tags": ["docker"], "script": ["sleep 0.2"]})
+
+    # when
+    agent = stack.agent_of(job_id)
+    assert wait_until(lambda: stack.job(job_id)["status"] == "success", 15)
+    stack.gitlab.wait_for_deliveries(timeout=10)
+
+    # then
+    hooks = [d.payload for d in stack.gitlab.deliveries if d.payload.get("build_id") == job_id]
+    by_status = {h["build_status"]: h for h in hooks}
+    for status in ("running", "success"):
+        runner = by_status[status]["runner"]
+        assert runner["id"] == agent.runner_id
+        assert agent.instance_id in runner["description"]
+        assert "docker" in runner["tags"]
+
+
+def test_a_runner_with_builds_left_takes_the_next_stage_job_itself(stack: Stack) -> None:
+    """run-single keeps asking for jobs until max builds or the wait timeout (commands/single.go), so the
+    instance that ran stage one's job takes stage two's while it waits."""
+    # given
+    first, second = stack.pipeline(
+        {"name": "compile", "stage": "build", "tags": ["docker"], "script": ["sleep 0.2"]},
+        {"name": "unit", "stage": "test", "tags": ["docker"], "script": ["sleep 0.2"]},
+        stages=["build", "test"],
+    )
+
+    # when
+    agent = stack.agent_of(first)
+    assert wait_until(lambda: stack.job(second)["status"] == "success", 20)
+
+    # then
+    assert stack.agent_of(second).instance_id == agent.instance_id
+    assert agent.jobs == [(first, JobOutcome.SUCCESS), (second, JobOutcome.SUCCESS)]
+
+
+def test_an_ephemeral_runner_runs_exactly_one_job_then_powers_off(stack: Stack) -> None:
+    """``--max-builds 1`` (RUNNER_MAX_BUILDS of an ephemeral pool): MaxBuilds reaches 0 after the build and
+    run-single exits at once (commands/single.go postBuild, checkFinishedConditions), without waiting; the next
+    stage's job gets an instance of its own."""
+    # given
+    first, second = stack.pipeline(
+        {"name": "image", "stage": "build", "tags": ["dind"], "script": ["sleep 0.2"]},
+        {"name": "push", "stage": "test", "tags": ["dind"], "script": ["sleep 0.2"]},
+        stages=["build", "test"],
+    )
+
+    # when
+    one = stack.agent_of(first)
+    assert wait_until(lambda: stack.state(one.instance_id) == "terminated", WAIT_TIMEOUT)
+    two = stack.agent_of(second)
+    assert wait_until(lambda: stack.job(second)["status"] == "success", 20)
+
+    # then
+    assert one.instance_id != two.instance_id
+    assert one.jobs == [(first, JobOutcome.SUCCESS)] and one.ended == "max builds"
+    assert wait_until(lambda: two.ended == "max builds" and two.terminated, 5)
+    assert two.jobs == [(second, JobOutcome.SUCCESS)]
+
+
+def test_a_script_exiting_non_zero_fails_the_job_as_a_script_failure(stack: Stack) -> None:
+    """gitlab-runner reports a build whose script exits non-zero as ``failed`` with ``script_failure`` and its
+    exit code (common/build.go, ``BuildError{FailureReason: ScriptFailure}``); the runner goes on."""
+    # given
+    (job_id,) = stack.pipeline({"name": "lint", "tags": ["docker"], "script": ["echo linting", "exit 3", "sleep 9"]})
+
+    # when
+    agent = stack.agent_of(job_id)
+    assert wait_until(lambda: stack.job(job_id)["status"] == "failed", 15)
+
+    # then
+    assert stack.job(job_id)["failure_reason"] == "script_failure"
+    assert "$ sleep 9" not in stack.gitlab.job_trace(stack.sandbox.project_id, job_id).decode()
+    assert agent.jobs == [(job_id, JobOutcome.SCRIPT_FAILURE)]
+    assert wait_until(lambda: agent.ended == "wait timeout", WAIT_TIMEOUT + 5)
+
+
+def test_an_agent_hung_at_boot_never_contacts_gitlab_and_its_instance_stays_up(stack: Stack) -> None:
+    """A boot that hangs (cloud-init or the boot script stuck) leaves a running instance whose token is never
+    read and whose GitLab runner is never contacted (``status`` never_contacted, doc/api/runners.md); the job
+    stays pending. Finding such instances is the boot deadline's work (reconcile)."""
+    # given
+    stack.agents.faults.for_next_agent("docker", Fault.HANG_AT_BOOT)
+    (job_id,) = stack.pipeline({"name": "build", "tags": ["docker"]})
+
+    # when
+    (agent,) = stack.booted("docker")
+    assert wait_until(lambda: agent.phase is Phase.HUNG, 10)
+    record: dict[str, Any] = {}
+    assert wait_until(lambda: bool(record.update(stack.record(agent.instance_id)) or record.get("token_key")), 10)
+    time.sleep(OPTIONS.check_interval_seconds * 3)
+
+    # then
+    assert stack.state(agent.instance_id) == "running"
+    assert stack.store.get(record["token_key"]) is not None, "the token was not read"
+    runner = next(r for r in stack.gitlab.runners() if r["id"] == record["gitlab_runner_id"])
+    assert runner["status"] == "never_contacted"
+    assert stack.job(job_id)["status"] == "pending"
+    assert stack.agents.stats().hung == 1
+
+
+def test_an_agent_crashing_mid_job_leaves_the_job_running_and_its_instance_terminated(stack: Stack) -> None:
+    """The runner dies while its job runs: the boot script's EXIT trap powers the instance off and shutdown
+    behaviour terminate ends it (AWS EC2 user guide, "Change the instance initiated shutdown behavior"); GitLab
+    hears nothing more, so the job stays running until GitLab's own stuck-job timeout."""
+    # given
+    stack.agents.faults.for_next_agent("docker", Fault.CRASH_MID_JOB)
+    (job_id,) = stack.pipeline({"name": "build", "tags": ["docker"], "script": ["sleep 5"]})
+
+    # when
+    agent = stack.agent_of(job_id)
+    assert wait_until(lambda: stack.state(agent.instance_id) == "terminated" and agent.terminated, 10)
+
+    # then
+    assert stack.job(job_id)["status"] == "running"
+    assert agent.jobs == [(job_id, JobOutcome.ABANDONED)] and agent.ended == "crashed mid-job"
+    assert wait_until(lambda: stack.leases("docker") == 0, 10), "the terminated instance gave its lease back"
+    assert stack.agents.stats().jobs == {"abandoned": 1}
+
+
+def test_an_agent_failing_its_job_as_a_system_failure_exits_and_powers_off(stack: Stack) -> None:
+    """A runner-side failure (executor, docker) ends the job ``failed`` with ``runner_system_failure``
+    (doc/ci/jobs/job_troubleshooting.md failure reasons; lib/api/ci/runner.rb ``failure_reason``); here the
+    runner then exits and the instance powers off."""
+    # given
+    stack.agents.faults.for_next_agent("docker", Fault.RUNNER_SYSTEM_FAILURE)
+    (job_id,) = stack.pipeline({"name": "build", "tags": ["docker"], "script": ["sleep 5"]})
+
+    # when
+    agent = stack.agent_of(job_id)
+    assert wait_until(lambda: stack.job(job_id)["status"] == "failed", 10)
+    assert wait_until(lambda: stack.state(agent.instance_id) == "terminated", 10)
+
+    # then
+    assert stack.job(job_id)["failure_reason"] == "runner_system_failure"
+    assert agent.jobs == [(job_id, JobOutcome.RUNNER_SYSTEM_FAILURE)]
+
+
+def test_a_fault_set_by_instance_id_reaches_that_instance_only(stack: Stack) -> None:
+    """A switch keyed by instance id, set before the instance boots, reaches that instance's agent; the fleet's
+    other instances boot normally."""
+    # given: an instance launched from the pool's template and tagged as the fleet's, its fault set at once
+    from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name
+
+    template = launch_template_name(stack.config.fleet, "docker")
+    tags = [{"Key": FLEET_TAG, "Value": stack.config.fleet}, {"Key": POOL_TAG, "Value": "docker"}]
+    launched = stack.ec2.run_instances(
+        LaunchTemplate={"LaunchTemplateName": template, "Version": "$Default"},
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )
+    instance_id = launched["Instances"][0]["InstanceId"]
+    stack.agents.faults.for_instance(instance_id, Fault.HANG_AT_BOOT)
+
+    # when
+    (job_id,) = stack.pipeline({"name": "build", "tags": ["docker"], "script": ["sleep 0.2"]})
+    assert wait_until(lambda: stack.job(job_id)["status"] == "success", 20)
+
+    # then
+    hung = stack.agents.record(instance_id)
+    assert hung is not None and hung.phase is Phase.HUNG and hung.jobs == []
+    assert stack.agent_of(job_id).fault is None
