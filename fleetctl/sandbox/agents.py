@@ -2,7 +2,7 @@
 
 A real runner instance boots the runner AMI: cloud-init writes the files of the pool's ``#cloud-config`` user data
 and starts the boot script, which finds the instance's token, runs ``gitlab-runner run-single`` and powers the
-instance off when it exits (runner_ami/README.md and CONTRACT: "Boot steps"). moto starts no machine, so the
+instance off when it exits (the boot steps of runner_ami/README.md). moto starts no machine, so the
 sandbox plays one: an :class:`AgentManager` watches the local EC2 for running instances of the fleet and starts
 one :class:`RunnerAgent` thread per new instance, which performs the same steps against the same peers:
 
