@@ -1,4 +1,4 @@
-"""The sandbox's runner agents play runner instances the way CONTRACT's boot steps (runner_ami/README.md) say.
+"""The sandbox's runner agents play runner instances the way the boot steps of runner_ami/README.md say.
 
 The whole sandbox runs (moto server behind the AWS shim, the GitLab emulator, the served webhook, the event pump,
 the agents): a pipeline's Job Hooks reach scale-up, which launches an instance and writes its token; the agent of
@@ -105,7 +105,7 @@ def stack(agents_sandbox: Sandbox) -> Iterator[Stack]:
 def test_an_agent_boots_as_the_contract_says_runs_its_job_and_powers_off_after_the_wait_timeout(
     stack: Stack,
 ) -> None:
-    """Boot steps 1-12 of CONTRACT.md / runner_ami/README.md, each by its effect: the token item is read and gone
+    """Boot steps 1-12 of runner_ami/README.md, each by its effect: the token item is read and gone
     (6, 7), the runner verified with a system id (10, ``POST /runners/verify``, doc/api/runners.md "Verify
     authentication for a registered runner"), the job taken (``POST /jobs/request``), reported running and then
     successful (``PUT /jobs/:id``, lib/api/ci/runner.rb) with its log (``PATCH /jobs/:id/trace``), and the

@@ -34,7 +34,7 @@ def rendered() -> tuple[str, str]:
 
 def test_the_rendered_cloud_config_gives_the_agent_every_file_and_the_boot_service() -> None:
     """cloud-init's ``write_files`` (cloudinit/config/cc_write_files.py): each path with its content and mode;
-    ``runcmd`` starts the boot service (CONTRACT.md "User data")."""
+    ``runcmd`` starts the boot service (runner_ami/README.md, "User data")."""
     # when
     cloud_config = parse_cloud_config(rendered()[0])
 
