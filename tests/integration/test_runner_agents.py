@@ -309,3 +309,74 @@ def test_a_fault_set_by_instance_id_reaches_that_instance_only(stack: Stack) -> 
     hung = stack.agents.record(instance_id)
     assert hung is not None and hung.phase is Phase.HUNG and hung.jobs == []
     assert stack.agent_of(job_id).fault is None
+
+
+# -- whole pipelines ---------------------------------------------------------------------------------------------
+
+
+def _fleet_instances(stack: Stack) -> list[dict[str, Any]]:
+    """Every instance of the fleet EC2 knows, terminated ones included."""
+    pages = stack.ec2.get_paginator("describe_instances").paginate(
+        Filters=[{"Name": "tag:runner-fleet:fleet", "Values": [stack.config.fleet]}]
+    )
+    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def _nothing_left(stack: Stack) -> bool:
+    instances = _fleet_instances(stack)
+    live = [i for i in instances if i["State"]["Name"] != "terminated"]
+    leases = sum(stack.leases(pool.name) for pool in stack.config.pools)
+    tokens = list(stack.store.scan("token"))
+    # GitLab outlives the sandbox's resets: only the runners of this test's instances count
+    runners = [r for r in stack.gitlab.runners() if any(i["InstanceId"] in r["description"] for i in instances)]
+    return not live and not leases and not runners and not tokens
+
+
+def test_a_pipeline_of_mixed_tag_jobs_succeeds_and_every_runner_leaves_after_its_idle_wait(stack: Stack) -> None:
+    # given jobs for both pools, untagged ones included (the docker pool runs untagged jobs)
+    jobs = stack.pipeline(
+        {"name": "lint", "tags": ["docker", "linux"], "script": ["sleep 0.3"]},
+        {"name": "image", "tags": ["docker", "dind"], "script": ["sleep 0.3"]},
+        {"name": "notes", "tags": [], "script": ["sleep 0.3"]},
+        {"name": "unit", "tags": ["docker"], "script": ["sleep 0.3"]},
+    )
+
+    # when the fleet runs them
+    assert wait_until(lambda: all(stack.job(j)["status"] == "success" for j in jobs), 40)
+
+    # then each ran on an instance of the pool its tags ask for
+    pools = {
+        i["InstanceId"]: {t["Key"]: t["Value"] for t in i["Tags"]}["runner-fleet:pool"] for i in _fleet_instances(stack)
+    }
+    ran_in = {}
+    for job_id in jobs:
+        description = stack.job(job_id)["runner"]["description"]
+        ran_in[job_id] = next(pool for instance, pool in pools.items() if instance in description)
+    assert [ran_in[j] for j in jobs] == ["docker", "build", "docker", "docker"]
+    # and once idle for the wait timeout every instance is gone, with its lease, GitLab runner and token
+    assert wait_until(lambda: _nothing_left(stack), WAIT_TIMEOUT + 20)
+    assert {i["State"]["Name"] for i in _fleet_instances(stack)} == {"terminated"}
+
+
+def test_a_sequential_pipeline_of_three_stages_of_two_jobs_launches_two_instances(stack: Stack) -> None:
+    """The docker pool's runners take 10 builds each: the first stage launches two instances, and the later
+    stages' jobs are left to them (idle, with builds left) rather than launched for."""
+    # given
+    stages = ["one", "two", "three"]
+    jobs = stack.pipeline(
+        *[
+            {"name": f"{stage}-{n}", "stage": stage, "tags": ["docker"], "script": ["sleep 0.3"]}
+            for stage in stages
+            for n in (1, 2)
+        ],
+        stages=stages,
+    )
+
+    # when
+    assert wait_until(lambda: all(stack.job(j)["status"] == "success" for j in jobs), 60)
+
+    # then two instances ran all six jobs
+    instances = _fleet_instances(stack)
+    assert len(instances) == 2, [i["InstanceId"] for i in instances]
+    assert sum(len(r.jobs) for r in stack.agents.records()) == 6
+    assert wait_until(lambda: _nothing_left(stack), WAIT_TIMEOUT + 20)
