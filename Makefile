@@ -16,13 +16,22 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
+# Debian packages the static checks run: cloud-init (`cloud-init schema` on the rendered user data). Installed with
+# apt-get when missing (CI runs as root); tests that need them fail, not skip, under RUNNER_FLEET_REQUIRE_TOOLS=1.
+TOOLS := $(VENV)/.tools
+$(TOOLS): $(STAMP)
+	@command -v cloud-init >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init; }
+	@touch $(TOOLS)
+
 demo: $(STAMP)
 	$(BIN)/fleetctl sandbox demo
 
 # The slow scenarios (the 500-job burst) run in a pytest process of their own, beside the rest of the suite: the
 # suite is mostly waiting on one core, the burst keeps the other busy. Their output follows the suite's.
 # RUNNER_FLEET_IAM_FULL: the rest of the suite covers every function, so it also checks for unused IAM statements.
-test: lint typecheck
+test: export RUNNER_FLEET_REQUIRE_TOOLS := 1
+test: lint typecheck $(TOOLS)
 	@rm -f .pytest_cache/slow-tests.log; mkdir -p .pytest_cache
 	@RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-slow.json $(BIN)/python -m pytest -q -m slow \
 		> .pytest_cache/slow-tests.log 2>&1 & slow=$$!; \
