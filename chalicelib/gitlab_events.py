@@ -36,6 +36,7 @@ MAX_NAME_LENGTH = 255  # job, stage and failure reason; GitLab refuses longer jo
 MAX_TEXT_LENGTH = 1024  # ref, project name, runner description
 MAX_TIMESTAMP_LENGTH = 64
 MAX_RUNNER_TAGS = 256
+MAX_QUEUED_SECONDS = 10 * 365 * 24 * 3600.0
 _MAX_ERROR_LENGTH = 200
 
 
@@ -134,6 +135,8 @@ class JobHook(msgspec.Struct, frozen=True):
     build_started_at: Timestamp | None = None
     build_finished_at: Timestamp | None = None
     build_failure_reason: Name | None = None
+    # Seconds the job waited in GitLab's queue before a runner took it (null before that).
+    build_queued_duration: Annotated[float, msgspec.Meta(ge=0, le=MAX_QUEUED_SECONDS)] | None = None
     retries_count: Count = 0
     runner: HookRunner | None = None
 

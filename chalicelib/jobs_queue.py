@@ -36,6 +36,8 @@ class QueuedJob(msgspec.Struct, frozen=True):
     # Set once a job has been matched and waits for capacity: its next turn needs no GitLab read.
     pool: str = ""
     tags: tuple[str, ...] = ()
+    # Set once the job was left to an idle runner of its pool for a grace: it is not deferred again.
+    graced: bool = False
 
     def to_json(self) -> str:
         return _encoder.encode(self).decode()
@@ -51,7 +53,7 @@ class QueuedJob(msgspec.Struct, frozen=True):
             raise ValueError("not JSON") from None
 
     def but(self, **changes: Any) -> QueuedJob:
-        """A copy with ``changes`` (a retry's attempt, a wait's pool and tags, a dead letter's last error)."""
+        """A copy with ``changes`` (a retry's attempt, a wait's pool and tags, a grace, a dead letter's last error)."""
         return msgspec.structs.replace(self, **changes)
 
 

@@ -20,6 +20,14 @@ def runner_description(fleet: str, pool: str, instance_id: str) -> str:
     return f"runner-fleet {fleet}/{pool} {instance_id}"
 
 
+def described_instance(description: str | None) -> str | None:
+    """The instance id a runner description names (see :func:`runner_description`), or None for another runner's."""
+    parts = (description or "").split(" ")
+    if len(parts) != 3 or parts[0] != "runner-fleet" or not parts[2].startswith("i-"):
+        return None
+    return parts[2]
+
+
 def launch_template_name(fleet: str, pool: str) -> str:
     """The EC2 launch template of one pool."""
     return f"{fleet}-{pool}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 # Many invocations rightly record no metric (a duplicate delivery, an ignored event); Powertools warns on each.
 warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
@@ -23,3 +23,15 @@ metrics = Metrics(namespace=NAMESPACE, service=SERVICE)
 
 def count(name: str, value: int = 1) -> None:
     metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+
+
+def seconds(name: str, value: float, pool: str) -> None:
+    """A duration of one pool's runners (``QueueWaitSeconds``, ``BootSeconds``), with the pool as dimension.
+
+    Emitted at once as its own EMF document: the invocation's other metrics carry no pool dimension.
+    """
+    with single_metric(
+        name=name, unit=MetricUnit.Seconds, value=round(value, 3), namespace=NAMESPACE, default_dimensions={}
+    ) as metric:
+        metric.add_dimension(name="service", value=SERVICE)
+        metric.add_dimension(name="pool", value=pool)

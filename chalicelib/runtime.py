@@ -6,7 +6,8 @@ changing the environment.
 
 Two environment variables tune scale-up's re-queue delays (seconds): ``RUNNER_FLEET_RETRY_BASE_SECONDS`` (first
 retry step, default 4, doubling per attempt) and ``RUNNER_FLEET_LEASE_WAIT_SECONDS`` (how long a job whose pool
-is full waits before asking again, default 20). The sandbox shortens both.
+is full waits before asking again, default 20). ``RUNNER_FLEET_IDLE_GRACE_SECONDS`` (default 5) is how long a job
+is left to an idle runner of its pool before a launch is considered. The sandbox shortens the first two.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def scale_up() -> ScaleUp:
     policy = RetryPolicy(
         base_delay=float(os.environ.get("RUNNER_FLEET_RETRY_BASE_SECONDS", "4")),
         lease_wait=float(os.environ.get("RUNNER_FLEET_LEASE_WAIT_SECONDS", "20")),
+        idle_grace=int(os.environ.get("RUNNER_FLEET_IDLE_GRACE_SECONDS", "5")),
     )
     return build_scale_up(config(), aws(), gitlab_api(), policy=policy)
 

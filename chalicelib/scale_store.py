@@ -25,7 +25,9 @@ from chalicelib.aws import error_code
 from chalicelib.gitlab_events import JobStatus
 from chalicelib.store import (
     FINISHED_JOB_TTL_SECONDS,
+    IDLE_RUNNERS_INDEX,
     FleetStore,
+    RunnerState,
     attribute_value,
     from_item,
     job_key,
@@ -101,13 +103,6 @@ class Claim:
     claimed_at: float = 0.0  # when the holding launch claimed the job (HELD only)
 
 
-class RunnerState(str, Enum):
-    """Where a runner record is in its life."""
-
-    BOOTING = "booting"  # its instance was launched; the runner has not finished a job yet
-    TERMINATED = "terminated"  # its instance is gone and its lease back in the pool
-
-
 @dataclass(frozen=True)
 class RunnerRecord:
     """A ``RUNNER#<instance id>`` item, typed. A tombstone (an instance terminated before it was recorded) has
@@ -129,6 +124,7 @@ class RunnerRecord:
     reason: str = ""
     token_cleanup: bool = False  # terminated, and its token may still exist
     gitlab_cleanup: bool = False  # terminated, and its GitLab runner may still exist
+    max_builds: int = 0  # builds its runner takes before it powers off (0: not recorded)
 
     @property
     def terminated(self) -> bool:
@@ -154,6 +150,7 @@ class RunnerRecord:
             reason=str(values.get("reason", "")),
             token_cleanup=values.get("token_cleanup") == CLEANUP_PENDING,
             gitlab_cleanup=values.get("gitlab_cleanup") == CLEANUP_PENDING,
+            max_builds=int(values.get("max_builds", 0)),
         )
 
     def new_item(self, now: float) -> dict[str, Any]:
@@ -174,6 +171,7 @@ class RunnerRecord:
                 "gitlab_runner_id": self.gitlab_runner_id,
                 "state": self.state.value,
                 "lease": True,
+                "max_builds": self.max_builds or None,
                 "updated_at": now,
             }
         )
@@ -431,6 +429,21 @@ class ScaleStore(FleetStore):
     def leases(self, pool: str) -> int:
         return int((self.get(pool_key(pool)) or {}).get("leases", 0))
 
+    def idle_runners(self, pool: str, limit: int) -> int:
+        """How many of the pool's runners are idle with builds left (up to ``limit``): one Query of the sparse
+        idle index, which trails the table by a moment (GSIs are eventually consistent)."""
+        if limit <= 0:
+            return 0
+        answer = self._client.query(
+            TableName=self.table,
+            IndexName=IDLE_RUNNERS_INDEX,
+            KeyConditionExpression="idle_pool = :pool",
+            ExpressionAttributeValues={":pool": {"S": pool}},
+            Select="COUNT",
+            Limit=limit,
+        )
+        return int(answer.get("Count", 0))
+
     def give_back_launch_leases(
         self, launch_id: str, pool: str, held: int, count: int, *, finished: bool = False, reason: str = ""
     ) -> None:
@@ -664,7 +677,7 @@ class ScaleStore(FleetStore):
             self.table,
             runner_key(instance_id),
             "SET #state = :terminated, reason = :reason, terminated_at = :now, updated_at = :now, #ttl = :ttl, "
-            "token_cleanup = :pending, gitlab_cleanup = :pending REMOVE lease",
+            "token_cleanup = :pending, gitlab_cleanup = :pending REMOVE lease, idle_pool, idle_since",
             {
                 ":terminated": RunnerState.TERMINATED.value,
                 ":reason": reason,

@@ -80,7 +80,7 @@ from chalicelib.scale_store import (
     ScaleStore,
     transiently_cancelled,
 )
-from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, match_pool
+from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, leave_to_idle_runners, match_pool
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.
@@ -104,6 +104,7 @@ class Outcome(str, Enum):
     NOT_PENDING = "not_pending"
     UNMATCHED = "unmatched"
     WAITING = "waiting"
+    DEFERRED = "deferred"  # left to an idle runner of its pool for a grace
     RETRIED = "retried"
     DEAD_LETTERED = "dead_lettered"
     DUPLICATE = "duplicate"
@@ -175,7 +176,8 @@ class ScaleUp:
         pools = {pool.name for pool in self._config.pools}
         waiting = [job for job in jobs if job.pool in pools]
         fresh = [job for job in jobs if job.pool not in pools]
-        matched = self._read_and_match(fresh, report) + self._admit_waiting(waiting, report)
+        fresh_matched = self._defer_to_idle_runners(self._read_and_match(fresh, report), report)
+        matched = fresh_matched + self._admit_waiting(waiting, report)
         by_pool: dict[str, list[_Matched]] = defaultdict(list)
         for item in matched:
             by_pool[item.pool.name].append(item)
@@ -222,6 +224,29 @@ class ScaleUp:
             count("JobsMatched")
             matched.append(_Matched(job, pool_config, answer.tags))
         return matched
+
+    def _defer_to_idle_runners(self, matched: list[_Matched], report: BatchReport) -> list[_Matched]:
+        """Leave jobs to their pools' idle runners for a grace; returns the jobs to launch for now.
+
+        An idle runner with builds left asks GitLab for the next job by itself, so launching for a job it is about
+        to take would start an instance with nothing to do. A deferred job comes back after the grace, is read
+        from GitLab again, and launches only if it is still pending.
+        """
+        by_pool: dict[str, list[_Matched]] = defaultdict(list)
+        for item in matched:
+            by_pool[item.pool.name].append(item)
+        launch: list[_Matched] = []
+        for pool_name, items in by_pool.items():
+            fresh = sum(1 for item in items if not item.job.graced)
+            idle = self._store.idle_runners(pool_name, limit=fresh) if fresh else 0
+            deferred = leave_to_idle_runners([(item.job.job_id, item.job.graced) for item in items], idle)
+            for item in items:
+                if item.job.job_id not in deferred:
+                    launch.append(item)
+                    continue
+                count("JobsDeferredToIdleRunners")
+                self._requeue(item.job.but(graced=True), self._policy.idle_grace, report, Outcome.DEFERRED)
+        return launch
 
     def _admit_waiting(self, jobs: Sequence[QueuedJob], report: BatchReport) -> list[_Matched]:
         """Jobs back from waiting for capacity: as many as their pool has room for go on, the rest wait again.
@@ -626,6 +651,7 @@ class ScaleUp:
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
                 token_key=self._tokens.key(i.instance_id),
+                max_builds=pool.max_builds,
             )
             for i in new
         ]

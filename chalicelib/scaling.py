@@ -6,6 +6,10 @@ pools can, the one with the fewest tags wins (the tightest fit, which keeps spec
 privileged ``dind`` ones free for the jobs that need them); on a tie, the pool listed first in the stage
 configuration. The choice is deterministic and can be steered by ordering the pools.
 
+Idle runners: a runner with builds left takes the next matching job by itself, so a job its pool has an idle
+runner for is given a short grace before anything is launched for it, and launched only if it is still pending
+after that (see :func:`leave_to_idle_runners`).
+
 Held jobs: a job delivered again while another launch holds its claim is a duplicate once that launch is done,
 waits while a live invocation works on it, is claimed afresh when that launch failed or never took leases, and
 resumes that launch when it stopped part way (see :func:`decide_held_job`).
@@ -46,6 +50,9 @@ class RetryPolicy:
 
     base_delay: float = 4.0
     lease_wait: float = 20.0
+    # Long enough for an idle gitlab-runner to ask for a job (it asks every 3 seconds by default) and for GitLab
+    # to say so; short enough that a job nobody took still launches without a noticeable wait.
+    idle_grace: int = 5
 
     def backoff_delay(self, attempt: int, rng: random.Random | None = None) -> int:
         """Seconds before attempt ``attempt + 1`` of a failed job: exponential with equal jitter, capped.
@@ -61,6 +68,14 @@ class RetryPolicy:
         """Seconds a job whose pool is full waits before asking again; capacity frees as runners finish."""
         step = min(MAX_DELAY_SECONDS, self.lease_wait * (1 + min(waits, 5)))
         return int(max(1, min(MAX_DELAY_SECONDS, round(step * (0.75 + (rng or random).uniform(0, 0.5))))))
+
+
+def leave_to_idle_runners(waiting: Sequence[tuple[int, bool]], idle: int) -> set[int]:
+    """The jobs (of ``(job id, graced already)``, all pending and matched to one pool) to leave to the pool's
+    ``idle`` runners for a grace: as many as runners are idle, oldest first, since GitLab hands a runner the oldest
+    pending job it may run. A job that had its grace is never deferred again: it launches."""
+    candidates = sorted(job_id for job_id, graced in waiting if not graced)
+    return set(candidates[: max(0, idle)])
 
 
 class HeldJob(str, Enum):

@@ -73,6 +73,31 @@ def hook_key(project_id: int) -> str:
     return f"HOOK#{project_id}"
 
 
+# The sparse global secondary index of idle runners: only a runner record that is idle, with builds left, carries
+# ``idle_pool`` (its pool) and ``idle_since``, so scale-up counts a pool's idle runners with one Query.
+IDLE_RUNNERS_INDEX = "idle-runners"
+
+
+class RunnerState(str, Enum):
+    """Where a runner record is in its life; the Job Hooks' running and finished events move idle and busy."""
+
+    BOOTING = "booting"  # its instance was launched; the runner has not taken a job yet
+    BUSY = "busy"  # running a job
+    IDLE = "idle"  # between jobs, with builds left: it takes the next matching job by itself
+    DONE = "done"  # ran its last build; its instance powers off
+    TERMINATED = "terminated"  # its instance is gone and its lease back in the pool
+
+
+@dataclass(frozen=True)
+class RunnerActivity:
+    """A runner record as a Job Hook's running or finished event left it (only the fields the webhook uses)."""
+
+    instance_id: str
+    pool: str
+    launched_at: float
+    first_job: bool  # this running event is its first job: its boot is over
+
+
 def attribute_value(value: Any) -> dict[str, Any]:
     # DynamoDB numbers are decimals; boto3 refuses floats rather than guess their precision.
     if isinstance(value, float):
@@ -349,6 +374,103 @@ class FleetStore:
             item = exc.response.get("Item")
             return from_item(item) if item else self.get(request["Key"]["pk"]["S"]) or {}
         return None
+
+    def runner_started_job(
+        self, instance_id: str, runner_id: int, project_id: int, job_id: int, at: float
+    ) -> RunnerActivity | None:
+        """A Job Hook says ``runner_id`` (on ``instance_id``) runs the job: the runner is busy, and no longer in the
+        idle index. None when the record is not that runner's, is terminated, or already saw the job finish (hooks
+        arrive in any order)."""
+        job = f"{project_id}:{job_id}"
+        old = self._runner_update(
+            instance_id,
+            "SET #state = :busy, first_job_at = if_not_exists(first_job_at, :at), updated_at = :at "
+            "ADD busy :job REMOVE idle_pool, idle_since",
+            {":busy": {"S": RunnerState.BUSY.value}, ":at": attribute_value(at), ":job": {"SS": [job]}},
+            job,
+            runner_id,
+            "ALL_OLD",
+        )
+        if old is None:
+            return None
+        return RunnerActivity(
+            instance_id=instance_id,
+            pool=str(old.get("pool", "")),
+            launched_at=float(old.get("launched_at", 0)),
+            first_job="first_job_at" not in old,
+        )
+
+    def runner_finished_job(
+        self, instance_id: str, runner_id: int, project_id: int, job_id: int, at: float
+    ) -> RunnerState | None:
+        """A Job Hook says the job ``runner_id`` ran has finished: one build more. A runner with builds left and no
+        other job becomes idle, in the idle index; one at its last build is done. None when the record is not
+        that runner's, is terminated, or counted the job already."""
+        job = f"{project_id}:{job_id}"
+        new = self._runner_update(
+            instance_id,
+            "SET updated_at = :at ADD done :job, builds :one DELETE busy :job",
+            {":at": attribute_value(at), ":job": {"SS": [job]}, ":one": {"N": "1"}},
+            job,
+            runner_id,
+            "ALL_NEW",
+        )
+        if new is None or "busy" in new:
+            return None
+        builds, max_builds = int(new.get("builds", 0)), int(new.get("max_builds", 0))
+        if max_builds and builds >= max_builds:
+            state, update = RunnerState.DONE, "SET #state = :state"
+        else:
+            state, update = RunnerState.IDLE, "SET #state = :state, idle_pool = :pool, idle_since = :at"
+        values: dict[str, Any] = {
+            ":state": {"S": state.value},
+            ":at": attribute_value(at),
+            ":pool": {"S": str(new.get("pool", ""))},
+            ":builds": {"N": str(builds)},
+            ":terminated": {"S": RunnerState.TERMINATED.value},
+        }
+        if state is RunnerState.DONE:
+            del values[":pool"], values[":at"]
+        try:
+            # Only if nothing moved since: no job started on it meanwhile, no other finish counted, not terminated.
+            self._client.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": runner_key(instance_id)}},
+                UpdateExpression=update,
+                ConditionExpression="#state <> :terminated AND attribute_not_exists(busy) AND builds = :builds",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return None
+        return state
+
+    def _runner_update(
+        self, instance_id: str, update: str, values: dict[str, Any], job: str, runner_id: int, returned: str
+    ) -> dict[str, Any] | None:
+        values = {
+            **values,
+            ":rid": attribute_value(runner_id),
+            ":jobid": {"S": job},
+            ":terminated": {"S": RunnerState.TERMINATED.value},
+        }
+        try:
+            answer = self._client.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": runner_key(instance_id)}},
+                UpdateExpression=update,
+                ConditionExpression="gitlab_runner_id = :rid AND #state <> :terminated AND NOT contains(done, :jobid)",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues=values,
+                ReturnValues=returned,
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return None
+        return from_item(answer.get("Attributes", {}))
 
     def record_hook(self, project_id: int, hook_id: int, gitlab_url: str, webhook_url: str) -> HookRecord:
         """Remember the hook that feeds the fleet from ``project_id`` (one per project: a reconnect replaces it)."""

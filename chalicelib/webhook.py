@@ -29,7 +29,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from chalicelib.errors import AuthenticationError, PayloadError, PayloadTooLargeError
 from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
 from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.observability import count, logger
+from chalicelib.naming import described_instance
+from chalicelib.observability import count, logger, seconds
 from chalicelib.secrets import WebhookSecretSource
 from chalicelib.signing import SignedDelivery, token_matches, verify_signature
 from chalicelib.store import EventOutcome, FleetStore, JobEvent
@@ -166,7 +167,40 @@ class WebhookIntake:
             logger.info("webhook ignored", extra={**log, "outcome": outcome.value})
             return WebhookResponse(200, {"ignored": outcome.value})
         logger.info("job status recorded", extra=log)
+        if hook.runner is not None and (status is JobStatus.RUNNING or status.finished):
+            self._runner_activity(hook, event)
         return WebhookResponse(200, {"recorded": status.value})
+
+    def _runner_activity(self, hook: JobHook, event: JobEvent) -> None:
+        """Move one of our runners between busy and idle, and time its pool's job start. Only the runner the hook
+        names on the instance its description names counts (the record's GitLab runner id must match).
+
+        Idle tracking only spares launches, so a failed write is logged, not answered with a 503: GitLab would
+        count that toward disabling the hook, for an event whose job is already recorded.
+        """
+        runner = hook.runner
+        assert runner is not None
+        instance_id = described_instance(runner.description)
+        if instance_id is None:
+            return
+        try:
+            if event.status is JobStatus.RUNNING:
+                started = self._store.runner_started_job(
+                    instance_id, runner.id, event.project_id, event.job_id, event.received_at
+                )
+                if started is None:
+                    return
+                if hook.build_queued_duration is not None:
+                    seconds("QueueWaitSeconds", hook.build_queued_duration, started.pool)
+                if started.first_job and started.launched_at:
+                    seconds("BootSeconds", max(0.0, event.received_at - started.launched_at), started.pool)
+            else:
+                self._store.runner_finished_job(
+                    instance_id, runner.id, event.project_id, event.job_id, event.received_at
+                )
+        except (ClientError, BotoCoreError):
+            logger.exception("runner activity not recorded", extra={"instance_id": instance_id, "job_id": event.job_id})
+            count("RunnerActivityNotRecorded")
 
     def _enqueue(self, event: JobEvent, key: str, claim: str) -> None:
         """Send the job's message, then mark its record queued. A failed send propagates (503) and leaves the

@@ -31,6 +31,7 @@ from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
 from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
+from chalicelib.store import IDLE_RUNNERS_INDEX
 from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
 
@@ -74,6 +75,21 @@ class PlanRefusedError(RunnerFleetError):
     def __init__(self, invalid: list[Change]) -> None:
         self.invalid = invalid
         super().__init__("; ".join(change.describe() for change in invalid))
+
+
+# Scale-up counts a pool's idle runners in this sparse index: only idle runner records carry idle_pool.
+_IDLE_INDEX_ATTRIBUTES = (
+    {"AttributeName": "idle_pool", "AttributeType": "S"},
+    {"AttributeName": "idle_since", "AttributeType": "N"},
+)
+_IDLE_INDEX: dict[str, Any] = {
+    "IndexName": IDLE_RUNNERS_INDEX,
+    "KeySchema": [
+        {"AttributeName": "idle_pool", "KeyType": "HASH"},
+        {"AttributeName": "idle_since", "KeyType": "RANGE"},
+    ],
+    "Projection": {"ProjectionType": "KEYS_ONLY"},
+}
 
 
 def generate_webhook_token() -> str:
@@ -148,10 +164,20 @@ class Bootstrapper:
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
-            return Change("table", name, Verb.CREATE, "on-demand, encrypted, TTL on ttl")
+            return Change("table", name, Verb.CREATE, f"on-demand, encrypted, TTL on ttl, index {IDLE_RUNNERS_INDEX}")
+        table = self._aws.dynamodb.describe_table(TableName=name)["Table"]
+        missing = []
+        if IDLE_RUNNERS_INDEX not in {i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])}:
+            missing.append(f"add index {IDLE_RUNNERS_INDEX}")
         ttl = self._aws.dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
-            return Change("table", name, Verb.UPDATE, "enable TTL on ttl")
+            missing.append("enable TTL on ttl")
+        if missing:
+            params = {
+                "add_index": f"add index {IDLE_RUNNERS_INDEX}" in missing,
+                "enable_ttl": "enable TTL on ttl" in missing,
+            }
+            return Change("table", name, Verb.UPDATE, ", ".join(missing), params)
         return Change("table", name, Verb.KEEP)
 
     def _apply_table(self, change: Change) -> None:
@@ -159,16 +185,24 @@ class Bootstrapper:
         if change.verb is Verb.CREATE:
             ddb.create_table(
                 TableName=change.name,
-                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, *_IDLE_INDEX_ATTRIBUTES],
                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                GlobalSecondaryIndexes=[_IDLE_INDEX],
                 BillingMode="PAY_PER_REQUEST",
                 SSESpecification={"Enabled": True},
                 Tags=[{"Key": k, "Value": v} for k, v in self._tags().items()],
             )
             ddb.get_waiter("table_exists").wait(TableName=change.name, WaiterConfig={"Delay": 1})
-        ddb.update_time_to_live(
-            TableName=change.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
-        )
+        elif change.params.get("add_index"):
+            ddb.update_table(
+                TableName=change.name,
+                AttributeDefinitions=list(_IDLE_INDEX_ATTRIBUTES),
+                GlobalSecondaryIndexUpdates=[{"Create": _IDLE_INDEX}],
+            )
+        if change.verb is Verb.CREATE or change.params.get("enable_ttl"):
+            ddb.update_time_to_live(
+                TableName=change.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
+            )
 
     # -- SQS ------------------------------------------------------------------------------------------------
 

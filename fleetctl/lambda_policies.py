@@ -23,7 +23,7 @@ from typing import Any
 
 from chalicelib.config import FleetConfig
 from chalicelib.naming import FLEET_TAG, instance_profile_name
-from chalicelib.store import job_key, launch_key, pool_key, runner_key, token_key
+from chalicelib.store import IDLE_RUNNERS_INDEX, job_key, launch_key, pool_key, runner_key, token_key
 
 POLICY_VERSION = "2012-10-17"
 CHALICE_DIR = Path(__file__).resolve().parents[1] / ".chalice"
@@ -150,6 +150,13 @@ def webhook_grants(config: FleetConfig) -> list[Grant]:
         ),
         # A pending job goes to scale-up through the jobs queue; the URL is resolved from the name once.
         Grant("QueuePendingJobs", ("sqs:GetQueueUrl", "sqs:SendMessage"), (_queue_arn(config.state.jobs_queue),)),
+        # A running or finished job moves its runner's record between busy and idle (conditional UpdateItems).
+        Grant(
+            "TrackRunnerActivity",
+            ("dynamodb:UpdateItem",),
+            (_table_arn(config),),
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [_key_pattern(runner_key)]}},
+        ),
     ]
 
 
@@ -199,6 +206,8 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
                 }
             },
         ),
+        # A pool's idle runners are counted in the table's sparse index (keys only) before launching for a job.
+        Grant("CountIdleRunners", ("dynamodb:Query",), (f"{_table_arn(config)}/index/{IDLE_RUNNERS_INDEX}",)),
         # The GitLab API token that creates runners.
         Grant("ReadGitLabToken", ("ssm:GetParameter",), (_parameter_arn(config.gitlab.token_parameter),)),
         # Each instance's runner token, handed over in its own item (chalicelib/runner_tokens.py); deleted again

@@ -188,6 +188,10 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     ddb, sqs, ssm = clients.dynamodb, clients.sqs, clients.ssm
     table = ddb.describe_table(TableName="bootstrap-test")["Table"]
     assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    # the sparse index scale-up counts a pool's idle runners in
+    [index] = table["GlobalSecondaryIndexes"]
+    assert index["IndexName"] == "idle-runners"
+    assert [k["AttributeName"] for k in index["KeySchema"]] == ["idle_pool", "idle_since"]
     ttl = ddb.describe_time_to_live(TableName="bootstrap-test")["TimeToLiveDescription"]
     assert ttl["AttributeName"] == "ttl"
     dlq_url = sqs.get_queue_url(QueueName="bootstrap-test-jobs-dlq")["QueueUrl"]
@@ -241,7 +245,7 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
         assert "KeyName" not in data
         # user data: the pool's settings for the AMI's boot script, and never a secret
         user_data = base64.b64decode(data["UserData"]).decode()
-        assert user_data.startswith("#!/bin/bash")
+        assert user_data.startswith("#cloud-config\n")
         assert f"RUNNER_FLEET_POOL={pool.name}" in user_data
         assert f"RUNNER_MAX_BUILDS={pool.max_builds}" in user_data
         assert f".dkr.ecr.us-east-1.amazonaws.com/{pool.image.repository}:{pool.image.tag}" in user_data
@@ -691,3 +695,33 @@ def test_policy_has_no_wildcard_action_and_nothing_on_ec2() -> None:
     assert not [action for action in actions if action.startswith(("ec2:", "iam:", "sts:"))]
     # "*" as a resource only where AWS offers no resource-level permission.
     assert [s["Sid"] for s in policy["Statement"] if "*" in _as_list(s["Resource"])] == ["EcrLogin"]
+
+
+def test_a_table_made_before_the_idle_index_gets_it_and_keeps_its_items(
+    clients: AwsClients, config: FleetConfig
+) -> None:
+    # given a fleet table as an earlier bootstrap made it: no index, TTL on, one item in it
+    ddb = clients.dynamodb
+    ddb.create_table(
+        TableName=config.state.table,
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    ddb.update_time_to_live(
+        TableName=config.state.table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
+    )
+    ddb.put_item(TableName=config.state.table, Item={"pk": {"S": "POOL#docker"}, "leases": {"N": "2"}})
+
+    # when bootstrap runs
+    plan = run(config, clients)
+
+    # then the table is updated with the index alone, and nothing in it is lost
+    assert by_name(plan)[config.state.table].describe() == (
+        f"update   table      {config.state.table} (add index idle-runners)"
+    )
+    indexes = ddb.describe_table(TableName=config.state.table)["Table"]["GlobalSecondaryIndexes"]
+    assert [i["IndexName"] for i in indexes] == ["idle-runners"]
+    assert ddb.get_item(TableName=config.state.table, Key={"pk": {"S": "POOL#docker"}})["Item"]["leases"] == {"N": "2"}
+    # and a second run keeps it
+    assert by_name(run(config, clients))[config.state.table].verb is Verb.KEEP

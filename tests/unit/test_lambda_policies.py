@@ -161,12 +161,14 @@ def test_validate_reports_a_missing_policy_file(project: Path) -> None:
 # ---- what the statements allow -----------------------------------------------------------------------------
 
 
-def test_webhook_writes_only_job_items(dev: FleetConfig) -> None:
+def test_webhook_writes_only_job_items_and_runner_records(dev: FleetConfig) -> None:
     table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
     webhook = LambdaFunction.WEBHOOK
     assert allowed(dev, webhook, "dynamodb:UpdateItem", table, **{"dynamodb:LeadingKeys": ["JOB#7:9"]})
-    # a pool counter, a runner record, a launch: refused
-    for key in ("POOL#docker", "RUNNER#i-0123", "LAUNCH#x"):
+    # a runner record moves between busy and idle with its jobs
+    assert allowed(dev, webhook, "dynamodb:UpdateItem", table, **{"dynamodb:LeadingKeys": ["RUNNER#i-0123"]})
+    # a pool counter, a launch, a token: refused
+    for key in ("POOL#docker", "LAUNCH#x", "TOKEN#AROAEXAMPLEROLEID0001:i-0123"):
         assert not allowed(dev, webhook, "dynamodb:UpdateItem", table, **{"dynamodb:LeadingKeys": [key]})
     # and nothing but UpdateItem and GetItem
     for action in ("dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Scan"):

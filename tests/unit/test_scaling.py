@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from chalicelib.config import PoolConfig, parse_config
-from chalicelib.scaling import MAX_DELAY_SECONDS, RetryPolicy, can_take, match_pool
+from chalicelib.scaling import MAX_DELAY_SECONDS, RetryPolicy, can_take, leave_to_idle_runners, match_pool
 
 SUBNET = "subnet-0123456789abcdef0"
 SG = "sg-0123456789abcdef0"
@@ -100,3 +100,25 @@ def test_lease_waits_stretch_but_stay_bounded() -> None:
     later = [policy.lease_wait_delay(10, rng) for _ in range(100)]
     assert min(first) >= 15 and max(first) <= 25
     assert min(later) >= 90 and max(later) <= 150
+
+
+# -- leaving jobs to idle runners -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("waiting", "idle", "deferred"),
+    [
+        ([], 3, set()),  # nothing waits
+        ([(5, False), (3, False)], 0, set()),  # no idle runner: every job launches
+        ([(5, False), (3, False), (9, False)], 1, {3}),  # one idle runner takes the oldest job
+        ([(5, False), (3, False)], 2, {3, 5}),
+        ([(5, False), (3, False)], 7, {3, 5}),  # more idle runners than jobs
+        ([(3, True), (5, False)], 2, {5}),  # a job that had its grace launches now
+        ([(3, True), (5, True)], 2, set()),
+        ([(5, False)], -1, set()),
+    ],
+)
+def test_jobs_are_left_to_idle_runners_oldest_first_once(
+    waiting: list[tuple[int, bool]], idle: int, deferred: set[int]
+) -> None:
+    assert leave_to_idle_runners(waiting, idle) == deferred
