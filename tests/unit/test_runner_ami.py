@@ -278,7 +278,7 @@ def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def _boot(tmp_path: Path, *, boot_deadline_seconds: int = 60, **world: Any) -> Boot:
+def _boot(tmp_path: Path, *, boot_deadline_seconds: int = 60, settings_appended: str = "", **world: Any) -> Boot:
     config = load_config(DEV)
     pool = config.pool("docker")
     # Past validation (at least 60 s): the deadline tests wait for it.
@@ -293,6 +293,8 @@ def _boot(tmp_path: Path, *, boot_deadline_seconds: int = 60, **world: Any) -> B
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(entry["content"])
         target.chmod(int(entry["permissions"], 8))
+    with _on_instance(root, "/etc/runner-fleet/runner.env").open("a") as settings:
+        settings.write(settings_appended)
     # the item scale-up wrote for this instance's role session; the fake STS may answer another caller (user_id)
     key = token_key(boot_fakes.USER_ID)
     boot_fakes.install(
@@ -465,6 +467,13 @@ def test_a_caller_that_is_not_this_instances_role_session_powers_off(tmp_path: P
     boot = _boot(tmp_path, user_id="AIDAEXAMPLEUSERID1234")
     _failed_before_running(boot)
     assert boot.aws("get-item") == []
+
+
+def test_a_setting_that_is_not_a_number_powers_off(tmp_path: Path) -> None:
+    boot = _boot(tmp_path, settings_appended="RUNNER_BOOT_DEADLINE_SECONDS=soon\n")
+    _failed_before_running(boot)
+    assert boot.commands("curl") == []
+    assert "step: 3 settings" in boot.stderr
 
 
 def test_a_settings_file_without_a_lifetime_powers_off_before_anything_else(tmp_path: Path) -> None:
