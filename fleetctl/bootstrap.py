@@ -10,14 +10,15 @@ profile (policy in ``fleetctl/iam_policies.py``), the EC2 Spot service-linked ro
 
 Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
 every launch fail (:func:`chalicelib.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
-changed.
+changed. So is a plan with a pool whose AMI cannot boot on all its instance types (:func:`pool_images`): each
+pool's template boots the runner AMI published for the architecture its types share (``fleetctl.ami``), or the
+pool's own ``ami`` when it names one, and names the pool's CI image by the digest ECR has for its tag.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,14 @@ from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
 from chalicelib.store import IDLE_RUNNERS_INDEX
 from chalicelib.userdata import image_reference, render_user_data
+from fleetctl.ami import (
+    AMI_ID,
+    ImageFacts,
+    ami_parameter_name,
+    describe_image,
+    instance_type_architectures,
+    pool_architecture,
+)
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
 
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600
@@ -44,7 +53,6 @@ CACHE_LIFECYCLE_RULE_ID = "runner-fleet-cache-expiry"
 SPOT_SERVICE = "spot.amazonaws.com"
 SPOT_ROLE_NAME = "AWSServiceRoleForEC2Spot"
 SPOT_ROLE_PATH = f"/aws-service-role/{SPOT_SERVICE}/"
-_AMI_ID = re.compile(r"ami-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 
 
 class Verb(str, Enum):
@@ -120,12 +128,17 @@ class Bootstrapper:
         self._gitlab_token = gitlab_token
         self._token_factory = token_factory
         self._registry_host: str | None = None
-        self._root_devices: dict[str, str | None] = {}
 
     def plan(self) -> list[Change]:
         state = self._config.state
+        images = pool_images(self._config, self._aws)
         return [
             *self._plan_subnets(),
+            *[
+                Change("arch", image.problem.field, Verb.INVALID, image.problem.detail)
+                for image in images
+                if image.problem is not None and image.problem.verb is Verb.INVALID
+            ],
             self._plan_table(state.table),
             self._plan_queue(state.dead_letter_queue, self._dlq_attributes()),
             self._plan_queue(state.jobs_queue, {"VisibilityTimeout": str(JOBS_VISIBILITY_TIMEOUT_SECONDS)}),
@@ -134,7 +147,7 @@ class Bootstrapper:
             self._plan_role_policy(),
             self._plan_profile(),
             self._plan_spot_role(),
-            *self._plan_templates(),
+            *self._plan_templates(images),
             self._plan_bucket(),
         ]
 
@@ -383,52 +396,47 @@ class Bootstrapper:
 
     # -- EC2 launch templates, one per pool ----------------------------------------------------------------
 
-    def _plan_templates(self) -> list[Change]:
-        parameter = self._config.ami_parameter
-        from_parameter: str | None = None
-        problem = ""
-        if any(pool.ami is None for pool in self._config.pools):
-            value = self._current_value(parameter)
-            if value is None:
-                problem = f"no AMI: put the runner AMI id in SSM parameter {parameter} and re-run"
-            elif not _AMI_ID.fullmatch(value.strip()):
-                problem = f"no AMI: SSM parameter {parameter} holds {value.strip()[:40]!r}, not an AMI id"
-            else:
-                from_parameter = value.strip()
+    def _plan_templates(self, images: list[PoolImage]) -> list[Change]:
         changes = []
-        for pool in self._config.pools:
-            name = launch_template_name(self._config.fleet, pool.name)
-            image_id = pool.ami or from_parameter
-            if image_id is None:
-                changes.append(Change("template", name, Verb.MISSING, problem))
+        for image in images:
+            name = launch_template_name(self._config.fleet, image.pool.name)
+            if image.problem is not None:
+                # An invalid pool is listed with the checks at the top of the plan; the plan will not run.
+                if image.problem.verb is Verb.MISSING:
+                    changes.append(Change("template", name, Verb.MISSING, image.problem.detail))
                 continue
-            root_device = self._root_device(image_id)
-            if root_device is None:
-                region = self._aws.ec2.meta.region_name
-                changes.append(Change("template", name, Verb.MISSING, f"no AMI: {image_id} not found in {region}"))
-            else:
-                changes.append(self._plan_template(name, self._template_data(pool, image_id, root_device)))
+            assert image.facts is not None
+            reference, note = self._pinned_image(image.pool)
+            data = self._template_data(image.pool, image.facts.image_id, image.facts.root_device, reference)
+            changes.append(self._plan_template(name, data, image.facts.architecture, note))
         return changes
 
-    def _root_device(self, image_id: str) -> str | None:
-        """The AMI's root device name (``/dev/xvda`` on Amazon Linux, ``/dev/sda1`` on Ubuntu), None when the
-        region has no such AMI. The template sizes the root volume under this name; under any other name EC2
-        would attach a second, empty volume and leave the root at the AMI's size."""
-        if image_id not in self._root_devices:
-            try:
-                images = self._aws.ec2.describe_images(ImageIds=[image_id])["Images"]
-            except ClientError as exc:
-                if error_code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
-                    raise
-                images = []
-            self._root_devices[image_id] = str(images[0]["RootDeviceName"]) if images else None
-        return self._root_devices[image_id]
+    def _pinned_image(self, pool: PoolConfig) -> tuple[str, str]:
+        """The pool's CI image reference for user data, pinned to the digest ECR has for the tag when it has one,
+        and what the plan says about it."""
+        repository, tag = pool.image.repository, pool.image.tag
+        try:
+            found = self._aws.client("ecr").describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])[
+                "imageDetails"
+            ]
+        except ClientError as exc:
+            code = error_code(exc)
+            if code == "RepositoryNotFoundException":
+                unpinned = f"image {repository}:{tag}, not pinned: no repository {repository} in ECR"
+                return image_reference(pool, self._registry()), unpinned
+            if code != "ImageNotFoundException":
+                raise
+            found = []
+        if not found:
+            return image_reference(pool, self._registry()), f"image {repository}:{tag}, not pinned: no such tag in ECR"
+        digest = str(found[0]["imageDigest"])
+        return image_reference(pool, self._registry(), digest), f"image {repository}@{digest} (tag {tag})"
 
-    def _template_data(self, pool: PoolConfig, image_id: str, root_device: str) -> dict[str, Any]:
+    def _template_data(self, pool: PoolConfig, image_id: str, root_device: str, image: str) -> dict[str, Any]:
         tags = [{"Key": FLEET_TAG, "Value": self._config.fleet}, {"Key": POOL_TAG, "Value": pool.name}]
         # User data is the pool's settings only (no secret, nothing per launch: CreateFleet cannot override it).
         # No KeyName: nobody logs in to a runner.
-        user_data = render_user_data(self._config, pool, image_reference(pool, self._registry()))
+        user_data = render_user_data(self._config, pool, image)
         return {
             "ImageId": image_id,
             "UserData": base64.b64encode(user_data.encode()).decode("ascii"),
@@ -467,7 +475,7 @@ class Bootstrapper:
             self._registry_host = f"{account}.dkr.ecr.{region}.amazonaws.com"
         return self._registry_host
 
-    def _plan_template(self, name: str, data: dict[str, Any]) -> Change:
+    def _plan_template(self, name: str, data: dict[str, Any], architecture: str, image_note: str) -> Change:
         ec2 = self._aws.ec2
         image_id = data["ImageId"]
         try:
@@ -475,7 +483,9 @@ class Bootstrapper:
         except ClientError as exc:
             if error_code(exc) != "InvalidLaunchTemplateName.NotFoundException":
                 raise
-            return Change("template", name, Verb.CREATE, f"{image_id}, 1 version", {"data": data})
+            return Change(
+                "template", name, Verb.CREATE, f"{image_id} ({architecture}), 1 version; {image_note}", {"data": data}
+            )
         default = int(found["DefaultVersionNumber"])
         # Always an explicit version number: a template updated by an earlier bootstrap has several versions, and
         # moto answers $Latest with HTTP 500 once it has more than one.
@@ -491,12 +501,12 @@ class Bootstrapper:
                 "template",
                 name,
                 Verb.UPDATE,
-                f"new default version {version}: " + ", ".join(drift),
+                f"new default version {version}: " + ", ".join(drift) + f"; {image_note}",
                 {"data": data, "id": found["LaunchTemplateId"]},
             )
         if not self._template_tagged(found["LaunchTemplateId"]):
             return Change("template", name, Verb.UPDATE, f"tag {FLEET_TAG}", {"id": found["LaunchTemplateId"]})
-        return Change("template", name, Verb.KEEP, f"{image_id}, version {default}")
+        return Change("template", name, Verb.KEEP, f"{image_id} ({architecture}), version {default}; {image_note}")
 
     def _template_tagged(self, template_id: str) -> bool:
         # Scale-up may launch only from templates carrying the fleet's tag (fleetctl/lambda_policies.py).
@@ -671,6 +681,84 @@ def subnet_problems(config: FleetConfig, ec2: Any) -> list[SubnetProblem]:
     return problems
 
 
+@dataclass(frozen=True)
+class PoolProblem:
+    field: str  # the pool's field at fault, as config errors name it: pools[0](docker).instance_types
+    verb: Verb  # INVALID: no launch of the pool could boot; MISSING: the AMI is not in the region (yet)
+    detail: str
+
+
+@dataclass(frozen=True)
+class PoolImage:
+    """The AMI a pool's launch template boots, or the problem that leaves the pool without one."""
+
+    pool: PoolConfig
+    facts: ImageFacts | None = None
+    problem: PoolProblem | None = None
+
+
+def pool_images(config: FleetConfig, clients: AwsClients) -> list[PoolImage]:
+    """Each pool's AMI: its own ``ami``, else the runner AMI published for the architecture its instance types
+    share (``<ami_parameter>/<arch>``), checked with EC2: the types' architectures come from one paginated
+    DescribeInstanceTypes for every pool, the image's from DescribeImages.
+
+    A pool whose types share no architecture or are unknown in the region, whose AMI has another architecture
+    than its types, or that has no ``ami`` and no published AMI for its architecture is INVALID; an AMI the
+    region does not have is MISSING, as a subnet is."""
+    ec2 = clients.ec2
+    region = ec2.meta.region_name
+    supported = instance_type_architectures(ec2, [name for pool in config.pools for name in pool.instance_types])
+    parameters: dict[str, str | None] = {}
+    images: dict[str, ImageFacts | None] = {}
+    resolved = []
+    for index, pool in enumerate(config.pools):
+        at = f"pools[{index}]({pool.name})"
+        decided = pool_architecture(pool.instance_types, supported)
+        if decided.architecture is None:
+            resolved.append(PoolImage(pool, problem=PoolProblem(f"{at}.instance_types", Verb.INVALID, decided.problem)))
+            continue
+        if pool.ami is not None:
+            image_id, source = pool.ami, ""
+        else:
+            parameter = ami_parameter_name(config.ami_parameter, decided.architecture)
+            if parameter not in parameters:
+                parameters[parameter] = _parameter_text(clients.ssm, parameter)
+            value = parameters[parameter]
+            if value is None or not AMI_ID.fullmatch(value):
+                found = "does not exist" if value is None else f"holds {value[:40]!r}, not an AMI id"
+                detail = (
+                    f"no AMI: the pool's instance types are {decided.architecture} and SSM parameter {parameter} "
+                    f"{found}: publish the runner AMI with 'fleetctl ami publish', or set the pool's ami"
+                )
+                resolved.append(PoolImage(pool, problem=PoolProblem(f"{at}.ami", Verb.INVALID, detail)))
+                continue
+            image_id, source = value, f" (from {parameter})"
+        if image_id not in images:
+            images[image_id] = describe_image(ec2, image_id)
+        facts = images[image_id]
+        if facts is None:
+            detail = f"no AMI: {image_id}{source} not found in {region}"
+            resolved.append(PoolImage(pool, problem=PoolProblem(f"{at}.ami", Verb.MISSING, detail)))
+        elif facts.architecture not in decided.candidates:
+            detail = (
+                f"{image_id}{source} is an {facts.architecture or 'unknown'} image; the instance types "
+                f"({', '.join(pool.instance_types)}) run {' or '.join(decided.candidates)}"
+            )
+            resolved.append(PoolImage(pool, problem=PoolProblem(f"{at}.ami", Verb.INVALID, detail)))
+        else:
+            resolved.append(PoolImage(pool, facts=facts))
+    return resolved
+
+
+def _parameter_text(ssm: Any, name: str) -> str | None:
+    try:
+        return str(ssm.get_parameter(Name=name)["Parameter"]["Value"]).strip()
+    except ClientError as exc:
+        if error_code(exc) != "ParameterNotFound":
+            raise
+        return None
+
+
 def spot_role_exists(iam: Any) -> bool:
     """Whether the account has EC2 Spot's service-linked role, found by its service path (moto names the role
     differently from AWS)."""
@@ -683,6 +771,11 @@ def account_problems(config: FleetConfig, clients: AwsClients) -> list[str]:
     problems = [
         f"pools[{index[problem.pool]}]({problem.pool}).subnets: {problem.detail}"
         for problem in subnet_problems(config, clients.ec2)
+    ]
+    problems += [
+        f"{image.problem.field}: {image.problem.detail}"
+        for image in pool_images(config, clients)
+        if image.problem is not None
     ]
     spot_pools = [pool.name for pool in config.pools if pool.market is Market.SPOT]
     if spot_pools and not spot_role_exists(clients.client("iam")):

@@ -1,4 +1,4 @@
-"""The ``fleetctl`` command line: validate, policies, bootstrap, gitlab connect, status, sandbox."""
+"""The ``fleetctl`` command line: validate, policies, bootstrap, ami publish, gitlab connect, status, sandbox."""
 
 from __future__ import annotations
 
@@ -200,6 +200,56 @@ def bootstrap(config_path: Path, dry_run: bool) -> None:
         raise click.ClickException(f"{len(invalid)} invalid change(s) in the plan; nothing was changed")
     if not dry_run:
         bootstrapper.execute(plan)
+
+
+@main.group()
+def ami() -> None:
+    """Runner AMIs: one per architecture, built with runner_ami/'s Packer template."""
+
+
+@ami.command("publish")
+@click.argument("manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--stage",
+    default=None,
+    help="Stage whose ami_parameter to write, its file found through .chalice/config.json (or use --config).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="RUNNER_FLEET_CONFIG",
+    default=None,
+    help="Stage configuration file, instead of --stage. Defaults to $RUNNER_FLEET_CONFIG.",
+)
+def ami_publish(manifest: Path, stage: str | None, config_path: Path | None) -> None:
+    """Publish the AMIs of Packer's MANIFEST (manifest.json) to <ami_parameter>/<arch> of the stage.
+
+    Each build's custom_data.arch names its architecture; its AMI in the stage's region must exist in EC2 with
+    that architecture, or nothing is written. Bootstrap then gives each pool the AMI of its instance types'
+    architecture."""
+    from fleetctl.ami import ManifestError, built_amis, parse_manifest, publish_amis
+
+    if stage is not None:
+        from fleetctl.lambda_policies import CHALICE_CONFIG, chalice_stages, stage_config_path
+
+        stages = chalice_stages(CHALICE_CONFIG)
+        if stage not in stages:
+            raise click.BadParameter(f"{stage!r} is not a stage of {CHALICE_CONFIG}: {', '.join(sorted(stages))}")
+        config_path = stage_config_path(CHALICE_CONFIG, stage)
+    if config_path is None:
+        raise click.UsageError("name the stage: --stage S, --config FILE or $RUNNER_FLEET_CONFIG")
+    config = _load(config_path)
+    clients = _clients(config)
+    try:
+        amis = built_amis(
+            parse_manifest(manifest.read_text(), str(manifest)), clients.ec2.meta.region_name, str(manifest)
+        )
+        published = publish_amis(config, clients, amis, str(manifest))
+    except ManifestError as exc:
+        raise click.ClickException(f"{exc}; nothing was published") from None
+    for publication in published:
+        click.echo(publication.describe())
 
 
 @main.group()

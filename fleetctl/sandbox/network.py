@@ -1,9 +1,10 @@
-"""A network and a runner AMI for the sandbox, made in moto, so the stage config can name real ids.
+"""A network and runner AMIs for the sandbox, made in moto, so the stage config can name real ids.
 
 The shipped stage files name placeholder subnets and security groups. Launch templates and CreateFleet work on
 ids that exist, so the sandbox (and the tests) create a VPC, one subnet per availability zone and an
-egress-only security group, register a stand-in runner AMI under the config's ``ami_parameter``, and rewrite
-the config to use them. moto's ids fit the config's id rules (17 hex digits).
+egress-only security group, register a stand-in runner AMI of each architecture under the config's
+``ami_parameter`` (``<ami_parameter>/x86_64`` and ``<ami_parameter>/arm64``), and rewrite the config to use
+them. moto's ids fit the config's id rules (17 hex digits).
 """
 
 from __future__ import annotations
@@ -59,34 +60,44 @@ def create_sandbox_network(ec2_client: Any, *, subnets: int = 2) -> SandboxNetwo
     return SandboxNetwork(vpc_id=vpc_id, subnet_ids=subnet_ids, security_group_id=group_id)
 
 
-def register_sandbox_ami(ssm_client: Any, ec2_client: Any, parameter_name: str) -> str:
-    """Registers the account's own stand-in runner AMI (once) and stores its id in ``parameter_name``.
+def register_sandbox_amis(ssm_client: Any, ec2_client: Any, ami_parameter: str) -> dict[str, str]:
+    """Registers the account's own stand-in runner AMI of each architecture (once) and publishes its id where
+    ``fleetctl ami publish`` would: ``<ami_parameter>/<arch>``. Returns the image id of each architecture.
 
-    An EBS-backed x86_64 image whose root device is ``/dev/sda1`` (see ``SANDBOX_ROOT_DEVICE``), made as an image
-    is registered in AWS: from a snapshot of a root volume. Returns the image id.
+    EBS-backed images whose root device is ``/dev/sda1`` (see ``SANDBOX_ROOT_DEVICE``), made as an image is
+    registered in AWS: from a snapshot of a root volume.
     """
-    found = ec2_client.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [SANDBOX_AMI_NAME]}])
-    image_id = str(found["Images"][0]["ImageId"]) if found["Images"] else _register_image(ec2_client)
-    ssm_client.put_parameter(
-        Name=parameter_name,
-        Value=image_id,
-        Type="String",
-        Overwrite=True,
-        Description="runner-fleet sandbox: stand-in runner AMI",
-    )
-    return image_id
+    from fleetctl.ami import AMI_DATA_TYPE, ARCHITECTURES, ami_parameter_name
+
+    published = {}
+    for architecture in ARCHITECTURES:
+        name = f"{SANDBOX_AMI_NAME}-{architecture}"
+        found = ec2_client.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])
+        image_id = (
+            str(found["Images"][0]["ImageId"]) if found["Images"] else _register_image(ec2_client, name, architecture)
+        )
+        ssm_client.put_parameter(
+            Name=ami_parameter_name(ami_parameter, architecture),
+            Value=image_id,
+            Type="String",
+            DataType=AMI_DATA_TYPE,
+            Overwrite=True,
+            Description=f"runner-fleet sandbox: stand-in {architecture} runner AMI",
+        )
+        published[architecture] = image_id
+    return published
 
 
-def _register_image(ec2_client: Any) -> str:
+def _register_image(ec2_client: Any, name: str, architecture: str) -> str:
     zone = ec2_client.describe_availability_zones()["AvailabilityZones"][0]["ZoneName"]
     volume = ec2_client.create_volume(AvailabilityZone=zone, Size=SANDBOX_ROOT_GIB, VolumeType="gp3")["VolumeId"]
-    snapshot = ec2_client.create_snapshot(VolumeId=volume, Description=f"{SANDBOX_AMI_NAME} root")["SnapshotId"]
+    snapshot = ec2_client.create_snapshot(VolumeId=volume, Description=f"{name} root")["SnapshotId"]
     ec2_client.delete_volume(VolumeId=volume)
     return str(
         ec2_client.register_image(
-            Name=SANDBOX_AMI_NAME,
-            Description="runner-fleet sandbox: stand-in runner AMI",
-            Architecture="x86_64",
+            Name=name,
+            Description=f"runner-fleet sandbox: stand-in {architecture} runner AMI",
+            Architecture=architecture,
             VirtualizationType="hvm",
             EnaSupport=True,
             RootDeviceName=SANDBOX_ROOT_DEVICE,

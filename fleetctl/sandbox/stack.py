@@ -216,7 +216,7 @@ class Sandbox:
         """What an AWS account would already have (a VPC, an AMI), the stage config pointing at it, a bootstrap."""
         from chalicelib import runtime
         from chalicelib.aws import AwsClients
-        from fleetctl.sandbox.network import create_sandbox_network, register_sandbox_ami
+        from fleetctl.sandbox.network import create_sandbox_network, register_sandbox_amis
 
         clients = AwsClients(region=SANDBOX_REGION)
         network = create_sandbox_network(clients.ec2)
@@ -226,7 +226,7 @@ class Sandbox:
         # What .chalice/config.json sets for a deployed stage, from the same stage file.
         os.environ.update(settings_environment(self.config))
         runtime.reset()
-        register_sandbox_ami(clients.ssm, clients.ec2, self.config.ami_parameter)
+        register_sandbox_amis(clients.ssm, clients.ec2, self.config.ami_parameter)
         self.bootstrap()
 
     def _write_stage_config(self, subnets: tuple[str, ...], security_group: str) -> Path:

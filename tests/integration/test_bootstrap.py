@@ -24,10 +24,17 @@ from chalicelib.naming import (
 from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, PlanRefusedError, Verb
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, runner_instance_policy
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
-from fleetctl.sandbox.network import SANDBOX_ROOT_DEVICE, SandboxNetwork, create_sandbox_network, register_sandbox_ami
+from fleetctl.sandbox.network import (
+    SANDBOX_ROOT_DEVICE,
+    SandboxNetwork,
+    create_sandbox_network,
+    register_sandbox_amis,
+)
 
 FLEET = "bootstrap-test"
 AMI_PARAMETER = "/runner-fleet/test/runner-ami"
+X86_PARAMETER = f"{AMI_PARAMETER}/x86_64"
+ARM_PARAMETER = f"{AMI_PARAMETER}/arm64"
 CACHE_BUCKET = "bootstrap-test-cache"
 WEBHOOK_TOKEN = "webhook-token-value-0123456789abcdef"
 SIGNING_SECRET = "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWUtMDEyMzQ1Njc4OQ=="
@@ -91,8 +98,14 @@ def network(clients: AwsClients) -> SandboxNetwork:
 
 
 @pytest.fixture
-def ami(clients: AwsClients) -> str:
-    return register_sandbox_ami(clients.ssm, clients.ec2, AMI_PARAMETER)
+def amis(clients: AwsClients) -> dict[str, str]:
+    return register_sandbox_amis(clients.ssm, clients.ec2, AMI_PARAMETER)
+
+
+@pytest.fixture
+def ami(amis: dict[str, str]) -> str:
+    """The x86_64 runner AMI: the test config's pools run Intel types."""
+    return amis["x86_64"]
 
 
 @pytest.fixture
@@ -155,8 +168,8 @@ def test_sandbox_network_ids_pass_config_validation(clients: AwsClients, network
     assert {subnet["VpcId"] for subnet in subnets} == {network.vpc_id}
     assert group["IpPermissions"] == []
     assert group["IpPermissionsEgress"]
-    stored = clients.ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]
-    assert (stored["Type"], stored["Value"]) == ("String", ami)
+    stored = clients.ssm.get_parameter(Name=X86_PARAMETER)["Parameter"]
+    assert (stored["Type"], stored["DataType"], stored["Value"]) == ("String", "aws:ec2:image", ami)
 
 
 # ---- first run, second run --------------------------------------------------------------------------------
@@ -182,7 +195,10 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
         ("bucket", Verb.CREATE),
     ]
     docker = launch_template_name(FLEET, "docker")
-    assert by_name(plan)[docker].describe() == f"create   template   {docker} ({ami}, 1 version)"
+    assert by_name(plan)[docker].describe() == (
+        f"create   template   {docker} ({ami} (x86_64), 1 version; "
+        "image ci/build-base:latest, not pinned: no repository ci/build-base in ECR)"
+    )
 
     # the state side
     ddb, sqs, ssm = clients.dynamodb, clients.sqs, clients.ssm
@@ -352,7 +368,10 @@ def test_changed_disk_size_makes_a_new_default_version(
 
     # then only the build template changed, to a new default version; the old version stays for rollback
     changed = [change.describe() for change in plan if change.verb is not Verb.KEEP]
-    assert changed == [f"update   template   {build} (new default version 2: BlockDeviceMappings)"]
+    assert changed == [
+        f"update   template   {build} (new default version 2: BlockDeviceMappings; "
+        "image ci/dind:latest, not pinned: no repository ci/dind in ECR)"
+    ]
     assert default_template_data(clients, build)["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 120
     found = clients.ec2.describe_launch_templates(LaunchTemplateNames=[build])["LaunchTemplates"][0]
     assert (found["DefaultVersionNumber"], found["LatestVersionNumber"]) == (2, 2)
@@ -369,13 +388,13 @@ def test_new_ami_in_the_parameter_updates_every_template(clients: AwsClients, co
         for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(AMAZON_LINUX))["Images"]
         if image["ImageId"] != ami
     )
-    clients.ssm.put_parameter(Name=AMI_PARAMETER, Value=other, Type="String", Overwrite=True)
+    clients.ssm.put_parameter(Name=X86_PARAMETER, Value=other, Type="String", Overwrite=True)
 
     # when
     plan = run(config, clients)
 
     # then the templates follow the new image, and its root device name (Amazon Linux: /dev/xvda)
-    updates = {change.name: change.detail for change in plan if change.verb is Verb.UPDATE}
+    updates = {change.name: change.detail.split(";")[0] for change in plan if change.verb is Verb.UPDATE}
     assert updates == {
         launch_template_name(FLEET, "docker"): "new default version 2: ImageId, BlockDeviceMappings",
         launch_template_name(FLEET, "build"): "new default version 2: ImageId, BlockDeviceMappings",
@@ -399,7 +418,7 @@ def test_a_key_pair_added_by_hand_is_removed(clients: AwsClients, config: FleetC
     plan = run(config, clients)
 
     # then
-    assert by_name(plan)[docker].detail == "new default version 3: KeyName"
+    assert by_name(plan)[docker].detail.startswith("new default version 3: KeyName; image ci/build-base:latest")
     assert "KeyName" not in default_template_data(clients, docker)
 
 
@@ -429,8 +448,8 @@ def test_widened_role_policy_and_unencrypted_bucket_are_put_back(clients: AwsCli
 # ---- missing inputs ----------------------------------------------------------------------------------------
 
 
-def test_without_an_ami_no_template_is_made(clients: AwsClients, network: SandboxNetwork) -> None:
-    # given no AMI parameter, and one pool naming its own AMI
+def test_without_a_published_ami_the_plan_is_refused(clients: AwsClients, network: SandboxNetwork) -> None:
+    # given no runner AMI published, and one pool naming its own AMI
     pinned = next(
         image["ImageId"]
         for image in clients.ec2.describe_images(Owners=["amazon"], Filters=list(AMAZON_LINUX))["Images"]
@@ -440,15 +459,20 @@ def test_without_an_ami_no_template_is_made(clients: AwsClients, network: Sandbo
     config = parse_config(document)
 
     # when
-    plan = run(config, clients)
+    plan = bootstrapper(config, clients).plan()
 
-    # then the pool without an AMI is reported missing, with the fix, and gets no template
-    docker, build = launch_template_name(FLEET, "docker"), launch_template_name(FLEET, "build")
-    assert by_name(plan)[docker].verb is Verb.MISSING
-    assert AMI_PARAMETER in by_name(plan)[docker].detail
-    names = [t["LaunchTemplateName"] for t in clients.ec2.describe_launch_templates()["LaunchTemplates"]]
-    assert names == [build]
-    assert default_template_data(clients, build)["ImageId"] == pinned
+    # then the pool without an AMI is invalid, naming the parameter of its architecture and the fix
+    [invalid] = [change for change in plan if change.verb is Verb.INVALID]
+    assert (invalid.kind, invalid.name) == ("arch", "pools[0](docker).ami")
+    assert invalid.detail == (
+        f"no AMI: the pool's instance types are x86_64 and SSM parameter {X86_PARAMETER} does not exist: "
+        "publish the runner AMI with 'fleetctl ami publish', or set the pool's ami"
+    )
+    # and the pool with its own AMI would get its template
+    assert by_name(plan)[launch_template_name(FLEET, "build")].verb is Verb.CREATE
+    with pytest.raises(PlanRefusedError):
+        bootstrapper(config, clients).execute(plan)
+    assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
 
 
 def test_an_ami_the_region_does_not_have_gets_no_template(clients: AwsClients, network: SandboxNetwork) -> None:
@@ -456,7 +480,7 @@ def test_an_ami_the_region_does_not_have_gets_no_template(clients: AwsClients, n
     document = config_document(network)
     document["pools"][0]["ami"] = "ami-0123456789abcdef0"
     config = parse_config(document)
-    register_sandbox_ami(clients.ssm, clients.ec2, AMI_PARAMETER)
+    register_sandbox_amis(clients.ssm, clients.ec2, AMI_PARAMETER)
 
     # when
     plan = run(config, clients)
@@ -586,7 +610,7 @@ def test_plan_alone_changes_nothing(clients: AwsClients, config: FleetConfig) ->
     assert {change.verb for change in plan} == {Verb.CREATE}
     assert clients.dynamodb.list_tables()["TableNames"] == []
     assert clients.sqs.list_queues().get("QueueUrls", []) == []
-    assert [p["Name"] for p in clients.ssm.describe_parameters()["Parameters"]] == [AMI_PARAMETER]
+    assert sorted(p["Name"] for p in clients.ssm.describe_parameters()["Parameters"]) == [ARM_PARAMETER, X86_PARAMETER]
     assert clients.client("iam").list_roles()["Roles"] == []
     assert clients.client("iam").list_instance_profiles()["InstanceProfiles"] == []
     assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
@@ -725,3 +749,214 @@ def test_a_table_made_before_the_idle_index_gets_it_and_keeps_its_items(
     assert ddb.get_item(TableName=config.state.table, Key={"pk": {"S": "POOL#docker"}})["Item"]["leases"] == {"N": "2"}
     # and a second run keeps it
     assert by_name(run(config, clients))[config.state.table].verb is Verb.KEEP
+
+
+# ---- architectures -------------------------------------------------------------------------------------------
+
+
+def test_a_pool_mixing_architectures_is_refused_naming_its_instance_types(
+    clients: AwsClients, network: SandboxNetwork, ami: str, tmp_path: Path
+) -> None:
+    """An instance type runs the architectures of its ``ProcessorInfo.SupportedArchitectures``
+    (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_ProcessorInfo.html); a launch template boots one
+    AMI, whose ``Architecture`` is one of them, so a pool of Graviton and Intel types cannot boot everywhere."""
+    from click.testing import CliRunner
+
+    from fleetctl.cli import main
+
+    # given the docker pool with an arm64 (Graviton) type among its Intel ones
+    document = config_document(network)
+    document["pools"][0]["instance_types"] = ["m7i.large", "m7g.large", "m6i.large"]
+    config = parse_config(document)
+
+    # when
+    plan = bootstrapper(config, clients).plan()
+
+    # then the plan names the pool's field and which type runs what
+    [invalid] = [change for change in plan if change.verb is Verb.INVALID]
+    assert invalid.describe() == (
+        "invalid  arch       pools[0](docker).instance_types (no architecture common to all (m7i.large, "
+        "m6i.large: x86_64; m7g.large: arm64); a launch template boots one AMI, built for one of x86_64, arm64: "
+        "keep a pool's instance types to one architecture)"
+    )
+    with pytest.raises(PlanRefusedError):
+        bootstrapper(config, clients).execute(plan)
+    assert clients.dynamodb.list_tables()["TableNames"] == []
+
+    # and validate --aws says the same
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(document))
+    result = CliRunner().invoke(main, ["validate", str(path), "--aws"])
+    assert result.exit_code == 1
+    assert "pools[0](docker).instance_types: no architecture common to all" in result.output
+
+
+def test_an_instance_type_the_region_does_not_know_is_refused(
+    clients: AwsClients, network: SandboxNetwork, ami: str
+) -> None:
+    """DescribeInstanceTypes describes the types of the region; a type it does not list cannot be launched
+    (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_DescribeInstanceTypes.html)."""
+    # given a pool with a mistyped instance type (config validation checks the shape only)
+    document = config_document(network)
+    document["pools"][1]["instance_types"] = ["c7i.xlarge", "c7i.xlargee"]
+    config = parse_config(document)
+
+    # when
+    plan = bootstrapper(config, clients).plan()
+
+    # then
+    [invalid] = [change for change in plan if change.verb is Verb.INVALID]
+    assert (invalid.name, invalid.detail) == (
+        "pools[1](build).instance_types",
+        "unknown instance type(s) in the region: c7i.xlargee",
+    )
+
+
+def test_an_arm64_pool_gets_the_arm64_ami(clients: AwsClients, network: SandboxNetwork, amis: dict[str, str]) -> None:
+    # given the build pool on Graviton types, the docker pool on Intel ones
+    document = config_document(network)
+    document["pools"][1]["instance_types"] = ["c7g.xlarge", "c6g.xlarge"]
+    config = parse_config(document)
+
+    # when
+    plan = run(config, clients)
+
+    # then each template boots the runner AMI of its pool's architecture
+    docker, build = launch_template_name(FLEET, "docker"), launch_template_name(FLEET, "build")
+    assert default_template_data(clients, build)["ImageId"] == amis["arm64"]
+    assert default_template_data(clients, docker)["ImageId"] == amis["x86_64"]
+    assert by_name(plan)[build].detail.startswith(f"{amis['arm64']} (arm64), 1 version")
+
+    # and a new arm64 AMI published later moves only the arm64 pool
+    other = next(
+        image["ImageId"]
+        for image in clients.ec2.describe_images(
+            Owners=["amazon"],
+            Filters=[
+                {"Name": "name", "Values": ["al2023-ami-2023*"]},
+                {"Name": "architecture", "Values": ["arm64"]},
+            ],
+        )["Images"]
+    )
+    clients.ssm.put_parameter(Name=ARM_PARAMETER, Value=other, Type="String", Overwrite=True)
+    updates = [change.name for change in run(config, clients) if change.verb is Verb.UPDATE]
+    assert updates == [build]
+    assert default_template_data(clients, build)["ImageId"] == other
+
+
+def test_a_pool_ami_of_another_architecture_is_refused(
+    clients: AwsClients, network: SandboxNetwork, amis: dict[str, str]
+) -> None:
+    """An image's ``Architecture`` (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_Image.html) must be
+    one the instance types run, even when the pool names its AMI itself."""
+    # given the Intel docker pool naming the arm64 image
+    document = config_document(network)
+    document["pools"][0]["ami"] = amis["arm64"]
+    config = parse_config(document)
+
+    # when
+    plan = bootstrapper(config, clients).plan()
+
+    # then
+    [invalid] = [change for change in plan if change.verb is Verb.INVALID]
+    assert (invalid.name, invalid.detail) == (
+        "pools[0](docker).ami",
+        f"{amis['arm64']} is an arm64 image; the instance types (m7i.large, m6i.large) run x86_64",
+    )
+
+
+def test_a_type_running_several_architectures_fits_either(
+    clients: AwsClients, network: SandboxNetwork, amis: dict[str, str]
+) -> None:
+    """t2 types run i386 and x86_64 (their SupportedArchitectures lists both): with an x86_64 type the pool is
+    x86_64."""
+    # given
+    document = config_document(network)
+    document["pools"][0]["instance_types"] = ["t2.large", "m6i.large"]
+    config = parse_config(document)
+
+    # when
+    run(config, clients)
+
+    # then
+    assert default_template_data(clients, launch_template_name(FLEET, "docker"))["ImageId"] == amis["x86_64"]
+
+
+# ---- the CI image pinned by digest ---------------------------------------------------------------------------
+
+
+def push_image(clients: AwsClients, repository: str, tag: str) -> str:
+    """Pushes an image manifest to ECR as ``docker push`` ends (PutImage); returns the image's digest."""
+    ecr = clients.client("ecr")
+    ecr.create_repository(repositoryName=repository)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 1469,
+            "digest": "sha256:" + "1" * 64,
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "size": 3370706,
+                "digest": "sha256:" + "2" * 64,
+            }
+        ],
+    }
+    pushed = ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag)
+    return str(pushed["image"]["imageId"]["imageDigest"])
+
+
+def test_the_ci_image_is_pinned_by_digest_when_ecr_has_the_tag(
+    clients: AwsClients, config: FleetConfig, ami: str
+) -> None:
+    """ECR DescribeImages with an ``imageTag`` answers the tag's ``imageDigest``, or ImageNotFoundException /
+    RepositoryNotFoundException (https://docs.aws.amazon.com/AmazonECR/latest/APIReference/API_DescribeImages.html)."""
+    # given the docker pool's image pushed, the build pool's not
+    digest = push_image(clients, "ci/build-base", "latest")
+    assert digest.startswith("sha256:")
+    registry = f"{clients.client('sts').get_caller_identity()['Account']}.dkr.ecr.us-east-1.amazonaws.com"
+
+    # when
+    plan = run(config, clients)
+
+    # then the docker pool's user data runs the digest, and the plan says so for both pools
+    docker, build = launch_template_name(FLEET, "docker"), launch_template_name(FLEET, "build")
+    user_data = base64.b64decode(default_template_data(clients, docker)["UserData"]).decode()
+    assert f"{registry}/ci/build-base@{digest}" in user_data
+    assert f"{registry}/ci/build-base:latest" not in user_data
+    assert by_name(plan)[docker].detail.endswith(f"; image ci/build-base@{digest} (tag latest)")
+    assert by_name(plan)[build].detail.endswith("; image ci/dind:latest, not pinned: no repository ci/dind in ECR")
+    build_data = base64.b64decode(default_template_data(clients, build)["UserData"]).decode()
+    assert f"{registry}/ci/dind:latest" in build_data
+
+    # and once the tag moves to a new image, the next bootstrap pins the new digest in a new version
+    clients.client("ecr").create_repository(repositoryName="ci/dind")
+    again = run(config, clients)
+    assert by_name(again)[build].detail.endswith("; image ci/dind:latest, not pinned: no such tag in ECR")
+    newer = push_image_again(clients, "ci/build-base", "latest")
+    third = run(config, clients)
+    assert (
+        by_name(third)[docker].describe().startswith(f"update   template   {docker} (new default version 2: UserData")
+    )
+    assert f"@{newer}" in base64.b64decode(default_template_data(clients, docker)["UserData"]).decode()
+
+
+def push_image_again(clients: AwsClients, repository: str, tag: str) -> str:
+    """Pushes another image under ``tag`` of an existing repository; returns its digest."""
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 1470,
+            "digest": "sha256:" + "3" * 64,
+        },
+        "layers": [],
+    }
+    pushed = clients.client("ecr").put_image(
+        repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag
+    )
+    return str(pushed["image"]["imageId"]["imageDigest"])

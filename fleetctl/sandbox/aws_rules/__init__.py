@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fleetctl.sandbox.aws_rules.dynamodb import TransactionConflicts, TransactionTokens
 from fleetctl.sandbox.aws_rules.ec2_idempotency import ClientTokens
+from fleetctl.sandbox.aws_rules.ec2_images import RegisteredImageArchitecture
 from fleetctl.sandbox.aws_rules.ssm import ParameterStoreThroughput
 from fleetctl.sandbox.aws_shim import Rule
 
@@ -21,4 +22,5 @@ def default_rules() -> list[Rule]:
         # A fleet EC2 finds malformed is refused before any launch is tried, spot or not.
         FleetConfigRule(),
         SpotServiceLinkedRoleRule(),
+        RegisteredImageArchitecture(),
     ]
