@@ -27,10 +27,10 @@ finished a job took it). Figures:
   against the boot delay as baseline; that baseline is invalid (and said so) when a job of the scenario never
   started, or started sooner than the boot delay (then the boot delay was not what it waited for). Where the
   wait went is shown for the cold starts, from timestamps taken in this process at no cost to moto (an
-  ``after-call`` handler on the app's EC2 client for CreateFleet, a ``before-call`` one on its DynamoDB client
-  for the token's PutItem, the emulator's delivery log for the Job Hook): pending to the webhook's answer to the
-  pending Job Hook, then to CreateFleet answering with the instance of the runner that took the job, CreateFleet
-  to the runner token written, CreateFleet to running.
+  ``after-call`` handler on the app's EC2 client for CreateFleet, a ``before-parameter-build`` one on its
+  DynamoDB client for the token's PutItem, the emulator's delivery log for the Job Hook): pending to the
+  webhook's answer to the pending Job Hook, then to CreateFleet answering with the instance of the runner that
+  took the job, CreateFleet to the runner token written, CreateFleet to running.
 * instances launched per job: fleet instances of the pool in EC2 (DescribeInstances with the fleet's tag, every
   state), divided by the scenario's jobs. Baseline: one instance per job, what a fleet that never reuses a
   runner launches; the figure is therefore the ratio itself. The baseline is invalid (and said so) when not every
@@ -286,7 +286,7 @@ class Bench:
 
         scale_up.handle = counted  # type: ignore[method-assign]
         runtime.aws().ec2.meta.events.register("after-call.ec2.CreateFleet", self._fleet_created)
-        runtime.aws().dynamodb.meta.events.register("before-call.dynamodb.PutItem", self._item_put)
+        runtime.aws().dynamodb.meta.events.register("before-parameter-build.dynamodb.PutItem", self._item_put)
 
     def _item_put(self, params: dict[str, Any], **kwargs: Any) -> None:
         item = params.get("Item") or {}
