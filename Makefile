@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/webhook_cost.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/scale_up_burst.py
+	$(BIN)/python bench/job_start.py
 
 sandbox-up: $(STAMP)
 	$(BIN)/fleetctl sandbox up --detach
