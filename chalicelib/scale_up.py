@@ -87,6 +87,8 @@ from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, leave_to_i
 STALE_LAUNCH_SECONDS = 120.0
 DEFAULT_MAX_ATTEMPTS = 8
 GITLAB_WORKERS = 8
+# Independent DynamoDB writes of one batch (claims, tokens, identities) made at once.
+WRITE_WORKERS = 8
 # botocore's standard mode retried these already; one that still surfaces is worth another attempt later.
 _TRANSIENT_AWS_ERROR_CODES = THROTTLING_ERROR_CODES | {
     "ProvisionedThroughputExceededException",
@@ -280,8 +282,14 @@ class ScaleUp:
         claimed: list[_Matched] = []
         held: dict[str, list[_Matched]] = defaultdict(list)
         claimed_at: dict[str, float] = {}
-        for item in items:
-            claim = self._claim(item, launch_id, report)
+        # One conditional write per job, independent of each other: made together, so a batch's claims cost one
+        # round trip's time rather than one per job.
+        with ThreadPoolExecutor(max_workers=min(WRITE_WORKERS, len(items))) as workers:
+            claims = list(
+                workers.map(lambda i: self._store.claim_job(i.job.project_id, i.job.job_id, launch_id), items)
+            )
+        for item, made in zip(items, claims, strict=True):
+            claim = self._judge_claim(item, made, report)
             if claim is None:
                 continue
             if claim.outcome is ClaimOutcome.CLAIMED:
@@ -296,7 +304,10 @@ class ScaleUp:
 
     def _claim(self, item: _Matched, launch_id: str, report: BatchReport) -> Claim | None:
         """Claim a job for ``launch_id``: the claim (ours or another launch's), or None when it needs no launch."""
-        claim = self._store.claim_job(item.job.project_id, item.job.job_id, launch_id)
+        return self._judge_claim(item, self._store.claim_job(item.job.project_id, item.job.job_id, launch_id), report)
+
+    def _judge_claim(self, item: _Matched, claim: Claim, report: BatchReport) -> Claim | None:
+        """The claim made for a job, or None (recorded and reported) when the job needs no launch."""
         if claim.outcome is ClaimOutcome.DEAD_LETTERED:
             logger.info("job already dead-lettered; copy dropped", extra=_job_log(item.job))
             report.add(Outcome.DUPLICATE)
@@ -680,25 +691,31 @@ class ScaleUp:
         are then deleted here, since nobody else knows them. On an AWS error, the runners not stored yet are
         deleted from GitLab (best effort) before it propagates: the retry finds or makes them again.
         """
-        ready: list[str] = []
-        left = dict(created)
         expires_at = self._clock() + pool.boot_deadline_seconds + TOKEN_GRACE_SECONDS
-        try:
-            for instance_id, credentials in created.items():
+
+        def store(instance_id: str, credentials: RunnerCredentials) -> bool | ClientError:
+            try:
                 self._tokens.put(self._tokens.key(instance_id), instance_id, credentials.token, expires_at)
                 if self._store.set_runner_identity(instance_id, credentials.runner_id):
-                    ready.append(instance_id)
-                else:
-                    self._discard_runner(instance_id, credentials.runner_id)
-                del left[instance_id]
-        except ClientError:
+                    return True
+                self._discard_runner(instance_id, credentials.runner_id)
+                return False
+            except ClientError as exc:
+                return exc
+
+        # Each instance's two writes depend on nothing another instance does: the instances are stored together.
+        with ThreadPoolExecutor(max_workers=max(1, min(WRITE_WORKERS, len(created)))) as workers:
+            stored = dict(zip(created, workers.map(lambda pair: store(*pair), created.items()), strict=True))
+        ready = [instance_id for instance_id, done in stored.items() if done is True]
+        left = {i: created[i] for i, done in stored.items() if isinstance(done, ClientError)}
+        if left:
             for credentials in left.values():
                 try:
                     self._gitlab.delete_runner(credentials.runner_id)
                 except RetryableError:
                     # Found again by its description when the launch is resumed, or by reconciliation (not built yet).
                     logger.warning("GitLab runner of an unfinished launch left", extra={"id": credentials.runner_id})
-            raise
+            raise next(done for done in stored.values() if isinstance(done, ClientError))
         return ready
 
     def _halt(
