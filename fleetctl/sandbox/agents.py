@@ -35,6 +35,10 @@ instance can: hang at boot (never contacts GitLab, the instance stays running wi
 mid-job (the runner dies while its job runs: the job stays running in GitLab, the instance powers off), or fail
 its job as ``runner_system_failure`` and exit.
 
+The boot delay (``AgentOptions.boot_delay_seconds``) runs from the moment the manager sees the instance running,
+and the agent reads its user data and looks its role up within it, as a real instance's boot includes cloud-init
+and its identity costs one STS call: the delay is the time from launch to the token read of step 6.
+
 Sandbox only: ``AgentOptions.wait_timeout_seconds`` replaces the pool's ``RUNNER_IDLE_WAIT_SECONDS`` (at least 30
 in the stage config) so that runners idle out in seconds, and ``job_speed`` shortens every ``sleep``.
 """
@@ -407,14 +411,25 @@ class RunnerAgent:
 
     def run(self) -> None:
         try:
-            self._wait(self._options.boot_delay_seconds)
+            # What a real instance does while it boots takes the simulation AWS calls of its own: cloud-init's read
+            # of the user data, and the identity that STS would answer with one call (see _role_id). They run
+            # within the boot delay, so the delay stays the time from launch to the boot script's token read.
+            booting = self._clock()
+            early: tuple[str, str] | Exception
+            try:
+                early = (self._user_data(), self._role_id())
+            except (BootError, ClientError, BotoCoreError) as exc:
+                early = exc
+            self._wait(max(0.0, self._options.boot_delay_seconds - (self._clock() - booting)))
             # A fault switch may be set until the instance boots, by its id once its launch answered.
             self.record.fault = self._take_fault(self.instance_id, self.record.pool)
             if self.record.fault is Fault.HANG_AT_BOOT:
                 self._hang("fault: hang at boot")
                 return
             try:
-                self._boot_and_run()
+                if isinstance(early, Exception):
+                    raise early
+                self._boot_and_run(*early)
             except (_PowerOff, BootError) as exc:
                 self.record.ended = self.record.ended or f"boot failed: {exc}"
             except (ClientError, BotoCoreError, requests.RequestException) as exc:
@@ -430,8 +445,8 @@ class RunnerAgent:
 
     # -- the boot steps --
 
-    def _boot_and_run(self) -> None:
-        cloud_config = parse_cloud_config(self._user_data())
+    def _boot_and_run(self, user_data: str, role_id: str) -> None:
+        cloud_config = parse_cloud_config(user_data)
         if not cloud_config.starts_boot_service():
             # Nothing starts the boot script: the instance would sit there, contacting no one.
             self._hang(f"runcmd does not start {BOOT_SERVICE}")
@@ -439,7 +454,7 @@ class RunnerAgent:
         self.files = dict(cloud_config.files)
         settings = parse_settings(self._read(SETTINGS_FILE))
         self._lifetime_deadline = self._started + 60 * float(self._setting(settings, "RUNNER_MAX_LIFETIME_MINUTES"))
-        user_id = instance_user_id(self._role_id(), self.instance_id)
+        user_id = instance_user_id(role_id, self.instance_id)
         key = self._setting(settings, "RUNNER_FLEET_TOKEN_KEY_PREFIX") + user_id
         table = self._setting(settings, "RUNNER_FLEET_TOKEN_TABLE")
         token = self._take_token(table, key, float(self._setting(settings, "RUNNER_BOOT_DEADLINE_SECONDS")))
