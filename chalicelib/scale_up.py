@@ -240,7 +240,7 @@ class ScaleUp:
         launch: list[_Matched] = []
         for pool_name, items in by_pool.items():
             fresh = sum(1 for item in items if not item.job.graced)
-            idle = self._store.idle_runners(pool_name, limit=fresh) if fresh else 0
+            idle = self._count_idle_runners(pool_name, fresh) if fresh else 0
             deferred = leave_to_idle_runners([(item.job.job_id, item.job.graced) for item in items], idle)
             for item in items:
                 if item.job.job_id not in deferred:
@@ -249,6 +249,17 @@ class ScaleUp:
                 count("JobsDeferredToIdleRunners")
                 self._requeue(item.job.but(graced=True), self._policy.idle_grace, report, Outcome.DEFERRED)
         return launch
+
+    def _count_idle_runners(self, pool: str, limit: int) -> int:
+        """A pool's idle runners, or 0 when the index cannot say: launching as if none were idle is what the fleet
+        did before it counted them. DynamoDB refuses reads of an index it is still building (after bootstrap added
+        it to an existing table) with a ValidationException, for minutes on a large table."""
+        try:
+            return self._store.idle_runners(pool, limit=limit)
+        except ClientError as exc:
+            logger.warning("idle runners not counted", extra={"pool": pool, "error_code": error_code(exc)})
+            count("IdleRunnersUncounted")
+            return 0
 
     def _admit_waiting(self, jobs: Sequence[QueuedJob], report: BatchReport) -> list[_Matched]:
         """Jobs back from waiting for capacity: as many as their pool has room for go on, the rest wait again.

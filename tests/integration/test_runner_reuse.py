@@ -16,6 +16,7 @@ import requests
 from chalicelib.naming import runner_description
 from chalicelib.store import runner_key
 from fleetctl.sandbox.stack import GITLAB_OPERATOR_TOKEN
+from tests.faults import WireFaults
 from tests.integration.test_scale_up import Fleet
 
 
@@ -183,3 +184,27 @@ def test_job_start_latency_is_measured_per_pool(fleet: Fleet, capfd: pytest.Capt
         # EMF takes a value or an array of values; Powertools writes an array
         [value] = document[name] if isinstance(document[name], list) else [document[name]]
         assert 0 <= value < 60
+
+
+def test_an_idle_index_still_being_built_launches_as_before(fleet: Fleet) -> None:
+    """DynamoDB refuses reads of a global secondary index while it backfills after UpdateTable added it, with a
+    ValidationException "Cannot read from backfilling global secondary index" (Developer Guide, "Adding a global
+    secondary index to an existing table"; aws/aws-cli#4845). A fleet upgraded by bootstrap meets it until the
+    index is ACTIVE: its jobs must launch as they did before idle runners were counted, not fail."""
+    from chalicelib.scale_up import build_scale_up
+    from chalicelib.scaling import RetryPolicy
+
+    first, _, runner_id = _launch_one(fleet, ["docker"])
+    _move(fleet, first, "running", runner_id)
+    _move(fleet, first, "success", runner_id)
+    fleet.pipeline(["docker"])
+
+    aws = fleet.runtime.aws()
+    with WireFaults(aws.dynamodb) as faults:
+        faults.fail("Query", "ValidationException", "Cannot read from backfilling global secondary index: idle-runners")
+        scale_up = build_scale_up(fleet.config, aws, fleet.runtime.gitlab_api(), policy=RetryPolicy(base_delay=1))
+        report = scale_up.handle_messages(fleet.take_queued(1))
+
+    assert faults.attempts("Query") == 1  # a ValidationException is not retried by botocore
+    assert report.as_dict() == {"launched": 1}
+    assert len(fleet.instances("docker")) == 2
