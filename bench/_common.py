@@ -129,11 +129,14 @@ def serve_moto(config_path: str) -> None:
     from chalicelib.config import load_config
     from fleetctl.bootstrap import Bootstrapper
     from fleetctl.sandbox.local_aws import LocalAws
+    from fleetctl.sandbox.network import register_sandbox_amis
 
     config = load_config(config_path)
     local = LocalAws().start()
     local.export_environment()
     clients = AwsClients(region=config.region)
+    # Bootstrap refuses a plan whose pools have no runner AMI of their architecture: publish the sandbox's.
+    register_sandbox_amis(clients.ssm, clients.ec2, config.ami_parameter)
     # No GitLab token: the webhook path never calls GitLab, so that parameter is left "missing".
     bootstrapper = Bootstrapper(config, clients, gitlab_token=None)
     plan = bootstrapper.plan()
