@@ -145,6 +145,7 @@ def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: floa
             "last_error": "",
             "pool": "",
             "tags": [],
+            "graced": False,
         },
         separators=(",", ":"),
     )

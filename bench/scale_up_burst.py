@@ -332,7 +332,9 @@ class Burst:
         from fleetctl.sandbox.stack import Sandbox
 
         isolate_environment()
-        self.stack = Sandbox(config_path=burst_config(workdir), workdir=workdir, run_pump=False)
+        # No runner agents: the burst measures launching, and counts instances as scale-up made them; agents would
+        # run the jobs and power instances off meanwhile.
+        self.stack = Sandbox(config_path=burst_config(workdir), workdir=workdir, run_pump=False, agents=False)
         self.pump_names = {f"bench-pump-{n}" for n in range(1, PUMPS + 1)}
         self.counter = AwsCallCounter(self.pump_names)
         self.progress = Progress()
