@@ -197,13 +197,11 @@ def render_user_data(config: FleetConfig, pool: PoolConfig, image: str) -> str:
     """The pool's ``#cloud-config``; raises ``UnsafeUserDataError`` for a value that could escape its quoting."""
     import yaml
 
-    # Every value is checked, the ones only the TOML carries included: the fleet and pool names also appear in
-    # the header comment, and no setting of a runner has a reason to hold a control character.
-    at = _pool_path(config, pool)
+    # Every value is checked (the settings file's by render_settings), the ones only the TOML carries included: no
+    # setting of a runner has a reason to hold a control character.
     for source, value in (("cache_bucket", config.cache_bucket), ("region", config.region or "")):
         _check_value(source, value)
     settings = render_settings(config, pool, image)
-    _check_value(f"{at}.image", image)
     document = {
         "write_files": [
             _file(SETTINGS_FILE, settings, "0644"),
