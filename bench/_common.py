@@ -123,6 +123,16 @@ class MotoProcess:
         self._process = None
 
 
+def isolate_environment() -> None:
+    """Nothing in this process's environment may send boto3 anywhere but the sandbox's moto (set on start)."""
+    for key in [k for k in os.environ if k.startswith(("AWS_", "POWERTOOLS_"))]:
+        del os.environ[key]
+    os.environ["AWS_CONFIG_FILE"] = os.devnull
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # the moto child process too
+
+
 def serve_moto(config_path: str) -> None:
     """The child side of MotoProcess: start LocalAws, bootstrap, announce, then obey stdin until it closes."""
     from chalicelib.aws import AwsClients

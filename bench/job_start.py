@@ -63,7 +63,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import PROJECT_DIR, footer, load_average, quiet_stdout, report, run_benchmark
+from _common import PROJECT_DIR, footer, isolate_environment, load_average, quiet_stdout, report, run_benchmark
 
 BOOT_DELAY_SECONDS = 2.0
 IDLE_WAIT_SECONDS = 5.0
@@ -102,17 +102,6 @@ def stage_config(workdir: Path) -> Path:
     path = workdir / "job-start.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
-
-
-def isolate_environment() -> None:
-    """Nothing in this process's environment may send boto3 anywhere but the sandbox's moto (set on start)."""
-    for key in [k for k in os.environ if k.startswith(("AWS_", "POWERTOOLS_"))]:
-        del os.environ[key]
-    os.environ["AWS_CONFIG_FILE"] = os.devnull
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-    os.environ["RUNNER_FLEET_IDLE_GRACE_SECONDS"] = str(IDLE_GRACE_SECONDS)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
@@ -253,6 +242,7 @@ class Bench:
         from fleetctl.sandbox.stack import Sandbox
 
         isolate_environment()
+        os.environ["RUNNER_FLEET_IDLE_GRACE_SECONDS"] = str(IDLE_GRACE_SECONDS)
         options = AgentOptions(
             boot_delay_seconds=BOOT_DELAY_SECONDS,
             wait_timeout_seconds=IDLE_WAIT_SECONDS,

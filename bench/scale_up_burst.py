@@ -43,7 +43,6 @@ Run: ``.venv/bin/python bench/scale_up_burst.py`` (or ``make bench``).
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import threading
@@ -54,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import PROJECT_DIR, footer, load_average, ms, quiet_stdout, report, run_benchmark
+from _common import PROJECT_DIR, footer, isolate_environment, load_average, ms, quiet_stdout, report, run_benchmark
 
 JOBS_PER_POOL = 250
 MAX_RUNNERS = 200
@@ -194,16 +193,6 @@ def burst_config(workdir: Path) -> Path:
     path = workdir / "burst.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
-
-
-def isolate_environment() -> None:
-    """Nothing in this process's environment may send boto3 anywhere but the sandbox's moto (set on start)."""
-    for key in [k for k in os.environ if k.startswith(("AWS_", "POWERTOOLS_"))]:
-        del os.environ[key]
-    os.environ["AWS_CONFIG_FILE"] = os.devnull
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # the moto child process too
 
 
 class Observer:
