@@ -123,6 +123,17 @@ class MotoProcess:
         self._process = None
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
+    """Poll ``condition`` every ``every`` seconds until it holds (True) or ``timeout`` passed (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)
+
+
 def isolate_environment() -> None:
     """Nothing in this process's environment may send boto3 anywhere but the sandbox's moto (set on start)."""
     for key in [k for k in os.environ if k.startswith(("AWS_", "POWERTOOLS_"))]:

@@ -57,13 +57,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import PROJECT_DIR, footer, isolate_environment, load_average, quiet_stdout, report, run_benchmark
+from _common import (
+    PROJECT_DIR,
+    footer,
+    isolate_environment,
+    load_average,
+    quiet_stdout,
+    report,
+    run_benchmark,
+    wait_until,
+)
 
 BOOT_DELAY_SECONDS = 2.0
 IDLE_WAIT_SECONDS = 5.0
@@ -102,16 +111,6 @@ def stage_config(workdir: Path) -> Path:
     path = workdir / "job-start.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(every)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float | None:

@@ -53,7 +53,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import PROJECT_DIR, footer, isolate_environment, load_average, ms, quiet_stdout, report, run_benchmark
+from _common import (
+    PROJECT_DIR,
+    footer,
+    isolate_environment,
+    load_average,
+    ms,
+    quiet_stdout,
+    report,
+    run_benchmark,
+    wait_until,
+)
 
 JOBS_PER_POOL = 250
 MAX_RUNNERS = 200
@@ -247,16 +257,6 @@ class Observer:
             ],
         )["Attributes"]
         return sum(int(v) for v in attributes.values())
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, every: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(every)
 
 
 class Progress:

@@ -66,14 +66,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name
+from chalicelib.userdata import BOOT_SERVICE, CLOUD_CONFIG_HEADER, SETTINGS_FILE
+from chalicelib.userdata import RUNNER_CONFIG_FILE as CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
-CLOUD_CONFIG_HEADER = "#cloud-config"
-SETTINGS_FILE = "/etc/runner-fleet/runner.env"
-CONFIG_FILE = "/etc/runner-fleet/config.toml"
 RUNTIME_CONFIG_FILE = "/run/runner-fleet/config.toml"
-BOOT_SERVICE = "runner-fleet-boot.service"
 TOKEN_PATTERN = re.compile(r"^glrt-[A-Za-z0-9_-]+$")
 RUNNERS_LINE = "[[runners]]"
 # What gitlab-runner says of itself in every runner API request (network/gitlab.go, common.VersionInfo).
