@@ -14,6 +14,7 @@ part of the table it uses (a Lambda writes no bytecode cache, so every module is
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -511,15 +512,34 @@ class ScaleStore(FleetStore):
 
     def runners(self, instance_ids: list[str]) -> dict[str, RunnerRecord]:
         """Runner records by instance id, for those that exist (one BatchGetItem per 100)."""
-        found: dict[str, RunnerRecord] = {}
-        for start in range(0, len(instance_ids), 100):
-            keys = [{"pk": {"S": runner_key(i)}} for i in instance_ids[start : start + 100]]
-            request: dict[str, Any] = {self.table: {"Keys": keys, "ConsistentRead": True}}
+        records = (RunnerRecord.from_item(item) for item in self._batch_get([runner_key(i) for i in instance_ids]))
+        return {record.instance_id: record for record in records}
+
+    def jobs_needing_no_launch(self, jobs: list[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Of ``(project id, job id)`` pairs, those whose record says no launch is due: settled (an outcome such as
+        dead-lettered or not pending), past pending, or claimed by a launch that made its runner."""
+        settled: set[tuple[int, int]] = set()
+        by_launch: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for item in self._batch_get([job_key(project, job) for project, job in jobs]):
+            pair = (int(item["project_id"]), int(item["job_id"]))
+            if "outcome" in item or int(item.get("status_rank", 0)) > JobStatus.PENDING.rank:
+                settled.add(pair)
+            elif item.get("launch_id"):
+                by_launch[str(item["launch_id"])].append(pair)
+        for launch in self._batch_get([launch_key(launch_id) for launch_id in by_launch]):
+            if launch.get("state") == LaunchState.LAUNCHED.value:
+                settled.update(by_launch[str(launch["pk"]).removeprefix(launch_key(""))])
+        return settled
+
+    def _batch_get(self, keys: list[str]) -> list[dict[str, Any]]:
+        """The items of these keys that exist, read consistently (one BatchGetItem per 100)."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(keys), 100):
+            chunk = [{"pk": {"S": key}} for key in keys[start : start + 100]]
+            request: dict[str, Any] = {self.table: {"Keys": chunk, "ConsistentRead": True}}
             while request:
                 answer = self._client.batch_get_item(RequestItems=request)
-                for item in answer.get("Responses", {}).get(self.table, []):
-                    record = RunnerRecord.from_item(from_item(item))
-                    found[record.instance_id] = record
+                found += [from_item(item) for item in answer.get("Responses", {}).get(self.table, [])]
                 request = answer.get("UnprocessedKeys") or {}
         return found
 

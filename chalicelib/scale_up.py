@@ -266,7 +266,9 @@ class ScaleUp:
 
         They were read from GitLab and matched before they waited; asking GitLab again on every turn would spend
         its API rate limit on jobs that cannot launch anyway. Whether a job is still pending is checked by the
-        claim itself, against what the webhooks recorded.
+        claim itself, against what the webhooks recorded. Those that wait again are first looked up in the table
+        (one BatchGetItem per 100): a copy of a job that needs no launch any more (launched by another copy of its
+        message, finished, or settled) is dropped, or it would wait for as long as its pool stays full.
         """
         by_pool: dict[str, list[QueuedJob]] = defaultdict(list)
         for job in jobs:
@@ -276,7 +278,15 @@ class ScaleUp:
             pool = self._config.pool(pool_name)
             room = max(0, pool.max_runners - self._store.leases(pool_name))
             admitted += [_Matched(job, pool, job.tags) for job in group[:room]]
-            for job in group[room:]:
+            over = group[room:]
+            settled = (
+                self._store.jobs_needing_no_launch([(job.project_id, job.job_id) for job in over]) if over else set()
+            )
+            for job in over:
+                if (job.project_id, job.job_id) in settled:
+                    logger.info("waiting copy of a job that needs no launch dropped", extra=_job_log(job))
+                    report.add(Outcome.DUPLICATE)
+                    continue
                 self._wait(_Matched(job, pool, job.tags), report)
         return admitted
 

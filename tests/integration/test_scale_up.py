@@ -879,3 +879,25 @@ def test_an_identity_set_while_the_handler_terminates_is_still_cleaned_up(fleet:
     assert fleet.gitlab_runners() == []
     assert not fleet.token_exists(instance_id)
     assert fleet.leases("docker") == 0
+
+
+def test_a_waiting_copy_of_a_launched_job_is_dropped_while_its_pool_stays_full(fleet: Fleet) -> None:
+    """SQS delivers at least once: a batch whose handler failed after it re-queued a job comes back whole, so a
+    job can have a waiting copy after another copy launched it. While the pool stays full that copy would wait
+    again and again; it is dropped instead, and a job that really waits keeps waiting."""
+    # given a pool of one runner, one job launched and one waiting
+    config = fleet.with_pool("docker", max_runners=1)
+    fleet.pipeline(["docker"], ["docker"])
+    assert fleet.scale_up(config).handle_messages(fleet.take_queued(2)).as_dict() == {"launched": 1, "waiting": 1}
+    [waiting] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    [launched_id] = [j for j in (waiting.job_id - 1, waiting.job_id + 1) if fleet.job(j).get("launch_id")]
+    copy = waiting.but(job_id=launched_id)
+
+    # when both come back while the pool is still full
+    report = fleet.scale_up(config).handle([copy, waiting])
+
+    # then the copy is dropped and the waiting job waits again
+    assert report.as_dict() == {"duplicate": 1, "waiting": 1}
+    [again] = [QueuedJob.from_json(b) for b in fleet.take_queued(1)]
+    assert again.job_id == waiting.job_id
+    assert len(fleet.instances("docker")) == 1
