@@ -1,4 +1,5 @@
-"""The GitLab API as scale-up uses it: read a job, create, find, re-token and delete runners.
+"""The GitLab API as the fleet uses it: read and retry jobs, list a project's pending jobs, and create, find,
+list, pause, re-token and delete runners.
 
 python-gitlab does the HTTP; it is imported on first use, so the webhook Lambda, which never calls GitLab,
 does not pay for it at cold start. Every failure that a later attempt may fix (5xx, 429, timeouts, refused
@@ -36,6 +37,18 @@ class JobInfo:
     job_id: int
     status: str
     tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GitLabRunner:
+    """One runner of the fleet's scope as GitLab lists it. ``status`` is the REST API's: ``online``,
+    ``offline``, ``stale`` or ``never_contacted`` (a paused runner that is heard from is listed online or
+    offline, with ``paused`` true)."""
+
+    runner_id: int
+    description: str
+    status: str
+    paused: bool
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,55 @@ class GitLabApi:
             return None
 
         return self._call(f"GET {path}", search)
+
+    def runners(self) -> list[GitLabRunner]:
+        """Every runner of the configured scope, one paginated listing (100 a page)."""
+        path, query = self._runner_listing()
+
+        def listing(gl: Any) -> list[GitLabRunner]:
+            return [
+                GitLabRunner(
+                    runner_id=int(runner["id"]),
+                    description=str(runner.get("description") or ""),
+                    status=str(runner.get("status") or ""),
+                    paused=bool(runner.get("paused", not runner.get("active", True))),
+                )
+                for runner in gl.http_list(path, query_data={**query, "per_page": 100}, iterator=True)
+            ]
+
+        return self._call(f"GET {path}", listing)
+
+    def set_paused(self, runner_id: int, paused: bool) -> bool:
+        """Pause (no new job is given to it) or resume a runner; False when GitLab no longer knows it."""
+        path = f"/runners/{runner_id}"
+        done = self._call_or_none(f"PUT {path}", lambda gl: gl.http_put(path, post_data={"paused": paused}))
+        return done is not None
+
+    def running_jobs(self, runner_id: int) -> list[tuple[int, int]] | None:
+        """``(project id, job id)`` of the jobs the runner is running now; None when GitLab no longer knows it."""
+        path = f"/runners/{runner_id}/jobs"
+
+        def listing(gl: Any) -> list[tuple[int, int]]:
+            jobs = gl.http_list(path, query_data={"status": "running", "per_page": 100}, iterator=True)
+            return [(int(job["project"]["id"]), int(job["id"])) for job in jobs]
+
+        return self._call_or_none(f"GET {path}", listing)
+
+    def pending_jobs(self, project_id: int) -> list[int] | None:
+        """Ids of the project's pending jobs (one paginated listing); None when GitLab does not know the project."""
+        path = f"/projects/{project_id}/jobs"
+
+        def listing(gl: Any) -> list[int]:
+            jobs = gl.http_list(path, query_data={"scope[]": "pending", "per_page": 100}, iterator=True)
+            return [int(job["id"]) for job in jobs]
+
+        return self._call_or_none(f"GET {path}", listing)
+
+    def retry_job(self, project_id: int, job_id: int) -> int | None:
+        """Retry a finished job: GitLab makes a new job (returned by id) from it. None when the job is gone."""
+        path = f"/projects/{project_id}/jobs/{job_id}/retry"
+        answer = self._call_or_none(f"POST {path}", lambda gl: gl.http_post(path))
+        return None if answer is None else int(answer["id"])
 
     def reset_runner_token(self, runner_id: int) -> str:
         path = f"/runners/{runner_id}/reset_authentication_token"

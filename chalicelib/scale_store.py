@@ -27,6 +27,7 @@ from chalicelib.gitlab_events import JobStatus
 from chalicelib.store import (
     FINISHED_JOB_TTL_SECONDS,
     IDLE_RUNNERS_INDEX,
+    LIVE_ATTRIBUTE,
     FleetStore,
     RunnerState,
     attribute_value,
@@ -174,6 +175,7 @@ class RunnerRecord:
                 "lease": True,
                 "max_builds": self.max_builds or None,
                 "updated_at": now,
+                LIVE_ATTRIBUTE: "runner",
             }
         )
 
@@ -387,10 +389,10 @@ class ScaleStore(FleetStore):
                     "Update": _update(
                         self.table,
                         pool_key(pool),
-                        "SET kind = :kind, #name = :name ADD leases :take",
+                        "SET kind = :kind, #name = :name, #live = :kind ADD leases :take",
                         {":kind": "pool", ":name": pool, ":take": take, ":limit": max_runners - take},
                         "attribute_not_exists(leases) OR leases <= :limit",
-                        names={"#name": "name"},
+                        names={"#name": "name", "#live": LIVE_ATTRIBUTE},
                     )
                 },
                 {
@@ -406,6 +408,7 @@ class ScaleStore(FleetStore):
                                 "state": LaunchState.LAUNCHING.value,
                                 "started_at": now,
                                 "plan": plan(take) if plan else None,
+                                LIVE_ATTRIBUTE: "launch",
                             }
                         ),
                         "ConditionExpression": "attribute_not_exists(pk)",
@@ -491,7 +494,7 @@ class ScaleStore(FleetStore):
             _update(
                 self.table,
                 launch_key(launch_id),
-                "SET #state = :done, finished_at = :now, instances = :ids",
+                f"SET #state = :done, finished_at = :now, instances = :ids REMOVE {LIVE_ATTRIBUTE}",
                 {":done": LaunchState.LAUNCHED.value, ":now": self._clock(), ":ids": instance_ids},
                 names={"#state": "state"},
             ),
@@ -622,16 +625,17 @@ class ScaleStore(FleetStore):
     def note_orphan_runner(self, instance_id: str, gitlab_runner_id: int) -> None:
         """A GitLab runner made for an instance terminated meanwhile, which could not be deleted at once.
 
-        Kept on the terminated record with the cleanup mark, for a retried event (or reconciliation, not built yet)
-        to delete.
+        Kept on the terminated record with the cleanup mark (and back in the live index), for a retried event or
+        reconcile to delete.
         """
         self._write(
             "update_item",
             _update(
                 self.table,
                 runner_key(instance_id),
-                "SET gitlab_runner_id = :id, gitlab_cleanup = :pending, updated_at = :now",
-                {":id": gitlab_runner_id, ":pending": CLEANUP_PENDING, ":now": self._clock()},
+                "SET gitlab_runner_id = :id, gitlab_cleanup = :pending, updated_at = :now, #live = :runner",
+                {":id": gitlab_runner_id, ":pending": CLEANUP_PENDING, ":now": self._clock(), ":runner": "runner"},
+                names={"#live": LIVE_ATTRIBUTE},
             ),
         )
 
@@ -744,7 +748,7 @@ class ScaleStore(FleetStore):
             _update(
                 self.table,
                 runner_key(instance_id),
-                "REMOVE token_cleanup" + (", gitlab_cleanup" if gitlab else ""),
+                "REMOVE token_cleanup" + (f", gitlab_cleanup, {LIVE_ATTRIBUTE}" if gitlab else ""),
                 {":t": RunnerState.TERMINATED.value},
                 "#state = :t",
                 names={"#state": "state"},

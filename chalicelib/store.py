@@ -76,6 +76,12 @@ def hook_key(project_id: int) -> str:
 # The sparse global secondary index of idle runners: only a runner record that is idle, with builds left, carries
 # ``idle_pool`` (its pool) and ``idle_since``, so scale-up counts a pool's idle runners with one Query.
 IDLE_RUNNERS_INDEX = "idle-runners"
+# The sparse global secondary index of the fleet's live records, which reconcile reads instead of the whole table:
+# an item carries ``live`` (its kind) while reconcile may have to act on it, and loses it once settled. Runner
+# records while their instance lives or their cleanup is unfinished, launches until launched (or settled), pool
+# counters always, and job items until their job finished. Token items never carry it.
+FLEET_RECORDS_INDEX = "fleet-records"
+LIVE_ATTRIBUTE = "live"
 
 
 class RunnerState(str, Enum):
@@ -85,6 +91,8 @@ class RunnerState(str, Enum):
     BUSY = "busy"  # running a job
     IDLE = "idle"  # between jobs, with builds left: it takes the next matching job by itself
     DONE = "done"  # ran its last build; its instance powers off
+    # paused in GitLab and taking no new job: its spot capacity is being reclaimed, or reconcile retires it
+    DRAINING = "draining"
     TERMINATED = "terminated"  # its instance is gone and its lease back in the pool
 
 
@@ -515,6 +523,7 @@ class FleetStore:
             "writer": writer,
         }
         values["ttl"] = int(now) + (FINISHED_JOB_TTL_SECONDS if event.status.finished else UNFINISHED_JOB_TTL_SECONDS)
+        values[LIVE_ATTRIBUTE] = None if event.status.finished else "job"
         present = {k: v for k, v in values.items() if v is not None}
         names = {f"#a{i}": k for i, k in enumerate(present)}
         assignments = ", ".join(f"#a{i} = :v{i}" for i in range(len(present)))
@@ -543,10 +552,11 @@ class FleetStore:
             attribute_values[":replays"] = {"SS": [replay_key]}
             additions += ", replays :replays"
             condition += " AND NOT contains(replays, :replay)"
+        removals = f" REMOVE {LIVE_ATTRIBUTE}" if event.status.finished else ""
         return {
             "TableName": self.table,
             "Key": {"pk": {"S": job_key(event.project_id, event.job_id)}},
-            "UpdateExpression": f"SET {assignments} ADD {additions}",
+            "UpdateExpression": f"SET {assignments} ADD {additions}{removals}",
             "ConditionExpression": condition,
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": attribute_values,

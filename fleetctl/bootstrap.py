@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,7 +33,7 @@ from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
 from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
-from chalicelib.store import IDLE_RUNNERS_INDEX
+from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE
 from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.ami import (
     AMI_ID,
@@ -97,6 +98,22 @@ _IDLE_INDEX: dict[str, Any] = {
         {"AttributeName": "idle_since", "KeyType": "RANGE"},
     ],
     "Projection": {"ProjectionType": "KEYS_ONLY"},
+}
+# Reconcile reads the fleet's live records (runners, launches, pools, unfinished jobs) from this sparse index:
+# only they carry ``live``, so a run reads pages of the fleet, not of the table's job history. Token items never
+# carry it, so no token is copied into the index.
+_LIVE_INDEX_ATTRIBUTES = ({"AttributeName": LIVE_ATTRIBUTE, "AttributeType": "S"},)
+_LIVE_INDEX: dict[str, Any] = {
+    "IndexName": FLEET_RECORDS_INDEX,
+    "KeySchema": [
+        {"AttributeName": LIVE_ATTRIBUTE, "KeyType": "HASH"},
+        {"AttributeName": "pk", "KeyType": "RANGE"},
+    ],
+    "Projection": {"ProjectionType": "ALL"},
+}
+_INDEXES: dict[str, tuple[tuple[dict[str, str], ...], dict[str, Any]]] = {
+    IDLE_RUNNERS_INDEX: (_IDLE_INDEX_ATTRIBUTES, _IDLE_INDEX),
+    FLEET_RECORDS_INDEX: (_LIVE_INDEX_ATTRIBUTES, _LIVE_INDEX),
 }
 
 
@@ -177,17 +194,18 @@ class Bootstrapper:
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
-            return Change("table", name, Verb.CREATE, f"on-demand, encrypted, TTL on ttl, index {IDLE_RUNNERS_INDEX}")
+            indexes = " and ".join(_INDEXES)
+            return Change("table", name, Verb.CREATE, f"on-demand, encrypted, TTL on ttl, indexes {indexes}")
         table = self._aws.dynamodb.describe_table(TableName=name)["Table"]
-        missing = []
-        if IDLE_RUNNERS_INDEX not in {i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])}:
-            missing.append(f"add index {IDLE_RUNNERS_INDEX}")
+        present = {i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])}
+        absent = [index for index in _INDEXES if index not in present]
+        missing = [f"add index {index}" for index in absent]
         ttl = self._aws.dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             missing.append("enable TTL on ttl")
         if missing:
             params = {
-                "add_index": f"add index {IDLE_RUNNERS_INDEX}" in missing,
+                "add_indexes": absent,
                 "enable_ttl": "enable TTL on ttl" in missing,
             }
             return Change("table", name, Verb.UPDATE, ", ".join(missing), params)
@@ -198,24 +216,42 @@ class Bootstrapper:
         if change.verb is Verb.CREATE:
             ddb.create_table(
                 TableName=change.name,
-                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, *_IDLE_INDEX_ATTRIBUTES],
+                AttributeDefinitions=[
+                    {"AttributeName": "pk", "AttributeType": "S"},
+                    *(attribute for attributes, _ in _INDEXES.values() for attribute in attributes),
+                ],
                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                GlobalSecondaryIndexes=[_IDLE_INDEX],
+                GlobalSecondaryIndexes=[index for _, index in _INDEXES.values()],
                 BillingMode="PAY_PER_REQUEST",
                 SSESpecification={"Enabled": True},
                 Tags=[{"Key": k, "Value": v} for k, v in self._tags().items()],
             )
             ddb.get_waiter("table_exists").wait(TableName=change.name, WaiterConfig={"Delay": 1})
-        elif change.params.get("add_index"):
-            ddb.update_table(
-                TableName=change.name,
-                AttributeDefinitions=list(_IDLE_INDEX_ATTRIBUTES),
-                GlobalSecondaryIndexUpdates=[{"Create": _IDLE_INDEX}],
-            )
+        else:
+            for name in change.params.get("add_indexes", ()):
+                # DynamoDB creates one index per UpdateTable, and refuses another while one is being created.
+                self._wait_for_indexes(change.name)
+                attributes, index = _INDEXES[name]
+                ddb.update_table(
+                    TableName=change.name,
+                    AttributeDefinitions=list(attributes),
+                    GlobalSecondaryIndexUpdates=[{"Create": index}],
+                )
         if change.verb is Verb.CREATE or change.params.get("enable_ttl"):
             ddb.update_time_to_live(
                 TableName=change.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
             )
+
+    def _wait_for_indexes(self, table: str, timeout: float = 600.0) -> None:
+        """Until no index of ``table`` is being created (a new index backfills for minutes on a large table)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            indexes = self._aws.dynamodb.describe_table(TableName=table)["Table"].get("GlobalSecondaryIndexes", [])
+            if all(index.get("IndexStatus", "ACTIVE") != "CREATING" for index in indexes):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"an index of table {table} is still being created after {timeout:.0f} s")
+            time.sleep(5)
 
     # -- SQS ------------------------------------------------------------------------------------------------
 

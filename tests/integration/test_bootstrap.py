@@ -204,10 +204,11 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     ddb, sqs, ssm = clients.dynamodb, clients.sqs, clients.ssm
     table = ddb.describe_table(TableName="bootstrap-test")["Table"]
     assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
-    # the sparse index scale-up counts a pool's idle runners in
-    [index] = table["GlobalSecondaryIndexes"]
-    assert index["IndexName"] == "idle-runners"
-    assert [k["AttributeName"] for k in index["KeySchema"]] == ["idle_pool", "idle_since"]
+    # the sparse indexes: scale-up counts a pool's idle runners in one, reconcile reads the live records in the other
+    indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
+    assert sorted(indexes) == ["fleet-records", "idle-runners"]
+    assert [k["AttributeName"] for k in indexes["idle-runners"]["KeySchema"]] == ["idle_pool", "idle_since"]
+    assert [k["AttributeName"] for k in indexes["fleet-records"]["KeySchema"]] == ["live", "pk"]
     ttl = ddb.describe_time_to_live(TableName="bootstrap-test")["TimeToLiveDescription"]
     assert ttl["AttributeName"] == "ttl"
     dlq_url = sqs.get_queue_url(QueueName="bootstrap-test-jobs-dlq")["QueueUrl"]
@@ -721,7 +722,7 @@ def test_policy_has_no_wildcard_action_and_nothing_on_ec2() -> None:
     assert [s["Sid"] for s in policy["Statement"] if "*" in _as_list(s["Resource"])] == ["EcrLogin"]
 
 
-def test_a_table_made_before_the_idle_index_gets_it_and_keeps_its_items(
+def test_a_table_made_before_the_indexes_gets_them_and_keeps_its_items(
     clients: AwsClients, config: FleetConfig
 ) -> None:
     # given a fleet table as an earlier bootstrap made it: no index, TTL on, one item in it
@@ -740,12 +741,12 @@ def test_a_table_made_before_the_idle_index_gets_it_and_keeps_its_items(
     # when bootstrap runs
     plan = run(config, clients)
 
-    # then the table is updated with the index alone, and nothing in it is lost
+    # then the table is updated with the indexes alone, and nothing in it is lost
     assert by_name(plan)[config.state.table].describe() == (
-        f"update   table      {config.state.table} (add index idle-runners)"
+        f"update   table      {config.state.table} (add index idle-runners, add index fleet-records)"
     )
     indexes = ddb.describe_table(TableName=config.state.table)["Table"]["GlobalSecondaryIndexes"]
-    assert [i["IndexName"] for i in indexes] == ["idle-runners"]
+    assert sorted(i["IndexName"] for i in indexes) == ["fleet-records", "idle-runners"]
     assert ddb.get_item(TableName=config.state.table, Key={"pk": {"S": "POOL#docker"}})["Item"]["leases"] == {"N": "2"}
     # and a second run keeps it
     assert by_name(run(config, clients))[config.state.table].verb is Verb.KEEP
