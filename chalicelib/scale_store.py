@@ -127,6 +127,10 @@ class RunnerRecord:
     token_cleanup: bool = False  # terminated, and its token may still exist
     gitlab_cleanup: bool = False  # terminated, and its GitLab runner may still exist
     max_builds: int = 0  # builds its runner takes before it powers off (0: not recorded)
+    draining: str = ""  # why it is paused in GitLab and takes no new job ("" while it is not)
+    busy: tuple[str, ...] = ()  # "<project>:<job>" of the jobs the Job Hooks say it runs
+    first_job_at: float = 0.0
+    warm: bool = False  # launched to keep its pool warm, not for a job
 
     @property
     def terminated(self) -> bool:
@@ -153,6 +157,10 @@ class RunnerRecord:
             token_cleanup=values.get("token_cleanup") == CLEANUP_PENDING,
             gitlab_cleanup=values.get("gitlab_cleanup") == CLEANUP_PENDING,
             max_builds=int(values.get("max_builds", 0)),
+            draining=str(values.get("draining", "")),
+            busy=tuple(sorted(str(job) for job in values.get("busy", ()))),
+            first_job_at=float(values.get("first_job_at", 0)),
+            warm=bool(values.get("warm", False)),
         )
 
     def new_item(self, now: float) -> dict[str, Any]:
@@ -174,6 +182,7 @@ class RunnerRecord:
                 "state": self.state.value,
                 "lease": True,
                 "max_builds": self.max_builds or None,
+                "warm": self.warm or None,
                 "updated_at": now,
                 LIVE_ATTRIBUTE: "runner",
             }
@@ -754,6 +763,60 @@ class ScaleStore(FleetStore):
                 names={"#state": "state"},
             ),
         )
+
+    def drain_runner(self, instance_id: str, reason: str, *, only_idle: bool = False) -> RunnerRecord | None:
+        """Mark a runner draining (paused in GitLab, taking no new job) and take it out of the idle index.
+
+        With ``only_idle``, only a runner the Job Hooks say runs nothing (idle, or booted and never given a job),
+        not draining already, is marked: the conditional write is what a running Job Hook races. Returns the
+        record as marked, or None when it was refused (terminated, done, or, with ``only_idle``, not idle).
+        """
+        condition = "attribute_exists(pk) AND #state IN (:booting, :idle, :busy)"
+        if only_idle:
+            condition += (
+                " AND #state IN (:booting, :idle) AND attribute_not_exists(busy) AND attribute_not_exists(draining)"
+            )
+        request = _update(
+            self.table,
+            runner_key(instance_id),
+            "SET draining = :reason, draining_at = :now, updated_at = :now REMOVE idle_pool, idle_since",
+            {
+                ":reason": reason,
+                ":now": self._clock(),
+                ":booting": RunnerState.BOOTING.value,
+                ":idle": RunnerState.IDLE.value,
+                ":busy": RunnerState.BUSY.value,
+            },
+            condition,
+            names={"#state": "state"},
+        )
+        request["ReturnValues"] = "ALL_NEW"
+        try:
+            answer = self._past_conflicts(lambda: self._client.update_item(**request))
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return None
+        return RunnerRecord.from_item(from_item(answer["Attributes"]))
+
+    def undrain_runner(self, instance_id: str, reason: str) -> bool:
+        """Clear the draining mark ``reason`` set (a retire given up because the runner took a job)."""
+        try:
+            self._write(
+                "update_item",
+                _update(
+                    self.table,
+                    runner_key(instance_id),
+                    "REMOVE draining, draining_at",
+                    {":reason": reason},
+                    "draining = :reason",
+                ),
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
 
     def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
         """The invocation ends with runners still missing an identity; the next delivery may resume at once."""

@@ -85,14 +85,16 @@ LIVE_ATTRIBUTE = "live"
 
 
 class RunnerState(str, Enum):
-    """Where a runner record is in its life; the Job Hooks' running and finished events move idle and busy."""
+    """Where a runner record is in its life; the Job Hooks' running and finished events move idle and busy.
+
+    Draining is not a state of its own but a mark beside it (``draining``, the reason): a draining runner is paused
+    in GitLab, takes no new job and is not counted idle, while the Job Hooks still say whether it runs one.
+    """
 
     BOOTING = "booting"  # its instance was launched; the runner has not taken a job yet
     BUSY = "busy"  # running a job
     IDLE = "idle"  # between jobs, with builds left: it takes the next matching job by itself
     DONE = "done"  # ran its last build; its instance powers off
-    # paused in GitLab and taking no new job: its spot capacity is being reclaimed, or reconcile retires it
-    DRAINING = "draining"
     TERMINATED = "terminated"  # its instance is gone and its lease back in the pool
 
 
@@ -428,6 +430,9 @@ class FleetStore:
         builds, max_builds = int(new.get("builds", 0)), int(new.get("max_builds", 0))
         if max_builds and builds >= max_builds:
             state, update = RunnerState.DONE, "SET #state = :state"
+        elif "draining" in new:
+            # Paused in GitLab: it takes no job, so it is not idle capacity for scale-up to count.
+            state, update = RunnerState.IDLE, "SET #state = :state"
         else:
             state, update = RunnerState.IDLE, "SET #state = :state, idle_pool = :pool, idle_since = :at"
         values: dict[str, Any] = {
@@ -437,7 +442,7 @@ class FleetStore:
             ":builds": {"N": str(builds)},
             ":terminated": {"S": RunnerState.TERMINATED.value},
         }
-        if state is RunnerState.DONE:
+        if "idle_pool" not in update:
             del values[":pool"], values[":at"]
         try:
             # Only if nothing moved since: no job started on it meanwhile, no other finish counted, not terminated.
@@ -445,7 +450,8 @@ class FleetStore:
                 TableName=self.table,
                 Key={"pk": {"S": runner_key(instance_id)}},
                 UpdateExpression=update,
-                ConditionExpression="#state <> :terminated AND attribute_not_exists(busy) AND builds = :builds",
+                ConditionExpression="#state <> :terminated AND attribute_not_exists(busy) AND builds = :builds"
+                + (" AND attribute_not_exists(draining)" if "idle_pool" in update else ""),
                 ExpressionAttributeNames={"#state": "state"},
                 ExpressionAttributeValues=values,
             )
