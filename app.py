@@ -8,7 +8,7 @@ deploy, so the event source mapping names the same queue.
 
 from __future__ import annotations
 
-from chalice.app import Chalice, CloudWatchEvent, ConvertToMiddleware, Response, SQSEvent
+from chalice.app import Chalice, CloudWatchEvent, ConvertToMiddleware, Rate, Response, SQSEvent
 
 from chalicelib import runtime
 from chalicelib.observability import logger, metrics
@@ -47,3 +47,9 @@ def instance_state(event: CloudWatchEvent) -> None:
     from chalicelib.instances import parse_state_change
 
     runtime.instance_events().handle(parse_state_change(event.to_dict()))
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES))
+def reconcile(event: CloudWatchEvent) -> None:
+    # Every minute: reap what went wrong, recover lost jobs, retire old runners, keep warm pools warm.
+    runtime.reconciler().run()

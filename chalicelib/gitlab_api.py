@@ -39,6 +39,13 @@ class JobInfo:
     tags: tuple[str, ...]
 
 
+def _epoch(value: Any) -> float:
+    """Seconds since the epoch of GitLab's ISO 8601 timestamp (0 when absent)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else 0.0
+
+
 @dataclass(frozen=True)
 class GitLabRunner:
     """One runner of the fleet's scope as GitLab lists it. ``status`` is the REST API's: ``online``,
@@ -173,13 +180,14 @@ class GitLabApi:
 
         return self._call_or_none(f"GET {path}", listing)
 
-    def pending_jobs(self, project_id: int) -> list[int] | None:
-        """Ids of the project's pending jobs (one paginated listing); None when GitLab does not know the project."""
+    def pending_jobs(self, project_id: int) -> list[tuple[int, float]] | None:
+        """``(job id, created at)`` of the project's pending jobs (one paginated listing); None when GitLab does not
+        know the project."""
         path = f"/projects/{project_id}/jobs"
 
-        def listing(gl: Any) -> list[int]:
+        def listing(gl: Any) -> list[tuple[int, float]]:
             jobs = gl.http_list(path, query_data={"scope[]": "pending", "per_page": 100}, iterator=True)
-            return [int(job["id"]) for job in jobs]
+            return [(int(job["id"]), _epoch(job.get("created_at"))) for job in jobs]
 
         return self._call_or_none(f"GET {path}", listing)
 

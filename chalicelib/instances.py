@@ -8,8 +8,8 @@ Order. What is ours in AWS goes first: the runner record is marked terminated (w
 ``gitlab_cleanup`` marks, both ``pending``) and its lease returned in one transaction, then the token is deleted,
 then the GitLab runner, and each mark is cleared once its deletion is done. EventBridge retries a failed
 invocation twice and then drops the event, so a GitLab outage can outlast it: the lease is back at once, and the
-terminated record still names the GitLab runner with its mark, for a retried event (or reconciliation, not built
-yet) to finish.
+terminated record still names the GitLab runner with its mark, for a retried event (or reconcile, which
+finds it in the live index) to finish.
 Every step is idempotent (a missing token or GitLab runner counts as deleted), so a duplicate or retried event
 finishes whatever is left and does nothing more.
 
@@ -81,8 +81,12 @@ class InstanceEvents:
         """Clean up after a terminated instance; raises (so EventBridge retries) only when GitLab or AWS fails."""
         if change.state != EC2_TERMINATED:
             return "ignored"
-        instance_id = change.instance_id
-        termination = self._store.terminate_runner(instance_id, reason="instance terminated")
+        return self.clean_up(change.instance_id, reason="instance terminated")
+
+    def clean_up(self, instance_id: str, reason: str) -> str:
+        """The instance is gone (or going): terminate its record, give its lease back, delete its token and GitLab
+        runner. Idempotent; raises ``RetryableError`` when GitLab fails (the record keeps its cleanup mark)."""
+        termination = self._store.terminate_runner(instance_id, reason=reason)
         if termination.tombstone:
             if termination.newly:
                 logger.info("instance terminated before its runner was recorded", extra={"instance_id": instance_id})
@@ -95,7 +99,7 @@ class InstanceEvents:
         if not record.token_cleanup and not record.gitlab_cleanup:
             return "terminated" if termination.newly else "already terminated"
         # Ours in AWS first (the record and lease above, the token here), GitLab last: a GitLab outage then
-        # leaves only the GitLab runner, named on the record, for a retried event (or reconciliation, not built yet).
+        # leaves only the GitLab runner, named on the record, for a retried event or reconcile.
         if record.token_cleanup and record.token_key:
             self._tokens.delete(record.token_key)
         runner_id = record.gitlab_runner_id

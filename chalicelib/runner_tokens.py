@@ -73,9 +73,17 @@ class RunnerTokens:
         """The item key of an instance's token (scale-up's side only)."""
         return token_key(session_user_id(self.learn_role(), instance_id))
 
-    def put(self, key: str, instance_id: str, token: str, expires_at: float) -> None:
-        """Store (or, after a token reset, replace) an instance's token under ``key``."""
-        item = {"pk": key, "kind": "token", "instance_id": instance_id, "token": token, "ttl": int(expires_at)}
+    def put(self, key: str, instance_id: str, token: str, deadline_at: float) -> None:
+        """Store (or, after a token reset, replace) an instance's token under ``key``; its instance must read it
+        by ``deadline_at`` (its boot deadline), and TTL deletes it ``TOKEN_GRACE_SECONDS`` later."""
+        item = {
+            "pk": key,
+            "kind": "token",
+            "instance_id": instance_id,
+            "token": token,
+            "deadline_at": deadline_at,
+            "ttl": int(deadline_at + TOKEN_GRACE_SECONDS),
+        }
         self._dynamodb.put_item(TableName=self._table, Item=to_item(item))
 
     def delete(self, key: str) -> None:

@@ -80,7 +80,7 @@ class LaunchState(str, Enum):
     RESUMING = "resuming"  # another invocation took over an unfinished launch
     INCOMPLETE = "incomplete"  # the invocation ended with runners unfinished; the next delivery resumes it
     LAUNCHED = "launched"  # every runner it made is recorded and has its GitLab identity
-    # It stopped for good (``reason``); any leases it still holds wait for reconciliation (not built yet).
+    # It stopped for good (``reason``); any leases it still holds are given back by reconcile.
     FAILED = "failed"
 
 
@@ -510,7 +510,7 @@ class ScaleStore(FleetStore):
         )
 
     def fail_launch(self, launch_id: str, reason: str) -> None:
-        """The launch stops with ``reason``; any leases it still holds wait for reconciliation (not built yet)."""
+        """The launch stops with ``reason``; any leases it still holds are given back by reconcile."""
         self._write(
             "update_item",
             _update(
@@ -817,6 +817,62 @@ class ScaleStore(FleetStore):
                 raise
             return False
         return True
+
+    def unmark_launch(self, launch_id: str) -> None:
+        """A launch that holds no lease any more leaves the live index."""
+        try:
+            self._write(
+                "update_item",
+                _update(
+                    self.table,
+                    launch_key(launch_id),
+                    f"REMOVE {LIVE_ATTRIBUTE}",
+                    {":none": 0, ":launched": LaunchState.LAUNCHED.value, ":failed": LaunchState.FAILED.value},
+                    "#state = :launched OR (#state = :failed AND leases <= :none)",
+                    names={"#state": "state"},
+                ),
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def take_run_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Hold the lease ``name`` (one reconcile run at a time) for ``seconds``, unless another owner holds it."""
+        now = self._clock()
+        item = {"pk": f"LEASE#{name}", "kind": "lease", "owner": owner, "expires_at": now + seconds}
+        item["ttl"] = int(now + seconds) + 3600
+        try:
+            self._write(
+                "put_item",
+                {
+                    "TableName": self.table,
+                    "Item": to_item(item),
+                    "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now OR #owner = :owner",
+                    "ExpressionAttributeNames": {"#owner": "owner"},
+                    "ExpressionAttributeValues": {":now": attribute_value(now), ":owner": {"S": owner}},
+                },
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
+    def release_run_lease(self, name: str, owner: str) -> None:
+        try:
+            self._write(
+                "delete_item",
+                {
+                    "TableName": self.table,
+                    "Key": {"pk": {"S": f"LEASE#{name}"}},
+                    "ConditionExpression": "#owner = :owner",
+                    "ExpressionAttributeNames": {"#owner": "owner"},
+                    "ExpressionAttributeValues": {":owner": {"S": owner}},
+                },
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
 
     def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
         """The invocation ends with runners still missing an identity; the next delivery may resume at once."""

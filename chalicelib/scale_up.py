@@ -71,7 +71,7 @@ from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.naming import instance_profile_name, launch_template_name, runner_description
 from chalicelib.observability import count, logger
-from chalicelib.runner_tokens import TOKEN_GRACE_SECONDS, RunnerRole, RunnerTokens
+from chalicelib.runner_tokens import RunnerRole, RunnerTokens
 from chalicelib.scale_store import (
     Claim,
     ClaimOutcome,
@@ -598,6 +598,7 @@ class ScaleUp:
         *,
         adopting: bool,
         held: int,
+        warm: bool = False,
     ) -> None:
         """Record the launch's instances, then give each its GitLab runner and token (see the module docstring).
 
@@ -605,7 +606,7 @@ class ScaleUp:
         (instances never made, or terminated before they were recorded) go back to the pool.
         """
         try:
-            alive, ready = self._record(pool, launch_id, instances, adopting=adopting, held=held)
+            alive, ready = self._record(pool, launch_id, instances, adopting=adopting, held=held, warm=warm)
         except ClientError as exc:
             # The instances exist and the launch record still holds their leases.
             self._halt(pool, launch_id, items, exc, "recording runners", report)
@@ -662,7 +663,14 @@ class ScaleUp:
             )
 
     def _record(
-        self, pool: PoolConfig, launch_id: str, instances: list[LaunchedInstance], *, adopting: bool, held: int
+        self,
+        pool: PoolConfig,
+        launch_id: str,
+        instances: list[LaunchedInstance],
+        *,
+        adopting: bool,
+        held: int,
+        warm: bool = False,
     ) -> tuple[list[LaunchedInstance], list[str]]:
         """Runner records for the instances not recorded yet; returns the live instances and the ready ones.
 
@@ -684,6 +692,7 @@ class ScaleUp:
                 boot_deadline_at=now + pool.boot_deadline_seconds,
                 token_key=self._tokens.key(i.instance_id),
                 max_builds=pool.max_builds,
+                warm=warm,
             )
             for i in new
         ]
@@ -712,11 +721,11 @@ class ScaleUp:
         are then deleted here, since nobody else knows them. On an AWS error, the runners not stored yet are
         deleted from GitLab (best effort) before it propagates: the retry finds or makes them again.
         """
-        expires_at = self._clock() + pool.boot_deadline_seconds + TOKEN_GRACE_SECONDS
+        deadline_at = self._clock() + pool.boot_deadline_seconds
 
         def store(instance_id: str, credentials: RunnerCredentials) -> bool | ClientError:
             try:
-                self._tokens.put(self._tokens.key(instance_id), instance_id, credentials.token, expires_at)
+                self._tokens.put(self._tokens.key(instance_id), instance_id, credentials.token, deadline_at)
                 if self._store.set_runner_identity(instance_id, credentials.runner_id):
                     return True
                 self._discard_runner(instance_id, credentials.runner_id)
@@ -794,6 +803,52 @@ class ScaleUp:
             )
         except RetryableError as exc:
             return exc
+
+    # -- warm runners ------------------------------------------------------------------------------------------
+
+    def launch_warm(self, pool: PoolConfig, wanted: int) -> list[str]:
+        """Launch up to ``wanted`` idle runners for ``pool`` (reconcile keeps warm pools topped up), through the
+        same capacity leases as jobs, so a pool never exceeds max_runners. Returns the instances made ready.
+
+        No job waits on them: what EC2 did not make goes back at once, and a launch that stops part way is left
+        ``incomplete`` for reconcile to settle once it is stale.
+        """
+        self._tokens.learn_role()
+        launch_id = self._new_launch_id()
+        granted = self._store.acquire_leases(
+            pool.name,
+            wanted,
+            pool.max_runners,
+            launch_id,
+            plan=lambda take: self._plan(pool, launch_id, take).to_json(),
+        )
+        if not granted:
+            return []
+        try:
+            result = self._launcher.execute(self._plan(pool, launch_id, granted))
+        except LaunchOutcomeUnknownError as exc:
+            self._store.mark_launch_incomplete(launch_id, exc.reason)
+            count("LaunchErrors")
+            return []
+        except (RetryableError, LaunchRefusedError) as exc:
+            reason = exc.code if isinstance(exc, LaunchRefusedError) else exc.reason
+            self._store.give_back_launch_leases(launch_id, pool.name, granted, granted, finished=True, reason=reason)
+            count("LaunchErrors")
+            logger.warning("warm launch failed", extra={"pool": pool.name, "launch_id": launch_id, "reason": reason})
+            return []
+        instances = list(result.instances)
+        if len(instances) < granted:
+            # Also when the on-demand fallback got no answer: an instance it made anyway has no record, and
+            # reconcile reaps it as untracked once it is stale.
+            missing = granted - len(instances)
+            self._store.give_back_launch_leases(
+                launch_id, pool.name, granted, missing, finished=not instances, reason="capacity"
+            )
+        if not instances:
+            return []
+        report = BatchReport()
+        self._complete(pool, launch_id, instances, [], report, adopting=False, held=len(instances), warm=True)
+        return list(report.instances)
 
     # -- re-queueing -------------------------------------------------------------------------------------------
 

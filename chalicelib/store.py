@@ -230,6 +230,8 @@ class HookRecord:
                 "gitlab_url": self.gitlab_url,
                 "webhook_url": self.webhook_url,
                 "connected_at": self.connected_at,
+                # Its project's pending jobs are swept by reconcile, for deliveries GitLab never made.
+                LIVE_ATTRIBUTE: "hook",
             }
         )
 
@@ -374,6 +376,54 @@ class FleetStore:
             for item in page.get("Items", []):
                 yield UnqueuedJob.from_item(from_item(item))
 
+    def claim_for_sweep(self, project_id: int, job_id: int, pipeline_id: int | None = None) -> str | None:
+        """Take the queue claim of a pending job a sweep found: one the table does not know (its item is written
+        now, pending and unqueued) or one recorded but never queued whose claim is free. Returns the claim, to
+        pass to :meth:`mark_queued` after the send (or :meth:`release_queue_claim` if it fails), or None when
+        the job is known otherwise (queued, claimed by a live sender, launched or settled)."""
+        now = self._clock()
+        claim = uuid.uuid4().hex
+        values: dict[str, Any] = {
+            ":claim": {"S": claim},
+            ":now": attribute_value(now),
+            ":stale": attribute_value(now - QUEUE_CLAIM_SECONDS),
+            ":no": {"BOOL": False},
+            ":job": {"S": "job"},
+            ":pending": {"S": JobStatus.PENDING.value},
+            ":rank": attribute_value(JobStatus.PENDING.rank),
+            ":project": attribute_value(project_id),
+            ":jobid": attribute_value(job_id),
+            ":ttl": attribute_value(int(now) + UNFINISHED_JOB_TTL_SECONDS),
+        }
+        assignments = (
+            "kind = :job, project_id = :project, job_id = :jobid, #status = if_not_exists(#status, :pending), "
+            "status_rank = if_not_exists(status_rank, :rank), pending_at = if_not_exists(pending_at, :now), "
+            "#queued = :no, queue_claim = :claim, queue_claim_at = :now, updated_at = :now, #live = :job, "
+            "#ttl = if_not_exists(#ttl, :ttl)"
+        )
+        if pipeline_id is not None:
+            assignments += ", pipeline_id = if_not_exists(pipeline_id, :pipeline)"
+            values[":pipeline"] = attribute_value(pipeline_id)
+        request = {
+            "TableName": self.table,
+            "Key": {"pk": {"S": job_key(project_id, job_id)}},
+            "UpdateExpression": f"SET {assignments}",
+            "ConditionExpression": (
+                "attribute_not_exists(pk) OR (#status = :pending AND #queued = :no"
+                " AND attribute_not_exists(launch_id) AND attribute_not_exists(outcome)"
+                " AND (attribute_not_exists(queue_claim) OR queue_claim_at < :stale))"
+            ),
+            "ExpressionAttributeNames": {
+                "#status": "status",
+                "#queued": "queued",
+                "#live": LIVE_ATTRIBUTE,
+                "#ttl": "ttl",
+            },
+            "ExpressionAttributeValues": values,
+        }
+        refused = self._update_unless_refused(request)
+        return claim if refused is None or refused.get("queue_claim") == claim else None
+
     def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """Make a conditional UpdateItem: None when it applied, else the item as it was when it was refused."""
         try:
@@ -497,13 +547,31 @@ class FleetStore:
         item = found.get("Item")
         return from_item(item) if item else None
 
-    def scan(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every item (of one kind). For the operator's status view, never on a Lambda hot path."""
+    def scan(self, kind: str | None = None, projection: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+        """Every item (of one kind; only the ``projection`` attributes when given). For the operator's status view
+        and the invariants, never on a Lambda hot path."""
         kwargs: dict[str, Any] = {"TableName": self.table}
         if kind is not None:
             kwargs["FilterExpression"] = "kind = :kind"
             kwargs["ExpressionAttributeValues"] = {":kind": {"S": kind}}
+        if projection:
+            kwargs["ProjectionExpression"] = ", ".join(f"#p{i}" for i in range(len(projection)))
+            kwargs["ExpressionAttributeNames"] = {f"#p{i}": name for i, name in enumerate(projection)}
         for page in self._client.get_paginator("scan").paginate(**kwargs):
+            for item in page.get("Items", []):
+                yield from_item(item)
+
+    def live_records(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The items of one kind in the sparse ``fleet-records`` index (see :data:`FLEET_RECORDS_INDEX`): one
+        paginated Query, eventually consistent like every GSI read."""
+        pages = self._client.get_paginator("query").paginate(
+            TableName=self.table,
+            IndexName=FLEET_RECORDS_INDEX,
+            KeyConditionExpression="#live = :kind",
+            ExpressionAttributeNames={"#live": LIVE_ATTRIBUTE},
+            ExpressionAttributeValues={":kind": {"S": kind}},
+        )
+        for page in pages:
             for item in page.get("Items", []):
                 yield from_item(item)
 

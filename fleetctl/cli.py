@@ -314,14 +314,23 @@ def gitlab_connect(
 def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
     """Jobs by status (and those recorded but never queued), runners by state, each pool's runners, leases and
     image, and whether GitLab still executes each hook ``gitlab connect`` made."""
+    from chalicelib.lifecycle.facts import FactSource
+    from chalicelib.scale_store import ScaleStore
     from chalicelib.store import FleetStore
-    from fleetctl.status import fleet_status
+    from fleetctl.status import fleet_status, invariant_report
 
     config = _load(config_path)
     clients = _clients(config)
     summary = fleet_status(
         config, FleetStore(config.state.table, clients.dynamodb), _hook_reader(config, clients, gitlab_token)
     )
+    source = FactSource(
+        config,
+        ScaleStore(config.state.table, clients.dynamodb),
+        clients.ec2,
+        _gitlab_api(config, clients, gitlab_token),
+    )
+    summary["invariants"] = invariant_report(config, source)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return
@@ -333,6 +342,12 @@ def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
         f"[bold]{summary['fleet']}[/bold]  jobs: {summary['jobs'] or '-'}  runners: {summary['runners'] or '-'}"
         f"  unqueued jobs: {summary['unqueued_jobs']}"
     )
+    invariants = summary["invariants"]
+    verdict = "hold" if invariants["hold"] else f"[red]{len(invariants['violations'])} violated[/red]"
+    unread = f" (not checked: {', '.join(invariants['unchecked'])})" if invariants["unchecked"] else ""
+    console.print(f"invariants: {verdict}{unread}")
+    for violation in invariants["violations"]:
+        console.print(f"  {violation}", soft_wrap=True, markup=False)
     for hook in summary["hooks"]:
         state = hook["alert_status"] or f"unknown ({hook['error']})"
         until = f" until {hook['disabled_until']}" if hook["alert_status"] == "temporarily_disabled" else ""
@@ -356,15 +371,13 @@ def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
     console.print(table)
 
 
-def _hook_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
-    """Reads a recorded hook from GitLab with ``gitlab_token``, else the fleet's own API token from SSM (read once,
-    when the first hook is read)."""
+def _token_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
+    """``gitlab_token``, else the fleet's own API token from SSM, read once, when first needed; raises
+    GitLabUnavailableError when it cannot be read."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from chalicelib.aws import error_code
     from chalicelib.errors import GitLabUnavailableError
-    from chalicelib.store import HookRecord
-    from fleetctl.gitlab_connect import HookState, read_project_hook
 
     tokens: list[str] = [gitlab_token] if gitlab_token else []
 
@@ -380,10 +393,66 @@ def _hook_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
             tokens.append(str(found["Parameter"]["Value"]))
         return tokens[0]
 
+    return token
+
+
+def _gitlab_api(config: Any, clients: Any, gitlab_token: str | None) -> Any:
+    """The fleet's GitLab API client, as the Lambdas build it, with the operator's token or the fleet's."""
+    from chalicelib.errors import GitLabUnavailableError, RetryableError
+    from chalicelib.gitlab_api import GitLabApi
+
+    read_token = _token_reader(config, clients, gitlab_token)
+
+    def token() -> str:
+        try:
+            return str(read_token())
+        except GitLabUnavailableError as exc:
+            raise RetryableError(exc.reason) from None
+
+    gitlab = config.gitlab
+    return GitLabApi(gitlab.url, token, runner_type=gitlab.runner_type, owner_id=gitlab.runner_owner_id)
+
+
+def _hook_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
+    """Reads a recorded hook from GitLab with ``gitlab_token``, else the fleet's own API token from SSM (read once,
+    when the first hook is read)."""
+    from chalicelib.store import HookRecord
+    from fleetctl.gitlab_connect import HookState, read_project_hook
+
+    token = _token_reader(config, clients, gitlab_token)
+
     def read(hook: HookRecord) -> HookState:
         return read_project_hook(hook.gitlab_url or config.gitlab.url, token(), hook.project_id, hook.hook_id)
 
     return read
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--once", is_flag=True, help="One run, then exit (else a run every --interval seconds).")
+@click.option("--interval", type=click.IntRange(10, 3600), default=60, show_default=True)
+@click.option(
+    "--gitlab-token",
+    envvar="GITLAB_TOKEN",
+    help="API token to use. Defaults to $GITLAB_TOKEN, else the config's gitlab.token_parameter.",
+)
+def reconcile(config_path: Path, once: bool, interval: int, gitlab_token: str | None) -> None:
+    """Run reconcile as the scheduled Lambda does: reap orphans, settle stale launches, retire old runners,
+    recover lost jobs and keep warm pools warm. Prints each run's report as JSON."""
+    import time
+
+    from chalicelib.lifecycle.reconcile import build_reconciler
+    from chalicelib.scale_up import build_scale_up
+
+    config = _load(config_path)
+    clients = _clients(config)
+    gitlab = _gitlab_api(config, clients, gitlab_token)
+    reconciler = build_reconciler(config, clients, gitlab, lambda: build_scale_up(config, clients, gitlab))
+    while True:
+        click.echo(json.dumps(reconciler.run().as_dict(), sort_keys=True))
+        if once:
+            return
+        time.sleep(interval)
 
 
 # -- sandbox ----------------------------------------------------------------------------------------------------
@@ -442,7 +511,7 @@ def sandbox_up(detach: bool) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    with Sandbox() as stack:
+    with Sandbox(schedule_every=60.0) as stack:
         exports = stack.exports()
         # Written aside and renamed into place: `up --detach` reads the file as soon as it exists, and must never
         # see it created but not yet written.

@@ -23,7 +23,15 @@ from typing import Any
 
 from chalicelib.config import FleetConfig
 from chalicelib.naming import FLEET_TAG, instance_profile_name
-from chalicelib.store import IDLE_RUNNERS_INDEX, job_key, launch_key, pool_key, runner_key, token_key
+from chalicelib.store import (
+    FLEET_RECORDS_INDEX,
+    IDLE_RUNNERS_INDEX,
+    job_key,
+    launch_key,
+    pool_key,
+    runner_key,
+    token_key,
+)
 
 POLICY_VERSION = "2012-10-17"
 CHALICE_DIR = Path(__file__).resolve().parents[1] / ".chalice"
@@ -38,6 +46,7 @@ class LambdaFunction(str, Enum):
     WEBHOOK = "webhook"
     SCALE_UP = "scale-up"
     INSTANCE_STATE = "instance-state"
+    RECONCILE = "reconcile"
 
     @property
     def chalice_name(self) -> str:
@@ -49,6 +58,7 @@ _CHALICE_NAMES = {
     LambdaFunction.WEBHOOK: "api_handler",
     LambdaFunction.SCALE_UP: "scale_up",
     LambdaFunction.INSTANCE_STATE: "instance_state",
+    LambdaFunction.RECONCILE: "reconcile",
 }
 
 
@@ -318,10 +328,54 @@ def instance_state_grants(config: FleetConfig) -> list[Grant]:
     ]
 
 
+def reconcile_grants(config: FleetConfig) -> list[Grant]:
+    # Warm runners are launched exactly as scale-up launches for jobs, so reconcile holds scale-up's launch
+    # grants; it never receives from the jobs queue nor dead-letters a job.
+    launching = [
+        grant
+        for grant in scale_up_grants(config)
+        if grant.sid not in {"ReceiveJobs", "RequeueJobs", "DeadLetterJobs", "FleetTable", "HandOverRunnerTokens"}
+    ]
+    fleet_items = [job_key_pattern()] + [_key_pattern(k) for k in (launch_key, pool_key, runner_key)]
+    return [
+        # One run at a time: the run's lease item (LEASE#reconcile), taken and given back conditionally.
+        Grant(
+            "RunLease",
+            ("dynamodb:PutItem", "dynamodb:DeleteItem"),
+            (_table_arn(config),),
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["LEASE#*"]}},
+        ),
+        # The live records (runners, launches, pools, unfinished jobs, hooks) are read from the sparse index.
+        Grant("ReadLiveRecords", ("dynamodb:Query",), (f"{_table_arn(config)}/index/{FLEET_RECORDS_INDEX}",)),
+        # Settling launches, terminating records and returning leases, recovering lost jobs, warm launches.
+        Grant(
+            "FleetTable",
+            ("dynamodb:BatchGetItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"),
+            (_table_arn(config),),
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": fleet_items}},
+        ),
+        # A reaped runner's unread token; a warm runner's token is handed over as scale-up does.
+        Grant("RunnerTokens", ("dynamodb:DeleteItem", "dynamodb:PutItem"), (_table_arn(config),), _token_items()),
+        # A lost job is queued for scale-up, as the webhook would have.
+        Grant("QueueRecoveredJobs", ("sqs:GetQueueUrl", "sqs:SendMessage"), (_queue_arn(config.state.jobs_queue),)),
+        # The pools' launch templates' default versions (a runner launched from an older one is retired).
+        Grant("ReadLaunchTemplates", ("ec2:DescribeLaunchTemplates",), ("*",)),
+        # Only the fleet's own instances may be terminated: reaped orphans and retired runners.
+        Grant(
+            "TerminateFleetInstances",
+            ("ec2:TerminateInstances",),
+            (_ec2_arn("instance"),),
+            {"StringEquals": {f"aws:ResourceTag/{FLEET_TAG}": config.fleet}},
+        ),
+        *launching,
+    ]
+
+
 _GRANTS = {
     LambdaFunction.WEBHOOK: webhook_grants,
     LambdaFunction.SCALE_UP: scale_up_grants,
     LambdaFunction.INSTANCE_STATE: instance_state_grants,
+    LambdaFunction.RECONCILE: reconcile_grants,
 }
 
 

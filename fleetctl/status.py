@@ -1,6 +1,7 @@
 """``fleetctl status``: what the fleet table says, summarised for people (a table) or programs (JSON).
 
-Besides jobs, runners and pools it reports what the table alone cannot: pending jobs recorded but never queued
+Besides jobs, runners, pools and whether the fleet's invariants hold against the real resources
+(:mod:`chalicelib.lifecycle.invariants`), it reports what the table alone cannot: pending jobs recorded but never queued
 (their queue send failed; GitLab will not send them again), and, asked of GitLab, whether each hook that
 ``gitlab connect`` made is still executed. GitLab disables a hook after more than 3 consecutive failed deliveries,
 and the events of that window never reach the fleet. A GitLab that cannot be asked is reported, not fatal.
@@ -14,6 +15,8 @@ from typing import Any
 
 from chalicelib.config import FleetConfig
 from chalicelib.errors import GitLabUnavailableError
+from chalicelib.lifecycle.facts import FactSource, gather_or_none
+from chalicelib.lifecycle.invariants import check
 from chalicelib.store import FleetStore, HookRecord, is_unqueued_pending
 from fleetctl.gitlab_connect import HookState
 
@@ -65,6 +68,17 @@ def fleet_status(config: FleetConfig, store: FleetStore, read_hook: HookReader |
             for pool in config.pools
         ],
     }
+
+
+def invariant_report(config: FleetConfig, source: FactSource) -> dict[str, Any]:
+    """The fleet's invariants (:mod:`chalicelib.lifecycle.invariants`) against the real resources: whether they
+    hold, each violation, and which could not be checked (GitLab unreadable)."""
+    facts = gather_or_none(source, tokens=True)
+    if facts is None:
+        return {"hold": False, "violations": [], "unchecked": ["AWS unreadable"]}
+    violations = [str(v) for v in check(facts, config)]
+    unchecked = [] if facts.gitlab_known else ["GitLab runners: GitLab unreadable"]
+    return {"hold": not violations, "violations": violations, "unchecked": unchecked}
 
 
 def hook_report(hook: HookRecord, read_hook: HookReader | None) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Each botocore API call is attributed to a Lambda function by the chalicelib module on the calling stack that
 is that function's entry point (``webhook.py`` and ``secrets.py``: the webhook; ``scale_up.py``: scale-up;
-``instances.py``: instance-state). Calls with none of them on the stack come from fleetctl, the sandbox or a
-test; they are an operator's or the test's own, not a function's, and are not checked.
+``instances.py``: instance-state; ``lifecycle/reconcile.py``: reconcile; the outermost one when several
+are). Calls with none of them on the stack come from fleetctl, the sandbox or a test; they are an operator's or
+the test's own, not a function's, and are not checked.
 
 A call becomes the IAM requests AWS would authorize for it (action, resource ARN, condition context): the
 DynamoDB key's partition for ``dynamodb:LeadingKeys``, each item of a transaction as its own action, the queue
@@ -49,6 +50,7 @@ _ENTRY_MODULES = {
     str(PROJECT_DIR / "chalicelib" / "secrets.py"): "webhook",
     str(PROJECT_DIR / "chalicelib" / "scale_up.py"): "scale-up",
     str(PROJECT_DIR / "chalicelib" / "instances.py"): "instance-state",
+    str(PROJECT_DIR / "chalicelib" / "lifecycle" / "reconcile.py"): "reconcile",
 }
 
 Context = tuple[tuple[str, tuple[str, ...]], ...]
@@ -151,6 +153,8 @@ class Recorder:
             yield action, "*", (), ""
         elif prefix == "ec2" and operation == "CreateFleet":
             yield from self._create_fleet(client, region, params)
+        elif prefix == "ec2" and operation == "TerminateInstances":
+            yield from self._terminate(client, region, params)
         elif prefix == "iam" and operation == "GetRole":
             yield action, f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{params['RoleName']}", (), ""
         else:
@@ -221,6 +225,22 @@ class Recorder:
                     "",
                 )
 
+    def _terminate(self, client: BaseClient, region: str, params: Mapping[str, Any]) -> Iterable[Any]:
+        """TerminateInstances is authorized per instance, with the instance's tags as ``aws:ResourceTag/*``."""
+        arn = _arn_maker("ec2", region)
+        for instance_id in params.get("InstanceIds", []):
+            try:
+                tags = client.describe_tags(  # type: ignore[attr-defined]
+                    Filters=[{"Name": "resource-id", "Values": [instance_id]}]
+                )["Tags"]
+            except Exception as exc:
+                yield "ec2:TerminateInstances", "?", (), f"tags of {instance_id} unreadable: {exc!r}"
+                continue
+            context = tuple(
+                (f"aws:ResourceTag/{t['Key']}", (t["Value"],)) for t in sorted(tags, key=lambda t: t["Key"])
+            )
+            yield "ec2:TerminateInstances", arn(f"instance/{instance_id}"), context, ""
+
     def _template(self, client: BaseClient, spec: Mapping[str, Any]) -> dict[str, Any] | None:
         """The launch template's id, tags and default version's data (the template is looked up on every launch,
         since the sandbox makes it anew on each reset; its version's data and tags once per id and version)."""
@@ -249,19 +269,22 @@ _TESTS_DIR = str(PROJECT_DIR / "tests") + os.sep
 
 
 def _calling_function() -> str | None:
+    """The outermost entry module on the stack: reconcile cleans up through the instance-state handler's code
+    and launches warm runners through scale-up's, and those calls are reconcile's, made with its role."""
     frame = sys._getframe(2)
+    found: str | None = None
     while frame is not None:
         filename = frame.f_code.co_filename
         function = _ENTRY_MODULES.get(filename)
         if function is not None:
-            return function
-        if filename.startswith(_TESTS_DIR):
+            found = function
+        elif filename.startswith(_TESTS_DIR):
             # A test's own call, even one a fault hook makes in the middle of a function's call (a race staged
             # with WireFaults.run_after): the test's, not the function's.
-            return None
+            return found
         frame = frame.f_back  # type: ignore[assignment]
     # Work a function hands to a thread pool runs on a stack of its own: it belongs to whoever submitted it.
-    return getattr(_inherited, "function", None)
+    return found or getattr(_inherited, "function", None)
 
 
 def _install_thread_pool_inheritance() -> Any:

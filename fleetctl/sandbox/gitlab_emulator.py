@@ -393,6 +393,10 @@ class GitLabApi:
         with self._model.lock:
             self._faults.append(fault)
 
+    def clear_faults(self) -> None:
+        with self._model.lock:
+            self._faults.clear()
+
     def calls(self) -> Counter[tuple[str, str]]:
         with self._model.lock:
             return Counter(self._calls)
@@ -1334,3 +1338,7 @@ class GitLabEmulator:
         ``after_processing``: then the request takes effect and only its answer is lost."""
         fault = Fault(method.upper(), re.compile(path_pattern), status, count, delay, body, after_processing)
         self._api.add_fault(fault)
+
+    def clear_faults(self) -> None:
+        """Forget every injected fault not yet used up (GitLab is back)."""
+        self._api.clear_faults()

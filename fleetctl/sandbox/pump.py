@@ -231,11 +231,11 @@ class EventPump:
             idle = 0 if moved else idle + 1
         return total
 
-    def run(self, stop: threading.Event, *, interval: float = 0.2, tick_every: float = 60.0) -> None:
-        """The sandbox's loop: poll continuously, tick schedules every ``tick_every`` seconds."""
+    def run(self, stop: threading.Event, *, interval: float = 0.2, tick_every: float | None = 60.0) -> None:
+        """The sandbox's loop: poll continuously, tick schedules every ``tick_every`` seconds (never with None)."""
         next_tick = time.monotonic()
         while not stop.is_set():
-            if self._schedules and time.monotonic() >= next_tick:
+            if self._schedules and tick_every is not None and time.monotonic() >= next_tick:
                 self.tick()
                 next_tick = time.monotonic() + tick_every
             try:

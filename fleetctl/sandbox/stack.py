@@ -71,11 +71,15 @@ class Sandbox:
         gitlab_features: tuple[str, ...] = (),
         agents: bool = True,
         agent_options: AgentOptions = SANDBOX_AGENT_OPTIONS,
+        schedule_every: float | None = None,
     ) -> None:
         self._config_path = config_path
         self.workdir = workdir
         self._ports = ports = ports or SandboxPorts()
         self._run_pump = run_pump
+        # How often the pump fires the scheduled handlers (reconcile); None: only when asked (tests drive
+        # reconcile themselves, on a clock of their choosing).
+        self._schedule_every = schedule_every
         self.aws = LocalAws(port=ports.aws)
         self.gitlab = GitLabEmulator(port=ports.gitlab, admin_token=GITLAB_ADMIN_TOKEN, version=gitlab_version)
         self.gitlab.add_token(GITLAB_FLEET_TOKEN, scopes=GITLAB_FLEET_SCOPES, name="runner-fleet")
@@ -232,7 +236,11 @@ class Sandbox:
         if self._run_pump and self.pump is not None:
             self._stop = threading.Event()
             self._pump_thread = threading.Thread(
-                target=self.pump.run, args=(self._stop,), name="event-pump", daemon=True
+                target=self.pump.run,
+                args=(self._stop,),
+                kwargs={"tick_every": self._schedule_every},
+                name="event-pump",
+                daemon=True,
             )
             self._pump_thread.start()
 

@@ -60,7 +60,7 @@ def test_committed_policies_are_what_the_stage_files_generate() -> None:
     files = list(iter_policy_files(["dev", "prod"]))
 
     # then each committed file is byte for byte what the generator writes
-    assert len(files) == 8
+    assert len(files) == 2 * (len(LambdaFunction) + 1)  # each function's, and each stage's default role
     stale = [policy.path.name for policy in files if not policy.is_current()]
     assert stale == [], "run 'fleetctl policies' and commit the result"
 
@@ -187,6 +187,28 @@ def test_instance_state_and_webhook_cannot_launch_or_write_tokens(dev: FleetConf
     assert not allowed(
         dev, LambdaFunction.INSTANCE_STATE, "dynamodb:DeleteItem", table, **{"dynamodb:LeadingKeys": ["POOL#docker"]}
     )
+
+
+def test_reconcile_terminates_only_the_fleets_instances_and_reads_no_token(dev: FleetConfig) -> None:
+    reconcile = LambdaFunction.RECONCILE
+    table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
+    token = {"dynamodb:LeadingKeys": ["TOKEN#AROAEXAMPLEROLEID0001:i-0123"]}
+    ours = {f"aws:ResourceTag/{FLEET_TAG}": [dev.fleet]}
+    assert allowed(dev, reconcile, "ec2:TerminateInstances", ec2("instance/i-0123"), **ours)
+    assert not allowed(
+        dev, reconcile, "ec2:TerminateInstances", ec2("instance/i-0123"), **{f"aws:ResourceTag/{FLEET_TAG}": ["other"]}
+    )
+    assert not allowed(dev, reconcile, "ec2:TerminateInstances", ec2("instance/i-0123"))
+    # the live records are read from their index only; the table is never scanned, a token never read
+    assert allowed(dev, reconcile, "dynamodb:Query", f"{table}/index/fleet-records")
+    assert not allowed(dev, reconcile, "dynamodb:Query", table)
+    assert not allowed(dev, reconcile, "dynamodb:Scan", table)
+    assert allowed(dev, reconcile, "dynamodb:DeleteItem", table, **token)
+    for action in ("dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"):
+        assert not allowed(dev, reconcile, action, table, **token)
+    # and no other function may terminate an instance at all
+    for function in (LambdaFunction.WEBHOOK, LambdaFunction.SCALE_UP, LambdaFunction.INSTANCE_STATE):
+        assert not allowed(dev, function, "ec2:TerminateInstances", ec2("instance/i-0123"), **ours)
 
 
 def test_scale_up_writes_tokens_but_never_reads_one(dev: FleetConfig) -> None:

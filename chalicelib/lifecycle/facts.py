@@ -1,0 +1,259 @@
+"""What reconcile knows about the fleet at one moment, read from the table, EC2 and GitLab.
+
+Typed and frozen, so the rules (:mod:`chalicelib.lifecycle.rules`) and the invariants
+(:mod:`chalicelib.lifecycle.invariants`) are pure functions of them. :class:`FactSource` gathers them with
+filtered, paginated calls whose number grows with the pages of the fleet, never one call per runner:
+
+* GitLab: one listing of the fleet's runner scope (100 a page, each with its status), then one listing of
+  pending jobs per recently active project;
+* the table: one Query per kind of the sparse ``fleet-records`` index (runners, launches, pools, jobs, hooks);
+* EC2: one DescribeInstances filtered by the fleet's tag and the live states (1,000 a page), and one
+  DescribeLaunchTemplates for every pool's template.
+
+Order matters. GitLab is read first, the table second and EC2 last: scale-up makes an instance, then its record,
+then its GitLab runner, so anything seen in an earlier read has what it depends on in the later ones, and a
+runner or record made meanwhile is never taken for an orphan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.config import FleetConfig
+from chalicelib.errors import RetryableError
+from chalicelib.gitlab_api import GitLabApi, GitLabRunner
+from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
+from chalicelib.observability import logger
+from chalicelib.scale_store import LaunchRecord, RunnerRecord, ScaleStore
+
+# EC2 states of an instance that exists (or is on its way out); a terminated one is gone.
+LIVE_INSTANCE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+# EC2 adds this tag to an instance launched from a launch template: the version it was launched from.
+TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
+
+
+@dataclass(frozen=True)
+class InstanceFact:
+    """A live EC2 instance tagged as this fleet's."""
+
+    instance_id: str
+    pool: str
+    launch_id: str
+    state: str
+    launched_at: float
+    template_version: str = ""
+
+
+@dataclass(frozen=True)
+class JobFact:
+    """An unfinished job item of the table."""
+
+    project_id: int
+    job_id: int
+    status: str
+    updated_at: float
+    item: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A job GitLab lists as pending in a recently active project."""
+
+    project_id: int
+    job_id: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class TokenFact:
+    """A runner token item (its value is never read): whose it is and when its boot deadline passes."""
+
+    key: str
+    instance_id: str
+    deadline_at: float
+
+
+@dataclass(frozen=True)
+class Facts:
+    """One reconcile run's view. ``gitlab_runners`` and ``pending_jobs`` are None when GitLab could not be
+    read: the rules that need them then decide nothing. ``tokens`` is read only for the invariants."""
+
+    now: float
+    records: Mapping[str, RunnerRecord]  # live runner records (and terminated ones with cleanup left), by instance
+    launches: Sequence[LaunchRecord]
+    leases: Mapping[str, int]  # each pool's lease counter
+    instances: Mapping[str, InstanceFact]  # live instances tagged as the fleet's, by id
+    template_versions: Mapping[str, str]  # each pool's launch template default version
+    jobs: Sequence[JobFact] = ()
+    active_projects: tuple[int, ...] = ()
+    gitlab_runners: Sequence[GitLabRunner] | None = None  # the fleet's own runners (by description)
+    pending_jobs: Sequence[PendingJob] | None = None
+    tokens: Sequence[TokenFact] | None = None
+
+    @property
+    def gitlab_known(self) -> bool:
+        return self.gitlab_runners is not None
+
+
+def ours(runner: GitLabRunner, fleet: str) -> bool:
+    """A runner this fleet created: its description names one of the fleet's instances."""
+    return (
+        runner.description.startswith(f"runner-fleet {fleet}/") and described_instance(runner.description) is not None
+    )
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return 0.0
+
+
+class FactSource:
+    """Gathers :class:`Facts`; ``active_window`` is how long a project counts as active after a job event."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        store: ScaleStore,
+        ec2: Any,
+        gitlab: GitLabApi,
+        *,
+        clock: Callable[[], float] = time.time,
+        active_window: float = 3600.0,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._ec2 = ec2
+        self._gitlab = gitlab
+        self._clock = clock
+        self._active_window = active_window
+
+    def gather(self, *, tokens: bool = False) -> Facts:
+        """Every fact; raises ``ClientError`` when AWS cannot be read (nothing can be decided without it)."""
+        now = self._clock()
+        runners = self._gitlab_runners()
+        records, launches, leases, jobs, hooks = self._table()
+        instances = self._instances()
+        versions = self._template_versions()
+        active = sorted({job.project_id for job in jobs if job.updated_at >= now - self._active_window} | set(hooks))
+        pending = self._pending_jobs(active) if runners is not None else None
+        return Facts(
+            now=now,
+            records=records,
+            launches=launches,
+            leases=leases,
+            instances=instances,
+            template_versions=versions,
+            jobs=jobs,
+            active_projects=tuple(active),
+            gitlab_runners=runners,
+            pending_jobs=pending,
+            tokens=self._tokens() if tokens else None,
+        )
+
+    def _gitlab_runners(self) -> list[GitLabRunner] | None:
+        try:
+            listed = self._gitlab.runners()
+        except RetryableError as exc:
+            logger.warning("GitLab unreadable; its rules wait for the next run", extra={"reason": exc.reason})
+            return None
+        return [runner for runner in listed if ours(runner, self._config.fleet)]
+
+    def _pending_jobs(self, projects: Sequence[int]) -> list[PendingJob] | None:
+        found: list[PendingJob] = []
+        for project_id in projects:
+            try:
+                listed = self._gitlab.pending_jobs(project_id)
+            except RetryableError as exc:
+                logger.warning("pending jobs unreadable", extra={"project_id": project_id, "reason": exc.reason})
+                return None
+            found += [PendingJob(project_id, job_id, created_at) for job_id, created_at in listed or ()]
+        return found
+
+    def _live(self, kind: str) -> list[dict[str, Any]]:
+        return list(self._store.live_records(kind))
+
+    def _table(
+        self,
+    ) -> tuple[dict[str, RunnerRecord], list[LaunchRecord], dict[str, int], list[JobFact], list[int]]:
+        records = {str(item["instance_id"]): RunnerRecord.from_item(item) for item in self._live("runner")}
+        launches = [
+            LaunchRecord.from_item(str(item["pk"]).removeprefix("LAUNCH#"), item) for item in self._live("launch")
+        ]
+        leases = {str(item.get("name", "")): int(item.get("leases", 0)) for item in self._live("pool")}
+        jobs = [
+            JobFact(
+                project_id=int(item["project_id"]),
+                job_id=int(item["job_id"]),
+                status=str(item.get("status", "")),
+                updated_at=float(item.get("updated_at", 0)),
+                item=item,
+            )
+            for item in self._live("job")
+        ]
+        hooks = [int(item["project_id"]) for item in self._live("hook")]
+        return records, launches, leases, jobs, hooks
+
+    def _instances(self) -> dict[str, InstanceFact]:
+        pages = self._ec2.get_paginator("describe_instances").paginate(
+            Filters=[
+                {"Name": f"tag:{FLEET_TAG}", "Values": [self._config.fleet]},
+                {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)},
+            ],
+            PaginationConfig={"PageSize": 1000},
+        )
+        found: dict[str, InstanceFact] = {}
+        for page in pages:
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+                    found[instance["InstanceId"]] = InstanceFact(
+                        instance_id=instance["InstanceId"],
+                        pool=tags.get(POOL_TAG, ""),
+                        launch_id=tags.get(LAUNCH_TAG, ""),
+                        state=str(instance.get("State", {}).get("Name", "")),
+                        launched_at=_timestamp(instance.get("LaunchTime")),
+                        template_version=tags.get(TEMPLATE_VERSION_TAG, ""),
+                    )
+        return found
+
+    def _template_versions(self) -> dict[str, str]:
+        names = {launch_template_name(self._config.fleet, pool.name): pool.name for pool in self._config.pools}
+        # A filter, not LaunchTemplateNames: a missing template is then left out rather than failing the call.
+        pages = self._ec2.get_paginator("describe_launch_templates").paginate(
+            Filters=[{"Name": "launch-template-name", "Values": sorted(names)}]
+        )
+        versions: dict[str, str] = {}
+        for page in pages:
+            for template in page.get("LaunchTemplates", []):
+                pool = names.get(template["LaunchTemplateName"])
+                if pool is not None:
+                    versions[pool] = str(template.get("DefaultVersionNumber", ""))
+        return versions
+
+    def _tokens(self) -> list[TokenFact]:
+        return [
+            TokenFact(
+                key=str(item["pk"]),
+                instance_id=str(item.get("instance_id", "")),
+                deadline_at=float(item.get("deadline_at", 0)),
+            )
+            for item in self._store.scan("token", projection=("pk", "instance_id", "deadline_at"))
+        ]
+
+
+def gather_or_none(source: FactSource, *, tokens: bool = False) -> Facts | None:
+    """The facts, or None (logged) when AWS could not be read."""
+    try:
+        return source.gather(tokens=tokens)
+    except ClientError as exc:
+        logger.warning("fleet facts unreadable", extra={"error": exc.response.get("Error", {}).get("Code", "")})
+        return None

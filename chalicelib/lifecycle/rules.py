@@ -1,0 +1,416 @@
+"""Reconcile's rules: pure decisions from :class:`~chalicelib.lifecycle.facts.Facts` to actions.
+
+Every rule reads the facts and the configuration only (no I/O, no clock: ``facts.now`` is the time), and every
+action carries the reason and the facts that led to it, for its log line. What each rule catches:
+
+* **never contacted**: a runner whose boot deadline passed while GitLab lists its runner as ``never_contacted``,
+  or that never got a GitLab runner at all: its instance is terminated and its runner and token deleted;
+* **untracked instance**: an instance tagged as the fleet's that no record knows, older than the launch
+  staleness window and not part of a launch still at work: terminated (its launch gives its lease back);
+* **lost instance**: a record whose instance no longer exists (its terminated event was lost): cleaned up as the
+  instance-state handler would have, lease back;
+* **cleanup left**: a terminated record whose token or GitLab runner could not be deleted then;
+* **GitLab runner**: a runner of the fleet's with neither a live instance nor a live record;
+* **stale launch**: a launch still holding leases past the staleness window: its unrecorded instances are
+  terminated and its leases given back;
+* **retire**: an idle runner past its lifetime's retirement point, launched from a template version that is no
+  longer its pool's, or kept warm after its window closed: paused, re-checked, then deleted and terminated;
+* **lost webhook**: a pending job the table does not know is queued: queued now; and a pending job whose launch
+  ended long ago (past the boot deadline) without any runner taking it (its runner was reaped): its claim is
+  released and it is queued again, for a launch of its own;
+* **warm**: a pool short of idle runners inside its warm window gets them, within ``max_runners``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from chalicelib.config import FleetConfig, PoolConfig
+from chalicelib.lifecycle.facts import Facts, ours
+from chalicelib.lifecycle.windows import warm_size
+from chalicelib.naming import described_instance
+from chalicelib.scale_store import LaunchRecord, LaunchState, RunnerRecord
+from chalicelib.store import QUEUE_CLAIM_SECONDS, RunnerState, is_unqueued_pending
+
+# How long a launch may work before it counts as stopped (a Lambda cannot run longer): the same window scale-up
+# uses before it takes over a launch whose owner went silent.
+STALE_LAUNCH_SECONDS = 120.0
+# EC2's DescribeInstances is eventually consistent: a record younger than this whose instance is not listed yet
+# is left alone.
+INSTANCE_VISIBILITY_SECONDS = 120.0
+# A job GitLab lists as pending for less than this may have its Job Hook on the way.
+LOST_WEBHOOK_SECONDS = 120.0
+# GitLab statuses of a runner that has contacted it (a paused one is listed online or offline too).
+CONTACTED = frozenset({"online", "offline", "stale"})
+NEVER_CONTACTED = "never_contacted"
+
+
+class Kind(str, Enum):
+    """What an orphan was; the metric is ``OrphansReaped.<kind>``."""
+
+    NEVER_CONTACTED = "NeverContacted"
+    UNTRACKED_INSTANCE = "UntrackedInstance"
+    LOST_INSTANCE = "LostInstance"
+    CLEANUP_LEFT = "CleanupLeft"
+    GITLAB_RUNNER = "GitLabRunner"
+    STALE_LAUNCH = "StaleLaunch"
+
+
+@dataclass(frozen=True)
+class Action:
+    reason: str
+    facts: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Reap(Action):
+    """Terminate an instance, then clean up its record, lease, token and GitLab runner."""
+
+    instance_id: str = ""
+    kind: Kind = Kind.NEVER_CONTACTED
+
+
+@dataclass(frozen=True)
+class CleanUp(Action):
+    """The instance is gone: finish what its terminated event would have (record, lease, token, GitLab runner)."""
+
+    instance_id: str = ""
+    kind: Kind = Kind.LOST_INSTANCE
+
+
+@dataclass(frozen=True)
+class DeleteRunner(Action):
+    """Delete a GitLab runner of the fleet's that nothing runs on."""
+
+    runner_id: int = 0
+    instance_id: str = ""
+
+
+@dataclass(frozen=True)
+class SettleLaunch(Action):
+    """Give back what a stopped launch still holds: terminate its unrecorded instances, return its leases."""
+
+    launch_id: str = ""
+    pool: str = ""
+    state: LaunchState = LaunchState.LAUNCHING
+    leases: int = 0
+
+
+@dataclass(frozen=True)
+class Unmark(Action):
+    """A launch that holds nothing leaves the live index (no metric: housekeeping)."""
+
+    launch_id: str = ""
+
+
+@dataclass(frozen=True)
+class Retire(Action):
+    """Retire an idle runner: pause it in GitLab, re-check its jobs, then delete it and terminate its instance."""
+
+    instance_id: str = ""
+    runner_id: int = 0
+    pool: str = ""
+
+
+@dataclass(frozen=True)
+class RecoverJob(Action):
+    """Queue a pending job the table does not know is queued (its webhook was lost or never sent)."""
+
+    project_id: int = 0
+    job_id: int = 0
+    known: bool = False  # the table has its item (recorded but never queued)
+    # The launch whose claim it holds though no runner took it (that runner was reaped, or never came): the
+    # claim is released and the job queued again, for a launch of its own.
+    relaunch_from: str = ""
+
+
+@dataclass(frozen=True)
+class WarmLaunch(Action):
+    """Launch idle runners for a pool inside its warm window."""
+
+    pool: str = ""
+    count: int = 0
+
+
+def decide(facts: Facts, config: FleetConfig) -> list[Action]:
+    """Every action the facts call for, cleanup first and launches last."""
+    actions: list[Action] = []
+    actions += orphan_instances(facts, config)
+    actions += lost_instances(facts)
+    actions += orphan_gitlab_runners(facts, config)
+    actions += stale_launches(facts)
+    actions += retirements(facts, config)
+    actions += lost_webhooks(facts, config)
+    actions += warm_launches(facts, config)
+    return actions
+
+
+def _live(record: RunnerRecord) -> bool:
+    return not record.terminated
+
+
+def _gitlab_status(facts: Facts) -> dict[int, str]:
+    return {runner.runner_id: runner.status for runner in facts.gitlab_runners or ()}
+
+
+def orphan_instances(facts: Facts, config: FleetConfig) -> list[Action]:
+    """Never-contacted runners past their boot deadline, and live instances no record knows."""
+    actions: list[Action] = []
+    status = _gitlab_status(facts)
+    for record in facts.records.values():
+        if not _live(record) or record.instance_id not in facts.instances or facts.now < record.boot_deadline_at:
+            continue
+        seen = {"pool": record.pool, "boot_deadline_at": record.boot_deadline_at, "state": record.state.value}
+        if record.gitlab_runner_id is None:
+            actions.append(Reap("no GitLab runner by its boot deadline", seen, instance_id=record.instance_id))
+        elif facts.gitlab_known and status.get(record.gitlab_runner_id) == NEVER_CONTACTED:
+            actions.append(
+                Reap(
+                    "never contacted GitLab by its boot deadline",
+                    {**seen, "gitlab_runner_id": record.gitlab_runner_id},
+                    instance_id=record.instance_id,
+                )
+            )
+    working = {
+        launch.launch_id
+        for launch in facts.launches
+        if launch.state in (LaunchState.LAUNCHING, LaunchState.RESUMING)
+        and launch.started_at >= facts.now - STALE_LAUNCH_SECONDS
+    }
+    for instance in facts.instances.values():
+        if instance.instance_id in facts.records or instance.state in ("shutting-down",):
+            continue
+        if instance.launched_at >= facts.now - STALE_LAUNCH_SECONDS or instance.launch_id in working:
+            continue
+        actions.append(
+            Reap(
+                "instance tagged as the fleet's that no record knows",
+                {"pool": instance.pool, "launch_id": instance.launch_id, "launched_at": instance.launched_at},
+                instance_id=instance.instance_id,
+                kind=Kind.UNTRACKED_INSTANCE,
+            )
+        )
+    return actions
+
+
+def lost_instances(facts: Facts) -> list[Action]:
+    """Records whose instance is gone, and terminated records with cleanup left."""
+    actions: list[Action] = []
+    for record in facts.records.values():
+        if record.terminated:
+            if record.token_cleanup or record.gitlab_cleanup:
+                actions.append(
+                    CleanUp(
+                        "terminated runner with its cleanup unfinished",
+                        {"gitlab_runner_id": record.gitlab_runner_id, "reason": record.reason},
+                        instance_id=record.instance_id,
+                        kind=Kind.CLEANUP_LEFT,
+                    )
+                )
+            continue
+        if record.instance_id in facts.instances or record.launched_at >= facts.now - INSTANCE_VISIBILITY_SECONDS:
+            continue
+        actions.append(
+            CleanUp(
+                "record whose instance no longer exists",
+                {"pool": record.pool, "state": record.state.value, "launched_at": record.launched_at},
+                instance_id=record.instance_id,
+            )
+        )
+    return actions
+
+
+def orphan_gitlab_runners(facts: Facts, config: FleetConfig) -> list[Action]:
+    """The fleet's GitLab runners with neither a live instance nor a record that will clean them up."""
+    if facts.gitlab_runners is None:
+        return []
+    named = {r.gitlab_runner_id for r in facts.records.values() if r.gitlab_runner_id is not None}
+    actions: list[Action] = []
+    for runner in facts.gitlab_runners:
+        instance_id = described_instance(runner.description) or ""
+        if not ours(runner, config.fleet) or instance_id in facts.instances or runner.runner_id in named:
+            continue
+        record = facts.records.get(instance_id)
+        if record is not None and _live(record):
+            continue  # its record was written first: the instance is new, or its record's own rule handles it
+        actions.append(
+            DeleteRunner(
+                "GitLab runner of the fleet's with no live instance",
+                {"status": runner.status, "description": runner.description},
+                runner_id=runner.runner_id,
+                instance_id=instance_id,
+            )
+        )
+    return actions
+
+
+def stale_launches(facts: Facts) -> list[Action]:
+    """Launches still holding leases after the staleness window; launches holding nothing leave the index."""
+    actions: list[Action] = []
+    stale_before = facts.now - STALE_LAUNCH_SECONDS
+    for launch in facts.launches:
+        if launch.state is LaunchState.LAUNCHED or (launch.state is LaunchState.FAILED and launch.leases <= 0):
+            actions.append(Unmark("launch holds nothing", launch_id=launch.launch_id))
+            continue
+        if launch.state is not LaunchState.FAILED and launch.started_at >= stale_before:
+            continue
+        actions.append(
+            SettleLaunch(
+                f"launch {launch.state.value} past its staleness window",
+                {"started_at": launch.started_at, "requested": launch.requested, "reason": launch.reason},
+                launch_id=launch.launch_id,
+                pool=launch.pool,
+                state=launch.state,
+                leases=launch.leases,
+            )
+        )
+    return actions
+
+
+def retire_at(record: RunnerRecord, pool: PoolConfig) -> float:
+    """When an idle runner is retired for its age: early enough that a job it starts just before can finish
+    within its lifetime (the instance powers itself off at its max lifetime), and never before half of it."""
+    lifetime = pool.max_lifetime_minutes * 60
+    return record.launched_at + max(lifetime / 2, lifetime - pool.job_timeout_seconds)
+
+
+def idle(record: RunnerRecord, status: str | None) -> bool:
+    """A runner that runs nothing and has booted: idle after a job, or booted and never given one."""
+    if not _live(record) or record.busy or record.draining or record.gitlab_runner_id is None:
+        return False
+    if record.state is RunnerState.IDLE:
+        return True
+    return record.state is RunnerState.BOOTING and status in CONTACTED
+
+
+def retirements(facts: Facts, config: FleetConfig) -> list[Action]:
+    if facts.gitlab_runners is None:
+        return []
+    status = _gitlab_status(facts)
+    now_utc = datetime.fromtimestamp(facts.now, UTC)
+    pools = {pool.name: pool for pool in config.pools}
+    actions: list[Action] = []
+    for record in facts.records.values():
+        pool = pools.get(record.pool)
+        runner_id = record.gitlab_runner_id
+        if pool is None or runner_id is None or not idle(record, status.get(runner_id)):
+            continue
+        instance = facts.instances.get(record.instance_id)
+        current = facts.template_versions.get(pool.name, "")
+        reason = ""
+        if facts.now >= retire_at(record, pool):
+            reason = "past its lifetime's retirement point"
+        elif instance is not None and current and instance.template_version and instance.template_version != current:
+            reason = f"launched from template version {instance.template_version}, the pool's is {current}"
+        elif record.warm and warm_size(pool.warm, now_utc) == 0:
+            reason = "kept warm, and its warm window is closed"
+        if reason:
+            actions.append(
+                Retire(
+                    reason,
+                    {"launched_at": record.launched_at, "state": record.state.value},
+                    instance_id=record.instance_id,
+                    runner_id=runner_id,
+                    pool=pool.name,
+                )
+            )
+    return actions
+
+
+def stuck_after(config: FleetConfig) -> float:
+    """How long a job may stay pending after its launch claimed it: its runner boots by the pool's boot deadline
+    (the longest of the pools', since a job item does not name its pool) and has a launch window besides."""
+    return max(pool.boot_deadline_seconds for pool in config.pools) + STALE_LAUNCH_SECONDS
+
+
+def lost_webhooks(facts: Facts, config: FleetConfig) -> list[Action]:
+    """Pending jobs recorded but never queued, pending jobs of active projects the table does not know, and
+    pending jobs whose launch ended long ago without a runner taking them."""
+    actions: list[Action] = []
+    known: dict[tuple[int, int], dict[str, Any]] = {}
+    for job in facts.jobs:
+        known[(job.project_id, job.job_id)] = dict(job.item)
+        item = job.item
+        if not is_unqueued_pending(item):
+            continue
+        claimed_at = float(item.get("queue_claim_at", 0)) if item.get("queue_claim") else 0.0
+        if claimed_at > facts.now - QUEUE_CLAIM_SECONDS:
+            continue  # a webhook holds its claim and may be sending right now
+        actions.append(
+            RecoverJob(
+                "pending job recorded but never queued",
+                {"pending_at": item.get("pending_at")},
+                project_id=job.project_id,
+                job_id=job.job_id,
+                known=True,
+            )
+        )
+    working = {launch.launch_id for launch in facts.launches if launch.state is not LaunchState.FAILED}
+    for pending in facts.pending_jobs or ():
+        recorded = known.get((pending.project_id, pending.job_id))
+        if recorded is not None:
+            launch_id = str(recorded.get("launch_id") or "")
+            claimed_at = float(recorded.get("claimed_at", 0))
+            if (
+                launch_id
+                and "outcome" not in recorded
+                and launch_id not in working
+                and claimed_at < facts.now - stuck_after(config)
+            ):
+                actions.append(
+                    RecoverJob(
+                        "pending long after its launch, and no runner took it",
+                        {"launch_id": launch_id, "claimed_at": claimed_at},
+                        project_id=pending.project_id,
+                        job_id=pending.job_id,
+                        known=True,
+                        relaunch_from=launch_id,
+                    )
+                )
+            continue
+        if pending.created_at > facts.now - LOST_WEBHOOK_SECONDS:
+            continue
+        actions.append(
+            RecoverJob(
+                "pending in GitLab, and no webhook of it reached the fleet",
+                {"created_at": pending.created_at},
+                project_id=pending.project_id,
+                job_id=pending.job_id,
+            )
+        )
+    return actions
+
+
+def warm_launches(facts: Facts, config: FleetConfig) -> list[Action]:
+    """Top warm pools up to their size inside a window, never past max_runners (the lease says the rest)."""
+    status = _gitlab_status(facts)
+    now_utc = datetime.fromtimestamp(facts.now, UTC)
+    ready: Counter[str] = Counter()
+    for record in facts.records.values():
+        waiting = record.warm and _live(record) and record.state is RunnerState.BOOTING and not record.draining
+        if waiting or idle(record, status.get(record.gitlab_runner_id or 0)):
+            ready[record.pool] += 1
+    actions: list[Action] = []
+    for pool in config.pools:
+        size = warm_size(pool.warm, now_utc)
+        room = pool.max_runners - facts.leases.get(pool.name, 0)
+        count = min(size - ready[pool.name], room)
+        if count > 0:
+            actions.append(
+                WarmLaunch(
+                    "warm pool short of idle runners",
+                    {"size": size, "ready": ready[pool.name], "leases": facts.leases.get(pool.name, 0)},
+                    pool=pool.name,
+                    count=count,
+                )
+            )
+    return actions
+
+
+def launch_of(facts: Facts, launch_id: str) -> LaunchRecord | None:
+    return next((launch for launch in facts.launches if launch.launch_id == launch_id), None)

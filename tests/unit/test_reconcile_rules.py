@@ -1,0 +1,453 @@
+"""Reconcile's rules as pure decisions: tables of facts in, actions out. No AWS, no GitLab, no clock."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from chalicelib.config import FleetConfig, parse_config
+from chalicelib.gitlab_api import GitLabRunner
+from chalicelib.lifecycle.facts import Facts, InstanceFact, JobFact, PendingJob, TokenFact
+from chalicelib.lifecycle.invariants import check
+from chalicelib.lifecycle.reconcile import RetireVerdict, retire_verdict
+from chalicelib.lifecycle.rules import (
+    CleanUp,
+    DeleteRunner,
+    Kind,
+    Reap,
+    RecoverJob,
+    Retire,
+    SettleLaunch,
+    Unmark,
+    WarmLaunch,
+    decide,
+    retire_at,
+)
+from chalicelib.scale_store import LaunchRecord, LaunchState, RunnerRecord
+from chalicelib.store import RunnerState
+
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a Friday
+FLEET = "rf-test"
+
+
+def config(**pool: Any) -> FleetConfig:
+    return parse_config(
+        {
+            "fleet": FLEET,
+            "gitlab": {"url": "https://gitlab.example.com", "token_parameter": "/t/gitlab"},
+            "webhook": {"token_parameter": "/t/webhook"},
+            "state": {"table": "t-table", "jobs_queue": "t-jobs", "dead_letter_queue": "t-dlq"},
+            "cache_bucket": "t-cache",
+            "ami_parameter": "/t/ami",
+            "pools": [
+                {
+                    "name": "docker",
+                    "tags": ["docker"],
+                    "instance_types": ["m7i.large"],
+                    "subnets": ["subnet-0123456789abcdef0"],
+                    "security_groups": ["sg-0123456789abcdef0"],
+                    "max_runners": 5,
+                    "image": {"repository": "ci/base"},
+                    "boot_deadline_seconds": 300,
+                    "max_lifetime_minutes": 240,
+                    "job_timeout_seconds": 3600,
+                    **pool,
+                }
+            ],
+        }
+    )
+
+
+CONFIG = config()
+
+
+def record(instance: str, **fields: Any) -> RunnerRecord:
+    values: dict[str, Any] = {
+        "instance_id": instance,
+        "pool": "docker",
+        "launch_id": "L1",
+        "launched_at": NOW - 1000,
+        "boot_deadline_at": NOW - 700,
+        "gitlab_runner_id": int(instance.removeprefix("i-")),
+        "state": RunnerState.IDLE,
+        "lease": True,
+    }
+    values.update(fields)
+    return RunnerRecord(**values)
+
+
+def instance(instance_id: str, **fields: Any) -> InstanceFact:
+    values: dict[str, Any] = {
+        "instance_id": instance_id,
+        "pool": "docker",
+        "launch_id": "L1",
+        "state": "running",
+        "launched_at": NOW - 1000,
+        "template_version": "1",
+    }
+    values.update(fields)
+    return InstanceFact(**values)
+
+
+def runner(runner_id: int, status: str = "online", instance_id: str | None = None) -> GitLabRunner:
+    described = instance_id or f"i-{runner_id}"
+    return GitLabRunner(runner_id, f"runner-fleet {FLEET}/docker {described}", status, paused=False)
+
+
+def facts(
+    records: list[RunnerRecord] = (),  # type: ignore[assignment]
+    instances: list[InstanceFact] = (),  # type: ignore[assignment]
+    runners: list[GitLabRunner] | None = None,
+    **fields: Any,
+) -> Facts:
+    live = {r.instance_id: r for r in records}
+    leases = sum(1 for r in records if r.lease)
+    values: dict[str, Any] = {
+        "now": NOW,
+        "records": live,
+        "launches": [],
+        "leases": {"docker": leases},
+        "instances": {i.instance_id: i for i in instances},
+        "template_versions": {"docker": "1"},
+        "gitlab_runners": [runner(r.gitlab_runner_id) for r in records if r.gitlab_runner_id]
+        if runners is None
+        else runners,
+        "pending_jobs": [],
+    }
+    values.update(fields)
+    return Facts(**values)
+
+
+def healthy(*ids: str) -> Facts:
+    return facts([record(i) for i in ids], [instance(i) for i in ids])
+
+
+def kinds(actions: list[Any]) -> list[tuple[str, str]]:
+    return [(type(a).__name__, getattr(a, "instance_id", "") or getattr(a, "launch_id", "")) for a in actions]
+
+
+# -- a healthy fleet ---------------------------------------------------------------------------------------
+
+
+def test_a_healthy_fleet_needs_nothing_and_its_invariants_hold() -> None:
+    seen = healthy("i-1", "i-2")
+    assert decide(seen, CONFIG) == []
+    assert check(seen, CONFIG) == []
+
+
+# -- never contacted ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "deadline", "runner_id", "reaped"),
+    [
+        ("never_contacted", NOW - 1, 1, True),  # past the deadline, never heard of: reaped
+        ("never_contacted", NOW + 60, 1, False),  # still booting within its deadline
+        ("online", NOW - 1, 1, False),  # it registered
+        ("offline", NOW - 1, 1, False),  # it registered once (offline now: its job decides, not the deadline)
+        (None, NOW - 1, None, True),  # never got a GitLab runner at all
+        (None, NOW + 60, None, False),  # no GitLab runner yet, within its deadline
+    ],
+)
+def test_a_runner_that_never_contacted_gitlab_by_its_deadline_is_reaped(
+    status: str | None, deadline: float, runner_id: int | None, reaped: bool
+) -> None:
+    booting = record("i-1", state=RunnerState.BOOTING, boot_deadline_at=deadline, gitlab_runner_id=runner_id)
+    seen = facts([booting], [instance("i-1")], [runner(1, status)] if status else [])
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, Reap)]
+    assert [(a.instance_id, a.kind) for a in actions] == ([("i-1", Kind.NEVER_CONTACTED)] if reaped else [])
+
+
+def test_never_contacted_is_not_judged_while_gitlab_is_unreadable() -> None:
+    booting = record("i-1", state=RunnerState.BOOTING, boot_deadline_at=NOW - 1)
+    assert decide(facts([booting], [instance("i-1")], runners=None, gitlab_runners=None), CONFIG) == []
+
+
+# -- untracked instances and lost records ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("launched_ago", "launch_state", "launch_age", "state", "reaped"),
+    [
+        (600, None, 0, "running", True),  # old, no record, no launch at work
+        (30, None, 0, "running", False),  # just launched: its record may be on the way
+        (600, LaunchState.LAUNCHING, 10, "running", False),  # its launch is at work right now
+        (600, LaunchState.LAUNCHING, 600, "running", True),  # its launch went silent long ago
+        (600, None, 0, "shutting-down", False),  # already on its way out
+    ],
+)
+def test_an_instance_no_record_knows_is_reaped_once_nothing_is_still_making_it(
+    launched_ago: float, launch_state: LaunchState | None, launch_age: float, state: str, reaped: bool
+) -> None:
+    launches = [LaunchRecord("L9", "docker", launch_state, 1, 1, NOW - launch_age)] if launch_state is not None else []
+    seen = facts(
+        [], [instance("i-9", launch_id="L9", launched_at=NOW - launched_ago, state=state)], [], launches=launches
+    )
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, Reap)]
+    assert [(a.instance_id, a.kind) for a in actions] == ([("i-9", Kind.UNTRACKED_INSTANCE)] if reaped else [])
+
+
+@pytest.mark.parametrize(
+    ("launched_ago", "cleaned"),
+    [(600, True), (30, False)],  # a young record's instance may not be listed yet (eventual consistency)
+)
+def test_a_record_whose_instance_is_gone_is_cleaned_up(launched_ago: float, cleaned: bool) -> None:
+    lost = record("i-1", launched_at=NOW - launched_ago)
+    seen = facts([lost], [], [])
+    assert [a for a in decide(seen, CONFIG) if isinstance(a, CleanUp)] == (
+        [CleanUp("record whose instance no longer exists", instance_id="i-1", kind=Kind.LOST_INSTANCE)]
+        if cleaned
+        else []
+    )
+    assert [v.invariant for v in check(seen, CONFIG)] == [
+        "record without an instance",
+        "lease counter differs from live instances",
+    ]
+
+
+def test_a_terminated_record_with_cleanup_left_is_finished() -> None:
+    left = record("i-1", state=RunnerState.TERMINATED, lease=False, gitlab_cleanup=True)
+    actions = decide(facts([left], [], [runner(1, "offline")]), CONFIG)
+    assert kinds(actions) == [("CleanUp", "i-1")]
+    assert actions[0].kind is Kind.CLEANUP_LEFT  # type: ignore[attr-defined]
+
+
+# -- GitLab runners --------------------------------------------------------------------------------------
+
+
+def test_a_gitlab_runner_of_the_fleet_without_instance_or_record_is_deleted() -> None:
+    other = GitLabRunner(77, "shared runner of someone else", "online", paused=False)
+    another_fleet = GitLabRunner(78, "runner-fleet other/docker i-78", "online", paused=False)
+    seen = facts([], [], [runner(5, "offline"), other, another_fleet])
+    assert [(type(a).__name__, a.runner_id) for a in decide(seen, CONFIG)] == [("DeleteRunner", 5)]  # type: ignore[attr-defined]
+
+
+def test_a_gitlab_runner_whose_record_is_live_is_left_to_the_record() -> None:
+    # Its record was written before the runner was made, and the instance listing came last: a record without
+    # an instance is the record's rule to judge, not the GitLab runner's.
+    young = record("i-3", launched_at=NOW - 10)
+    assert [a for a in decide(facts([young], [], [runner(3)]), CONFIG) if isinstance(a, DeleteRunner)] == []
+
+
+# -- launches ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "leases", "age", "expected"),
+    [
+        (LaunchState.LAUNCHING, 2, 30, []),  # at work
+        (LaunchState.LAUNCHING, 2, 600, ["SettleLaunch"]),  # its owner died
+        (LaunchState.RESUMING, 1, 600, ["SettleLaunch"]),
+        (LaunchState.INCOMPLETE, 1, 30, []),  # its jobs come back to resume it
+        (LaunchState.INCOMPLETE, 1, 600, ["SettleLaunch"]),  # nobody resumed it
+        (LaunchState.FAILED, 2, 5, ["SettleLaunch"]),  # failed for good, still holding leases
+        (LaunchState.FAILED, 0, 5, ["Unmark"]),
+        (LaunchState.LAUNCHED, 0, 5, ["Unmark"]),
+    ],
+)
+def test_a_launch_holding_leases_past_its_window_is_settled(
+    state: LaunchState, leases: int, age: float, expected: list[str]
+) -> None:
+    launch = LaunchRecord("L2", "docker", state, leases, leases, NOW - age)
+    actions = decide(facts(launches=[launch], leases={"docker": leases}), CONFIG)
+    assert [type(a).__name__ for a in actions] == expected
+    for action in actions:
+        assert isinstance(action, (SettleLaunch, Unmark)) and action.launch_id == "L2"
+
+
+# -- retirement -------------------------------------------------------------------------------------------
+
+
+def test_retirement_point_leaves_a_job_time_to_finish_within_the_lifetime() -> None:
+    pool = CONFIG.pools[0]  # 240 minutes, job timeout one hour
+    assert retire_at(record("i-1", launched_at=0.0), pool) == 3 * 3600
+    short = config(max_lifetime_minutes=60, job_timeout_seconds=3600).pools[0]
+    assert retire_at(record("i-1", launched_at=0.0), short) == 1800  # never before half its lifetime
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "version", "retired"),
+    [
+        ({"launched_at": NOW - 3 * 3600 - 1}, "online", "1", True),  # past its retirement point, idle
+        ({"launched_at": NOW - 3 * 3600 - 1, "busy": ("1:2",), "state": RunnerState.BUSY}, "online", "1", False),
+        ({"launched_at": NOW - 3 * 3600 - 1, "draining": "spot interruption"}, "online", "1", False),
+        ({"launched_at": NOW - 3600}, "online", "2", True),  # the pool's template moved on (new image)
+        ({"launched_at": NOW - 3600}, "online", "1", False),
+        # booted and never given a job: idle once GitLab heard from it
+        ({"state": RunnerState.BOOTING, "launched_at": NOW - 3 * 3600 - 1}, "online", "1", True),
+        ({"state": RunnerState.BOOTING, "launched_at": NOW - 3 * 3600 - 1}, "never_contacted", "1", False),
+        ({"state": RunnerState.DONE, "launched_at": NOW - 3 * 3600 - 1}, "online", "1", False),  # powers off
+    ],
+)
+def test_only_idle_runners_are_retired(fields: dict[str, Any], status: str, version: str, retired: bool) -> None:
+    old = record("i-1", **fields)
+    seen = facts([old], [instance("i-1")], [runner(1, status)], template_versions={"docker": version})
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, Retire)]
+    assert [(a.instance_id, a.runner_id) for a in actions] == ([("i-1", 1)] if retired else [])
+
+
+def test_warm_runners_are_retired_when_their_window_closes() -> None:
+    # A window on weekdays 09:00 to 17:00 in Berlin; NOW is 09:00 in Berlin on a Friday: open.
+    windows = [{"start": "0 9 * * 1-5", "end": "0 17 * * 1-5", "timezone": "Europe/Berlin"}]
+    warm = config(warm={"size": 2, "windows": windows})
+    idle_warm = record("i-1", warm=True, launched_at=NOW - 600)
+    assert [a for a in decide(facts([idle_warm], [instance("i-1")]), warm) if isinstance(a, Retire)] == []
+    evening = NOW + 9 * 3600  # 18:00 in Berlin
+    seen = facts([idle_warm], [instance("i-1")], now=evening)
+    assert [a.instance_id for a in decide(seen, warm) if isinstance(a, Retire)] == ["i-1"]
+
+
+# -- lost webhooks ------------------------------------------------------------------------------------------
+
+
+def job(project: int, job_id: int, **item: Any) -> JobFact:
+    values = {"kind": "job", "project_id": project, "job_id": job_id, "status": "pending", **item}
+    return JobFact(project, job_id, str(values["status"]), NOW - 60, values)
+
+
+@pytest.mark.parametrize(
+    ("item", "recovered"),
+    [
+        ({"queued": False, "pending_at": NOW - 600}, True),  # recorded, its send failed, nobody holds it
+        ({"queued": False, "queue_claim": "w", "queue_claim_at": NOW - 10}, False),  # a webhook is sending now
+        ({"queued": False, "queue_claim": "w", "queue_claim_at": NOW - 600}, True),  # its sender died
+        ({"queued": True}, False),
+        ({"queued": False, "launch_id": "L1"}, False),  # scale-up has it
+        ({"queued": False, "status": "running"}, False),
+    ],
+)
+def test_a_recorded_but_unqueued_job_is_recovered(item: dict[str, Any], recovered: bool) -> None:
+    actions = [a for a in decide(facts(jobs=[job(7, 70, **item)]), CONFIG) if isinstance(a, RecoverJob)]
+    assert [(a.project_id, a.job_id, a.known) for a in actions] == ([(7, 70, True)] if recovered else [])
+
+
+def test_a_pending_job_the_table_never_heard_of_is_recovered_after_a_while() -> None:
+    seen = facts(
+        jobs=[job(7, 70, queued=True)],
+        pending_jobs=[
+            PendingJob(7, 70, NOW - 900),  # known: queued
+            PendingJob(7, 71, NOW - 900),  # unknown, pending for 15 minutes: its hook was lost
+            PendingJob(7, 72, NOW - 5),  # unknown, but its hook may be on the way
+        ],
+    )
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, RecoverJob)]
+    assert [(a.project_id, a.job_id, a.known) for a in actions] == [(7, 71, False)]
+
+
+# -- warm pools ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "ready", "leases", "max_runners", "launched"),
+    [
+        (2, 0, 0, 5, 2),
+        (2, 1, 1, 5, 1),
+        (2, 2, 2, 5, 0),
+        (3, 0, 4, 5, 1),  # never past max_runners: one lease left
+        (3, 0, 5, 5, 0),
+        (0, 0, 0, 5, 0),
+    ],
+)
+def test_a_warm_pool_is_topped_up_within_max_runners(
+    size: int, ready: int, leases: int, max_runners: int, launched: int
+) -> None:
+    pool = config(warm={"size": size}, max_runners=max_runners)
+    idle = [record(f"i-{n}", launched_at=NOW - 60) for n in range(1, ready + 1)]
+    busy = [record(f"i-{n}", state=RunnerState.BUSY, busy=("1:1",)) for n in range(10, 10 + leases - ready)]
+    seen = facts(idle + busy, [instance(r.instance_id) for r in idle + busy])
+    actions = [a for a in decide(seen, pool) if isinstance(a, WarmLaunch)]
+    assert [a.count for a in actions] == ([launched] if launched else [])
+
+
+def test_a_warm_runner_still_booting_counts_as_ready() -> None:
+    pool = config(warm={"size": 1})
+    booting = record("i-1", warm=True, state=RunnerState.BOOTING, boot_deadline_at=NOW + 100)
+    assert [a for a in decide(facts([booting], [instance("i-1")], [runner(1, "never_contacted")]), pool)] == []
+
+
+# -- invariants ----------------------------------------------------------------------------------------------
+
+
+def test_each_invariant_is_reported_with_its_subject() -> None:
+    seen = facts(
+        [record("i-1"), record("i-2")],
+        [instance("i-1"), instance("i-3")],
+        [runner(1), runner(2), runner(4)],
+        tokens=[TokenFact("TOKEN#r:i-1", "i-1", NOW - 1), TokenFact("TOKEN#r:i-2", "i-2", NOW + 60)],
+        leases={"docker": 3},
+    )
+    assert sorted(str(v) for v in check(seen, CONFIG)) == [
+        "GitLab runner without an instance: 2 (runner-fleet rf-test/docker i-2)",
+        "GitLab runner without an instance: 4 (runner-fleet rf-test/docker i-4)",
+        "instance without a record: i-3 (running, pool docker)",
+        "lease counter differs from live instances: docker (3 leases, 2 live)",
+        "record without an instance: i-2 (state idle)",
+        "token past its boot deadline: i-1 (1.0 s past)",
+    ]
+
+
+# -- the pause, re-check, retire race ------------------------------------------------------------------------
+
+# Events of one retirement (the reconcile side, in its order) and of a job that may reach the runner (GitLab
+# assigns it, then its running Job Hook reaches the table). Every interleaving is decided: the runner is retired
+# only when no job reached it, and never terminated with a job.
+RECONCILE_STEPS = ("mark", "pause", "recheck")
+JOB_STEPS = ("assign", "hook")
+
+
+def _interleavings() -> list[tuple[str, ...]]:
+    steps = RECONCILE_STEPS + JOB_STEPS
+    orders = []
+    for order in itertools.permutations(steps):
+        if [s for s in order if s in RECONCILE_STEPS] == list(RECONCILE_STEPS) and order.index("assign") < order.index(
+            "hook"
+        ):
+            orders.append(order)
+    return orders
+
+
+def _play(order: tuple[str, ...]) -> tuple[str, bool]:
+    """Play one interleaving against a model of GitLab (a paused runner is assigned no job) and of the table's
+    conditional write; returns what reconcile decided and whether the runner ran the job."""
+    paused = assigned = hooked = marked = False
+    for step in order:
+        if step == "assign":
+            assigned = not paused  # GitLab gives no job to a paused runner
+        elif step == "hook":
+            hooked = assigned
+        elif step == "mark":
+            if hooked:
+                return "skipped", assigned  # drain_runner(only_idle) is refused: the table says busy
+            marked = True
+        elif step == "pause":
+            paused = marked
+        elif step == "recheck":
+            running = [(1, 1)] if assigned else []
+            current = record(
+                "i-1", busy=("1:1",) if hooked else (), state=RunnerState.BUSY if hooked else RunnerState.IDLE
+            )
+            verdict = retire_verdict(running, current)
+            return verdict.value, assigned
+    raise AssertionError(order)
+
+
+@pytest.mark.parametrize("order", _interleavings(), ids=lambda o: "-".join(o))
+def test_retire_is_decided_for_every_interleaving_with_a_job(order: tuple[str, ...]) -> None:
+    decided, ran_job = _play(order)
+    if ran_job:
+        assert decided in ("skipped", RetireVerdict.KEEP.value)  # never terminated under a job
+    else:
+        assert decided == RetireVerdict.RETIRE.value  # the job came after the pause: it went elsewhere
+    assert (decided == RetireVerdict.RETIRE.value) == (order.index("assign") > order.index("pause"))
+
+
+def test_retire_verdict_keeps_a_runner_gitlab_or_the_table_says_is_busy() -> None:
+    idle = record("i-1")
+    assert retire_verdict([], idle) is RetireVerdict.RETIRE
+    assert retire_verdict(None, idle) is RetireVerdict.RETIRE  # GitLab no longer knows the runner
+    assert retire_verdict([(1, 2)], idle) is RetireVerdict.KEEP
+    assert retire_verdict([], replace(idle, busy=("1:2",))) is RetireVerdict.KEEP
+    assert retire_verdict([], replace(idle, state=RunnerState.TERMINATED)) is RetireVerdict.KEEP
