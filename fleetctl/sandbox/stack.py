@@ -127,9 +127,13 @@ class Sandbox:
         self._start_agents()
         return self
 
-    def reset(self) -> None:
-        """Forget every AWS resource and start again from a fresh bootstrap and a new connected project."""
+    def reset(self, config_path: Path | None = None) -> None:
+        """Forget every AWS resource and start again from a fresh bootstrap and a new connected project; with
+        ``config_path``, from that stage file from now on."""
         from chalicelib import runtime
+
+        if config_path is not None:
+            self._config_path = config_path
 
         self._stop_agents()
         # The pump stops while AWS forgets its queues, and polls the new ones afterwards.

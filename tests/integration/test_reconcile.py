@@ -30,7 +30,7 @@ from chalicelib.lifecycle.rules import (
     decide,
     stuck_after,
 )
-from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, launch_template_name
+from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
 from chalicelib.store import job_key, pool_key, runner_key
 from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, Phase
 from fleetctl.sandbox.local_aws import SANDBOX_REGION
@@ -44,13 +44,16 @@ OPTIONS = AgentOptions(boot_delay_seconds=0.3, wait_timeout_seconds=WAIT_TIMEOUT
 BOOT_DEADLINE = 60
 
 
-def stage_config(workdir: Path) -> Path:
-    """The shipped stage file, with the shortest boot deadline and no warm pool (tests that want one set it)."""
+def stage_config(workdir: Path, name: str = "reconcile-stage.yaml", **docker: Any) -> Path:
+    """The shipped stage file, with the shortest boot deadline and no warm pool; ``docker`` overrides fields of
+    the docker pool."""
     document = yaml.safe_load(DEFAULT_CONFIG.read_text())
     for pool in document["pools"]:
         pool["boot_deadline_seconds"] = BOOT_DEADLINE
         pool["warm"] = {"size": 0, "windows": []}
-    target = workdir / "reconcile-stage.yaml"
+        if pool["name"] == "docker":
+            pool.update(docker)
+    target = workdir / name
     target.write_text(yaml.safe_dump(document))
     return target
 
@@ -158,7 +161,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(reconcile_sandbox: Sandbox) -> Iterator[Fleet]:
-    reconcile_sandbox.reset()
+    reconcile_sandbox.reset(stage_config(reconcile_sandbox.workdir))
     fleet = Fleet(reconcile_sandbox)
     yield fleet
     for job_id in fleet.job_ids:
@@ -430,4 +433,53 @@ def test_overlapping_runs_do_not_both_act(fleet: Fleet) -> None:
     finally:
         store.release_run_lease("reconcile", "a-run-in-progress")
     assert first.run().ran is True
+    fleet.assert_invariants()
+
+
+def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_it(fleet: Fleet) -> None:
+    """A warm window opens when its ``start`` cron fires and closes when its ``end`` next fires, in its time zone
+    (chalicelib/lifecycle/windows.py). Inside it the pool is topped up to its size through the capacity lease,
+    so never past max_runners; outside it, idle warm runners are retired."""
+    # A window opening at the next full hour and closing two hours later: reconcile runs on a clock moved into
+    # it, and past it, by less than the runners' retirement age.
+    now = time.time()
+    hour = now - now % 3600 + 3600
+    opens, closes = time.gmtime(hour).tm_hour, time.gmtime(hour + 2 * 3600).tm_hour
+    window = {"start": f"0 {opens} * * *", "end": f"0 {closes} * * *", "timezone": "UTC"}
+    inside, outside = hour + 1800 - now, hour + 2 * 3600 + 1800 - now
+    warm = stage_config(fleet.sandbox.workdir, "warm-stage.yaml", warm={"size": 3, "windows": [window]}, max_runners=3)
+    fleet.sandbox.reset(warm)
+    fleet = Fleet(fleet.sandbox)
+    try:
+        # given one runner busy with a long job, so that the pool has room for two more
+        (long_job,) = fleet.pipeline({**DOCKER_JOB, "script": ["sleep 8"]})
+        assert wait_until(lambda: fleet.job(long_job)["status"] == "running", 20)
+        busy = described_instance(fleet.job(long_job)["runner"]["description"])
+        # (the warm runners launched from here on wait a minute for a job, as a real pool's would wait longer)
+        fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=60.0)
+
+        # when reconcile runs outside the window, then inside it, twice
+        closed = fleet.reconcile(offset=outside)
+        opened = fleet.reconcile(offset=inside)
+        warm_agents = [a for a in fleet.launched("docker", 3) if a.instance_id != busy]
+        assert wait_until(lambda: all(a.runner_id for a in warm_agents), 20)
+        again = fleet.reconcile(offset=inside)
+
+        # then nothing outside; inside, two warm runners (max_runners 3, one busy), and no more on the next run
+        assert closed.metrics == {}
+        assert opened.metrics == {"WarmLaunched": 2}
+        assert again.metrics == {}
+        assert fleet.leases("docker") == 3 and len(fleet.live_instances()) == 3
+        assert all(fleet.record(a.instance_id).get("warm") is True for a in warm_agents)
+
+        # and once the window closes, the idle warm runners are retired; the busy one finishes its job
+        drained = fleet.reconcile(offset=outside)
+        assert drained.metrics == {"RunnersRetired": 2}
+        for agent in warm_agents:
+            assert fleet.state(agent.instance_id) == "terminated"
+        assert fleet.state(str(busy)) == "running"
+        assert fleet.leases("docker") == 1
+        assert wait_until(lambda: fleet.job(long_job)["status"] == "success", 30)
+    finally:
+        fleet.agents.options = OPTIONS
     fleet.assert_invariants()
