@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from chalicelib.config import FleetConfig
 from chalicelib.naming import described_instance
 from fleetctl.sandbox.agents import AgentOptions
 from fleetctl.sandbox.stack import DEFAULT_WORKDIR, Sandbox
@@ -203,6 +204,7 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
         console.print(instances_table)
 
         leftovers = _leftovers(stack)
+        violations = _invariant_violations(config, console)
         answers = Counter(d.status_code for d in stack.gitlab.deliveries)
         agent_stats = stack.agents.stats()
         wanted_pool = {
@@ -221,6 +223,7 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
             < len(job_ids) - build_jobs,
             "the gpu job reported unmatched, not retried": gpu_outcome == "unmatched",
             "every runner idled out and left nothing behind": cleaned and not any(leftovers.values()),
+            "the fleet's invariants hold": not violations,
         }
         console.print(
             f"  jobs succeeded {sum(1 for s in final.values() if s == 'success')}/{len(job_ids)}; "
@@ -242,6 +245,21 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
             "instances_by_lifecycle": dict(sorted(Counter(i["lifecycle"] for i in instances).items())),
             "agents": agent_stats.to_json(),
             "left_behind": leftovers,
+            "invariant_violations": violations,
             "seconds": round(time.monotonic() - started, 1),
             "ok": all(expectations.values()),
         }
+
+
+def _invariant_violations(config: FleetConfig, console: Console) -> list[str]:
+    """The fleet's invariants (chalicelib.lifecycle.invariants) against the sandbox's AWS and GitLab, each
+    violation printed."""
+    from chalicelib import runtime
+    from chalicelib.lifecycle.facts import FactSource
+    from chalicelib.lifecycle.invariants import check
+
+    source = FactSource(config, runtime.store(), runtime.aws().ec2, runtime.gitlab_api())
+    violations = [str(violation) for violation in check(source.gather(tokens=True), config)]
+    for violation in violations:
+        console.print(f"  invariant violated: {violation}", markup=False)
+    return violations

@@ -39,6 +39,7 @@ def test_demo_runs_a_pipeline_to_success_on_runners_that_leave_nothing_behind() 
     assert summary["instances_terminated"] == summary["instances_launched"]
     assert summary["instances_by_lifecycle"] == {"spot": summary["instances_launched"]}
     assert summary["left_behind"] == {"live_instances": 0, "leases": 0, "gitlab_runners": 0, "tokens": 0}
+    assert summary["invariant_violations"] == []
     assert summary["agents"]["jobs"] == {"success": 6}
     # created, pending, running and success for every runnable job, created and pending for the gpu job
     assert summary["webhooks_by_status"] == {"200": 26}

@@ -483,3 +483,42 @@ def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_i
     finally:
         fleet.agents.options = OPTIONS
     fleet.assert_invariants()
+
+
+def test_status_shows_the_invariants_and_fleetctl_reconcile_repairs_them(fleet: Fleet) -> None:
+    """``fleetctl status`` checks the invariants against the real resources and names each violation;
+    ``fleetctl reconcile --once`` runs reconcile as the schedule does."""
+    from click.testing import CliRunner
+
+    from fleetctl.cli import main
+    from fleetctl.sandbox.stack import GITLAB_ADMIN_TOKEN
+
+    # given a GitLab runner of the fleet's whose instance never existed
+    orphan = runtime.gitlab_api().create_runner(
+        description=f"runner-fleet {fleet.config.fleet}/docker i-0123456789abcdef0",
+        tags=["docker"],
+        run_untagged=False,
+        maximum_timeout=3600,
+    )
+    config = str(fleet.sandbox.workdir / "fleet.json")
+    runner = CliRunner()
+
+    def status(*args: str) -> Any:
+        return runner.invoke(main, ["status", "--config", config, *args], env={"GITLAB_TOKEN": GITLAB_ADMIN_TOKEN})
+
+    # when the operator looks, reconciles once, and looks again
+    before = status("--json")
+    shown = status()
+    ran = runner.invoke(main, ["reconcile", "--once", "--config", config], catch_exceptions=False)
+    after = status("--json")
+
+    # then the violation was named, the run deleted the runner, and the invariants hold
+    expected = f"GitLab runner without an instance: {orphan.runner_id} (runner-fleet {fleet.config.fleet}/docker "
+    [violation] = yaml.safe_load(before.output)["invariants"]["violations"]
+    assert violation.startswith(expected)
+    assert "invariants: 1 violated" in shown.output and expected in shown.output
+    assert ran.exit_code == 0, ran.output
+    assert yaml.safe_load(ran.output.strip().splitlines()[-1])["metrics"] == {"OrphansReaped.GitLabRunner": 1}
+    assert fleet.gitlab_runner(orphan.runner_id) is None
+    assert yaml.safe_load(after.output)["invariants"] == {"hold": True, "violations": [], "unchecked": []}
+    assert "invariants: hold" in status().output
