@@ -378,7 +378,8 @@ class FleetStore:
 
     def claim_for_sweep(self, project_id: int, job_id: int, pipeline_id: int | None = None) -> str | None:
         """Take the queue claim of a pending job a sweep found: one the table does not know (its item is written
-        now, pending and unqueued) or one recorded but never queued whose claim is free. Returns the claim, to
+        now, pending and unqueued), one recorded as created whose pending Job Hook never came, or one recorded but
+        never queued whose claim is free. Returns the claim, to
         pass to :meth:`mark_queued` after the send (or :meth:`release_queue_claim` if it fails), or None when
         the job is known otherwise (queued, claimed by a live sender, launched or settled)."""
         now = self._clock()
@@ -395,9 +396,11 @@ class FleetStore:
             ":jobid": attribute_value(job_id),
             ":ttl": attribute_value(int(now) + UNFINISHED_JOB_TTL_SECONDS),
         }
+        # The condition keeps the job at pending or before (created: its pending Job Hook was the one lost), so
+        # pending is what it is now.
         assignments = (
-            "kind = :job, project_id = :project, job_id = :jobid, #status = if_not_exists(#status, :pending), "
-            "status_rank = if_not_exists(status_rank, :rank), pending_at = if_not_exists(pending_at, :now), "
+            "kind = :job, project_id = :project, job_id = :jobid, #status = :pending, "
+            "status_rank = :rank, pending_at = if_not_exists(pending_at, :now), "
             "#queued = :no, queue_claim = :claim, queue_claim_at = :now, updated_at = :now, #live = :job, "
             "#ttl = if_not_exists(#ttl, :ttl)"
         )
@@ -409,7 +412,8 @@ class FleetStore:
             "Key": {"pk": {"S": job_key(project_id, job_id)}},
             "UpdateExpression": f"SET {assignments}",
             "ConditionExpression": (
-                "attribute_not_exists(pk) OR (#status = :pending AND #queued = :no"
+                "attribute_not_exists(pk) OR (status_rank <= :rank"
+                " AND (attribute_not_exists(#queued) OR #queued = :no)"
                 " AND attribute_not_exists(launch_id) AND attribute_not_exists(outcome)"
                 " AND (attribute_not_exists(queue_claim) OR queue_claim_at < :stale))"
             ),

@@ -31,6 +31,7 @@ from enum import Enum
 from typing import Any
 
 from chalicelib.config import FleetConfig, PoolConfig
+from chalicelib.gitlab_events import JobStatus
 from chalicelib.lifecycle.facts import Facts, ours
 from chalicelib.lifecycle.windows import warm_size
 from chalicelib.naming import described_instance
@@ -328,6 +329,17 @@ def stuck_after(config: FleetConfig) -> float:
     return max(pool.boot_deadline_seconds for pool in config.pools) + STALE_LAUNCH_SECONDS
 
 
+def _before_pending(item: Mapping[str, Any], now: float) -> bool:
+    """A job item recorded before pending (created, manual, waiting) that no event changed for a while, nor any
+    launch or outcome touched."""
+    return (
+        int(item.get("status_rank", 0)) < JobStatus.PENDING.rank
+        and float(item.get("updated_at", 0)) < now - LOST_WEBHOOK_SECONDS
+        and "launch_id" not in item
+        and "outcome" not in item
+    )
+
+
 def lost_webhooks(facts: Facts, config: FleetConfig) -> list[Action]:
     """Pending jobs recorded but never queued, pending jobs of active projects the table does not know, and
     pending jobs whose launch ended long ago without a runner taking them."""
@@ -353,6 +365,18 @@ def lost_webhooks(facts: Facts, config: FleetConfig) -> list[Action]:
     working = {launch.launch_id for launch in facts.launches if launch.state is not LaunchState.FAILED}
     for pending in facts.pending_jobs or ():
         recorded = known.get((pending.project_id, pending.job_id))
+        if recorded is not None and _before_pending(recorded, facts.now):
+            # Recorded as created (or waiting): the Job Hook saying it became pending was lost.
+            actions.append(
+                RecoverJob(
+                    "pending in GitLab, and its pending Job Hook never reached the fleet",
+                    {"status": recorded.get("status"), "updated_at": recorded.get("updated_at")},
+                    project_id=pending.project_id,
+                    job_id=pending.job_id,
+                    known=True,
+                )
+            )
+            continue
         if recorded is not None:
             launch_id = str(recorded.get("launch_id") or "")
             claimed_at = float(recorded.get("claimed_at", 0))

@@ -522,3 +522,27 @@ def test_status_shows_the_invariants_and_fleetctl_reconcile_repairs_them(fleet: 
     assert fleet.gitlab_runner(orphan.runner_id) is None
     assert yaml.safe_load(after.output)["invariants"] == {"hold": True, "violations": [], "unchecked": []}
     assert "invariants: hold" in status().output
+
+
+def test_the_sweep_claims_a_job_recorded_as_created_but_never_one_already_queued(fleet: Fleet) -> None:
+    """The sweep's claim on the table (moto's DynamoDB): a job recorded as created whose pending Job Hook was
+    lost is claimed, and becomes pending and unqueued; one the webhook queued, or one a launch holds, is not."""
+    from chalicelib.gitlab_events import JobStatus
+    from chalicelib.store import JobEvent
+
+    store = runtime.store()
+    project = fleet.sandbox.project_id
+    store.record_job_event("d-1", JobEvent(project, 501, JobStatus.CREATED, time.time()))
+    store.record_job_event("d-2", JobEvent(project, 502, JobStatus.PENDING, time.time()))
+    store.mark_queued(project, 502)
+
+    claim = store.claim_for_sweep(project, 501)
+    item = store.get(job_key(project, 501)) or {}
+    assert claim is not None and item["queue_claim"] == claim
+    assert (item["status"], item["status_rank"], item["queued"], item["live"]) == ("pending", 2, False, "job")
+    assert store.claim_for_sweep(project, 501) is None  # claimed a moment ago: its sender may be sending
+    assert store.claim_for_sweep(project, 502) is None  # queued by the webhook
+    assert store.claim_for_sweep(project, 503) is not None  # never heard of: recorded now, pending
+    store.claim_job(project, 503, "L-1")
+    store.release_queue_claim(project, 503, str((store.get(job_key(project, 503)) or {})["queue_claim"]))
+    assert store.claim_for_sweep(project, 503) is None  # a launch holds it

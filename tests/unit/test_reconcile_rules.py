@@ -10,6 +10,7 @@ import pytest
 
 from chalicelib.config import FleetConfig, parse_config
 from chalicelib.gitlab_api import GitLabRunner
+from chalicelib.gitlab_events import JobStatus
 from chalicelib.lifecycle.facts import Facts, InstanceFact, JobFact, PendingJob, TokenFact
 from chalicelib.lifecycle.invariants import check
 from chalicelib.lifecycle.reconcile import RetireVerdict, retire_verdict
@@ -305,6 +306,7 @@ def test_warm_runners_are_retired_when_their_window_closes() -> None:
 
 def job(project: int, job_id: int, **item: Any) -> JobFact:
     values = {"kind": "job", "project_id": project, "job_id": job_id, "status": "pending", **item}
+    values.setdefault("status_rank", JobStatus(str(values["status"])).rank)
     return JobFact(project, job_id, str(values["status"]), NOW - 60, values)
 
 
@@ -335,6 +337,33 @@ def test_a_pending_job_the_table_never_heard_of_is_recovered_after_a_while() -> 
     )
     actions = [a for a in decide(seen, CONFIG) if isinstance(a, RecoverJob)]
     assert [(a.project_id, a.job_id, a.known) for a in actions] == [(7, 71, False)]
+
+
+def test_a_job_recorded_as_created_whose_pending_hook_was_lost_is_recovered() -> None:
+    created = job(7, 80, status="created", status_rank=1, updated_at=NOW - 600)
+    fresh = job(7, 81, status="created", status_rank=1, updated_at=NOW - 5)  # its pending hook may be on the way
+    seen = facts(jobs=[created, fresh], pending_jobs=[PendingJob(7, 80, NOW - 900), PendingJob(7, 81, NOW - 900)])
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, RecoverJob)]
+    assert [(a.project_id, a.job_id, a.known) for a in actions] == [(7, 80, True)]
+
+
+@pytest.mark.parametrize(
+    ("claimed_ago", "outcome", "relaunched"),
+    [
+        (300 + 120 + 1, None, True),  # past the boot deadline and the launch window: its runner never came
+        (300, None, False),  # its runner may still be booting
+        (3600, "dead_lettered", False),  # settled: left alone
+    ],
+)
+def test_a_pending_job_whose_launch_ended_without_a_runner_is_launched_again(
+    claimed_ago: float, outcome: str | None, relaunched: bool
+) -> None:
+    item = {"status_rank": 2, "queued": True, "launch_id": "L1", "claimed_at": NOW - claimed_ago}
+    if outcome:
+        item["outcome"] = outcome
+    seen = facts(jobs=[job(7, 90, **item)], pending_jobs=[PendingJob(7, 90, NOW - 3600)])
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, RecoverJob)]
+    assert [(a.job_id, a.relaunch_from) for a in actions] == ([(90, "L1")] if relaunched else [])
 
 
 # -- warm pools ---------------------------------------------------------------------------------------------
