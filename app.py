@@ -1,7 +1,7 @@
 """runner-fleet's Lambda entry points. Routing only: each handler hands its input to one chalicelib service.
 
 Every function imports this module, so it imports little: the webhook needs only its environment settings,
-while scale-up and the instance-event handler load and validate the stage file on their first event. The jobs
+while scale-up, the instance-event handler and reconcile load and validate the stage file on their first event. The jobs
 queue's name comes from the stage's environment, which Chalice also applies when it imports this module to
 deploy, so the event source mapping names the same queue.
 """

@@ -21,7 +21,7 @@ that got no answer (a timeout, AWS's 5xx) may have made instances: the launch ke
 its jobs come back to resume it with the same plan, never to launch again under a new launch id. An AWS error
 after the instances exist cannot give their leases back (the instances hold them): the launch record is left
 ``incomplete`` (transient, the jobs come back and resume it) or ``failed`` with the reason (for good, the jobs
-are dead-lettered), for reconciliation (not built yet) to reap its instances.
+are dead-lettered), for reconcile to settle once it is stale (chalicelib/lifecycle/rules.py).
 
 Order of writes, and why. An instance can terminate at any moment, and the state-change handler can only clean
 up what a record names. So the runner records come first, right after CreateFleet, each taking its lease from
@@ -743,7 +743,7 @@ class ScaleUp:
                 try:
                     self._gitlab.delete_runner(credentials.runner_id)
                 except RetryableError:
-                    # Found again by its description when the launch is resumed, or by reconciliation (not built yet).
+                    # Found again by its description when the launch is resumed, or deleted by reconcile as an orphan.
                     logger.warning("GitLab runner of an unfinished launch left", extra={"id": credentials.runner_id})
             raise next(done for done in stored.values() if isinstance(done, ClientError))
         return ready
@@ -753,8 +753,7 @@ class ScaleUp:
     ) -> None:
         """An AWS error after the instances exist. Their leases cannot go back while they run; the launch record
         keeps them with the reason: transient, the jobs come back and resume it; refused for good, the launch
-        is failed (for reconciliation, not built yet, to reap its instances) and the jobs are released and
-        dead-lettered."""
+        is failed (for reconcile to give back) and the jobs are released and dead-lettered."""
         code = error_code(exc) or "UnknownError"
         reason = f"{step} failed with {code}"
         if _transient(exc):
@@ -780,7 +779,7 @@ class ScaleUp:
         try:
             self._gitlab.delete_runner(runner_id)
         except RetryableError as exc:
-            # Left on the terminated record, marked, for a retried event (or reconciliation, not built yet).
+            # Left on the terminated record, marked, for a retried event or reconcile.
             self._store.note_orphan_runner(instance_id, runner_id)
             logger.warning("GitLab runner left for cleanup", extra={"instance_id": instance_id, "reason": exc.reason})
 

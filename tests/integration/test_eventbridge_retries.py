@@ -4,7 +4,7 @@ EventBridge invokes the handler asynchronously: Lambda tries a failing invocatio
 and two minutes, shortened here) and then drops the event, since runner-fleet's functions have no failure
 destination (https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html; the pump's own
 test is ``test_pump.py``). The handler must not need a fourth try: whatever a dropped event leaves undone has
-to be written down where reconciliation can find it, and nothing it holds (a capacity lease) may stay taken.
+to be written down where reconcile can find it, and nothing it holds (a capacity lease) may stay taken.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_gitlab_down_for_all_three_attempts_leaves_the_lease_back_and_the_cleanu
     # and nothing of ours is held: the lease is back, the token gone
     assert fleet.leases("docker") == 0
     assert not fleet.token_exists(instance_id)
-    # and what is left undone is on the record, for reconciliation to finish
+    # and what is left undone is on the record, for reconcile to finish
     record = fleet.record(runner_key(instance_id))
     assert (record["state"], record["gitlab_runner_id"], record["gitlab_cleanup"]) == (
         "terminated",
@@ -89,7 +89,7 @@ def test_gitlab_down_for_all_three_attempts_leaves_the_lease_back_and_the_cleanu
     )
     assert [int(r["id"]) for r in fleet.gitlab_runners()] == [runner_id]
 
-    # when that record is acted on later, GitLab being back (the same event, as reconciliation would send it)
+    # when that record is acted on later, GitLab being back (the cleanup reconcile runs is the handler's own)
     result = fleet.runtime.instance_events().handle(parse_state_change(state_change(instance_id)))
 
     # then only the GitLab runner was left to delete
