@@ -411,7 +411,10 @@ def lost_webhooks(facts: Facts, config: FleetConfig) -> list[Action]:
 
 
 def warm_launches(facts: Facts, config: FleetConfig) -> list[Action]:
-    """Top warm pools up to their size inside a window, never past max_runners (the lease says the rest)."""
+    """Top warm pools up to their size inside a window, never past max_runners (the lease says the rest). Not
+    while GitLab is unreadable: a runner launched then could get no GitLab runner."""
+    if not facts.gitlab_known:
+        return []
     status = _gitlab_status(facts)
     now_utc = datetime.fromtimestamp(facts.now, UTC)
     ready: Counter[str] = Counter()

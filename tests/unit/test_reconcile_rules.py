@@ -391,6 +391,12 @@ def test_a_warm_pool_is_topped_up_within_max_runners(
     assert [a.count for a in actions] == ([launched] if launched else [])
 
 
+def test_no_warm_launch_while_gitlab_is_unreadable() -> None:
+    pool = config(warm={"size": 2})
+    assert decide(facts(gitlab_runners=None), pool) == []
+    assert [type(a).__name__ for a in decide(facts(), pool)] == ["WarmLaunch"]
+
+
 def test_a_warm_runner_still_booting_counts_as_ready() -> None:
     pool = config(warm={"size": 1})
     booting = record("i-1", warm=True, state=RunnerState.BOOTING, boot_deadline_at=NOW + 100)
