@@ -1,7 +1,7 @@
 """runner-fleet's Lambda entry points. Routing only: each handler hands its input to one chalicelib service.
 
 Every function imports this module, so it imports little: the webhook needs only its environment settings,
-while scale-up and the instance-event handler load and validate the stage file on their first event. The jobs
+while scale-up and the instance-event handlers load and validate the stage file on their first event. The jobs
 queue's name comes from the stage's environment, which Chalice also applies when it imports this module to
 deploy, so the event source mapping names the same queue.
 """
@@ -47,3 +47,15 @@ def instance_state(event: CloudWatchEvent) -> None:
     from chalicelib.instances import parse_state_change
 
     runtime.instance_events().handle(parse_state_change(event.to_dict()))
+
+
+@app.on_cw_event(
+    {
+        "source": ["aws.ec2"],
+        "detail-type": ["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation"],
+    }
+)
+def instance_interruption(event: CloudWatchEvent) -> None:
+    from chalicelib.lifecycle.interruptions import parse_interruption
+
+    runtime.interruptions().handle(parse_interruption(event.to_dict()))

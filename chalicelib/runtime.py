@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from chalicelib.config import FleetConfig
     from chalicelib.gitlab_api import GitLabApi
     from chalicelib.instances import InstanceEvents
+    from chalicelib.lifecycle.interruptions import Interruptions
     from chalicelib.runner_tokens import RunnerTokens
     from chalicelib.scale_store import ScaleStore
     from chalicelib.scale_up import ScaleUp
@@ -137,6 +138,13 @@ def instance_events() -> InstanceEvents:
     return InstanceEvents(store(), gitlab_api(), runner_tokens())
 
 
+@functools.cache
+def interruptions() -> Interruptions:
+    from chalicelib.lifecycle.interruptions import Interruptions
+
+    return Interruptions(store(), gitlab_api())
+
+
 def reset() -> None:
     """Forget every built piece and the loaded configuration (tests, the sandbox)."""
     from chalicelib.config import reset_config_cache
@@ -153,6 +161,7 @@ def reset() -> None:
         runner_tokens,
         scale_up,
         instance_events,
+        interruptions,
     ):
         built.cache_clear()
     reset_config_cache()
