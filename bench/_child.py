@@ -146,6 +146,7 @@ def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: floa
             "pool": "",
             "tags": [],
             "graced": False,
+            "retry_interrupted": "",
         },
         separators=(",", ":"),
     )
