@@ -44,6 +44,8 @@ def connect_args(stack: Any) -> list[str]:
         (("read_api", "create_runner"), "missing scope manage_runner or api (to reset runner tokens"),
         (("create_runner", "manage_runner"), "missing scope read_api or api (to read jobs"),
         (("read_api", "manage_runner"), "missing scope create_runner or api (to create runners"),
+        # the stage file's pools retry jobs lost to spot interruptions, which only api allows
+        (("read_api", "create_runner", "manage_runner"), "missing scope api (to retry jobs lost to spot"),
     ],
 )
 def test_bootstrap_refuses_a_token_missing_a_scope_and_names_it(
