@@ -82,13 +82,13 @@ def test_bootstrap_and_connect_refuse_an_expired_or_revoked_token(sandbox: Any, 
 
 
 def test_connect_refuses_a_token_without_the_api_scope(sandbox: Any) -> None:
-    # given the fleet's own token: enough to run the fleet, not to manage hooks
-    from fleetctl.sandbox.stack import GITLAB_FLEET_TOKEN
-
+    # given a token with the scopes of a fleet that retries no job: enough to run it, not to manage hooks
+    token = "glpat-fleet-without-api"
+    sandbox.gitlab.add_token(token, scopes=("read_api", "create_runner", "manage_runner"))
     hooks_before = sandbox.gitlab.calls[("PUT", "/projects/:id/hooks/:hook_id")]
 
     # when
-    result = fleetctl(*connect_args(sandbox), token=GITLAB_FLEET_TOKEN)
+    result = fleetctl(*connect_args(sandbox), token=token)
 
     # then
     assert result.exit_code == 1
