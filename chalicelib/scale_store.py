@@ -825,13 +825,15 @@ class ScaleStore(FleetStore):
     def claim_interruption_retry(self, project_id: int, job_id: int, claim: str) -> bool:
         """Take the one retry an interrupted job gets, for ``claim`` (the message asking for it): True when it is
         this claim's to make, now or again (the message came back after a failed attempt), False when another
-        claim took it. The job's record must exist: the webhook recorded its failure before asking."""
+        claim took it or the retry was made. The job's record must exist: the webhook recorded its failure
+        before asking."""
         request = _update(
             self.table,
             job_key(project_id, job_id),
             "SET interruption_retry = if_not_exists(interruption_retry, :claim), interruption_retry_at = :now",
             {":claim": claim, ":now": self._clock()},
-            "attribute_exists(pk) AND (attribute_not_exists(interruption_retry) OR interruption_retry = :claim)",
+            "attribute_exists(pk) AND attribute_not_exists(interruption_retry_job)"
+            " AND (attribute_not_exists(interruption_retry) OR interruption_retry = :claim)",
         )
         return self._update_unless_refused(request) is None
 
