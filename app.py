@@ -1,9 +1,9 @@
 """runner-fleet's Lambda entry points. Routing only: each handler hands its input to one chalicelib service.
 
 Every function imports this module, so it imports little: the webhook needs only its environment settings,
-while scale-up, the instance-event handler and reconcile load and validate the stage file on their first event. The jobs
-queue's name comes from the stage's environment, which Chalice also applies when it imports this module to
-deploy, so the event source mapping names the same queue.
+while scale-up, the instance-event handlers and reconcile load and validate the stage file on their first
+event. The jobs queue's name comes from the stage's environment, which Chalice also applies when it imports this
+module to deploy, so the event source mapping names the same queue.
 """
 
 from __future__ import annotations
@@ -53,3 +53,15 @@ def instance_state(event: CloudWatchEvent) -> None:
 def reconcile(event: CloudWatchEvent) -> None:
     # Every minute: reap what went wrong, recover lost jobs, retire old runners, keep warm pools warm.
     runtime.reconciler().run()
+
+
+@app.on_cw_event(
+    {
+        "source": ["aws.ec2"],
+        "detail-type": ["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation"],
+    }
+)
+def instance_interruption(event: CloudWatchEvent) -> None:
+    from chalicelib.lifecycle.interruptions import parse_interruption
+
+    runtime.interruptions().handle(parse_interruption(event.to_dict()))

@@ -90,6 +90,8 @@ def job_update(table: str, delivery: str, hook: dict[str, Any], instance: str, n
         "pending_at": {"N": repr(now)},
         "writer": {"S": uuid.uuid4().hex},
         "ttl": {"N": str(int(now) + UNFINISHED_JOB_TTL_SECONDS)},
+        # An unfinished job is in the fleet-records index, which reconcile reads.
+        "live": {"S": "job"},
     }
     names = {f"#a{i}": name for i, name in enumerate(values)}
     names["#rank"] = "status_rank"
@@ -146,6 +148,7 @@ def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: floa
             "pool": "",
             "tags": [],
             "graced": False,
+            "retry_interrupted": "",
         },
         separators=(",", ":"),
     )

@@ -469,6 +469,8 @@ class PoolConfig(_Model):
     max_launch_attempts: Annotated[int, Strict(), _between(1, 50)] = 8
     job_timeout_seconds: Annotated[int, Strict(), _between(600, 2_592_000)] = 3600
     ami: _AmiId | None = None
+    # A job its runner failed as runner_system_failure because the spot instance was interrupted is retried once.
+    retry_interrupted_jobs: _Flag = True
 
     @model_validator(mode="before")
     @classmethod

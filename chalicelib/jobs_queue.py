@@ -1,6 +1,7 @@
 """The jobs queue between the webhook and scale-up: the message schema and a sender.
 
-The webhook puts one message per pending job; scale-up consumes them. The message carries only what scale-up
+The webhook puts one message per pending job, and one per job lost to a spot interruption (to be retried);
+scale-up consumes them. The message carries only what scale-up
 needs to act without the original webhook (GitLab is asked again for tags and status), plus the attempt count
 that re-queued retries increment.
 """
@@ -38,6 +39,9 @@ class QueuedJob(msgspec.Struct, frozen=True):
     tags: tuple[str, ...] = ()
     # Set once the job was left to an idle runner of its pool for a grace: it is not deferred again.
     graced: bool = False
+    # Set (to the runner's pool) when a runner whose spot instance EC2 interrupted failed the job: scale-up
+    # retries the job once through GitLab's API, if that pool allows it, instead of launching for it.
+    retry_interrupted: str = ""
 
     def to_json(self) -> str:
         return _encoder.encode(self).decode()

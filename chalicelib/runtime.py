@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from chalicelib.config import FleetConfig
     from chalicelib.gitlab_api import GitLabApi
     from chalicelib.instances import InstanceEvents
+    from chalicelib.lifecycle.interruptions import Interruptions
     from chalicelib.lifecycle.reconcile import Reconciler
     from chalicelib.runner_tokens import RunnerTokens
     from chalicelib.scale_store import ScaleStore
@@ -139,6 +140,13 @@ def instance_events() -> InstanceEvents:
 
 
 @functools.cache
+def interruptions() -> Interruptions:
+    from chalicelib.lifecycle.interruptions import Interruptions
+
+    return Interruptions(store(), gitlab_api())
+
+
+@functools.cache
 def reconciler() -> Reconciler:
     from chalicelib.lifecycle.reconcile import build_reconciler
 
@@ -162,6 +170,7 @@ def reset() -> None:
         scale_up,
         instance_events,
         reconciler,
+        interruptions,
     ):
         built.cache_clear()
     reset_config_cache()

@@ -131,6 +131,9 @@ class RunnerRecord:
     busy: tuple[str, ...] = ()  # "<project>:<job>" of the jobs the Job Hooks say it runs
     first_job_at: float = 0.0
     warm: bool = False  # launched to keep its pool warm, not for a job
+    # When EC2 first warned that its instance is to be interrupted (0: never), and the warnings it got.
+    interrupted_at: float = 0.0
+    interruptions: tuple[str, ...] = ()
 
     @property
     def terminated(self) -> bool:
@@ -161,6 +164,8 @@ class RunnerRecord:
             busy=tuple(sorted(str(job) for job in values.get("busy", ()))),
             first_job_at=float(values.get("first_job_at", 0)),
             warm=bool(values.get("warm", False)),
+            interrupted_at=float(values.get("interrupted_at", 0)),
+            interruptions=tuple(sorted(str(kind) for kind in values.get("interruptions", ()))),
         )
 
     def new_item(self, now: float) -> dict[str, Any]:
@@ -764,29 +769,42 @@ class ScaleStore(FleetStore):
             ),
         )
 
-    def drain_runner(self, instance_id: str, reason: str, *, only_idle: bool = False) -> RunnerRecord | None:
+    def drain_runner(
+        self, instance_id: str, reason: str, *, only_idle: bool = False, interruption: str | None = None
+    ) -> RunnerRecord | None:
         """Mark a runner draining (paused in GitLab, taking no new job) and take it out of the idle index.
 
         With ``only_idle``, only a runner the Job Hooks say runs nothing (idle, or booted and never given a job),
-        not draining already, is marked: the conditional write is what a running Job Hook races. Returns the
-        record as marked, or None when it was refused (terminated, done, or, with ``only_idle``, not idle).
+        not draining already, is marked: the conditional write is what a running Job Hook races. With
+        ``interruption`` (the kind of EC2 warning), the same write records that the instance is being
+        interrupted (``interrupted_at``, kept from the first warning, and the kind in ``interruptions``), so that
+        a job its runner then fails can be recognised; a runner already marked for that kind is refused, which
+        is how a duplicate event is told from a new one. Returns the record as marked, or None when it was
+        refused (terminated, done, with ``only_idle`` not idle, or with ``interruption`` marked for it already).
         """
         condition = "attribute_exists(pk) AND #state IN (:booting, :idle, :busy)"
         if only_idle:
             condition += (
                 " AND #state IN (:booting, :idle) AND attribute_not_exists(busy) AND attribute_not_exists(draining)"
             )
+        expression = "SET draining = :reason, draining_at = :now, updated_at = :now"
+        values: dict[str, Any] = {
+            ":reason": reason,
+            ":now": self._clock(),
+            ":booting": RunnerState.BOOTING.value,
+            ":idle": RunnerState.IDLE.value,
+            ":busy": RunnerState.BUSY.value,
+        }
+        if interruption is not None:
+            expression += ", interrupted_at = if_not_exists(interrupted_at, :now) ADD interruptions :kinds"
+            condition += " AND NOT contains(interruptions, :kind)"
+            values[":kind"] = interruption
+            values[":kinds"] = {interruption}
         request = _update(
             self.table,
             runner_key(instance_id),
-            "SET draining = :reason, draining_at = :now, updated_at = :now REMOVE idle_pool, idle_since",
-            {
-                ":reason": reason,
-                ":now": self._clock(),
-                ":booting": RunnerState.BOOTING.value,
-                ":idle": RunnerState.IDLE.value,
-                ":busy": RunnerState.BUSY.value,
-            },
+            expression + " REMOVE idle_pool, idle_since",
+            values,
             condition,
             names={"#state": "state"},
         )
@@ -798,6 +816,39 @@ class ScaleStore(FleetStore):
                 raise
             return None
         return RunnerRecord.from_item(from_item(answer["Attributes"]))
+
+    def runner(self, instance_id: str) -> RunnerRecord | None:
+        """A runner record (a tombstone too), read consistently; None when there is none."""
+        found = self.get(runner_key(instance_id))
+        return RunnerRecord.from_item(found) if found else None
+
+    def claim_interruption_retry(self, project_id: int, job_id: int, claim: str) -> bool:
+        """Take the one retry an interrupted job gets, for ``claim`` (the message asking for it): True when it is
+        this claim's to make, now or again (the message came back after a failed attempt), False when another
+        claim took it or the retry was made. The job's record must exist: the webhook recorded its failure
+        before asking."""
+        request = _update(
+            self.table,
+            job_key(project_id, job_id),
+            "SET interruption_retry = if_not_exists(interruption_retry, :claim), interruption_retry_at = :now",
+            {":claim": claim, ":now": self._clock()},
+            "attribute_exists(pk) AND attribute_not_exists(interruption_retry_job)"
+            " AND (attribute_not_exists(interruption_retry) OR interruption_retry = :claim)",
+        )
+        return self._update_unless_refused(request) is None
+
+    def record_interruption_retry(self, project_id: int, job_id: int, new_job_id: int | None) -> None:
+        """The retry of an interrupted job was made: GitLab's new job (None: GitLab no longer knew the job)."""
+        self._write(
+            "update_item",
+            _update(
+                self.table,
+                job_key(project_id, job_id),
+                "SET interruption_retry_job = :new",
+                {":new": new_job_id if new_job_id is not None else 0},
+                "attribute_exists(interruption_retry)",
+            ),
+        )
 
     def undrain_runner(self, instance_id: str, reason: str) -> bool:
         """Clear the draining mark ``reason`` set (a retire given up because the runner took a job)."""

@@ -69,6 +69,7 @@ from chalicelib.fleet import (
 )
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
+from chalicelib.lifecycle.interruptions import RetryDecision, decide_retry
 from chalicelib.naming import instance_profile_name, launch_template_name, runner_description
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerRole, RunnerTokens
@@ -110,6 +111,8 @@ class Outcome(str, Enum):
     RETRIED = "retried"
     DEAD_LETTERED = "dead_lettered"
     DUPLICATE = "duplicate"
+    RETRIED_AFTER_INTERRUPTION = "retried_after_interruption"
+    NOT_RETRIED = "not_retried"  # lost to an interruption, in a pool that does not retry such jobs
 
 
 @dataclass
@@ -173,6 +176,10 @@ class ScaleUp:
 
     def handle(self, jobs: Sequence[QueuedJob]) -> BatchReport:
         report = BatchReport()
+        for job in jobs:
+            if job.retry_interrupted:
+                self._retry_interrupted(job, report)
+        jobs = [job for job in jobs if not job.retry_interrupted]
         if jobs and not self._knows_runner_role(jobs, report):
             return report
         pools = {pool.name for pool in self._config.pools}
@@ -295,6 +302,40 @@ class ScaleUp:
             return self._gitlab.job(job.project_id, job.job_id)
         except RetryableError as exc:
             return exc
+
+    def _retry_interrupted(self, job: QueuedJob, report: BatchReport) -> None:
+        """Retry, once, a job a runner lost when EC2 interrupted its spot instance, if the runner's pool allows it.
+
+        The job's record takes the retry first (a conditional write naming the message's delivery), so another
+        message for the same job (a second hook's delivery of the failure) does nothing, while this message, back
+        after a failed GitLab call, tries again. GitLab answers with a new pending job, whose Job Hook is queued
+        and launched for like any other.
+        """
+        pool = next((p for p in self._config.pools if p.name == job.retry_interrupted), None)
+        log = {**_job_log(job), "pool": job.retry_interrupted}
+        decision = decide_retry(pool)
+        if decision is not RetryDecision.RETRY:
+            logger.info("job lost to an interruption not retried", extra={**log, "reason": decision.value})
+            report.add(Outcome.NOT_RETRIED)
+            return
+        claim = job.delivery or f"{job.project_id}:{job.job_id}"
+        if not self._store.claim_interruption_retry(job.project_id, job.job_id, claim):
+            logger.info("job lost to an interruption retried already", extra=log)
+            report.add(Outcome.DUPLICATE)
+            return
+        try:
+            new_job = self._gitlab.retry_job(job.project_id, job.job_id)
+        except RetryableError as exc:
+            self._retry(job, pool, exc.reason, report)
+            return
+        self._store.record_interruption_retry(job.project_id, job.job_id, new_job)
+        if new_job is None:
+            logger.warning("job lost to an interruption is gone from GitLab", extra=log)
+            report.add(Outcome.NOT_PENDING)
+            return
+        count("JobsRetriedAfterInterruption")
+        logger.info("job lost to an interruption retried", extra={**log, "new_job_id": new_job})
+        report.add(Outcome.RETRIED_AFTER_INTERRUPTION)
 
     # -- one pool ----------------------------------------------------------------------------------------------
 

@@ -108,6 +108,17 @@ class RunnerActivity:
     first_job: bool  # this running event is its first job: its boot is over
 
 
+@dataclass(frozen=True)
+class RunnerFinish:
+    """A runner record as a Job Hook's finished event left it: its new state (None while it still runs another
+    job, when something moved it meanwhile, or when its instance is terminated already), its pool, and whether
+    EC2 warned that its instance was being interrupted (``interrupted_at`` on the record)."""
+
+    state: RunnerState | None
+    pool: str
+    interrupted: bool
+
+
 def attribute_value(value: Any) -> dict[str, Any]:
     # DynamoDB numbers are decimals; boto3 refuses floats rather than guess their precision.
     if isinstance(value, float):
@@ -244,6 +255,13 @@ class HookRecord:
             webhook_url=str(item.get("webhook_url", "")),
             connected_at=float(item.get("connected_at", 0)),
         )
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A runner record's conditional write was refused; ``item`` is the record as it was ({} when none)."""
+
+    item: dict[str, Any]
 
 
 class FleetStore:
@@ -455,7 +473,7 @@ class FleetStore:
             runner_id,
             "ALL_OLD",
         )
-        if old is None:
+        if isinstance(old, _Refused):
             return None
         return RunnerActivity(
             instance_id=instance_id,
@@ -466,10 +484,14 @@ class FleetStore:
 
     def runner_finished_job(
         self, instance_id: str, runner_id: int, project_id: int, job_id: int, at: float
-    ) -> RunnerState | None:
+    ) -> RunnerFinish | None:
         """A Job Hook says the job ``runner_id`` ran has finished: one build more. A runner with builds left and no
         other job becomes idle, in the idle index; one at its last build is done. None when the record is not
-        that runner's, is terminated, or counted the job already."""
+        that runner's or counted the job already, or is terminated with no interruption recorded.
+
+        An interrupted instance may be terminated (and its record with it) before GitLab's hook for the job it
+        failed arrives: the refused write's old record, which comes back with the refusal at no extra call, still
+        says the runner was interrupted while it ran the job."""
         job = f"{project_id}:{job_id}"
         new = self._runner_update(
             instance_id,
@@ -479,8 +501,20 @@ class FleetStore:
             runner_id,
             "ALL_NEW",
         )
-        if new is None or "busy" in new:
+        if isinstance(new, _Refused):
+            old = new.item
+            if (
+                old.get("state") == RunnerState.TERMINATED.value
+                and "interrupted_at" in old
+                and old.get("gitlab_runner_id") == runner_id
+                and job in old.get("busy", set())
+                and job not in old.get("done", set())
+            ):
+                return RunnerFinish(None, str(old.get("pool", "")), interrupted=True)
             return None
+        finish = RunnerFinish(None, str(new.get("pool", "")), interrupted="interrupted_at" in new)
+        if "busy" in new:
+            return finish
         builds, max_builds = int(new.get("builds", 0)), int(new.get("max_builds", 0))
         if max_builds and builds >= max_builds:
             state, update = RunnerState.DONE, "SET #state = :state"
@@ -512,12 +546,12 @@ class FleetStore:
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
-            return None
-        return state
+            return finish
+        return RunnerFinish(state, finish.pool, finish.interrupted)
 
     def _runner_update(
         self, instance_id: str, update: str, values: dict[str, Any], job: str, runner_id: int, returned: str
-    ) -> dict[str, Any] | None:
+    ) -> dict[str, Any] | _Refused:
         values = {
             **values,
             ":rid": attribute_value(runner_id),
@@ -533,11 +567,13 @@ class FleetStore:
                 ExpressionAttributeNames={"#state": "state"},
                 ExpressionAttributeValues=values,
                 ReturnValues=returned,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
-            return None
+            item = exc.response.get("Item")
+            return _Refused(from_item(item) if item else {})
         return from_item(answer.get("Attributes", {}))
 
     def record_hook(self, project_id: int, hook_id: int, gitlab_url: str, webhook_url: str) -> HookRecord:

@@ -29,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from chalicelib.errors import AuthenticationError, PayloadError, PayloadTooLargeError
 from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
 from chalicelib.jobs_queue import JobQueue, QueuedJob
+from chalicelib.lifecycle.interruptions import asks_for_retry
 from chalicelib.naming import described_instance
 from chalicelib.observability import count, logger, seconds
 from chalicelib.secrets import WebhookSecretSource
@@ -168,12 +169,13 @@ class WebhookIntake:
             return WebhookResponse(200, {"ignored": outcome.value})
         logger.info("job status recorded", extra=log)
         if hook.runner is not None and (status is JobStatus.RUNNING or status.finished):
-            self._runner_activity(hook, event)
+            self._runner_activity(hook, event, key)
         return WebhookResponse(200, {"recorded": status.value})
 
-    def _runner_activity(self, hook: JobHook, event: JobEvent) -> None:
+    def _runner_activity(self, hook: JobHook, event: JobEvent, key: str) -> None:
         """Move one of our runners between busy and idle, and time its pool's job start. Only the runner the hook
-        names on the instance its description names counts (the record's GitLab runner id must match).
+        names on the instance its description names counts (the record's GitLab runner id must match). A job
+        that runner lost to a spot interruption is queued for scale-up to retry.
 
         Idle tracking only spares launches, so a failed write is logged, not answered with a 503: GitLab would
         count that toward disabling the hook, for an event whose job is already recorded.
@@ -195,12 +197,37 @@ class WebhookIntake:
                 if started.first_job and started.launched_at:
                     seconds("BootSeconds", max(0.0, event.received_at - started.launched_at), started.pool)
             else:
-                self._store.runner_finished_job(
+                finished = self._store.runner_finished_job(
                     instance_id, runner.id, event.project_id, event.job_id, event.received_at
                 )
+                if finished is not None and asks_for_retry(event.status, event.failure_reason, finished.interrupted):
+                    self._queue_retry(event, key, finished.pool, instance_id)
         except (ClientError, BotoCoreError):
             logger.exception("runner activity not recorded", extra={"instance_id": instance_id, "job_id": event.job_id})
             count("RunnerActivityNotRecorded")
+
+    def _queue_retry(self, event: JobEvent, key: str, pool: str, instance_id: str) -> None:
+        """Ask scale-up to retry a job an interrupted runner lost: the webhook itself never calls GitLab. A failed
+        send is logged and counted, not answered with a 503, which would bring nothing back: GitLab never
+        redelivers, and a resend of the delivery is a duplicate."""
+        job = QueuedJob(
+            project_id=event.project_id,
+            job_id=event.job_id,
+            pipeline_id=event.pipeline_id,
+            job_name=event.name,
+            gitlab_instance=event.gitlab_instance,
+            received_at=event.received_at,
+            delivery=key,
+            retry_interrupted=pool,
+        )
+        log = {"project_id": event.project_id, "job_id": event.job_id, "pool": pool, "instance_id": instance_id}
+        try:
+            self._queue.send(job)
+        except (ClientError, BotoCoreError):
+            logger.exception("job lost to a spot interruption not queued for a retry", extra=log)
+            count("InterruptionRetriesNotQueued")
+            return
+        logger.info("job lost to a spot interruption queued for a retry", extra=log)
 
     def _enqueue(self, event: JobEvent, key: str, claim: str) -> None:
         """Send the job's message, then mark its record queued. A failed send propagates (503) and leaves the

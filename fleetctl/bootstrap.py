@@ -123,12 +123,14 @@ def generate_webhook_token() -> str:
 
 def check_fleet_token(config: FleetConfig, token: str, *, ssl_verify: bool = True) -> None:
     """Refuse a GitLab token the fleet cannot work with, before it is stored: ``GitLabTokenError`` naming each
-    missing scope (``read_api``, ``create_runner``, ``manage_runner``, or ``api`` for all three), an expired or
-    revoked token, or, for instance runners, a user who is no administrator."""
-    from fleetctl.gitlab_token import FLEET_NEEDS, check_token
+    missing scope (``read_api``, ``create_runner``, ``manage_runner``, or ``api`` for all three; ``api`` itself
+    while a pool retries jobs lost to spot interruptions), an expired or revoked token, or, for instance runners,
+    a user who is no administrator."""
+    from fleetctl.gitlab_token import FLEET_NEEDS, RETRY_NEED, check_token
 
     admin_needed = config.gitlab.runner_type is RunnerType.INSTANCE
-    check_token(config.gitlab.url, token, FLEET_NEEDS, admin_needed=admin_needed, ssl_verify=ssl_verify)
+    needs = FLEET_NEEDS + ((RETRY_NEED,) if any(pool.retry_interrupted_jobs for pool in config.pools) else ())
+    check_token(config.gitlab.url, token, needs, admin_needed=admin_needed, ssl_verify=ssl_verify)
 
 
 class Bootstrapper:

@@ -7,8 +7,9 @@ operator's token) ask GitLab about the token first (``GET /personal_access_token
 read about itself) and refuse one that is expired, revoked or missing a scope, naming what is missing.
 
 The scopes below are what each call runner-fleet makes needs (lib/api/api.rb, lib/api/user_runners.rb,
-lib/api/ci/runners.rb in gitlab-org/gitlab): ``api`` covers everything, ``read_api`` every GET, ``create_runner``
-``POST /user/runners``, ``manage_runner`` (GitLab 17.1 and later) the ``/runners/:id`` endpoints.
+lib/api/ci/runners.rb, lib/api/ci/jobs.rb in gitlab-org/gitlab): ``api`` covers everything, ``read_api`` every GET,
+``create_runner`` ``POST /user/runners``, ``manage_runner`` (GitLab 17.1 and later) the ``/runners/:id``
+endpoints; retrying a job takes ``api`` itself.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ FLEET_NEEDS = (
     Need("read jobs and list the fleet's runners", ("read_api", "api")),
     Need("create runners (POST /user/runners)", ("create_runner", "api")),
     Need("reset runner tokens and delete runners (/runners/:id)", ("manage_runner", "api")),
+)
+# GitLab's jobs API (lib/api/ci/jobs.rb) registers no scope of its own: retrying a job takes ``api`` (and a user
+# who may update the project's jobs, a Developer). Needed only while a pool retries jobs lost to interruptions.
+RETRY_NEED = Need(
+    "retry jobs lost to spot interruptions (POST /projects/:id/jobs/:job_id/retry; "
+    "or set retry_interrupted_jobs: false on every pool)",
+    ("api",),
 )
 CONNECT_NEEDS = (Need("create and update the project webhook", ("api",)),)
 

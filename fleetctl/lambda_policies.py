@@ -47,6 +47,7 @@ class LambdaFunction(str, Enum):
     SCALE_UP = "scale-up"
     INSTANCE_STATE = "instance-state"
     RECONCILE = "reconcile"
+    INSTANCE_INTERRUPTION = "instance-interruption"
 
     @property
     def chalice_name(self) -> str:
@@ -59,6 +60,7 @@ _CHALICE_NAMES = {
     LambdaFunction.SCALE_UP: "scale_up",
     LambdaFunction.INSTANCE_STATE: "instance_state",
     LambdaFunction.RECONCILE: "reconcile",
+    LambdaFunction.INSTANCE_INTERRUPTION: "instance_interruption",
 }
 
 
@@ -371,11 +373,33 @@ def reconcile_grants(config: FleetConfig) -> list[Grant]:
     ]
 
 
+def instance_interruption_grants(config: FleetConfig) -> list[Grant]:
+    return [
+        # The interrupted runner's record, and nothing else in the table: it is marked draining and interrupted
+        # (UpdateItem), and read back when that mark is refused (a duplicate event, or a runner already gone).
+        Grant(
+            "RunnerRecords",
+            ("dynamodb:GetItem", "dynamodb:UpdateItem"),
+            (_table_arn(config),),
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [_key_pattern(runner_key)]}},
+        ),
+        # The GitLab API token that pauses the interrupted instance's runner.
+        Grant(
+            "ReadGitLabToken",
+            ("ssm:GetParameter",),
+            (_parameter_arn(config.gitlab.token_parameter),),
+            without_call="the test process serves every function with one cached token, which scale-up reads "
+            "first; a Lambda container of instance-interruption reads it on its first event",
+        ),
+    ]
+
+
 _GRANTS = {
     LambdaFunction.WEBHOOK: webhook_grants,
     LambdaFunction.SCALE_UP: scale_up_grants,
     LambdaFunction.INSTANCE_STATE: instance_state_grants,
     LambdaFunction.RECONCILE: reconcile_grants,
+    LambdaFunction.INSTANCE_INTERRUPTION: instance_interruption_grants,
 }
 
 

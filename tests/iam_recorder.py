@@ -2,9 +2,10 @@
 
 Each botocore API call is attributed to a Lambda function by the chalicelib module on the calling stack that
 is that function's entry point (``webhook.py`` and ``secrets.py``: the webhook; ``scale_up.py``: scale-up;
-``instances.py``: instance-state; ``lifecycle/reconcile.py``: reconcile; the outermost one when several
-are). Calls with none of them on the stack come from fleetctl, the sandbox or a test; they are an operator's or
-the test's own, not a function's, and are not checked.
+``instances.py``: instance-state; ``lifecycle/interruptions.py``: instance-interruption;
+``lifecycle/reconcile.py``: reconcile; the outermost one when several are). Calls with none of them on the stack
+come from fleetctl, the sandbox or a test; they are an operator's or the test's own, not a function's, and are not
+checked.
 
 A call becomes the IAM requests AWS would authorize for it (action, resource ARN, condition context): the
 DynamoDB key's partition for ``dynamodb:LeadingKeys``, each item of a transaction as its own action, the queue
@@ -51,6 +52,7 @@ _ENTRY_MODULES = {
     str(PROJECT_DIR / "chalicelib" / "scale_up.py"): "scale-up",
     str(PROJECT_DIR / "chalicelib" / "instances.py"): "instance-state",
     str(PROJECT_DIR / "chalicelib" / "lifecycle" / "reconcile.py"): "reconcile",
+    str(PROJECT_DIR / "chalicelib" / "lifecycle" / "interruptions.py"): "instance-interruption",
 }
 
 Context = tuple[tuple[str, tuple[str, ...]], ...]

@@ -30,6 +30,13 @@ A job's "execution" interprets its script (``steps[].script`` of the ``/jobs/req
 waits N seconds, ``exit N`` ends the script (non-zero: the job fails with ``script_failure``), anything else
 succeeds at once.
 
+An instance's operating system may also shut down under the agent (:meth:`AgentManager.shut_down`: EC2
+interrupting a spot instance, see ``ec2_events.interrupt_spot_instance``). systemd then stops gitlab-runner, whose
+stop signal reaches the running build as a system interrupt: the build fails with ``runner_system_failure``
+(gitlab-runner common/build.go, ``Build.run``'s ``SystemInterrupt`` case), reported by ``PUT /jobs/:id`` with the
+log line "ERROR: Job failed (system failure): aborted: terminated". The agent does the same, and powers nothing
+off itself: EC2 terminates the instance.
+
 Fault switches (:class:`FaultSwitches`), set before an instance boots, make one agent misbehave the way a real
 instance can: hang at boot (never contacts GitLab, the instance stays running with its token unread), crash
 mid-job (the runner dies while its job runs: the job stays running in GitLab, the instance powers off), or fail
@@ -77,6 +84,7 @@ RUNNERS_LINE = "[[runners]]"
 # What gitlab-runner says of itself in every runner API request (network/gitlab.go, common.VersionInfo).
 RUNNER_VERSION = "17.9.0"
 HTTP_TIMEOUT = 10
+_WAIT_SLICE_SECONDS = 0.05
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,6 +380,15 @@ class _PowerOff(Exception):
     """The instance powers off now (the lifetime backstop, or a crash); the trap terminates it."""
 
 
+class _SystemShutdown(Exception):
+    """The instance's operating system is shutting down: gitlab-runner gets its stop signal."""
+
+
+# What gitlab-runner writes to the job's log when a system interrupt aborts it (common/build.go: the build error
+# "aborted: <signal>" with failure reason runner_system_failure, logged as a system failure).
+SYSTEM_INTERRUPT_LOG = "ERROR: Job failed (system failure): aborted: terminated\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One instance
 # ---------------------------------------------------------------------------------------------------------
@@ -399,6 +416,7 @@ class RunnerAgent:
         self._take_fault = take_fault
         self._clock = clock
         self._http = requests.Session()
+        self.shutdown = threading.Event()
         self._started = clock()
         self._lifetime_deadline = float("inf")
         self.files: dict[str, WrittenFile] = {}
@@ -435,6 +453,10 @@ class RunnerAgent:
             self._power_off()
         except _Stopping:
             return
+        except _SystemShutdown:
+            # EC2 terminates the instance; nothing here powers it off.
+            self.record.ended = "system shutdown"
+            self.record.phase = Phase.DONE
         except Exception:
             logger.exception("runner agent failed", extra={"instance_id": self.instance_id})
             self.record.ended = self.record.ended or "agent error"
@@ -622,7 +644,13 @@ class RunnerAgent:
         for step in plan_script(lines):
             trace += f"$ {step.line}\n".encode()
             if step.sleep:
-                self._wait(step.sleep / self._options.job_speed)
+                try:
+                    self._wait(step.sleep / self._options.job_speed)
+                except _SystemShutdown:
+                    trace += SYSTEM_INTERRUPT_LOG.encode()
+                    lost = JobOutcome.RUNNER_SYSTEM_FAILURE
+                    self._finish(runner, job_id, job_token, bytes(trace), lost, exit_code=None)
+                    raise
             if step.exit_code is not None:
                 exit_code = step.exit_code
                 if exit_code != 0:
@@ -680,22 +708,29 @@ class RunnerAgent:
     # -- time and power --
 
     def _wait(self, seconds: float) -> None:
-        """Sleep, unless the sandbox stops (``_Stopping``) or the lifetime backstop fires first (``_PowerOff``)."""
+        """Sleep, unless the sandbox stops (``_Stopping``), the operating system shuts down (``_SystemShutdown``)
+        or the lifetime backstop fires first (``_PowerOff``)."""
         until = self._clock() + seconds
         while True:
+            if self._stopping.is_set():
+                raise _Stopping
+            if self.shutdown.is_set():
+                raise _SystemShutdown
             now = self._clock()
             if now >= self._lifetime_deadline:
                 self.record.ended = "max lifetime"
                 raise _PowerOff("max lifetime")
             if now >= until:
                 return
-            if self._stopping.wait(min(until, self._lifetime_deadline) - now):
-                raise _Stopping
+            # Short slices, so that either event ends the wait within one.
+            self.shutdown.wait(min(until, self._lifetime_deadline, now + _WAIT_SLICE_SECONDS) - now)
 
     def _hang(self, why: str) -> None:
+        """Do nothing more until the sandbox stops or the operating system shuts down."""
         self.record.phase = Phase.HUNG
         self.record.ended = why
-        self._stopping.wait()
+        while not self._stopping.is_set() and not self.shutdown.wait(_WAIT_SLICE_SECONDS):
+            pass
 
     def _power_off(self) -> None:
         """The trap's ``systemctl poweroff``: with shutdown behaviour terminate, EC2 terminates the instance and
@@ -751,6 +786,7 @@ class AgentManager:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._records: dict[str, AgentRecord] = {}
+        self._agents: dict[str, tuple[RunnerAgent, threading.Thread]] = {}
         self._threads: list[threading.Thread] = []
         self._jobs: Counter[str] = Counter()
         self._scanner: threading.Thread | None = None
@@ -769,6 +805,18 @@ class AgentManager:
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def shut_down(self, instance_id: str, timeout: float = 10.0) -> bool:
+        """The instance's operating system shuts down: its agent aborts a running job as gitlab-runner does on a
+        system interrupt, and ends. Returns once it ended (False: no agent ran there, or it did not end in time)."""
+        with self._lock:
+            found = self._agents.get(instance_id)
+        if found is None:
+            return False
+        agent, thread = found
+        agent.shutdown.set()
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def records(self) -> list[AgentRecord]:
         with self._lock:
@@ -811,6 +859,8 @@ class AgentManager:
             with self._lock:
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(thread)
+                self._agents = {i: (a, t) for i, (a, t) in self._agents.items() if t.is_alive()}
+                self._agents[instance_id] = (agent, thread)
             thread.start()
             started.append(instance_id)
         return started

@@ -1,18 +1,29 @@
-"""What AWS sends EventBridge when an instance changes state, which moto does not: the sandbox sends it.
+"""What AWS sends EventBridge about instances, which moto does not: the sandbox sends it.
 
 In AWS, terminating an instance (or the instance powering itself off) puts an "EC2 Instance State-change
 Notification" on the default bus. moto terminates the instance but publishes nothing, so the sandbox, playing
 the instance or AWS, terminates through the EC2 API and then puts the documented event itself; moto's
 EventBridge routes it by the app's real rule to the instance-state handler.
+
+Spot interruptions likewise: EC2 puts an "EC2 Spot Instance Interruption Warning" two minutes before it
+interrupts a spot instance, and an "EC2 Instance Rebalance Recommendation" when the instance is at elevated risk
+of interruption (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html,
+https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/rebalance-recommendations.html). The sandbox puts them in
+their documented shapes, and :func:`interrupt_spot_instance` plays the whole interruption.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 ACCOUNT_ID = "123456789012"
+SPOT_INTERRUPTION_WARNING = "EC2 Spot Instance Interruption Warning"
+REBALANCE_RECOMMENDATION = "EC2 Instance Rebalance Recommendation"
+# How long EC2 warns before it interrupts a spot instance.
+INTERRUPTION_NOTICE_SECONDS = 120.0
 
 
 def state_change_entry(instance_id: str, state: str, region: str) -> dict[str, Any]:
@@ -33,3 +44,51 @@ def terminate_instances(ec2: Any, events: Any, instance_ids: Sequence[str]) -> N
     for start in range(0, len(ids), 10):  # PutEvents takes at most 10 entries
         entries = [state_change_entry(i, "terminated", region) for i in ids[start : start + 10]]
         events.put_events(Entries=entries)
+
+
+def interruption_warning_entry(instance_id: str, region: str, action: str = "terminate") -> dict[str, Any]:
+    """The warning's PutEvents entry; ``action`` is what EC2 will do: hibernate, stop or terminate."""
+    return {
+        "Source": "aws.ec2",
+        "DetailType": SPOT_INTERRUPTION_WARNING,
+        "Detail": json.dumps({"instance-id": instance_id, "instance-action": action}),
+        "Resources": [f"arn:aws:ec2:{region}:{ACCOUNT_ID}:instance/{instance_id}"],
+    }
+
+
+def rebalance_recommendation_entry(instance_id: str, region: str) -> dict[str, Any]:
+    return {
+        "Source": "aws.ec2",
+        "DetailType": REBALANCE_RECOMMENDATION,
+        "Detail": json.dumps({"instance-id": instance_id}),
+        "Resources": [f"arn:aws:ec2:{region}:{ACCOUNT_ID}:instance/{instance_id}"],
+    }
+
+
+def warn_of_interruption(ec2: Any, events: Any, instance_id: str) -> None:
+    """Put EC2's spot interruption warning for ``instance_id`` on the default bus."""
+    events.put_events(Entries=[interruption_warning_entry(instance_id, ec2.meta.region_name)])
+
+
+def recommend_rebalance(ec2: Any, events: Any, instance_id: str) -> None:
+    """Put EC2's rebalance recommendation for ``instance_id`` on the default bus."""
+    events.put_events(Entries=[rebalance_recommendation_entry(instance_id, ec2.meta.region_name)])
+
+
+def interrupt_spot_instance(
+    ec2: Any,
+    events: Any,
+    instance_id: str,
+    *,
+    notice_seconds: float = INTERRUPTION_NOTICE_SECONDS,
+    shut_down: Callable[[str], object] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Interrupt a spot instance as EC2 does: the warning, ``notice_seconds`` later the instance's operating system
+    shuts down (``shut_down`` plays what runs on it, such as the runner agent stopping), then the instance is
+    terminated and the state-change event put. Blocks for the notice; run it in a thread to watch meanwhile."""
+    warn_of_interruption(ec2, events, instance_id)
+    sleep(notice_seconds)
+    if shut_down is not None:
+        shut_down(instance_id)
+    terminate_instances(ec2, events, [instance_id])

@@ -5,7 +5,8 @@ The stage configuration is the shipped ``dev.yaml`` with the GitLab URL pointed 
 the sandbox's work directory and named by ``RUNNER_FLEET_CONFIG`` exactly as a deployed Lambda finds its own.
 
 GitLab is used the way README.md tells an operator to: the fleet makes group runners of the sandbox's group with
-a non-administrator token holding exactly the scopes the fleet needs (read_api, create_runner, manage_runner),
+a non-administrator token holding exactly the scopes the fleet needs (read_api, create_runner, manage_runner, and
+api since its pools retry jobs lost to spot interruptions),
 which bootstrap checks and stores; the hook is connected with another non-administrator token of scope api.
 What only an administrator could do (groups, projects, feature flags) is seeded from Python, not the API.
 
@@ -38,7 +39,9 @@ SANDBOX_PROJECT = f"{SANDBOX_GROUP}/app"
 GITLAB_ADMIN_TOKEN = "glpat-sandbox-admin"  # noqa: S105 - the emulator's fixed local token
 # The fleet's own token (what bootstrap stores for scale-up) and the operator's (gitlab connect, pipelines).
 GITLAB_FLEET_TOKEN = "glpat-sandbox-fleet"  # noqa: S105 - a fixed local token
-GITLAB_FLEET_SCOPES = ("read_api", "create_runner", "manage_runner")
+# api because the stage file's pools retry jobs lost to spot interruptions (GitLab's jobs API takes no narrower
+# scope); the other three are what a fleet that retries none needs.
+GITLAB_FLEET_SCOPES = ("read_api", "create_runner", "manage_runner", "api")
 GITLAB_OPERATOR_TOKEN = "glpat-sandbox-operator"  # noqa: S105 - a fixed local token
 GITLAB_OPERATOR_SCOPES = ("api",)
 # Re-queued jobs wait seconds, not minutes, so a scenario plays out while you watch.
@@ -128,18 +131,15 @@ class Sandbox:
         return self
 
     def reset(self, config_path: Path | None = None) -> None:
-        """Forget every AWS resource and start again from a fresh bootstrap and a new connected project; with
-        ``config_path``, from that stage file from now on."""
+        """Forget every AWS resource and start again from a fresh bootstrap and a new connected project, with the
+        stage file ``config_path`` this time when given (else the sandbox's own)."""
         from chalicelib import runtime
-
-        if config_path is not None:
-            self._config_path = config_path
 
         self._stop_agents()
         # The pump stops while AWS forgets its queues, and polls the new ones afterwards.
         self._stop_pump()
         self.aws.reset()
-        self._prepare_aws()
+        self._prepare_aws(config_path or self._config_path)
         if self.pump is not None:
             import app
             from fleetctl.sandbox.pump import EventPump
@@ -266,7 +266,7 @@ class Sandbox:
         if agents is not None:
             agents.stop()
 
-    def _prepare_aws(self) -> None:
+    def _prepare_aws(self, config_path: Path | None = None) -> None:
         """What an AWS account would already have (a VPC, an AMI), the stage config pointing at it, a bootstrap."""
         from chalicelib import runtime
         from chalicelib.aws import AwsClients
@@ -274,7 +274,9 @@ class Sandbox:
 
         clients = AwsClients(region=SANDBOX_REGION)
         network = create_sandbox_network(clients.ec2)
-        config_file = self._write_stage_config(network.subnet_ids, network.security_group_id)
+        config_file = self._write_stage_config(
+            config_path or self._config_path, network.subnet_ids, network.security_group_id
+        )
         os.environ["RUNNER_FLEET_CONFIG"] = str(config_file)
         self.config = load_config(config_file)
         # What .chalice/config.json sets for a deployed stage, from the same stage file.
@@ -283,11 +285,11 @@ class Sandbox:
         register_sandbox_amis(clients.ssm, clients.ec2, self.config.ami_parameter)
         self.bootstrap()
 
-    def _write_stage_config(self, subnets: tuple[str, ...], security_group: str) -> Path:
-        """The shipped stage file, with the emulator's URL and the sandbox network's ids in place."""
+    def _write_stage_config(self, config_path: Path, subnets: tuple[str, ...], security_group: str) -> Path:
+        """The stage file, with the emulator's URL and the sandbox network's ids in place."""
         import yaml
 
-        document = yaml.safe_load(self._config_path.read_text())
+        document = yaml.safe_load(config_path.read_text())
         document["gitlab"]["url"] = self.gitlab.url
         # Group runners, so that the fleet's token needs no administrator (see the module docstring).
         document["gitlab"]["runner_type"] = "group_type"

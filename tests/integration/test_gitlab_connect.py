@@ -44,6 +44,8 @@ def connect_args(stack: Any) -> list[str]:
         (("read_api", "create_runner"), "missing scope manage_runner or api (to reset runner tokens"),
         (("create_runner", "manage_runner"), "missing scope read_api or api (to read jobs"),
         (("read_api", "manage_runner"), "missing scope create_runner or api (to create runners"),
+        # the stage file's pools retry jobs lost to spot interruptions, which only api allows
+        (("read_api", "create_runner", "manage_runner"), "missing scope api (to retry jobs lost to spot"),
     ],
 )
 def test_bootstrap_refuses_a_token_missing_a_scope_and_names_it(
@@ -80,13 +82,13 @@ def test_bootstrap_and_connect_refuse_an_expired_or_revoked_token(sandbox: Any, 
 
 
 def test_connect_refuses_a_token_without_the_api_scope(sandbox: Any) -> None:
-    # given the fleet's own token: enough to run the fleet, not to manage hooks
-    from fleetctl.sandbox.stack import GITLAB_FLEET_TOKEN
-
+    # given a token with the scopes of a fleet that retries no job: enough to run it, not to manage hooks
+    token = "glpat-fleet-without-api"
+    sandbox.gitlab.add_token(token, scopes=("read_api", "create_runner", "manage_runner"))
     hooks_before = sandbox.gitlab.calls[("PUT", "/projects/:id/hooks/:hook_id")]
 
     # when
-    result = fleetctl(*connect_args(sandbox), token=GITLAB_FLEET_TOKEN)
+    result = fleetctl(*connect_args(sandbox), token=token)
 
     # then
     assert result.exit_code == 1

@@ -593,27 +593,36 @@ def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fle
 def test_a_non_admin_token_with_exactly_the_documented_scopes_runs_launch_and_termination(fleet: Fleet) -> None:
     """The README's scopes (read_api, create_runner, manage_runner) on a group Owner's token, no administrator:
     GitLab answers 403 insufficient_scope to anything else (lib/api/api_guard.rb), and /runners/all is for
-    administrators only (doc/api/runners.md)."""
-    from fleetctl.sandbox.stack import GITLAB_FLEET_TOKEN
+    administrators only (doc/api/runners.md). (The sandbox's own token also has api, which only retrying jobs
+    lost to spot interruptions needs: it is swapped for one without here.)"""
+    from fleetctl.sandbox.stack import GITLAB_FLEET_SCOPES, GITLAB_FLEET_TOKEN
 
-    # given the token scale-up reads from SSM
+    # given a token with exactly those scopes in SSM, where scale-up reads it (the old one revoked, as a rotation)
+    narrow = "glpat-narrow-" + uuid.uuid4().hex
+    fleet.gitlab.add_token(narrow, scopes=("read_api", "create_runner", "manage_runner"))
     ssm = fleet.runtime.aws().ssm
-    stored = ssm.get_parameter(Name=fleet.config.gitlab.token_parameter, WithDecryption=True)["Parameter"]["Value"]
-    assert stored == GITLAB_FLEET_TOKEN
-    self_info = requests.get(
-        f"{fleet.gitlab.url}/api/v4/personal_access_tokens/self", headers={"PRIVATE-TOKEN": stored}, timeout=10
-    ).json()
-    assert sorted(self_info["scopes"]) == ["create_runner", "manage_runner", "read_api"]
-    assert fleet.gitlab.job(fleet.sandbox.project_id, fleet.pipeline(["docker"])[0])["status"] == "pending"
-    # when a job launches a runner, and a runner whose creation answer was lost is recovered, and both terminate
-    fleet.gitlab.fail_next("POST", r"/user/runners", status=502, after_processing=True)
-    fleet.run(
-        until=lambda: bool(fleet.instances("docker"))
-        and "gitlab_runner_id" in fleet.record(runner_key(fleet.instances("docker")[0]["InstanceId"]))
-    )
-    victim = fleet.instances("docker")[0]["InstanceId"]
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [victim])
-    fleet.run()
+    ssm.put_parameter(Name=fleet.config.gitlab.token_parameter, Value=narrow, Type="SecureString", Overwrite=True)
+    fleet.gitlab.revoke_token(GITLAB_FLEET_TOKEN)
+    try:
+        stored = ssm.get_parameter(Name=fleet.config.gitlab.token_parameter, WithDecryption=True)["Parameter"]
+        self_info = requests.get(
+            f"{fleet.gitlab.url}/api/v4/personal_access_tokens/self",
+            headers={"PRIVATE-TOKEN": stored["Value"]},
+            timeout=10,
+        ).json()
+        assert sorted(self_info["scopes"]) == ["create_runner", "manage_runner", "read_api"]
+        assert fleet.gitlab.job(fleet.sandbox.project_id, fleet.pipeline(["docker"])[0])["status"] == "pending"
+        # when a job launches a runner, and a runner whose creation answer was lost is recovered, and both terminate
+        fleet.gitlab.fail_next("POST", r"/user/runners", status=502, after_processing=True)
+        fleet.run(
+            until=lambda: bool(fleet.instances("docker"))
+            and "gitlab_runner_id" in fleet.record(runner_key(fleet.instances("docker")[0]["InstanceId"]))
+        )
+        victim = fleet.instances("docker")[0]["InstanceId"]
+        terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [victim])
+        fleet.run()
+    finally:
+        fleet.gitlab.add_token(GITLAB_FLEET_TOKEN, scopes=GITLAB_FLEET_SCOPES)
     # then every step succeeded with that token: launched, recorded, and gone from GitLab again
     assert fleet.record(runner_key(victim))["state"] == "terminated"
     assert fleet.gitlab_runners() == []

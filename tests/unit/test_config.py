@@ -559,6 +559,14 @@ def test_flags_must_be_true_or_false(value: object, shown: str) -> None:
     ]
 
 
+def test_interrupted_jobs_are_retried_unless_the_pool_says_not() -> None:
+    assert parse_config(with_pool()).pools[0].retry_interrupted_jobs is True
+    assert parse_config(with_pool(retry_interrupted_jobs=False)).pools[0].retry_interrupted_jobs is False
+    assert problems_of(with_pool(retry_interrupted_jobs="no")) == [
+        "pools[0](docker).retry_interrupted_jobs: must be true or false, got 'no'"
+    ]
+
+
 def test_warm_size_cannot_exceed_max_runners() -> None:
     assert problems_of(with_pool(max_runners=20, warm={"size": 30})) == [
         "pools[0](docker).warm.size: must not exceed max_runners 20, got 30"

@@ -211,6 +211,25 @@ def test_reconcile_terminates_only_the_fleets_instances_and_reads_no_token(dev: 
         assert not allowed(dev, function, "ec2:TerminateInstances", ec2("instance/i-0123"), **ours)
 
 
+def test_instance_interruption_touches_only_runner_records(dev: FleetConfig) -> None:
+    interruption = LambdaFunction.INSTANCE_INTERRUPTION
+    table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
+    runner = {"dynamodb:LeadingKeys": ["RUNNER#i-0123456789abcdef0"]}
+    # it marks and reads a runner record
+    assert allowed(dev, interruption, "dynamodb:UpdateItem", table, **runner)
+    assert allowed(dev, interruption, "dynamodb:GetItem", table, **runner)
+    # and writes nothing else: no record created or deleted, no pool counter, job, launch or token
+    assert not allowed(dev, interruption, "dynamodb:PutItem", table, **runner)
+    assert not allowed(dev, interruption, "dynamodb:DeleteItem", table, **runner)
+    for key in ("POOL#docker", "JOB#7:9", "LAUNCH#x", "TOKEN#AROAEXAMPLEROLEID0001:i-0123"):
+        for action in ("dynamodb:GetItem", "dynamodb:UpdateItem"):
+            assert not allowed(dev, interruption, action, table, **{"dynamodb:LeadingKeys": [key]})
+    # and launches, terminates or queues nothing
+    assert not allowed(dev, interruption, "ec2:CreateFleet", ec2("fleet/*"))
+    assert not allowed(dev, interruption, "ec2:TerminateInstances", ec2("instance/*"))
+    assert not allowed(dev, interruption, "sqs:SendMessage", f"arn:aws:sqs:{REGION}:{ACCOUNT}:{dev.state.jobs_queue}")
+
+
 def test_scale_up_writes_tokens_but_never_reads_one(dev: FleetConfig) -> None:
     up = LambdaFunction.SCALE_UP
     table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{dev.state.table}"
