@@ -231,8 +231,9 @@ class EventPump:
             idle = 0 if moved else idle + 1
         return total
 
-    def run(self, stop: threading.Event, *, interval: float = 0.2, tick_every: float | None = 60.0) -> None:
-        """The sandbox's loop: poll continuously, tick schedules every ``tick_every`` seconds (never with None)."""
+    def run(self, stop: threading.Event, *, interval: float = 0.2, tick_every: float | None = None) -> None:
+        """The sandbox's loop: poll continuously, and tick schedules every ``tick_every`` seconds when given (the
+        scheduled handlers otherwise run only when ``tick`` is called)."""
         next_tick = time.monotonic()
         while not stop.is_set():
             if self._schedules and tick_every is not None and time.monotonic() >= next_tick:

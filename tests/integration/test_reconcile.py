@@ -37,7 +37,9 @@ from fleetctl.sandbox.local_aws import SANDBOX_REGION
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 from tests.faults import WireFaults
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+# The scenarios that wait on agents for long are slow (they run beside the rest of the suite); the others, and
+# those whose calls the IAM proof needs from the main run (recovering jobs, warm launches), are not.
+pytestmark = [pytest.mark.timeout(240)]
 
 WAIT_TIMEOUT = 4.0
 OPTIONS = AgentOptions(boot_delay_seconds=0.3, wait_timeout_seconds=WAIT_TIMEOUT, check_interval_seconds=0.2)
@@ -172,6 +174,7 @@ def fleet(reconcile_sandbox: Sandbox) -> Iterator[Fleet]:
 DOCKER_JOB = {"name": "build", "tags": ["docker"], "script": ["sleep 0.3"]}
 
 
+@pytest.mark.slow
 def test_an_agent_hung_at_boot_is_reaped_after_its_boot_deadline_and_its_job_runs_on_another(fleet: Fleet) -> None:
     """GitLab lists a runner that never contacted it as ``never_contacted`` (doc/api/runners.md, "status");
     past the pool's boot deadline its instance is terminated, its runner and token deleted, its lease given
@@ -291,6 +294,7 @@ def test_lost_pending_webhooks_are_recovered_and_their_jobs_run(fleet: Fleet) ->
     fleet.assert_invariants()
 
 
+@pytest.mark.slow
 def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_never_terminated(
     fleet: Fleet,
 ) -> None:
@@ -339,6 +343,7 @@ def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_n
     fleet.assert_invariants()
 
 
+@pytest.mark.slow
 def test_a_runner_given_a_job_after_it_was_marked_draining_is_kept_by_the_recheck(fleet: Fleet) -> None:
     """The narrower window: the runner's record said idle and was marked draining, and GitLab hands it a job
     before the pause lands (its running Job Hook not yet in the table). The re-check after the pause lists
@@ -382,6 +387,7 @@ def test_a_runner_given_a_job_after_it_was_marked_draining_is_kept_by_the_rechec
     fleet.assert_invariants()
 
 
+@pytest.mark.slow
 def test_gitlab_down_for_a_whole_run_leaves_everything_to_the_next_run(fleet: Fleet) -> None:
     """With GitLab answering 503 to everything, the run decides nothing that needs GitLab, stops at the first
     action that calls it, and loses nothing: the next run, with GitLab back, finishes every piece."""
