@@ -33,6 +33,7 @@ croniter is imported inside the functions that use it: this module may be import
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +41,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
+
+    from croniter import croniter
 
     from chalicelib.config import ScheduleWindow, WarmConfig
 
@@ -49,6 +52,7 @@ LOOK_BACK = timedelta(days=366)
 """How far back a window's fires count, and how far ahead :func:`next_change` looks."""
 
 _MINUTE = timedelta(minutes=1)
+_EPOCH = datetime(1970, 1, 1)  # naive: croniter walks wall clock times
 # A closed window whose every start coincides with an end never opens; stop looking after this many starts so
 # that two spellings of one every-minute schedule cost milliseconds, not half a million croniter steps.
 _MAX_COINCIDENT_STARTS = 1000
@@ -111,9 +115,8 @@ class _Cron:
 
     def last_fire(self, at: datetime, after: datetime) -> datetime | None:
         """The latest fire in (``after``, ``at``], or None."""
-        # Wall clock times up to _wall(at) are the ones whose fire is at or before ``at``; croniter's get_prev
-        # excludes its start, so start one minute past the last whole minute.
-        start = _wall(at, self.zone).replace(second=0, microsecond=0) + _MINUTE
+        # croniter's get_prev excludes its start, so start one minute past the last whole minute.
+        start = _latest_wall(at, self.zone).replace(second=0, microsecond=0) + _MINUTE
         for wall in self._walls(start, backwards=True):
             instant = _instant(wall, self.zone)
             if instant <= after:
@@ -124,7 +127,9 @@ class _Cron:
 
     def next_fire(self, after: datetime, until: datetime) -> datetime | None:
         """The earliest fire in (``after``, ``until``], or None."""
-        start = _wall(after, self.zone).replace(second=0, microsecond=0)
+        # From ``after``'s own wall clock time: in the second pass through a fall-back overlap, the rest of the
+        # overlap has fired already (at its first occurrence) and is skipped below.
+        start = after.astimezone(self.zone).replace(tzinfo=None, second=0, microsecond=0)
         for wall in self._walls(start, backwards=False):
             instant = _instant(wall, self.zone)
             if instant > until:
@@ -136,10 +141,18 @@ class _Cron:
     def fires_at(self, instant: datetime) -> bool:
         return self.last_fire(instant, instant - _MINUTE) == instant
 
-    def _walls(self, start: datetime, *, backwards: bool) -> Iterator[datetime]:
-        from croniter import CroniterBadDateError, croniter
+    @functools.cached_property
+    def _schedule(self) -> croniter:
+        from croniter import croniter
 
-        schedule = croniter(self.expression, start)
+        # Parsing the expression is most of croniter's cost; one parsed schedule is moved to each search's start.
+        return croniter(self.expression, _EPOCH)
+
+    def _walls(self, start: datetime, *, backwards: bool) -> Iterator[datetime]:
+        from croniter import CroniterBadDateError
+
+        schedule = self._schedule
+        schedule.set_current(start, force=True)
         step = schedule.get_prev if backwards else schedule.get_next
         while True:
             try:
@@ -194,12 +207,13 @@ class _Window:
         return None
 
 
-def _wall(at: datetime, zone: ZoneInfo) -> datetime:
-    """The latest naive wall clock time whose fire (by the rules above) is at or before ``at``.
+def _latest_wall(at: datetime, zone: ZoneInfo) -> datetime:
+    """A naive wall clock time at or after every one whose fire (by the rules above) is at or before ``at``.
 
-    Usually ``at``'s local time. During the second pass through a fall-back overlap it is later: a wall clock time
-    of the overlap fires at its first occurrence, so all of the overlap's times up to ``at`` plus the earlier
-    offset have already fired.
+    Usually ``at``'s local time. During the second pass through a fall-back overlap it is later: the overlap's
+    times fire at their first occurrence, so the rest of the overlap has fired already. The bound is ``at`` read
+    with the offset from before the transition, which may run past the overlap's end; the times beyond it fire
+    after ``at`` and are skipped.
     """
     first_offset = at.astimezone(zone).replace(fold=0).utcoffset()
     assert first_offset is not None  # a ZoneInfo always has an offset
