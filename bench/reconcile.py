@@ -83,7 +83,7 @@ BOOTING = 5  # runners that never contact GitLab
 NEEDING_ACTION = LOST + BOOTING
 POOLS = ("docker", "build")
 MAX_RUNNERS = 1000  # the most a stage file allows per pool; the fleet is spread over both
-RUN_BATCH = 50  # instances per RunInstances call and per launch (its records are one transaction)
+RUN_BATCH = 50  # instances per RunInstances call and per launch
 SETUP_WORKERS = 8
 SETUP_READ_TIMEOUT = 120
 RUN_READ_TIMEOUT = 60
@@ -502,10 +502,14 @@ class Bench:
         self.own.ec2.terminate_instances(InstanceIds=lost)
         return lost
 
-    def acted_on(self) -> list[str]:
-        """The runners the ten-action case acted on, now forgotten (their cleanup is done)."""
-        booting, self._booting = self._booting, []
-        return booting
+    @property
+    def booting(self) -> list[str]:
+        """The never-contacted runners, due to be reaped once past their boot deadline."""
+        return list(self._booting)
+
+    def forget_booting(self) -> None:
+        """The ten-action case reaped the never-contacted runners: they are no longer part of the fleet."""
+        self._booting = []
 
     # -- measuring ---------------------------------------------------------------------------------------------
 
@@ -661,10 +665,10 @@ def run_cases(workdir: Path) -> tuple[list[Case], dict[str, float]]:
             bench.grow(runners - size - BOOTING, BOOTING)
             cases.append(bench.case(runners, 0))
             lost = bench.lose_instances()
-            booting = bench._booting
+            booting = bench.booting
             acted = bench.case(runners, NEEDING_ACTION)
-            acted.problems += bench.check_acted(lost, list(booting))
-            bench.acted_on()
+            acted.problems += bench.check_acted(lost, booting)
+            bench.forget_booting()
             cases.append(acted)
             size = runners - NEEDING_ACTION
         return cases, bench.stages
