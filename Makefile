@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/scale_up_burst.py
 	$(BIN)/python bench/job_start.py
+	$(BIN)/python bench/reconcile.py
 
 sandbox-up: $(STAMP)
 	$(BIN)/fleetctl sandbox up --detach
