@@ -242,6 +242,10 @@ def _check_tag(value: str) -> str:
     return value
 
 
+# croniter's random ("R") and hashed ("H", "H(0-29)", "H/15") fields.
+_CRONITER_ONLY = re.compile(r"^[RH](\(.*\))?(/\d+)?$", re.IGNORECASE)
+
+
 def _check_cron(value: str) -> str:
     from croniter import croniter
 
@@ -252,9 +256,19 @@ def _check_cron(value: str) -> str:
             f"invalid cron expression {_show(value)}: expected 5 fields "
             f"(minute hour day-of-month month day-of-week), got {fields}"
         )
+    if any(_CRONITER_ONLY.match(part) for field in value.split() for part in field.split(",")):
+        # croniter's own extensions pick a random or hashed time, so the window would open at a time nobody chose.
+        raise _invalid(f"invalid cron expression {_show(value)}: R and H (random, hashed) are not cron")
     if not croniter.is_valid(value):
         raise _invalid(f"invalid cron expression {_show(value)}")
     return value
+
+
+def _same_schedule(first: str, second: str) -> bool:
+    """Two 5-field cron expressions that fire at the same times (``0 08 * * *`` and ``0 8 * * *``)."""
+    from croniter import croniter
+
+    return bool(croniter(first).expanded == croniter(second).expanded)
 
 
 def _check_timezone(value: str) -> str:
@@ -408,7 +422,7 @@ class ScheduleWindow(_Model):
 
     @model_validator(mode="after")
     def _check_start_differs_from_end(self) -> Self:
-        if self.start.split() == self.end.split():
+        if _same_schedule(self.start, self.end):
             raise _invalid("must differ from start, or the window never opens", ("end",))
         return self
 

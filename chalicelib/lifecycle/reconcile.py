@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig
@@ -56,6 +56,15 @@ if TYPE_CHECKING:
 RUN_LEASE = "reconcile"
 # Longer than a run may take (the Lambda's timeout is 120 s); a run that died keeps others out this long at most.
 RUN_LEASE_SECONDS = 300.0
+
+
+def _failure(exc: BaseException) -> str:
+    """What stopped a run: GitLab's failure, AWS's error code, or the connection problem botocore gave up on."""
+    if isinstance(exc, RetryableError):
+        return exc.reason
+    if isinstance(exc, ClientError):
+        return f"AWS {error_code(exc) or 'error'}"
+    return f"AWS {type(exc).__name__}"
 
 
 class RetireVerdict(str, Enum):
@@ -130,8 +139,8 @@ class Reconciler:
         try:
             try:
                 facts = self.facts.gather()
-            except ClientError as exc:
-                report = RunReport(stopped=f"facts unreadable: {error_code(exc) or 'error'}")
+            except (ClientError, BotoCoreError) as exc:
+                report = RunReport(stopped=f"facts unreadable: {_failure(exc)}")
                 logger.warning("reconcile stopped before acting", extra={"reason": report.stopped})
                 report.count("ReconcileStopped")
                 return report
@@ -142,12 +151,19 @@ class Reconciler:
     def execute(self, actions: list[Action], facts: Facts) -> RunReport:
         """Carry out ``actions`` in order; the first that fails for a reason a later run may not meet stops it."""
         report = RunReport()
+        reaped = [action.instance_id for action in actions if isinstance(action, Reap)]
         for index, action in enumerate(actions):
             name = type(action).__name__
             try:
+                if isinstance(action, Reap) and reaped:
+                    # Every instance this run reaps is terminated in one call (1,000 at most each), then each is
+                    # cleaned up; a run stopped in between leaves records whose instance is gone, for the next.
+                    for start in range(0, len(reaped), 1000):
+                        self._terminate(reaped[start : start + 1000])
+                    reaped = []
                 done = self._act(action, report)
-            except (RetryableError, ClientError) as exc:
-                reason = exc.reason if isinstance(exc, RetryableError) else f"AWS {error_code(exc) or 'error'}"
+            except (RetryableError, ClientError, BotoCoreError) as exc:
+                reason = _failure(exc)
                 report.stopped = f"{name} failed: {reason}"
                 logger.warning(
                     "reconcile stopped; the rest is left to the next run",
@@ -164,7 +180,6 @@ class Reconciler:
     def _act(self, action: Action, report: RunReport) -> bool:
         log = {"action": type(action).__name__, "reason": action.reason, "facts": dict(action.facts)}
         if isinstance(action, Reap):
-            self._terminate([action.instance_id])
             self._events.clean_up(action.instance_id, reason=f"reaped: {action.reason}")
             report.count(f"OrphansReaped.{action.kind.value}")
             logger.warning("instance reaped", extra={**log, "instance_id": action.instance_id})

@@ -552,3 +552,46 @@ def test_the_sweep_claims_a_job_recorded_as_created_but_never_one_already_queued
     store.claim_job(project, 503, "L-1")
     store.release_queue_claim(project, 503, str((store.get(job_key(project, 503)) or {})["queue_claim"]))
     assert store.claim_for_sweep(project, 503) is None  # a launch holds it
+
+
+@pytest.mark.parametrize(
+    ("fault", "stopped"),
+    [
+        ("throttled", "facts unreadable: AWS RequestLimitExceeded"),
+        ("timed out", "facts unreadable: AWS ReadTimeoutError"),
+    ],
+)
+def test_a_run_whose_facts_aws_will_not_give_stops_before_acting(fleet: Fleet, fault: str, stopped: str) -> None:
+    """EC2 throttling past botocore's retries, or a DescribeInstances whose answers keep timing out: the run
+    decides nothing, says why, and gives its run lease back for the next minute's run."""
+    # given an instance no record knows, old enough to be reaped
+    tags = [{"Key": FLEET_TAG, "Value": fleet.config.fleet}, {"Key": POOL_TAG, "Value": "docker"}]
+    [made] = fleet.ec2.run_instances(
+        MinCount=1,
+        MaxCount=1,
+        LaunchTemplate={
+            "LaunchTemplateName": launch_template_name(fleet.config.fleet, "docker"),
+            "Version": "$Default",
+        },
+        SubnetId=fleet.config.pools[0].subnets[0],
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"]
+    clients = AwsClients(region=SANDBOX_REGION)
+    reconciler = build_reconciler(
+        fleet.config, clients, runtime.gitlab_api(), runtime.scale_up, clock=lambda: time.time() + 600
+    )
+
+    # when EC2 will not answer DescribeInstances through any of botocore's attempts
+    with WireFaults(clients.ec2) as faults:
+        if fault == "throttled":
+            faults.fail("DescribeInstances", "RequestLimitExceeded")
+        else:
+            faults.lose_answer("DescribeInstances", times=100)
+        report = reconciler.run()
+
+    # then it stopped before acting, and the next run (EC2 back) acts
+    assert report.stopped == stopped and report.metrics == {"ReconcileStopped": 1} and not report.done
+    assert fleet.state(made["InstanceId"]) == "running"
+    assert reconciler.run().metrics == {"OrphansReaped.UntrackedInstance": 1}
+    assert fleet.state(made["InstanceId"]) == "terminated"
+    fleet.assert_invariants()

@@ -721,6 +721,16 @@ def test_invalid_cron_expression() -> None:
     assert problems_of(data) == ["pools[0](docker).warm.windows[0].start: invalid cron expression '61 * * * *'"]
 
 
+@pytest.mark.parametrize("start", ["R 8 * * *", "0 H * * *", "H(0-29) 8 * * *", "0 8 * * H/2"])
+def test_croniters_random_and_hashed_fields_are_refused(start: str) -> None:
+    data = with_pool(warm={"size": 1, "windows": [window(start=start)]})
+
+    assert problems_of(data) == [
+        f"pools[0](docker).warm.windows[0].start: invalid cron expression '{start}': R and H (random, hashed) "
+        "are not cron"
+    ]
+
+
 def test_cron_expression_needs_five_fields() -> None:
     data = with_pool(warm={"size": 1, "windows": [window(end="0 19 * *")]})
 
@@ -730,8 +740,10 @@ def test_cron_expression_needs_five_fields() -> None:
     ]
 
 
-def test_window_start_and_end_must_differ() -> None:
-    data = with_pool(warm={"size": 1, "windows": [window(end="0  8 * * 1-5")]})
+@pytest.mark.parametrize("end", ["0  8 * * 1-5", "0 08 * * 1-5", "00 8 * * mon-fri"])
+def test_window_start_and_end_must_differ(end: str) -> None:
+    # the same schedule however it is spelled: such a window never opens
+    data = with_pool(warm={"size": 1, "windows": [window(end=end)]})
 
     assert problems_of(data) == [
         "pools[0](docker).warm.windows[0].end: must differ from start, or the window never opens"
