@@ -298,8 +298,14 @@ def test_next_change_is_when_the_warm_size_changes(warm: WarmConfig, now: dateti
         WarmConfig(size=0),
         WarmConfig(size=0, windows=(BUSINESS_HOURS,)),
         WarmConfig(size=2, windows=(NEVER,)),
-        WarmConfig(size=2, windows=(window("0 8 * * *", "0 08 * * *"),)),  # start and end always coincide
-        WarmConfig(size=2, windows=(window("* * * * *", "*/1 * * * *"),)),
+        # start and end always coincide: the configuration refuses such a window (it never opens), and the module
+        # copes with one all the same
+        WarmConfig.model_construct(
+            size=2, windows=(ScheduleWindow.model_construct(start="0 8 * * *", end="0 08 * * *", timezone="UTC"),)
+        ),
+        WarmConfig.model_construct(
+            size=2, windows=(ScheduleWindow.model_construct(start="* * * * *", end="*/1 * * * *", timezone="UTC"),)
+        ),
         # three windows that together cover every hour, each opening as another closes
         WarmConfig(
             size=2,
