@@ -1,7 +1,8 @@
 # runner-fleet: `make demo` runs the sandbox scenario, `make test` runs the whole suite. Both set up .venv.
 # `make test` also judges every AWS call the Lambda code made against its generated IAM policy
-# (tests/iam_recorder.py); RUNNER_FLEET_IAM_FULL=1 adds the check that every policy statement was used or
-# says why not, which only holds when the whole suite ran. `make policies` regenerates .chalice/policy-*.json.
+# (tests/iam_recorder.py), then checks over both of its pytest processes' reports that every policy statement
+# was used or says why not, which only holds when the whole suite ran. `make policies` regenerates
+# .chalice/policy-*.json.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,16 +30,19 @@ demo: $(STAMP)
 
 # The slow scenarios (the 500-job burst) run in a pytest process of their own, beside the rest of the suite: the
 # suite is mostly waiting on one core, the burst keeps the other busy. Their output follows the suite's.
-# RUNNER_FLEET_IAM_FULL: the rest of the suite covers every function, so it also checks for unused IAM statements.
+# Each process judges its own calls against IAM; the check for unused IAM statements needs the whole suite, so it
+# runs last, over both processes' reports.
 test: export RUNNER_FLEET_REQUIRE_TOOLS := 1
 test: lint typecheck $(TOOLS)
-	@rm -f .pytest_cache/slow-tests.log; mkdir -p .pytest_cache
+	@rm -f .pytest_cache/slow-tests.log .pytest_cache/iam-calls.json .pytest_cache/iam-calls-slow.json
+	@mkdir -p .pytest_cache
 	@RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-slow.json $(BIN)/python -m pytest -q -m slow \
 		> .pytest_cache/slow-tests.log 2>&1 & slow=$$!; \
-	RUNNER_FLEET_IAM_FULL=1 $(BIN)/python -m pytest -q -m "not slow"; suite=$$?; \
+	$(BIN)/python -m pytest -q -m "not slow"; suite=$$?; \
 	wait $$slow; slow_status=$$?; \
 	echo "--- slow scenarios (pytest -m slow) ---"; cat .pytest_cache/slow-tests.log; \
 	test $$suite -eq 0 && test $$slow_status -eq 0
+	@$(BIN)/python -m tests.iam_recorder .pytest_cache/iam-calls.json .pytest_cache/iam-calls-slow.json
 
 policies: $(STAMP)
 	$(BIN)/fleetctl policies

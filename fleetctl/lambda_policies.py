@@ -333,10 +333,17 @@ def instance_state_grants(config: FleetConfig) -> list[Grant]:
 def reconcile_grants(config: FleetConfig) -> list[Grant]:
     # Warm runners are launched exactly as scale-up launches for jobs, so reconcile holds scale-up's launch
     # grants; it never receives from the jobs queue nor dead-letters a job.
+    skipped = {"ReceiveJobs", "RequeueJobs", "DeadLetterJobs", "FleetTable", "HandOverRunnerTokens", "CountIdleRunners"}
     launching = [
-        grant
+        replace(
+            grant,
+            without_call="the test process serves every function with one runner role id, which scale-up reads "
+            "first; a reconcile container reads it on its first warm launch",
+        )
+        if grant.sid == "ReadRunnerRoleId"
+        else grant
         for grant in scale_up_grants(config)
-        if grant.sid not in {"ReceiveJobs", "RequeueJobs", "DeadLetterJobs", "FleetTable", "HandOverRunnerTokens"}
+        if grant.sid not in skipped
     ]
     fleet_items = [job_key_pattern()] + [_key_pattern(k) for k in (launch_key, pool_key, runner_key)]
     return [

@@ -15,8 +15,10 @@ for the function from the stage file the call ran under. A request this recorder
 condition keys it cannot fill, is denied, never waved through.
 
 Results: ``.pytest_cache/iam-calls.json`` (every recorded request and the verdict). The session fails on a
-denied call. With ``RUNNER_FLEET_IAM_FULL=1`` (``make test`` sets it) it also fails on a statement no call used
-that has no ``without_call`` reason, which only means something when the whole suite ran.
+denied call. With ``RUNNER_FLEET_IAM_FULL=1`` it also fails on a statement no call used that has no
+``without_call`` reason, which only means something when the whole suite ran in that process; ``make test``
+runs the suite in two processes and checks that over both reports at the end
+(``python -m tests.iam_recorder REPORT...``).
 """
 
 from __future__ import annotations
@@ -578,7 +580,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     finally:
         shutil.rmtree(SNAPSHOTS / str(os.getpid()), ignore_errors=True)
     full = os.environ.get(FULL_SUITE_ENV) == "1"
-    unused = unused_unjustified(verdict["used"], {r.function for r in _recorder.requests}) if full else []
+    unused = unused_unjustified(verdict["used"], verdict["recorded"]) if full else []
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps({**verdict, "unused_without_reason": unused, "calls": _recorder.calls}, indent=1))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -593,3 +595,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 reporter.write_line(line)
             reporter.write_line(f"details: {REPORT}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def check_reports(paths: Iterable[Path]) -> list[str]:
+    """The unused-statement check over the reports of several pytest processes that together ran the whole suite
+    (``make test`` runs the slow scenarios beside the rest): a statement is used when any of them used it."""
+    used: dict[str, set[str]] = {}
+    recorded: set[str] = set()
+    for path in paths:
+        if not path.exists():
+            continue  # a process whose tests made no call of a function's writes no report
+        report = json.loads(path.read_text())
+        recorded |= set(report["recorded"])
+        for function, sids in report["used"].items():
+            used.setdefault(function, set()).update(sids)
+    return unused_unjustified(used, recorded)
+
+
+if __name__ == "__main__":
+    problems = check_reports(Path(arg) for arg in sys.argv[1:])
+    for problem in problems:
+        print(problem)
+    if problems:
+        print("IAM check failed (tests/iam_recorder.py): unused statements over", " and ".join(sys.argv[1:]))
+    sys.exit(1 if problems else 0)

@@ -37,8 +37,7 @@ from fleetctl.sandbox.local_aws import SANDBOX_REGION
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 from tests.faults import WireFaults
 
-# The scenarios that wait on agents for long are slow (they run beside the rest of the suite); the others, and
-# those whose calls the IAM proof needs from the main run (recovering jobs, warm launches), are not.
+# The scenarios that wait on runner agents are slow: they run beside the rest of the suite (make test).
 pytestmark = [pytest.mark.timeout(240)]
 
 WAIT_TIMEOUT = 4.0
@@ -237,6 +236,7 @@ def test_an_untracked_instance_tagged_as_the_fleets_is_reaped(fleet: Fleet) -> N
     fleet.assert_invariants()
 
 
+@pytest.mark.slow
 def test_a_lost_terminated_event_is_repaired(fleet: Fleet) -> None:
     """EventBridge delivers at least once but may drop an event its target failed on for long: a record whose
     instance is gone is cleaned up as the instance-state handler would have (lease back, runner deleted)."""
@@ -262,6 +262,7 @@ def test_a_lost_terminated_event_is_repaired(fleet: Fleet) -> None:
     fleet.assert_invariants()
 
 
+@pytest.mark.slow
 def test_lost_pending_webhooks_are_recovered_and_their_jobs_run(fleet: Fleet) -> None:
     """GitLab never redelivers a failed delivery (app/services/web_hook_service.rb): a Job Hook that failed
     before the job was recorded, and one recorded whose queue send failed, both leave a pending job that only
@@ -442,6 +443,7 @@ def test_overlapping_runs_do_not_both_act(fleet: Fleet) -> None:
     fleet.assert_invariants()
 
 
+@pytest.mark.slow
 def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_it(fleet: Fleet) -> None:
     """A warm window opens when its ``start`` cron fires and closes when its ``end`` next fires, in its time zone
     (chalicelib/lifecycle/windows.py). Inside it the pool is topped up to its size through the capacity lease,
