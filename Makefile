@@ -28,21 +28,25 @@ $(TOOLS): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fleetctl sandbox demo
 
-# The slow scenarios (the 500-job burst) run in a pytest process of their own, beside the rest of the suite: the
-# suite is mostly waiting on one core, the burst keeps the other busy. Their output follows the suite's.
-# Each process judges its own calls against IAM; the check for unused IAM statements needs the whole suite, so it
-# runs last, over both processes' reports.
+# Three pytest processes side by side: the slow scenarios (the 500-job burst, which keeps one core busy), the
+# scenarios that drive simulated runner agents (mostly waiting on them), and the rest. Their output follows the
+# rest's. Each process judges its own calls against IAM; the check for unused IAM statements needs the whole
+# suite, so it runs last, over the three reports.
 test: export RUNNER_FLEET_REQUIRE_TOOLS := 1
 test: lint typecheck $(TOOLS)
-	@rm -f .pytest_cache/slow-tests.log .pytest_cache/iam-calls.json .pytest_cache/iam-calls-slow.json
+	@rm -f .pytest_cache/slow-tests.log .pytest_cache/scenario-tests.log .pytest_cache/iam-calls*.json
 	@mkdir -p .pytest_cache
 	@RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-slow.json $(BIN)/python -m pytest -q -m slow \
 		> .pytest_cache/slow-tests.log 2>&1 & slow=$$!; \
-	$(BIN)/python -m pytest -q -m "not slow"; suite=$$?; \
-	wait $$slow; slow_status=$$?; \
+	RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-scenario.json $(BIN)/python -m pytest -q -m "scenario and not slow" \
+		> .pytest_cache/scenario-tests.log 2>&1 & scenario=$$!; \
+	$(BIN)/python -m pytest -q -m "not slow and not scenario"; suite=$$?; \
+	wait $$scenario; scenario_status=$$?; wait $$slow; slow_status=$$?; \
+	echo "--- agent scenarios (pytest -m scenario) ---"; cat .pytest_cache/scenario-tests.log; \
 	echo "--- slow scenarios (pytest -m slow) ---"; cat .pytest_cache/slow-tests.log; \
-	test $$suite -eq 0 && test $$slow_status -eq 0
-	@$(BIN)/python -m tests.iam_recorder .pytest_cache/iam-calls.json .pytest_cache/iam-calls-slow.json
+	test $$suite -eq 0 && test $$scenario_status -eq 0 && test $$slow_status -eq 0
+	@$(BIN)/python -m tests.iam_recorder .pytest_cache/iam-calls.json .pytest_cache/iam-calls-scenario.json \
+		.pytest_cache/iam-calls-slow.json
 
 policies: $(STAMP)
 	$(BIN)/fleetctl policies

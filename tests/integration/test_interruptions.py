@@ -27,7 +27,7 @@ from tests.integration.test_runner_agents import Stack, _nothing_left, wait_unti
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.slow,
+    pytest.mark.scenario,
     # Invocations that count nothing (most of them) make Powertools warn once metrics are on.
     pytest.mark.filterwarnings("ignore:No application metrics to publish"),
 ]

@@ -37,8 +37,7 @@ from fleetctl.sandbox.local_aws import SANDBOX_REGION
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 from tests.faults import WireFaults
 
-# The scenarios that wait on runner agents are slow: they run beside the rest of the suite (make test).
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.scenario]
 
 WAIT_TIMEOUT = 4.0
 OPTIONS = AgentOptions(boot_delay_seconds=0.3, wait_timeout_seconds=WAIT_TIMEOUT, check_interval_seconds=0.2)
@@ -173,7 +172,6 @@ def fleet(reconcile_sandbox: Sandbox) -> Iterator[Fleet]:
 DOCKER_JOB = {"name": "build", "tags": ["docker"], "script": ["sleep 0.3"]}
 
 
-@pytest.mark.slow
 def test_an_agent_hung_at_boot_is_reaped_after_its_boot_deadline_and_its_job_runs_on_another(fleet: Fleet) -> None:
     """GitLab lists a runner that never contacted it as ``never_contacted`` (doc/api/runners.md, "status");
     past the pool's boot deadline its instance is terminated, its runner and token deleted, its lease given
@@ -236,7 +234,6 @@ def test_an_untracked_instance_tagged_as_the_fleets_is_reaped(fleet: Fleet) -> N
     fleet.assert_invariants()
 
 
-@pytest.mark.slow
 def test_a_lost_terminated_event_is_repaired(fleet: Fleet) -> None:
     """EventBridge delivers at least once but may drop an event its target failed on for long: a record whose
     instance is gone is cleaned up as the instance-state handler would have (lease back, runner deleted)."""
@@ -262,7 +259,6 @@ def test_a_lost_terminated_event_is_repaired(fleet: Fleet) -> None:
     fleet.assert_invariants()
 
 
-@pytest.mark.slow
 def test_lost_pending_webhooks_are_recovered_and_their_jobs_run(fleet: Fleet) -> None:
     """GitLab never redelivers a failed delivery (app/services/web_hook_service.rb): a Job Hook that failed
     before the job was recorded, and one recorded whose queue send failed, both leave a pending job that only
@@ -295,7 +291,6 @@ def test_lost_pending_webhooks_are_recovered_and_their_jobs_run(fleet: Fleet) ->
     fleet.assert_invariants()
 
 
-@pytest.mark.slow
 def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_never_terminated(
     fleet: Fleet,
 ) -> None:
@@ -344,7 +339,6 @@ def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_n
     fleet.assert_invariants()
 
 
-@pytest.mark.slow
 def test_a_runner_given_a_job_after_it_was_marked_draining_is_kept_by_the_recheck(fleet: Fleet) -> None:
     """The narrower window: the runner's record said idle and was marked draining, and GitLab hands it a job
     before the pause lands (its running Job Hook not yet in the table). The re-check after the pause lists
@@ -388,7 +382,6 @@ def test_a_runner_given_a_job_after_it_was_marked_draining_is_kept_by_the_rechec
     fleet.assert_invariants()
 
 
-@pytest.mark.slow
 def test_gitlab_down_for_a_whole_run_leaves_everything_to_the_next_run(fleet: Fleet) -> None:
     """With GitLab answering 503 to everything, the run decides nothing that needs GitLab, stops at the first
     action that calls it, and loses nothing: the next run, with GitLab back, finishes every piece."""
@@ -443,7 +436,6 @@ def test_overlapping_runs_do_not_both_act(fleet: Fleet) -> None:
     fleet.assert_invariants()
 
 
-@pytest.mark.slow
 def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_it(fleet: Fleet) -> None:
     """A warm window opens when its ``start`` cron fires and closes when its ``end`` next fires, in its time zone
     (chalicelib/lifecycle/windows.py). Inside it the pool is topped up to its size through the capacity lease,

@@ -18,7 +18,7 @@ from chalicelib.store import pool_key, runner_key
 from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, JobOutcome, Phase
 from fleetctl.sandbox.stack import Sandbox
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.scenario]
 
 WAIT_TIMEOUT = 2.0
 OPTIONS = AgentOptions(boot_delay_seconds=0.3, wait_timeout_seconds=WAIT_TIMEOUT, check_interval_seconds=0.2)
