@@ -490,11 +490,11 @@ class Bench:
             raise RuntimeError(f"POST /runners/verify answered {verified.status_code}")
         if pool.max_builds <= 1:
             return  # an ephemeral runner's one job would end it: idle means booted and waiting for that job
-        state = self.store.runner_finished_job(
+        finish = self.store.runner_finished_job(
             instance_id, credentials.runner_id, self.stack.project_id, next(self._jobs), time.time()
         )
-        if state is not RunnerState.IDLE:
-            raise RuntimeError(f"runner {instance_id} is {state} after its first job, not idle")
+        if finish is None or finish.state is not RunnerState.IDLE:
+            raise RuntimeError(f"runner {instance_id} is {finish} after its first job, not idle")
 
     def lose_instances(self) -> list[str]:
         """Terminate LOST healthy instances in EC2; no event reaches the fleet (no pump runs)."""

@@ -9,7 +9,7 @@ user would see in GitLab, EC2 and the table. Every scenario ends with the fleet'
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,12 @@ from chalicelib.lifecycle.rules import (
     stuck_after,
 )
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
-from chalicelib.store import job_key, pool_key, runner_key
+from chalicelib.store import job_key
 from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, Phase
 from fleetctl.sandbox.local_aws import SANDBOX_REGION
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 from tests.faults import WireFaults
+from tests.integration.test_runner_agents import Stack, wait_until
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.scenario]
 
@@ -67,27 +68,9 @@ def reconcile_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sand
     stack.stop()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
-class Fleet:
-    """The sandbox as these tests look at it, and reconcile on a clock ``offset`` seconds ahead."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.sandbox = sandbox
-        self.gitlab = sandbox.gitlab
-        assert sandbox.agents is not None and sandbox.config is not None
-        self.agents = sandbox.agents
-        self.config = sandbox.config
-        self.ec2 = runtime.aws().ec2
-        self.store = runtime.store()
-        self.job_ids: list[int] = []
+class Fleet(Stack):
+    """The sandbox as these tests look at it (GitLab, EC2, the table, the agents), and reconcile on a clock
+    ``offset`` seconds ahead."""
 
     def reconciler(self, offset: float = 0.0) -> Reconciler:
         return build_reconciler(
@@ -103,42 +86,9 @@ class Fleet:
         source = FactSource(self.config, runtime.store(), self.ec2, runtime.gitlab_api())
         return [str(v) for v in check(source.gather(tokens=True), self.config)]
 
-    def pipeline(self, *jobs: dict[str, Any]) -> list[int]:
-        pipeline_id = self.gitlab.create_pipeline(self.sandbox.project_id, list(jobs))
-        ids = [int(j["id"]) for j in self.gitlab.jobs_of_pipeline(self.sandbox.project_id, pipeline_id)]
-        self.job_ids += ids
-        return ids
-
-    def job(self, job_id: int) -> dict[str, Any]:
-        return self.gitlab.job(self.sandbox.project_id, job_id)
-
-    def state(self, instance_id: str) -> str:
-        found = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
-        return str(found["State"]["Name"])
-
-    def record(self, instance_id: str) -> dict[str, Any]:
-        return self.store.get(runner_key(instance_id)) or {}
-
-    def leases(self, pool: str) -> int:
-        return int((self.store.get(pool_key(pool)) or {}).get("leases", 0))
-
     def gitlab_runner(self, runner_id: int) -> dict[str, Any] | None:
         found = [r for r in self.gitlab.runners() if int(r["id"]) == runner_id]
         return found[0] if found else None
-
-    def agent_of(self, job_id: int, timeout: float = 30.0) -> AgentRecord:
-        found: list[AgentRecord] = []
-
-        def took() -> bool:
-            found[:] = [r for r in self.agents.records() if any(j == job_id for j, _ in r.jobs)]
-            return bool(found)
-
-        assert wait_until(took, timeout), f"no agent took job {job_id}: {self.agents.records()}"
-        return found[0]
-
-    def launched(self, pool: str, count: int = 1, timeout: float = 30.0) -> list[AgentRecord]:
-        assert wait_until(lambda: len([r for r in self.agents.records() if r.pool == pool]) >= count, timeout)
-        return [r for r in self.agents.records() if r.pool == pool]
 
     def live_instances(self) -> list[str]:
         found = self.ec2.describe_instances(
@@ -164,7 +114,7 @@ def fleet(reconcile_sandbox: Sandbox) -> Iterator[Fleet]:
     reconcile_sandbox.reset(stage_config(reconcile_sandbox.workdir))
     fleet = Fleet(reconcile_sandbox)
     yield fleet
-    for job_id in fleet.job_ids:
+    for job_id in fleet.pipelines_jobs:
         if fleet.job(job_id)["status"] in ("created", "pending", "running"):
             fleet.gitlab.set_job_status(reconcile_sandbox.project_id, job_id, "canceled")
 
@@ -179,7 +129,7 @@ def test_an_agent_hung_at_boot_is_reaped_after_its_boot_deadline_and_its_job_run
     # given a job whose instance hangs at boot
     fleet.agents.faults.for_next_agent("docker", Fault.HANG_AT_BOOT)
     (job_id,) = fleet.pipeline(DOCKER_JOB)
-    (hung,) = fleet.launched("docker")
+    (hung,) = fleet.booted("docker")
     assert wait_until(lambda: hung.phase is Phase.HUNG and "gitlab_runner_id" in fleet.record(hung.instance_id), 20)
     record = fleet.record(hung.instance_id)
 
@@ -291,6 +241,17 @@ def test_lost_pending_webhooks_are_recovered_and_their_jobs_run(fleet: Fleet) ->
     fleet.assert_invariants()
 
 
+def idle_runner_past_retirement(fleet: Fleet) -> tuple[AgentRecord, int, float]:
+    """A runner that ran a job and is idle: its agent, its GitLab runner, and the clock offset that puts it past
+    its retirement point (max lifetime minus the pool's job timeout)."""
+    (first,) = fleet.pipeline(DOCKER_JOB)
+    agent = fleet.agent_of(first)
+    assert wait_until(lambda: fleet.record(agent.instance_id).get("state") == "idle", 30)
+    pool = fleet.config.pool("docker")
+    age = pool.max_lifetime_minutes * 60 - pool.job_timeout_seconds + 1
+    return agent, int(fleet.record(agent.instance_id)["gitlab_runner_id"]), age
+
+
 def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_never_terminated(
     fleet: Fleet,
 ) -> None:
@@ -301,12 +262,7 @@ def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_n
     fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=12.0)
     try:
         # given a runner that ran a job and is idle, past the point where its age retires it
-        (first,) = fleet.pipeline(DOCKER_JOB)
-        agent = fleet.agent_of(first)
-        assert wait_until(lambda: fleet.record(agent.instance_id).get("state") == "idle", 30)
-        runner_id = int(fleet.record(agent.instance_id)["gitlab_runner_id"])
-        pool = fleet.config.pool("docker")
-        age = pool.max_lifetime_minutes * 60 - pool.job_timeout_seconds + 1
+        agent, runner_id, age = idle_runner_past_retirement(fleet)
         reconciler = fleet.reconciler(offset=age)
         facts = reconciler.facts.gather()
         actions = decide(facts, fleet.config)
@@ -346,12 +302,7 @@ def test_a_runner_given_a_job_after_it_was_marked_draining_is_kept_by_the_rechec
     fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=12.0)
     try:
         # given an idle runner past its retirement point, and a reconcile with a wire of its own to DynamoDB
-        (first,) = fleet.pipeline(DOCKER_JOB)
-        agent = fleet.agent_of(first)
-        assert wait_until(lambda: fleet.record(agent.instance_id).get("state") == "idle", 30)
-        runner_id = int(fleet.record(agent.instance_id)["gitlab_runner_id"])
-        pool = fleet.config.pool("docker")
-        age = pool.max_lifetime_minutes * 60 - pool.job_timeout_seconds + 1
+        agent, runner_id, age = idle_runner_past_retirement(fleet)
         clients = AwsClients(region=SANDBOX_REGION)
         reconciler = build_reconciler(
             fleet.config, clients, runtime.gitlab_api(), runtime.scale_up, clock=lambda: time.time() + age
@@ -388,7 +339,7 @@ def test_gitlab_down_for_a_whole_run_leaves_everything_to_the_next_run(fleet: Fl
     # given a runner hung at boot past its deadline, and a runner whose terminated event was lost
     fleet.agents.faults.for_next_agent("docker", Fault.HANG_AT_BOOT)
     (stuck,) = fleet.pipeline(DOCKER_JOB)
-    (hung,) = fleet.launched("docker")
+    (hung,) = fleet.booted("docker")
     assert wait_until(lambda: hung.phase is Phase.HUNG and "gitlab_runner_id" in fleet.record(hung.instance_id), 20)
     hung_runner = int(fleet.record(hung.instance_id)["gitlab_runner_id"])
     (ran,) = fleet.pipeline(DOCKER_JOB)
@@ -461,7 +412,7 @@ def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_i
         # when reconcile runs outside the window, then inside it, twice
         closed = fleet.reconcile(offset=outside)
         opened = fleet.reconcile(offset=inside)
-        warm_agents = [a for a in fleet.launched("docker", 3) if a.instance_id != busy]
+        warm_agents = [a for a in fleet.booted("docker", 3) if a.instance_id != busy]
         assert wait_until(lambda: all(a.runner_id for a in warm_agents), 20)
         again = fleet.reconcile(offset=inside)
 
