@@ -149,7 +149,8 @@ class Reconciler:
             self._store.release_run_lease(RUN_LEASE, owner)
 
     def execute(self, actions: list[Action], facts: Facts) -> RunReport:
-        """Carry out ``actions`` in order; the first that fails for a reason a later run may not meet stops it."""
+        """Carry out ``actions`` in order; the first that fails (GitLab or AWS) ends the run, and the actions after
+        it are left to the next run, which finds them again from its own facts."""
         report = RunReport()
         reaped = [action.instance_id for action in actions if isinstance(action, Reap)]
         for index, action in enumerate(actions):
