@@ -14,8 +14,9 @@ part of the table it uses (a Lambda writes no bytecode cache, so every module is
 from __future__ import annotations
 
 import random
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, TypeVar
@@ -26,8 +27,11 @@ from chalicelib.aws import error_code
 from chalicelib.gitlab_events import JobStatus
 from chalicelib.store import (
     FINISHED_JOB_TTL_SECONDS,
+    FLEET_RECORDS_INDEX,
     IDLE_RUNNERS_INDEX,
     LIVE_ATTRIBUTE,
+    QUEUE_CLAIM_SECONDS,
+    UNFINISHED_JOB_TTL_SECONDS,
     FleetStore,
     RunnerState,
     attribute_value,
@@ -301,6 +305,16 @@ class ScaleStore(FleetStore):
         """A single-item write (``update_item`` or ``put_item``), past conflicts with transactions."""
         call = getattr(self._client, operation)
         self._past_conflicts(lambda: call(**request))
+
+    def _write_unless_refused(self, operation: str, request: Mapping[str, Any]) -> bool:
+        """A conditional single-item write, past conflicts with transactions: False when its condition refused it."""
+        try:
+            self._write(operation, request)
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
 
     def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
         """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
@@ -695,18 +709,14 @@ class ScaleStore(FleetStore):
             "updated_at": now,
             "ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
         }
-        try:
-            self._write(
-                "put_item",
-                {"TableName": self.table, "Item": to_item(item), "ConditionExpression": "attribute_not_exists(pk)"},
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            found = self.get(runner_key(instance_id)) or {}
-            # Refused by our own landed write (a retried call) still counts.
-            return bool(found.get("tombstone"))
-        return True
+        if self._write_unless_refused(
+            "put_item",
+            {"TableName": self.table, "Item": to_item(item), "ConditionExpression": "attribute_not_exists(pk)"},
+        ):
+            return True
+        found = self.get(runner_key(instance_id)) or {}
+        # Refused by our own landed write (a retried call) still counts.
+        return bool(found.get("tombstone"))
 
     def _terminate(self, record: RunnerRecord, reason: str) -> bool:
         instance_id = record.instance_id
@@ -852,78 +862,124 @@ class ScaleStore(FleetStore):
 
     def undrain_runner(self, instance_id: str, reason: str) -> bool:
         """Clear the draining mark ``reason`` set (a retire given up because the runner took a job)."""
-        try:
-            self._write(
-                "update_item",
-                _update(
-                    self.table,
-                    runner_key(instance_id),
-                    "REMOVE draining, draining_at",
-                    {":reason": reason},
-                    "draining = :reason",
-                ),
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            return False
-        return True
+        return self._write_unless_refused(
+            "update_item",
+            _update(
+                self.table,
+                runner_key(instance_id),
+                "REMOVE draining, draining_at",
+                {":reason": reason},
+                "draining = :reason",
+            ),
+        )
 
     def unmark_launch(self, launch_id: str) -> None:
         """A launch that holds no lease any more leaves the live index."""
-        try:
-            self._write(
-                "update_item",
-                _update(
-                    self.table,
-                    launch_key(launch_id),
-                    f"REMOVE {LIVE_ATTRIBUTE}",
-                    {":none": 0, ":launched": LaunchState.LAUNCHED.value, ":failed": LaunchState.FAILED.value},
-                    "#state = :launched OR (#state = :failed AND leases <= :none)",
-                    names={"#state": "state"},
-                ),
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        self._write_unless_refused(
+            "update_item",
+            _update(
+                self.table,
+                launch_key(launch_id),
+                f"REMOVE {LIVE_ATTRIBUTE}",
+                {":none": 0, ":launched": LaunchState.LAUNCHED.value, ":failed": LaunchState.FAILED.value},
+                "#state = :launched OR (#state = :failed AND leases <= :none)",
+                names={"#state": "state"},
+            ),
+        )
+
+    def live_records(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The items of one kind in the sparse ``fleet-records`` index (see :data:`FLEET_RECORDS_INDEX`): one
+        paginated Query, eventually consistent like every GSI read."""
+        pages = self._client.get_paginator("query").paginate(
+            TableName=self.table,
+            IndexName=FLEET_RECORDS_INDEX,
+            KeyConditionExpression="#live = :kind",
+            ExpressionAttributeNames={"#live": LIVE_ATTRIBUTE},
+            ExpressionAttributeValues={":kind": {"S": kind}},
+        )
+        for page in pages:
+            for item in page.get("Items", []):
+                yield from_item(item)
+
+    def claim_for_sweep(self, project_id: int, job_id: int, pipeline_id: int | None = None) -> str | None:
+        """Take the queue claim of a pending job a sweep found: one the table does not know (its item is written
+        now, pending and unqueued), one recorded as created whose pending Job Hook never came, or one recorded but
+        never queued whose claim is free. Returns the claim, to
+        pass to :meth:`mark_queued` after the send (or :meth:`release_queue_claim` if it fails), or None when
+        the job is known otherwise (queued, claimed by a live sender, launched or settled)."""
+        now = self._clock()
+        claim = uuid.uuid4().hex
+        values: dict[str, Any] = {
+            ":claim": {"S": claim},
+            ":now": attribute_value(now),
+            ":stale": attribute_value(now - QUEUE_CLAIM_SECONDS),
+            ":no": {"BOOL": False},
+            ":job": {"S": "job"},
+            ":pending": {"S": JobStatus.PENDING.value},
+            ":rank": attribute_value(JobStatus.PENDING.rank),
+            ":project": attribute_value(project_id),
+            ":jobid": attribute_value(job_id),
+            ":ttl": attribute_value(int(now) + UNFINISHED_JOB_TTL_SECONDS),
+        }
+        # The condition keeps the job at pending or before (created: its pending Job Hook was the one lost), so
+        # pending is what it is now.
+        assignments = (
+            "kind = :job, project_id = :project, job_id = :jobid, #status = :pending, "
+            "status_rank = :rank, pending_at = if_not_exists(pending_at, :now), "
+            "#queued = :no, queue_claim = :claim, queue_claim_at = :now, updated_at = :now, #live = :job, "
+            "#ttl = if_not_exists(#ttl, :ttl)"
+        )
+        if pipeline_id is not None:
+            assignments += ", pipeline_id = if_not_exists(pipeline_id, :pipeline)"
+            values[":pipeline"] = attribute_value(pipeline_id)
+        request = {
+            "TableName": self.table,
+            "Key": {"pk": {"S": job_key(project_id, job_id)}},
+            "UpdateExpression": f"SET {assignments}",
+            "ConditionExpression": (
+                "attribute_not_exists(pk) OR (status_rank <= :rank"
+                " AND (attribute_not_exists(#queued) OR #queued = :no)"
+                " AND attribute_not_exists(launch_id) AND attribute_not_exists(outcome)"
+                " AND (attribute_not_exists(queue_claim) OR queue_claim_at < :stale))"
+            ),
+            "ExpressionAttributeNames": {
+                "#status": "status",
+                "#queued": "queued",
+                "#live": LIVE_ATTRIBUTE,
+                "#ttl": "ttl",
+            },
+            "ExpressionAttributeValues": values,
+        }
+        refused = self._update_unless_refused(request)
+        return claim if refused is None or refused.get("queue_claim") == claim else None
 
     def take_run_lease(self, name: str, owner: str, seconds: float) -> bool:
         """Hold the lease ``name`` (one reconcile run at a time) for ``seconds``, unless another owner holds it."""
         now = self._clock()
         item = {"pk": f"LEASE#{name}", "kind": "lease", "owner": owner, "expires_at": now + seconds}
         item["ttl"] = int(now + seconds) + 3600
-        try:
-            self._write(
-                "put_item",
-                {
-                    "TableName": self.table,
-                    "Item": to_item(item),
-                    "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now OR #owner = :owner",
-                    "ExpressionAttributeNames": {"#owner": "owner"},
-                    "ExpressionAttributeValues": {":now": attribute_value(now), ":owner": {"S": owner}},
-                },
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            return False
-        return True
+        return self._write_unless_refused(
+            "put_item",
+            {
+                "TableName": self.table,
+                "Item": to_item(item),
+                "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now OR #owner = :owner",
+                "ExpressionAttributeNames": {"#owner": "owner"},
+                "ExpressionAttributeValues": {":now": attribute_value(now), ":owner": {"S": owner}},
+            },
+        )
 
     def release_run_lease(self, name: str, owner: str) -> None:
-        try:
-            self._write(
-                "delete_item",
-                {
-                    "TableName": self.table,
-                    "Key": {"pk": {"S": f"LEASE#{name}"}},
-                    "ConditionExpression": "#owner = :owner",
-                    "ExpressionAttributeNames": {"#owner": "owner"},
-                    "ExpressionAttributeValues": {":owner": {"S": owner}},
-                },
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        self._write_unless_refused(
+            "delete_item",
+            {
+                "TableName": self.table,
+                "Key": {"pk": {"S": f"LEASE#{name}"}},
+                "ConditionExpression": "#owner = :owner",
+                "ExpressionAttributeNames": {"#owner": "owner"},
+                "ExpressionAttributeValues": {":owner": {"S": owner}},
+            },
+        )
 
     def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
         """The invocation ends with runners still missing an identity; the next delivery may resume at once."""
@@ -940,26 +996,20 @@ class ScaleStore(FleetStore):
 
     def take_over_launch(self, launch_id: str, stale_before: float) -> bool:
         """Become the one invocation resuming a launch: it is incomplete, or its last owner went silent."""
-        try:
-            self._write(
-                "update_item",
-                _update(
-                    self.table,
-                    launch_key(launch_id),
-                    "SET #state = :resuming, started_at = :now",
-                    {
-                        ":resuming": LaunchState.RESUMING.value,
-                        ":incomplete": LaunchState.INCOMPLETE.value,
-                        ":launching": LaunchState.LAUNCHING.value,
-                        ":now": self._clock(),
-                        ":stale": stale_before,
-                    },
-                    "#state = :incomplete OR (#state IN (:launching, :resuming) AND started_at < :stale)",
-                    names={"#state": "state"},
-                ),
-            )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            return False
-        return True
+        return self._write_unless_refused(
+            "update_item",
+            _update(
+                self.table,
+                launch_key(launch_id),
+                "SET #state = :resuming, started_at = :now",
+                {
+                    ":resuming": LaunchState.RESUMING.value,
+                    ":incomplete": LaunchState.INCOMPLETE.value,
+                    ":launching": LaunchState.LAUNCHING.value,
+                    ":now": self._clock(),
+                    ":stale": stale_before,
+                },
+                "#state = :incomplete OR (#state IN (:launching, :resuming) AND started_at < :stale)",
+                names={"#state": "state"},
+            ),
+        )

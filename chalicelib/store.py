@@ -394,58 +394,6 @@ class FleetStore:
             for item in page.get("Items", []):
                 yield UnqueuedJob.from_item(from_item(item))
 
-    def claim_for_sweep(self, project_id: int, job_id: int, pipeline_id: int | None = None) -> str | None:
-        """Take the queue claim of a pending job a sweep found: one the table does not know (its item is written
-        now, pending and unqueued), one recorded as created whose pending Job Hook never came, or one recorded but
-        never queued whose claim is free. Returns the claim, to
-        pass to :meth:`mark_queued` after the send (or :meth:`release_queue_claim` if it fails), or None when
-        the job is known otherwise (queued, claimed by a live sender, launched or settled)."""
-        now = self._clock()
-        claim = uuid.uuid4().hex
-        values: dict[str, Any] = {
-            ":claim": {"S": claim},
-            ":now": attribute_value(now),
-            ":stale": attribute_value(now - QUEUE_CLAIM_SECONDS),
-            ":no": {"BOOL": False},
-            ":job": {"S": "job"},
-            ":pending": {"S": JobStatus.PENDING.value},
-            ":rank": attribute_value(JobStatus.PENDING.rank),
-            ":project": attribute_value(project_id),
-            ":jobid": attribute_value(job_id),
-            ":ttl": attribute_value(int(now) + UNFINISHED_JOB_TTL_SECONDS),
-        }
-        # The condition keeps the job at pending or before (created: its pending Job Hook was the one lost), so
-        # pending is what it is now.
-        assignments = (
-            "kind = :job, project_id = :project, job_id = :jobid, #status = :pending, "
-            "status_rank = :rank, pending_at = if_not_exists(pending_at, :now), "
-            "#queued = :no, queue_claim = :claim, queue_claim_at = :now, updated_at = :now, #live = :job, "
-            "#ttl = if_not_exists(#ttl, :ttl)"
-        )
-        if pipeline_id is not None:
-            assignments += ", pipeline_id = if_not_exists(pipeline_id, :pipeline)"
-            values[":pipeline"] = attribute_value(pipeline_id)
-        request = {
-            "TableName": self.table,
-            "Key": {"pk": {"S": job_key(project_id, job_id)}},
-            "UpdateExpression": f"SET {assignments}",
-            "ConditionExpression": (
-                "attribute_not_exists(pk) OR (status_rank <= :rank"
-                " AND (attribute_not_exists(#queued) OR #queued = :no)"
-                " AND attribute_not_exists(launch_id) AND attribute_not_exists(outcome)"
-                " AND (attribute_not_exists(queue_claim) OR queue_claim_at < :stale))"
-            ),
-            "ExpressionAttributeNames": {
-                "#status": "status",
-                "#queued": "queued",
-                "#live": LIVE_ATTRIBUTE,
-                "#ttl": "ttl",
-            },
-            "ExpressionAttributeValues": values,
-        }
-        refused = self._update_unless_refused(request)
-        return claim if refused is None or refused.get("queue_claim") == claim else None
-
     def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """Make a conditional UpdateItem: None when it applied, else the item as it was when it was refused."""
         try:
@@ -598,20 +546,6 @@ class FleetStore:
             kwargs["ProjectionExpression"] = ", ".join(f"#p{i}" for i in range(len(projection)))
             kwargs["ExpressionAttributeNames"] = {f"#p{i}": name for i, name in enumerate(projection)}
         for page in self._client.get_paginator("scan").paginate(**kwargs):
-            for item in page.get("Items", []):
-                yield from_item(item)
-
-    def live_records(self, kind: str) -> Iterator[dict[str, Any]]:
-        """The items of one kind in the sparse ``fleet-records`` index (see :data:`FLEET_RECORDS_INDEX`): one
-        paginated Query, eventually consistent like every GSI read."""
-        pages = self._client.get_paginator("query").paginate(
-            TableName=self.table,
-            IndexName=FLEET_RECORDS_INDEX,
-            KeyConditionExpression="#live = :kind",
-            ExpressionAttributeNames={"#live": LIVE_ATTRIBUTE},
-            ExpressionAttributeValues={":kind": {"S": kind}},
-        )
-        for page in pages:
             for item in page.get("Items", []):
                 yield from_item(item)
 

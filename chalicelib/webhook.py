@@ -210,16 +210,7 @@ class WebhookIntake:
         """Ask scale-up to retry a job an interrupted runner lost: the webhook itself never calls GitLab. A failed
         send is logged and counted, not answered with a 503, which would bring nothing back: GitLab never
         redelivers, and a resend of the delivery is a duplicate."""
-        job = QueuedJob(
-            project_id=event.project_id,
-            job_id=event.job_id,
-            pipeline_id=event.pipeline_id,
-            job_name=event.name,
-            gitlab_instance=event.gitlab_instance,
-            received_at=event.received_at,
-            delivery=key,
-            retry_interrupted=pool,
-        )
+        job = _message(event, key).but(retry_interrupted=pool)
         log = {"project_id": event.project_id, "job_id": event.job_id, "pool": pool, "instance_id": instance_id}
         try:
             self._queue.send(job)
@@ -233,15 +224,7 @@ class WebhookIntake:
         """Send the job's message, then mark its record queued. A failed send propagates (503) and leaves the
         record pending and not queued, its queue claim given back, so a resend of the delivery (or a sweep) can
         queue it later."""
-        job = QueuedJob(
-            project_id=event.project_id,
-            job_id=event.job_id,
-            pipeline_id=event.pipeline_id,
-            job_name=event.name,
-            gitlab_instance=event.gitlab_instance,
-            received_at=event.received_at,
-            delivery=key,
-        )
+        job = _message(event, key)
         try:
             self._queue.send(job)
         except (ClientError, BotoCoreError):
@@ -263,3 +246,16 @@ class WebhookIntake:
             # disabling the hook for a job that will run. Unmarked, the job may be queued a second time by a resend
             # or a sweep, which scale-up's one-claim-per-job absorbs.
             logger.exception("job queued but not marked queued", extra={"delivery": key})
+
+
+def _message(event: JobEvent, key: str) -> QueuedJob:
+    """The jobs-queue message for the job ``event`` is about, sent for delivery ``key``."""
+    return QueuedJob(
+        project_id=event.project_id,
+        job_id=event.job_id,
+        pipeline_id=event.pipeline_id,
+        job_name=event.name,
+        gitlab_instance=event.gitlab_instance,
+        received_at=event.received_at,
+        delivery=key,
+    )
