@@ -17,12 +17,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-# Debian packages the static checks run: cloud-init (`cloud-init schema` on the rendered user data). Installed with
-# apt-get when missing (CI runs as root); tests that need them fail, not skip, under RUNNER_FLEET_REQUIRE_TOOLS=1.
+# Debian packages the checks run: cloud-init (`cloud-init schema` on the rendered user data, `cloud-init clean` in
+# the AMI build), bubblewrap (the isolated root install.sh runs in) and amazon-ecr-credential-helper (run against the
+# local ECR with a pool's docker configuration). Installed with apt-get when missing (CI runs as root); tests that
+# need them fail, not skip, under RUNNER_FLEET_REQUIRE_TOOLS=1.
+DEBIAN_TOOLS := cloud-init:cloud-init bwrap:bubblewrap docker-credential-ecr-login:amazon-ecr-credential-helper
 TOOLS := $(VENV)/.tools
 $(TOOLS): $(STAMP)
-	@command -v cloud-init >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init; }
+	@missing=""; for tool in $(DEBIAN_TOOLS); do \
+		command -v "$${tool%%:*}" >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	@touch $(TOOLS)
 
 demo: $(STAMP)

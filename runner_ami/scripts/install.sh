@@ -32,7 +32,10 @@ command -v docker-credential-ecr-login >/dev/null
 
 # gitlab-runner from GitLab's package repository, which lists Amazon Linux 2023 among its distributions. Both the
 # repository metadata and every package are checked against GitLab's published signing keys (repo_gpgcheck,
-# gpgcheck), so dnf refuses anything else.
+# gpgcheck), so dnf refuses anything else. The keys are at their URLs on packages.gitlab.com since its move off
+# PackageCloud (the old /runner/gitlab-runner/gpgkey URLs stopped resolving at the end of September 2026): the
+# repository metadata key at /gpgkey/gpg.key, the runner package signing keys, current and previous, under
+# /gpgkey/runner/ (runner_ami/README.md, "Where the packages come from").
 cat >/etc/yum.repos.d/runner_gitlab-runner.repo <<REPO
 [runner_gitlab-runner]
 name=GitLab Runner
@@ -40,9 +43,9 @@ baseurl=https://packages.gitlab.com/runner/gitlab-runner/${repo_dist}/\$basearch
 repo_gpgcheck=1
 gpgcheck=1
 enabled=1
-gpgkey=https://packages.gitlab.com/runner/gitlab-runner/gpgkey
-       https://packages.gitlab.com/runner/gitlab-runner/gpgkey/runner-gitlab-runner-4C80FB51394521E9.pub.gpg
-       https://packages.gitlab.com/runner/gitlab-runner/gpgkey/runner-gitlab-runner-49F16C5CC3A0F81F.pub.gpg
+gpgkey=https://packages.gitlab.com/gpgkey/gpg.key
+       https://packages.gitlab.com/gpgkey/runner/49F16C5CC3A0F81F.pub.gpg
+       https://packages.gitlab.com/gpgkey/runner/4C80FB51394521E9.pub.gpg
 sslverify=1
 sslcacert=/etc/pki/tls/certs/ca-bundle.crt
 metadata_expire=300
@@ -58,8 +61,13 @@ if [[ $installed != "$version" ]]; then
 fi
 
 # Instances run `gitlab-runner run-single` from the boot unit; the package's system service (`gitlab-runner run`
-# with /etc/gitlab-runner/config.toml) must never start.
+# with /etc/gitlab-runner/config.toml) must never start. The package's post-install made that service with
+# `gitlab-runner install`, which writes a regular unit file at /etc/systemd/system/gitlab-runner.service, and
+# started it. systemd refuses to mask a unit whose file is there ("already exists"), so the service is stopped and
+# disabled, `gitlab-runner uninstall` removes its file, and then the name is masked (a link to /dev/null in its
+# place) so that nothing can start it again.
 systemctl disable --now gitlab-runner.service
+gitlab-runner uninstall
 systemctl mask gitlab-runner.service
 
 # The boot script and its unit: installed, not enabled (cloud-init's runcmd starts it after write_files).

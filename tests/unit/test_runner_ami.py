@@ -3,7 +3,8 @@
 Nothing is built here. The template is parsed with python-hcl2 (Debian's packer is too old for
 ``required_plugins``, so ``packer validate`` is not run), every shell script passes shellcheck, and the boot script
 runs for real with bash against the fakes of ``tests/unit/boot_fakes.py``, on the files the pool's user data
-writes, as cloud-init would have written them.
+writes, as cloud-init would have written them. The provisioning script runs for real in an isolated root in
+``tests/integration/test_ami_install.py``.
 """
 
 from __future__ import annotations
@@ -129,16 +130,11 @@ def test_the_provisioners_install_the_boot_script_and_its_unit() -> None:
     scripts = [body for kind, body in provisioners if kind == "shell" and "script" in body]
     assert [body["script"] for body in scripts] == ["${path.root}/scripts/install.sh"]
     assert "GITLAB_RUNNER_VERSION=${var.gitlab_runner_version}" in scripts[0]["environment_vars"]
-    # every path the template names exists
+    # every path the template names exists; what install.sh makes of them is tested by running it
+    # (tests/integration/test_ami_install.py), with the staging directory and variables set here
     for path in (*uploaded, scripts[0]["script"]):
         assert (RUNNER_AMI / path.removeprefix("${path.root}/")).is_file()
-    # and the provisioning script puts them where the unit and user data expect them, not enabled
-    install = (RUNNER_AMI / "scripts" / "install.sh").read_text()
-    assert 'install -m 0755 "$staging/boot" /opt/runner-fleet/boot' in install
-    assert "/etc/systemd/system/runner-fleet-boot.service" in install
-    assert "systemctl enable runner-fleet-boot" not in install
-    assert "systemctl disable --now gitlab-runner.service" in install
-    assert "cloud-init clean" in install
+    assert "RUNNER_FLEET_STAGING=/tmp/runner-fleet" in scripts[0]["environment_vars"]
 
 
 def test_the_manifest_post_processor_records_the_architecture() -> None:
