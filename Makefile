@@ -18,16 +18,21 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $(STAMP)
 
 # Debian packages the checks run: cloud-init (`cloud-init schema` on the rendered user data, `cloud-init clean` in
-# the AMI build), bubblewrap (the isolated root install.sh runs in) and amazon-ecr-credential-helper (run against the
-# local ECR with a pool's docker configuration). Installed with apt-get when missing (CI runs as root); tests that
-# need them fail, not skip, under RUNNER_FLEET_REQUIRE_TOOLS=1.
-DEBIAN_TOOLS := cloud-init:cloud-init bwrap:bubblewrap docker-credential-ecr-login:amazon-ecr-credential-helper
+# the AMI build), bubblewrap (the isolated root install.sh runs in), amazon-ecr-credential-helper and the docker CLI
+# (run against the local ECR with a pool's docker configuration; docker.io only where no docker CLI is installed,
+# with policy-rc.d keeping its daemon from starting). Installed with apt-get when missing (CI runs as root); tests
+# that need them fail, not skip, under RUNNER_FLEET_REQUIRE_TOOLS=1.
+DEBIAN_TOOLS := cloud-init:cloud-init bwrap:bubblewrap docker-credential-ecr-login:amazon-ecr-credential-helper \
+	docker:docker.io
 TOOLS := $(VENV)/.tools
 $(TOOLS): $(STAMP)
 	@missing=""; for tool in $(DEBIAN_TOOLS); do \
 		command -v "$${tool%%:*}" >/dev/null || missing="$$missing $${tool#*:}"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+	if [ -n "$$missing" ]; then \
+		made=""; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+			chmod 755 /usr/sbin/policy-rc.d; made=1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		status=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$status; fi
 	@touch $(TOOLS)
 
 demo: $(STAMP)

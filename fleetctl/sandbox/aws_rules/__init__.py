@@ -6,6 +6,7 @@ from __future__ import annotations
 from fleetctl.sandbox.aws_rules.dynamodb import TransactionConflicts, TransactionTokens
 from fleetctl.sandbox.aws_rules.ec2_idempotency import ClientTokens
 from fleetctl.sandbox.aws_rules.ec2_images import RegisteredImageArchitecture
+from fleetctl.sandbox.aws_rules.ecr import AuthorizationTokenValidity
 from fleetctl.sandbox.aws_rules.ssm import ParameterStoreThroughput
 from fleetctl.sandbox.aws_shim import Rule
 
@@ -23,4 +24,5 @@ def default_rules() -> list[Rule]:
         FleetConfigRule(),
         SpotServiceLinkedRoleRule(),
         RegisteredImageArchitecture(),
+        AuthorizationTokenValidity(),
     ]
