@@ -470,7 +470,7 @@ class PoolConfig(_Model):
     # Always present after validation: the before-validator fills 1 (ephemeral) or 10.
     max_builds: Annotated[int, Strict(), _between(1, 1000)]
     idle_wait_seconds: Annotated[int, Strict(), _between(30, 86400)] = 600
-    max_lifetime_minutes: Annotated[int, Strict(), _between(10, 10080)] = 720
+    max_lifetime_minutes: Annotated[int, Strict(), _between(20, 10080)] = 720
     boot_deadline_seconds: Annotated[int, Strict(), _between(60, 3600)] = 600
     image: ImageConfig
     scan: ScanGate | None = None
@@ -528,6 +528,28 @@ class PoolConfig(_Model):
                     f"must be shorter than max_lifetime_minutes {self.max_lifetime_minutes} "
                     f"({lifetime} seconds), got {seconds}",
                 )
+        # A runner is retired (paused, then gone once idle) one job timeout before its lifetime ends, and never
+        # before half of it: only a job timeout of at most half the lifetime leaves a job it starts just before
+        # its retirement the time to finish before the lifetime backstop powers the instance off.
+        if self.job_timeout_seconds * 2 > lifetime:
+            problems.add(
+                ("job_timeout_seconds",),
+                f"must be at most half of max_lifetime_minutes {self.max_lifetime_minutes} ({lifetime // 2} "
+                f"seconds), got {self.job_timeout_seconds}: a job could still run when the lifetime ends",
+            )
+        # Pushing needs the instance role's credentials inside job containers (metadata hop limit 2): only jobs of
+        # protected branches and tags get them, one job per instance.
+        if self.image.push and self.access_level is not AccessLevel.REF_PROTECTED:
+            problems.add(
+                ("image", "push"),
+                f"a pool that pushes its image must take only protected refs' jobs (access_level: ref_protected), "
+                f"got access_level {self.access_level.value}",
+            )
+        if self.image.push and self.max_builds != 1:
+            problems.add(
+                ("image", "push"),
+                f"a pool that pushes its image must be ephemeral (max_builds 1), got max_builds {self.max_builds}",
+            )
         problems.raise_any()
         return self
 

@@ -143,13 +143,10 @@ def render_runner_config(config: FleetConfig, pool: PoolConfig, image: str) -> s
             "shm_size": 0,
         },
     }
-    document = {
-        # One runner, one job at a time: an instance is sized for one job.
-        "concurrent": 1,
-        "check_interval": 0,
-        "shutdown_timeout": 0,
-        "runners": [runner],
-    }
+    # Only the [[runners]] section: `gitlab-runner run-single --runner NAME` reads that section and nothing of the
+    # global settings (concurrent, check_interval, shutdown_timeout belong to `gitlab-runner run`); it runs one job
+    # at a time by itself (gitlab-runner commands/single.go).
+    document = {"runners": [runner]}
     return tomlkit.dumps(document)
 
 

@@ -274,10 +274,10 @@ def stale_launches(facts: Facts) -> list[Action]:
 
 
 def retire_at(record: RunnerRecord, pool: PoolConfig) -> float:
-    """When an idle runner is retired for its age: early enough that a job it starts just before can finish
-    within its lifetime (the instance powers itself off at its max lifetime), and never before half of it."""
-    lifetime = pool.max_lifetime_minutes * 60
-    return record.launched_at + max(lifetime / 2, lifetime - pool.job_timeout_seconds)
+    """When an idle runner is retired for its age: one job timeout before its lifetime ends, so that a job it
+    starts just before can finish before the instance powers itself off at its max lifetime. Config validation
+    keeps the job timeout at most half the lifetime, so this is never before half of it."""
+    return record.launched_at + pool.max_lifetime_minutes * 60 - pool.job_timeout_seconds
 
 
 def idle(record: RunnerRecord, status: str | None) -> bool:

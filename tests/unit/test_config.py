@@ -526,7 +526,7 @@ def test_market_must_be_spot_or_on_demand() -> None:
         ("max_runners", 1, 1000),
         ("max_builds", 1, 1000),
         ("idle_wait_seconds", 30, 86400),
-        ("max_lifetime_minutes", 10, 10080),
+        ("max_lifetime_minutes", 20, 10080),
         ("boot_deadline_seconds", 60, 3600),
         ("disk_gib", 8, 16384),
         ("max_launch_attempts", 1, 50),
@@ -580,12 +580,27 @@ def test_warm_size_range() -> None:
 
 
 def test_boot_deadline_and_idle_wait_must_fit_in_the_lifetime() -> None:
-    data = with_pool(max_lifetime_minutes=10, boot_deadline_seconds=600, idle_wait_seconds=900)
+    data = with_pool(
+        max_lifetime_minutes=20, job_timeout_seconds=600, boot_deadline_seconds=1200, idle_wait_seconds=1500
+    )
 
     assert problems_of(data) == [
-        "pools[0](docker).boot_deadline_seconds: must be shorter than max_lifetime_minutes 10 (600 seconds), got 600",
-        "pools[0](docker).idle_wait_seconds: must be shorter than max_lifetime_minutes 10 (600 seconds), got 900",
+        "pools[0](docker).boot_deadline_seconds: must be shorter than max_lifetime_minutes 20 (1200 seconds), got 1200",
+        "pools[0](docker).idle_wait_seconds: must be shorter than max_lifetime_minutes 20 (1200 seconds), got 1500",
     ]
+
+
+def test_the_job_timeout_must_leave_the_lifetime_time_to_retire_a_runner_before_it_ends() -> None:
+    # given a lifetime of 90 minutes and a job timeout of 50: a runner retired at 45 minutes could start a job
+    # that runs past the lifetime backstop
+    data = with_pool(max_lifetime_minutes=90, job_timeout_seconds=3000)
+
+    assert problems_of(data) == [
+        "pools[0](docker).job_timeout_seconds: must be at most half of max_lifetime_minutes 90 (2700 seconds), "
+        "got 3000: a job could still run when the lifetime ends"
+    ]
+    # half the lifetime is allowed
+    assert parse_config(with_pool(max_lifetime_minutes=90, job_timeout_seconds=2700)).pools[0].job_timeout_seconds
 
 
 # ---- ephemeral and max_builds ----------------------------------------------------------------------------
@@ -639,21 +654,61 @@ def test_allow_privileged_reuse_needs_a_privileged_pool() -> None:
     ]
 
 
+# A pool that may push: its jobs reach the role's credentials, so only protected refs' jobs, one per instance.
+PUSHER = {"access_level": "ref_protected", "ephemeral": True}
+
+
 def test_a_pool_may_push_to_a_repository_of_its_own() -> None:
     config = parse_config(
         valid_config(
             valid_pool("docker"),
-            valid_pool("build", tags=["dind"], image={"repository": "ci/dind", "push": True}),
+            valid_pool("build", tags=["dind"], image={"repository": "ci/dind", "push": True}, **PUSHER),
         )
     )
 
     assert [p.image.push for p in config.pools] == [False, True]
 
 
+@pytest.mark.parametrize(
+    ("settings", "problems"),
+    [
+        (
+            {"ephemeral": True},
+            [
+                "pools[0](docker).image.push: a pool that pushes its image must take only protected refs' jobs "
+                "(access_level: ref_protected), got access_level not_protected"
+            ],
+        ),
+        (
+            {"access_level": "ref_protected", "max_builds": 2},
+            [
+                "pools[0](docker).image.push: a pool that pushes its image must be ephemeral (max_builds 1), got "
+                "max_builds 2"
+            ],
+        ),
+        (
+            {},
+            [
+                "pools[0](docker).image.push: a pool that pushes its image must take only protected refs' jobs "
+                "(access_level: ref_protected), got access_level not_protected",
+                "pools[0](docker).image.push: a pool that pushes its image must be ephemeral (max_builds 1), got "
+                "max_builds 10",
+            ],
+        ),
+    ],
+)
+def test_push_is_refused_unless_the_pool_is_ephemeral_and_protected_refs_only(
+    settings: dict[str, Any], problems: list[str]
+) -> None:
+    data = with_pool(image={"repository": "ci/build-base", "push": True}, **settings)
+
+    assert problems_of(data) == problems
+
+
 def test_push_to_a_repository_another_pool_runs_is_refused_naming_both_pools() -> None:
     data = valid_config(
         valid_pool("docker"),
-        valid_pool("build", tags=["dind"], image={"repository": "ci/build-base", "push": True}),
+        valid_pool("build", tags=["dind"], image={"repository": "ci/build-base", "push": True}, **PUSHER),
         valid_pool("lint", tags=["lint"]),
     )
 
@@ -665,7 +720,7 @@ def test_push_to_a_repository_another_pool_runs_is_refused_naming_both_pools() -
 
 def test_two_pools_pushing_to_one_repository_are_both_refused() -> None:
     shared = {"repository": "ci/dind", "push": True}
-    data = valid_config(valid_pool("a", image=shared), valid_pool("b", tags=["b"], image=shared))
+    data = valid_config(valid_pool("a", image=shared, **PUSHER), valid_pool("b", tags=["b"], image=shared, **PUSHER))
 
     assert problems_of(data) == [
         "pools[0](a).image.push: pool a may not push to ci/dind, which pool(s) b also run; give it a repository "

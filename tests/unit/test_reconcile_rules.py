@@ -265,8 +265,8 @@ def test_a_launch_holding_leases_past_its_window_is_settled(
 def test_retirement_point_leaves_a_job_time_to_finish_within_the_lifetime() -> None:
     pool = CONFIG.pools[0]  # 240 minutes, job timeout one hour
     assert retire_at(record("i-1", launched_at=0.0), pool) == 3 * 3600
-    short = config(max_lifetime_minutes=60, job_timeout_seconds=3600).pools[0]
-    assert retire_at(record("i-1", launched_at=0.0), short) == 1800  # never before half its lifetime
+    longest = config(max_lifetime_minutes=120, job_timeout_seconds=3600).pools[0]
+    assert retire_at(record("i-1", launched_at=0.0), longest) == 3600  # the longest job timeout allowed: half
 
 
 @pytest.mark.parametrize(
