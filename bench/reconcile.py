@@ -315,8 +315,8 @@ class Bench:
         from chalicelib.aws import DEFAULT_CONFIG, AwsClients
         from chalicelib.gitlab_api import GitLabApi
         from chalicelib.lifecycle.reconcile import build_reconciler
-        from chalicelib.naming import instance_profile_name
-        from chalicelib.runner_tokens import RunnerRole, RunnerTokens
+        from chalicelib.naming import runner_role_name
+        from chalicelib.runner_tokens import RunnerRoles, RunnerTokens
         from chalicelib.scale_store import ScaleStore
         from chalicelib.scale_up import build_scale_up
         from fleetctl.sandbox.local_aws import SANDBOX_REGION
@@ -338,7 +338,7 @@ class Bench:
         self.tokens = RunnerTokens(
             self.own.dynamodb,
             config.state.table,
-            RunnerRole(self.own.client("iam"), instance_profile_name(config.fleet)),
+            RunnerRoles(self.own.client("iam"), {p.name: runner_role_name(config.fleet, p.name) for p in config.pools}),
         )
         self.gitlab_api = GitLabApi(
             self.stack.gitlab.url,
@@ -431,7 +431,7 @@ class Bench:
                 subnet_id=subnet,
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
-                token_key=self.tokens.key(instance["InstanceId"]),
+                token_key=self.tokens.key(pool.name, instance["InstanceId"]),
                 max_builds=pool.max_builds,
             )
             for instance in instances

@@ -33,6 +33,29 @@ def launch_template_name(fleet: str, pool: str) -> str:
     return f"{fleet}-{pool}"
 
 
-def instance_profile_name(fleet: str) -> str:
-    """The runner instances' IAM instance profile, and the role inside it, which has the same name."""
-    return f"{fleet}-runner"
+# IAM's limit on a role name (and so on the instance profile of the same name).
+_ROLE_NAME_MAX = 64
+
+
+def runner_role_path(fleet: str) -> str:
+    """The IAM path of the fleet's pool roles and instance profiles: bootstrap finds the ones it made by it."""
+    return f"/runner-fleet/{fleet}/"
+
+
+def runner_role_name(fleet: str, pool: str) -> str:
+    """One pool's runner role, and the instance profile holding it, which has the same name.
+
+    ``<fleet>-<pool>-runner``; when that passes IAM's 64 characters (a long fleet and pool name), it is cut and
+    ends with a hash of the fleet and pool instead, so two pools never share a role."""
+    name = f"{fleet}-{pool}-runner"
+    if len(name) <= _ROLE_NAME_MAX:
+        return name
+    import hashlib
+
+    digest = hashlib.sha256(f"{fleet}/{pool}".encode()).hexdigest()[:10]
+    return f"{name[: _ROLE_NAME_MAX - len(digest) - 1]}-{digest}"
+
+
+def runner_role_arn(fleet: str, pool: str, account: str = "*") -> str:
+    """The ARN of a pool's runner role (its path included), as IAM policies name it."""
+    return f"arn:aws:iam::{account}:role{runner_role_path(fleet)}{runner_role_name(fleet, pool)}"

@@ -12,9 +12,10 @@ choose that session name. The item's key is ``TOKEN#<role id>:<instance id>`` an
 (``fleetctl/iam_policies.py``). The instance learns its own ``aws:userid`` as the ``UserId`` of
 ``sts:GetCallerIdentity``, which needs no permission; user data names only the table.
 
-The role id (``AROA...``) exists only once bootstrap has made the role, and changes if the role is made again;
-scale-up reads it with ``iam:GetRole`` on the runner role, once per process. The runner record keeps the item's
-key, so the instance-state handler deletes a token without asking IAM.
+Each pool has a role of its own (``chalicelib.naming.runner_role_name``), so the role id in the key also keeps a
+pool's instances away from another pool's tokens. A role id (``AROA...``) exists only once bootstrap has made the
+role, and changes if the role is made again; scale-up reads each pool's with ``iam:GetRole``, once per process.
+The runner record keeps the item's key, so the instance-state handler deletes a token without asking IAM.
 
 At rest the token is encrypted by the table's server-side encryption (bootstrap creates the table with the KMS
 key ``aws/dynamodb``). The item expires by TTL a while after the pool's boot deadline, a backstop for the
@@ -24,6 +25,7 @@ deletions that scale-up, the instance itself and the instance-state handler make
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -40,38 +42,50 @@ def session_user_id(role_id: str, instance_id: str) -> str:
     return f"{role_id}:{instance_id}"
 
 
-class RunnerRole:
-    """The runner role's unique id, read with ``iam:GetRole`` on first use and kept for the process."""
+class RunnerRoles:
+    """The unique ids of the pools' runner roles (``{pool: role name}``), each read with ``iam:GetRole`` on first
+    use and kept for the process."""
 
-    def __init__(self, iam_client: Any, role_name: str) -> None:
+    def __init__(self, iam_client: Any, role_names: Mapping[str, str]) -> None:
         self._iam = iam_client
-        self._role_name = role_name
-        self._role_id: str | None = None
+        self._role_names = dict(role_names)
+        self._role_ids: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def role_id(self) -> str:
-        if self._role_id is None:
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return tuple(self._role_names)
+
+    def role_id(self, pool: str) -> str:
+        found = self._role_ids.get(pool)
+        if found is None:
             with self._lock:
-                if self._role_id is None:
-                    self._role_id = str(self._iam.get_role(RoleName=self._role_name)["Role"]["RoleId"])
-        return self._role_id
+                found = self._role_ids.get(pool)
+                if found is None:
+                    found = str(self._iam.get_role(RoleName=self._role_names[pool])["Role"]["RoleId"])
+                    self._role_ids[pool] = found
+        return found
 
 
 class RunnerTokens:
-    def __init__(self, dynamodb_client: Any, table: str, role: RunnerRole | None = None) -> None:
+    def __init__(self, dynamodb_client: Any, table: str, roles: RunnerRoles | None = None) -> None:
         self._dynamodb = dynamodb_client
         self._table = table
-        self._role = role
+        self._roles = roles
 
-    def learn_role(self) -> str:
-        """The runner role's id, read now if not yet known (a ``ClientError`` when IAM refuses or fails)."""
-        if self._role is None:
-            raise RuntimeError("token keys are derived by scale-up, which knows the runner role")
-        return self._role.role_id()
+    def learn_roles(self, pools: Iterable[str] | None = None) -> None:
+        """Read the runner role ids of ``pools`` (default: every pool) not yet known; a ``ClientError`` when IAM
+        refuses or fails."""
+        if self._roles is None:
+            raise RuntimeError("token keys are derived by scale-up, which knows the runner roles")
+        for pool in self._roles.pools if pools is None else pools:
+            self._roles.role_id(pool)
 
-    def key(self, instance_id: str) -> str:
-        """The item key of an instance's token (scale-up's side only)."""
-        return token_key(session_user_id(self.learn_role(), instance_id))
+    def key(self, pool: str, instance_id: str) -> str:
+        """The item key of the token of an instance of ``pool`` (scale-up's side only)."""
+        if self._roles is None:
+            raise RuntimeError("token keys are derived by scale-up, which knows the runner roles")
+        return token_key(session_user_id(self._roles.role_id(pool), instance_id))
 
     def put(self, key: str, instance_id: str, token: str, deadline_at: float) -> None:
         """Store (or, after a token reset, replace) an instance's token under ``key``; its instance must read it

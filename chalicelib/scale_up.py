@@ -70,9 +70,9 @@ from chalicelib.fleet import (
 from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.lifecycle.interruptions import RetryDecision, decide_retry
-from chalicelib.naming import instance_profile_name, launch_template_name, runner_description
+from chalicelib.naming import launch_template_name, runner_description, runner_role_name
 from chalicelib.observability import count, logger
-from chalicelib.runner_tokens import RunnerRole, RunnerTokens
+from chalicelib.runner_tokens import RunnerRoles, RunnerTokens
 from chalicelib.scale_store import (
     Claim,
     ClaimOutcome,
@@ -180,7 +180,7 @@ class ScaleUp:
             if job.retry_interrupted:
                 self._retry_interrupted(job, report)
         jobs = [job for job in jobs if not job.retry_interrupted]
-        if jobs and not self._knows_runner_role(jobs, report):
+        if jobs and not self._knows_runner_roles(jobs, report):
             return report
         pools = {pool.name for pool in self._config.pools}
         waiting = [job for job in jobs if job.pool in pools]
@@ -195,14 +195,15 @@ class ScaleUp:
         logger.info("scale-up batch done", extra={"outcomes": report.as_dict(), "jobs": len(jobs)})
         return report
 
-    def _knows_runner_role(self, jobs: Sequence[QueuedJob], report: BatchReport) -> bool:
-        """Every token's key needs the runner role's id; without it nothing is launched (an instance whose token
-        could not be handed over would only hold a lease), and the jobs come back later."""
+    def _knows_runner_roles(self, jobs: Sequence[QueuedJob], report: BatchReport) -> bool:
+        """Every token's key needs its pool's runner role id; without them nothing is launched (an instance whose
+        token could not be handed over would only hold a lease), and the jobs come back later. Read once per
+        process, for every pool."""
         try:
-            self._tokens.learn_role()
+            self._tokens.learn_roles()
         except ClientError as exc:
-            reason = f"reading the runner role failed with {error_code(exc) or 'UnknownError'}"
-            logger.error("runner role unreadable; batch re-queued", extra={"reason": reason})
+            reason = f"reading the runner roles failed with {error_code(exc) or 'UnknownError'}"
+            logger.error("runner roles unreadable; batch re-queued", extra={"reason": reason})
             for job in jobs:
                 self._retry(job, None, reason, report)
             return False
@@ -731,7 +732,7 @@ class ScaleUp:
                 subnet_id=i.subnet_id,
                 launched_at=now,
                 boot_deadline_at=now + pool.boot_deadline_seconds,
-                token_key=self._tokens.key(i.instance_id),
+                token_key=self._tokens.key(pool.name, i.instance_id),
                 max_builds=pool.max_builds,
                 warm=warm,
             )
@@ -766,10 +767,10 @@ class ScaleUp:
 
         def store(instance_id: str, credentials: RunnerCredentials) -> bool | ClientError:
             try:
-                self._tokens.put(self._tokens.key(instance_id), instance_id, credentials.token, deadline_at)
+                self._tokens.put(self._tokens.key(pool.name, instance_id), instance_id, credentials.token, deadline_at)
                 if self._store.set_runner_identity(instance_id, credentials.runner_id):
                     return True
-                self._discard_runner(instance_id, credentials.runner_id)
+                self._discard_runner(pool, instance_id, credentials.runner_id)
                 return False
             except ClientError as exc:
                 return exc
@@ -813,10 +814,10 @@ class ScaleUp:
             message="launch failed after its instances were made; jobs dead-lettered",
         )
 
-    def _discard_runner(self, instance_id: str, runner_id: int) -> None:
+    def _discard_runner(self, pool: PoolConfig, instance_id: str, runner_id: int) -> None:
         """The instance was terminated while its runner was made: delete what was made for it."""
         logger.info("instance terminated before its runner was ready", extra={"instance_id": instance_id})
-        self._tokens.delete(self._tokens.key(instance_id))
+        self._tokens.delete(self._tokens.key(pool.name, instance_id))
         try:
             self._gitlab.delete_runner(runner_id)
         except RetryableError as exc:
@@ -853,7 +854,7 @@ class ScaleUp:
         No job waits on them: what EC2 did not make goes back at once, and a launch that stops part way is left
         ``incomplete`` for reconcile to settle once it is stale.
         """
-        self._tokens.learn_role()
+        self._tokens.learn_roles([pool.name])
         launch_id = self._new_launch_id()
         granted = self._store.acquire_leases(
             pool.name,
@@ -947,7 +948,11 @@ def build_scale_up(
         gitlab,
         FleetLauncher(aws.ec2, config.fleet),
         RunnerTokens(
-            aws.dynamodb, config.state.table, RunnerRole(aws.client("iam"), instance_profile_name(config.fleet))
+            aws.dynamodb,
+            config.state.table,
+            RunnerRoles(
+                aws.client("iam"), {pool.name: runner_role_name(config.fleet, pool.name) for pool in config.pools}
+            ),
         ),
         JobQueue(aws.sqs, config.state.jobs_queue),
         JobQueue(aws.sqs, config.state.dead_letter_queue),

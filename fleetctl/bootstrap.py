@@ -4,9 +4,10 @@ Like Chalice's own deployer, it first computes a plan (frozen ``Change`` values,
 exists) and then executes it, so ``--dry-run`` prints exactly the plan that would run. Secrets are generated
 here and stored as SecureStrings; their values are never printed.
 
-The state side is the table, the queues and the secret parameters; the runner side is the instance role and
-profile (policy in ``fleetctl/iam_policies.py``), the EC2 Spot service-linked role, one launch template per pool
-(tagged with the fleet: scale-up may launch from no other) and the cache bucket.
+The state side is the table, the queues and the secret parameters; the runner side is each pool's role and
+instance profile (policy in ``fleetctl/iam_policies.py``; the roles of pools no longer configured are deleted once
+no instance runs with them), the EC2 Spot service-linked role, one launch template per pool (tagged with the
+fleet: scale-up may launch from no other) and the cache bucket.
 
 Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
 every launch fail (:func:`chalicelib.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
@@ -32,7 +33,7 @@ from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
 from chalicelib.fleet import shared_zones
-from chalicelib.naming import FLEET_TAG, POOL_TAG, instance_profile_name, launch_template_name
+from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_role_name, runner_role_path
 from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE
 from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.ami import (
@@ -43,7 +44,7 @@ from fleetctl.ami import (
     instance_type_architectures,
     pool_architecture,
 )
-from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
+from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, metadata_hop_limit, runner_instance_policy
 
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600
 # SQS must keep a message invisible longer than the consuming Lambda may run (AWS advises six times).
@@ -54,11 +55,14 @@ CACHE_LIFECYCLE_RULE_ID = "runner-fleet-cache-expiry"
 SPOT_SERVICE = "spot.amazonaws.com"
 SPOT_ROLE_NAME = "AWSServiceRoleForEC2Spot"
 SPOT_ROLE_PATH = f"/aws-service-role/{SPOT_SERVICE}/"
+# The one runner role every pool shared before each pool had its own; bootstrap deletes it once unused.
+SHARED_RUNNER_ROLE = "{fleet}-runner"
 
 
 class Verb(str, Enum):
     CREATE = "create"
     UPDATE = "update"
+    DELETE = "delete"
     KEEP = "exists"
     MISSING = "missing"
     # Something in the account makes the configuration unusable: the plan is not executed at all.
@@ -162,11 +166,10 @@ class Bootstrapper:
             self._plan_queue(state.dead_letter_queue, self._dlq_attributes()),
             self._plan_queue(state.jobs_queue, {"VisibilityTimeout": str(JOBS_VISIBILITY_TIMEOUT_SECONDS)}),
             *self._plan_parameters(),
-            self._plan_role(),
-            self._plan_role_policy(),
-            self._plan_profile(),
+            *(change for pool in self._config.pools for change in self._plan_runner_identity(pool)),
             self._plan_spot_role(),
             *self._plan_templates(images),
+            *self._plan_retired_roles(),
             self._plan_bucket(),
         ]
 
@@ -339,37 +342,52 @@ class Bootstrapper:
             Description=f"runner-fleet {self._config.fleet}",
         )
 
-    # -- IAM: the runner instances' role and instance profile -----------------------------------------------
+    # -- IAM: each pool's runner role and instance profile ---------------------------------------------------
 
-    def _plan_role(self) -> Change:
-        name = instance_profile_name(self._config.fleet)
+    def _plan_runner_identity(self, pool: PoolConfig) -> list[Change]:
+        """The pool's role (assumed by EC2 only), its inline policy, and the instance profile holding it, all
+        named :func:`runner_role_name` under the fleet's IAM path."""
+        return [self._plan_role(pool), self._plan_role_policy(pool), self._plan_profile(pool)]
+
+    def _plan_role(self, pool: PoolConfig) -> Change:
+        name = runner_role_name(self._config.fleet, pool.name)
+        path = runner_role_path(self._config.fleet)
+        params = {"pool": pool.name}
         try:
             role = self._aws.client("iam").get_role(RoleName=name)["Role"]
         except ClientError as exc:
             if error_code(exc) != "NoSuchEntity":
                 raise
-            return Change("role", name, Verb.CREATE, "assumed by EC2")
+            return Change("role", name, Verb.CREATE, f"pool {pool.name}, assumed by EC2, path {path}", params)
+        if role.get("Path") != path:
+            # IAM cannot move a role to another path, and one outside the fleet's path is not bootstrap's.
+            detail = f"a role of this name exists at path {role.get('Path')}, not {path}: rename or delete it"
+            return Change("role", name, Verb.INVALID, detail)
         if not _same_policy(role.get("AssumeRolePolicyDocument"), ec2_trust_policy()):
-            return Change("role", name, Verb.UPDATE, "trust policy: assumed by EC2 only")
-        return Change("role", name, Verb.KEEP, "assumed by EC2")
+            return Change("role", name, Verb.UPDATE, "trust policy: assumed by EC2 only", params)
+        return Change("role", name, Verb.KEEP, f"pool {pool.name}, assumed by EC2")
 
     def _apply_role(self, change: Change) -> None:
         iam = self._aws.client("iam")
+        if change.verb is Verb.DELETE:
+            self._delete_runner_identity(change.name)
+            return
         trust = json.dumps(ec2_trust_policy())
         if change.verb is Verb.CREATE:
             iam.create_role(
                 RoleName=change.name,
+                Path=runner_role_path(self._config.fleet),
                 AssumeRolePolicyDocument=trust,
-                Description=f"runner-fleet {self._config.fleet}: runner instances",
-                Tags=self._tag_list(),
+                Description=f"runner-fleet {self._config.fleet}: runner instances of pool {change.params['pool']}",
+                Tags=self._pool_tags(change.params["pool"]),
             )
         else:
             iam.update_assume_role_policy(RoleName=change.name, PolicyDocument=trust)
 
-    def _plan_role_policy(self) -> Change:
-        role = instance_profile_name(self._config.fleet)
+    def _plan_role_policy(self, pool: PoolConfig) -> Change:
+        role = runner_role_name(self._config.fleet, pool.name)
         name = f"{role}/{RUNNER_POLICY_NAME}"
-        wanted = runner_instance_policy(self._config)
+        wanted = runner_instance_policy(self._config, pool)
         params = {"role": role, "document": wanted}
         summary = f"inline, {len(wanted['Statement'])} statements"
         try:
@@ -390,29 +408,118 @@ class Bootstrapper:
             PolicyDocument=json.dumps(change.params["document"]),
         )
 
-    def _plan_profile(self) -> Change:
-        name = instance_profile_name(self._config.fleet)
+    def _plan_profile(self, pool: PoolConfig) -> Change:
+        name = runner_role_name(self._config.fleet, pool.name)
+        params: dict[str, Any] = {"pool": pool.name}
         try:
             profile = self._aws.client("iam").get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
         except ClientError as exc:
             if error_code(exc) != "NoSuchEntity":
                 raise
-            return Change("profile", name, Verb.CREATE, f"role {name}")
+            return Change("profile", name, Verb.CREATE, f"role {name}", params)
         roles = [role["RoleName"] for role in profile.get("Roles", [])]
         if roles == [name]:
             return Change("profile", name, Verb.KEEP, f"role {name}")
         # A profile holds at most one role, so a stranger has to leave before ours goes in.
         others = [role for role in roles if role != name]
-        return Change("profile", name, Verb.UPDATE, f"set role {name}", {"remove": others, "add": name not in roles})
+        params |= {"remove": others, "add": name not in roles}
+        return Change("profile", name, Verb.UPDATE, f"set role {name}", params)
 
     def _apply_profile(self, change: Change) -> None:
         iam = self._aws.client("iam")
         if change.verb is Verb.CREATE:
-            iam.create_instance_profile(InstanceProfileName=change.name, Tags=self._tag_list())
+            iam.create_instance_profile(
+                InstanceProfileName=change.name,
+                Path=runner_role_path(self._config.fleet),
+                Tags=self._pool_tags(change.params["pool"]),
+            )
         for role in change.params.get("remove", []):
             iam.remove_role_from_instance_profile(InstanceProfileName=change.name, RoleName=role)
         if change.params.get("add", True):
             iam.add_role_to_instance_profile(InstanceProfileName=change.name, RoleName=change.name)
+
+    def _plan_retired_roles(self) -> list[Change]:
+        """Roles and instance profiles bootstrap made for pools the config no longer has, under the fleet's path,
+        and the one role all pools shared before each pool had its own (``<fleet>-runner``, tagged with the
+        fleet). Each is deleted once no live instance of the fleet runs with it; until then the plan says which
+        instances still do, and a later bootstrap deletes it."""
+        iam = self._aws.client("iam")
+        path = runner_role_path(self._config.fleet)
+        wanted = {runner_role_name(self._config.fleet, pool.name) for pool in self._config.pools}
+        # Filtered by path here too: moto's ListInstanceProfiles ignores PathPrefix.
+        names = {
+            role["RoleName"]
+            for page in iam.get_paginator("list_roles").paginate(PathPrefix=path)
+            for role in page["Roles"]
+            if role["Path"].startswith(path)
+        }
+        names |= {
+            profile["InstanceProfileName"]
+            for page in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=path)
+            for profile in page["InstanceProfiles"]
+            if profile["Path"].startswith(path)
+        }
+        shared = SHARED_RUNNER_ROLE.format(fleet=self._config.fleet)
+        if self._is_shared_runner_role(shared):
+            names.add(shared)
+        retired = sorted(names - wanted)
+        if not retired:
+            return []
+        users = self._instance_profile_users()
+        changes = []
+        for name in retired:
+            if users.get(name):
+                detail = f"retired, kept while {', '.join(sorted(users[name]))} run with it; bootstrap again later"
+                changes.append(Change("role", name, Verb.KEEP, detail))
+            else:
+                changes.append(Change("role", name, Verb.DELETE, "no pool uses it, nor any live instance"))
+        return changes
+
+    def _is_shared_runner_role(self, name: str) -> bool:
+        try:
+            role = self._aws.client("iam").get_role(RoleName=name)["Role"]
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchEntity":
+                raise
+            return False
+        return {"Key": "runner-fleet", "Value": self._config.fleet} in role.get("Tags", [])
+
+    def _instance_profile_users(self) -> dict[str, set[str]]:
+        """Instance profile name -> the fleet's live instances launched with it."""
+        users: dict[str, set[str]] = {}
+        filters = [
+            {"Name": f"tag:{FLEET_TAG}", "Values": [self._config.fleet]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "shutting-down", "stopping", "stopped"]},
+        ]
+        for page in self._aws.ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    arn = instance.get("IamInstanceProfile", {}).get("Arn", "")
+                    if arn:
+                        users.setdefault(arn.rsplit("/", 1)[-1], set()).add(instance["InstanceId"])
+        return users
+
+    def _delete_runner_identity(self, name: str) -> None:
+        """Delete the instance profile and role called ``name``, and what holds them together; what is already
+        gone counts as deleted."""
+        iam = self._aws.client("iam")
+        profile = _unless_gone(iam.get_instance_profile, InstanceProfileName=name)
+        if profile is not None:
+            for role in profile["InstanceProfile"].get("Roles", []):
+                _unless_gone(iam.remove_role_from_instance_profile, InstanceProfileName=name, RoleName=role["RoleName"])
+            _unless_gone(iam.delete_instance_profile, InstanceProfileName=name)
+        holders = _unless_gone(iam.list_instance_profiles_for_role, RoleName=name)
+        if holders is None:
+            return
+        for holder in holders["InstanceProfiles"]:
+            _unless_gone(
+                iam.remove_role_from_instance_profile, InstanceProfileName=holder["InstanceProfileName"], RoleName=name
+            )
+        for policy in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+            _unless_gone(iam.delete_role_policy, RoleName=name, PolicyName=policy)
+        for attached in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
+            _unless_gone(iam.detach_role_policy, RoleName=name, PolicyArn=attached["PolicyArn"])
+        _unless_gone(iam.delete_role, RoleName=name)
 
     # -- the EC2 Spot service-linked role ---------------------------------------------------------------------
 
@@ -478,12 +585,14 @@ class Bootstrapper:
         return {
             "ImageId": image_id,
             "UserData": base64.b64encode(user_data.encode()).decode("ascii"),
-            "IamInstanceProfile": {"Name": instance_profile_name(self._config.fleet)},
-            # IMDSv2 only, and a hop limit of 1 so job containers (one hop further) cannot reach the role's
-            # credentials through the metadata service.
+            # The pool's own instance profile and role (fleetctl/iam_policies.py).
+            "IamInstanceProfile": {"Name": runner_role_name(self._config.fleet, pool.name)},
+            # IMDSv2 only. A hop limit of 1 keeps job containers (one hop further) from the role's credentials;
+            # a pool that pushes its image gets 2, so its jobs can log in to ECR (runner_ami/README.md, "Pushing
+            # images").
             "MetadataOptions": {
                 "HttpTokens": "required",
-                "HttpPutResponseHopLimit": 1,
+                "HttpPutResponseHopLimit": metadata_hop_limit(pool),
                 "HttpEndpoint": "enabled",
                 "InstanceMetadataTags": "disabled",
             },
@@ -682,6 +791,9 @@ class Bootstrapper:
     def _tag_list(self) -> list[dict[str, str]]:
         return [{"Key": key, "Value": value} for key, value in self._tags().items()]
 
+    def _pool_tags(self, pool: str) -> list[dict[str, str]]:
+        return [*self._tag_list(), {"Key": POOL_TAG, "Value": pool}]
+
 
 @dataclass(frozen=True)
 class SubnetProblem:
@@ -822,6 +934,16 @@ def account_problems(config: FleetConfig, clients: AwsClients) -> list[str]:
             "AuthFailure.ServiceLinkedRoleCreationNotPermitted; 'fleetctl bootstrap' creates it"
         )
     return problems
+
+
+def _unless_gone(call: Callable[..., Any], **params: Any) -> Any:
+    """``call(**params)``'s answer, or None when IAM says the entity does not exist (NoSuchEntity)."""
+    try:
+        return call(**params)
+    except ClientError as exc:
+        if error_code(exc) != "NoSuchEntity":
+            raise
+        return None
 
 
 def _same_attribute(current: str | None, wanted: str) -> bool:

@@ -1,16 +1,18 @@
-"""The runner instances' IAM policies, written by hand from the config: least privilege, no wildcard action.
+"""The runner instances' IAM policies, one role per pool, written by hand from the config: least privilege.
 
-An instance can read and delete only its own token item, pull only its pools' CI images (push only to the
-repositories of pools whose config says ``image.push: true``, each run by that pool alone), and use the cache
-bucket. It gets nothing on EC2: it leaves by powering off, and the
-launch template makes an instance-initiated shutdown terminate it.
+A pool is the trust boundary: a privileged job is root on its instance and holds the instance role's credentials,
+so each pool's role reaches nothing of another pool's. It can read and delete only its instance's own token item,
+pull only the repository its pool runs (and push to it only when the pool's ``image.push`` says so: a repository
+no other pool runs, from ephemeral ``ref_protected`` runners), and read and write only its pool's prefix of the
+cache bucket. It gets nothing on EC2: it leaves by powering off, and the launch template makes an
+instance-initiated shutdown terminate it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from chalicelib.config import FleetConfig
+from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.store import token_key
 
 POLICY_VERSION = "2012-10-17"
@@ -44,12 +46,23 @@ def ec2_trust_policy() -> Policy:
     }
 
 
-def runner_instance_policy(config: FleetConfig) -> Policy:
-    """The inline policy of the runner role."""
-    pulled = sorted({pool.image.repository for pool in config.pools})
-    # Push is a per-pool opt-in, never implied by privileged: config validation refuses push to a repository
-    # another pool runs, so no pool's jobs can replace the image another pool's jobs run in.
-    pushed = sorted({pool.image.repository for pool in config.pools if pool.image.push})
+def metadata_hop_limit(pool: PoolConfig) -> int:
+    """The instance metadata service's hop limit in the pool's launch template: who on the instance may reach the
+    role's credentials. 1 keeps them from job containers (one hop further, through Docker's bridge); a pool that
+    pushes its image gets 2, since its jobs' ``docker push`` needs them, and config validation allows that only
+    for an ephemeral ``ref_protected`` pool whose role holds nothing but its own repository and cache."""
+    return 2 if pool.image.push else 1
+
+
+def cache_prefix(pool: PoolConfig) -> str:
+    """The pool's key prefix in the cache bucket: gitlab-runner's ``[runners.cache] Path``, under which a shared
+    cache keeps every object (``<Path>/project/<id>/<key>``)."""
+    return f"{pool.name}/"
+
+
+def runner_instance_policy(config: FleetConfig, pool: PoolConfig) -> Policy:
+    """The inline policy of ``pool``'s runner role."""
+    repository = _repository_arn(pool.image.repository)
     statements: list[dict[str, Any]] = [
         {
             "Sid": "OwnRunnerTokenOnly",
@@ -59,9 +72,9 @@ def runner_instance_policy(config: FleetConfig) -> Policy:
             # dynamodb:LeadingKeys is the partition key of the item the request touches (DynamoDB developer
             # guide, "Using IAM policy conditions for fine-grained access control"). ForAllValues:StringEquals
             # on TOKEN#${aws:userid} matches only the item keyed by the calling session's own user id, which
-            # for an instance is "<role id>:<its instance id>": no instance reaches another's token, nor any
-            # other item of the table. The table's server-side encryption uses the AWS-managed aws/dynamodb key,
-            # whose key policy already allows its use through DynamoDB.
+            # for an instance is "<this pool's role id>:<its instance id>": no instance reaches another's token,
+            # another pool's included, nor any other item of the table. The table's server-side encryption uses
+            # the AWS-managed aws/dynamodb key, whose key policy already allows its use through DynamoDB.
             "Condition": {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [token_key(SESSION_USER_ID)]}},
         },
         {
@@ -73,33 +86,34 @@ def runner_instance_policy(config: FleetConfig) -> Policy:
             "Resource": "*",
         },
         {
-            "Sid": "PullCiImages",
+            "Sid": "PullCiImage",
             "Effect": "Allow",
             "Action": list(ECR_PULL_ACTIONS),
-            "Resource": [_repository_arn(name) for name in pulled],
+            "Resource": repository,
         },
     ]
-    if pushed:
+    if pool.image.push:
+        # Config validation keeps push to a repository no other pool runs, from ephemeral ref_protected pools
+        # (chalicelib.config), so no pool's jobs can replace the image another pool's jobs run in.
         statements.append(
-            {
-                "Sid": "PushBuiltImages",
-                "Effect": "Allow",
-                "Action": list(ECR_PUSH_ACTIONS),
-                "Resource": [_repository_arn(name) for name in pushed],
-            }
+            {"Sid": "PushBuiltImage", "Effect": "Allow", "Action": list(ECR_PUSH_ACTIONS), "Resource": repository}
         )
+    prefix = cache_prefix(pool)
     statements += [
         {
-            "Sid": "CacheObjects",
+            "Sid": "OwnCacheObjects",
             "Effect": "Allow",
             "Action": ["s3:GetObject", "s3:PutObject"],
-            "Resource": f"arn:aws:s3:::{config.cache_bucket}/*",
+            "Resource": f"arn:aws:s3:::{config.cache_bucket}/{prefix}*",
         },
         {
-            "Sid": "CacheListing",
+            # Listing, of the pool's own prefix only. S3 answers a GetObject of a missing key (a cache miss) with
+            # 404 only to a caller that may list the bucket, and with 403 otherwise (S3 API reference, GetObject).
+            "Sid": "OwnCacheListing",
             "Effect": "Allow",
             "Action": "s3:ListBucket",
             "Resource": f"arn:aws:s3:::{config.cache_bucket}",
+            "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}},
         },
     ]
     return {"Version": POLICY_VERSION, "Statement": statements}

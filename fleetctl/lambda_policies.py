@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from chalicelib.config import FleetConfig
-from chalicelib.naming import FLEET_TAG, instance_profile_name
+from chalicelib.naming import FLEET_TAG, runner_role_arn
 from chalicelib.store import (
     FLEET_RECORDS_INDEX,
     IDLE_RUNNERS_INDEX,
@@ -193,6 +193,7 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
     from_a_template = {"ec2:LaunchTemplate": _ec2_arn("launch-template")}
     subnets = tuple(sorted({_ec2_arn("subnet", s) for pool in config.pools for s in pool.subnets}))
     groups = tuple(sorted({_ec2_arn("security-group", g) for pool in config.pools for g in pool.security_groups}))
+    pool_roles = tuple(sorted(runner_role_arn(config.fleet, pool.name) for pool in config.pools))
     return [
         Grant(
             # The event source mapping polls the jobs queue and deletes what the function took, with its role.
@@ -227,13 +228,9 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
         Grant(
             "HandOverRunnerTokens", ("dynamodb:DeleteItem", "dynamodb:PutItem"), (_table_arn(config),), _token_items()
         ),
-        # A token item's key holds the runner role's unique id (the instance's aws:userid is "<role id>:<instance
-        # id>"), which exists only once bootstrap made the role; read once per cold start.
-        Grant(
-            "ReadRunnerRoleId",
-            ("iam:GetRole",),
-            (f"arn:aws:iam::*:role/{instance_profile_name(config.fleet)}",),
-        ),
+        # A token item's key holds the unique id of its pool's runner role (the instance's aws:userid is "<role
+        # id>:<instance id>"), which exists only once bootstrap made the role; each read once per cold start.
+        Grant("ReadRunnerRoleIds", ("iam:GetRole",), pool_roles),
         # Launching: scoped per the Service Authorization Reference ("Actions, resources, and condition keys for
         # Amazon EC2": the resource types and condition keys of CreateFleet and RunInstances) and the EC2 User
         # Guide's example policies for launching only from a launch template (ec2:LaunchTemplate with
@@ -295,10 +292,11 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
             {"StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances"]}},
         ),
         Grant(
-            # The templates' instance profile holds the runner role; EC2 needs PassRole for it.
-            "PassOnlyTheRunnerRole",
+            # Each pool's template names its instance profile, which holds the pool's role; EC2 needs PassRole for
+            # it. Exactly the fleet's pool roles, nothing else.
+            "PassOnlyThePoolRoles",
             ("iam:PassRole",),
-            (f"arn:aws:iam::*:role/{instance_profile_name(config.fleet)}",),
+            pool_roles,
             {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
         ),
         # Finding the instances a launch made when its answer was lost; Describe calls take no resource ARN.
@@ -337,10 +335,10 @@ def reconcile_grants(config: FleetConfig) -> list[Grant]:
     launching = [
         replace(
             grant,
-            without_call="the test process serves every function with one runner role id, which scale-up reads "
-            "first; a reconcile container reads it on its first warm launch",
+            without_call="the test process serves every function with one set of runner role ids, which scale-up "
+            "reads first; a reconcile container reads a pool's on its first warm launch of that pool",
         )
-        if grant.sid == "ReadRunnerRoleId"
+        if grant.sid == "ReadRunnerRoleIds"
         else grant
         for grant in scale_up_grants(config)
         if grant.sid not in skipped

@@ -97,7 +97,9 @@ source "amazon-ebs" "runner" {
   instance_type   = var.instance_types[var.arch]
   subnet_id       = var.subnet_id
   ssh_username    = "ec2-user"
-  # Instances launched from the AMI default to IMDSv2 only, as the launch templates also require.
+  # Instances launched from the AMI without metadata options of their own default to IMDSv2 only, with EC2's hop
+  # limit for such AMIs, 2 (EC2 API reference, Image.ImdsSupport). runner-fleet's launch templates set their own:
+  # hop limit 1, or 2 for a pool that pushes its image (runner_ami/README.md).
   imds_support = "v2.0"
 
   source_ami_filter {

@@ -80,6 +80,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._templates: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._iam_clients: dict[tuple[str, str], Any] = {}
         self._config_versions: dict[tuple[str, int, int], str] = {}
         self._original: Any = None
         self._original_submit: Any = None
@@ -160,7 +161,14 @@ class Recorder:
         elif prefix == "ec2" and operation == "TerminateInstances":
             yield from self._terminate(client, region, params)
         elif prefix == "iam" and operation == "GetRole":
-            yield action, f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{params['RoleName']}", (), ""
+            # Authorized on the role's ARN, which holds its path (IAM User Guide, "IAM identifiers"): looked up with
+            # a client of the recorder's own, which no fault injected into the caller's client reaches. A role that
+            # does not exist has no path to add.
+            try:
+                role_arn = self._iam(client).get_role(RoleName=params["RoleName"])["Role"]["Arn"]
+            except Exception:
+                role_arn = f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{params['RoleName']}"
+            yield action, role_arn, (), ""
         else:
             yield action, "?", (), f"no translation of {action} into IAM resources"
 
@@ -219,15 +227,11 @@ class Recorder:
                 )
             for kind in ("instance", "volume"):
                 yield "ec2:CreateTags", arn(f"{kind}/*"), (("ec2:CreateAction", ("CreateFleet",)),), ""
-            profile = (data.get("IamInstanceProfile") or {}).get("Name")
+            profile = data.get("IamInstanceProfile") or {}
             if profile:
-                # The profile holds the role of the same name (chalicelib.naming.instance_profile_name).
-                yield (
-                    "iam:PassRole",
-                    f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{profile}",
-                    (("iam:PassedToService", ("ec2.amazonaws.com",)),),
-                    "",
-                )
+                # PassRole is authorized on the ARN of the role the template's instance profile holds.
+                for role_arn, problem in self._profile_roles(client, profile):
+                    yield "iam:PassRole", role_arn, (("iam:PassedToService", ("ec2.amazonaws.com",)),), problem
 
     def _terminate(self, client: BaseClient, region: str, params: Mapping[str, Any]) -> Iterable[Any]:
         """TerminateInstances is authorized per instance, with the instance's tags as ``aws:ResourceTag/*``."""
@@ -244,6 +248,25 @@ class Recorder:
                 (f"aws:ResourceTag/{t['Key']}", (t["Value"],)) for t in sorted(tags, key=lambda t: t["Key"])
             )
             yield "ec2:TerminateInstances", arn(f"instance/{instance_id}"), context, ""
+
+    def _iam(self, client: BaseClient) -> Any:
+        """An IAM client of the recorder's own, on the endpoint ``client`` calls (the local AWS)."""
+        import boto3
+
+        key = (str(client.meta.endpoint_url), str(client.meta.region_name))
+        found = self._iam_clients.get(key)
+        if found is None:
+            found = self._iam_clients[key] = boto3.client("iam", region_name=key[1], endpoint_url=key[0])
+        return found
+
+    def _profile_roles(self, client: BaseClient, profile: Mapping[str, str]) -> list[tuple[str, str]]:
+        """(role ARN, problem) for each role of the instance profile a template names (by name or ARN)."""
+        name = profile.get("Name") or profile.get("Arn", "").rsplit("/", 1)[-1]
+        try:
+            roles = self._iam(client).get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Roles"]
+        except Exception as exc:  # reported as an untranslatable call, and so denied
+            return [("?", f"instance profile {name} unreadable: {exc!r}")]
+        return [(role["Arn"], "") for role in roles]
 
     def _template(self, client: BaseClient, spec: Mapping[str, Any]) -> dict[str, Any] | None:
         """The launch template's id, tags and default version's data (the template is looked up on every launch,

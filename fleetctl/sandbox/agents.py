@@ -13,8 +13,8 @@ one :class:`RunnerAgent` thread per new instance, which performs the same steps 
    ``/latest/user-data``), parse the ``#cloud-config`` and keep the files ``write_files`` writes in the agent's
    own file system; then read the settings file as ``source`` would;
 4. the instance id and region (IMDS): the agent knows both;
-5. ``aws:userid``: ``<runner role id>:<instance id>`` (see :func:`instance_user_id` for why the agent does not
-   ask STS);
+5. ``aws:userid``: ``<its pool's runner role id>:<instance id>`` (see :func:`instance_user_id` for why the agent
+   does not ask STS);
 6. poll the token item (consistent ``GetItem``) until it exists or the boot deadline passed;
 7. delete it;
 8. write ``/run/runner-fleet/config.toml`` (0600): the settings config.toml with the token line inserted after

@@ -18,11 +18,12 @@ from chalicelib.config import FleetConfig, parse_config
 from chalicelib.naming import (
     FLEET_TAG,
     POOL_TAG,
-    instance_profile_name,
     launch_template_name,
+    runner_role_name,
+    runner_role_path,
 )
 from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, PlanRefusedError, Verb
-from fleetctl.iam_policies import RUNNER_POLICY_NAME, runner_instance_policy
+from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
 from fleetctl.sandbox.network import (
     SANDBOX_ROOT_DEVICE,
@@ -77,6 +78,7 @@ def config_document(network: SandboxNetwork | None = None, *, build_disk: int = 
                 "image": {"repository": "ci/dind", "push": True},
                 "privileged": True,
                 "ephemeral": True,
+                "access_level": "ref_protected",
                 "disk_gib": build_disk,
             },
         ],
@@ -131,6 +133,11 @@ def run(config: FleetConfig, clients: AwsClients) -> list[Change]:
 
 def by_name(plan: list[Change]) -> dict[str, Change]:
     return {change.name: change for change in plan}
+
+
+def change_of(plan: list[Change], kind: str, name: str) -> Change:
+    [found] = [change for change in plan if (change.kind, change.name) == (kind, name)]
+    return found
 
 
 def default_template_data(clients: AwsClients, name: str) -> dict[str, Any]:
@@ -189,6 +196,9 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
         ("role", Verb.CREATE),
         ("policy", Verb.CREATE),
         ("profile", Verb.CREATE),
+        ("role", Verb.CREATE),
+        ("policy", Verb.CREATE),
+        ("profile", Verb.CREATE),
         ("spot_role", Verb.CREATE),
         ("template", Verb.CREATE),
         ("template", Verb.CREATE),
@@ -229,16 +239,21 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     signing = ssm.get_parameters(Names=["/runner-fleet/test/signing-secret"])
     assert signing["InvalidParameters"] == ["/runner-fleet/test/signing-secret"]
 
-    # the instance role, its policy and the profile holding it
+    # each pool's role, its policy and the profile holding it, under the fleet's path
     iam = clients.client("iam")
-    role_name = instance_profile_name(FLEET)
-    role = iam.get_role(RoleName=role_name)["Role"]
-    trust = role["AssumeRolePolicyDocument"]["Statement"]
-    assert [(s["Principal"], s["Action"]) for s in trust] == [({"Service": "ec2.amazonaws.com"}, "sts:AssumeRole")]
-    document = iam.get_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME)["PolicyDocument"]
-    assert document == runner_instance_policy(config)
-    profile = iam.get_instance_profile(InstanceProfileName=role_name)["InstanceProfile"]
-    assert [r["RoleName"] for r in profile["Roles"]] == [role_name]
+    for pool in config.pools:
+        role_name = runner_role_name(FLEET, pool.name)
+        role = iam.get_role(RoleName=role_name)["Role"]
+        assert role["Path"] == runner_role_path(FLEET) == f"/runner-fleet/{FLEET}/"
+        trust = role["AssumeRolePolicyDocument"]["Statement"]
+        assert [(s["Principal"], s["Action"]) for s in trust] == [({"Service": "ec2.amazonaws.com"}, "sts:AssumeRole")]
+        assert {"Key": POOL_TAG, "Value": pool.name} in role["Tags"]
+        document = iam.get_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME)["PolicyDocument"]
+        assert document == runner_instance_policy(config, pool)
+        profile = iam.get_instance_profile(InstanceProfileName=role_name)["InstanceProfile"]
+        assert [r["RoleName"] for r in profile["Roles"]] == [role_name]
+        assert profile["Path"] == runner_role_path(FLEET)
+    assert len({runner_role_name(FLEET, pool.name) for pool in config.pools}) == len(config.pools)
 
     # one hardened template per pool, read back from EC2 (moto ignores these settings when it launches, so the
     # template data is where they are checked), its root volume under the AMI's own root device name
@@ -247,9 +262,10 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     for pool in config.pools:
         data = default_template_data(clients, launch_template_name(FLEET, pool.name))
         assert data["ImageId"] == ami
-        assert data["IamInstanceProfile"] == {"Name": role_name}
+        assert data["IamInstanceProfile"] == {"Name": runner_role_name(FLEET, pool.name)}
         assert data["MetadataOptions"]["HttpTokens"] == "required"
-        assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        # job containers reach the role's credentials only in the pool that pushes its image (build)
+        assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == (2 if pool.image.push else 1)
         assert data["MetadataOptions"]["HttpEndpoint"] == "enabled"
         [root] = data["BlockDeviceMappings"]
         assert root["DeviceName"] == root_device
@@ -427,7 +443,7 @@ def test_widened_role_policy_and_unencrypted_bucket_are_put_back(clients: AwsCli
     # given
     run(config, clients)
     iam, s3 = clients.client("iam"), clients.client("s3")
-    role_name = instance_profile_name(FLEET)
+    role_name = runner_role_name(FLEET, "docker")
     wide = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
     iam.put_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME, PolicyDocument=json.dumps(wide))
     s3.delete_bucket_encryption(Bucket=CACHE_BUCKET)
@@ -438,12 +454,122 @@ def test_widened_role_policy_and_unencrypted_bucket_are_put_back(clients: AwsCli
     # then
     updates = {(change.kind, change.name): change.detail for change in plan if change.verb is Verb.UPDATE}
     assert updates == {
-        ("policy", f"{role_name}/{RUNNER_POLICY_NAME}"): "inline, 6 statements, changed",
+        ("policy", f"{role_name}/{RUNNER_POLICY_NAME}"): "inline, 5 statements, changed",
         ("bucket", CACHE_BUCKET): "set encryption",
     }
     document = iam.get_role_policy(RoleName=role_name, PolicyName=RUNNER_POLICY_NAME)["PolicyDocument"]
-    assert document == runner_instance_policy(config)
+    assert document == runner_instance_policy(config, config.pool("docker"))
     assert s3.get_bucket_encryption(Bucket=CACHE_BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+
+
+# ---- the pools' roles over time ------------------------------------------------------------------------------
+
+
+def _roles_at_fleet_path(clients: AwsClients) -> list[str]:
+    return sorted(r["RoleName"] for r in clients.client("iam").list_roles(PathPrefix=runner_role_path(FLEET))["Roles"])
+
+
+def _run_instance_with_profile(clients: AwsClients, network: SandboxNetwork, ami: str, profile: str) -> str:
+    instance = clients.ec2.run_instances(
+        ImageId=ami,
+        MinCount=1,
+        MaxCount=1,
+        SubnetId=network.subnet_ids[0],
+        IamInstanceProfile={"Name": profile},
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": FLEET_TAG, "Value": FLEET}]}],
+    )["Instances"][0]
+    return str(instance["InstanceId"])
+
+
+def test_the_role_of_a_pool_no_longer_configured_is_deleted_once_no_instance_runs_with_it(
+    clients: AwsClients, config: FleetConfig, network: SandboxNetwork, ami: str
+) -> None:
+    # given both pools bootstrapped, then the build pool removed from the config while one of its instances runs
+    run(config, clients)
+    build_role = runner_role_name(FLEET, "build")
+    instance = _run_instance_with_profile(clients, network, ami, build_role)
+    document = config_document(network)
+    document["pools"] = document["pools"][:1]
+    smaller = parse_config(document)
+
+    # when bootstrap runs: the role stays while the instance runs with it, and the plan says so
+    kept = change_of(run(smaller, clients), "role", build_role)
+    assert (kept.kind, kept.verb) == ("role", Verb.KEEP)
+    assert kept.detail == f"retired, kept while {instance} run with it; bootstrap again later"
+    assert build_role in _roles_at_fleet_path(clients)
+
+    # and once the instance is gone, the next run deletes role, policy and profile
+    clients.ec2.terminate_instances(InstanceIds=[instance])
+    deleted = change_of(run(smaller, clients), "role", build_role)
+    assert (deleted.kind, deleted.verb) == ("role", Verb.DELETE)
+    assert _roles_at_fleet_path(clients) == [runner_role_name(FLEET, "docker")]
+    profiles = clients.client("iam").list_instance_profiles(PathPrefix=runner_role_path(FLEET))["InstanceProfiles"]
+    assert [p["InstanceProfileName"] for p in profiles] == [runner_role_name(FLEET, "docker")]
+    # and a run after that has nothing left to do
+    assert [c for c in run(smaller, clients) if c.verb is not Verb.KEEP] == []
+
+
+def test_the_role_all_pools_shared_before_is_deleted_once_unused(
+    clients: AwsClients, config: FleetConfig, network: SandboxNetwork, ami: str
+) -> None:
+    # given the one runner role and profile every pool used before each pool had its own, tagged with the fleet
+    iam = clients.client("iam")
+    shared = f"{FLEET}-runner"
+    login = {"Effect": "Allow", "Action": "ecr:GetAuthorizationToken", "Resource": "*"}
+    iam.create_role(
+        RoleName=shared,
+        AssumeRolePolicyDocument=json.dumps(ec2_trust_policy()),
+        Tags=[{"Key": "runner-fleet", "Value": FLEET}],
+    )
+    iam.put_role_policy(
+        RoleName=shared,
+        PolicyName=RUNNER_POLICY_NAME,
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [login]}),
+    )
+    iam.create_instance_profile(InstanceProfileName=shared)
+    iam.add_role_to_instance_profile(InstanceProfileName=shared, RoleName=shared)
+    # and a role of that kind's name belonging to someone else (not tagged with this fleet)
+    iam.create_role(RoleName="someone-else-runner", AssumeRolePolicyDocument=json.dumps(ec2_trust_policy()))
+    instance = _run_instance_with_profile(clients, network, ami, shared)
+
+    # when
+    plan = run(config, clients)
+
+    # then it is kept while an instance runs with it, then deleted with its policy and profile
+    assert change_of(plan, "role", shared).verb is Verb.KEEP
+    clients.ec2.terminate_instances(InstanceIds=[instance])
+    assert change_of(run(config, clients), "role", shared).verb is Verb.DELETE
+    names = [role["RoleName"] for role in iam.list_roles()["Roles"]]
+    assert shared not in names and "someone-else-runner" in names
+    assert shared not in [p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"]]
+
+
+def test_a_role_of_a_pools_name_outside_the_fleets_path_refuses_the_plan(
+    clients: AwsClients, config: FleetConfig
+) -> None:
+    # given a role someone made with the name the docker pool's role would have, at another path
+    clients.client("iam").create_role(
+        RoleName=runner_role_name(FLEET, "docker"), AssumeRolePolicyDocument=json.dumps(ec2_trust_policy())
+    )
+    subject = bootstrapper(config, clients)
+
+    # when / then nothing is made: the role is not bootstrap's to change
+    plan = subject.plan()
+    refused = change_of(plan, "role", runner_role_name(FLEET, "docker"))
+    assert refused.verb is Verb.INVALID
+    assert refused.detail == f"a role of this name exists at path /, not /runner-fleet/{FLEET}/: rename or delete it"
+    with pytest.raises(PlanRefusedError):
+        subject.execute(plan)
+
+
+def test_role_names_fit_iam_and_stay_distinct_for_long_fleet_and_pool_names() -> None:
+    fleet, pools = "f" * 40, ["p" * 32, "p" * 31 + "q"]
+
+    names = [runner_role_name(fleet, pool) for pool in pools]
+
+    assert all(len(name) <= 64 for name in names)
+    assert len(set(names)) == 2
+    assert runner_role_name("runner-fleet-dev", "docker") == "runner-fleet-dev-docker-runner"
 
 
 # ---- missing inputs ----------------------------------------------------------------------------------------
@@ -639,7 +765,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(clients: AwsClients, config
     # then
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 15
     assert all(line.startswith("would create ") for line in lines)
     assert GITLAB_TOKEN not in result.output
     assert clients.ec2.describe_launch_templates()["LaunchTemplates"] == []
@@ -661,11 +787,11 @@ def test_the_plan_never_shows_a_secret(clients: AwsClients, config: FleetConfig)
     assert by_name(rotated)["/runner-fleet/test/gitlab-token"].verb is Verb.UPDATE
 
 
-# ---- the runner instance policy, no AWS ---------------------------------------------------------------------
+# ---- the runner instance policies, no AWS -------------------------------------------------------------------
 
 
-def _statements(config: FleetConfig) -> dict[str, dict[str, Any]]:
-    return {statement["Sid"]: statement for statement in runner_instance_policy(config)["Statement"]}
+def _statements(config: FleetConfig, pool: str) -> dict[str, dict[str, Any]]:
+    return {statement["Sid"]: statement for statement in runner_instance_policy(config, config.pool(pool))["Statement"]}
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -673,7 +799,7 @@ def _as_list(value: str | list[str]) -> list[str]:
 
 
 def test_policy_token_statement_is_bound_to_the_calling_instance() -> None:
-    token = _statements(parse_config(config_document()))["OwnRunnerTokenOnly"]
+    token = _statements(parse_config(config_document()), "docker")["OwnRunnerTokenOnly"]
 
     document = config_document()
     assert sorted(_as_list(token["Action"])) == ["dynamodb:DeleteItem", "dynamodb:GetItem"]
@@ -681,38 +807,42 @@ def test_policy_token_statement_is_bound_to_the_calling_instance() -> None:
     assert token["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["TOKEN#${aws:userid}"]}}
 
 
-def test_policy_pushes_only_to_the_repositories_of_pools_that_push() -> None:
-    statements = _statements(parse_config(config_document()))
+def test_each_pools_policy_names_its_own_repository_and_cache_prefix() -> None:
+    config = parse_config(config_document())
+    docker, build = _statements(config, "docker"), _statements(config, "build")
 
-    assert _as_list(statements["PullCiImages"]["Resource"]) == [
-        "arn:aws:ecr:*:*:repository/ci/build-base",
-        "arn:aws:ecr:*:*:repository/ci/dind",
-    ]
-    assert _as_list(statements["PushBuiltImages"]["Resource"]) == ["arn:aws:ecr:*:*:repository/ci/dind"]
-    assert "ecr:PutImage" in statements["PushBuiltImages"]["Action"]
-    assert statements["EcrLogin"] == {
+    assert docker["PullCiImage"]["Resource"] == "arn:aws:ecr:*:*:repository/ci/build-base"
+    assert build["PullCiImage"]["Resource"] == "arn:aws:ecr:*:*:repository/ci/dind"
+    assert "PushBuiltImage" not in docker
+    assert build["PushBuiltImage"]["Resource"] == "arn:aws:ecr:*:*:repository/ci/dind"
+    assert "ecr:PutImage" in build["PushBuiltImage"]["Action"]
+    assert docker["EcrLogin"] == {
         "Sid": "EcrLogin",
         "Effect": "Allow",
         "Action": "ecr:GetAuthorizationToken",
         "Resource": "*",
     }
-    assert statements["CacheObjects"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}/*"
-    assert statements["CacheListing"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}"
+    assert docker["OwnCacheObjects"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}/docker/*"
+    assert build["OwnCacheObjects"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}/build/*"
+    assert docker["OwnCacheListing"]["Resource"] == f"arn:aws:s3:::{CACHE_BUCKET}"
+    assert docker["OwnCacheListing"]["Condition"] == {"StringLike": {"s3:prefix": ["docker/*"]}}
 
 
 def test_policy_grants_no_push_to_a_privileged_pool_that_does_not_push() -> None:
     document = config_document()
     document["pools"][1]["image"]["push"] = False
 
-    statements = _statements(parse_config(document))
+    statements = _statements(parse_config(document), "build")
 
-    assert "PushBuiltImages" not in statements
+    assert "PushBuiltImage" not in statements
     actions = {action for s in statements.values() for action in _as_list(s["Action"])}
     assert not actions & {"ecr:PutImage", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload"}
 
 
-def test_policy_has_no_wildcard_action_and_nothing_on_ec2() -> None:
-    policy = runner_instance_policy(parse_config(config_document()))
+@pytest.mark.parametrize("pool", ["docker", "build"])
+def test_policy_has_no_wildcard_action_and_nothing_on_ec2(pool: str) -> None:
+    config = parse_config(config_document())
+    policy = runner_instance_policy(config, config.pool(pool))
 
     actions = [action for s in policy["Statement"] for action in _as_list(s["Action"])]
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])

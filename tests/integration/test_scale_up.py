@@ -23,7 +23,7 @@ import requests
 from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
-from chalicelib.naming import instance_profile_name, runner_description
+from chalicelib.naming import POOL_TAG, runner_description, runner_role_name
 from chalicelib.observability import metrics
 from chalicelib.runner_tokens import session_user_id
 from chalicelib.store import job_key, launch_key, pool_key, runner_key, token_key
@@ -137,13 +137,16 @@ class Fleet:
     def leases(self, pool: str) -> int:
         return int(self.record(pool_key(pool)).get("leases", 0))
 
-    def runner_role_id(self) -> str:
+    def runner_role_id(self, pool: str) -> str:
         iam = self.runtime.aws().client("iam")
-        return str(iam.get_role(RoleName=instance_profile_name(self.config.fleet))["Role"]["RoleId"])
+        return str(iam.get_role(RoleName=runner_role_name(self.config.fleet, pool))["Role"]["RoleId"])
 
     def token_key(self, instance_id: str) -> str:
-        """Where the instance looks for its token: its role session's aws:userid, "<role id>:<instance id>"."""
-        return token_key(session_user_id(self.runner_role_id(), instance_id))
+        """Where the instance looks for its token: its role session's aws:userid, "<role id>:<instance id>", the
+        role being its pool's (the instance's pool tag names the pool)."""
+        [reservation] = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        tags = {tag["Key"]: tag["Value"] for tag in reservation["Instances"][0].get("Tags", [])}
+        return token_key(session_user_id(self.runner_role_id(tags[POOL_TAG]), instance_id))
 
     def token_of(self, instance_id: str) -> dict[str, Any]:
         """The token item the instance would read (KeyError when there is none)."""

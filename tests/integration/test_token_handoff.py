@@ -105,9 +105,10 @@ def _instance_may(fleet: Fleet, action: str, instance_id: str, key: str) -> bool
     """Whether the runner policy lets ``instance_id``'s role session make ``action`` on the item ``key``: the
     session's ``aws:userid`` is "<role id>:<instance id>" (IAM User Guide, "IAM policy elements: Variables and
     tags", "Request information that you can use for policy variables")."""
-    policy = runner_instance_policy(fleet.config)
+    pool = fleet.config.pool(str(fleet.record(runner_key(instance_id))["pool"]))
+    policy = runner_instance_policy(fleet.config, pool)
     context = (
-        ("aws:userid", (session_user_id(fleet.runner_role_id(), instance_id),)),
+        ("aws:userid", (session_user_id(fleet.runner_role_id(pool.name), instance_id),)),
         ("dynamodb:LeadingKeys", (key,)),
     )
     table = f"arn:aws:dynamodb:us-east-1:123456789012:table/{fleet.config.state.table}"
@@ -129,6 +130,26 @@ def test_each_instance_may_read_and_delete_its_own_token_item_and_not_its_neighb
         assert not _instance_may(fleet, action, second, keys[first])
     # and what it reads is a token GitLab accepts
     assert fleet.verify_runner_token(str(fleet.record(keys[first])["token"])) == 200
+
+
+def test_each_pools_instances_get_their_token_under_their_own_pools_role(fleet: Fleet) -> None:
+    # given a runner of each pool
+    fleet.pipeline(["docker"], ["dind"])
+    fleet.run()
+    [docker] = (i["InstanceId"] for i in fleet.instances("docker"))
+    [build] = (i["InstanceId"] for i in fleet.instances("build"))
+    keys = {i: str(fleet.record(runner_key(i))["token_key"]) for i in (docker, build)}
+
+    # then each token is keyed by the instance's own pool's role, which the instance's profile holds
+    assert keys[docker] == fleet.token_key(docker)
+    assert keys[build] == fleet.token_key(build)
+    assert keys[docker].split(":")[0] != keys[build].split(":")[0]
+    # and neither pool's role may read the other's token, though both sessions name a real instance
+    for action in ("dynamodb:GetItem", "dynamodb:DeleteItem"):
+        assert _instance_may(fleet, action, docker, keys[docker])
+        assert _instance_may(fleet, action, build, keys[build])
+        assert not _instance_may(fleet, action, docker, keys[build])
+        assert not _instance_may(fleet, action, build, keys[docker])
 
 
 def test_an_unreadable_runner_role_launches_nothing_and_retries_the_jobs(fleet: Fleet) -> None:

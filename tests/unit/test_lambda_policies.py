@@ -12,9 +12,15 @@ import pytest
 from click.testing import CliRunner
 
 from chalicelib.config import FleetConfig, load_config
-from chalicelib.naming import FLEET_TAG
+from chalicelib.naming import FLEET_TAG, runner_role_arn
 from fleetctl.cli import main
-from fleetctl.lambda_policies import LambdaFunction, function_grants, iter_policy_files, policy_document
+from fleetctl.lambda_policies import (
+    LambdaFunction,
+    function_grants,
+    iter_policy_files,
+    policy_document,
+    scale_up_grants,
+)
 from tests.iam_recorder import Request, allowing_statements
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -240,10 +246,11 @@ def test_scale_up_writes_tokens_but_never_reads_one(dev: FleetConfig) -> None:
         assert not allowed(dev, up, action, table, **token)
     # its own items as before
     assert allowed(dev, up, "dynamodb:GetItem", table, **{"dynamodb:LeadingKeys": ["RUNNER#i-0123"]})
-    # and the runner role's id, from that role only
-    role = f"arn:aws:iam::{ACCOUNT}:role/{dev.fleet}-runner"
-    assert allowed(dev, up, "iam:GetRole", role)
+    # and the pools' runner role ids, from those roles only
+    for pool in dev.pools:
+        assert allowed(dev, up, "iam:GetRole", runner_role_arn(dev.fleet, pool.name, ACCOUNT))
     assert not allowed(dev, up, "iam:GetRole", f"arn:aws:iam::{ACCOUNT}:role/admin")
+    assert not allowed(dev, up, "iam:GetRole", f"arn:aws:iam::{ACCOUNT}:role/{dev.fleet}-runner")
 
 
 def launch_context(template: str = "lt-0123456789abcdef0") -> dict[str, list[str]]:
@@ -282,16 +289,25 @@ def test_scale_up_launches_only_tagged_instances_into_the_pools_subnets(dev: Fle
     )
 
 
-def test_scale_up_tags_only_at_launch_and_passes_only_the_runner_role(dev: FleetConfig) -> None:
+def test_scale_up_tags_only_at_launch_and_passes_exactly_the_pool_roles(dev: FleetConfig) -> None:
     up = LambdaFunction.SCALE_UP
     assert allowed(dev, up, "ec2:CreateTags", ec2("instance/*"), **{"ec2:CreateAction": ["CreateFleet"]})
     assert not allowed(dev, up, "ec2:CreateTags", ec2("instance/i-0123"), **{"ec2:CreateAction": ["CreateTags"]})
-    role = f"arn:aws:iam::{ACCOUNT}:role/{dev.fleet}-runner"
-    assert allowed(dev, up, "iam:PassRole", role, **{"iam:PassedToService": ["ec2.amazonaws.com"]})
-    assert not allowed(dev, up, "iam:PassRole", role, **{"iam:PassedToService": ["lambda.amazonaws.com"]})
-    assert not allowed(
-        dev, up, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin", **{"iam:PassedToService": ["ec2.amazonaws.com"]}
+    to_ec2 = {"iam:PassedToService": ["ec2.amazonaws.com"]}
+    for pool in dev.pools:
+        role = runner_role_arn(dev.fleet, pool.name, ACCOUNT)
+        assert allowed(dev, up, "iam:PassRole", role, **to_ec2)
+        assert not allowed(dev, up, "iam:PassRole", role, **{"iam:PassedToService": ["lambda.amazonaws.com"]})
+    # no other role: an administrator's, another pool name's under the fleet's path, the role pools once shared
+    others = (
+        f"arn:aws:iam::{ACCOUNT}:role/admin",
+        runner_role_arn(dev.fleet, "not-a-pool", ACCOUNT),
+        f"arn:aws:iam::{ACCOUNT}:role/{dev.fleet}-runner",
     )
+    for role in others:
+        assert not allowed(dev, up, "iam:PassRole", role, **to_ec2), role
+    [grant] = [g for g in scale_up_grants(dev) if g.sid == "PassOnlyThePoolRoles"]
+    assert sorted(grant.resources) == sorted(runner_role_arn(dev.fleet, pool.name) for pool in dev.pools)
 
 
 def test_a_condition_key_the_call_does_not_give_is_a_denial(dev: FleetConfig) -> None:
