@@ -1,13 +1,14 @@
-"""What AWS sends EventBridge about instances, which moto does not: the sandbox sends it.
+"""What EC2 sends EventBridge about instances, played in the sandbox.
 
-In AWS, terminating an instance (or the instance powering itself off) puts an "EC2 Instance State-change
-Notification" on the default bus. moto terminates the instance but publishes nothing, so the sandbox, playing
-the instance or AWS, terminates through the EC2 API and then puts the documented event itself; moto's
-EventBridge routes it by the app's real rule to the instance-state handler.
+State changes are the AWS shim's (``fleetctl.sandbox.aws_rules.ec2_state_events``): every call that changes an
+instance's state, whoever makes it, puts EC2's "EC2 Instance State-change Notification" events on the default bus,
+with EC2's lags, and moto's EventBridge routes them by the app's real rule to the instance-state handler. So the
+sandbox, playing an instance that powers itself off, only terminates it through the EC2 API (shutdown behaviour
+terminate), and the events follow.
 
-Spot interruptions likewise: EC2 puts an "EC2 Spot Instance Interruption Warning" two minutes before it
-interrupts a spot instance, and an "EC2 Instance Rebalance Recommendation" when the instance is at elevated risk
-of interruption (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html,
+Spot interruptions are not calls anybody makes: EC2 puts an "EC2 Spot Instance Interruption Warning" two minutes
+before it interrupts a spot instance, and an "EC2 Instance Rebalance Recommendation" when the instance is at
+elevated risk of interruption (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html,
 https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/rebalance-recommendations.html). The sandbox puts them in
 their documented shapes, and :func:`interrupt_spot_instance` plays the whole interruption.
 """
@@ -35,15 +36,11 @@ def state_change_entry(instance_id: str, state: str, region: str) -> dict[str, A
     }
 
 
-def terminate_instances(ec2: Any, events: Any, instance_ids: Sequence[str]) -> None:
-    """Terminate instances in EC2 and announce it on the default event bus, as AWS would."""
+def terminate_instances(ec2: Any, instance_ids: Sequence[str]) -> None:
+    """Terminate instances in EC2 (100 a call); their state-change events follow from the AWS shim."""
     ids = list(instance_ids)
-    region = ec2.meta.region_name
     for start in range(0, len(ids), 100):
         ec2.terminate_instances(InstanceIds=ids[start : start + 100])
-    for start in range(0, len(ids), 10):  # PutEvents takes at most 10 entries
-        entries = [state_change_entry(i, "terminated", region) for i in ids[start : start + 10]]
-        events.put_events(Entries=entries)
 
 
 def interruption_warning_entry(instance_id: str, region: str, action: str = "terminate") -> dict[str, Any]:
@@ -91,4 +88,4 @@ def interrupt_spot_instance(
     sleep(notice_seconds)
     if shut_down is not None:
         shut_down(instance_id)
-    terminate_instances(ec2, events, [instance_id])
+    terminate_instances(ec2, [instance_id])

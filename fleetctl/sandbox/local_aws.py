@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Self
 
@@ -110,6 +111,23 @@ class LocalAws:
         if response.status_code != 200:
             raise ValueError(response.json().get("error", response.text))
         return response.json()["result"]
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until AWS's lagging reads have caught up with every write and launch made so far, and EC2's
+        state-change events due so far were put: what an observer does in AWS before it judges the state it
+        reads (tests, the demo's final checks). Raises TimeoutError when they do not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            young = (
+                self.shim("ec2-describe-lag", "status")["young"]
+                + self.shim("dynamodb-index-lag", "status")["young_items"]
+                + self.shim("ec2-state-events", "status")["due"]
+            )
+            if young == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the local AWS did not settle within {timeout} s ({young} reads still lag)")
+            time.sleep(0.05)
 
     def environment(self) -> dict[str, str]:
         return {**ENV_DEFAULTS, "AWS_ENDPOINT_URL": self.endpoint_url}

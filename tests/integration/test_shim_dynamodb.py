@@ -244,3 +244,35 @@ def test_a_cancelled_transaction_is_not_remembered(local_aws: LocalAws, dynamodb
         dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     dynamodb.transact_write_items(TransactItems=[_add(table, "POOL#a")], ClientRequestToken=token)
     assert _count(dynamodb, table, "POOL#a") == 1
+
+
+# -- throttling ------------------------------------------------------------------------------------------------------
+
+
+def test_a_throttling_burst_botocore_outlasts_is_absorbed_and_a_longer_one_reaches_the_caller(
+    local_aws: LocalAws, dynamodb: Any, table: str
+) -> None:
+    """A throttled request is refused with ProvisionedThroughputExceededException and its ThrottlingReasons
+    (DynamoDB API reference, Common Errors); botocore's standard retry mode retries it, so a burst shorter than
+    its attempts is never seen, and a longer one is."""
+    # given a burst of two throttled writes: botocore's retries carry the write through
+    local_aws.shim("dynamodb-throttling", "burst", calls=2, operations=["TransactWriteItems"])
+    with WireFaults(dynamodb) as faults:
+        dynamodb.transact_write_items(TransactItems=[_add(table, "a")])
+    assert faults.attempts("TransactWriteItems") == 3
+    assert _count(dynamodb, table, "a") == 1
+
+    # when a burst outlasts every attempt
+    local_aws.shim("dynamodb-throttling", "burst", calls=100)
+    try:
+        with pytest.raises(ClientError) as refused:
+            dynamodb.get_item(TableName=table, Key={"pk": {"S": "a"}})
+    finally:
+        local_aws.shim("dynamodb-throttling", "clear")
+
+    # then the caller sees the throttle, with its reason; nothing was applied twice
+    error = refused.value.response
+    assert error["Error"]["Code"] == "ProvisionedThroughputExceededException"
+    assert error["ThrottlingReasons"][0]["reason"] == "TableReadKeyRangeThroughputExceeded"
+    assert local_aws.shim("dynamodb-throttling", "status")["left"] == 0
+    assert _count(dynamodb, table, "a") == 1

@@ -16,7 +16,6 @@ EC2 reads its own.
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
+from fleetctl.sandbox.aws_rules.support import moto_account
 from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, Forward, Rule, aws_error
 
 __all__ = [
@@ -46,7 +46,6 @@ SPOT_ROLE_PATH = "/aws-service-role/spot.amazonaws.com/"
 _EC2_NAMESPACE = "http://ec2.amazonaws.com/doc/2016-11-15/"
 _CONFIG_KEY = re.compile(r"LaunchTemplateConfigs\.(\d+)\.LaunchTemplateSpecification\.(\w+)$")
 _OVERRIDE_KEY = re.compile(r"LaunchTemplateConfigs\.(\d+)\.Overrides\.(\d+)\.([\w.]+)$")
-_ACCESS_KEY = re.compile(r"Credential=([^/]+)/")
 
 
 @dataclass
@@ -73,23 +72,10 @@ def _launch_template_configs(pairs: Iterable[tuple[str, str]]) -> list[_LaunchTe
 # ---- moto's state, read in-process -----------------------------------------------------------------------
 
 
-def _account(request: AwsRequest) -> str:
-    """The account moto serves this request from, found as moto finds it."""
-    from moto.iam.models import get_account_id_from
-
-    if "MOTO_ACCOUNT_ID" in os.environ:
-        return os.environ["MOTO_ACCOUNT_ID"]
-    header = request.environ.get("HTTP_X_MOTO_ACCOUNT_ID")
-    if header:
-        return str(header)
-    found = _ACCESS_KEY.search(str(request.environ.get("HTTP_AUTHORIZATION", "")))
-    return get_account_id_from(found[1] if found else "")
-
-
 def _ec2_backend(request: AwsRequest) -> Any:
     from moto.ec2.models import ec2_backends
 
-    return ec2_backends[_account(request)][request.region]
+    return ec2_backends[moto_account(request)][request.region]
 
 
 def _template_version(request: AwsRequest, spec: dict[str, str]) -> Any | None:
@@ -126,7 +112,7 @@ def spot_role_exists(request: AwsRequest) -> bool:
     from moto.iam.models import iam_backends
     from moto.utilities.utils import get_partition
 
-    roles = iam_backends[_account(request)][get_partition(request.region or "us-east-1")].roles
+    roles = iam_backends[moto_account(request)][get_partition(request.region or "us-east-1")].roles
     return any(role.path == SPOT_ROLE_PATH for role in list(roles.values()))
 
 
