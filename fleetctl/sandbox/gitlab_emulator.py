@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import heapq
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -44,6 +46,7 @@ from fleetctl.sandbox.gitlab_model import (
     API_SCOPE,
     CREATE_RUNNER_SCOPE,
     DEFAULT_SCRIPT,
+    MAINTAINER_ACCESS,
     MANAGE_RUNNER_SCOPE,
     READ_API_SCOPE,
     RUNNER_FILTER_STATUSES,
@@ -63,6 +66,7 @@ from fleetctl.sandbox.gitlab_model import (
     JobStatus,
     MessageError,
     OutgoingEvent,
+    RequestHold,
     RunnerChanges,
     RunnerFilters,
     RunnerSettings,
@@ -92,6 +96,8 @@ WEBHOOK_SIGNING_FLAG = "webhook_signing_token"
 SIGNING_TOKEN_SINCE = (19, 0)
 # The manage_runner scope (gitlab-org/gitlab!153285) opened /runners/:id endpoints in GitLab 17.1.
 MANAGE_RUNNER_SINCE = (17, 1)
+# StuckCiJobsWorker's cron, '0 * * * *' (config/initializers/1_settings.rb): a pass every hour.
+STUCK_JOBS_INTERVAL = 3600.0
 # Rack::OAuth2's description for insufficient_scope, which lib/api/api_guard.rb sends as the error_description.
 INSUFFICIENT_SCOPE_DESCRIPTION = "The request requires higher privileges than provided by the access token."
 EXPIRED_DESCRIPTION = "Token is expired. You can either do re-authorization or token refresh."
@@ -505,6 +511,8 @@ class GitLabApi:
             r("GET", "/projects", lambda req: paginate(req, self._model.list_projects())),
             r("POST", "/projects", self._create_project),
             r("GET", "/projects/:id", lambda req: ApiResponse(200, self._model.get_project(_pid(req)))),
+            r("GET", "/projects/:id/protected_branches", self._list_protected_branches),
+            r("POST", "/projects/:id/protected_branches", self._protect_branch),
             r("GET", "/projects/:id/hooks", lambda req: paginate(req, self._model.list_hooks(_pid(req)))),
             r("POST", "/projects/:id/hooks", self._create_hook),
             r("GET", "/projects/:id/hooks/:hook_id", self._get_hook),
@@ -570,6 +578,20 @@ class GitLabApi:
         )
         return ApiResponse(201, project)
 
+    def _list_protected_branches(self, req: ApiRequest) -> ApiResponse:
+        return paginate(req, self._model.list_protected_branches(_pid(req)))
+
+    def _protect_branch(self, req: ApiRequest) -> ApiResponse:
+        """lib/api/protected_branches.rb: ``name`` is required, the access levels default to maintainers."""
+        branch = self._model.protect_branch(
+            _pid(req),
+            p_str(req.params, "name", required=True) or "",
+            push_access_level=_access_level(req.params, "push_access_level"),
+            merge_access_level=_access_level(req.params, "merge_access_level"),
+            allow_force_push=bool(p_bool(req.params, "allow_force_push")),
+        )
+        return ApiResponse(201, branch)
+
     def _create_hook(self, req: ApiRequest) -> ApiResponse:
         return ApiResponse(201, self._model.create_hook(_pid(req), _hook_changes(req.params, creating=True)))
 
@@ -614,9 +636,11 @@ class GitLabApi:
         return ApiResponse(201, {"response_status": delivery.status_code})
 
     def _create_pipeline(self, req: ApiRequest) -> ApiResponse:
+        # "tag" is the emulator's own extension, like "jobs" and "stages": GitLab learns it from the repository.
         ref = p_str(req.params, "ref", required=True) or "main"
         stages = p_tags(req.params, "stages")
-        pipeline = self._model.create_pipeline(_pid(req), ref, _job_specs(req.params.get("jobs")), stages)
+        jobs = _job_specs(req.params.get("jobs"))
+        pipeline = self._model.create_pipeline(_pid(req), ref, jobs, stages, tag=bool(p_bool(req.params, "tag")))
         return ApiResponse(201, pipeline)
 
     def _list_pipelines(self, req: ApiRequest) -> ApiResponse:
@@ -717,9 +741,13 @@ class GitLabApi:
         return ApiResponse(200, self._model.verify_runner(token, p_str(req.params, "system_id")))
 
     def _request_job(self, req: ApiRequest) -> ApiResponse:
+        # Every 204 carries the runner's queue value in X-GitLab-Last-Update (lib/api/ci/runner.rb), which
+        # gitlab-runner sends back as last_update; a 201 carries none.
         token = p_str(req.params, "token", required=True) or ""
-        job = self._model.request_job(token, p_str(req.params, "system_id"))
-        return ApiResponse(204) if job is None else ApiResponse(201, job)
+        answer = self._model.request_job(token, p_str(req.params, "system_id"), p_str(req.params, "last_update"))
+        if answer.job is not None:
+            return ApiResponse(201, answer.job)
+        return ApiResponse(204, headers={"X-GitLab-Last-Update": answer.last_update or ""})
 
     def _update_job(self, req: ApiRequest) -> ApiResponse:
         # Grape requires the token; the state is optional, and one the runner may not report is a 400 whose
@@ -800,6 +828,11 @@ def _runner_filters(req: ApiRequest, *, scopes: Sequence[str] | None) -> RunnerF
     )
 
 
+def _access_level(params: Mapping[str, Any], key: str) -> int:
+    level = p_int(params, key)
+    return MAINTAINER_ACCESS if level is None else level
+
+
 def _pid(req: ApiRequest) -> str:
     """A project :id, which GitLab also accepts as the URL-encoded ``namespace/path``."""
     return req.path_params["id"]
@@ -873,6 +906,12 @@ class WebhookDispatcher:
 
     WebHookService#execute rescues transport errors and takes any answer as the end of the execution, so
     WebHookWorker's Sidekiq retries never redeliver a hook that failed: the execution is logged and done.
+
+    The executions of a job's "created" Job Hook can be held back ``created_delay`` seconds. GitLab executes a
+    build's hooks as Sidekiq jobs (``Ci::Build#execute_hooks`` hands each hook to WebHookWorker), which nothing
+    orders, so a busy queue can run the creation's execution after those of the job's later transitions and a
+    receiver may hear "created" after "pending", "running" or even "success". The body is still the snapshot taken
+    at creation.
     """
 
     def __init__(
@@ -884,6 +923,7 @@ class WebhookDispatcher:
         user_agent: str,
         instance_url: Callable[[], str],
         stopping: threading.Event,
+        created_delay: float = 0.0,
     ) -> None:
         self._model = model
         self._workers = workers
@@ -896,24 +936,63 @@ class WebhookDispatcher:
         self._idle = threading.Condition(model.lock)
         self._unfinished = 0
         self._threads: list[threading.Thread] = []
+        # Held-back executions, (due on the monotonic clock, arrival number, event), released by their own thread.
+        self._created_delay = created_delay
+        self._held: list[tuple[float, int, OutgoingEvent]] = []
+        self._held_changed = threading.Condition()
+        self._arrivals = itertools.count()
+        self._releasing = False
+        self._releaser: threading.Thread | None = None
 
     def start(self) -> None:
         for n in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"gitlab-emulator-webhook-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        with self._held_changed:
+            self._releasing = True
+        self._releaser = threading.Thread(target=self._release_held, name="gitlab-emulator-webhook-held", daemon=True)
+        self._releaser.start()
 
     def stop(self) -> None:
+        with self._held_changed:
+            self._releasing = False
+            self._held_changed.notify_all()
+        if self._releaser is not None:
+            self._releaser.join()
+            self._releaser = None
         for _ in self._threads:
             self._queue.put(None)
         for thread in self._threads:
             thread.join()
         self._threads.clear()
 
+    def set_created_delay(self, seconds: float) -> None:
+        """Hold back the executions of "created" Job Hooks enqueued from now on by ``seconds`` (0: none)."""
+        with self._held_changed:
+            self._created_delay = seconds
+
     def enqueue(self, event: OutgoingEvent) -> None:
         with self._idle:
             self._unfinished += 1
+        with self._held_changed:
+            delay = self._created_delay if event.build_status == JobStatus.CREATED.value else 0.0
+            if delay > 0:
+                heapq.heappush(self._held, (time.monotonic() + delay, next(self._arrivals), event))
+                self._held_changed.notify_all()
+                return
         self._queue.put(event)
+
+    def _release_held(self) -> None:
+        with self._held_changed:
+            while self._releasing:
+                now = time.monotonic()
+                while self._held and self._held[0][0] <= now:
+                    self._queue.put(heapq.heappop(self._held)[2])
+                self._held_changed.wait(self._held[0][0] - now if self._held else None)
+            # On stop what is still held goes to the workers, which drop it like anything else queued then.
+            while self._held:
+                self._queue.put(heapq.heappop(self._held)[2])
 
     def wait_idle(self, timeout: float) -> None:
         with self._idle:
@@ -1126,10 +1205,15 @@ class GitLabEmulator:
         webhook_timeout: float = 10.0,
         clock: Clock = utcnow,
         auto_disabling: bool = True,
+        stuck_jobs_interval: float = STUCK_JOBS_INTERVAL,
+        created_hook_delay: float = 0.0,
     ) -> None:
-        """``clock`` is GitLab's idea of now (runner contact and staleness, job timestamps, a hook's backoff);
-        ``auto_disabling`` is GitLab's ``auto_disabling_web_hooks`` flag (on at GitLab.com; off by default on
-        self-managed instances)."""
+        """``clock`` is GitLab's idea of now (runner contact and staleness, job timestamps, a hook's backoff, which
+        jobs are stuck); ``auto_disabling`` is GitLab's ``auto_disabling_web_hooks`` flag (on at GitLab.com; off by
+        default on self-managed instances). ``stuck_jobs_interval`` is how many real seconds pass between the
+        passes of StuckCiJobsWorker, which drop jobs by ``clock``'s time (GitLab's cron runs it hourly: a test
+        moving ``clock`` wants it far more often). ``created_hook_delay`` holds back the executions of every
+        "created" Job Hook by that many real seconds, as a busy Sidekiq can (see ``set_created_hook_delay``)."""
         self._host = host
         self._port = port
         self.admin_token = admin_token
@@ -1147,11 +1231,14 @@ class GitLabEmulator:
             user_agent=f"GitLab/{version}",
             instance_url=lambda: self.url,
             stopping=self._stopping,
+            created_delay=created_hook_delay,
         )
         self._model.set_event_sink(self._dispatcher.enqueue)
         self._api.set_executor(self._dispatcher.execute)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._stuck_jobs_interval = stuck_jobs_interval
+        self._stuck_jobs_thread: threading.Thread | None = None
         self._url = ""
 
     # -- lifecycle --
@@ -1172,6 +1259,10 @@ class GitLabEmulator:
             daemon=True,
         )
         self._thread.start()
+        self._stuck_jobs_thread = threading.Thread(
+            target=self._drop_stuck_jobs_periodically, name="gitlab-emulator-stuck-jobs", daemon=True
+        )
+        self._stuck_jobs_thread.start()
         return self
 
     def stop(self) -> None:
@@ -1182,9 +1273,20 @@ class GitLabEmulator:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join()
+        if self._stuck_jobs_thread is not None:
+            self._stuck_jobs_thread.join()
         self._dispatcher.stop()
         self._server = None
         self._thread = None
+        self._stuck_jobs_thread = None
+
+    def _drop_stuck_jobs_periodically(self) -> None:
+        """StuckCiJobsWorker's cron, one pass every ``stuck_jobs_interval`` seconds until the emulator stops."""
+        while not self._stopping.wait(self._stuck_jobs_interval):
+            try:
+                self._model.drop_stuck_jobs()
+            except Exception:  # the worker must outlive a failed pass, as the next cron run does
+                log.exception("dropping stuck jobs failed")
 
     def __enter__(self) -> Self:
         return self.start()
@@ -1249,11 +1351,27 @@ class GitLabEmulator:
         jobs: Sequence[JobSpec | Mapping[str, Any]],
         ref: str = "main",
         stages: Sequence[str] | None = None,
+        *,
+        tag: bool = False,
     ) -> int:
         """Jobs as ``JobSpec`` or as the HTTP extension's dicts (``{"name", "stage", "tags", "when", "script"}``),
-        in ``stages`` order (GitLab's default ``build``, ``test``, ``deploy`` when ``None``)."""
+        in ``stages`` order (GitLab's default ``build``, ``test``, ``deploy`` when ``None``), for the branch ``ref``
+        (the tag ``ref`` with ``tag``). Its jobs are protected when the ref is (``protect_branch``,
+        ``protect_tag``; the default branch ``main`` is protected from the start)."""
         specs = [job if isinstance(job, JobSpec) else _job_spec(job) for job in jobs]
-        return int(self._model.create_pipeline(project_id, ref, specs, stages)["id"])
+        return int(self._model.create_pipeline(project_id, ref, specs, stages, tag=tag)["id"])
+
+    def protect_branch(self, project_id: int, name: str) -> None:
+        """Protect a branch or wildcard pattern, as ``POST /projects/:id/protected_branches`` does."""
+        self._model.protect_branch(project_id, name)
+
+    def protect_tag(self, project_id: int, name: str) -> None:
+        """Protect a tag or wildcard pattern of tags."""
+        self._model.protect_tag(project_id, name)
+
+    def drop_stuck_jobs(self) -> list[int]:
+        """Run one pass of StuckCiJobsWorker now, at the emulator's clock; the ids of the jobs it dropped."""
+        return self._model.drop_stuck_jobs()
 
     def set_job_status(
         self,
@@ -1269,6 +1387,10 @@ class GitLabEmulator:
 
     def job(self, project_id: int, job_id: int) -> dict[str, Any]:
         return self._model.get_job(project_id, job_id)
+
+    def retry_job(self, project_id: int, job_id: int) -> dict[str, Any]:
+        """A user's "Retry" of a finished job (``POST /projects/:id/jobs/:job_id/retry``): the new job."""
+        return self._model.retry_job(project_id, job_id)
 
     def job_trace(self, project_id: int, job_id: int) -> bytes:
         """The job's log as its runner uploaded it."""
@@ -1309,6 +1431,16 @@ class GitLabEmulator:
         if not found:
             raise KeyError(f"no hook execution logged with id {log_id}")
         return found[0]
+
+    def hold_job_request(self, runner_id: int) -> RequestHold:
+        """Hold the runner's next job request between GitLab's active check and its assignment of a job (see
+        ``GitLabModel.hold_job_request``); ``hold.reached`` says it is there, ``hold.release()`` lets it go on."""
+        return self._model.hold_job_request(runner_id)
+
+    def set_created_hook_delay(self, seconds: float) -> None:
+        """Hold back the executions of "created" Job Hooks of jobs created from now on by ``seconds`` (0: none),
+        so that they can arrive after the job's later hooks, as they can from GitLab's Sidekiq."""
+        self._dispatcher.set_created_delay(seconds)
 
     def wait_for_deliveries(self, timeout: float = 10.0) -> None:
         """Block until every queued webhook has been delivered or given up on; ``TimeoutError`` otherwise."""

@@ -18,6 +18,7 @@ import re
 import secrets
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -86,14 +87,21 @@ DEFAULT_STAGES = (".pre", "build", "test", "deploy", ".post")
 DEFAULT_SCRIPT = ("sleep 1",)
 
 # Enums::Ci::CommitStatus.failure_reasons: a reason a runner reports outside this list is stored as
-# unknown_failure, and so is the reason of every job that did not fail (the enum maps NULL to it).
+# unknown_failure, and so is the reason of every job that did not fail. The enum maps NULL to it
+# (app/models/concerns/enums/ci/commit_status.rb ``unknown_failure: nil``, read back through
+# app/models/commit_status.rb ``enum failure_reason:``), so Gitlab::DataBuilder::Build's
+# ``build_failure_reason: build.failure_reason`` is "unknown_failure" for a created, pending or successful job,
+# never null, as the Job events example of doc/user/project/integrations/webhook_events.md shows for "created".
 UNKNOWN_FAILURE = "unknown_failure"
+# The reason StuckCiJobsWorker drops a job with (app/services/ci/stuck_builds/drop_running_service.rb,
+# drop_pending_service.rb).
+STUCK_OR_TIMEOUT_FAILURE = "stuck_or_timeout_failure"
 FAILURE_REASONS = frozenset(
     {
         UNKNOWN_FAILURE,
         "script_failure",
         "api_failure",
-        "stuck_or_timeout_failure",
+        STUCK_OR_TIMEOUT_FAILURE,
         "runner_system_failure",
         "missing_dependency_failure",
         "runner_unsupported",
@@ -151,6 +159,30 @@ class RunnerStatus(StrEnum):
 # one created 7 days ago or more and not heard from in the last 7 days is stale.
 RUNNER_OFFLINE_AFTER = timedelta(hours=2)
 RUNNER_STALE_AFTER = timedelta(days=7)
+# Ci::Runner::RUNNER_QUEUE_EXPIRY_TIME: a runner's queue value (the X-GitLab-Last-Update of its 204s) lives in
+# Redis this long from when it was set; ensure_runner_queue_value makes a new one after that.
+RUNNER_QUEUE_EXPIRY = timedelta(hours=1)
+# Ci::Runner::CREATED_RUNNER_TOKEN_PREFIX: the authentication tokens of runners created with POST /user/runners.
+CREATED_RUNNER_TOKEN_PREFIX = "glrt-"  # noqa: S105 - a format prefix, not a secret
+# StuckCiJobsWorker's limits (app/services/ci/stuck_builds/drop_running_service.rb, drop_pending_service.rb): a
+# running job not updated for an hour is dropped; a pending one after a day, or after an hour if it is stuck.
+BUILD_RUNNING_OUTDATED_TIMEOUT = timedelta(hours=1)
+BUILD_PENDING_OUTDATED_TIMEOUT = timedelta(days=1)
+BUILD_PENDING_STUCK_TIMEOUT = timedelta(hours=1)
+# Ci::Build#needs_touch?: a runner's update moves the job's updated_at only when it is more than 15 minutes old.
+BUILD_TOUCH_AFTER = timedelta(minutes=15)
+# The branch every project's API answer names as its default, protected from creation on, as
+# Projects::ProtectDefaultBranchService protects it under the instance's default ``default_branch_protection``
+# (fully protected: pushes and merges by maintainers).
+DEFAULT_BRANCH = "main"
+MAINTAINER_ACCESS = 40
+# ProtectedRefAccess::ALLOWED_ACCESS_LEVELS and their humanized names (app/models/concerns/protected_ref_access.rb).
+PROTECTED_REF_ACCESS_LEVELS: dict[int, str] = {
+    0: "No one",
+    30: "Developers + Maintainers",
+    MAINTAINER_ACCESS: "Maintainers",
+    60: "Instance admins",
+}
 # The values the runner listings' filters accept (lib/api/ci/runners.rb): anything else is a 400.
 RUNNER_TYPES = tuple(t.value for t in RunnerType)
 RUNNER_FILTER_STATUSES = ("active", "paused", "online", "offline", "never_contacted", "stale")
@@ -448,6 +480,17 @@ class OutgoingEvent:
     event_uuid: str
     idempotency_key: str
     body: bytes
+    # The ``build_status`` a Job Hook carries, for the dispatcher to hold back some executions; None for a resend.
+    build_status: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRequestAnswer:
+    """What ``POST /jobs/request`` answers: the job for the runner, or none (a 204) with the runner's queue value,
+    which GitLab sends in ``X-GitLab-Last-Update``."""
+
+    job: dict[str, Any] | None
+    last_update: str | None = None
 
 
 @dataclass(frozen=True)
@@ -511,6 +554,17 @@ class Namespace:
 
 
 @dataclass
+class ProtectedBranch:
+    """A protected branch or wildcard pattern of branches (ProtectedBranch), with its access levels."""
+
+    id: int
+    name: str
+    push_access_level: int = MAINTAINER_ACCESS
+    merge_access_level: int = MAINTAINER_ACCESS
+    allow_force_push: bool = False
+
+
+@dataclass
 class Project:
     id: int
     name: str
@@ -518,6 +572,9 @@ class Project:
     namespace: Namespace
     created_at: datetime
     description: str | None = None
+    protected_branches: list[ProtectedBranch] = field(default_factory=list)
+    # Protected tag names or wildcard patterns (ProtectedTag).
+    protected_tags: list[str] = field(default_factory=list)
 
     @property
     def path_with_namespace(self) -> str:
@@ -551,7 +608,9 @@ class RunnerManagerRecord:
     id: int
     system_id: str
     created_at: datetime
-    contacted_at: datetime
+    # None until the machine is heard from: verifying a created runner's token registers the manager without
+    # contacting it.
+    contacted_at: datetime | None = None
 
 
 @dataclass
@@ -572,6 +631,9 @@ class Runner:
     project_ids: list[int] = field(default_factory=list)
     contacted_at: datetime | None = None
     managers: dict[str, RunnerManagerRecord] = field(default_factory=dict)
+    # The runner's queue key in Redis (Ci::Runner#runner_queue_key): its value and when it was last set.
+    queue_value: str | None = None
+    queue_value_set_at: datetime | None = None
 
 
 @dataclass
@@ -584,6 +646,9 @@ class Pipeline:
     created_at: datetime
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     jobs: list[Job] = field(default_factory=list)
+    tag: bool = False  # whether ``ref`` names a tag rather than a branch
+    # Ci::Pipeline#protected_ref?, decided once when the pipeline is created.
+    protected: bool = False
 
     @property
     def current_jobs(self) -> list[Job]:
@@ -600,8 +665,13 @@ class Job:
     tags: list[str]
     allow_failure: bool
     created_at: datetime
+    # The row's updated_at: every status change sets it, and so do the runner's updates when it is older than
+    # BUILD_TOUCH_AFTER. StuckCiJobsWorker reads it.
+    updated_at: datetime
     when: When = When.ON_SUCCESS
     script: tuple[str, ...] = DEFAULT_SCRIPT
+    # Ci::Build#protected: whether the job's ref was protected when it was created.
+    protected: bool = False
     retries_count: int = 0
     status: JobStatus = JobStatus.CREATED
     queued_at: datetime | None = None
@@ -723,6 +793,19 @@ def runner_validation_errors(settings: RunnerSettings) -> list[str]:
     return problems
 
 
+def ref_matches(pattern: str, ref: str) -> bool:
+    """Gitlab::RefMatcher#matches? (lib/gitlab/ref_matcher.rb): the exact name, or a pattern whose ``*`` matches
+    any run of characters, slashes included, anchored at both ends."""
+    if not pattern:
+        return False
+    if pattern == ref:
+        return True
+    if "*" not in pattern:
+        return False
+    regex = ".*?".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, ref) is not None
+
+
 def to_sentence(parts: Sequence[str]) -> str:
     """Rails' ``Array#to_sentence``: "a", "a and b", "a, b, and c"."""
     if len(parts) <= 2:
@@ -733,6 +816,23 @@ def to_sentence(parts: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------
+
+
+class RequestHold:
+    """One held ``POST /jobs/request``: ``reached`` is set once the request passed the active check and waits;
+    ``release()`` lets it go on to the assignment. A hold nobody releases lets go after ``timeout`` seconds."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        self.reached = threading.Event()
+        self._released = threading.Event()
+        self._timeout = timeout
+
+    def wait(self) -> None:
+        self.reached.set()
+        self._released.wait(self._timeout)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 class GitLabModel:
@@ -762,6 +862,8 @@ class GitLabModel:
         self._queue: dict[int, Job] = {}
         self._runners: dict[int, Runner] = {}
         self._tokens: dict[str, AccessToken] = {}
+        # Job requests held between the active check and the assignment, by runner id (see ``hold_job_request``).
+        self._held_requests: dict[int, RequestHold] = {}
         # Instance feature flags an administrator enabled (``Feature.enable(:name)``).
         self.features: set[str] = set()
         # Whether hooks honour ``signing_token``; the HTTP layer decides it from the version and the flags.
@@ -780,6 +882,7 @@ class GitLabModel:
             "job": 100_000,
             "runner": 10_000_000,
             "token": 1,
+            "protected_branch": 1,
         }
         self._next_manager_id = 1
         self._admin_namespace = self._namespace(ADMIN_USERNAME, kind="user")
@@ -898,6 +1001,7 @@ class GitLabModel:
                 namespace=namespace,
                 created_at=self._clock(),
                 description=description,
+                protected_branches=[ProtectedBranch(id=self._take_id("protected_branch"), name=DEFAULT_BRANCH)],
             )
             self._projects[project.id] = project
             return self._project_json(project)
@@ -909,6 +1013,49 @@ class GitLabModel:
     def list_projects(self) -> list[dict[str, Any]]:
         with self.lock:
             return [self._project_json(p) for p in sorted(self._projects.values(), key=lambda p: -p.id)]
+
+    # -- protected refs --
+
+    def protect_branch(
+        self,
+        project_ref: str | int,
+        name: str,
+        *,
+        push_access_level: int = MAINTAINER_ACCESS,
+        merge_access_level: int = MAINTAINER_ACCESS,
+        allow_force_push: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /projects/:id/protected_branches`` (lib/api/protected_branches.rb): protect a branch or a wildcard
+        pattern of branches; one already protected under that name is a 409. Pipelines created from now on for a
+        matching branch are protected; existing jobs keep the flag they were created with."""
+        with self.lock:
+            # Grape's ``values:`` validation runs before the endpoint looks for an existing protection.
+            for key, level in (("push_access_level", push_access_level), ("merge_access_level", merge_access_level)):
+                if level not in PROTECTED_REF_ACCESS_LEVELS:
+                    raise BadRequestError(f"{key} does not have a valid value")
+            project = self._project(project_ref)
+            if any(b.name == name for b in project.protected_branches):
+                raise MessageError(409, f"Protected branch '{name}' already exists")
+            branch = ProtectedBranch(
+                id=self._take_id("protected_branch"),
+                name=name,
+                push_access_level=push_access_level,
+                merge_access_level=merge_access_level,
+                allow_force_push=allow_force_push,
+            )
+            project.protected_branches.append(branch)
+            return self._protected_branch_json(branch)
+
+    def list_protected_branches(self, project_ref: str | int) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._protected_branch_json(b) for b in self._project(project_ref).protected_branches]
+
+    def protect_tag(self, project_ref: str | int, name: str) -> None:
+        """A protected tag name or wildcard pattern (ProtectedTag): pipelines for a matching tag are protected."""
+        with self.lock:
+            project = self._project(project_ref)
+            if name not in project.protected_tags:
+                project.protected_tags.append(name)
 
     # -- hooks --
 
@@ -1000,10 +1147,22 @@ class GitLabModel:
     # -- pipelines --
 
     def create_pipeline(
-        self, project_ref: str | int, ref: str, jobs: Sequence[JobSpec], stages: Sequence[str] | None = None
+        self,
+        project_ref: str | int,
+        ref: str,
+        jobs: Sequence[JobSpec],
+        stages: Sequence[str] | None = None,
+        *,
+        tag: bool = False,
     ) -> dict[str, Any]:
-        """A pipeline of ``jobs`` in ``stages`` order (GitLab's default stages when ``None``). Every job is created,
-        then the pipeline is processed: the first stage with jobs becomes pending, later stages stay created."""
+        """A pipeline of ``jobs`` in ``stages`` order (GitLab's default stages when ``None``) for the branch, or with
+        ``tag`` the tag, ``ref``. Every job is created, then the pipeline is processed: the first stage with jobs
+        becomes pending, later stages stay created.
+
+        Each job is created protected when the ref is: Gitlab::Ci::Pipeline::Seed::Build gives every build
+        ``protected: @pipeline.protected_ref?``, which is Project#protected_for?(ref) (app/models/project.rb): a
+        branch matching a protected branch (the default branch is one from the project's creation), or a tag
+        matching a protected tag."""
         with self.lock:
             project = self._project(project_ref)
             if not jobs:
@@ -1025,12 +1184,21 @@ class GitLabModel:
                 sha=hashlib.sha1(f"{project.id}:{pipeline_id}".encode(), usedforsecurity=False).hexdigest(),
                 created_at=self._clock(),
                 stages=order,
+                tag=tag,
+                protected=self._protected_for(project, ref, tag=tag),
             )
             self._pipelines[pipeline.id] = pipeline
             # GitLab creates every job first (a Job Hook each), then its processing service queues what may run.
             for spec in jobs:
                 self._new_job(
-                    pipeline, spec.name, spec.stage, spec.tags, spec.allow_failure, spec.when, tuple(spec.script)
+                    pipeline,
+                    spec.name,
+                    spec.stage,
+                    spec.tags,
+                    spec.allow_failure,
+                    spec.when,
+                    tuple(spec.script),
+                    protected=pipeline.protected,
                 )
             self._process(pipeline)
             return self._pipeline_json(pipeline, detailed=True)
@@ -1076,7 +1244,17 @@ class GitLabModel:
             if old.status not in FINISHED_STATUSES or old.retried:
                 raise ForbiddenError("Job is not retryable")
             old.retried = True
-            new = self._new_job(old.pipeline, old.name, old.stage, old.tags, old.allow_failure, old.when, old.script)
+            # Ci::Build.clone_accessors carry ``protected`` over: the new try keeps the old one's flag.
+            new = self._new_job(
+                old.pipeline,
+                old.name,
+                old.stage,
+                old.tags,
+                old.allow_failure,
+                old.when,
+                old.script,
+                protected=old.protected,
+            )
             new.retries_count = old.retries_count + 1
             # Ci::ResetSkippedJobsService: jobs of later stages skipped because of the old try wait again.
             later = old.pipeline.stages.index(old.stage)
@@ -1111,6 +1289,47 @@ class GitLabModel:
             self._process(job.pipeline)
             return self._job_json(job)
 
+    def drop_stuck_jobs(self) -> list[int]:
+        """One pass of StuckCiJobsWorker (app/workers/stuck_ci_jobs_worker.rb) at the model's clock; the ids of
+        the jobs it dropped, each failed with ``stuck_or_timeout_failure`` and its Job Hook sent, as ``drop!``
+        does.
+
+        Ci::StuckBuilds::DropRunningService drops running jobs created and last updated more than
+        BUILD_RUNNING_OUTDATED_TIMEOUT ago. Ci::StuckBuilds::DropPendingService drops pending jobs created and last
+        updated more than BUILD_PENDING_OUTDATED_TIMEOUT ago, then those past BUILD_PENDING_STUCK_TIMEOUT that are
+        ``stuck?``. Each goes oldest first (``order(created_at: :asc, project_id: :asc)``), and the stuck pass ends
+        at the first job that is not stuck (``break unless build.stuck?``, app/services/ci/stuck_builds/
+        drop_helpers.rb), leaving the stuck ones behind it for the next pass."""
+        with self.lock:
+            now = self._clock()
+            dropped: list[int] = []
+
+            def outdated(status: JobStatus, timeout: timedelta) -> list[Job]:
+                deadline = now - timeout
+                found = [
+                    j
+                    for j in self._jobs.values()
+                    if j.status is status and j.created_at < deadline and j.updated_at < deadline
+                ]
+                return sorted(found, key=lambda j: (j.created_at, j.project.id, j.id))
+
+            def drop(job: Job) -> None:
+                self._transition(job, JobStatus.FAILED, failure_reason=STUCK_OR_TIMEOUT_FAILURE)
+                self._process(job.pipeline)
+                dropped.append(job.id)
+
+            for job in outdated(JobStatus.RUNNING, BUILD_RUNNING_OUTDATED_TIMEOUT):
+                drop(job)
+            for job in outdated(JobStatus.PENDING, BUILD_PENDING_OUTDATED_TIMEOUT):
+                drop(job)
+            for job in outdated(JobStatus.PENDING, BUILD_PENDING_STUCK_TIMEOUT):
+                if job.status is not JobStatus.PENDING:
+                    continue
+                if not self._stuck(job, now):
+                    break
+                drop(job)
+            return dropped
+
     # -- runners (admin API) --
 
     def create_runner(self, settings: RunnerSettings, user: User = ADMIN) -> dict[str, Any]:
@@ -1144,7 +1363,7 @@ class GitLabModel:
             runner = Runner(
                 id=self._take_id("runner"),
                 # Authentication tokens are "glrt-" plus 20 characters.
-                token="glrt-" + secrets.token_urlsafe(15),
+                token=CREATED_RUNNER_TOKEN_PREFIX + secrets.token_urlsafe(15),
                 runner_type=settings.runner_type,
                 description=settings.description,
                 paused=settings.paused,
@@ -1223,6 +1442,9 @@ class GitLabModel:
                 runner.maximum_timeout = changes.maximum_timeout
             if changes.maintenance_note is not None:
                 runner.maintenance_note = changes.maintenance_note
+            # Ci::Runners::UpdateRunnerService ticks the runner's queue after any update, so that a runner long
+            # polling with its last X-GitLab-Last-Update looks at the queue again with its new settings.
+            self._tick_runner_queue(runner)
             return self._runner_detail_json(runner)
 
     def delete_runner(self, runner_id: int, user: User = ADMIN) -> None:
@@ -1233,7 +1455,7 @@ class GitLabModel:
         """``POST /runners/:id/reset_authentication_token``: the old token stops working at once."""
         with self.lock:
             runner = self._managed_runner(runner_id, user)
-            runner.token = "glrt-" + secrets.token_urlsafe(15)
+            runner.token = CREATED_RUNNER_TOKEN_PREFIX + secrets.token_urlsafe(15)
             return {"token": runner.token, "token_expires_at": None}
 
     def delete_runner_by_token(self, token: str) -> None:
@@ -1271,28 +1493,60 @@ class GitLabModel:
     # -- runner agent API: authenticated by runner or job tokens, not by a user --
 
     def verify_runner(self, token: str, system_id: str | None) -> dict[str, Any]:
+        """``POST /runners/verify`` (lib/api/ci/runner.rb): for a runner created with POST /user/runners (a
+        ``glrt-`` token) it is ``authenticate_runner!(update_contacted_at: false)``, because "for runners that were
+        created in the UI, we want to update the contacted_at value only when it starts polling for jobs". The
+        runner manager of the system id is still made (Ci::Runner#ensure_manager), but neither it nor the runner
+        is contacted: both stay ``never_contacted`` until the first ``POST /jobs/request``."""
         with self.lock:
             runner = self._runner_by_token(token)
             if system_id is None:
                 # Documented: system_id is required when the token is a glrt- authentication token.
                 raise BadRequestError("system_id is missing")
-            self._touch(runner, system_id)
+            self._touch(runner, system_id, contact=not token.startswith(CREATED_RUNNER_TOKEN_PREFIX))
             return {"id": runner.id, "token": runner.token, "token_expires_at": None}
 
-    def request_job(self, token: str, system_id: str | None) -> dict[str, Any] | None:
-        """Hand the oldest queued job this runner may run to it, or ``None`` (the API answers 204)."""
+    def request_job(self, token: str, system_id: str | None, last_update: str | None = None) -> JobRequestAnswer:
+        """``POST /jobs/request`` as lib/api/ci/runner.rb answers it. The runner is contacted first. A paused
+        runner gets no job and its queue value. A runner sending back the queue value that is still current
+        (Ci::Runner#runner_queue_value_latest?) gets no job without the queue being looked at: nothing it could
+        take became pending since. Otherwise it is handed the first queued job it may run, in the order
+        Ci::Queue::BuildQueueService gives its kind of runner, or gets the queue value it looked at."""
         with self.lock:
             runner = self._runner_by_token(token)
             manager = self._touch(runner, system_id)
-            job = next((j for j in self._queue.values() if self._may_run(runner, j)), None)
+            if runner.paused:
+                return JobRequestAnswer(None, self._ensure_runner_queue_value(runner))
+            if last_update and self._ensure_runner_queue_value(runner) == last_update:
+                return JobRequestAnswer(None, last_update)
+            hold = self._held_requests.pop(runner.id, None)
+        if hold is not None:
+            # The active check above and the assignment below are separate steps in GitLab too: the API checks
+            # ``current_runner.active?`` once (lib/api/ci/runner.rb, POST /jobs/request), then
+            # Ci::RegisterJobService picks and assigns a job without looking at it again. A pause landing in
+            # between does not stop this request.
+            hold.wait()
+        with self.lock:
+            if runner.id not in self._runners:
+                return JobRequestAnswer(None, None)
+            new_update = self._ensure_runner_queue_value(runner)
+            job = next((j for j in self._queue_for(runner) if self._matches(runner, j)), None)
             if job is None:
-                return None
+                return JobRequestAnswer(None, new_update)
             job.runner = runner
             job.runner_manager = manager
             # Job tokens are CI_JOB_TOKENs: "glcbt-" prefixed, valid only while the job runs.
             job.token = "glcbt-" + secrets.token_hex(16)
             self._transition(job, JobStatus.RUNNING)
-            return self._job_payload_for_runner(job)
+            return JobRequestAnswer(self._job_payload_for_runner(job))
+
+    def hold_job_request(self, runner_id: int) -> RequestHold:
+        """Hold the runner's next ``POST /jobs/request`` that passes the active check, before a job is picked for
+        it, until the hold is released: how a test places a pause between GitLab's two steps."""
+        with self.lock:
+            hold = RequestHold()
+            self._held_requests[runner_id] = hold
+            return hold
 
     def update_job_from_runner(
         self, job_id: int, job_token: str, state: str | None, failure_reason: str | None
@@ -1304,7 +1558,11 @@ class GitLabModel:
             status = next((s for s in RUNNER_REPORTED_STATUSES if s.value == state), None)
             if status is None:
                 return 400, job.status.value
-            if status is not JobStatus.RUNNING:  # "running" only keeps the job alive
+            if status is JobStatus.RUNNING:
+                # Ci::UpdateBuildStateService: "running" only keeps the job alive, ``build.touch if
+                # build.needs_touch?``.
+                self._touch_job(job)
+            else:
                 reason = failure_reason if failure_reason in FAILURE_REASONS else UNKNOWN_FAILURE
                 self._transition(job, status, failure_reason=reason)
                 self._process(job.pipeline)
@@ -1326,6 +1584,8 @@ class GitLabModel:
                 # Nothing is appended; Range says how much GitLab has, for the runner to resend from there.
                 raise MessageError(416, "416 Range Not Satisfiable", {"Range": f"0-{len(job.trace)}"})
             job.trace += data
+            # Gitlab::Ci::Trace#unsafe_write! (lib/gitlab/ci/trace.rb) touches the job once the append is written.
+            self._touch_job(job)
             return len(job.trace), job.status.value
 
     # -- delivery log --
@@ -1491,7 +1751,10 @@ class GitLabModel:
         allow_failure: bool,
         when: When,
         script: tuple[str, ...],
+        *,
+        protected: bool,
     ) -> Job:
+        now = self._clock()
         job = Job(
             id=self._take_id("job"),
             pipeline=pipeline,
@@ -1499,9 +1762,11 @@ class GitLabModel:
             stage=stage,
             tags=list(tags),
             allow_failure=allow_failure,
-            created_at=self._clock(),
+            created_at=now,
+            updated_at=now,
             when=when,
             script=script,
+            protected=protected,
         )
         self._jobs[job.id] = job
         pipeline.jobs.append(job)
@@ -1515,10 +1780,18 @@ class GitLabModel:
             return
         now = self._clock()
         previous, job.status = job.status, status
+        job.updated_at = now
         if status is JobStatus.PENDING:
             job.queued_at = now
             job.runner = None
             self._queue[job.id] = job
+            # BuildQueueWorker runs Ci::UpdateBuildQueueService#tick: every runner that could pick the job gets a
+            # new queue value (Ci::Runner#pick_build!), so its next request looks at the queue again. GitLab ticks
+            # only runners contacted in the last three hours (with_recent_runner_queue); any other one's value has
+            # expired (RUNNER_QUEUE_EXPIRY) and is new on its next request anyway.
+            for runner in self._runners.values():
+                if self._may_run(runner, job):
+                    self._tick_runner_queue(runner)
         else:
             self._queue.pop(job.id, None)
         if status is JobStatus.RUNNING and job.started_at is None:
@@ -1547,7 +1820,17 @@ class GitLabModel:
                 self._transition(job, JobStatus.PENDING if before in RUNS_AFTER[job.when] else JobStatus.SKIPPED)
 
     def _may_run(self, runner: Runner, job: Job) -> bool:
-        if runner.paused:
+        """Whether the runner may take the job: active, and matching it (see ``_matches``)."""
+        return not runner.paused and self._matches(runner, job)
+
+    @staticmethod
+    def _matches(runner: Runner, job: Job) -> bool:
+        """Whether the job is for the runner, as Ci::RegisterJobService picks one (it does not look at ``active``,
+        which the API checked before): owning the job's project, accepting its tags, and, when ``ref_protected``,
+        only a protected job (Ci::RegisterJobService#each_build narrows such a runner's queue to
+        ``builds_for_protected_runner``, the queue's ``protected`` rows; Gitlab::Ci::Matching::RunnerMatcher#matches?
+        refuses an unprotected build to it)."""
+        if runner.access_level is AccessLevel.REF_PROTECTED and not job.protected:
             return False
         if runner.runner_type is RunnerType.PROJECT and job.project.id not in runner.project_ids:
             return False
@@ -1560,20 +1843,74 @@ class GitLabModel:
             return runner.run_untagged
         return set(job.tags) <= set(runner.tag_list)
 
-    def _touch(self, runner: Runner, system_id: str | None) -> RunnerManagerRecord | None:
+    def _touch(self, runner: Runner, system_id: str | None, *, contact: bool = True) -> RunnerManagerRecord | None:
+        """``authenticate_runner!``: the runner manager of ``system_id`` is made if new (Ci::Runner#ensure_manager)
+        and, unless ``contact`` is off, it and the runner are heard from now (their ``heartbeat``)."""
         now = self._clock()
-        runner.contacted_at = now
+        if contact:
+            runner.contacted_at = now
         if system_id is None:
             return None
         manager = runner.managers.get(system_id)
         if manager is None:
-            manager = RunnerManagerRecord(
-                id=self._next_manager_id, system_id=system_id, created_at=now, contacted_at=now
-            )
+            manager = RunnerManagerRecord(id=self._next_manager_id, system_id=system_id, created_at=now)
             self._next_manager_id += 1
             runner.managers[system_id] = manager
-        manager.contacted_at = now
+        if contact:
+            manager.contacted_at = now
         return manager
+
+    def _touch_job(self, job: Job) -> None:
+        """``job.touch if job.needs_touch?`` (app/models/ci/build.rb): updated_at moves only when it is more than
+        BUILD_TOUCH_AFTER old, so updates closer together than that do not keep a job alive for longer."""
+        now = self._clock()
+        if now - job.updated_at > BUILD_TOUCH_AFTER:
+            job.updated_at = now
+
+    def _ensure_runner_queue_value(self, runner: Runner) -> str:
+        """Ci::Runner#ensure_runner_queue_value: the runner's queue value, a new one if it has none or it expired
+        (set without overwriting, with a RUNNER_QUEUE_EXPIRY lifetime)."""
+        now = self._clock()
+        if (
+            runner.queue_value is None
+            or runner.queue_value_set_at is None
+            or now - runner.queue_value_set_at >= RUNNER_QUEUE_EXPIRY
+        ):
+            runner.queue_value, runner.queue_value_set_at = secrets.token_hex(16), now
+        return runner.queue_value
+
+    def _tick_runner_queue(self, runner: Runner) -> None:
+        """Ci::Runner#tick_runner_queue: a new queue value, overwriting the old one."""
+        runner.queue_value, runner.queue_value_set_at = secrets.token_hex(16), self._clock()
+
+    def _queue_for(self, runner: Runner) -> list[Job]:
+        """The queued jobs in the order Ci::Queue::PendingBuildsStrategy hands them to this kind of runner. Group
+        and project runners take them by id (``order``: ``build_id ASC``). Instance runners take them by fair
+        scheduling (``builds_for_shared_runner``): first the jobs of projects with the fewest jobs running on
+        instance runners (the Ci::RunningBuild rows of instance_type), then by id."""
+        jobs = sorted(self._queue.values(), key=lambda j: j.id)
+        if runner.runner_type is not RunnerType.INSTANCE:
+            return jobs
+        running = Counter(
+            j.project.id
+            for j in self._jobs.values()
+            if j.status is JobStatus.RUNNING and j.runner is not None and j.runner.runner_type is RunnerType.INSTANCE
+        )
+        return sorted(jobs, key=lambda j: (running[j.project.id], j.id))
+
+    def _stuck(self, job: Job, now: datetime) -> bool:
+        """Ci::Build#stuck?: pending, and no runner of its project is ``match_build_if_online?`` (active, online
+        and matching the build)."""
+        return job.status is JobStatus.PENDING and not any(
+            self._may_run(runner, job) and self._online(runner.contacted_at, now) for runner in self._runners.values()
+        )
+
+    @staticmethod
+    def _protected_for(project: Project, ref: str, *, tag: bool) -> bool:
+        """Project#protected_for?: ProtectedTag.protected? for a tag, ProtectedBranch.protected? for a branch."""
+        if tag:
+            return any(ref_matches(pattern, ref) for pattern in project.protected_tags)
+        return any(ref_matches(branch.name, ref) for branch in project.protected_branches)
 
     def _runner_status(self, runner: Runner, now: datetime) -> RunnerStatus:
         """The REST API's ``status``, Ci::Runner#deprecated_rest_status: stale before anything else, then never
@@ -1651,7 +1988,16 @@ class GitLabModel:
             # Job Hooks are executed by Sidekiq workers, each with its own request store and no request UUID to
             # inherit, so every hook execution gets a new X-Gitlab-Event-UUID (RecursionDetection::UUID
             # #uuid_for_hook) and a new Idempotency-Key (WebHookService#generate_idempotency_key).
-            self._on_event(OutgoingEvent(self._hook_target(hook), JOB_HOOK, str(uuid.uuid4()), str(uuid.uuid4()), body))
+            self._on_event(
+                OutgoingEvent(
+                    self._hook_target(hook),
+                    JOB_HOOK,
+                    str(uuid.uuid4()),
+                    str(uuid.uuid4()),
+                    body,
+                    build_status=job.status.value,
+                )
+            )
 
     def _hook_target(self, hook: Hook) -> HookTarget:
         return HookTarget(
@@ -1710,7 +2056,7 @@ class GitLabModel:
         return {
             "object_kind": "build",
             "ref": pipeline.ref,
-            "tag": False,
+            "tag": pipeline.tag,
             "before_sha": pipeline.sha,
             "sha": pipeline.sha,
             "build_id": job.id,
@@ -1765,7 +2111,7 @@ class GitLabModel:
                 "namespace": project.namespace.name,
                 "visibility_level": 0,
                 "path_with_namespace": project.path_with_namespace,
-                "default_branch": "main",
+                "default_branch": DEFAULT_BRANCH,
                 "ci_config_path": None,
             },
             # The only tags a Job Hook carries are the runner's, and only once a runner took the job.
@@ -1825,7 +2171,7 @@ class GitLabModel:
         namespace = project.namespace
         return {
             **self._project_summary_json(project),
-            "default_branch": "main",
+            "default_branch": DEFAULT_BRANCH,
             "visibility": "private",
             "web_url": self._web_url(project),
             "ssh_url_to_repo": self._ssh_url(project),
@@ -1842,6 +2188,27 @@ class GitLabModel:
             "archived": False,
             "jobs_enabled": True,
             "shared_runners_enabled": True,
+        }
+
+    @staticmethod
+    def _protected_branch_json(branch: ProtectedBranch) -> dict[str, Any]:
+        """API::Entities::ProtectedBranch, its access levels as API::Entities::ProtectedRefAccess."""
+
+        def levels(level: int) -> list[dict[str, Any]]:
+            return [
+                {
+                    "id": branch.id,
+                    "access_level": level,
+                    "access_level_description": PROTECTED_REF_ACCESS_LEVELS[level],
+                }
+            ]
+
+        return {
+            "id": branch.id,
+            "name": branch.name,
+            "push_access_levels": levels(branch.push_access_level),
+            "merge_access_levels": levels(branch.merge_access_level),
+            "allow_force_push": branch.allow_force_push,
         }
 
     def _hook_json(self, hook: Hook) -> dict[str, Any]:
@@ -1918,7 +2285,7 @@ class GitLabModel:
         return {
             **summary,
             "before_sha": pipeline.sha,
-            "tag": False,
+            "tag": pipeline.tag,
             "yaml_errors": None,
             "user": self._user_json(),
             "started_at": iso_ms(started),
@@ -2009,7 +2376,7 @@ class GitLabModel:
             "stage": job.stage,
             "name": job.name,
             "ref": pipeline.ref,
-            "tag": False,
+            "tag": pipeline.tag,
             "coverage": None,
             "allow_failure": job.allow_failure,
             "archived": False,
@@ -2062,11 +2429,16 @@ class GitLabModel:
             "CI_JOB_NAME": job.name,
             "CI_JOB_STAGE": job.stage,
             "CI_COMMIT_REF_NAME": pipeline.ref,
+            "CI_COMMIT_REF_PROTECTED": str(job.protected).lower(),
             "CI_COMMIT_SHA": pipeline.sha,
             "CI_RUNNER_ID": str(runner.id),
             "CI_RUNNER_TAGS": json.dumps(runner.tag_list),
         }
         variables = [{"key": k, "value": v, "public": True, "masked": False} for k, v in public.items()]
+        # Ci::BuildRunnerPresenter#refspecs (app/presenters/ci/build_runner_presenter.rb): a tag is fetched as
+        # itself, a branch into the remote's branches.
+        git_ref = f"refs/tags/{pipeline.ref}" if pipeline.tag else f"refs/heads/{pipeline.ref}"
+        refspec = f"+{git_ref}:{git_ref}" if pipeline.tag else f"+{git_ref}:refs/remotes/origin/{pipeline.ref}"
         variables.append({"key": "CI_JOB_TOKEN", "value": job.token, "public": False, "masked": True})
         return {
             "id": job.id,
@@ -2097,11 +2469,11 @@ class GitLabModel:
                 "ref": pipeline.ref,
                 "sha": pipeline.sha,
                 "before_sha": pipeline.sha,
-                "ref_type": "branch",
-                "refspecs": [f"+refs/heads/{pipeline.ref}:refs/remotes/origin/{pipeline.ref}"],
+                "ref_type": "tag" if pipeline.tag else "branch",
+                "refspecs": [refspec],
                 "depth": 20,
                 "repo_object_format": "sha1",
-                "protected": False,
+                "protected": job.protected,
             },
             "runner_info": {"uuid": None, "timeout": timeout, "runner_session_url": None},
             "variables": variables,

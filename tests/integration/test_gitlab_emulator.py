@@ -399,6 +399,9 @@ def test_runners_are_updated_and_deleted(emu: GitLabEmulator, gl: gitlab.Gitlab)
 
 
 def test_runner_tokens_verify_and_unregister(emu: GitLabEmulator, gl: gitlab.Gitlab) -> None:
+    """``POST /runners/verify`` checks a created runner's token without contacting it: the runner and the
+    runner manager it registers stay ``never_contacted`` (lib/api/ci/runner.rb ``authenticate_runner!(
+    update_contacted_at: false)`` for ``glrt-`` tokens); ``DELETE /runners`` unregisters it."""
     # given
     token = new_runner(emu)["token"]
 
@@ -411,9 +414,9 @@ def test_runner_tokens_verify_and_unregister(emu: GitLabEmulator, gl: gitlab.Git
     assert verified.status_code == 200 and verified.json()["token"] == token
     assert no_system_id.status_code == 400
     assert bad.status_code == 403
-    assert emu.runners()[0]["status"] == "online"
+    assert emu.runners()[0]["status"] == "never_contacted"
     managers = admin(emu, "GET", f"/runners/{verified.json()['id']}/managers").json()
-    assert [(m["system_id"], m["status"]) for m in managers] == [("s_1", "online")]
+    assert [(m["system_id"], m["status"]) for m in managers] == [("s_1", "never_contacted")]
     assert requests.delete(api(emu, "/runners"), data={"token": token}, timeout=5).status_code == 204
     assert requests.delete(api(emu, "/runners"), params={"token": token}, timeout=5).status_code == 403
     assert emu.runners() == []

@@ -4,6 +4,8 @@ Job Hooks only where GitLab sends them, and the job API gitlab-runner talks to (
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import gitlab
@@ -241,11 +243,13 @@ def test_retrying_a_failed_job_brings_back_the_jobs_it_skipped(emu: GitLabEmulat
 def test_build_failure_reason_is_unknown_failure_unless_the_job_failed_otherwise(
     emu: GitLabEmulator, gl: gitlab.Gitlab, receiver: Receiver
 ) -> None:
-    """A Job Hook always carries ``build_failure_reason``: ``unknown_failure`` for a job that did not fail, since
-    the enum maps NULL to it (lib/gitlab/data_builder/build.rb, app/models/concerns/enums/ci/commit_status.rb;
-    gitlab-org/gitlab#214465). A runner's reason outside the enum is stored as ``unknown_failure``
-    (spec/requests/api/ci/runner/jobs_put_spec.rb). The jobs API shows ``failure_reason`` only on a failed job
-    (lib/api/entities/ci/job_basic.rb)."""
+    """A Job Hook always carries ``build_failure_reason``, ``build.failure_reason`` (lib/gitlab/data_builder/
+    build.rb): ``unknown_failure`` for a job that did not fail, created ones included, never null, since the enum
+    maps NULL to it (app/models/concerns/enums/ci/commit_status.rb ``unknown_failure: nil``, read through
+    app/models/commit_status.rb ``enum failure_reason:``; the "created" example of
+    doc/user/project/integrations/webhook_events.md; gitlab-org/gitlab#214465). A runner's reason outside the
+    enum is stored as ``unknown_failure`` (spec/requests/api/ci/runner/jobs_put_spec.rb). The jobs API shows
+    ``failure_reason`` only on a failed job (lib/api/entities/ci/job_basic.rb)."""
     # given
     project = gl.projects.get(emu.create_project("acme/app"))
     hook(emu, project.id, receiver.url)
@@ -269,6 +273,61 @@ def test_build_failure_reason_is_unknown_failure_unless_the_job_failed_otherwise
     assert (reasons[("broken", "failed")], reasons[("odd", "failed")]) == ("script_failure", "unknown_failure")
     assert "failure_reason" not in project.jobs.get(ok["id"]).attributes
     assert project.jobs.get(broken["id"]).failure_reason == "script_failure"
+
+
+def test_a_created_job_hook_can_arrive_after_the_jobs_later_hooks(
+    emulator_factory: Callable[..., GitLabEmulator], receiver: Receiver
+) -> None:
+    """GitLab executes a build's hooks from Sidekiq (``build.execute_hooks``, app/models/ci/build.rb; each hook
+    through WebHookWorker), so nothing orders the executions of one job's events: with ``created_hook_delay`` the
+    "created" execution lands after "pending", "running" and "success", still carrying the job as it was at
+    creation."""
+    # given
+    emu = emulator_factory(created_hook_delay=1.5)
+    project_id = emu.create_project("acme/app")
+    hook(emu, project_id, receiver.url)
+    emu.create_pipeline(project_id, [JobSpec("build")])
+
+    # when the job runs to success at once
+    job = request_job(emu, new_runner(emu)["token"]).json()
+    report(emu, job, "success")
+    emu.wait_for_deliveries(timeout=10)
+
+    # then
+    *earlier, last = receiver.bodies()
+    assert sorted(b["build_status"] for b in earlier) == ["pending", "running", "success"]
+    assert (last["build_status"], last["build_failure_reason"], last["runner"]) == ("created", "unknown_failure", None)
+    assert last["build_started_at"] is None and last["commit"]["status"] == "created"
+
+
+def test_the_created_hook_delay_can_be_changed_while_the_emulator_runs(emu: GitLabEmulator, receiver: Receiver) -> None:
+    """``set_created_hook_delay`` holds back the "created" executions of jobs created from then on, and 0 stops
+    holding them back; the other events are never held."""
+    # given
+    project_id = emu.create_project("acme/app")
+    hook(emu, project_id, receiver.url)
+    emu.set_created_hook_delay(1.5)
+
+    # when
+    emu.create_pipeline(project_id, [JobSpec("held")])
+    pending_first = wait_for_bodies(receiver, 1)
+    emu.wait_for_deliveries(timeout=10)
+    emu.set_created_hook_delay(0)
+    started = time.monotonic()
+    emu.create_pipeline(project_id, [JobSpec("prompt")])
+    emu.wait_for_deliveries(timeout=10)
+
+    # then
+    assert [(b["build_name"], b["build_status"]) for b in pending_first] == [("held", "pending")]
+    assert ("held", "created") in hooks_of(emu, receiver)
+    assert ("prompt", "created") in hooks_of(emu, receiver) and time.monotonic() - started < 1.0
+
+
+def wait_for_bodies(receiver: Receiver, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while len(receiver.received) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return receiver.bodies()
 
 
 # -- the runner's job API --
