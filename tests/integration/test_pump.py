@@ -7,6 +7,7 @@ only record what they were given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,9 +20,18 @@ from chalice.app import Chalice, CloudWatchEvent, SQSEvent
 
 from chalicelib.aws import AwsClients
 from fleetctl.sandbox.local_aws import LocalAws
-from fleetctl.sandbox.pump import ACCOUNT_ID, ASYNC_RETRY_DELAYS, MAX_EVENT_AGE_SECONDS, DroppedEvent, EventPump
+from fleetctl.sandbox.pump import (
+    ACCOUNT_ID,
+    ASYNC_RETRY_DELAYS,
+    MAX_EVENT_AGE_SECONDS,
+    DroppedEvent,
+    EventPump,
+    LambdaService,
+    chalice_timeouts,
+)
 
 JOBS_QUEUE = "pump-test-jobs"
+SLOW_QUEUE = "pump-test-slow"
 FAILING_QUEUE = "pump-test-failing"
 FAILING_DLQ = "pump-test-failing-dlq"
 RULE_PREFIX = "pump-test"
@@ -38,6 +48,10 @@ class Recorded:
     ticks: list[CloudWatchEvent] = field(default_factory=list)
     events: list[CloudWatchEvent] = field(default_factory=list)
     failed_events: list[tuple[float, CloudWatchEvent]] = field(default_factory=list)
+    # The slow handler: when each invocation started and ended, and the AWS calls it completed.
+    slow: list[tuple[str, float, float]] = field(default_factory=list)
+    calls_done: list[str] = field(default_factory=list)
+    tick_sleep: float = 0.0
 
     def clear(self) -> None:
         self.batches.clear()
@@ -45,6 +59,9 @@ class Recorded:
         self.ticks.clear()
         self.events.clear()
         self.failed_events.clear()
+        self.slow.clear()
+        self.calls_done.clear()
+        self.tick_sleep = 0.0
 
 
 recorded = Recorded()
@@ -62,9 +79,36 @@ def always_fails(event: SQSEvent) -> None:
     raise RuntimeError("handler failed on purpose")
 
 
+@app.on_sqs_message(queue=SLOW_QUEUE, batch_size=1)
+def slow(event: SQSEvent) -> None:
+    """Each message says what to do: ``sleep <s>`` then one AWS call, ``swallow <s>`` (sleep, then call AWS and
+    catch whatever comes), or ``thread <s>`` (the call made from a worker thread of the handler's own pool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    [record] = list(event)
+    what, seconds = record.body.split()
+    started = time.monotonic()
+    time.sleep(float(seconds))
+
+    def call() -> None:
+        AwsClients().sqs.get_queue_url(QueueName=SLOW_QUEUE)
+        recorded.calls_done.append(record.body)
+
+    if what == "swallow":
+        with contextlib.suppress(Exception):  # a function that swallows errors, on purpose
+            call()
+    elif what == "thread":
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(call).result()
+    else:
+        call()
+    recorded.slow.append((record.body, started, time.monotonic()))
+
+
 @app.schedule("rate(1 minute)")
 def every_minute(event: CloudWatchEvent) -> None:
     recorded.ticks.append(event)
+    time.sleep(recorded.tick_sleep)
 
 
 @app.on_cw_event({"source": ["aws.ec2"], "detail-type": [STATE_CHANGE]})
@@ -83,6 +127,7 @@ class Queues:
     jobs: str
     failing: str
     dlq: str
+    slow: str
 
 
 @dataclass(frozen=True)
@@ -142,7 +187,8 @@ def world() -> Iterator[World]:
                 "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}),
             },
         )["QueueUrl"]
-        yield World(clients, Queues(jobs=jobs, failing=failing, dlq=dlq))
+        slow_queue = sqs.create_queue(QueueName=SLOW_QUEUE, Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+        yield World(clients, Queues(jobs=jobs, failing=failing, dlq=dlq, slow=slow_queue))
     finally:
         aws.stop()
         os.environ.clear()
@@ -161,6 +207,8 @@ def pump(world: World) -> Iterator[EventPump]:
         world.sqs.get_queue_url(QueueName=f"{RULE_PREFIX}-rule-{name}")["QueueUrl"]
         for name in ("instance_changed", "event_fails")
     ]
+    pump.close()
+    assert _eventually(lambda: not world.take_all(world.queues.slow) and world.counts(world.queues.slow) == (0, 0))
     for url in (world.queues.jobs, world.queues.dlq, *rule_queues):
         world.take_all(url)
 
@@ -177,8 +225,10 @@ def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 # -- SQS ----------------------------------------------------------------------------------------------------------
 
 
-def test_batches_gather_more_than_one_receive_but_never_exceed_the_batch_size(world: World, pump: EventPump) -> None:
-    # given 60 messages: more than SQS returns per receive, more than one batch
+@pytest.mark.usefixtures("pump")
+def test_batches_gather_more_than_one_receive_but_never_exceed_the_batch_size(world: World) -> None:
+    # given 60 messages: more than SQS returns per receive, more than one batch; one batch at a time
+    pump = world.pump(service=LambdaService(sqs_concurrency=1))
     bodies = [json.dumps({"job": i}) for i in range(60)]
     world.send(world.queues.jobs, bodies)
 
@@ -198,6 +248,27 @@ def test_batches_gather_more_than_one_receive_but_never_exceed_the_batch_size(wo
     assert max(len(b) for b in recorded.batches) == BATCH_SIZE
     delivered = [body for batch in recorded.batches for body in batch]
     assert sorted(delivered) == sorted(bodies)
+    pump.close()
+
+
+@pytest.mark.usefixtures("pump")
+def test_batches_of_one_queue_run_side_by_side_up_to_the_concurrency(world: World) -> None:
+    """An SQS event source mapping invokes the function with several batches at once ("Using Lambda with Amazon
+    SQS": Lambda scales up the pollers, five batches at once to begin with; maximum concurrency caps it)."""
+    pump = world.pump(service=LambdaService(sqs_concurrency=3))
+    world.send(world.queues.slow, [f"sleep 0.{i + 5}" for i in range(5)])
+
+    # when one step takes what the concurrency allows
+    assert pump.pump_queues() == 3
+
+    # then three invocations overlapped, each with one message, and no more than three at once
+    assert len(recorded.slow) == 3
+    first_end = min(end for _, _, end in recorded.slow)
+    assert all(start < first_end for _, start, _ in recorded.slow)
+    assert pump.invocations.most_at_once["slow"] == 3
+    pump.drain(timeout=20)
+    assert len(recorded.slow) == 5
+    pump.close()
 
 
 def test_messages_of_a_handler_that_returns_are_deleted(world: World, pump: EventPump) -> None:
@@ -267,6 +338,52 @@ def test_a_failing_handler_does_not_hold_up_another_queue(world: World, pump: Ev
     assert world.counts(world.queues.failing) == (0, 1)
 
 
+# -- timeouts -----------------------------------------------------------------------------------------------------
+
+
+def test_the_timeouts_are_the_functions_lambda_timeouts_in_the_chalice_config() -> None:
+    timeouts = chalice_timeouts("dev")
+
+    assert {name: timeouts[name] for name in ("scale_up", "instance_state", "reconcile")} == {
+        "scale_up": 60.0,
+        "instance_state": 30.0,
+        "reconcile": 120.0,
+    }
+    assert LambdaService().timeout("scale_up") == 60.0
+
+
+@pytest.mark.parametrize("what", ["sleep", "swallow", "thread"])
+@pytest.mark.usefixtures("pump")
+def test_a_function_past_its_timeout_makes_no_further_call_and_its_batch_stays(world: World, what: str) -> None:
+    """Lambda stops a function at its timeout: the invocation fails and nothing after that point runs (Lambda
+    Developer Guide, "Configure Lambda function timeout"). The sandbox stops it at its next call, even one made
+    from a worker thread, even when the function catches every exception."""
+    pump = world.pump(service=LambdaService(timeouts={"slow": 0.3}))
+    world.send(world.queues.slow, [f"{what} 0.6"])
+
+    # when the function sleeps past its timeout, then calls AWS
+    assert pump.pump_queues() == 1
+
+    # then the call never happened, the invocation failed as timed out, and the message stays for its retry
+    assert recorded.calls_done == []
+    assert pump.invocations.timed_out == {"slow": 1}
+    assert world.counts(world.queues.slow) == (0, 1)
+    pump.close()
+
+
+@pytest.mark.usefixtures("pump")
+def test_a_function_within_its_timeout_completes(world: World) -> None:
+    pump = world.pump(service=LambdaService(timeouts={"slow": 5.0}))
+    world.send(world.queues.slow, ["thread 0.1"])
+
+    assert pump.pump_queues() == 1
+
+    assert recorded.calls_done == ["thread 0.1"]
+    assert pump.invocations.failed == {}
+    assert world.counts(world.queues.slow) == (0, 0)
+    pump.close()
+
+
 # -- schedules ----------------------------------------------------------------------------------------------------
 
 
@@ -289,6 +406,23 @@ def test_tick_calls_the_scheduled_handler_with_a_scheduled_event(pump: EventPump
     assert event.resources == [f"arn:aws:events:us-east-1:{ACCOUNT_ID}:rule/every_minute"]
     # nothing else was triggered by a tick
     assert recorded.batches == [] and recorded.events == []
+
+
+def test_a_schedule_fires_on_time_while_its_last_invocation_still_runs(pump: EventPump) -> None:
+    """A scheduled rule invokes its function asynchronously every period, whether or not the last invocation
+    ended (EventBridge schedules do not wait for their targets)."""
+    import threading
+
+    recorded.tick_sleep = 0.8
+    stop = threading.Event()
+    loop = threading.Thread(target=pump.run, args=(stop,), kwargs={"interval": 0.05, "tick_every": 0.25})
+    loop.start()
+    try:
+        assert _eventually(lambda: len(recorded.ticks) >= 3, timeout=10)
+    finally:
+        stop.set()
+        loop.join()
+    assert pump.invocations.most_at_once["every_minute"] >= 2
 
 
 # -- EventBridge --------------------------------------------------------------------------------------------------
@@ -322,6 +456,52 @@ def test_an_event_matching_the_rule_reaches_the_cw_handler_and_another_does_not(
     # and it was consumed: pumping again delivers nothing more
     assert pump.pump_events() == 0
     assert len(recorded.events) == 1
+
+
+def _put_state_changes(world: World, instance_id: str, states: list[str]) -> None:
+    events = world.clients.client("events")
+    for state in states:  # one PutEvents each, in this order
+        detail = json.dumps({"instance-id": instance_id, "state": state})
+        assert (
+            events.put_events(Entries=[{"Source": "aws.ec2", "DetailType": STATE_CHANGE, "Detail": detail}])[
+                "FailedEntryCount"
+            ]
+            == 0
+        )
+
+
+@pytest.mark.usefixtures("pump")
+def test_a_share_of_events_is_delivered_twice(world: World) -> None:
+    """EventBridge delivers each event at least once: a target may receive an event more than once ("Amazon
+    EventBridge events": at-least-once delivery), which handlers must absorb."""
+    pump = world.pump(service=LambdaService(duplicate_share=1.0, seed=7))
+    _put_state_changes(world, "i-dup", ["terminated", "running"])
+
+    assert pump.drain(timeout=10) == 2
+
+    # then each event reached the handler twice, the same event id both times, and was consumed once
+    ids = [event.to_dict()["id"] for event in recorded.events]
+    assert len(ids) == 4 and len(set(ids)) == 2
+    assert pump.invocations.duplicates == 2
+    assert pump.pump_events() == 0
+    pump.close()
+
+
+@pytest.mark.usefixtures("pump")
+def test_events_for_one_instance_arrive_out_of_order_within_the_reorder_window(world: World) -> None:
+    """EventBridge does not promise order: each delivery here waits a random time within the window."""
+    pump = world.pump(service=LambdaService(reorder_window=1.0, seed=11))
+    states = ["pending", "running", "stopping", "stopped", "pending", "running", "shutting-down", "terminated"]
+    _put_state_changes(world, "i-order", states)
+    started = time.monotonic()
+
+    pump.drain(timeout=15)
+
+    arrived = [event.detail["state"] for event in recorded.events]
+    assert sorted(arrived) == sorted(states)
+    assert arrived != states
+    assert time.monotonic() - started < 10
+    pump.close()
 
 
 def _put_failing_event(world: World) -> None:
