@@ -8,6 +8,8 @@ module to deploy, so the event source mapping names the same queue.
 
 from __future__ import annotations
 
+from typing import Any
+
 from chalice.app import Chalice, CloudWatchEvent, ConvertToMiddleware, Rate, Response, SQSEvent
 
 from chalicelib import runtime
@@ -51,8 +53,10 @@ def instance_state(event: CloudWatchEvent) -> None:
 
 @app.schedule(Rate(1, unit=Rate.MINUTES))
 def reconcile(event: CloudWatchEvent) -> None:
-    # Every minute: reap what went wrong, recover lost jobs, retire old runners, keep warm pools warm.
-    runtime.reconciler().run()
+    # Every minute: reap what went wrong, recover lost jobs, retire old runners, keep warm pools warm; within the
+    # invocation's time, so that the run ends (and gives its lease back) before Lambda stops it.
+    context: Any = event.context  # Lambda's context object (Chalice types it as a dict)
+    runtime.reconciler().run(time_left=context.get_remaining_time_in_millis() / 1000)
 
 
 @app.on_cw_event(

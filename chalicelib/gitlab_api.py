@@ -37,6 +37,12 @@ class JobInfo:
     job_id: int
     status: str
     tags: tuple[str, ...]
+    failure_reason: str = ""
+
+
+class JobNotRetryableError(Exception):
+    """GitLab refused to retry a job: "Job is not retryable" (403), as for a job that was retried already
+    (lib/api/ci/jobs.rb, ``forbidden!('Job is not retryable') unless build.retryable?``)."""
 
 
 def _epoch(value: Any) -> float:
@@ -98,7 +104,13 @@ class GitLabApi:
 
         def read(gl: Any) -> JobInfo:
             job = gl.projects.get(project_id, lazy=True).jobs.get(job_id)
-            return JobInfo(project_id, job_id, str(job.status), tuple(str(t) for t in job.tag_list or ()))
+            return JobInfo(
+                project_id,
+                job_id,
+                str(job.status),
+                tuple(str(t) for t in job.tag_list or ()),
+                str(getattr(job, "failure_reason", None) or ""),
+            )
 
         return self._call_or_none(f"GET job {project_id}:{job_id}", read)
 
@@ -110,8 +122,10 @@ class GitLabApi:
         run_untagged: bool,
         maximum_timeout: int,
         access_level: str = "not_protected",
+        maintenance_note: str = "",
     ) -> RunnerCredentials:
-        """A new runner of the configured scope; ``access_level`` "ref_protected" limits it to protected refs."""
+        """A new runner of the configured scope; ``access_level`` "ref_protected" limits it to protected refs, and
+        ``maintenance_note`` says whose it is (chalicelib.naming.FleetOwner)."""
         from gitlab.v4.objects import CurrentUserRunnerManager
 
         settings: dict[str, Any] = {
@@ -125,6 +139,8 @@ class GitLabApi:
             "maximum_timeout": maximum_timeout,
             "paused": False,
         }
+        if maintenance_note:
+            settings["maintenance_note"] = maintenance_note
         if self._runner_type is RunnerType.GROUP:
             settings["group_id"] = self._owner_id
         elif self._runner_type is RunnerType.PROJECT:
@@ -164,6 +180,12 @@ class GitLabApi:
 
         return self._call(f"GET {path}", listing)
 
+    def runner_note(self, runner_id: int) -> str | None:
+        """A runner's maintenance note ("" when it has none); None when GitLab no longer knows the runner."""
+        path = f"/runners/{runner_id}"
+        details = self._call_or_none(f"GET {path}", lambda gl: gl.http_get(path))
+        return None if details is None else str(details.get("maintenance_note") or "")
+
     def set_paused(self, runner_id: int, paused: bool) -> bool:
         """Pause (no new job is given to it) or resume a runner; False when GitLab no longer knows it."""
         path = f"/runners/{runner_id}"
@@ -192,9 +214,21 @@ class GitLabApi:
         return self._call_or_none(f"GET {path}", listing)
 
     def retry_job(self, project_id: int, job_id: int) -> int | None:
-        """Retry a finished job: GitLab makes a new job (returned by id) from it. None when the job is gone."""
+        """Retry a finished job: GitLab makes a new job (returned by id) from it. None when the job is gone;
+        ``JobNotRetryableError`` when GitLab says it is not retryable (retried already, by us or anyone)."""
+        import gitlab.exceptions
+
         path = f"/projects/{project_id}/jobs/{job_id}/retry"
-        answer = self._call_or_none(f"POST {path}", lambda gl: gl.http_post(path))
+
+        def retry(gl: Any) -> Any:
+            try:
+                return gl.http_post(path)
+            except gitlab.exceptions.GitlabHttpError as exc:
+                if exc.response_code == 403 and "not retryable" in str(exc.error_message):
+                    raise JobNotRetryableError(f"{project_id}:{job_id}") from None
+                raise
+
+        answer = self._call_or_none(f"POST {path}", retry)
         return None if answer is None else int(answer["id"])
 
     def reset_runner_token(self, runner_id: int) -> str:

@@ -42,6 +42,9 @@ class QueuedJob(msgspec.Struct, frozen=True):
     # Set (to the runner's pool) when a runner whose spot instance EC2 interrupted failed the job: scale-up
     # retries the job once through GitLab's API, if that pool allows it, instead of launching for it.
     retry_interrupted: str = ""
+    # How many times GitLab had retried that job before (its Job Hook's ``retries_count``): a job that is itself a
+    # retry is not retried again, so interruptions never chain retries.
+    retries: _Count = 0
 
     def to_json(self) -> str:
         return _encoder.encode(self).decode()

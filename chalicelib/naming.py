@@ -2,10 +2,15 @@
 
 Both sides derive them from here, so a renamed resource cannot leave scale-up launching from a template, or
 writing a token to a path, that bootstrap never made and the instance role cannot read. Lambdas cannot import
-``fleetctl``, hence this lives in ``chalicelib``; it imports nothing, so it costs no cold-start time.
+``fleetctl``, hence this lives in ``chalicelib``; it imports nothing heavy, so it costs no cold-start time.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 # Tags on every runner instance and its volumes, set by the launch template.
 FLEET_TAG = "runner-fleet:fleet"
@@ -59,3 +64,47 @@ def runner_role_name(fleet: str, pool: str) -> str:
 def runner_role_arn(fleet: str, pool: str, account: str = "*") -> str:
     """The ARN of a pool's runner role (its path included), as IAM policies name it."""
     return f"arn:aws:iam::{account}:role{runner_role_path(fleet)}{runner_role_name(fleet, pool)}"
+
+
+class FleetOwner:
+    """The mark this fleet puts on every GitLab runner it creates (the runner's maintenance note), by which
+    reconcile tells its runners from those of another fleet of the same name on the same GitLab scope (in another
+    account or region, or over another table), and how old one is (GitLab's runner API shows no creation time):
+    the fleet's name, account, region and table, which no other fleet shares, then when the runner was made. The
+    account is read once per process, with ``sts:GetCallerIdentity`` (which needs no permission); ``sts`` is
+    called only then."""
+
+    MADE = "; made "
+
+    def __init__(self, fleet: str, table: str, sts: Callable[[], Any]) -> None:
+        self._fleet = fleet
+        self._table = table
+        self._sts = sts
+        self._mark: str | None = None
+        self._lock = threading.Lock()
+
+    def mark(self) -> str:
+        """What every runner of this fleet's note begins with."""
+        if self._mark is None:
+            with self._lock:
+                if self._mark is None:
+                    client = self._sts()
+                    account = client.get_caller_identity()["Account"]
+                    region = client.meta.region_name
+                    self._mark = f"runner-fleet {self._fleet}: account {account}, region {region}, table {self._table}"
+        return self._mark
+
+    def note(self, made_at: float) -> str:
+        """The maintenance note of a runner made at ``made_at`` (epoch seconds)."""
+        return f"{self.mark()}{self.MADE}{datetime.fromtimestamp(made_at, UTC).isoformat(timespec='seconds')}"
+
+    def made_at(self, note: str) -> float | None:
+        """When the runner whose maintenance note is ``note`` was made, if it is this fleet's; None otherwise
+        (another fleet's, or a note nobody of ours wrote)."""
+        mark, separator, made = note.partition(self.MADE)
+        if not separator or mark != self.mark():
+            return None
+        try:
+            return datetime.fromisoformat(made).timestamp()
+        except ValueError:
+            return None

@@ -31,7 +31,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
-from chalicelib.store import to_item, token_key
+from chalicelib.store import TOKEN_INDEX_KEY, to_item, token_key
 
 # How long after its boot deadline an unread token may stay: TTL deletion is a backstop, never the first deletion.
 TOKEN_GRACE_SECONDS = 3600
@@ -97,6 +97,9 @@ class RunnerTokens:
             "token": token,
             "deadline_at": deadline_at,
             "ttl": int(deadline_at + TOKEN_GRACE_SECONDS),
+            # The keys-only index reconcile finds tokens past their deadline in (store.TOKEN_DEADLINES_INDEX).
+            "token_index": TOKEN_INDEX_KEY,
+            "token_due": deadline_at,
         }
         self._dynamodb.put_item(TableName=self._table, Item=to_item(item))
 

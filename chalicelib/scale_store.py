@@ -25,12 +25,17 @@ from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.gitlab_events import JobStatus
+from chalicelib.launches import LaunchEvent, LaunchState, LaunchUpdate
+from chalicelib.launches import update as launch_update
 from chalicelib.store import (
     FINISHED_JOB_TTL_SECONDS,
     FLEET_RECORDS_INDEX,
     IDLE_RUNNERS_INDEX,
     LIVE_ATTRIBUTE,
     QUEUE_CLAIM_SECONDS,
+    RETIRING,
+    TOKEN_DEADLINES_INDEX,
+    TOKEN_INDEX_KEY,
     UNFINISHED_JOB_TTL_SECONDS,
     FleetStore,
     RunnerState,
@@ -77,17 +82,6 @@ def conflict_backoff(attempt: int, rng: random.Random | None = None) -> float:
     return float(step / 2 + (rng or random).uniform(0, step / 2))
 
 
-class LaunchState(str, Enum):
-    """Where a launch record is in its life."""
-
-    LAUNCHING = "launching"  # leases taken; an invocation is making the instances and their runners
-    RESUMING = "resuming"  # another invocation took over an unfinished launch
-    INCOMPLETE = "incomplete"  # the invocation ended with runners unfinished; the next delivery resumes it
-    LAUNCHED = "launched"  # every runner it made is recorded and has its GitLab identity
-    # It stopped for good (``reason``); any leases it still holds are given back by reconcile.
-    FAILED = "failed"
-
-
 class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"
     HELD = "held"  # another launch already holds the job
@@ -132,6 +126,7 @@ class RunnerRecord:
     gitlab_cleanup: bool = False  # terminated, and its GitLab runner may still exist
     max_builds: int = 0  # builds its runner takes before it powers off (0: not recorded)
     draining: str = ""  # why it is paused in GitLab and takes no new job ("" while it is not)
+    draining_at: float = 0.0  # when it was marked draining
     busy: tuple[str, ...] = ()  # "<project>:<job>" of the jobs the Job Hooks say it runs
     first_job_at: float = 0.0
     warm: bool = False  # launched to keep its pool warm, not for a job
@@ -165,6 +160,7 @@ class RunnerRecord:
             gitlab_cleanup=values.get("gitlab_cleanup") == CLEANUP_PENDING,
             max_builds=int(values.get("max_builds", 0)),
             draining=str(values.get("draining", "")),
+            draining_at=float(values.get("draining_at", 0)),
             busy=tuple(sorted(str(job) for job in values.get("busy", ()))),
             first_job_at=float(values.get("first_job_at", 0)),
             warm=bool(values.get("warm", False)),
@@ -366,6 +362,28 @@ class ScaleStore(FleetStore):
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
 
+    def release_for_relaunch(self, project_id: int, job_id: int, launch_id: str) -> str | None:
+        """Untie a pending job from a launch that ended without a runner taking it, and in the same write make it a
+        pending job waiting to be queued, under a queue claim: returns the claim (for :meth:`mark_queued` once
+        the send succeeded, or :meth:`release_queue_claim` if it failed), or None when the launch no longer holds
+        it. Whatever happens after this write, the job is found again: queued, or unqueued pending (reconcile
+        queues those), never claimed by nothing."""
+        claim = uuid.uuid4().hex
+        now = self._clock()
+        landed = self._write_unless_refused(
+            "update_item",
+            _update(
+                self.table,
+                job_key(project_id, job_id),
+                "SET #queued = :no, queue_claim = :claim, queue_claim_at = :now, updated_at = :now"
+                " REMOVE launch_id, claimed_at",
+                {":launch": launch_id, ":no": False, ":claim": claim, ":now": now},
+                "launch_id = :launch",
+                names={"#queued": "queued"},
+            ),
+        )
+        return claim if landed else None
+
     def mark_job(self, project_id: int, job_id: int, outcome: str, **fields: Any) -> None:
         """Record what scale-up decided for a job (unmatched, not pending, dead-lettered ...)."""
         values = {
@@ -489,23 +507,13 @@ class ScaleStore(FleetStore):
             if finished:
                 self.fail_launch(launch_id, reason)
             return
-        values: dict[str, Any] = {":left": held - count, ":held": held}
-        expression = "SET leases = :left"
-        if finished:
-            expression += ", #state = :failed, reason = :reason"
-            values.update({":failed": LaunchState.FAILED.value, ":reason": reason or "failed"})
-        launch_update = _update(
-            self.table,
-            launch_key(launch_id),
-            expression,
-            values,
-            "leases = :held",
-            names={"#state": "state"} if finished else None,
-        )
+        event = LaunchEvent.RETURN_ALL if finished else LaunchEvent.RETURN_SOME
+        move = launch_update(event, now=self._clock(), reason=reason or "failed", held=held, returned=count)
+        launch_write = self._launch_request(launch_id, move)
         pool_update = _update(
             self.table, pool_key(pool), "ADD leases :minus", {":minus": -count, ":n": count}, "leases >= :n"
         )
-        refused = self._transact([{"Update": launch_update}, {"Update": pool_update}])
+        refused = self._transact([{"Update": launch_write}, {"Update": pool_update}])
         if refused is not None:
             landed = self.get_launch(launch_id)
             if landed is None or landed.leases != held - count:
@@ -516,30 +524,25 @@ class ScaleStore(FleetStore):
         found = self.get(launch_key(launch_id))
         return LaunchRecord.from_item(launch_id, found) if found else None
 
-    def finish_launch(self, launch_id: str, instance_ids: list[str]) -> None:
-        self._write(
-            "update_item",
-            _update(
-                self.table,
-                launch_key(launch_id),
-                f"SET #state = :done, finished_at = :now, instances = :ids REMOVE {LIVE_ATTRIBUTE}",
-                {":done": LaunchState.LAUNCHED.value, ":now": self._clock(), ":ids": instance_ids},
-                names={"#state": "state"},
-            ),
+    def _launch_request(self, launch_id: str, move: LaunchUpdate) -> dict[str, Any]:
+        return _update(
+            self.table, launch_key(launch_id), move.expression, move.values, move.condition or None, move.names
         )
 
-    def fail_launch(self, launch_id: str, reason: str) -> None:
-        """The launch stops with ``reason``; any leases it still holds are given back by reconcile."""
-        self._write(
-            "update_item",
-            _update(
-                self.table,
-                launch_key(launch_id),
-                "SET #state = :failed, reason = :reason, finished_at = :now",
-                {":failed": LaunchState.FAILED.value, ":reason": reason or "failed", ":now": self._clock()},
-                names={"#state": "state"},
-            ),
+    def _move_launch(self, launch_id: str, move: LaunchUpdate) -> bool:
+        """One launch-record move (chalicelib.launches); False when the record's state does not allow it."""
+        return self._write_unless_refused("update_item", self._launch_request(launch_id, move))
+
+    def finish_launch(self, launch_id: str, instance_ids: list[str]) -> bool:
+        """Every runner the launch made is ready. It stays in the live index until reconcile sees it holds
+        nothing (chalicelib.launches). False when it was no longer its owner's (reconcile settled it)."""
+        return self._move_launch(
+            launch_id, launch_update(LaunchEvent.FINISH, now=self._clock(), instances=tuple(instance_ids))
         )
+
+    def fail_launch(self, launch_id: str, reason: str) -> bool:
+        """The launch stops with ``reason``; any leases it still holds are given back by reconcile."""
+        return self._move_launch(launch_id, launch_update(LaunchEvent.FAIL, now=self._clock(), reason=reason))
 
     def runners(self, instance_ids: list[str]) -> dict[str, RunnerRecord]:
         """Runner records by instance id, for those that exist (one BatchGetItem per 100)."""
@@ -780,16 +783,23 @@ class ScaleStore(FleetStore):
         )
 
     def drain_runner(
-        self, instance_id: str, reason: str, *, only_idle: bool = False, interruption: str | None = None
+        self,
+        instance_id: str,
+        reason: str,
+        *,
+        only_idle: bool = False,
+        interruption: str | None = None,
+        interrupted: bool = True,
     ) -> RunnerRecord | None:
         """Mark a runner draining (paused in GitLab, taking no new job) and take it out of the idle index.
 
         With ``only_idle``, only a runner the Job Hooks say runs nothing (idle, or booted and never given a job),
         not draining already, is marked: the conditional write is what a running Job Hook races. With
-        ``interruption`` (the kind of EC2 warning), the same write records that the instance is being
-        interrupted (``interrupted_at``, kept from the first warning, and the kind in ``interruptions``), so that
-        a job its runner then fails can be recognised; a runner already marked for that kind is refused, which
-        is how a duplicate event is told from a new one. Returns the record as marked, or None when it was
+        ``interruption`` (the kind of EC2 warning), the same write records the kind in ``interruptions`` (a
+        runner already marked for that kind is refused, which is how a duplicate event is told from a new one)
+        and, when ``interrupted`` (a warning that the instance will be taken, not a recommendation that it may
+        be), that the instance is being interrupted (``interrupted_at``, kept from the first warning), so that a
+        job its runner then fails can be recognised. Returns the record as marked, or None when it was
         refused (terminated, done, with ``only_idle`` not idle, or with ``interruption`` marked for it already).
         """
         condition = "attribute_exists(pk) AND #state IN (:booting, :idle, :busy)"
@@ -806,7 +816,9 @@ class ScaleStore(FleetStore):
             ":busy": RunnerState.BUSY.value,
         }
         if interruption is not None:
-            expression += ", interrupted_at = if_not_exists(interrupted_at, :now) ADD interruptions :kinds"
+            if interrupted:
+                expression += ", interrupted_at = if_not_exists(interrupted_at, :now)"
+            expression += " ADD interruptions :kinds"
             condition += " AND NOT contains(interruptions, :kind)"
             values[":kind"] = interruption
             values[":kinds"] = {interruption}
@@ -816,6 +828,36 @@ class ScaleStore(FleetStore):
             expression + " REMOVE idle_pool, idle_since",
             values,
             condition,
+            names={"#state": "state"},
+        )
+        request["ReturnValues"] = "ALL_NEW"
+        try:
+            answer = self._past_conflicts(lambda: self._client.update_item(**request))
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return None
+        return RunnerRecord.from_item(from_item(answer["Attributes"]))
+
+    def mark_retiring(self, instance_id: str, reason: str) -> RunnerRecord | None:
+        """Mark a live runner retiring (draining, with ``retiring: <reason>``), busy or idle: refused (None) when it
+        drains for another reason (an interruption) or is gone. Marking one that is retiring already is allowed,
+        and keeps the first mark's time."""
+        request = _update(
+            self.table,
+            runner_key(instance_id),
+            "SET draining = if_not_exists(draining, :reason), draining_at = if_not_exists(draining_at, :now),"
+            " updated_at = :now REMOVE idle_pool, idle_since",
+            {
+                ":reason": RETIRING + reason,
+                ":prefix": RETIRING,
+                ":now": self._clock(),
+                ":booting": RunnerState.BOOTING.value,
+                ":idle": RunnerState.IDLE.value,
+                ":busy": RunnerState.BUSY.value,
+            },
+            "attribute_exists(pk) AND #state IN (:booting, :idle, :busy)"
+            " AND (attribute_not_exists(draining) OR begins_with(draining, :prefix))",
             names={"#state": "state"},
         )
         request["ReturnValues"] = "ALL_NEW"
@@ -873,19 +915,23 @@ class ScaleStore(FleetStore):
             ),
         )
 
-    def unmark_launch(self, launch_id: str) -> None:
-        """A launch that holds no lease any more leaves the live index."""
-        self._write_unless_refused(
-            "update_item",
-            _update(
-                self.table,
-                launch_key(launch_id),
-                f"REMOVE {LIVE_ATTRIBUTE}",
-                {":none": 0, ":launched": LaunchState.LAUNCHED.value, ":failed": LaunchState.FAILED.value},
-                "#state = :launched OR (#state = :failed AND leases <= :none)",
-                names={"#state": "state"},
-            ),
+    def unmark_launch(self, launch_id: str) -> bool:
+        """A finished launch that holds no lease any more leaves the live index."""
+        return self._move_launch(launch_id, launch_update(LaunchEvent.UNMARK, now=self._clock()))
+
+    def tokens_due_before(self, now: float) -> Iterator[tuple[str, float]]:
+        """(key, boot deadline) of the runner tokens whose deadline passed before ``now``: one paginated Query of
+        the keys-only ``token-deadlines`` index, so no token value is read."""
+        pages = self._client.get_paginator("query").paginate(
+            TableName=self.table,
+            IndexName=TOKEN_DEADLINES_INDEX,
+            KeyConditionExpression="token_index = :token AND token_due < :now",
+            ExpressionAttributeValues={":token": {"S": TOKEN_INDEX_KEY}, ":now": attribute_value(now)},
         )
+        for page in pages:
+            for item in page.get("Items", []):
+                found = from_item(item)
+                yield str(found["pk"]), float(found["token_due"])
 
     def live_records(self, kind: str) -> Iterator[dict[str, Any]]:
         """The items of one kind in the sparse ``fleet-records`` index (see :data:`FLEET_RECORDS_INDEX`): one
@@ -981,35 +1027,15 @@ class ScaleStore(FleetStore):
             },
         )
 
-    def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> None:
-        """The invocation ends with runners still missing an identity; the next delivery may resume at once."""
-        self._write(
-            "update_item",
-            _update(
-                self.table,
-                launch_key(launch_id),
-                "SET #state = :incomplete, reason = :reason",
-                {":incomplete": LaunchState.INCOMPLETE.value, ":reason": reason or "incomplete"},
-                names={"#state": "state"},
-            ),
+    def mark_launch_incomplete(self, launch_id: str, reason: str = "") -> bool:
+        """The invocation ends with work left (runners unfinished, an answer lost): the next delivery of its jobs
+        resumes it. False when it may not be resumed any more (reconcile settled it: it failed)."""
+        return self._move_launch(
+            launch_id, launch_update(LaunchEvent.PAUSE, now=self._clock(), reason=reason or "incomplete")
         )
 
     def take_over_launch(self, launch_id: str, stale_before: float) -> bool:
         """Become the one invocation resuming a launch: it is incomplete, or its last owner went silent."""
-        return self._write_unless_refused(
-            "update_item",
-            _update(
-                self.table,
-                launch_key(launch_id),
-                "SET #state = :resuming, started_at = :now",
-                {
-                    ":resuming": LaunchState.RESUMING.value,
-                    ":incomplete": LaunchState.INCOMPLETE.value,
-                    ":launching": LaunchState.LAUNCHING.value,
-                    ":now": self._clock(),
-                    ":stale": stale_before,
-                },
-                "#state = :incomplete OR (#state IN (:launching, :resuming) AND started_at < :stale)",
-                names={"#state": "state"},
-            ),
+        return self._move_launch(
+            launch_id, launch_update(LaunchEvent.TAKE_OVER, now=self._clock(), stale_before=stale_before)
         )

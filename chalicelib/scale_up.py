@@ -67,10 +67,10 @@ from chalicelib.fleet import (
     LaunchResult,
     LaunchTemplateRef,
 )
-from chalicelib.gitlab_api import GitLabApi, JobInfo, RunnerCredentials
+from chalicelib.gitlab_api import GitLabApi, JobInfo, JobNotRetryableError, RunnerCredentials
 from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.lifecycle.interruptions import RetryDecision, decide_retry
-from chalicelib.naming import launch_template_name, runner_description, runner_role_name
+from chalicelib.lifecycle.interruptions import RetryDecision, decide_retry, still_retryable
+from chalicelib.naming import FleetOwner, launch_template_name, runner_description, runner_role_name
 from chalicelib.observability import count, logger
 from chalicelib.runner_tokens import RunnerRoles, RunnerTokens
 from chalicelib.scale_store import (
@@ -148,6 +148,7 @@ class ScaleUp:
         policy: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
         new_launch_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        owner: FleetOwner | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -159,6 +160,7 @@ class ScaleUp:
         self._policy = policy or RetryPolicy()
         self._clock = clock
         self._new_launch_id = new_launch_id
+        self._owner = owner
 
     # -- the batch -------------------------------------------------------------------------------------------
 
@@ -201,6 +203,8 @@ class ScaleUp:
         process, for every pool."""
         try:
             self._tokens.learn_roles()
+            if self._owner is not None:
+                self._owner.mark()
         except ClientError as exc:
             reason = f"reading the runner roles failed with {error_code(exc) or 'UnknownError'}"
             logger.error("runner roles unreadable; batch re-queued", extra={"reason": reason})
@@ -314,7 +318,7 @@ class ScaleUp:
         """
         pool = next((p for p in self._config.pools if p.name == job.retry_interrupted), None)
         log = {**_job_log(job), "pool": job.retry_interrupted}
-        decision = decide_retry(pool)
+        decision = decide_retry(pool, job.retries)
         if decision is not RetryDecision.RETRY:
             logger.info("job lost to an interruption not retried", extra={**log, "reason": decision.value})
             report.add(Outcome.NOT_RETRIED)
@@ -325,9 +329,25 @@ class ScaleUp:
             report.add(Outcome.DUPLICATE)
             return
         try:
-            new_job = self._gitlab.retry_job(job.project_id, job.job_id)
+            # GitLab's view first: a job someone cancelled or retried meanwhile is theirs.
+            current = self._gitlab.job(job.project_id, job.job_id)
+            if current is not None and not still_retryable(current.status, current.failure_reason):
+                self._store.record_interruption_retry(job.project_id, job.job_id, None)
+                logger.info(
+                    "job lost to an interruption not retried",
+                    extra={**log, "reason": RetryDecision.NOT_FAILED.value, "gitlab_status": current.status},
+                )
+                report.add(Outcome.NOT_RETRIED)
+                return
+            new_job = None if current is None else self._gitlab.retry_job(job.project_id, job.job_id)
         except RetryableError as exc:
             self._retry(job, pool, exc.reason, report)
+            return
+        except JobNotRetryableError:
+            # Retried already: our own earlier attempt whose answer was lost, or someone else. Done either way.
+            self._store.record_interruption_retry(job.project_id, job.job_id, None)
+            logger.info("job lost to an interruption was retried already", extra=log)
+            report.add(Outcome.DUPLICATE)
             return
         self._store.record_interruption_retry(job.project_id, job.job_id, new_job)
         if new_job is None:
@@ -841,6 +861,7 @@ class ScaleUp:
                 run_untagged=pool.run_untagged,
                 maximum_timeout=pool.job_timeout_seconds,
                 access_level=pool.access_level.value,
+                maintenance_note=self._owner.note(self._clock()) if self._owner is not None else "",
             )
         except RetryableError as exc:
             return exc
@@ -958,6 +979,7 @@ def build_scale_up(
         JobQueue(aws.sqs, config.state.dead_letter_queue),
         policy=policy,
         clock=clock,
+        owner=FleetOwner(config.fleet, config.state.table, lambda: aws.client("sts")),
     )
 
 

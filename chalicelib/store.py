@@ -81,7 +81,14 @@ IDLE_RUNNERS_INDEX = "idle-runners"
 # records while their instance lives or their cleanup is unfinished, launches until launched (or settled), pool
 # counters always, and job items until their job finished. Token items never carry it.
 FLEET_RECORDS_INDEX = "fleet-records"
+# The sparse global secondary index of runner tokens by boot deadline (keys only, so no token is copied into it):
+# a token item carries ``token_index`` and ``token_due`` (its boot deadline), so reconcile finds the tokens past
+# their deadline with one Query, never a scan.
+TOKEN_DEADLINES_INDEX = "token-deadlines"  # noqa: S105 - an index name, not a secret
+TOKEN_INDEX_KEY = "token"  # noqa: S105 - the index's partition value, not a secret
 LIVE_ATTRIBUTE = "live"
+# The draining reason of a runner paused for retirement starts with this (reconcile's retirement, two runs).
+RETIRING = "retiring: "
 
 
 class RunnerState(str, Enum):
@@ -219,6 +226,7 @@ class JobEvent:
     runner_id: int | None = None
     runner_description: str | None = None
     failure_reason: str | None = None
+    retries_count: int = 0  # how many times GitLab retried the job before this one (the Job Hook's)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class WebhookIntake:
             runner_id=hook.runner.id if hook.runner else None,
             runner_description=hook.runner.description if hook.runner else None,
             failure_reason=hook.build_failure_reason if status is JobStatus.FAILED else None,
+            retries_count=hook.retries_count,
         )
         try:
             recorded = self._store.record_job_event(key, event, replay_key)
@@ -210,7 +211,7 @@ class WebhookIntake:
         """Ask scale-up to retry a job an interrupted runner lost: the webhook itself never calls GitLab. A failed
         send is logged and counted, not answered with a 503, which would bring nothing back: GitLab never
         redelivers, and a resend of the delivery is a duplicate."""
-        job = _message(event, key).but(retry_interrupted=pool)
+        job = _message(event, key).but(retry_interrupted=pool, retries=event.retries_count)
         log = {"project_id": event.project_id, "job_id": event.job_id, "pool": pool, "instance_id": instance_id}
         try:
             self._queue.send(job)

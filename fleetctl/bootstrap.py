@@ -34,7 +34,7 @@ from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
 from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_role_name, runner_role_path
-from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE
+from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE, TOKEN_DEADLINES_INDEX
 from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.ami import (
     AMI_ID,
@@ -115,9 +115,24 @@ _LIVE_INDEX: dict[str, Any] = {
     ],
     "Projection": {"ProjectionType": "ALL"},
 }
+# Reconcile finds runner tokens past their boot deadline in this sparse index; keys only, so no token value is
+# copied into it.
+_TOKEN_INDEX_ATTRIBUTES = (
+    {"AttributeName": "token_index", "AttributeType": "S"},
+    {"AttributeName": "token_due", "AttributeType": "N"},
+)
+_TOKEN_INDEX: dict[str, Any] = {
+    "IndexName": TOKEN_DEADLINES_INDEX,
+    "KeySchema": [
+        {"AttributeName": "token_index", "KeyType": "HASH"},
+        {"AttributeName": "token_due", "KeyType": "RANGE"},
+    ],
+    "Projection": {"ProjectionType": "KEYS_ONLY"},
+}
 _INDEXES: dict[str, tuple[tuple[dict[str, str], ...], dict[str, Any]]] = {
     IDLE_RUNNERS_INDEX: (_IDLE_INDEX_ATTRIBUTES, _IDLE_INDEX),
     FLEET_RECORDS_INDEX: (_LIVE_INDEX_ATTRIBUTES, _LIVE_INDEX),
+    TOKEN_DEADLINES_INDEX: (_TOKEN_INDEX_ATTRIBUTES, _TOKEN_INDEX),
 }
 
 
@@ -199,7 +214,7 @@ class Bootstrapper:
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
-            indexes = " and ".join(_INDEXES)
+            indexes = ", ".join(_INDEXES)
             return Change("table", name, Verb.CREATE, f"on-demand, encrypted, TTL on ttl, indexes {indexes}")
         table = self._aws.dynamodb.describe_table(TableName=name)["Table"]
         present = {i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])}

@@ -26,6 +26,7 @@ from chalicelib.naming import FLEET_TAG, runner_role_arn
 from chalicelib.store import (
     FLEET_RECORDS_INDEX,
     IDLE_RUNNERS_INDEX,
+    TOKEN_DEADLINES_INDEX,
     job_key,
     launch_key,
     pool_key,
@@ -354,6 +355,8 @@ def reconcile_grants(config: FleetConfig) -> list[Grant]:
         ),
         # The live records (runners, launches, pools, unfinished jobs, hooks) are read from the sparse index.
         Grant("ReadLiveRecords", ("dynamodb:Query",), (f"{_table_arn(config)}/index/{FLEET_RECORDS_INDEX}",)),
+        # The runner tokens past their boot deadline, from the keys-only token index: their keys, never a value.
+        Grant("FindExpiredTokens", ("dynamodb:Query",), (f"{_table_arn(config)}/index/{TOKEN_DEADLINES_INDEX}",)),
         # Settling launches, terminating records and returning leases, recovering lost jobs, warm launches.
         Grant(
             "FleetTable",
@@ -361,7 +364,8 @@ def reconcile_grants(config: FleetConfig) -> list[Grant]:
             (_table_arn(config),),
             {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": fleet_items}},
         ),
-        # A reaped runner's unread token; a warm runner's token is handed over as scale-up does.
+        # A reaped runner's unread token, a token past its boot deadline; a warm runner's token is handed over as
+        # scale-up does.
         Grant("RunnerTokens", ("dynamodb:DeleteItem", "dynamodb:PutItem"), (_table_arn(config),), _token_items()),
         # A lost job is queued for scale-up, as the webhook would have.
         Grant("QueueRecoveredJobs", ("sqs:GetQueueUrl", "sqs:SendMessage"), (_queue_arn(config.state.jobs_queue),)),

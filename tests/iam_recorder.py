@@ -160,6 +160,9 @@ class Recorder:
             yield from self._create_fleet(client, region, params)
         elif prefix == "ec2" and operation == "TerminateInstances":
             yield from self._terminate(client, region, params)
+        elif prefix == "sts" and operation == "GetCallerIdentity":
+            # No permission is needed to ask who you are (STS API reference, GetCallerIdentity): nothing to judge.
+            return
         elif prefix == "iam" and operation == "GetRole":
             # Authorized on the role's ARN, which holds its path (IAM User Guide, "IAM identifiers"): looked up with
             # a client of the recorder's own, which no fault injected into the caller's client reaches. A role that

@@ -4,22 +4,27 @@ Typed and frozen, so the rules (:mod:`chalicelib.lifecycle.rules`) and the invar
 (:mod:`chalicelib.lifecycle.invariants`) are pure functions of them. :class:`FactSource` gathers them with
 filtered, paginated calls whose number grows with the pages of the fleet, never one call per runner:
 
-* GitLab: one listing of the fleet's runner scope (100 a page, each with its status), then one listing of
-  pending jobs per recently active project;
-* the table: one Query per kind of the sparse ``fleet-records`` index (runners, launches, pools, jobs, hooks);
+* GitLab: one listing of the fleet's runner scope (100 a page, each with its status);
+* the table: one Query per kind of the sparse ``fleet-records`` index (runners, launches, pools, jobs, hooks), and
+  one of the keys-only ``token-deadlines`` index for the tokens past their boot deadline;
 * EC2: one DescribeInstances filtered by the fleet's tag and the live states (1,000 a page), and one
   DescribeLaunchTemplates for every pool's template.
 
 Order matters. GitLab is read first, the table second and EC2 last: scale-up makes an instance, then its record,
 then its GitLab runner, so anything seen in an earlier read has what it depends on in the later ones, and a
 runner or record made meanwhile is never taken for an orphan.
+
+The sweep for lost Job Hooks (:meth:`FactSource.sweep`) is separate and bounded: reconcile runs it after it acted
+on everything else, over at most ``SWEEP_PROJECTS`` of the recently active projects a run (one page of pending jobs
+each), taken in turn across runs (round robin by the run's minute, so no state is kept), within the time the run
+has left; a project GitLab refuses or fails for is that project's problem alone.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -29,13 +34,16 @@ from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.gitlab_api import GitLabApi, GitLabRunner
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
-from chalicelib.observability import logger
+from chalicelib.observability import count, logger
 from chalicelib.scale_store import LaunchRecord, RunnerRecord, ScaleStore
 
 # EC2 states of an instance that exists (or is on its way out); a terminated one is gone.
 LIVE_INSTANCE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 # EC2 adds this tag to an instance launched from a launch template: the version it was launched from.
 TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
+# Projects whose pending jobs one run lists at most (one page of 100 each), and how often the round robin turns.
+SWEEP_PROJECTS = 20
+SWEEP_PERIOD_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,9 @@ class TokenFact:
 
 @dataclass(frozen=True)
 class Facts:
-    """One reconcile run's view. ``gitlab_runners`` and ``pending_jobs`` are None when GitLab could not be
-    read: the rules that need them then decide nothing. ``tokens`` is read only for the invariants."""
+    """One reconcile run's view. ``gitlab_runners`` is None when GitLab could not be read, ``pending_jobs`` until a
+    sweep listed them: the rules that need them then decide nothing. ``tokens`` are the runner tokens past their
+    boot deadline."""
 
     now: float
     records: Mapping[str, RunnerRecord]  # live runner records (and terminated ones with cleanup left), by instance
@@ -136,15 +145,16 @@ class FactSource:
         self._clock = clock
         self._active_window = active_window
 
-    def gather(self, *, tokens: bool = False) -> Facts:
-        """Every fact; raises ``ClientError`` when AWS cannot be read (nothing can be decided without it)."""
+    def gather(self, *, tokens: bool = True) -> Facts:
+        """Every fact but GitLab's pending jobs (see :meth:`sweep`); raises ``ClientError`` when AWS cannot be read
+        (nothing can be decided without it). ``tokens`` is kept for callers that name it: the tokens past their
+        deadline are always read (one Query)."""
         now = self._clock()
         runners = self._gitlab_runners()
         records, launches, leases, jobs, hooks = self._table()
         instances = self._instances()
         versions = self._template_versions()
         active = sorted({job.project_id for job in jobs if job.updated_at >= now - self._active_window} | set(hooks))
-        pending = self._pending_jobs(active) if runners is not None else None
         return Facts(
             now=now,
             records=records,
@@ -155,8 +165,7 @@ class FactSource:
             jobs=jobs,
             active_projects=tuple(active),
             gitlab_runners=runners,
-            pending_jobs=pending,
-            tokens=self._tokens() if tokens else None,
+            tokens=self._tokens(now),
         )
 
     def _gitlab_runners(self) -> list[GitLabRunner] | None:
@@ -167,16 +176,26 @@ class FactSource:
             return None
         return [runner for runner in listed if ours(runner, self._config.fleet)]
 
-    def _pending_jobs(self, projects: Sequence[int]) -> list[PendingJob] | None:
+    def sweep(self, facts: Facts, *, deadline: float | None = None) -> Facts:
+        """``facts`` with the pending jobs GitLab lists for this run's turn of the active projects: at most
+        ``SWEEP_PROJECTS``, taken in turn by the run's minute, until ``deadline`` (``time.monotonic``). A project
+        GitLab refuses or fails for is skipped (logged, counted as ``SweepProjectsFailed``); the others are swept.
+        No sweep (``pending_jobs`` None) while GitLab's runners were unreadable."""
+        if facts.gitlab_runners is None:
+            return facts
         found: list[PendingJob] = []
-        for project_id in projects:
+        for project_id in sweep_turn(facts.active_projects, facts.now):
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.info("sweep stopped: the run's time is up", extra={"project_id": project_id})
+                break
             try:
                 listed = self._gitlab.pending_jobs(project_id)
             except RetryableError as exc:
                 logger.warning("pending jobs unreadable", extra={"project_id": project_id, "reason": exc.reason})
-                return None
+                count("SweepProjectsFailed")
+                continue
             found += [PendingJob(project_id, job_id, created_at) for job_id, created_at in listed or ()]
-        return found
+        return replace(facts, pending_jobs=found)
 
     def _live(self, kind: str) -> list[dict[str, Any]]:
         return list(self._store.live_records(kind))
@@ -239,15 +258,23 @@ class FactSource:
                     versions[pool] = str(template.get("DefaultVersionNumber", ""))
         return versions
 
-    def _tokens(self) -> list[TokenFact]:
+    def _tokens(self, now: float) -> list[TokenFact]:
+        """Runner tokens past their boot deadline: one Query of the keys-only token index, never a scan."""
         return [
-            TokenFact(
-                key=str(item["pk"]),
-                instance_id=str(item.get("instance_id", "")),
-                deadline_at=float(item.get("deadline_at", 0)),
-            )
-            for item in self._store.scan("token", projection=("pk", "instance_id", "deadline_at"))
+            TokenFact(key=key, instance_id=key.rpartition(":")[2], deadline_at=due)
+            for key, due in self._store.tokens_due_before(now)
         ]
+
+
+def sweep_turn(projects: Sequence[int], now: float, per_run: int = SWEEP_PROJECTS) -> list[int]:
+    """The projects this run sweeps: ``per_run`` of ``projects`` (sorted), the window moving on by ``per_run``
+    every ``SWEEP_PERIOD_SECONDS``, so that every project comes round in ``ceil(len / per_run)`` runs."""
+    ordered = sorted(projects)
+    if len(ordered) <= per_run:
+        return ordered
+    turns = -(-len(ordered) // per_run)
+    start = (int(now // SWEEP_PERIOD_SECONDS) % turns) * per_run
+    return ordered[start : start + per_run]
 
 
 def gather_or_none(source: FactSource, *, tokens: bool = False) -> Facts | None:

@@ -106,17 +106,36 @@ def asks_for_retry(status: JobStatus, failure_reason: str | None, interrupted: b
     return interrupted and status is JobStatus.FAILED and failure_reason == RUNNER_SYSTEM_FAILURE
 
 
+# How many retries a job's chain may have had for a job lost to an interruption to be retried: none. A job that is
+# itself a retry (of an earlier interruption, or a person's) is not retried by the fleet, so repeated
+# interruptions never chain retries.
+MAX_RETRIES_BEFORE = 0
+
+
 class RetryDecision(str, Enum):
     RETRY = "retry"
     POOL_DOES_NOT_RETRY = "pool does not retry interrupted jobs"
     UNKNOWN_POOL = "pool no longer configured"
+    RETRIED_BEFORE = "the job is a retry itself"
+    NOT_FAILED = "the job is no longer failed as the interruption left it"
 
 
-def decide_retry(pool: PoolConfig | None) -> RetryDecision:
-    """Whether a job an interrupted runner of ``pool`` lost is retried (once: the claim on the job sees to that)."""
+def decide_retry(pool: PoolConfig | None, retries_before: int = 0) -> RetryDecision:
+    """Whether a job an interrupted runner of ``pool`` lost is retried (once: the claim on the job sees to that),
+    from what the Job Hook said: the pool's setting and how many times the job had been retried before."""
     if pool is None:
         return RetryDecision.UNKNOWN_POOL
-    return RetryDecision.RETRY if pool.retry_interrupted_jobs else RetryDecision.POOL_DOES_NOT_RETRY
+    if not pool.retry_interrupted_jobs:
+        return RetryDecision.POOL_DOES_NOT_RETRY
+    if retries_before > MAX_RETRIES_BEFORE:
+        return RetryDecision.RETRIED_BEFORE
+    return RetryDecision.RETRY
+
+
+def still_retryable(status: str, failure_reason: str) -> bool:
+    """What GitLab says of the job now, just before the retry: still failed as the interruption made it fail. A
+    job a person cancelled, retried or played meanwhile is left as they left it."""
+    return status == "failed" and failure_reason == RUNNER_SYSTEM_FAILURE
 
 
 # -- the service ---------------------------------------------------------------------------------------------
@@ -137,7 +156,11 @@ class Interruptions:
             "instance_action": event.instance_action,
             "event_id": event.id,
         }
-        marked = self._store.drain_runner(event.instance_id, kind.value, interruption=kind.value)
+        # A rebalance recommendation alone takes nothing: the runner drains, but is not marked interrupted, so a
+        # job it fails for another reason is not taken for one the interruption cost.
+        marked = self._store.drain_runner(
+            event.instance_id, kind.value, interruption=kind.value, interrupted=kind is Interruption.SPOT_WARNING
+        )
         if marked is None:
             found = self._store.runner(event.instance_id)
             if found is None or found.terminated or kind.value not in found.interruptions:

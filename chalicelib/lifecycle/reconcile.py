@@ -11,7 +11,8 @@ before any action; GitLab unreadable leaves out the rules that need GitLab and r
 fails (GitLab down, AWS throttling) ends the run there, and the remaining actions wait for the next one.
 
 Every action is logged with its reason and the facts that led to it, and counted: ``OrphansReaped.<kind>``,
-``RunnersRetired``, ``JobsRecovered``, ``WarmLaunched``; a run that stops early counts ``ReconcileStopped``.
+``RunnersPaused``, ``RunnersRetired``, ``JobsRecovered``, ``WarmLaunched``; a run that stops early counts
+``ReconcileStopped``, and the invariants it finds broken at its end count ``InvariantViolations``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -30,12 +30,17 @@ from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import JobQueue, QueuedJob
+from chalicelib.launches import UNFINISHED
 from chalicelib.lifecycle.facts import Facts, FactSource
+from chalicelib.lifecycle.invariants import check
 from chalicelib.lifecycle.rules import (
+    RUNNER_GRACE_SECONDS,
     STALE_LAUNCH_SECONDS,
     Action,
     CleanUp,
     DeleteRunner,
+    DeleteToken,
+    Pause,
     Reap,
     RecoverJob,
     Retire,
@@ -43,19 +48,35 @@ from chalicelib.lifecycle.rules import (
     Unmark,
     WarmLaunch,
     decide,
+    swept_jobs,
 )
+from chalicelib.naming import FleetOwner
 from chalicelib.observability import count, logger
-from chalicelib.scale_store import LaunchState, RunnerRecord, ScaleStore
+from chalicelib.scale_store import RunnerRecord, ScaleStore
 
 if TYPE_CHECKING:
     from chalicelib.fleet import FleetLauncher
     from chalicelib.gitlab_api import GitLabApi
     from chalicelib.instances import InstanceEvents
+    from chalicelib.runner_tokens import RunnerTokens
     from chalicelib.scale_up import ScaleUp
 
 RUN_LEASE = "reconcile"
-# Longer than a run may take (the Lambda's timeout is 120 s); a run that died keeps others out this long at most.
-RUN_LEASE_SECONDS = 300.0
+# The longest a run may take: the reconcile Lambda's timeout (.chalice/config.json). The run lease lasts no longer
+# than the invocation's time left, so a run stopped at its timeout keeps the next run out until then, at most.
+RUN_LEASE_SECONDS = 120.0
+# Time kept back from the sweep at the end of a run, for the invariants and the lease's release.
+RUN_MARGIN_SECONDS = 10.0
+
+
+def _subjects(action: Action) -> tuple[str, ...]:
+    """What an action puts right, as the invariants name their subjects."""
+    found = [str(getattr(action, name, "") or "") for name in ("instance_id", "pool", "key")]
+    if isinstance(action, DeleteRunner):
+        found.append(str(action.runner_id))
+    if isinstance(action, RecoverJob):
+        found.append(f"{action.project_id}:{action.job_id}")
+    return tuple(subject for subject in found if subject)
 
 
 def _failure(exc: BaseException) -> str:
@@ -67,18 +88,11 @@ def _failure(exc: BaseException) -> str:
     return f"AWS {type(exc).__name__}"
 
 
-class RetireVerdict(str, Enum):
-    RETIRE = "retire"
-    KEEP = "keep"  # it took a job between the idle decision and the pause: un-pause it and leave it
-
-
-def retire_verdict(running_jobs: list[tuple[int, int]] | None, record: RunnerRecord | None) -> RetireVerdict:
-    """After the pause: retire only if GitLab lists no running job for the runner and its record (read again)
-    says it runs none. A paused runner is given no new job, so this answer cannot go stale; a job it took
-    before the pause shows in one or the other (GitLab assigns it before the Job Hook tells the table)."""
-    if running_jobs or (record is not None and (record.busy or record.terminated)):
-        return RetireVerdict.KEEP
-    return RetireVerdict.RETIRE
+def may_retire(running_jobs: list[tuple[int, int]] | None, record: RunnerRecord | None) -> bool:
+    """After the pause and its grace: retire only if GitLab lists no running job for the runner and its record
+    (read again, consistently) says it runs none. A job it took before the pause shows in one or the other
+    (GitLab assigns it before the Job Hook tells the table)."""
+    return not running_jobs and (record is None or not record.busy)
 
 
 @dataclass
@@ -90,10 +104,18 @@ class RunReport:
     metrics: Counter[str] = field(default_factory=Counter)  # what the run counted, as emitted
     stopped: str = ""
     ran: bool = True  # False when another run held the lease
+    violations: list[str] = field(default_factory=list)  # the invariants the run found broken and left so
 
     def count(self, name: str, value: int = 1) -> None:
         count(name, value)
         self.metrics[name] += value
+
+    def merge(self, other: RunReport) -> None:
+        """Add what a later part of the same run did."""
+        self.done.update(other.done)
+        self.skipped.update(other.skipped)
+        self.metrics.update(other.metrics)
+        self.stopped = self.stopped or other.stopped
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +124,7 @@ class RunReport:
             "skipped": dict(self.skipped),
             "metrics": dict(self.metrics),
             "stopped": self.stopped,
+            "violations": list(self.violations),
         }
 
 
@@ -116,10 +139,14 @@ class Reconciler:
         launcher: FleetLauncher,
         queue: JobQueue,
         scale_up: Callable[[], ScaleUp],
+        owner: FleetOwner,
+        tokens: RunnerTokens,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._owner = owner
+        self._tokens = tokens
         self._store = store
         self._ec2 = ec2
         self._gitlab = gitlab
@@ -130,10 +157,14 @@ class Reconciler:
         self._clock = clock
         self.facts = FactSource(config, store, ec2, gitlab, clock=clock)
 
-    def run(self) -> RunReport:
-        """One run under the run lease."""
+    def run(self, time_left: float = RUN_LEASE_SECONDS) -> RunReport:
+        """One run under the run lease, within ``time_left`` seconds (the invocation's remaining time): acting first,
+        then the sweep for lost Job Hooks while time remains, then the invariants. The lease lasts no longer than
+        the run may, so a run Lambda stopped at its timeout keeps the next one out for that long at most."""
+        started = time.monotonic()
+        deadline = started + max(0.0, time_left - RUN_MARGIN_SECONDS)
         owner = uuid.uuid4().hex
-        if not self._store.take_run_lease(RUN_LEASE, owner, RUN_LEASE_SECONDS):
+        if not self._store.take_run_lease(RUN_LEASE, owner, min(time_left, RUN_LEASE_SECONDS)):
             logger.info("another reconcile run holds the lease; this one does nothing")
             return RunReport(ran=False)
         try:
@@ -144,9 +175,33 @@ class Reconciler:
                 logger.warning("reconcile stopped before acting", extra={"reason": report.stopped})
                 report.count("ReconcileStopped")
                 return report
-            return self.execute(decide(facts, self._config), facts)
+            actions = decide(facts, self._config)
+            report = self.execute(actions, facts)
+            if not report.stopped and time.monotonic() < deadline:
+                facts = self.facts.sweep(facts, deadline=deadline)
+                swept = swept_jobs(facts, self._config)
+                actions += swept
+                report.merge(self.execute(swept, facts))
+            self._check_invariants(facts, actions, report)
+            logger.info("reconcile run done", extra=report.as_dict())
+            return report
         finally:
             self._store.release_run_lease(RUN_LEASE, owner)
+
+    def _check_invariants(self, facts: Facts, actions: list[Action], report: RunReport) -> None:
+        """The invariants on this run's facts, for what is older than the grace the rules allow work in flight,
+        less what this run acted on: each left is logged as an error and counted (``InvariantViolations``)."""
+        settled = facts.now - STALE_LAUNCH_SECONDS
+        acted = {subject for action in actions for subject in _subjects(action)}
+        violations = [v for v in check(facts, self._config, settled_before=settled) if v.subject not in acted]
+        for violation in violations:
+            logger.error(
+                "fleet invariant violated",
+                extra={"invariant": violation.invariant, "subject": violation.subject, "detail": violation.detail},
+            )
+        report.violations = [str(v) for v in violations]
+        if violations:
+            report.count("InvariantViolations", len(violations))
 
     def execute(self, actions: list[Action], facts: Facts) -> RunReport:
         """Carry out ``actions`` in order; the first that fails (GitLab or AWS) ends the run, and the actions after
@@ -173,7 +228,7 @@ class Reconciler:
                 report.count("ReconcileStopped")
                 break
             (report.done if done else report.skipped)[name] += 1
-        logger.info("reconcile run done", extra={**report.as_dict(), "actions": len(actions)})
+        logger.info("reconcile actions done", extra={**report.as_dict(), "actions": len(actions)})
         return report
 
     # -- actions ----------------------------------------------------------------------------------------------
@@ -191,15 +246,19 @@ class Reconciler:
             logger.warning("runner record reconciled", extra={**log, "instance_id": action.instance_id})
             return True
         if isinstance(action, DeleteRunner):
-            self._gitlab.delete_runner(action.runner_id)
-            report.count("OrphansReaped.GitLabRunner")
-            logger.warning("GitLab runner reaped", extra={**log, "gitlab_runner_id": action.runner_id})
+            return self._delete_runner(action, log, report)
+        if isinstance(action, DeleteToken):
+            self._tokens.delete(action.key)
+            report.count("OrphansReaped.Token")
+            logger.warning("expired runner token deleted", extra={**log, "instance_id": action.instance_id})
             return True
         if isinstance(action, SettleLaunch):
             return self._settle(action, log, report)
         if isinstance(action, Unmark):
             self._store.unmark_launch(action.launch_id)
             return True
+        if isinstance(action, Pause):
+            return self._pause(action, log, report)
         if isinstance(action, Retire):
             return self._retire(action, log, report)
         if isinstance(action, RecoverJob):
@@ -207,6 +266,31 @@ class Reconciler:
         if isinstance(action, WarmLaunch):
             return self._warm(action, log, report)
         raise TypeError(f"no executor for {type(action).__name__}")
+
+    def _delete_runner(self, action: DeleteRunner, log: dict[str, Any], report: RunReport) -> bool:
+        """Delete a GitLab runner that looked orphaned, once three things only this fleet can say agree: its
+        maintenance note is this fleet's mark (a same-named fleet elsewhere on the same GitLab scope keeps its
+        runners), the note says it was made more than ``RUNNER_GRACE_SECONDS`` ago (a runner scale-up is still
+        making is never judged, whatever the index and EC2 lag), and a consistent read finds no live record of its
+        instance (scale-up records an instance before it creates its runner)."""
+        note = self._gitlab.runner_note(action.runner_id)
+        if note is None:
+            return False  # gone already
+        made_at = self._owner.made_at(note)
+        if made_at is None:
+            logger.info("runner left alone: not this fleet's", extra={**log, "gitlab_runner_id": action.runner_id})
+            return False
+        if made_at > self._clock() - RUNNER_GRACE_SECONDS:
+            logger.info("runner left alone: made moments ago", extra={**log, "gitlab_runner_id": action.runner_id})
+            return False
+        record = self._store.runner(action.instance_id) if action.instance_id else None
+        if record is not None and not record.terminated:
+            logger.info("runner left alone: its instance is recorded", extra={**log, "instance_id": action.instance_id})
+            return False
+        self._gitlab.delete_runner(action.runner_id)
+        report.count("OrphansReaped.GitLabRunner")
+        logger.warning("GitLab runner reaped", extra={**log, "gitlab_runner_id": action.runner_id})
+        return True
 
     def _terminate(self, instance_ids: list[str]) -> None:
         try:
@@ -217,7 +301,7 @@ class Reconciler:
 
     def _settle(self, action: SettleLaunch, log: dict[str, Any], report: RunReport) -> bool:
         """Terminate the launch's instances no record knows, then give back every lease it still holds."""
-        if action.state is not LaunchState.FAILED:
+        if action.state in UNFINISHED:
             stale_before = self._clock() - STALE_LAUNCH_SECONDS
             if not self._store.take_over_launch(action.launch_id, stale_before=stale_before):
                 return False  # its owner came back to life, or a job's message resumed it first
@@ -239,29 +323,31 @@ class Reconciler:
         )
         return True
 
-    def _retire(self, action: Retire, log: dict[str, Any], report: RunReport) -> bool:
-        """Pause, re-check, then delete and terminate; a runner that took a job meanwhile is left alone."""
-        reason = f"retired: {action.reason}"
-        if self._store.drain_runner(action.instance_id, reason, only_idle=True) is None:
-            logger.info(
-                "retire skipped: the runner is no longer idle", extra={**log, "instance_id": action.instance_id}
-            )
+    def _pause(self, action: Pause, log: dict[str, Any], report: RunReport) -> bool:
+        """Begin a retirement: the record says retiring first (out of the idle index, and found again by the next
+        run however this one ends), then the runner is paused in GitLab, so it takes no new job."""
+        if self._store.mark_retiring(action.instance_id, action.reason) is None:
+            logger.info("retire skipped: the runner is draining otherwise or gone", extra=log)
             return False
-        try:
-            self._gitlab.set_paused(action.runner_id, True)
-            running = self._gitlab.running_jobs(action.runner_id)
-        except RetryableError:
-            self._store.undrain_runner(action.instance_id, reason)
-            raise
-        record = self._store.runners([action.instance_id]).get(action.instance_id)
-        if retire_verdict(running, record) is RetireVerdict.KEEP:
-            self._gitlab.set_paused(action.runner_id, False)
-            self._store.undrain_runner(action.instance_id, reason)
+        self._gitlab.set_paused(action.runner_id, True)
+        report.count("RunnersPaused")
+        logger.info("runner paused for retirement", extra={**log, "instance_id": action.instance_id})
+        return True
+
+    def _retire(self, action: Retire, log: dict[str, Any], report: RunReport) -> bool:
+        """Finish a retirement a grace after the pause: delete the runner and terminate its instance, unless it
+        still runs a job (it is left paused, to finish it, and retired by a later run)."""
+        running = self._gitlab.running_jobs(action.runner_id)
+        record = self._store.runner(action.instance_id)
+        if record is None or record.terminated:
+            return False
+        if not may_retire(running, record):
             logger.info(
-                "retire abandoned: the runner took a job",
+                "retire waits: the runner still runs a job",
                 extra={**log, "instance_id": action.instance_id, "running_jobs": running or []},
             )
             return False
+        reason = f"retired: {action.reason}"
         self._gitlab.delete_runner(action.runner_id)
         self._terminate([action.instance_id])
         self._events.clean_up(action.instance_id, reason=reason)
@@ -273,15 +359,11 @@ class Reconciler:
         """Queue a pending job under a queue claim, exactly as the webhook would have; or, for a job whose launch
         ended without a runner taking it, release that launch's claim and queue it again."""
         if action.relaunch_from:
-            self._store.release_claim(action.project_id, action.job_id, action.relaunch_from)
-            job = QueuedJob(action.project_id, action.job_id, received_at=self._clock(), delivery="reconcile:relaunch")
-            self._queue.send(job)
-            report.count("JobsRecovered")
-            logger.warning(
-                "stuck job queued again", extra={**log, "project_id": action.project_id, "job_id": action.job_id}
-            )
-            return True
-        claim = self._store.claim_for_sweep(action.project_id, action.job_id)
+            claim = self._store.release_for_relaunch(action.project_id, action.job_id, action.relaunch_from)
+            message = "stuck job queued again"
+        else:
+            claim = self._store.claim_for_sweep(action.project_id, action.job_id)
+            message = "lost job recovered"
         if claim is None:
             return False  # known otherwise by now: queued, claimed, launched or settled
         job = QueuedJob(
@@ -297,7 +379,7 @@ class Reconciler:
             raise
         self._store.mark_queued(action.project_id, action.job_id)
         report.count("JobsRecovered")
-        logger.warning("lost job recovered", extra={**log, "project_id": action.project_id, "job_id": action.job_id})
+        logger.warning(message, extra={**log, "project_id": action.project_id, "job_id": action.job_id})
         return True
 
     def _warm(self, action: WarmLaunch, log: dict[str, Any], report: RunReport) -> bool:
@@ -323,7 +405,8 @@ def build_reconciler(
     from chalicelib.runner_tokens import RunnerTokens
 
     store = ScaleStore(config.state.table, aws.dynamodb, clock=clock)
-    events = InstanceEvents(store, gitlab, RunnerTokens(aws.dynamodb, config.state.table))
+    tokens = RunnerTokens(aws.dynamodb, config.state.table)
+    events = InstanceEvents(store, gitlab, tokens)
     return Reconciler(
         config,
         store,
@@ -333,5 +416,7 @@ def build_reconciler(
         FleetLauncher(aws.ec2, config.fleet),
         JobQueue(aws.sqs, config.state.jobs_queue),
         scale_up,
+        FleetOwner(config.fleet, config.state.table, lambda: aws.client("sts")),
+        tokens,
         clock=clock,
     )

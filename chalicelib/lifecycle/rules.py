@@ -10,11 +10,14 @@ action carries the reason and the facts that led to it, for its log line. What e
 * **lost instance**: a record whose instance no longer exists (its terminated event was lost): cleaned up as the
   instance-state handler would have, lease back;
 * **cleanup left**: a terminated record whose token or GitLab runner could not be deleted then;
-* **GitLab runner**: a runner of the fleet's with neither a live instance nor a live record;
+* **GitLab runner**: a runner of the fleet's with neither a live instance nor a live record (deleted only once its
+  maintenance note says it is this fleet's and a consistent read finds no live record of its instance);
+* **expired token**: a runner token past its boot deadline, which nothing reads any more;
 * **stale launch**: a launch still holding leases past the staleness window: its unrecorded instances are
   terminated and its leases given back;
-* **retire**: an idle runner past its lifetime's retirement point, launched from a template version that is no
-  longer its pool's, or kept warm after its window closed: paused, re-checked, then deleted and terminated;
+* **retire**: a runner past its lifetime's retirement point, launched from a template version that is no longer
+  its pool's, or kept warm after its window closed: paused (busy or idle) in one run, then, a grace later and
+  running nothing, deleted and terminated;
 * **lost webhook**: a pending job the table does not know is queued: queued now; and a pending job whose launch
   ended long ago (past the boot deadline) without any runner taking it (its runner was reaped): its claim is
   released and it is queued again, for a launch of its own;
@@ -32,11 +35,12 @@ from typing import Any
 
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.gitlab_events import JobStatus
+from chalicelib.launches import FINISHED, UNFINISHED, LaunchState
 from chalicelib.lifecycle.facts import Facts, ours
 from chalicelib.lifecycle.windows import warm_size
 from chalicelib.naming import described_instance
-from chalicelib.scale_store import LaunchRecord, LaunchState, RunnerRecord
-from chalicelib.store import QUEUE_CLAIM_SECONDS, RunnerState, is_unqueued_pending
+from chalicelib.scale_store import LaunchRecord, RunnerRecord
+from chalicelib.store import QUEUE_CLAIM_SECONDS, RETIRING, RunnerState, is_unqueued_pending
 
 # How long a launch may work before it counts as stopped (a Lambda cannot run longer): the same window scale-up
 # uses before it takes over a launch whose owner went silent.
@@ -46,8 +50,18 @@ STALE_LAUNCH_SECONDS = 120.0
 INSTANCE_VISIBILITY_SECONDS = 120.0
 # A job GitLab lists as pending for less than this may have its Job Hook on the way.
 LOST_WEBHOOK_SECONDS = 120.0
-# GitLab statuses of a runner that has contacted it (a paused one is listed online or offline too).
-CONTACTED = frozenset({"online", "offline", "stale"})
+# GitLab statuses of a runner that has contacted it: a paused one that has is listed ``paused``
+# (Ci::Runner#deprecated_rest_status), one that never has ``never_contacted``.
+CONTACTED = frozenset({"online", "offline", "stale", "paused"})
+# A GitLab runner of the fleet's made less than this long ago (its maintenance note says when) is never deleted as
+# an orphan: longer than a scale-up invocation may run (.chalice/config.json), so the one making it has finished.
+RUNNER_GRACE_SECONDS = 300.0
+# GitLab runners a run checks and deletes at most (two GitLab calls each); the rest wait for the next runs.
+MAX_RUNNER_DELETIONS = 50
+# Expired runner tokens a run deletes at most (one DeleteItem each).
+MAX_TOKEN_DELETIONS = 200
+# How long after its pause a retiring runner is re-checked and retired (see :func:`retirements`).
+RETIRE_GRACE_SECONDS = 30.0
 NEVER_CONTACTED = "never_contacted"
 
 
@@ -93,6 +107,14 @@ class DeleteRunner(Action):
 
 
 @dataclass(frozen=True)
+class DeleteToken(Action):
+    """Delete a runner token its instance never read by its boot deadline (the instance gave up on it then)."""
+
+    key: str = ""
+    instance_id: str = ""
+
+
+@dataclass(frozen=True)
 class SettleLaunch(Action):
     """Give back what a stopped launch still holds: terminate its unrecorded instances, return its leases."""
 
@@ -110,8 +132,17 @@ class Unmark(Action):
 
 
 @dataclass(frozen=True)
+class Pause(Action):
+    """Begin a runner's retirement: mark its record retiring and pause it in GitLab, so it takes no new job."""
+
+    instance_id: str = ""
+    runner_id: int = 0
+    pool: str = ""
+
+
+@dataclass(frozen=True)
 class Retire(Action):
-    """Retire an idle runner: pause it in GitLab, re-check its jobs, then delete it and terminate its instance."""
+    """Finish a paused runner's retirement: re-check its jobs, then delete it and terminate its instance."""
 
     instance_id: str = ""
     runner_id: int = 0
@@ -144,6 +175,7 @@ def decide(facts: Facts, config: FleetConfig) -> list[Action]:
     actions += orphan_instances(facts, config)
     actions += lost_instances(facts)
     actions += orphan_gitlab_runners(facts, config)
+    actions += expired_tokens(facts)
     actions += stale_launches(facts)
     actions += retirements(facts, config)
     actions += lost_webhooks(facts, config)
@@ -227,7 +259,9 @@ def lost_instances(facts: Facts) -> list[Action]:
 
 
 def orphan_gitlab_runners(facts: Facts, config: FleetConfig) -> list[Action]:
-    """The fleet's GitLab runners with neither a live instance nor a record that will clean them up."""
+    """The fleet's GitLab runners with neither a live instance nor a record that will clean them up, at most
+    ``MAX_RUNNER_DELETIONS`` a run; the executor deletes one only once its note says it is this fleet's and a
+    consistent read finds no live record of its instance."""
     if facts.gitlab_runners is None:
         return []
     named = {r.gitlab_runner_id for r in facts.records.values() if r.gitlab_runner_id is not None}
@@ -247,15 +281,32 @@ def orphan_gitlab_runners(facts: Facts, config: FleetConfig) -> list[Action]:
                 instance_id=instance_id,
             )
         )
-    return actions
+    return actions[:MAX_RUNNER_DELETIONS]
+
+
+def expired_tokens(facts: Facts) -> list[Action]:
+    """Runner tokens past their boot deadline: their instance stopped waiting for them then (boot step 6), so
+    nothing reads them any more; whatever became of the instance, the token goes (at most ``MAX_TOKEN_DELETIONS``
+    a run)."""
+    return [
+        DeleteToken(
+            "runner token past its boot deadline",
+            {"deadline_at": token.deadline_at},
+            key=token.key,
+            instance_id=token.instance_id,
+        )
+        for token in (facts.tokens or ())[:MAX_TOKEN_DELETIONS]
+        if token.deadline_at < facts.now
+    ]
 
 
 def stale_launches(facts: Facts) -> list[Action]:
-    """Launches still holding leases after the staleness window; launches holding nothing leave the index."""
+    """Launches still holding leases after the staleness window (or failed), settled; finished launches holding
+    nothing leave the index. A launched one still holding leases stopped between its writes: settled too."""
     actions: list[Action] = []
     stale_before = facts.now - STALE_LAUNCH_SECONDS
     for launch in facts.launches:
-        if launch.state is LaunchState.LAUNCHED or (launch.state is LaunchState.FAILED and launch.leases <= 0):
+        if launch.state in FINISHED and launch.leases <= 0:
             actions.append(Unmark("launch holds nothing", launch_id=launch.launch_id))
             continue
         if launch.state is not LaunchState.FAILED and launch.started_at >= stale_before:
@@ -274,9 +325,9 @@ def stale_launches(facts: Facts) -> list[Action]:
 
 
 def retire_at(record: RunnerRecord, pool: PoolConfig) -> float:
-    """When an idle runner is retired for its age: one job timeout before its lifetime ends, so that a job it
-    starts just before can finish before the instance powers itself off at its max lifetime. Config validation
-    keeps the job timeout at most half the lifetime, so this is never before half of it."""
+    """When a runner is retired for its age: one job timeout before its lifetime ends, so that a job it starts
+    just before can finish before the instance powers itself off at its max lifetime. Config validation keeps the
+    job timeout at most half the lifetime, so this is never before half of it."""
     return record.launched_at + pool.max_lifetime_minutes * 60 - pool.job_timeout_seconds
 
 
@@ -289,38 +340,73 @@ def idle(record: RunnerRecord, status: str | None) -> bool:
     return record.state is RunnerState.BOOTING and status in CONTACTED
 
 
+def booted(record: RunnerRecord, status: str | None) -> bool:
+    """A runner GitLab has heard from or the Job Hooks have: idle or busy, whatever its record says."""
+    if not _live(record) or record.gitlab_runner_id is None:
+        return False
+    return record.state in (RunnerState.IDLE, RunnerState.BUSY) or (
+        record.state is RunnerState.BOOTING and status in CONTACTED
+    )
+
+
+def retiring(record: RunnerRecord) -> bool:
+    """Paused in GitLab for retirement (its draining reason says so), as opposed to an interruption's pause."""
+    return record.draining.startswith(RETIRING)
+
+
+def _retire_reason(record: RunnerRecord, pool: PoolConfig, facts: Facts, now_utc: datetime) -> str:
+    instance = facts.instances.get(record.instance_id)
+    current = facts.template_versions.get(pool.name, "")
+    if facts.now >= retire_at(record, pool):
+        return "past its lifetime's retirement point"
+    if instance is not None and current and instance.template_version and instance.template_version != current:
+        return f"launched from template version {instance.template_version}, the pool's is {current}"
+    if record.warm and warm_size(pool.warm, now_utc) == 0:
+        return "kept warm, and its warm window is closed"
+    return ""
+
+
 def retirements(facts: Facts, config: FleetConfig) -> list[Action]:
+    """Retirement in two steps, one run apart at least. First the runner is paused, busy or idle, so that it takes
+    no new job (a busy one finishes the job it runs): a runner past its retirement point must not start a job its
+    lifetime cannot hold. Then, once ``RETIRE_GRACE_SECONDS`` have passed since the pause and it runs nothing,
+    it is deleted and its instance terminated. The grace fences the pause: GitLab checks that a runner is active
+    once, at the start of a ``POST /jobs/request``, so a request already past that check when the pause lands may
+    still be given a job a moment later (Ci::RegisterJobService); only after the grace do the running-jobs
+    listing and the record say for certain that it runs nothing."""
     if facts.gitlab_runners is None:
         return []
     status = _gitlab_status(facts)
+    paused = {runner.runner_id for runner in facts.gitlab_runners if runner.paused}
     now_utc = datetime.fromtimestamp(facts.now, UTC)
     pools = {pool.name: pool for pool in config.pools}
     actions: list[Action] = []
     for record in facts.records.values():
         pool = pools.get(record.pool)
         runner_id = record.gitlab_runner_id
-        if pool is None or runner_id is None or not idle(record, status.get(runner_id)):
+        if pool is None or runner_id is None or not _live(record):
             continue
-        instance = facts.instances.get(record.instance_id)
-        current = facts.template_versions.get(pool.name, "")
-        reason = ""
-        if facts.now >= retire_at(record, pool):
-            reason = "past its lifetime's retirement point"
-        elif instance is not None and current and instance.template_version and instance.template_version != current:
-            reason = f"launched from template version {instance.template_version}, the pool's is {current}"
-        elif record.warm and warm_size(pool.warm, now_utc) == 0:
-            reason = "kept warm, and its warm window is closed"
+        seen = {"launched_at": record.launched_at, "state": record.state.value, "draining": record.draining}
+        if retiring(record):
+            if runner_id not in status:
+                # Its GitLab runner is gone already (a retirement stopped after the deletion): finish it.
+                actions.append(Retire("retiring, and its GitLab runner is gone", seen, **_ids(record, runner_id, pool)))
+            elif runner_id not in paused:
+                # The pause was never made (GitLab failed after the record was marked): make it again.
+                actions.append(Pause(record.draining.removeprefix(RETIRING), seen, **_ids(record, runner_id, pool)))
+            elif not record.busy and facts.now >= record.draining_at + RETIRE_GRACE_SECONDS:
+                actions.append(Retire(record.draining.removeprefix(RETIRING), seen, **_ids(record, runner_id, pool)))
+            continue
+        if record.draining or not booted(record, status.get(runner_id)):
+            continue
+        reason = _retire_reason(record, pool, facts, now_utc)
         if reason:
-            actions.append(
-                Retire(
-                    reason,
-                    {"launched_at": record.launched_at, "state": record.state.value},
-                    instance_id=record.instance_id,
-                    runner_id=runner_id,
-                    pool=pool.name,
-                )
-            )
+            actions.append(Pause(reason, seen, **_ids(record, runner_id, pool)))
     return actions
+
+
+def _ids(record: RunnerRecord, runner_id: int, pool: PoolConfig) -> dict[str, Any]:
+    return {"instance_id": record.instance_id, "runner_id": runner_id, "pool": pool.name}
 
 
 def stuck_after(config: FleetConfig) -> float:
@@ -341,12 +427,15 @@ def _before_pending(item: Mapping[str, Any], now: float) -> bool:
 
 
 def lost_webhooks(facts: Facts, config: FleetConfig) -> list[Action]:
-    """Pending jobs recorded but never queued, pending jobs of active projects the table does not know, and
-    pending jobs whose launch ended long ago without a runner taking them."""
+    """Pending jobs recorded but never queued, and (once a sweep listed GitLab's pending jobs) pending jobs of
+    active projects the table does not know or whose launch ended long ago without a runner taking them."""
+    return unqueued_jobs(facts) + swept_jobs(facts, config)
+
+
+def unqueued_jobs(facts: Facts) -> list[Action]:
+    """Pending jobs the table recorded but never queued, nobody holding their queue claim."""
     actions: list[Action] = []
-    known: dict[tuple[int, int], dict[str, Any]] = {}
     for job in facts.jobs:
-        known[(job.project_id, job.job_id)] = dict(job.item)
         item = job.item
         if not is_unqueued_pending(item):
             continue
@@ -362,7 +451,17 @@ def lost_webhooks(facts: Facts, config: FleetConfig) -> list[Action]:
                 known=True,
             )
         )
-    working = {launch.launch_id for launch in facts.launches if launch.state is not LaunchState.FAILED}
+    return actions
+
+
+def swept_jobs(facts: Facts, config: FleetConfig) -> list[Action]:
+    """From the pending jobs a sweep listed (none before one ran): those the table never heard of, those it
+    recorded before pending (their pending Job Hook was lost), and those whose launch ended long ago without a
+    runner taking them."""
+    actions: list[Action] = []
+    known = {(job.project_id, job.job_id): dict(job.item) for job in facts.jobs}
+    # A launch still making its instances may yet give the job a runner; a finished one (launched or failed) will not.
+    working = {launch.launch_id for launch in facts.launches if launch.state in UNFINISHED}
     for pending in facts.pending_jobs or ():
         recorded = known.get((pending.project_id, pending.job_id))
         if recorded is not None and _before_pending(recorded, facts.now):

@@ -515,7 +515,7 @@ class RunnerAgent:
         instances it launches, so the profile is read from the pool's launch template when the instance lacks one."""
         ec2 = self._clients.ec2
         iam = self._clients.client("iam")
-        instance = ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"][0]
+        instance = self._own_description()
         profile = (instance.get("IamInstanceProfile") or {}).get("Arn", "").rsplit("/", 1)[-1]
         if not profile:
             template = launch_template_name(self._fleet, self.record.pool)
@@ -528,6 +528,20 @@ class RunnerAgent:
         if not roles:
             raise BootError(f"instance profile {profile} holds no role")
         return str(iam.get_role(RoleName=roles[0]["RoleName"])["Role"]["RoleId"])
+
+    def _own_description(self) -> dict[str, Any]:
+        """The instance as DescribeInstances tells it, standing in for what IMDS tells an instance about itself.
+        IMDS knows the instance from its first boot step; DescribeInstances lags a launch (the local AWS says
+        ``InvalidInstanceID.NotFound`` for a while, see ``aws_rules.ec2_describe_lag``), so the stand-in waits the
+        lag out rather than fail a boot no real instance would fail."""
+        while True:
+            try:
+                found = self._clients.ec2.describe_instances(InstanceIds=[self.instance_id])
+                return dict(found["Reservations"][0]["Instances"][0])
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                    raise
+            self._wait(0.1)
 
     def _take_token(self, table: str, key: str, deadline_seconds: float) -> str:
         """Steps 6 and 7: wait for the token item (scale-up writes it just after CreateFleet answers), then
@@ -740,7 +754,7 @@ class RunnerAgent:
         if self._stopping.is_set():
             raise _Stopping
         try:
-            terminate_instances(self._clients.ec2, self._clients.client("events"), [self.instance_id])
+            terminate_instances(self._clients.ec2, [self.instance_id])
         except ClientError as exc:
             logger.warning("power off failed", extra={"instance_id": self.instance_id, "code": error_code(exc)})
             return

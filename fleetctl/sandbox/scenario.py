@@ -204,7 +204,7 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
         console.print(instances_table)
 
         leftovers = _leftovers(stack)
-        violations = _invariant_violations(config, console)
+        violations = _settled_violations(stack, config, console)
         answers = Counter(d.status_code for d in stack.gitlab.deliveries)
         agent_stats = stack.agents.stats()
         wanted_pool = {
@@ -249,6 +249,20 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 1),
             "ok": all(expectations.values()),
         }
+
+
+def _settled_violations(stack: Sandbox, config: FleetConfig, console: Console, timeout: float = 15.0) -> list[str]:
+    """The invariants once what is in flight has landed: EC2's state-change events come a moment after the state
+    changed, and the table's index trails its writes, so a violation is one that outlasts them (``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stack.aws.settle()
+        stack.pump.drain(timeout=10)
+        quiet = io.StringIO()
+        violations = _invariant_violations(config, Console(file=quiet))
+        if not violations or time.monotonic() > deadline:
+            return _invariant_violations(config, console) if violations else []
+        time.sleep(0.5)
 
 
 def _invariant_violations(config: FleetConfig, console: Console) -> list[str]:

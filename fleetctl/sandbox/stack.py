@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -29,7 +30,9 @@ from chalicelib.config import FleetConfig, load_config
 from chalicelib.settings import settings_environment
 from fleetctl.sandbox.agents import AgentManager, AgentOptions
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
+from fleetctl.sandbox.gitlab_model import Clock, utcnow
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
+from fleetctl.sandbox.pump import LambdaService
 from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
 
 DEFAULT_CONFIG = PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml"
@@ -53,6 +56,19 @@ SANDBOX_ENVIRONMENT = {
 
 # Instances boot in a second and idle out after three (see the module docstring).
 SANDBOX_AGENT_OPTIONS = AgentOptions(boot_delay_seconds=1.0, wait_timeout_seconds=3.0)
+# Lambda as AWS runs it (fleetctl.sandbox.pump): functions side by side, stopped at their timeouts, and one
+# EventBridge event in twenty delivered twice, each up to half a second late, so events for one instance cross.
+SANDBOX_LAMBDA = LambdaService(duplicate_share=0.05, reorder_window=0.5)
+# AWS's reads lag as they do in AWS (the shim's rules, fleetctl/sandbox/aws_rules), scaled as the sandbox's boots
+# are: a new instance missing from DescribeInstances for a second, a global index trailing writes by half a
+# second, one BatchGetItem in ten leaving keys unprocessed, EC2's state-change events half a second to a second
+# after the call. ``Sandbox(aws_lags=...)`` changes them (a test that needs one off says why).
+SANDBOX_AWS_LAGS: dict[str, dict[str, float]] = {
+    "ec2-describe-lag": {"seconds": 1.0},
+    "dynamodb-index-lag": {"seconds": 0.5},
+    "dynamodb-unprocessed-keys": {"share": 0.1, "seed": 16},
+    "ec2-state-events": {"running_seconds": 0.5, "terminated_seconds": 1.0, "stopped_seconds": 1.0},
+}
 
 
 @dataclass(frozen=True)
@@ -75,16 +91,24 @@ class Sandbox:
         agents: bool = True,
         agent_options: AgentOptions = SANDBOX_AGENT_OPTIONS,
         schedule_every: float | None = None,
+        lambda_service: LambdaService = SANDBOX_LAMBDA,
+        aws_lags: Mapping[str, Mapping[str, float]] = SANDBOX_AWS_LAGS,
+        gitlab_clock: Clock = utcnow,
     ) -> None:
         self._config_path = config_path
         self.workdir = workdir
         self._ports = ports = ports or SandboxPorts()
         self._run_pump = run_pump
+        self._lambda_service = lambda_service
+        self._aws_lags = aws_lags
         # How often the pump fires the scheduled handlers (reconcile); None: only when asked (tests drive
         # reconcile themselves, on a clock of their choosing).
         self._schedule_every = schedule_every
         self.aws = LocalAws(port=ports.aws)
-        self.gitlab = GitLabEmulator(port=ports.gitlab, admin_token=GITLAB_ADMIN_TOKEN, version=gitlab_version)
+        # GitLab's idea of now (``gitlab_clock``): a soak moves it on to let StuckCiJobsWorker drop abandoned jobs.
+        self.gitlab = GitLabEmulator(
+            port=ports.gitlab, admin_token=GITLAB_ADMIN_TOKEN, version=gitlab_version, clock=gitlab_clock
+        )
         self.gitlab.add_token(GITLAB_FLEET_TOKEN, scopes=GITLAB_FLEET_SCOPES, name="runner-fleet")
         self.gitlab.add_token(GITLAB_OPERATOR_TOKEN, scopes=GITLAB_OPERATOR_SCOPES, name="operator")
         for feature in gitlab_features:
@@ -122,7 +146,7 @@ class Sandbox:
         self.server = WebhookServer(app.app).start()
         from fleetctl.sandbox.pump import EventPump
 
-        self.pump = EventPump(app.app, runtime.aws()).connect()
+        self.pump = EventPump(app.app, runtime.aws(), service=self._lambda_service).connect()
         self._start_pump()
         self.project_id = self.gitlab.create_project(SANDBOX_PROJECT)
         self._projects = 1
@@ -144,7 +168,8 @@ class Sandbox:
             import app
             from fleetctl.sandbox.pump import EventPump
 
-            self.pump = EventPump(app.app, runtime.aws()).connect()
+            self.pump.close()
+            self.pump = EventPump(app.app, runtime.aws(), service=self._lambda_service).connect()
             self._start_pump()
         self._projects += 1
         self.project_id = self.gitlab.create_project(f"{SANDBOX_PROJECT}-{self._projects}")
@@ -217,6 +242,8 @@ class Sandbox:
     def stop(self) -> None:
         self._stop_agents()
         self._stop_pump()
+        if self.pump is not None:
+            self.pump.close()
         if self.server is not None:
             self.server.stop()
         self.gitlab.stop()
@@ -272,6 +299,8 @@ class Sandbox:
         from chalicelib.aws import AwsClients
         from fleetctl.sandbox.network import create_sandbox_network, register_sandbox_amis
 
+        for rule, settings in self._aws_lags.items():
+            self.aws.shim(rule, "set", **settings)
         clients = AwsClients(region=SANDBOX_REGION)
         network = create_sandbox_network(clients.ec2)
         config_file = self._write_stage_config(

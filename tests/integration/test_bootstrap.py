@@ -216,9 +216,12 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
     # the sparse indexes: scale-up counts a pool's idle runners in one, reconcile reads the live records in the other
     indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
-    assert sorted(indexes) == ["fleet-records", "idle-runners"]
+    assert sorted(indexes) == ["fleet-records", "idle-runners", "token-deadlines"]
     assert [k["AttributeName"] for k in indexes["idle-runners"]["KeySchema"]] == ["idle_pool", "idle_since"]
     assert [k["AttributeName"] for k in indexes["fleet-records"]["KeySchema"]] == ["live", "pk"]
+    # the token index holds keys only: no runner token value is ever copied into it
+    assert [k["AttributeName"] for k in indexes["token-deadlines"]["KeySchema"]] == ["token_index", "token_due"]
+    assert indexes["token-deadlines"]["Projection"]["ProjectionType"] == "KEYS_ONLY"
     ttl = ddb.describe_time_to_live(TableName="bootstrap-test")["TimeToLiveDescription"]
     assert ttl["AttributeName"] == "ttl"
     dlq_url = sqs.get_queue_url(QueueName="bootstrap-test-jobs-dlq")["QueueUrl"]
@@ -873,10 +876,11 @@ def test_a_table_made_before_the_indexes_gets_them_and_keeps_its_items(
 
     # then the table is updated with the indexes alone, and nothing in it is lost
     assert by_name(plan)[config.state.table].describe() == (
-        f"update   table      {config.state.table} (add index idle-runners, add index fleet-records)"
+        f"update   table      {config.state.table} (add index idle-runners, add index fleet-records, add index "
+        "token-deadlines)"
     )
     indexes = ddb.describe_table(TableName=config.state.table)["Table"]["GlobalSecondaryIndexes"]
-    assert sorted(i["IndexName"] for i in indexes) == ["fleet-records", "idle-runners"]
+    assert sorted(i["IndexName"] for i in indexes) == ["fleet-records", "idle-runners", "token-deadlines"]
     assert ddb.get_item(TableName=config.state.table, Key={"pk": {"S": "POOL#docker"}})["Item"]["leases"] == {"N": "2"}
     # and a second run keeps it
     assert by_name(run(config, clients))[config.state.table].verb is Verb.KEEP

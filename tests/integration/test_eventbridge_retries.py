@@ -45,7 +45,7 @@ def _running_runner(fleet: Fleet) -> tuple[str, int]:
 
 
 def _terminate(fleet: Fleet, instance_id: str) -> None:
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance_id])
+    terminate_instances(fleet.ec2, [instance_id])
 
 
 def _pump_until(pump: EventPump, done: Any, timeout: float = 20.0) -> None:
@@ -107,7 +107,12 @@ def test_gitlab_back_by_the_third_attempt_finishes_the_cleanup(fleet: Fleet) -> 
 
     # when the instance terminates
     _terminate(fleet, instance_id)
-    _pump_until(pump, lambda: "gitlab_cleanup" not in fleet.record(runner_key(instance_id)))
+
+    def cleaned() -> bool:
+        record = fleet.record(runner_key(instance_id))
+        return record["state"] == "terminated" and "gitlab_cleanup" not in record
+
+    _pump_until(pump, cleaned)
 
     # then the third attempt deleted the GitLab runner, and no event was dropped
     assert pump.dropped_events == []

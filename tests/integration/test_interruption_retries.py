@@ -13,6 +13,7 @@ import pytest
 
 from chalicelib.errors import RetryableError
 from chalicelib.lifecycle.interruptions import parse_interruption
+from chalicelib.naming import runner_description
 from chalicelib.store import runner_key
 from fleetctl.sandbox.ec2_events import (
     interruption_warning_entry,
@@ -93,7 +94,7 @@ def test_a_gitlab_failure_while_pausing_raises_and_the_retried_event_pauses(flee
 def test_an_unknown_or_terminated_instance_is_ignored(fleet: Fleet) -> None:
     # given an instance the fleet never made, and one that is gone
     _, instance_id, _ = _launch_one(fleet, ["docker"])
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance_id])
+    terminate_instances(fleet.ec2, [instance_id])
     fleet.run()
 
     # when EC2 warns about either
@@ -106,7 +107,8 @@ def test_an_unknown_or_terminated_instance_is_ignored(fleet: Fleet) -> None:
 
 def test_a_rebalance_then_a_warning_is_two_marks_and_one_pause_each(fleet: Fleet) -> None:
     """EC2 may send the rebalance recommendation before the warning, or with it (rebalance-recommendations.html):
-    each is recorded once, the draining reason is the latest."""
+    each is recorded once, the draining reason is the latest. The recommendation alone drains the runner but does
+    not mark it interrupted (its instance may well live): only the warning does."""
     job_id, instance_id, runner_id = _launch_one(fleet, ["docker"])
     _move(fleet, job_id, "running", runner_id)
     handler = fleet.runtime.interruptions()
@@ -114,12 +116,14 @@ def test_a_rebalance_then_a_warning_is_two_marks_and_one_pause_each(fleet: Fleet
     rebalance = parse_interruption(_event(rebalance_recommendation_entry(instance_id, "us-east-1")))
     assert handler.handle(rebalance) == "handled"
     first = fleet.record(runner_key(instance_id))
+    assert "interrupted_at" not in first
+    assert _paused(fleet, runner_id)
     assert _warn(fleet, instance_id) == "handled"
     assert handler.handle(rebalance) == "duplicate"
 
     record = fleet.record(runner_key(instance_id))
     assert record["interruptions"] == {"rebalance recommendation", "spot interruption warning"}
-    assert record["interrupted_at"] == first["interrupted_at"]
+    assert record["interrupted_at"] >= first["draining_at"]
     assert record["draining"] == "spot interruption warning"
     assert _paused(fleet, runner_id)
 
@@ -158,8 +162,8 @@ def test_a_lost_job_is_retried_even_when_its_instance_was_terminated_before_the_
     job_id, instance_id, runner_id = _launch_one(fleet, ["docker"])
     _move(fleet, job_id, "running", runner_id)
     assert _warn(fleet, instance_id) == "handled"
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance_id])
-    fleet.sandbox.pump.drain(timeout=10)
+    terminate_instances(fleet.ec2, [instance_id])
+    fleet.run()
     assert fleet.record(runner_key(instance_id))["state"] == "terminated"
 
     # when the failed job's hook arrives (naming the runner the job ran on: GitLab clears a deleted runner from
@@ -188,3 +192,77 @@ def test_no_retry_is_queued_for_a_job_that_failed_on_its_own(fleet: Fleet, failu
 
     assert fleet.take_queued(0, timeout=1.0) == []
     assert len(_tries(fleet, job_id)) == 1
+
+
+def test_a_retry_whose_answer_was_lost_is_not_made_twice_nor_dead_lettered(fleet: Fleet) -> None:
+    """GitLab makes the retry but its answer is lost: the message comes back, finds the job still ``failed``
+    (GitLab shows no retried flag on it), and GitLab answers the second ``POST .../retry`` with 403 "Job is not
+    retryable" (Ci::Build#retryable? is false once retried). That answer means done: one new job, no dead letter.
+    Before, the 403 ended the message in the dead-letter queue."""
+    # given a job its interrupted runner lost, whose retry the webhook queued
+    job_id, _, _ = _lost(fleet)
+    [body] = fleet.take_queued(1)
+
+    # when GitLab makes the retry and the answer never comes back, and the message is handled again
+    fleet.gitlab.fail_next("POST", r"/projects/\d+/jobs/\d+/retry", status=502, after_processing=True)
+    first = fleet.scale_up().handle_messages([body])
+    assert first.as_dict() == {"retried": 1}
+    queued = [json.loads(b) for b in fleet.take_queued(2, timeout=30)]
+    [back] = [m for m in queued if m.get("retry_interrupted")]
+    later = fleet.scale_up().handle_messages([json.dumps(back)])
+
+    # then the job was retried once (the new job's own message is the launch's), and the message ended as done
+    tries = _tries(fleet, job_id)
+    assert [(t["id"] == job_id, t["status"]) for t in tries] == [(True, "failed"), (False, "pending")]
+    assert [m["job_id"] for m in queued if not m.get("retry_interrupted")] == [tries[1]["id"]]
+    assert later.as_dict() == {"duplicate": 1}
+    assert fleet.dead_letters(0, timeout=1.0) == []
+    assert "interruption_retry_job" in fleet.job(job_id)
+
+
+def test_a_job_its_user_retried_first_is_not_retried_again(fleet: Fleet) -> None:
+    """The user pressed "Retry" before the fleet's message was handled: GitLab's job is theirs, and the fleet
+    adds no second try."""
+    # given a lost job whose retry the webhook queued, and the user retrying it themselves
+    job_id, _, _ = _lost(fleet)
+    [body] = fleet.take_queued(1)
+    fleet.gitlab.retry_job(fleet.sandbox.project_id, job_id)
+
+    # when the fleet's message is handled
+    report = fleet.scale_up().handle_messages([body])
+
+    # then nothing more was retried
+    assert report.as_dict() == {"duplicate": 1}
+    assert len(_tries(fleet, job_id)) == 2
+    assert fleet.dead_letters(0, timeout=1.0) == []
+
+
+def test_a_retried_job_lost_to_a_second_interruption_is_not_retried_again(fleet: Fleet) -> None:
+    """Retries do not chain: the retried job's Job Hook carries ``retries_count`` 1 (the times GitLab retried
+    it before), and a job that is itself a retry is not retried after an interruption. Before, every
+    interruption retried again, without limit."""
+    # given a lost job retried once by the fleet
+    job_id, _, _ = _lost(fleet)
+    [body] = fleet.take_queued(1)
+    assert fleet.scale_up().handle_messages([body]).as_dict() == {"retried_after_interruption": 1}
+    retried = int(_tries(fleet, job_id)[1]["id"])
+
+    # when the retry runs on a spot runner that is interrupted too, and fails as the shutdown fails it
+    before = {i["InstanceId"] for i in fleet.instances()}
+    [launch] = fleet.take_queued(1, timeout=30)
+    assert fleet.scale_up().handle_messages([launch]).as_dict() == {"launched": 1}
+    [instance_id] = [i["InstanceId"] for i in fleet.instances() if i["InstanceId"] not in before]
+    description = runner_description(fleet.config.fleet, "docker", instance_id)
+    [runner_id] = [int(r["id"]) for r in fleet.gitlab_runners() if r["description"] == description]
+    _move(fleet, retried, "running", runner_id)
+    assert _warn(fleet, instance_id) == "handled"
+    fleet.gitlab.set_job_status(
+        fleet.sandbox.project_id, retried, "failed", failure_reason="runner_system_failure", runner_id=runner_id
+    )
+    fleet.gitlab.wait_for_deliveries(timeout=30)
+
+    # then its message is not retried: the chain ends with the second failure
+    [second] = fleet.take_queued(1, timeout=30)
+    assert json.loads(second)["retries"] == 1
+    assert fleet.scale_up().handle_messages([second]).as_dict() == {"not_retried": 1}
+    assert len(_tries(fleet, job_id)) == 2

@@ -25,13 +25,14 @@ from chalicelib.lifecycle.reconcile import Reconciler, RunReport, build_reconcil
 from chalicelib.lifecycle.rules import (
     INSTANCE_VISIBILITY_SECONDS,
     LOST_WEBHOOK_SECONDS,
+    RETIRE_GRACE_SECONDS,
+    RUNNER_GRACE_SECONDS,
     STALE_LAUNCH_SECONDS,
-    Retire,
-    decide,
     stuck_after,
 )
-from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
-from chalicelib.store import job_key
+from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, FleetOwner, described_instance, launch_template_name
+from chalicelib.runner_tokens import RunnerTokens
+from chalicelib.store import job_key, token_key
 from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, Phase
 from fleetctl.sandbox.local_aws import SANDBOX_REGION
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
@@ -78,11 +79,20 @@ class Fleet(Stack):
         )
 
     def reconcile(self, offset: float = 0.0) -> RunReport:
+        # A run on a clock moved ahead stands for a run that much later, when AWS's lagging reads (EC2's listing,
+        # the table's index) have long caught up with what the test just did.
+        self.sandbox.aws.settle()
         report = self.reconciler(offset).run()
         self.sandbox.pump.drain(timeout=10)
         return report
 
+    def owner_note(self, made_at: float) -> str:
+        """The maintenance note this fleet writes on a GitLab runner it made at ``made_at``."""
+        aws = runtime.aws()
+        return FleetOwner(self.config.fleet, self.config.state.table, lambda: aws.client("sts")).note(made_at)
+
     def violations(self) -> list[str]:
+        self.sandbox.aws.settle()
         source = FactSource(self.config, runtime.store(), self.ec2, runtime.gitlab_api())
         return [str(v) for v in check(source.gather(tokens=True), self.config)]
 
@@ -91,6 +101,7 @@ class Fleet(Stack):
         return found[0] if found else None
 
     def live_instances(self) -> list[str]:
+        self.sandbox.aws.settle()
         found = self.ec2.describe_instances(
             Filters=[
                 {"Name": f"tag:{FLEET_TAG}", "Values": [self.config.fleet]},
@@ -102,6 +113,7 @@ class Fleet(Stack):
     def quiet(self, timeout: float = 60.0) -> None:
         """Until every runner has idled out and its termination reached the table."""
         assert wait_until(lambda: not self.live_instances(), timeout), self.live_instances()
+        self.sandbox.aws.settle()
         self.sandbox.pump.drain(timeout=10)
 
     def assert_invariants(self) -> None:
@@ -192,6 +204,7 @@ def test_a_lost_terminated_event_is_repaired(fleet: Fleet) -> None:
     agent = fleet.agent_of(job_id)
     assert wait_until(lambda: fleet.job(job_id)["status"] == "success", 30)
     record = fleet.record(agent.instance_id)
+    fleet.sandbox.aws.shim("ec2-state-events", "lose", instance_ids=[agent.instance_id])
     fleet.ec2.terminate_instances(InstanceIds=[agent.instance_id])
     assert fleet.leases("docker") == 1
     assert f"record without an instance: {agent.instance_id}" in " ".join(fleet.violations())
@@ -252,82 +265,135 @@ def idle_runner_past_retirement(fleet: Fleet) -> tuple[AgentRecord, int, float]:
     return agent, int(fleet.record(agent.instance_id)["gitlab_runner_id"]), age
 
 
-def test_a_runner_taking_a_job_between_the_idle_decision_and_its_retirement_is_never_terminated(
+def test_a_busy_runner_past_its_retirement_point_finishes_its_job_takes_no_other_and_is_then_retired(
     fleet: Fleet,
 ) -> None:
-    """Retiring pauses the runner in GitLab (``PUT /runners/:id`` ``paused``), then lists its running jobs
-    (``GET /runners/:id/jobs?status=running``): a paused runner is given no job
-    (app/services/ci/register_job_service.rb), so a job it took before the pause shows there, and the runner is
-    un-paused and left alone. Without a job in between, the idle runner is deleted and terminated."""
-    fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=12.0)
+    """Past its retirement point a runner is paused even while busy (``PUT /runners/:id`` ``paused``): it finishes
+    the job it runs, GitLab gives it no other (app/services/ci/register_job_service.rb), and a run after the
+    grace deletes and terminates it. Before, only idle runners were retired: a busy one kept taking jobs until
+    its lifetime's power-off killed whatever it ran."""
+    fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=20.0)
     try:
-        # given a runner that ran a job and is idle, past the point where its age retires it
-        agent, runner_id, age = idle_runner_past_retirement(fleet)
-        reconciler = fleet.reconciler(offset=age)
-        facts = reconciler.facts.gather()
-        actions = decide(facts, fleet.config)
-        assert [(type(a), getattr(a, "instance_id", "")) for a in actions] == [(Retire, agent.instance_id)]
+        # given a runner busy with a long job, past its retirement point
+        (long_job,) = fleet.pipeline({**DOCKER_JOB, "script": ["sleep 4"]})
+        assert wait_until(lambda: fleet.job(long_job)["status"] == "running", 20)
+        runner_id = int(fleet.job(long_job)["runner"]["id"])
+        instance_id = str(described_instance(fleet.job(long_job)["runner"]["description"]))
+        pool = fleet.config.pool("docker")
+        age = pool.max_lifetime_minutes * 60 - pool.job_timeout_seconds + 1
 
-        # when a job reaches it after that decision, before the action
-        (second,) = fleet.pipeline(DOCKER_JOB)
-        assert wait_until(lambda: fleet.job(second)["status"] == "running", 20)
-        assert fleet.job(second)["runner"]["id"] == runner_id
-        kept = reconciler.execute(actions, facts)
+        # when reconcile runs, and another job comes while the long one runs
+        paused = fleet.reconcile(offset=age)
+        (next_job,) = fleet.pipeline(DOCKER_JOB)
 
-        # then it is left alone, un-paused, and runs the job to success
-        assert kept.skipped == {"Retire": 1} and "RunnersRetired" not in kept.metrics
-        assert fleet.state(agent.instance_id) == "running"
-        runner = fleet.gitlab_runner(runner_id)
-        assert runner is not None and runner["paused"] is False
-        assert "draining" not in fleet.record(agent.instance_id)
-        assert wait_until(lambda: fleet.job(second)["status"] == "success", 30)
+        # then the busy runner was paused, not retired: its job succeeds, and the next job runs elsewhere
+        assert paused.metrics == {"RunnersPaused": 1}
+        assert (fleet.gitlab_runner(runner_id) or {}).get("paused") is True
+        assert fleet.record(instance_id)["draining"].startswith("retiring: past its lifetime")
+        assert wait_until(lambda: fleet.job(long_job)["status"] == "success", 30)
+        assert wait_until(lambda: fleet.job(next_job)["status"] == "success", 30)
+        assert int(fleet.job(next_job)["runner"]["id"]) != runner_id
+        assert fleet.state(instance_id) == "running"
 
-        # and once idle again, the next run retires it: paused, deleted, terminated, its lease back
-        assert wait_until(lambda: fleet.record(agent.instance_id).get("state") == "idle", 30)
-        retired = fleet.reconcile(offset=age)
-        assert retired.metrics == {"RunnersRetired": 1}
-        assert fleet.state(agent.instance_id) == "terminated"
+        # and once idle and past the grace, the next run retires it: deleted, terminated, its lease back
+        assert wait_until(lambda: fleet.record(instance_id).get("state") == "idle", 30)
+        retired = fleet.reconcile(offset=age + RETIRE_GRACE_SECONDS + 1)
+        assert retired.metrics["RunnersRetired"] == 1
+        assert fleet.state(instance_id) == "terminated"
         assert fleet.gitlab_runner(runner_id) is None
-        assert fleet.leases("docker") == 0
-        assert fleet.record(agent.instance_id)["reason"].startswith("retired: past its lifetime")
+        assert fleet.record(instance_id)["reason"].startswith("retired: past its lifetime")
     finally:
         fleet.agents.options = OPTIONS
     fleet.assert_invariants()
 
 
-def test_a_runner_given_a_job_after_it_was_marked_draining_is_kept_by_the_recheck(fleet: Fleet) -> None:
-    """The narrower window: the runner's record said idle and was marked draining, and GitLab hands it a job
-    before the pause lands (its running Job Hook not yet in the table). The re-check after the pause lists
-    that job, so the runner is un-paused, the mark cleared, and the job runs to success on it."""
-    fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=12.0)
+def test_a_job_request_past_gitlabs_active_check_when_the_pause_lands_never_loses_its_job(fleet: Fleet) -> None:
+    """GitLab checks that a runner is active once, at the start of ``POST /jobs/request`` (lib/api/ci/runner.rb),
+    and picks and assigns a job afterwards (Ci::RegisterJobService). A request between the two when the pause
+    lands still gets a job. Staged: the runner's request is held past the check, reconcile pauses the runner, a
+    job becomes pending, and the request goes on and takes it. Retiring in the same run as the pause listed no
+    running job and deleted the runner that was about to run one; after the grace, the listing shows the job, the
+    runner is left to finish it, and only a run after that retires it."""
+    hold = None
+    fleet.sandbox.reset(stage_config(fleet.sandbox.workdir, "one-runner.yaml", max_runners=1))
+    fleet = Fleet(fleet.sandbox)
+    fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=20.0)
     try:
-        # given an idle runner past its retirement point, and a reconcile with a wire of its own to DynamoDB
+        # given an idle runner past its retirement point (the pool's only one, so a new job launches no other),
+        # and a new job its next request is for, held between GitLab's checks and the assignment
         agent, runner_id, age = idle_runner_past_retirement(fleet)
+        hold = fleet.sandbox.gitlab.hold_job_request(runner_id)
+        (late,) = fleet.pipeline({**DOCKER_JOB, "script": ["sleep 4"]})
+        assert hold.reached.wait(10)
+
+        # when reconcile pauses it, and then the request goes on
+        paused = fleet.reconcile(offset=age)
+        assert (fleet.gitlab_runner(runner_id) or {}).get("paused") is True
+        hold.release()
+
+        # then the paused runner runs the job, and a run past the grace leaves it alone while it does
+        assert paused.metrics == {"RunnersPaused": 1}
+        assert wait_until(lambda: fleet.job(late)["status"] == "running", 20)
+        assert int(fleet.job(late)["runner"]["id"]) == runner_id
+        waiting = fleet.reconcile(offset=age + RETIRE_GRACE_SECONDS + 1)
+        assert "RunnersRetired" not in waiting.metrics and not waiting.done
+        assert fleet.gitlab_runner(runner_id) is not None
+        assert wait_until(lambda: fleet.job(late)["status"] == "success", 30)
+
+        # and once it ran the job, the next run retires it
+        assert wait_until(lambda: fleet.record(agent.instance_id).get("state") == "idle", 30)
+        retired = fleet.reconcile(offset=age + RETIRE_GRACE_SECONDS + 1)
+        assert retired.metrics == {"RunnersRetired": 1}
+        assert fleet.state(agent.instance_id) == "terminated"
+        assert fleet.gitlab_runner(runner_id) is None
+        assert fleet.leases("docker") == 0
+    finally:
+        if hold is not None:
+            hold.release()
+        fleet.agents.options = OPTIONS
+    fleet.assert_invariants()
+
+
+def test_a_retirement_stopped_half_way_is_finished_by_the_next_run(fleet: Fleet) -> None:
+    """A paused runner GitLab has heard from reports ``paused``, not ``online``: the retirement it belongs to is
+    finished all the same. A run stopped after the retiring mark (GitLab failing the pause) pauses again; one
+    stopped after the GitLab runner was deleted (EC2 throttling the termination) terminates the instance."""
+    fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=30.0)
+    try:
+        # given an idle runner past its retirement point, whose pause GitLab fails
+        agent, runner_id, age = idle_runner_past_retirement(fleet)
+        fleet.gitlab.fail_next("PUT", rf"/runners/{runner_id}", status=503, count=10)
+        try:
+            unpaused = fleet.reconcile(offset=age)
+        finally:
+            fleet.gitlab.clear_faults()
+        assert unpaused.stopped.startswith("Pause failed: gitlab")
+        assert fleet.record(agent.instance_id)["draining"].startswith("retiring: ")
+        assert (fleet.gitlab_runner(runner_id) or {}).get("paused") is False
+
+        # when the next run pauses it, and the run after the grace has its termination throttled
+        again = fleet.reconcile(offset=age)
+        assert again.metrics == {"RunnersPaused": 1}
+        assert (fleet.gitlab_runner(runner_id) or {}).get("status") == "paused"
         clients = AwsClients(region=SANDBOX_REGION)
-        reconciler = build_reconciler(
-            fleet.config, clients, runtime.gitlab_api(), runtime.scale_up, clock=lambda: time.time() + age
+        throttled = build_reconciler(
+            fleet.config,
+            clients,
+            runtime.gitlab_api(),
+            runtime.scale_up,
+            clock=lambda: time.time() + age + RETIRE_GRACE_SECONDS + 1,
         )
-        second: list[int] = []
+        with WireFaults(clients.ec2) as faults:
+            faults.fail("TerminateInstances", "RequestLimitExceeded")
+            stopped = throttled.run()
+        assert stopped.stopped == "Retire failed: AWS RequestLimitExceeded"
+        assert fleet.gitlab_runner(runner_id) is None and fleet.state(agent.instance_id) == "running"
 
-        def job_reaches_the_runner(_: dict[str, Any]) -> None:
-            # Right after the draining mark landed, before reconcile pauses the runner in GitLab.
-            second.extend(fleet.pipeline(DOCKER_JOB))
-            assert wait_until(lambda: fleet.job(second[0])["status"] == "running", 20)
-
-        # when reconcile retires it, with the job starting in that window
-        with WireFaults(clients.dynamodb) as faults:
-            faults.run_after("UpdateItem", job_reaches_the_runner)
-            kept = reconciler.run()
-
-        # then the re-check kept it: un-paused, mark cleared, its job succeeds on it, the instance runs on
-        assert faults.calls_to("UpdateItem")[0].params["UpdateExpression"].startswith("SET draining")
-        assert fleet.job(second[0])["runner"]["id"] == runner_id
-        assert kept.skipped == {"Retire": 1} and "RunnersRetired" not in kept.metrics
-        runner = fleet.gitlab_runner(runner_id)
-        assert runner is not None and runner["paused"] is False
-        assert "draining" not in fleet.record(agent.instance_id)
-        assert wait_until(lambda: fleet.job(second[0])["status"] == "success", 30)
-        assert fleet.state(agent.instance_id) == "running"
+        # then the next run finishes it: the instance terminated, the record and lease settled
+        finished = fleet.reconcile(offset=age + RETIRE_GRACE_SECONDS + 1)
+        assert finished.metrics["RunnersRetired"] == 1
+        assert fleet.state(agent.instance_id) == "terminated"
+        assert fleet.record(agent.instance_id)["state"] == "terminated" and fleet.leases("docker") == 0
     finally:
         fleet.agents.options = OPTIONS
     fleet.assert_invariants()
@@ -346,6 +412,7 @@ def test_gitlab_down_for_a_whole_run_leaves_everything_to_the_next_run(fleet: Fl
     agent = fleet.agent_of(ran)
     assert wait_until(lambda: fleet.job(ran)["status"] == "success", 30)
     lost_runner = int(fleet.record(agent.instance_id)["gitlab_runner_id"])
+    fleet.sandbox.aws.shim("ec2-state-events", "lose", instance_ids=[agent.instance_id])
     fleet.ec2.terminate_instances(InstanceIds=[agent.instance_id])
 
     # when GitLab is down for a whole run
@@ -425,7 +492,9 @@ def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_i
 
         # and once the window closes, the idle warm runners are retired; the busy one finishes its job
         drained = fleet.reconcile(offset=outside)
-        assert drained.metrics == {"RunnersRetired": 2}
+        assert drained.metrics == {"RunnersPaused": 2}
+        retired = fleet.reconcile(offset=outside + RETIRE_GRACE_SECONDS + 1)
+        assert retired.metrics == {"RunnersRetired": 2}
         for agent in warm_agents:
             assert fleet.state(agent.instance_id) == "terminated"
         assert fleet.state(str(busy)) == "running"
@@ -444,12 +513,13 @@ def test_status_shows_the_invariants_and_fleetctl_reconcile_repairs_them(fleet: 
     from fleetctl.cli import main
     from fleetctl.sandbox.stack import GITLAB_ADMIN_TOKEN
 
-    # given a GitLab runner of the fleet's whose instance never existed
+    # given a GitLab runner of the fleet's (its description and its maintenance note) whose instance never existed
     orphan = runtime.gitlab_api().create_runner(
         description=f"runner-fleet {fleet.config.fleet}/docker i-0123456789abcdef0",
         tags=["docker"],
         run_untagged=False,
         maximum_timeout=3600,
+        maintenance_note=fleet.owner_note(time.time() - 3600),
     )
     config = str(fleet.sandbox.workdir / "fleet.json")
     runner = CliRunner()
@@ -539,4 +609,100 @@ def test_a_run_whose_facts_aws_will_not_give_stops_before_acting(fleet: Fleet, f
     assert fleet.state(made["InstanceId"]) == "running"
     assert reconciler.run().metrics == {"OrphansReaped.UntrackedInstance": 1}
     assert fleet.state(made["InstanceId"]) == "terminated"
+    fleet.assert_invariants()
+
+
+def test_a_relaunch_whose_send_failed_is_queued_again_by_the_next_run(fleet: Fleet) -> None:
+    """Reconcile gives a job stuck after its launch to a new launch: it releases the old launch's claim and marks
+    the job unqueued under its own queue claim, then sends. When SQS refuses the send, the claim goes back and the
+    job is left unqueued, which the next run queues. Before, the job stayed ``queued`` with no launch, and no rule
+    ever looked at it again."""
+    # given a job whose runner hung at boot, past the point where its job is launched for again
+    fleet.agents.faults.for_next_agent("docker", Fault.HANG_AT_BOOT)
+    (job_id,) = fleet.pipeline(DOCKER_JOB)
+    (hung,) = fleet.booted("docker")
+    assert wait_until(lambda: hung.phase is Phase.HUNG and "gitlab_runner_id" in fleet.record(hung.instance_id), 20)
+    late = stuck_after(fleet.config) + 1
+    clients = AwsClients(region=SANDBOX_REGION)
+    reconciler = build_reconciler(
+        fleet.config, clients, runtime.gitlab_api(), runtime.scale_up, clock=lambda: time.time() + late
+    )
+
+    # when the run's send to the jobs queue fails
+    fleet.sandbox.aws.settle()
+    with WireFaults(clients.sqs) as faults:
+        faults.fail("SendMessage", "ServiceUnavailable")
+        failed = reconciler.run()
+
+    # then the run stopped there, and the job is pending, unqueued, launched by nobody
+    assert failed.stopped == "RecoverJob failed: AWS ServiceUnavailable"
+    item = fleet.store.get(job_key(fleet.sandbox.project_id, job_id)) or {}
+    assert item["queued"] is False and "launch_id" not in item
+    # and the next run queues it, and it runs
+    again = fleet.reconcile(offset=late)
+    assert again.metrics["JobsRecovered"] == 1
+    assert wait_until(lambda: fleet.job(job_id)["status"] == "success", 60)
+    fleet.assert_invariants()
+
+
+def test_only_this_fleets_runners_made_long_enough_ago_are_reaped_as_orphans(fleet: Fleet) -> None:
+    """A GitLab runner named like one of this fleet's, with no instance, is deleted only when its maintenance note
+    is this fleet's mark (fleet, account, region, table) and says it was made more than the grace ago. A
+    same-named fleet of another account on the same group keeps its runners; one scale-up is still making is
+    never judged. Before, the description alone decided, with no grace."""
+    api = runtime.gitlab_api()
+    now = time.time()
+    other_note = fleet.owner_note(now - 3600).replace("account 123456789012", "account 210987654321")
+
+    def runner(instance_id: str, note: str) -> int:
+        return api.create_runner(
+            description=f"runner-fleet {fleet.config.fleet}/docker {instance_id}",
+            tags=["docker"],
+            run_untagged=False,
+            maximum_timeout=3600,
+            maintenance_note=note,
+        ).runner_id
+
+    # given four runners named as this fleet's, none with an instance
+    others = runner("i-0000000000000000a", other_note)  # another account's fleet of the same name
+    unmarked = runner("i-0000000000000000b", "")  # nobody's mark
+    young = runner("i-0000000000000000c", fleet.owner_note(now))  # ours, made a moment ago
+    old = runner("i-0000000000000000d", fleet.owner_note(now - 3600))  # ours, made an hour ago
+
+    # when reconcile runs now, and again once the grace passed
+    first = fleet.reconcile()
+    later = fleet.reconcile(offset=RUNNER_GRACE_SECONDS + 1)
+
+    # then only this fleet's runners went, each once it was old enough; the others are left alone
+    assert first.metrics == {"OrphansReaped.GitLabRunner": 1} and fleet.gitlab_runner(old) is None
+    assert later.metrics == {"OrphansReaped.GitLabRunner": 1} and fleet.gitlab_runner(young) is None
+    assert fleet.gitlab_runner(others) is not None and fleet.gitlab_runner(unmarked) is not None
+    for runner_id in (others, unmarked):
+        api.delete_runner(runner_id)
+    fleet.assert_invariants()
+
+
+def test_a_token_past_its_boot_deadline_is_deleted_by_the_next_run_without_a_scan(fleet: Fleet) -> None:
+    """A runner token whose instance never read it by its boot deadline (the instance is gone, or never was) is
+    found through the keys-only ``token-deadlines`` index and deleted by the next run, not left to DynamoDB's TTL
+    (which deletes within days). Before, ``fleetctl status`` reported it and nothing removed it."""
+    # given a token item past its deadline for an instance that does not exist
+    key = token_key(f"AROAEXAMPLEROLEID:{'i-0123456789abcdef9'}")
+    RunnerTokens(runtime.aws().dynamodb, fleet.config.state.table).put(
+        key, "i-0123456789abcdef9", "glrt-" + "t" * 20, time.time() - 60
+    )
+    assert "token past its boot deadline: i-0123456789abcdef9" in " ".join(fleet.violations())
+    clients = AwsClients(region=SANDBOX_REGION)
+    reconciler = build_reconciler(fleet.config, clients, runtime.gitlab_api(), runtime.scale_up)
+
+    # when reconcile runs
+    fleet.sandbox.aws.settle()
+    with WireFaults(clients.dynamodb) as faults:
+        report = reconciler.run()
+
+    # then the token is gone, read through the index, with no scan of the table
+    assert report.metrics == {"OrphansReaped.Token": 1}
+    assert fleet.store.get(key) is None
+    assert faults.calls_to("Scan") == []
+    assert any(c.params.get("IndexName") == "token-deadlines" for c in faults.calls_to("Query"))
     fleet.assert_invariants()

@@ -57,6 +57,7 @@ class Stack:
         return self.gitlab.job(self.sandbox.project_id, job_id)
 
     def state(self, instance_id: str) -> str:
+        self.sandbox.aws.settle()  # DescribeInstances lags behind a launch, as EC2's does
         found = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
         return str(found["State"]["Name"])
 
@@ -315,7 +316,8 @@ def test_a_fault_set_by_instance_id_reaches_that_instance_only(stack: Stack) -> 
 
 
 def _fleet_instances(stack: Stack) -> list[dict[str, Any]]:
-    """Every instance of the fleet EC2 knows, terminated ones included."""
+    """Every instance of the fleet EC2 knows, terminated ones included, once its reads caught up."""
+    stack.sandbox.aws.settle()
     pages = stack.ec2.get_paginator("describe_instances").paginate(
         Filters=[{"Name": "tag:runner-fleet:fleet", "Values": [stack.config.fleet]}]
     )

@@ -15,7 +15,7 @@ import requests
 
 from chalicelib.naming import runner_description
 from chalicelib.store import runner_key
-from fleetctl.sandbox.stack import GITLAB_OPERATOR_TOKEN
+from fleetctl.sandbox.stack import GITLAB_OPERATOR_TOKEN, SANDBOX_AWS_LAGS
 from tests.faults import WireFaults
 from tests.integration.test_scale_up import Fleet
 
@@ -43,7 +43,18 @@ def _move(fleet: Fleet, job_id: int, status: str, runner_id: int) -> None:
 
 
 def _idle(fleet: Fleet, pool: str) -> int:
+    """The pool's idle runners, once the idle index (eventually consistent, as every GSI) caught up."""
+    fleet.sandbox.aws.settle()
     return int(fleet.runtime.store().idle_runners(pool, limit=100))
+
+
+def _idle_runner(fleet: Fleet, tags: list[str]) -> tuple[int, str, int]:
+    """A runner that ran a job and has been idle long enough for the idle index to show it."""
+    job_id, instance_id, runner_id = _launch_one(fleet, tags)
+    _move(fleet, job_id, "running", runner_id)
+    _move(fleet, job_id, "success", runner_id)
+    fleet.sandbox.aws.settle()
+    return job_id, instance_id, runner_id
 
 
 def test_a_runner_is_busy_while_its_job_runs_and_idle_after_it_with_builds_left(fleet: Fleet) -> None:
@@ -116,9 +127,7 @@ def test_a_finish_heard_before_its_start_is_not_undone_by_the_start(fleet: Fleet
 
 def test_a_job_is_left_to_an_idle_runner_and_launches_nothing_when_it_takes_it(fleet: Fleet) -> None:
     # given an idle runner in the docker pool
-    first, instance_id, runner_id = _launch_one(fleet, ["docker"])
-    _move(fleet, first, "running", runner_id)
-    _move(fleet, first, "success", runner_id)
+    _, instance_id, runner_id = _idle_runner(fleet, ["docker"])
 
     # when another docker job arrives
     [second] = fleet.pipeline(["docker"])
@@ -138,9 +147,7 @@ def test_a_job_is_left_to_an_idle_runner_and_launches_nothing_when_it_takes_it(f
 
 
 def test_a_job_no_idle_runner_took_launches_after_its_grace(fleet: Fleet) -> None:
-    first, _, runner_id = _launch_one(fleet, ["docker"])
-    _move(fleet, first, "running", runner_id)
-    _move(fleet, first, "success", runner_id)
+    _idle_runner(fleet, ["docker"])
 
     fleet.pipeline(["docker"])
     assert fleet.scale_up().handle_messages(fleet.take_queued(1)).as_dict() == {"deferred": 1}
@@ -150,9 +157,7 @@ def test_a_job_no_idle_runner_took_launches_after_its_grace(fleet: Fleet) -> Non
 
 
 def test_only_as_many_jobs_as_idle_runners_wait_the_oldest_first(fleet: Fleet) -> None:
-    first, _, runner_id = _launch_one(fleet, ["docker"])
-    _move(fleet, first, "running", runner_id)
-    _move(fleet, first, "success", runner_id)
+    _idle_runner(fleet, ["docker"])
 
     jobs = fleet.pipeline(["docker"], ["docker"], ["docker"])
     report = fleet.scale_up().handle_messages(fleet.take_queued(3))
@@ -160,6 +165,21 @@ def test_only_as_many_jobs_as_idle_runners_wait_the_oldest_first(fleet: Fleet) -
     assert report.as_dict() == {"deferred": 1, "launched": 2}
     [deferred] = [json.loads(b) for b in fleet.take_queued(1)]
     assert deferred["job_id"] == min(jobs)
+
+
+def test_a_job_arriving_before_the_idle_index_shows_a_new_idle_runner_launches(fleet: Fleet) -> None:
+    """The idle index is a GSI, eventually consistent (DynamoDB developer guide, "Read consistency for global
+    secondary indexes"): a runner idle for a moment is not counted yet, so a job arriving then is launched for, as
+    it would be in AWS. It costs an instance, never a job: the job is launched for, not lost."""
+    first, _, runner_id = _launch_one(fleet, ["docker"])
+    _move(fleet, first, "running", runner_id)
+    fleet.sandbox.aws.shim("dynamodb-index-lag", "set", seconds=30)
+    try:
+        _move(fleet, first, "success", runner_id)
+        fleet.pipeline(["docker"])
+        assert fleet.scale_up().handle_messages(fleet.take_queued(1)).as_dict() == {"launched": 1}
+    finally:
+        fleet.sandbox.aws.shim("dynamodb-index-lag", "set", **SANDBOX_AWS_LAGS["dynamodb-index-lag"])
 
 
 def test_job_start_latency_is_measured_per_pool(fleet: Fleet, capfd: pytest.CaptureFixture[str]) -> None:

@@ -27,7 +27,7 @@ from chalicelib.naming import POOL_TAG, runner_description, runner_role_name
 from chalicelib.observability import metrics
 from chalicelib.runner_tokens import session_user_id
 from chalicelib.store import job_key, launch_key, pool_key, runner_key, token_key
-from fleetctl.sandbox.ec2_events import terminate_instances
+from fleetctl.sandbox.ec2_events import state_change_entry, terminate_instances
 from tests.faults import SimulatedCrash, WireFaults
 
 ACCOUNT = "123456789012"
@@ -58,10 +58,14 @@ class Fleet:
         return [int(j["id"]) for j in self.gitlab.jobs_of_pipeline(self.sandbox.project_id, pipeline_id)]
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float = 30.0) -> None:
-        """Let the event pump deliver queued jobs and events, as Lambda would, until idle (or ``until``)."""
+        """Let the event pump deliver queued jobs and events, as Lambda would, until idle (or ``until``). Idle means
+        the local AWS has settled too: no EC2 state-change event still due, no read still lagging a write."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sandbox.pump.drain(timeout=max(1.0, deadline - time.monotonic()))
+            self.sandbox.aws.settle()
+            if self.sandbox.pump.drain(timeout=max(1.0, deadline - time.monotonic())):
+                continue
             if until is None or until():
                 return
             time.sleep(0.3)
@@ -106,7 +110,16 @@ class Fleet:
 
     # -- looking ----------------------------------------------------------------------------------------------
 
+    def deliver_events(self) -> int:
+        """EventBridge's events of what happened so far, delivered once EC2 put them (its state changes follow a
+        call by a lag)."""
+        self.sandbox.aws.settle()
+        return int(self.sandbox.pump.pump_events())
+
     def instances(self, pool: str | None = None) -> list[dict[str, Any]]:
+        """The fleet's pending and running instances, once the local AWS's reads caught up with the launches made
+        so far (DescribeInstances lags behind a launch, as EC2's does)."""
+        self.sandbox.aws.settle()
         filters = [
             {"Name": "tag:runner-fleet:fleet", "Values": [self.config.fleet]},
             {"Name": "instance-state-name", "Values": ["pending", "running"]},
@@ -545,8 +558,8 @@ def test_a_full_pool_makes_jobs_wait_until_a_runner_finishes(fleet: Fleet) -> No
     assert waiting.waits == 2
     # when a runner finishes (its instance terminates)
     finished = fleet.instances("docker")[0]["InstanceId"]
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [finished])
-    fleet.sandbox.pump.pump_events()
+    terminate_instances(fleet.ec2, [finished])
+    fleet.deliver_events()
     # then its capacity comes back, and the waiting job launches
     assert fleet.leases("docker") == 1
     assert fleet.record(runner_key(finished))["state"] == "terminated"
@@ -566,8 +579,8 @@ def test_a_job_cancelled_while_it_waited_is_not_launched(fleet: Fleet) -> None:
     # the waiting job is cancelled (GitLab tells us by webhook) and then capacity frees up
     fleet.gitlab.set_job_status(fleet.sandbox.project_id, waiting.job_id, "canceled")
     fleet.gitlab.wait_for_deliveries()
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [fleet.instances("docker")[0]["InstanceId"]])
-    fleet.sandbox.pump.pump_events()
+    terminate_instances(fleet.ec2, [fleet.instances("docker")[0]["InstanceId"]])
+    fleet.deliver_events()
 
     report = fleet.scale_up(config).handle([waiting])
 
@@ -584,8 +597,9 @@ def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fle
     victim = fleet.instances("docker")[0]["InstanceId"]
     events = fleet.runtime.aws().client("events")
 
-    terminate_instances(fleet.ec2, events, [victim])
-    terminate_instances(fleet.ec2, events, [victim])  # a duplicate event
+    terminate_instances(fleet.ec2, [victim])
+    # and EventBridge delivering its terminated event a second time
+    events.put_events(Entries=[state_change_entry(victim, "terminated", "us-east-1")])
     fleet.run()
 
     assert fleet.leases("docker") == 1
@@ -622,7 +636,7 @@ def test_a_non_admin_token_with_exactly_the_documented_scopes_runs_launch_and_te
             and "gitlab_runner_id" in fleet.record(runner_key(fleet.instances("docker")[0]["InstanceId"]))
         )
         victim = fleet.instances("docker")[0]["InstanceId"]
-        terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [victim])
+        terminate_instances(fleet.ec2, [victim])
         fleet.run()
     finally:
         fleet.gitlab.add_token(GITLAB_FLEET_TOKEN, scopes=GITLAB_FLEET_SCOPES)
@@ -736,8 +750,8 @@ def test_a_refused_token_write_dead_letters_and_leaves_the_launch_for_the_reconc
     [instance] = fleet.instances("docker")
     record = fleet.record(runner_key(instance["InstanceId"]))
     assert (record["state"], record.get("gitlab_runner_id")) == ("booting", None)
-    terminate_instances(fleet.ec2, fleet.runtime.aws().client("events"), [instance["InstanceId"]])
-    fleet.sandbox.pump.pump_events()
+    terminate_instances(fleet.ec2, [instance["InstanceId"]])
+    fleet.deliver_events()
     assert fleet.leases("docker") == 0
 
 

@@ -34,7 +34,9 @@ def _fired(fleet: Fleet) -> int:
 
 
 def _every_instance_of(fleet: Fleet, launch_id: str) -> list[str]:
-    """Every instance ever made for a launch, terminated ones included: a second fleet would show here."""
+    """Every instance ever made for a launch, terminated ones included: a second fleet would show here (read once
+    EC2's listing caught up with the launches)."""
+    fleet.sandbox.aws.settle()
     found = fleet.ec2.describe_instances(Filters=[{"Name": "tag:runner-fleet:launch-id", "Values": [launch_id]}])
     return sorted(i["InstanceId"] for r in found["Reservations"] for i in r["Instances"])
 
@@ -222,3 +224,49 @@ def test_an_on_demand_fallback_that_never_answered_is_resumed_not_given_up(fleet
     assert len(made) == 3
     assert len(fleet.instances("docker")) == 3 == fleet.leases("docker") == _live_runner_records(fleet, "docker")
     assert int(fleet.record(pool_key("docker"))["leases"]) == 3
+
+
+def test_a_fallback_that_never_answered_whose_jobs_went_away_is_settled_by_reconcile(fleet: Fleet) -> None:
+    """The on-demand fallback launched its instances but its answers were lost, and its jobs were cancelled before
+    they came back to resume the launch. The launch keeps its leases in the live index (every write of a launch
+    record keeps it there while it holds any), so reconcile settles it: the fallback's instances are terminated
+    and their leases given back. Before, finishing the spot part took the launch out of the index and nothing
+    ever gave those two leases back."""
+    from chalicelib import runtime
+    from chalicelib.lifecycle.reconcile import build_reconciler
+    from chalicelib.lifecycle.rules import STALE_LAUNCH_SECONDS
+
+    # given a spot shortage of two of three, and the on-demand fallback launching with every answer lost
+    jobs = fleet.pipeline(["docker"], ["docker"], ["docker"])
+    with WireFaults(fleet.ec2) as faults:
+        faults.capacity_shortage(["m7i.large"], unavailable=2)
+        faults.run_after("CreateFleet", lambda _: faults.lose_answer("CreateFleet", times=10))
+        first = fleet.scale_up().handle_messages(fleet.take_queued(3))
+    [launch_id] = {fleet.job(j)["launch_id"] for j in jobs}
+    assert first.as_dict() == {"launched": 1, "retried": 2}
+    made = _every_instance_of(fleet, launch_id)
+    assert len(made) == 3 and fleet.leases("docker") == 3
+    launch = fleet.record(launch_key(launch_id))
+    assert (launch["state"], launch["leases"], launch.get("live")) == ("incomplete", 2, "launch")
+
+    # when the two jobs are cancelled before they come back, so nothing resumes the launch
+    launched = {j for j in jobs if fleet.job(j).get("outcome") == "launched"}
+    for job_id in set(jobs) - launched:
+        fleet.gitlab.set_job_status(fleet.sandbox.project_id, job_id, "canceled")
+    fleet.gitlab.wait_for_deliveries(timeout=30)
+    back = fleet.scale_up().handle_messages(fleet.take_queued(2, timeout=30))
+    assert back.as_dict() == {"not_pending": 2}
+    fleet.sandbox.aws.settle()
+    report = build_reconciler(
+        fleet.config,
+        runtime.aws(),
+        runtime.gitlab_api(),
+        runtime.scale_up,
+        clock=lambda: time.time() + STALE_LAUNCH_SECONDS + 1,
+    ).run()
+
+    # then reconcile settled it: the fallback's two instances terminated, their leases back
+    assert report.metrics["OrphansReaped.StaleLaunch"] == 1
+    assert len(fleet.instances("docker")) == 1 == fleet.leases("docker")
+    settled = fleet.record(launch_key(launch_id))
+    assert settled["leases"] == 0 and "live" not in settled

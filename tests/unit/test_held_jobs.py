@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chalicelib.scale_store import LaunchState
+from chalicelib.launches import LaunchState
 from chalicelib.scaling import HeldJob, decide_held_job
 
 NOW = 1_000_000.0

@@ -11,13 +11,18 @@ import pytest
 from chalicelib.config import FleetConfig, parse_config
 from chalicelib.gitlab_api import GitLabRunner
 from chalicelib.gitlab_events import JobStatus
-from chalicelib.lifecycle.facts import Facts, InstanceFact, JobFact, PendingJob, TokenFact
+from chalicelib.launches import LaunchState
+from chalicelib.lifecycle.facts import SWEEP_PROJECTS, Facts, InstanceFact, JobFact, PendingJob, TokenFact, sweep_turn
 from chalicelib.lifecycle.invariants import check
-from chalicelib.lifecycle.reconcile import RetireVerdict, retire_verdict
+from chalicelib.lifecycle.reconcile import may_retire
 from chalicelib.lifecycle.rules import (
+    MAX_RUNNER_DELETIONS,
+    RETIRE_GRACE_SECONDS,
     CleanUp,
     DeleteRunner,
+    DeleteToken,
     Kind,
+    Pause,
     Reap,
     RecoverJob,
     Retire,
@@ -27,8 +32,8 @@ from chalicelib.lifecycle.rules import (
     decide,
     retire_at,
 )
-from chalicelib.scale_store import LaunchRecord, LaunchState, RunnerRecord
-from chalicelib.store import RunnerState
+from chalicelib.scale_store import LaunchRecord, RunnerRecord
+from chalicelib.store import RETIRING, RunnerState
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a Friday
 FLEET = "rf-test"
@@ -205,6 +210,7 @@ def test_a_record_whose_instance_is_gone_is_cleaned_up(launched_ago: float, clea
     )
     assert [v.invariant for v in check(seen, CONFIG)] == [
         "record without an instance",
+        "record's GitLab runner missing",
         "lease counter differs from live instances",
     ]
 
@@ -270,24 +276,63 @@ def test_retirement_point_leaves_a_job_time_to_finish_within_the_lifetime() -> N
 
 
 @pytest.mark.parametrize(
-    ("fields", "status", "version", "retired"),
+    ("fields", "status", "version", "paused"),
     [
         ({"launched_at": NOW - 3 * 3600 - 1}, "online", "1", True),  # past its retirement point, idle
-        ({"launched_at": NOW - 3 * 3600 - 1, "busy": ("1:2",), "state": RunnerState.BUSY}, "online", "1", False),
+        # busy: paused too, so it finishes its job and starts no other its lifetime cannot hold
+        ({"launched_at": NOW - 3 * 3600 - 1, "busy": ("1:2",), "state": RunnerState.BUSY}, "online", "1", True),
         ({"launched_at": NOW - 3 * 3600 - 1, "draining": "spot interruption"}, "online", "1", False),
         ({"launched_at": NOW - 3600}, "online", "2", True),  # the pool's template moved on (new image)
+        ({"launched_at": NOW - 3600, "busy": ("1:2",), "state": RunnerState.BUSY}, "online", "2", True),
         ({"launched_at": NOW - 3600}, "online", "1", False),
-        # booted and never given a job: idle once GitLab heard from it
+        # booted and never given a job: due once GitLab heard from it (a paused runner is listed "paused")
         ({"state": RunnerState.BOOTING, "launched_at": NOW - 3 * 3600 - 1}, "online", "1", True),
+        ({"state": RunnerState.BOOTING, "launched_at": NOW - 3 * 3600 - 1}, "paused", "1", True),
         ({"state": RunnerState.BOOTING, "launched_at": NOW - 3 * 3600 - 1}, "never_contacted", "1", False),
         ({"state": RunnerState.DONE, "launched_at": NOW - 3 * 3600 - 1}, "online", "1", False),  # powers off
     ],
 )
-def test_only_idle_runners_are_retired(fields: dict[str, Any], status: str, version: str, retired: bool) -> None:
+def test_runners_due_for_retirement_are_paused_first(
+    fields: dict[str, Any], status: str, version: str, paused: bool
+) -> None:
     old = record("i-1", **fields)
     seen = facts([old], [instance("i-1")], [runner(1, status)], template_versions={"docker": version})
-    actions = [a for a in decide(seen, CONFIG) if isinstance(a, Retire)]
-    assert [(a.instance_id, a.runner_id) for a in actions] == ([("i-1", 1)] if retired else [])
+    actions = decide(seen, CONFIG)
+    pauses = [a for a in actions if isinstance(a, Pause)]
+    assert [(a.instance_id, a.runner_id) for a in pauses] == ([("i-1", 1)] if paused else [])
+    assert [a for a in actions if isinstance(a, Retire)] == []  # never retired in the run that pauses it
+
+
+def retiring_record(**fields: Any) -> RunnerRecord:
+    values = {"draining": f"{RETIRING}past its lifetime's retirement point", "draining_at": NOW - 60}
+    return record("i-1", **{**values, **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "paused_in_gitlab", "listed", "expected"),
+    [
+        ({}, True, True, "retire"),  # paused a grace ago, runs nothing
+        ({"draining_at": NOW - RETIRE_GRACE_SECONDS + 1}, True, True, ""),  # within the grace: a request may land
+        ({"busy": ("1:2",), "state": RunnerState.BUSY}, True, True, ""),  # still runs its job: waits
+        ({}, False, True, "pause"),  # marked, but the pause never reached GitLab: paused again
+        ({}, True, False, "retire"),  # its GitLab runner is gone already: the instance still goes
+        ({"draining": "spot interruption"}, True, True, ""),  # an interruption's pause is not a retirement
+    ],
+)
+def test_a_retiring_runner_is_retired_a_grace_after_its_pause_once_it_runs_nothing(
+    fields: dict[str, Any], paused_in_gitlab: bool, listed: bool, expected: str
+) -> None:
+    gitlab = [
+        GitLabRunner(
+            1, f"runner-fleet {FLEET}/docker i-1", "paused" if paused_in_gitlab else "online", paused_in_gitlab
+        )
+    ]
+    seen = facts([retiring_record(**fields)], [instance("i-1")], gitlab if listed else [])
+
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, (Pause, Retire))]
+
+    kinds = {Pause: "pause", Retire: "retire"}
+    assert [kinds[type(a)] for a in actions] == ([expected] if expected else [])
 
 
 def test_warm_runners_are_retired_when_their_window_closes() -> None:
@@ -295,10 +340,10 @@ def test_warm_runners_are_retired_when_their_window_closes() -> None:
     windows = [{"start": "0 9 * * 1-5", "end": "0 17 * * 1-5", "timezone": "Europe/Berlin"}]
     warm = config(warm={"size": 2, "windows": windows})
     idle_warm = record("i-1", warm=True, launched_at=NOW - 600)
-    assert [a for a in decide(facts([idle_warm], [instance("i-1")]), warm) if isinstance(a, Retire)] == []
+    assert [a for a in decide(facts([idle_warm], [instance("i-1")]), warm) if isinstance(a, Pause)] == []
     evening = NOW + 9 * 3600  # 18:00 in Berlin
     seen = facts([idle_warm], [instance("i-1")], now=evening)
-    assert [a.instance_id for a in decide(seen, warm) if isinstance(a, Retire)] == ["i-1"]
+    assert [a.instance_id for a in decide(seen, warm) if isinstance(a, Pause)] == ["i-1"]
 
 
 # -- lost webhooks ------------------------------------------------------------------------------------------
@@ -419,70 +464,155 @@ def test_each_invariant_is_reported_with_its_subject() -> None:
         "GitLab runner without an instance: 4 (runner-fleet rf-test/docker i-4)",
         "instance without a record: i-3 (running, pool docker)",
         "lease counter differs from live instances: docker (3 leases, 2 live)",
+        "lease counter differs from the leases held: docker (3 leases, 2 held by records and launches)",
         "record without an instance: i-2 (state idle)",
         "token past its boot deadline: i-1 (1.0 s past)",
     ]
 
 
-# -- the pause, re-check, retire race ------------------------------------------------------------------------
+def test_the_invariants_that_would_have_caught_the_lifecycle_defects() -> None:
+    due = NOW - 4 * 3600  # launched 4 hours ago: past its retirement point (3 hours) an hour ago
+    paused = GitLabRunner(2, f"runner-fleet {FLEET}/docker i-2", "paused", paused=True)
+    launch = LaunchRecord("L9", "docker", LaunchState.INCOMPLETE, leases=1, requested=2, started_at=NOW - 600)
+    running_late = job(
+        7, 71, status="running", running_at=NOW - 60, runner_description=f"runner-fleet {FLEET}/docker i-1"
+    )
+    seen = facts(
+        [record("i-1", launched_at=due), record("i-2"), record("i-3", draining="spot interruption warning")],
+        [instance("i-1"), instance("i-2"), instance("i-3")],
+        # i-2 is paused though its record does not drain; i-3 drains but is not paused; two runners for i-1
+        [runner(1), paused, runner(3), runner(5, instance_id="i-1")],
+        leases={"docker": 4},
+        launches=[launch],
+        jobs=[running_late, job(7, 72, queued=True)],
+        pending_jobs=[PendingJob(7, 72, NOW - 600), PendingJob(7, 73, NOW - 600), PendingJob(7, 74, NOW - 10)],
+    )
 
-# Events of one retirement (the reconcile side, in its order) and of a job that may reach the runner (GitLab
-# assigns it, then its running Job Hook reaches the table). Every interleaving is decided: the runner is retired
-# only when no job reached it, and never terminated with a job.
-RECONCILE_STEPS = ("mark", "pause", "recheck")
-JOB_STEPS = ("assign", "hook")
+    assert sorted(str(v) for v in check(seen, CONFIG)) == [
+        "job started on a runner past its retirement point: i-1 (job 7:71 3540 s after it)",
+        "lease counter differs from live instances: docker (4 leases, 3 live)",
+        "more than one GitLab runner for an instance: i-1 (2 runners)",
+        "paused in GitLab unlike its record: i-2 (paused in GitLab, record does not drain)",
+        "paused in GitLab unlike its record: i-3 (not paused in GitLab, record drains (spot interruption warning))",
+        "pending job neither queued nor claimed: 7:73 (lost Job Hook?)",
+    ]
+    # the launch's lease is held where reconcile looks, so the counter matches what records and launches hold
 
 
-def _interleavings() -> list[tuple[str, ...]]:
-    steps = RECONCILE_STEPS + JOB_STEPS
+def test_a_launch_holding_leases_outside_the_live_index_shows_as_a_lease_mismatch() -> None:
+    # the launch holding the second lease is missing from the facts (it lost its live mark)
+    seen = facts([record("i-1")], [instance("i-1")], leases={"docker": 2})
+
+    assert "lease counter differs from the leases held: docker (2 leases, 1 held by records and launches)" in [
+        str(v) for v in check(seen, CONFIG, settled_before=NOW - 120)
+    ]
+
+
+def test_during_a_run_what_is_younger_than_the_grace_is_not_judged() -> None:
+    young = record("i-9", launched_at=NOW - 30)  # recorded a moment ago: its instance not listed yet
+    unrecorded = instance("i-8", launched_at=NOW - 30)  # launched a moment ago: its record not written yet
+    seen = facts([young], [unrecorded], [runner(9)], leases={"docker": 1})
+
+    assert check(seen, CONFIG, settled_before=NOW - 120) == []
+    assert {v.invariant for v in check(seen, CONFIG)} >= {"record without an instance", "instance without a record"}
+
+
+# -- the pause, grace, re-check, retire race -------------------------------------------------------------------
+
+# Events of one retirement (the reconcile side, in its order: the record marked, the runner paused, the grace
+# passed, the re-check) and of a job request that may reach the runner. GitLab checks that the runner is active
+# once, at the start of POST /jobs/request ("check"), then gives it a job ("assign"); the running Job Hook then
+# reaches the table ("hook"). A request that passed its check before the pause is given its job within the grace
+# (a request lasts far less than RETIRE_GRACE_SECONDS). Every interleaving is decided: the runner is retired only
+# when no job reached it, and never deleted with a job.
+RECONCILE_STEPS = ("mark", "pause", "grace", "recheck")
+JOB_STEPS = ("check", "assign", "hook")
+
+
+def _interleavings(*, grace: bool = True) -> list[tuple[str, ...]]:
+    reconcile = RECONCILE_STEPS if grace else tuple(s for s in RECONCILE_STEPS if s != "grace")
     orders = []
-    for order in itertools.permutations(steps):
-        if [s for s in order if s in RECONCILE_STEPS] == list(RECONCILE_STEPS) and order.index("assign") < order.index(
-            "hook"
-        ):
-            orders.append(order)
+    for order in itertools.permutations(reconcile + JOB_STEPS):
+        if [s for s in order if s in reconcile] != list(reconcile):
+            continue
+        if [s for s in order if s in JOB_STEPS] != list(JOB_STEPS):
+            continue
+        if grace and order.index("check") < order.index("pause") and order.index("assign") > order.index("grace"):
+            continue  # a request in flight at the pause ends within the grace
+        orders.append(order)
     return orders
 
 
-def _play(order: tuple[str, ...]) -> tuple[str, bool]:
-    """Play one interleaving against a model of GitLab (a paused runner is assigned no job) and of the table's
-    conditional write; returns what reconcile decided and whether the runner ran the job."""
-    paused = assigned = hooked = marked = False
+def _play(order: tuple[str, ...]) -> tuple[bool, bool]:
+    """Play one interleaving against a model of GitLab and of the table; returns (retired, ran the job)."""
+    paused = passed = assigned = hooked = False
+    retired = False
     for step in order:
-        if step == "assign":
-            assigned = not paused  # GitLab gives no job to a paused runner
+        if step == "check":
+            passed = not paused  # GitLab's active? check, once, at the start of the request
+        elif step == "assign":
+            assigned = passed
+            if assigned and retired:
+                return True, True  # the job went to a runner that is being deleted
         elif step == "hook":
             hooked = assigned
-        elif step == "mark":
-            if hooked:
-                return "skipped", assigned  # drain_runner(only_idle) is refused: the table says busy
-            marked = True
         elif step == "pause":
-            paused = marked
+            paused = True
         elif step == "recheck":
             running = [(1, 1)] if assigned else []
             current = record(
                 "i-1", busy=("1:1",) if hooked else (), state=RunnerState.BUSY if hooked else RunnerState.IDLE
             )
-            verdict = retire_verdict(running, current)
-            return verdict.value, assigned
-    raise AssertionError(order)
+            retired = may_retire(running, current)
+    return retired, assigned
 
 
 @pytest.mark.parametrize("order", _interleavings(), ids=lambda o: "-".join(o))
 def test_retire_is_decided_for_every_interleaving_with_a_job(order: tuple[str, ...]) -> None:
-    decided, ran_job = _play(order)
-    if ran_job:
-        assert decided in ("skipped", RetireVerdict.KEEP.value)  # never terminated under a job
-    else:
-        assert decided == RetireVerdict.RETIRE.value  # the job came after the pause: it went elsewhere
-    assert (decided == RetireVerdict.RETIRE.value) == (order.index("assign") > order.index("pause"))
+    retired, ran_job = _play(order)
+    assert not (retired and ran_job)  # never deleted under a job
+    # and it is retired exactly when the job's request came after the pause (the job went elsewhere)
+    assert retired == (order.index("check") > order.index("pause"))
 
 
-def test_retire_verdict_keeps_a_runner_gitlab_or_the_table_says_is_busy() -> None:
+def test_without_the_grace_a_request_past_its_check_gets_a_job_on_a_runner_being_deleted() -> None:
+    # the race the grace closes: the check passes just before the pause, the job is given just after the re-check
+    unsafe = [order for order in _interleavings(grace=False) if all(_play(order))]
+    assert ("check", "mark", "pause", "recheck", "assign", "hook") in unsafe
+
+
+def test_may_retire_only_a_runner_gitlab_and_the_table_say_runs_nothing() -> None:
     idle = record("i-1")
-    assert retire_verdict([], idle) is RetireVerdict.RETIRE
-    assert retire_verdict(None, idle) is RetireVerdict.RETIRE  # GitLab no longer knows the runner
-    assert retire_verdict([(1, 2)], idle) is RetireVerdict.KEEP
-    assert retire_verdict([], replace(idle, busy=("1:2",))) is RetireVerdict.KEEP
-    assert retire_verdict([], replace(idle, state=RunnerState.TERMINATED)) is RetireVerdict.KEEP
+    assert may_retire([], idle)
+    assert may_retire(None, idle)  # GitLab no longer knows the runner
+    assert not may_retire([(1, 2)], idle)
+    assert not may_retire([], replace(idle, busy=("1:2",)))
+
+
+# -- the sweep's turns, expired tokens ------------------------------------------------------------------------
+
+
+def test_each_run_sweeps_its_turn_of_the_projects_and_every_project_comes_round() -> None:
+    projects = list(range(1, 46))  # 45 projects, 20 a run: three turns
+    turns = [sweep_turn(projects, NOW + 60 * run) for run in range(3)]
+
+    assert all(len(turn) <= SWEEP_PROJECTS for turn in turns)
+    assert sorted(p for turn in turns for p in turn) == projects
+    assert sweep_turn(projects, NOW + 180) == turns[0]  # and round again
+    assert sweep_turn([3, 1, 2], NOW) == [1, 2, 3]  # few projects: every one, every run
+
+
+def test_a_token_past_its_boot_deadline_is_deleted() -> None:
+    seen = healthy("i-1")
+    seen = replace(seen, tokens=[TokenFact("TOKEN#r:i-9", "i-9", NOW - 1)])
+
+    assert [a for a in decide(seen, CONFIG) if isinstance(a, DeleteToken)] == [
+        DeleteToken("runner token past its boot deadline", key="TOKEN#r:i-9", instance_id="i-9")
+    ]
+
+
+def test_gitlab_runner_deletions_are_bounded_per_run() -> None:
+    orphans = [runner(100 + n, instance_id=f"i-{100 + n}") for n in range(MAX_RUNNER_DELETIONS + 10)]
+    seen = facts([], [], orphans, leases={})
+
+    assert len([a for a in decide(seen, CONFIG) if isinstance(a, DeleteRunner)]) == MAX_RUNNER_DELETIONS

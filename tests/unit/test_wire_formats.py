@@ -35,14 +35,15 @@ def test_a_queued_job_survives_the_queue_unchanged() -> None:
 def test_the_webhooks_message_format_still_decodes() -> None:
     job = QueuedJob.from_json(json.dumps(WEBHOOK_MESSAGE))
     assert (job.project_id, job.job_id, job.pipeline_id, job.attempt, job.pool, job.tags) == (7, 4242, 99, 1, "", ())
-    # and what is written now reads back as the same JSON object, with pool, tags, the grace mark and the
-    # interruption retry added
+    # and what is written now reads back as the same JSON object, with pool, tags, the grace mark, the
+    # interruption retry and the job's earlier retries added
     assert json.loads(job.to_json()) == {
         **WEBHOOK_MESSAGE,
         "pool": "",
         "tags": [],
         "graced": False,
         "retry_interrupted": "",
+        "retries": 0,
     }
 
 
