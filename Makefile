@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration e2e bench clean sandbox-up sandbox-down policies
+.PHONY: demo test lint typecheck unit integration e2e bench soak clean sandbox-up sandbox-down policies
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,8 +38,8 @@ $(TOOLS): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fleetctl sandbox demo
 
-# Three pytest processes side by side: the slow scenarios (the 500-job burst, which keeps one core busy), the
-# scenarios that drive simulated runner agents (mostly waiting on them), and the rest. Their output follows the
+# Three pytest processes side by side: the slow scenarios (a 150-job burst and a two-minute soak), the scenarios
+# that drive simulated runner agents (mostly waiting on them), and the rest. Their output follows the
 # rest's. Each process judges its own calls against IAM; the check for unused IAM statements needs the whole
 # suite, so it runs last, over the three reports.
 test: export RUNNER_FLEET_REQUIRE_TOOLS := 1
@@ -76,6 +76,13 @@ integration: $(STAMP)
 
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
+
+# The soak (fleetctl/sandbox/soak.py): SOAK_MINUTES of load and faults, then everything accounted for; SOAK_SEED
+# replays a run (by default the seed comes from the clock and is printed).
+SOAK_MINUTES ?= 10
+SOAK_SEED ?=
+soak: $(STAMP)
+	$(BIN)/python -m fleetctl.sandbox.soak --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 bench: $(STAMP)
 	$(BIN)/python bench/cold_start.py

@@ -42,7 +42,7 @@ from _common import (
 
 RUNS = 21  # pairs: on a shared machine, eleven left the median at the mercy of a few busy moments
 WARMUP_PAIRS = 1
-TARGET_RATIO = 1.3
+TARGET_RATIO = 1.10
 TOP_IMPORTS = 8
 _IMPORTTIME = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 

@@ -9,7 +9,8 @@ from the pool's launch template, carrying the fleet, pool and launch tags; the r
 not in its transaction, for which moto copies the whole table once per item; ``finish_launch``. Then, for each
 instance, a GitLab runner made with the fleet's own ``GitLabApi.create_runner`` (described by
 ``runner_description``) and ``set_runner_identity``. A healthy runner has contacted GitLab (``POST /runners/verify``
-with its token, as ``gitlab-runner verify`` does) and, in a pool whose runners take more than one build, finished
+with its token, as ``gitlab-runner verify`` does, then ``POST /jobs/request``, which is what GitLab counts as contact)
+and, in a pool whose runners take more than one build, finished
 one job (``runner_finished_job``, as its Job Hook would record it); an ephemeral pool's runner waits for its one
 job. Either way it is idle, hours from its retirement point. BOOTING runners per fleet never contact GitLab and
 keep their token item, as an instance hung at boot does; they are young, so a run on the real clock leaves them
@@ -34,6 +35,12 @@ never one call per runner. The expected pages are computed independently of the 
 live instances, GitLab runner listing pages of 100 and one pending-jobs page per connected project. A case meets
 the target when its calls are at most those pages plus FIXED_AWS_CALLS (the run lease taken and released, one
 DescribeLaunchTemplates) plus AWS_PER_ACTION AWS calls and GITLAB_PER_ACTION GitLab calls per runner acted on.
+
+Then the sweep for lost Job Hooks, for SWEEP_PROJECT_COUNTS connected projects (each with its hook record, none
+with a pending job): one run's GitLab calls and the sweep's wall time, and how many runs bring every project round,
+against the baseline of listing every active project's pending jobs one after another (what the sweep did before
+it was bounded); the ratio is printed. Invalid when the projects are not all active, or the calls are not the
+bound's (at most SWEEP_PROJECTS a run) and the baseline's one per project.
 
 Wall time of one run (the median of REPEATS for the no-action case), of ``reconciler.facts.gather()`` alone, and
 the seconds the run spent inside its AWS calls (an ``after-call`` handler; the rest is GitLab and the app itself),
@@ -95,11 +102,13 @@ QUERY_PAGE_BYTES = 1024 * 1024  # DynamoDB Query's page
 INSTANCE_PAGE = 1000  # reconcile's DescribeInstances page size, and the baseline's
 RUNNER_PAGE = 100  # GitLab's listing page, as GitLabApi.runners asks for it
 LIVE_KINDS = ("runner", "launch", "pool", "job", "hook")  # the kinds reconcile reads from the fleet-records index
-FIXED_AWS_CALLS = 3  # the run lease's PutItem and DeleteItem, one DescribeLaunchTemplates
+# The run lease's PutItem and DeleteItem, one DescribeLaunchTemplates, one Query of the token-deadlines index.
+FIXED_AWS_CALLS = 4
 AWS_PER_ACTION = 6  # record, lease, token and cleanup writes, and a TerminateInstances
 GITLAB_PER_ACTION = 2  # deleting its runner, plus room for a retry
 COUNTED_SERVICES = ("dynamodb", "ec2", "sqs", "ssm", "iam")
 LIVE_INSTANCE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+SWEEP_PROJECT_COUNTS = (10, 100, 1000)  # connected projects the sweep's cost is stated for
 
 
 class CallCounter:
@@ -300,10 +309,11 @@ class Bench:
     """The sandbox, the fleet made in it, and the reconciler on counted clients."""
 
     def __init__(self, workdir: Path) -> None:
-        from fleetctl.sandbox.stack import Sandbox
+        from fleetctl.sandbox.stack import SANDBOX_GROUP, Sandbox
 
         isolate_environment()
         self.stack = Sandbox(config_path=stage_config(workdir), workdir=workdir, run_pump=False, agents=False)
+        self.stack_group = SANDBOX_GROUP
         self.stages: dict[str, float] = {}
         self._jobs = itertools.count(1)
         self._booting: list[str] = []  # never-contacted runners not reaped yet
@@ -315,7 +325,7 @@ class Bench:
         from chalicelib.aws import DEFAULT_CONFIG, AwsClients
         from chalicelib.gitlab_api import GitLabApi
         from chalicelib.lifecycle.reconcile import build_reconciler
-        from chalicelib.naming import runner_role_name
+        from chalicelib.naming import FleetOwner, runner_role_name
         from chalicelib.runner_tokens import RunnerRoles, RunnerTokens
         from chalicelib.scale_store import ScaleStore
         from chalicelib.scale_up import build_scale_up
@@ -335,6 +345,7 @@ class Bench:
             region=SANDBOX_REGION,
         )
         self.store = ScaleStore(config.state.table, self.own.dynamodb)
+        self.owner = FleetOwner(config.fleet, config.state.table, lambda: self.own.client("sts"))
         self.tokens = RunnerTokens(
             self.own.dynamodb,
             config.state.table,
@@ -473,6 +484,7 @@ class Bench:
             tags=pool.tags,
             run_untagged=pool.run_untagged,
             maximum_timeout=pool.job_timeout_seconds,
+            maintenance_note=self.owner.note(time.time()),
         )
         if not contacted:
             record = self.store.runners([instance_id])[instance_id]
@@ -488,6 +500,15 @@ class Bench:
         )
         if verified.status_code != 200:
             raise RuntimeError(f"POST /runners/verify answered {verified.status_code}")
+        # GitLab counts a runner contacted only once it asks for a job (verify leaves a glrt- runner
+        # never_contacted: lib/api/ci/runner.rb), as run-single does right after verify.
+        asked = requests.post(
+            f"{self.stack.gitlab.url}/api/v4/jobs/request",
+            json={"token": credentials.token, "system_id": f"s_{instance_id.removeprefix('i-')[:12]}"},
+            timeout=10,
+        )
+        if asked.status_code not in (201, 204):
+            raise RuntimeError(f"POST /jobs/request answered {asked.status_code}")
         if pool.max_builds <= 1:
             return  # an ephemeral runner's one job would end it: idle means booted and waiting for that job
         finish = self.store.runner_finished_job(
@@ -655,7 +676,85 @@ class Bench:
         return problems
 
 
-def run_cases(workdir: Path) -> tuple[list[Case], dict[str, float]]:
+@dataclass
+class SweepCost:
+    """One run's sweep for lost Job Hooks with ``projects`` connected projects, against listing them all."""
+
+    projects: int
+    active: int
+    calls: int
+    pending_found: int
+    sweep_s: float
+    baseline_calls: int
+    baseline_s: float
+
+    @property
+    def runs_to_cover(self) -> int:
+        from chalicelib.lifecycle.facts import SWEEP_PROJECTS
+
+        return max(1, math.ceil(self.active / SWEEP_PROJECTS))
+
+    @property
+    def ratio(self) -> float:
+        return self.sweep_s / self.baseline_s if self.baseline_s else float("nan")
+
+    def problems(self) -> list[str]:
+        from chalicelib.lifecycle.facts import SWEEP_PROJECTS
+
+        found = []
+        if self.active != self.projects:
+            found.append(f"{self.active} active projects, not the {self.projects} connected")
+        if self.calls != min(self.projects, SWEEP_PROJECTS):
+            found.append(f"the sweep made {self.calls} listings, not {min(self.projects, SWEEP_PROJECTS)}")
+        if self.baseline_calls != self.active:
+            found.append(f"the baseline made {self.baseline_calls} listings, not one per active project")
+        return found
+
+
+def sweep_costs(bench: Bench) -> list[SweepCost]:
+    """The sweep's GitLab calls and wall time in one run, for SWEEP_PROJECT_COUNTS connected projects (each with a
+    hook record, as ``fleetctl gitlab connect`` leaves it), against the baseline of listing every active project's
+    pending jobs one after another, as the sweep did before it was bounded."""
+    from chalicelib.gitlab_api import GitLabApi
+
+    gitlab = bench.stack.gitlab
+    connected = {int(item["project_id"]) for item in bench.store.live_records("hook")}
+    route = ("GET", "/projects/:id/jobs")
+    costs: list[SweepCost] = []
+    for projects in SWEEP_PROJECT_COUNTS:
+        while len(connected) < projects:
+            project_id = gitlab.create_project(f"{bench.stack_group}/sweep-{len(connected)}")
+            bench.store.record_hook(project_id, 100_000 + project_id, gitlab.url, "http://127.0.0.1:9/webhook")
+            connected.add(project_id)
+        bench.stack.aws.settle()
+        reconciler = bench.reconciler(0.0)
+        facts = reconciler.facts.gather()
+        before = gitlab.calls[route]
+        began = time.perf_counter()
+        swept = reconciler.facts.sweep(facts, deadline=time.monotonic() + 110.0)
+        sweep_s = time.perf_counter() - began
+        calls = gitlab.calls[route] - before
+        api: GitLabApi = bench.gitlab_api
+        before = gitlab.calls[route]
+        began = time.perf_counter()
+        for project_id in facts.active_projects:
+            api.pending_jobs(project_id)
+        baseline_s = time.perf_counter() - began
+        costs.append(
+            SweepCost(
+                projects=projects,
+                active=len(facts.active_projects),
+                calls=calls,
+                pending_found=len(swept.pending_jobs or ()),
+                sweep_s=sweep_s,
+                baseline_calls=gitlab.calls[route] - before,
+                baseline_s=baseline_s,
+            )
+        )
+    return costs
+
+
+def run_cases(workdir: Path) -> tuple[list[Case], dict[str, float], list[SweepCost]]:
     bench = Bench(workdir)
     try:
         bench.start()
@@ -671,7 +770,10 @@ def run_cases(workdir: Path) -> tuple[list[Case], dict[str, float]]:
             bench.forget_booting()
             cases.append(acted)
             size = runners - NEEDING_ACTION
-        return cases, bench.stages
+        began = time.perf_counter()
+        sweeps = sweep_costs(bench)
+        bench.stages["sweep"] = time.perf_counter() - began
+        return cases, bench.stages, sweeps
     finally:
         bench.stop()
 
@@ -687,7 +789,7 @@ def _calls(calls: Mapping[str, int]) -> str:
 def main() -> None:
     started, load_before = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp, quiet_stdout():
-        cases, stages = run_cases(Path(tmp))
+        cases, stages, sweeps = run_cases(Path(tmp))
 
     lines = [
         f"reconcile: fleets of {' and '.join(str(n) for n in FLEETS)} runners over pools {list(POOLS)}, with 0 and"
@@ -758,6 +860,19 @@ def main() -> None:
                 "valid": not case.problems and not case_baseline,
             }
         )
+    from chalicelib.lifecycle.facts import SWEEP_PROJECTS
+
+    lines.append(
+        f"  the sweep for lost Job Hooks, one run (at most {SWEEP_PROJECTS} projects a run, one page each, in turn"
+        " across runs), against listing every active project's pending jobs (the unbounded sweep):"
+    )
+    for sweep in sweeps:
+        problems += [f"sweep over {sweep.projects} projects: {p}" for p in sweep.problems()]
+        lines.append(
+            f"    {sweep.projects} connected projects: {sweep.calls} GitLab calls in {ms(sweep.sweep_s)}, every project"
+            f" within {sweep.runs_to_cover} runs; baseline {sweep.baseline_calls} calls in {ms(sweep.baseline_s)};"
+            f" ratio {sweep.ratio:.2f}"
+        )
     lines.append("  stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in stages.items()))
     valid = not problems and not baseline_problems
     if not valid:
@@ -773,6 +888,19 @@ def main() -> None:
         "aws_per_action": AWS_PER_ACTION,
         "gitlab_per_action": GITLAB_PER_ACTION,
         "cases": figures_cases,
+        "sweep": [
+            {
+                "projects": sweep.projects,
+                "gitlab_calls_per_run": sweep.calls,
+                "sweep_s": round(sweep.sweep_s, 4),
+                "runs_to_cover_every_project": sweep.runs_to_cover,
+                "baseline_calls": sweep.baseline_calls,
+                "baseline_s": round(sweep.baseline_s, 4),
+                "sweep_over_baseline_ratio": round(sweep.ratio, 3),
+                "valid": not sweep.problems(),
+            }
+            for sweep in sweeps
+        ],
         "calls_met": calls_met,
         "baseline_valid": not baseline_problems,
         "load_average": [load_before, load_average()],

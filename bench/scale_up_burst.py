@@ -4,7 +4,8 @@ The sandbox (moto server in a child process, the GitLab emulator, the webhook se
 stage with both pools at max_runners MAX_RUNNERS and no warm runners; two event-pump threads play concurrent
 scale-up (and instance-state) invocations. A pipeline of JOBS_PER_POOL jobs tagged [docker, linux] and as many
 tagged [docker, dind] is created in the emulator, which delivers real Job Hooks over HTTP (two per job: created,
-then pending). Phase "fill": until 400 instances run; the 100 other jobs wait for capacity. Then
+then pending). Phase "fill": until 400 instances run; the 100 other jobs wait for capacity, and the full pools
+are watched for OVERFILL_WATCH_SECONDS, never to pass their limit while those jobs keep asking. Then
 FINISHING_PER_POOL instances per pool are terminated (and the state change announced, as AWS would); phase
 "tail": until the 100 waiting jobs have launched.
 
@@ -34,6 +35,10 @@ Wall time of the fill phase (pipeline creation until CreateFleet has answered wi
 reported against BASELINE_LAUNCHES bare ``run_instances`` calls (MinCount=MaxCount=1, the pool's launch
 template by name, alternating pools and subnets) made one by one against the same moto server after the burst.
 No target; the ratio is reported. Reports, never fails: exit status 0 whatever the figures.
+
+The run is valid only if the burst kept the rules ``tests/integration/test_burst.py`` checks at a smaller size:
+no pool ever past its limit, one instance per job ever, every job launched, nothing dead-lettered, every webhook
+answered 200; any broken one is named on the INVALID line.
 
 The sandbox's re-queue delays are its own (RUNNER_FLEET_LEASE_WAIT_SECONDS=2, against 20 by default): a job
 waiting for capacity asks again every few seconds here, far more often than it would in AWS.
@@ -74,6 +79,8 @@ PUMP_INTERVAL = 0.1
 FILL_TIMEOUT = 150.0
 TAIL_TIMEOUT = 120.0
 BASELINE_LAUNCHES = 2 * MAX_RUNNERS
+# How long the full pools are watched for an overfill while the waiting jobs keep asking.
+OVERFILL_WATCH_SECONDS = 3.0
 TARGET_CREATE_FLEET_PER_INSTANCE = 0.1
 TARGET_GITLAB_CALLS_PER_RUNNER = 2.0
 SCALE_UP_ROUTES = (
@@ -395,6 +402,12 @@ class Burst:
         describe_s = time.perf_counter() - before
         if confirmed != dict.fromkeys(POOL_TAGS, MAX_RUNNERS):
             self.problems.append(f"DescribeInstances shows {confirmed} running when CreateFleet had made {target}")
+        # The waiting jobs keep asking for capacity: the full pools must stay full, never overfill.
+        time.sleep(OVERFILL_WATCH_SECONDS)
+        if self.progress.instances > target:
+            self.problems.append(
+                f"the full pools overfilled: {self.progress.instances} instances made while {target} were allowed"
+            )
         return reached - started, confirmed, describe_s
 
     def _tail(self) -> float | None:
@@ -404,7 +417,7 @@ class Burst:
         running = self.observer.instances(("running",))
         finishing = [i for pool in POOL_TAGS for i in running.get(pool, [])[:FINISHING_PER_POOL]]
         began = time.perf_counter()
-        terminate_instances(self.observer.clients.ec2, self.observer.clients.client("events"), finishing)
+        terminate_instances(self.observer.clients.ec2, finishing)
         total = JOBS_PER_POOL * len(POOL_TAGS)
         if wait_until(lambda: self.progress.launched_jobs >= total, TAIL_TIMEOUT, 0.1):
             return time.perf_counter() - began

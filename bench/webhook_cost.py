@@ -42,7 +42,7 @@ WARMUP = 30
 SAMPLES = 300
 CLEAR_EVERY = 25  # pairs between emptying the table and the queue (see LocalStack.clear)
 CACHE_REFRESH_CALL = "ssm.GetParameters"
-TARGET_RATIO = 1.3
+TARGET_RATIO = 1.05
 TARGET_CALLS = 3  # record the job, queue it, mark it queued
 SERVICES = ("ssm", "dynamodb", "sqs")
 

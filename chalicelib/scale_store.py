@@ -418,7 +418,8 @@ class ScaleStore(FleetStore):
         launch_id: str,
         plan: Callable[[int], str] | None = None,
     ) -> int:
-        """Take up to ``wanted`` leases of a pool for a new launch; returns how many were granted (maybe 0).
+        """Take up to ``wanted`` leases of a pool for a new launch; returns how many were granted (maybe 0: the pool
+        is full, or other writes kept meeting this one on the pool's counter past every attempt).
 
         The pool counter's increment and the launch record that holds the leases are one transaction, so a crash
         can never leave leases that nobody holds. ``plan(granted)`` gives what the launch will send to EC2, kept
@@ -461,7 +462,16 @@ class ScaleStore(FleetStore):
                     }
                 },
             ]
-            refused = self._transact(writes)
+            try:
+                refused = self._transact(writes)
+            except ClientError as exc:
+                if not transiently_cancelled(exc):
+                    raise
+                # Other launches and terminations kept meeting this one on the pool's counter past every attempt
+                # (a hot counter in a burst). Nothing was taken: the jobs wait for capacity and ask again soon,
+                # rather than fail the batch back to SQS for a whole visibility timeout.
+                landed = self.get_launch(launch_id)
+                return landed.requested if landed is not None else 0
             if refused is None:
                 return take
             landed = self.get_launch(launch_id)

@@ -1,8 +1,11 @@
-"""A burst: 500 pending jobs, delivered as real webhooks, over two pools of at most 200 runners each.
+"""A burst: 150 pending jobs, delivered as real webhooks, over two pools of at most 60 runners each.
 
 Two event-pump threads play concurrent scale-up invocations while a monitor samples, throughout, the running
-instances and the capacity counter of each pool: neither may ever pass 200. The 100 jobs that find their pool
-full wait; when 100 runners finish, they launch. In the end every job has launched exactly once.
+instances and the capacity counter of each pool: neither may ever pass 60. The 30 jobs that find their pool
+full wait; when 30 runners finish, they launch. In the end every job has launched exactly once.
+
+The same rules at 500 jobs over pools of 200 are ``bench/scale_up_burst.py``'s (``make bench``): at that size the
+burst takes minutes of this machine, too long for a suite that must pass on a busy machine with margin.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from chalicelib.store import job_key, pool_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 
-MAX_RUNNERS = 200
+MAX_RUNNERS = 60
 _SLOW_ANSWER = (ReadTimeoutError, ConnectTimeoutError)
-JOBS_PER_POOL = 250
+JOBS_PER_POOL = 75
+FINISHING_PER_POOL = JOBS_PER_POOL - MAX_RUNNERS
+FULL = Counter({"docker": MAX_RUNNERS, "build": MAX_RUNNERS})
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +121,8 @@ def _holds(condition: Any) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_burst_of_500_jobs_never_overfills_a_pool_and_launches_every_job_once(burst_sandbox: Sandbox) -> None:
+@pytest.mark.timeout(900)
+def test_a_burst_of_jobs_never_overfills_a_pool_and_launches_every_job_once(burst_sandbox: Sandbox) -> None:
     from chalicelib import runtime
 
     stack = burst_sandbox
@@ -130,22 +135,22 @@ def test_a_burst_of_500_jobs_never_overfills_a_pool_and_launches_every_job_once(
         for pump in pumps:
             pump.start()
         try:
-            # when 500 jobs arrive as webhooks
+            # when the jobs arrive as webhooks
             pipeline = stack.gitlab.create_pipeline(stack.project_id, specs)
             stack.gitlab.wait_for_deliveries(timeout=120)
             job_ids = [int(j["id"]) for j in stack.gitlab.jobs_of_pipeline(stack.project_id, pipeline)]
             # then each pool fills up to its limit, and no further
-            _wait(lambda: monitor.leases() == Counter({"docker": 200, "build": 200}), 240, "both pools full")
-            _wait(lambda: monitor.live_instances() == Counter({"docker": 200, "build": 200}), 60, "400 runners")
+            _wait(lambda: monitor.leases() == FULL, 480, "both pools full")
+            _wait(lambda: monitor.live_instances() == FULL, 240, "both pools' runners")
             time.sleep(3)  # the waiting jobs keep asking; the pools must stay full, not overfill
-            assert monitor.live_instances() == Counter({"docker": 200, "build": 200})
-            # when 100 runners finish
+            assert monitor.live_instances() == FULL
+            # when some runners finish
             live = monitor.live_instances()
-            assert live == Counter({"docker": 200, "build": 200})
-            finishing = _some_instances(runtime.aws().ec2, {"docker": 50, "build": 50})
-            terminate_instances(runtime.aws().ec2, runtime.aws().client("events"), finishing)
-            # then the 100 waiting jobs launch in the capacity they free
-            _wait(lambda: _launched(store, stack.project_id, job_ids) == len(job_ids), 240, "every job launched")
+            assert live == FULL
+            finishing = _some_instances(runtime.aws().ec2, {"docker": FINISHING_PER_POOL, "build": FINISHING_PER_POOL})
+            terminate_instances(runtime.aws().ec2, finishing)
+            # then the waiting jobs launch in the capacity they free
+            _wait(lambda: _launched(store, stack.project_id, job_ids) == len(job_ids), 480, "every job launched")
         finally:
             stop.set()
             for pump in pumps:
@@ -166,15 +171,15 @@ def test_a_burst_of_500_jobs_never_overfills_a_pool_and_launches_every_job_once(
     assert monitor.highest["build instances"] <= MAX_RUNNERS
     assert monitor.highest["docker leases"] <= MAX_RUNNERS
     assert monitor.highest["build leases"] <= MAX_RUNNERS
-    assert monitor.live_instances() == Counter({"docker": 200, "build": 200})
+    assert monitor.live_instances() == FULL
     assert {p: int((store.get(pool_key(p)) or {}).get("leases", 0)) for p in ("docker", "build")} == {
-        "docker": 200,
-        "build": 200,
+        "docker": MAX_RUNNERS,
+        "build": MAX_RUNNERS,
     }
     # one instance and one GitLab runner per job, ever; nothing lost, nothing dead-lettered
     runners = stack.gitlab.runners()
-    assert len(runners) == 400  # 500 made, 100 deleted as their instances terminated
-    assert _all_instances_ever(runtime.aws().ec2) == 500
+    assert len(runners) == 2 * MAX_RUNNERS  # one per job made, those of the finished instances deleted
+    assert _all_instances_ever(runtime.aws().ec2) == 2 * JOBS_PER_POOL
     assert _queue_depth(runtime.jobs_queue().url) == 0
     assert _queue_depth(runtime.dead_letter_queue().url) == 0
 

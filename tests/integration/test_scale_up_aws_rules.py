@@ -105,6 +105,26 @@ def test_conflicts_while_leases_are_taken_and_records_written_launch_every_job_o
     fleet.assert_every_gitlab_runner_is_recorded()
 
 
+def test_conflicts_on_the_pool_counter_past_every_attempt_make_the_jobs_wait_not_fail_the_batch(fleet: Fleet) -> None:
+    """A hot pool counter in a burst: when other transactions meet the lease's on it past every attempt, scale-up
+    takes nothing and the jobs wait for capacity, back in seconds. Before, the batch failed back to SQS and its
+    jobs waited out the queue's visibility timeout (six times the function's timeout)."""
+    # given two jobs, and conflicts on the pool's counter for more attempts than the store makes
+    jobs = fleet.pipeline(["docker"], ["docker"])
+    _conflicts(fleet, "POOL#", times=8)
+
+    # when their batch is handled
+    report = fleet.scale_up().handle_messages(fleet.take_queued(2))
+
+    # then nothing was launched nor held, and both jobs come back to try again
+    assert report.as_dict() == {"waiting": 2}
+    assert _fired(fleet) == 8
+    assert fleet.leases("docker") == 0 and fleet.instances() == []
+    back = fleet.take_queued(2, timeout=30)
+    assert sorted(QueuedJob.from_json(b).job_id for b in back) == sorted(jobs)
+    assert fleet.scale_up().handle_messages(back).as_dict() == {"launched": 2}
+
+
 def test_conflicts_while_unused_leases_are_given_back_leave_no_lease_held(fleet: Fleet) -> None:
     # given a spot shortage (no fallback) that makes one instance of three, and conflicts on the pool's counter
     config = fleet.with_pool("docker", on_demand_fallback=False)
