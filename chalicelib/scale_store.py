@@ -840,14 +840,7 @@ class ScaleStore(FleetStore):
             condition,
             names={"#state": "state"},
         )
-        request["ReturnValues"] = "ALL_NEW"
-        try:
-            answer = self._past_conflicts(lambda: self._client.update_item(**request))
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            return None
-        return RunnerRecord.from_item(from_item(answer["Attributes"]))
+        return self._update_runner(request)
 
     def mark_retiring(self, instance_id: str, reason: str) -> RunnerRecord | None:
         """Mark a live runner retiring (draining, with ``retiring: <reason>``), busy or idle: refused (None) when it
@@ -870,6 +863,11 @@ class ScaleStore(FleetStore):
             " AND (attribute_not_exists(draining) OR begins_with(draining, :prefix))",
             names={"#state": "state"},
         )
+        return self._update_runner(request)
+
+    def _update_runner(self, request: dict[str, Any]) -> RunnerRecord | None:
+        """A conditional update of a runner record (past transaction conflicts): the record as written, or None
+        when its condition refused it."""
         request["ReturnValues"] = "ALL_NEW"
         try:
             answer = self._past_conflicts(lambda: self._client.update_item(**request))

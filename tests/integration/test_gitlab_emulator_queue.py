@@ -5,36 +5,25 @@ of runner takes jobs in. Each test names the GitLab source whose behaviour it pi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import requests
 
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator, JobSpec
+from tests.clocks import ManualClock
 from tests.integration.test_gitlab_emulator import ADMIN, admin, api
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def emu(clock: Clock) -> Iterator[GitLabEmulator]:
+def emu(clock: ManualClock) -> Iterator[GitLabEmulator]:
     with GitLabEmulator(admin_token=ADMIN, clock=clock) as emulator:
         yield emulator
 
@@ -161,7 +150,7 @@ def test_a_current_queue_value_gets_a_204_without_the_queue_being_looked_at(emu:
     assert fresh.status_code == 201 and fresh.json()["job_info"]["name"] == "elsewhere"
 
 
-def test_a_queue_value_expires_after_an_hour(emu: GitLabEmulator, clock: Clock) -> None:
+def test_a_queue_value_expires_after_an_hour(emu: GitLabEmulator, clock: ManualClock) -> None:
     """Ci::Runner#ensure_runner_queue_value sets the value with ``expire: RUNNER_QUEUE_EXPIRY_TIME`` (1 hour,
     app/models/ci/runner.rb): after that the old value is no longer the latest and a new one is answered."""
     # given

@@ -4,36 +4,25 @@ names the GitLab source whose behaviour it pins."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import requests
 
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
+from tests.clocks import ManualClock
 from tests.integration.test_gitlab_emulator import ADMIN, api
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def emu(clock: Clock) -> Iterator[GitLabEmulator]:
+def emu(clock: ManualClock) -> Iterator[GitLabEmulator]:
     with GitLabEmulator(admin_token=ADMIN, clock=clock) as emulator:
         yield emulator
 
@@ -65,7 +54,7 @@ def shown(emu: GitLabEmulator, runner_id: int) -> tuple[str, bool]:
 
 
 def test_runner_status_is_stale_then_never_contacted_then_paused_online_or_offline(
-    emu: GitLabEmulator, clock: Clock
+    emu: GitLabEmulator, clock: ManualClock
 ) -> None:
     """The API's ``status`` is Ci::Runner#deprecated_rest_status (lib/api/entities/ci/runner.rb): ``stale`` when
     created and last contacted 7 days ago or more (STALE_TIMEOUT), else ``never_contacted``, else ``paused`` for
@@ -91,7 +80,7 @@ def test_runner_status_is_stale_then_never_contacted_then_paused_online_or_offli
     assert a_week == {"idle": "stale", "paused": "stale", "silent": "stale"}
 
 
-def test_runner_list_filters_all_apply_together(emu: GitLabEmulator, clock: Clock) -> None:
+def test_runner_list_filters_all_apply_together(emu: GitLabEmulator, clock: ManualClock) -> None:
     """``type``, ``status``, ``paused``, ``tag_list`` and the deprecated ``scope`` each narrow the listing further
     (lib/api/ci/runners.rb ``apply_filter``). Statuses filter by Ci::Runner's scopes, not by the ``status``
     field: a runner last heard from 8 days ago is both ``offline`` and ``stale``, and a paused runner still asking

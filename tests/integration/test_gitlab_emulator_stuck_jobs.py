@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import requests
 
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator, JobSpec
+from tests.clocks import ManualClock
 from tests.integration.test_gitlab_emulator import (
     Receiver,
     admin,
@@ -29,24 +29,13 @@ __all__ = ["receiver", "receiver_factory"]  # fixtures shared with the main suit
 pytestmark = pytest.mark.timeout(30)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def emu(emulator_factory: Callable[..., GitLabEmulator], clock: Clock) -> GitLabEmulator:
+def emu(emulator_factory: Callable[..., GitLabEmulator], clock: ManualClock) -> GitLabEmulator:
     return emulator_factory(clock=clock)
 
 
@@ -65,7 +54,7 @@ def job_ids(emu: GitLabEmulator, project_id: int, pipeline_id: int) -> dict[str,
 
 
 def test_a_running_job_nobody_updates_for_an_hour_is_failed_as_stuck(
-    emu: GitLabEmulator, clock: Clock, receiver: Receiver
+    emu: GitLabEmulator, clock: ManualClock, receiver: Receiver
 ) -> None:
     """Ci::StuckBuilds::DropRunningService drops running builds created and updated more than
     BUILD_RUNNING_OUTDATED_TIMEOUT (1 hour) ago with ``stuck_or_timeout_failure``
@@ -93,7 +82,7 @@ def test_a_running_job_nobody_updates_for_an_hour_is_failed_as_stuck(
     assert report(emu, job, "success").status_code == 403
 
 
-def test_runner_updates_keep_a_job_alive_only_when_they_touch_it(emu: GitLabEmulator, clock: Clock) -> None:
+def test_runner_updates_keep_a_job_alive_only_when_they_touch_it(emu: GitLabEmulator, clock: ManualClock) -> None:
     """ "Updated" is the job's ``updated_at``. ``PUT /jobs/:id`` with ``running`` (Ci::UpdateBuildStateService) and
     a trace ``PATCH`` (Gitlab::Ci::Trace#unsafe_write!) move it only ``if job.needs_touch?``, when it is more than
     15 minutes old (app/models/ci/build.rb): an update ten minutes after the job started does not count."""
@@ -123,7 +112,7 @@ def test_runner_updates_keep_a_job_alive_only_when_they_touch_it(emu: GitLabEmul
     assert (first_pass, second_pass) == ([early["id"]], [traced["id"]])
 
 
-def test_a_pending_job_nobody_can_run_is_failed_after_an_hour(emu: GitLabEmulator, clock: Clock) -> None:
+def test_a_pending_job_nobody_can_run_is_failed_after_an_hour(emu: GitLabEmulator, clock: ManualClock) -> None:
     """Ci::StuckBuilds::DropPendingService drops a pending build past BUILD_PENDING_STUCK_TIMEOUT (1 hour) that
     is ``stuck?``: no runner of its project is active, online and matching it (Ci::Build#stuck?,
     #any_runners_online?, Ci::Runner#match_build_if_online?). A matching runner last heard from two hours ago
@@ -150,7 +139,9 @@ def test_a_pending_job_nobody_can_run_is_failed_after_an_hour(emu: GitLabEmulato
     assert status(emu, project_id, job_id) == ("failed", "stuck_or_timeout_failure")
 
 
-def test_a_pending_job_a_busy_runner_could_take_waits_but_not_past_a_day(emu: GitLabEmulator, clock: Clock) -> None:
+def test_a_pending_job_a_busy_runner_could_take_waits_but_not_past_a_day(
+    emu: GitLabEmulator, clock: ManualClock
+) -> None:
     """A pending job with an online runner that could take it is not stuck, however long it waits for that
     runner, until BUILD_PENDING_OUTDATED_TIMEOUT (1 day): then DropPendingService drops it regardless
     (app/services/ci/stuck_builds/drop_pending_service.rb). A busy runner stays online through its running job's
@@ -175,7 +166,9 @@ def test_a_pending_job_a_busy_runner_could_take_waits_but_not_past_a_day(emu: Gi
     assert status(emu, project_id, ids["long"]) == ("running", None)
 
 
-def test_the_stuck_pass_ends_at_the_first_pending_job_that_is_not_stuck(emu: GitLabEmulator, clock: Clock) -> None:
+def test_the_stuck_pass_ends_at_the_first_pending_job_that_is_not_stuck(
+    emu: GitLabEmulator, clock: ManualClock
+) -> None:
     """DropPendingService walks pending builds past the hour oldest first and ``break``s at the first that is not
     stuck (``break unless build.stuck?``, app/services/ci/stuck_builds/drop_helpers.rb): a stuck job created
     after a job that could still run waits for a later pass."""
@@ -199,7 +192,7 @@ def test_the_stuck_pass_ends_at_the_first_pending_job_that_is_not_stuck(emu: Git
 
 
 def test_the_emulator_drops_stuck_jobs_in_the_background(
-    emulator_factory: Callable[..., GitLabEmulator], clock: Clock
+    emulator_factory: Callable[..., GitLabEmulator], clock: ManualClock
 ) -> None:
     """StuckCiJobsWorker is a cron job ('0 * * * *', config/initializers/1_settings.rb); the emulator runs its
     pass every ``stuck_jobs_interval`` real seconds, at its clock's time."""

@@ -335,7 +335,7 @@ def test_a_failing_handler_does_not_hold_up_another_queue(world: World, pump: Ev
     assert recorded.failed_batches == [["bad"]]
     assert recorded.batches == [["good"]]
     assert world.counts(world.queues.jobs) == (0, 0)
-    assert world.counts(world.queues.failing) == (0, 1)
+    assert sum(world.counts(world.queues.failing)) == 1  # in flight, or back once its 1 s visibility passed
 
 
 # -- timeouts -----------------------------------------------------------------------------------------------------
@@ -364,10 +364,11 @@ def test_a_function_past_its_timeout_makes_no_further_call_and_its_batch_stays(w
     # when the function sleeps past its timeout, then calls AWS
     assert pump.pump_queues() == 1
 
-    # then the call never happened, the invocation failed as timed out, and the message stays for its retry
+    # then the call never happened, the invocation failed as timed out, and the message stays for its retry (in
+    # flight, or visible again once its one-second visibility timeout passed on a busy machine)
     assert recorded.calls_done == []
     assert pump.invocations.timed_out == {"slow": 1}
-    assert world.counts(world.queues.slow) == (0, 1)
+    assert sum(world.counts(world.queues.slow)) == 1
     pump.close()
 
 

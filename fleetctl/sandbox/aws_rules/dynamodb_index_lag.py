@@ -34,13 +34,13 @@ from decimal import Decimal
 from typing import Any
 
 from fleetctl.sandbox.aws_rules.support import (
+    LaggingRule,
     dynamodb_backend,
     key_identity,
-    lag_seconds,
     moto_account,
     with_json_body,
 )
-from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, Forward, Rule
+from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, Forward
 
 __all__ = ["GlobalIndexLag", "IndexShape", "lagged_page"]
 
@@ -192,7 +192,7 @@ class _Plan:
     count_only: bool
 
 
-class GlobalIndexLag(Rule):
+class GlobalIndexLag(LaggingRule):
     """A Query on a global secondary index answers, for ``seconds`` after a write to an item, as if the write had
     not reached the index yet: the item as it was before its oldest write younger than the lag, if the index
     held that image in the queried partition, and nothing otherwise. A new item is missing, an item that left
@@ -225,17 +225,10 @@ class GlobalIndexLag(Rule):
     name = "dynamodb-index-lag"
 
     def __init__(self, *, seconds: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._default = lag_seconds(seconds)
-        self._seconds = self._default
-        self._offset = 0.0
-        self._lock = threading.Lock()  # the history and the counters
+        super().__init__(seconds=seconds, clock=clock)  # its lock guards the history and the counters
         self._write_lock = threading.Lock()  # one write at a time, from reading its former image to its answer
         self._writes: dict[Scope, dict[KeyId, list[_Write]]] = {}  # per table and item, oldest first
         self.rewritten = 0
-
-    def _now(self) -> float:
-        return self._clock() + self._offset
 
     def handle(self, request: AwsRequest, forward: Forward) -> AwsResponse:
         if request.protocol != "json" or request.service != "dynamodb" or self._seconds <= 0:
@@ -409,30 +402,16 @@ class GlobalIndexLag(Rule):
 
     # ---- configuration -----------------------------------------------------------------------------------------
 
-    def configure(self, action: str, payload: dict[str, Any]) -> Any:
-        if action == "set":
-            seconds = lag_seconds(payload["seconds"])
-            with self._lock:
-                self._seconds = seconds
-                if seconds == 0:
-                    self._writes = {}
-            return {"seconds": seconds}
-        if action == "advance":
-            step = lag_seconds(payload["seconds"])
-            with self._lock:
-                self._offset += step
-                return {"offset": self._offset}
-        if action == "status":
-            with self._lock:
-                young = sum(len(self._lagged(scope)) for scope in list(self._writes))
-                return {"seconds": self._seconds, "young_items": young, "rewritten": self.rewritten}
-        return super().configure(action, payload)
+    def _forget(self) -> None:
+        self._writes = {}
+
+    def _status(self) -> dict[str, Any]:
+        young = sum(len(self._lagged(scope)) for scope in list(self._writes))
+        return {"young_items": young, "rewritten": self.rewritten}
 
     def reset(self) -> None:
+        super().reset()
         with self._lock:
-            self._seconds = self._default
-            self._offset = 0.0
-            self._writes = {}
             self.rewritten = 0
 
 

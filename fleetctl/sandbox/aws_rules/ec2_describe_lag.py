@@ -17,14 +17,13 @@ Sources:
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable, Collection
 from typing import Any
 from xml.etree import ElementTree
 
-from fleetctl.sandbox.aws_rules.support import lag_seconds, with_body
-from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, Forward, Rule, aws_error
+from fleetctl.sandbox.aws_rules.support import LaggingRule, with_body
+from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, Forward, aws_error
 
 __all__ = ["DescribeInstancesLag", "not_found_message"]
 
@@ -39,7 +38,7 @@ def not_found_message(instance_ids: Collection[str]) -> str:
     return f"The instance ID '{next(iter(instance_ids))}' does not exist"
 
 
-class DescribeInstancesLag(Rule):
+class DescribeInstancesLag(LaggingRule):
     """DescribeInstances leaves out, for ``seconds`` after the launch answer named it, each instance a successful
     RunInstances or CreateFleet launched (per Region).
 
@@ -62,17 +61,10 @@ class DescribeInstancesLag(Rule):
     name = "ec2-describe-lag"
 
     def __init__(self, *, seconds: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._default = lag_seconds(seconds)
-        self._lock = threading.Lock()
-        self._seconds = self._default
-        self._offset = 0.0
+        super().__init__(seconds=seconds, clock=clock)
         self._launched: dict[tuple[str, str], float] = {}
         self.hidden = 0
         self.not_found = 0
-
-    def _now(self) -> float:
-        return self._clock() + self._offset
 
     def handle(self, request: AwsRequest, forward: Forward) -> AwsResponse:
         if request.service != "ec2" or request.protocol != "query" or self._seconds <= 0:
@@ -116,36 +108,16 @@ class DescribeInstancesLag(Rule):
         self._launched = {key: at for key, at in self._launched.items() if at > settled_before}
         return {instance_id for (where, instance_id) in self._launched if where == region}
 
-    def configure(self, action: str, payload: dict[str, Any]) -> Any:
-        if action == "set":
-            seconds = lag_seconds(payload["seconds"])
-            with self._lock:
-                self._seconds = seconds
-                if seconds == 0:
-                    self._launched.clear()
-            return {"seconds": seconds}
-        if action == "advance":
-            step = lag_seconds(payload["seconds"])
-            with self._lock:
-                self._offset += step
-                return {"offset": self._offset}
-        if action == "status":
-            with self._lock:
-                young = sum(len(self._young(region)) for region in {where for where, _ in self._launched})
-                return {
-                    "seconds": self._seconds,
-                    "remembered": len(self._launched),
-                    "young": young,
-                    "hidden": self.hidden,
-                    "not_found": self.not_found,
-                }
-        return super().configure(action, payload)
+    def _forget(self) -> None:
+        self._launched.clear()
+
+    def _status(self) -> dict[str, Any]:
+        young = sum(len(self._young(region)) for region in {where for where, _ in self._launched})
+        return {"remembered": len(self._launched), "young": young, "hidden": self.hidden, "not_found": self.not_found}
 
     def reset(self) -> None:
+        super().reset()
         with self._lock:
-            self._seconds = self._default
-            self._offset = 0.0
-            self._launched.clear()
             self.hidden = 0
             self.not_found = 0
 

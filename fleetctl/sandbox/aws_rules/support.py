@@ -13,14 +13,24 @@ import json
 import math
 import os
 import re
+import threading
+import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, ShimConfigError
+from fleetctl.sandbox.aws_shim import AwsRequest, AwsResponse, Rule, ShimConfigError
 
-__all__ = ["dynamodb_backend", "key_identity", "lag_seconds", "moto_account", "with_body", "with_json_body"]
+__all__ = [
+    "LaggingRule",
+    "dynamodb_backend",
+    "key_identity",
+    "lag_seconds",
+    "moto_account",
+    "with_body",
+    "with_json_body",
+]
 
 _ACCESS_KEY = re.compile(r"Credential=([^/]+)/")
 _CRC32_HEADER = "x-amz-crc32"
@@ -82,3 +92,50 @@ def with_body(response: AwsResponse, body: bytes) -> AwsResponse:
 
 def with_json_body(response: AwsResponse, answer: Any) -> AwsResponse:
     return with_body(response, json.dumps(answer).encode())
+
+
+class LaggingRule(Rule):
+    """A rule that makes a read lag the writes or launches it remembers: the lag, a clock a test can move on, and
+    the ``set`` and ``advance`` actions. A subclass keeps what it remembers under ``_lock``, forgets it in
+    ``_forget`` (the lag set to 0, or a reset) and answers ``status`` with ``_status``."""
+
+    def __init__(self, *, seconds: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._default = lag_seconds(seconds)
+        self._seconds = self._default
+        self._offset = 0.0
+        self._lock = threading.Lock()
+
+    def _now(self) -> float:
+        return self._clock() + self._offset
+
+    def _forget(self) -> None:
+        """Drop what the rule remembers (the lag set to 0, or a reset). Called with ``_lock`` held."""
+
+    def _status(self) -> dict[str, Any]:
+        """The ``status`` answer beyond the lag. Called with ``_lock`` held."""
+        return {}
+
+    def configure(self, action: str, payload: dict[str, Any]) -> Any:
+        if action == "set":
+            seconds = lag_seconds(payload["seconds"])
+            with self._lock:
+                self._seconds = seconds
+                if seconds == 0:
+                    self._forget()
+            return {"seconds": seconds}
+        if action == "advance":
+            step = lag_seconds(payload["seconds"])
+            with self._lock:
+                self._offset += step
+                return {"offset": self._offset}
+        if action == "status":
+            with self._lock:
+                return {"seconds": self._seconds, **self._status()}
+        return super().configure(action, payload)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seconds = self._default
+            self._offset = 0.0
+            self._forget()
