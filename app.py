@@ -13,8 +13,8 @@ from typing import Any
 from chalice.app import Chalice, CloudWatchEvent, ConvertToMiddleware, Rate, Response, SQSEvent
 
 from chalicelib import runtime
+from chalicelib.intake.settings import jobs_queue_name
 from chalicelib.observability import logger, metrics
-from chalicelib.settings import jobs_queue_name
 
 app = Chalice(app_name="runner-fleet")
 # log_event=False, not left to POWERTOOLS_LOGGER_LOG_EVENT: that variable would log every event whole, and the
@@ -46,7 +46,7 @@ def scale_up(event: SQSEvent) -> None:
 
 @app.on_cw_event({"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-change Notification"]})
 def instance_state(event: CloudWatchEvent) -> None:
-    from chalicelib.instances import parse_state_change
+    from chalicelib.lifecycle.instances import parse_state_change
 
     runtime.instance_events().handle(parse_state_change(event.to_dict()))
 

@@ -23,7 +23,7 @@ from typing import Any  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 LAMBDA_TIMEOUT_MS = 10_000  # the api_handler's lambda_timeout in .chalice/config.json
-PENDING_RANK = 2  # chalicelib.gitlab_events: JobStatus.PENDING.rank
+PENDING_RANK = 2  # chalicelib.intake.job_hooks: JobStatus.PENDING.rank
 UNFINISHED_JOB_TTL_SECONDS = 30 * 24 * 3600  # chalicelib.store: an unfinished job's record expires after 30 days
 FINISHED_RANK = 5
 

@@ -326,9 +326,9 @@ class Bench:
         from chalicelib.gitlab_api import GitLabApi
         from chalicelib.lifecycle.reconcile import build_reconciler
         from chalicelib.naming import FleetOwner, runner_role_name
-        from chalicelib.runner_tokens import RunnerRoles, RunnerTokens
-        from chalicelib.scale_store import ScaleStore
-        from chalicelib.scale_up import build_scale_up
+        from chalicelib.scaling.scale_up import build_scale_up
+        from chalicelib.scaling.store import ScaleStore
+        from chalicelib.scaling.tokens import RunnerRoles, RunnerTokens
         from fleetctl.sandbox.local_aws import SANDBOX_REGION
         from fleetctl.sandbox.stack import GITLAB_FLEET_TOKEN
 
@@ -411,7 +411,7 @@ class Bench:
     def _launch(self, pool: Any, count: int, subnet: str) -> list[str]:
         """A launch of ``count`` instances of ``pool``, as scale-up leaves it: leases, instances, records, done."""
         from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, launch_template_name
-        from chalicelib.scale_store import RunnerRecord
+        from chalicelib.scaling.store import RunnerRecord
 
         fleet = self.config.fleet
         launch_id = uuid.uuid4().hex

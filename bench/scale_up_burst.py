@@ -226,7 +226,7 @@ class Observer:
 
     def instances(self, states: tuple[str, ...] = ("pending", "running")) -> dict[str, list[str]]:
         """Instance ids of this fleet by pool, in the given states (all states when empty)."""
-        from chalicelib.fleet import TAG_FLEET, TAG_POOL
+        from chalicelib.scaling.fleet import TAG_FLEET, TAG_POOL
 
         filters = [{"Name": f"tag:{TAG_FLEET}", "Values": [self.fleet]}]
         if states:
@@ -281,7 +281,7 @@ class Progress:
         handle = scale_up.handle
 
         def counted(jobs: Any) -> Any:
-            from chalicelib.scale_up import Outcome
+            from chalicelib.scaling.scale_up import Outcome
 
             batch = handle(jobs)
             with self._lock:

@@ -18,21 +18,21 @@ from typing import TYPE_CHECKING
 
 from chalicelib.aws import AwsClients
 from chalicelib.errors import ConfigError
+from chalicelib.intake.secrets import WebhookSecretSource
+from chalicelib.intake.settings import settings_drift, webhook_settings
+from chalicelib.intake.webhook import WebhookIntake
 from chalicelib.jobs_queue import JobQueue
-from chalicelib.secrets import WebhookSecretSource
-from chalicelib.settings import settings_drift, webhook_settings
 from chalicelib.store import FleetStore
-from chalicelib.webhook import WebhookIntake
 
 if TYPE_CHECKING:
     from chalicelib.config import FleetConfig
     from chalicelib.gitlab_api import GitLabApi
-    from chalicelib.instances import InstanceEvents
+    from chalicelib.lifecycle.instances import InstanceEvents
     from chalicelib.lifecycle.interruptions import Interruptions
     from chalicelib.lifecycle.reconcile import Reconciler
-    from chalicelib.runner_tokens import RunnerTokens
-    from chalicelib.scale_store import ScaleStore
-    from chalicelib.scale_up import ScaleUp
+    from chalicelib.scaling.scale_up import ScaleUp
+    from chalicelib.scaling.store import ScaleStore
+    from chalicelib.scaling.tokens import RunnerTokens
 
 GITLAB_TOKEN_MAX_AGE_SECONDS = 300
 
@@ -63,7 +63,7 @@ def fleet_store() -> FleetStore:
 
 @functools.cache
 def store() -> ScaleStore:
-    from chalicelib.scale_store import ScaleStore
+    from chalicelib.scaling.store import ScaleStore
 
     return ScaleStore(webhook_settings().table, aws().dynamodb)
 
@@ -114,15 +114,15 @@ def gitlab_api() -> GitLabApi:
 @functools.cache
 def runner_tokens() -> RunnerTokens:
     """The token store as the instance-state handler uses it: deleting by the key a runner record names."""
-    from chalicelib.runner_tokens import RunnerTokens
+    from chalicelib.scaling.tokens import RunnerTokens
 
     return RunnerTokens(aws().dynamodb, webhook_settings().table)
 
 
 @functools.cache
 def scale_up() -> ScaleUp:
-    from chalicelib.scale_up import build_scale_up
-    from chalicelib.scaling import RetryPolicy
+    from chalicelib.scaling.policy import RetryPolicy
+    from chalicelib.scaling.scale_up import build_scale_up
 
     policy = RetryPolicy(
         base_delay=float(os.environ.get("RUNNER_FLEET_RETRY_BASE_SECONDS", "4")),
@@ -134,7 +134,7 @@ def scale_up() -> ScaleUp:
 
 @functools.cache
 def instance_events() -> InstanceEvents:
-    from chalicelib.instances import InstanceEvents
+    from chalicelib.lifecycle.instances import InstanceEvents
 
     return InstanceEvents(store(), gitlab_api(), runner_tokens())
 

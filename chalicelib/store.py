@@ -1,7 +1,7 @@
 """The fleet table: one DynamoDB table holding jobs, runners, pools and images, keyed by kind.
 
 Keys: ``JOB#<project>:<job>``, ``RUNNER#<instance id>``, ``LAUNCH#<launch id>``, ``POOL#<name>``, ``IMAGE#<pool>``,
-``TOKEN#<role id>:<instance id>`` (a runner's GitLab token, see ``chalicelib.runner_tokens``), and
+``TOKEN#<role id>:<instance id>`` (a runner's GitLab token, see ``chalicelib.scaling.tokens``), and
 ``HOOK#<project>``: the GitLab hook ``fleetctl gitlab connect`` made, which ``fleetctl status`` asks GitLab about.
 A job item also remembers the webhook deliveries (and signed attempts) it has seen, for de-duplication, and
 expires by TTL: soon once finished, and long after its last event otherwise, since GitLab sends no Job Hook
@@ -33,7 +33,7 @@ from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.errors import PayloadTooLargeError
-from chalicelib.gitlab_events import FINISHED_RANK, JobStatus
+from chalicelib.intake.job_hooks import FINISHED_RANK, JobStatus
 
 FINISHED_JOB_TTL_SECONDS = 7 * 24 * 3600
 # Far beyond any wait GitLab allows a live job (a pending one is dropped as stuck after a day); a job that comes

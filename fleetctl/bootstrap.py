@@ -10,7 +10,7 @@ no instance runs with them), the EC2 Spot service-linked role, one launch templa
 fleet: scale-up may launch from no other) and the cache bucket.
 
 Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
-every launch fail (:func:`chalicelib.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
+every launch fail (:func:`chalicelib.scaling.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
 changed. So is a plan with a pool whose AMI cannot boot on all its instance types (:func:`pool_images`): each
 pool's template boots the runner AMI published for the architecture its types share (``fleetctl.ami``), or the
 pool's own ``ami`` when it names one, and names the pool's CI image by the digest ECR has for its tag.
@@ -32,10 +32,10 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
-from chalicelib.fleet import shared_zones
 from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_role_name, runner_role_path
+from chalicelib.scaling.fleet import shared_zones
+from chalicelib.scaling.userdata import image_reference, render_user_data
 from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE, TOKEN_DEADLINES_INDEX
-from chalicelib.userdata import image_reference, render_user_data
 from fleetctl.ami import (
     AMI_ID,
     ImageFacts,

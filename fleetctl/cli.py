@@ -102,7 +102,7 @@ def _chalice_drift(config: Any, config_file: Path, chalice_config: Path | None) 
     deployed stage (a sandbox or a draft): nothing to compare.
     """
     from chalicelib.config import CONFIG_ENV_VAR
-    from chalicelib.settings import settings_drift
+    from chalicelib.intake.settings import settings_drift
     from fleetctl.lambda_policies import CHALICE_CONFIG, chalice_stages, stage_config_path, stage_policy_files
 
     chalice_config = chalice_config or CHALICE_CONFIG
@@ -315,7 +315,7 @@ def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
     """Jobs by status (and those recorded but never queued), runners by state, each pool's runners, leases and
     image, and whether GitLab still executes each hook ``gitlab connect`` made."""
     from chalicelib.lifecycle.facts import FactSource
-    from chalicelib.scale_store import ScaleStore
+    from chalicelib.scaling.store import ScaleStore
     from chalicelib.store import FleetStore
     from fleetctl.status import fleet_status, invariant_report
 
@@ -442,7 +442,7 @@ def reconcile(config_path: Path, once: bool, interval: int, gitlab_token: str | 
     import time
 
     from chalicelib.lifecycle.reconcile import build_reconciler
-    from chalicelib.scale_up import build_scale_up
+    from chalicelib.scaling.scale_up import build_scale_up
 
     config = _load(config_path)
     clients = _clients(config)

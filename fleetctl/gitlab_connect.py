@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig
 from chalicelib.errors import GitLabUnavailableError
-from chalicelib.secrets import UNSIGNED
+from chalicelib.intake.secrets import UNSIGNED
 from fleetctl.gitlab_token import CONNECT_NEEDS, check_token
 
 SIGNING_FLAG = "webhook_signing_token"

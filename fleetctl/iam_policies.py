@@ -17,7 +17,7 @@ from chalicelib.store import token_key
 
 POLICY_VERSION = "2012-10-17"
 # IAM resolves this policy variable to the calling role session's unique id: "<role id>:<instance id>" for the
-# role of an EC2 instance (see chalicelib/runner_tokens.py).
+# role of an EC2 instance (see chalicelib/scaling/tokens.py).
 SESSION_USER_ID = "${aws:userid}"
 RUNNER_POLICY_NAME = "runner-instance"
 

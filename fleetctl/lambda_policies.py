@@ -224,7 +224,7 @@ def scale_up_grants(config: FleetConfig) -> list[Grant]:
         Grant("CountIdleRunners", ("dynamodb:Query",), (f"{_table_arn(config)}/index/{IDLE_RUNNERS_INDEX}",)),
         # The GitLab API token that creates runners.
         Grant("ReadGitLabToken", ("ssm:GetParameter",), (_parameter_arn(config.gitlab.token_parameter),)),
-        # Each instance's runner token, handed over in its own item (chalicelib/runner_tokens.py); deleted again
+        # Each instance's runner token, handed over in its own item (chalicelib/scaling/tokens.py); deleted again
         # when the instance terminated while its runner was being made.
         Grant(
             "HandOverRunnerTokens", ("dynamodb:DeleteItem", "dynamodb:PutItem"), (_table_arn(config),), _token_items()

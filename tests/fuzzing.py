@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from chalicelib import gitlab_events
-from chalicelib.gitlab_events import JobHook, parse_gitlab_time
+from chalicelib.intake import job_hooks
+from chalicelib.intake.job_hooks import JobHook, parse_gitlab_time
 from tests.payloads import job_hook
 
 FUZZ = settings(
@@ -65,9 +65,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 # Pending is the status that queues a job, so it is drawn as often as all the others together.
-statuses = st.one_of(
-    st.just("pending"), st.sampled_from([s.value for s in gitlab_events.JobStatus]), st.text(max_size=80)
-)
+statuses = st.one_of(st.just("pending"), st.sampled_from([s.value for s in job_hooks.JobStatus]), st.text(max_size=80))
 runners = (
     st.fixed_dictionaries(
         {"id": integers},
@@ -144,14 +142,14 @@ def assert_valid_hook(hook: JobHook) -> None:
     """What every parsed hook guarantees to the code behind it (DynamoDB, SQS, scale-up)."""
     assert isinstance(hook, JobHook)
     for value in (hook.build_id, hook.project_id, hook.pipeline_id, hook.runner.id if hook.runner else None):
-        assert value is None or (type(value) is int and 0 < value <= gitlab_events.MAX_ID)
-    assert type(hook.retries_count) is int and 0 <= hook.retries_count <= gitlab_events.MAX_COUNT
+        assert value is None or (type(value) is int and 0 < value <= job_hooks.MAX_ID)
+    assert type(hook.retries_count) is int and 0 <= hook.retries_count <= job_hooks.MAX_COUNT
     strings = [hook.build_status, hook.build_name, hook.build_stage, hook.ref, hook.project_name]
     strings += [hook.build_failure_reason or ""]
     if hook.runner:
         strings += [hook.runner.description or "", hook.runner.runner_type or "", *hook.runner.tags]
     for text in strings:
-        assert isinstance(text, str) and len(text) <= gitlab_events.MAX_TEXT_LENGTH
+        assert isinstance(text, str) and len(text) <= job_hooks.MAX_TEXT_LENGTH
         text.encode("utf-8")  # no lone surrogate: DynamoDB and SQS take UTF-8 only
     for stamp in (hook.build_created_at, hook.build_started_at, hook.build_finished_at):
         instant = parse_gitlab_time(stamp)

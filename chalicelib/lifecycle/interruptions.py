@@ -30,8 +30,8 @@ from chalicelib.observability import count, logger
 if TYPE_CHECKING:
     from chalicelib.config import PoolConfig
     from chalicelib.gitlab_api import GitLabApi
-    from chalicelib.gitlab_events import JobStatus
-    from chalicelib.scale_store import RunnerRecord, ScaleStore
+    from chalicelib.intake.job_hooks import JobStatus
+    from chalicelib.scaling.store import RunnerRecord, ScaleStore
 
 SPOT_INTERRUPTION_WARNING = "EC2 Spot Instance Interruption Warning"
 REBALANCE_RECOMMENDATION = "EC2 Instance Rebalance Recommendation"
@@ -101,7 +101,7 @@ def parse_interruption(event: Any) -> InstanceInterruption:
 def asks_for_retry(status: JobStatus, failure_reason: str | None, interrupted: bool) -> bool:
     """Whether a finished Job Hook is a job lost to an interruption: failed as ``runner_system_failure`` by a
     runner whose instance EC2 warned about. Any other failure (the script's, a timeout) is the job's own."""
-    from chalicelib.gitlab_events import JobStatus
+    from chalicelib.intake.job_hooks import JobStatus
 
     return interrupted and status is JobStatus.FAILED and failure_reason == RUNNER_SYSTEM_FAILURE
 

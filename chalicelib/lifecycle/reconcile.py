@@ -30,7 +30,6 @@ from chalicelib.aws import error_code
 from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.launches import UNFINISHED
 from chalicelib.lifecycle.facts import Facts, FactSource
 from chalicelib.lifecycle.invariants import check
 from chalicelib.lifecycle.rules import (
@@ -52,14 +51,15 @@ from chalicelib.lifecycle.rules import (
 )
 from chalicelib.naming import FleetOwner
 from chalicelib.observability import count, logger
-from chalicelib.scale_store import RunnerRecord, ScaleStore
+from chalicelib.scaling.launches import UNFINISHED
+from chalicelib.scaling.store import RunnerRecord, ScaleStore
 
 if TYPE_CHECKING:
-    from chalicelib.fleet import FleetLauncher
     from chalicelib.gitlab_api import GitLabApi
-    from chalicelib.instances import InstanceEvents
-    from chalicelib.runner_tokens import RunnerTokens
-    from chalicelib.scale_up import ScaleUp
+    from chalicelib.lifecycle.instances import InstanceEvents
+    from chalicelib.scaling.fleet import FleetLauncher
+    from chalicelib.scaling.scale_up import ScaleUp
+    from chalicelib.scaling.tokens import RunnerTokens
 
 RUN_LEASE = "reconcile"
 # The longest a run may take: the reconcile Lambda's timeout (.chalice/config.json). The run lease lasts no longer
@@ -400,9 +400,9 @@ def build_reconciler(
 ) -> Reconciler:
     """Reconcile wired to the fleet's table, queue, EC2 and GitLab through ``aws`` (an ``AwsClients``): the
     Lambda's, ``fleetctl reconcile``'s and the tests' one way to build it."""
-    from chalicelib.fleet import FleetLauncher
-    from chalicelib.instances import InstanceEvents
-    from chalicelib.runner_tokens import RunnerTokens
+    from chalicelib.lifecycle.instances import InstanceEvents
+    from chalicelib.scaling.fleet import FleetLauncher
+    from chalicelib.scaling.tokens import RunnerTokens
 
     store = ScaleStore(config.state.table, aws.dynamodb, clock=clock)
     tokens = RunnerTokens(aws.dynamodb, config.state.table)

@@ -73,8 +73,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name
-from chalicelib.userdata import BOOT_SERVICE, CLOUD_CONFIG_HEADER, SETTINGS_FILE
-from chalicelib.userdata import RUNNER_CONFIG_FILE as CONFIG_FILE
+from chalicelib.scaling.userdata import BOOT_SERVICE, CLOUD_CONFIG_HEADER, SETTINGS_FILE
+from chalicelib.scaling.userdata import RUNNER_CONFIG_FILE as CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from chalicelib.config import FleetConfig, load_config
-from chalicelib.settings import settings_environment
+from chalicelib.intake.settings import settings_environment
 from fleetctl.sandbox.agents import AgentManager, AgentOptions
 from fleetctl.sandbox.gitlab_emulator import GitLabEmulator
 from fleetctl.sandbox.gitlab_model import Clock, utcnow
@@ -210,7 +210,7 @@ class Sandbox:
     def secrets(self) -> dict[str, str]:
         """The webhook token, and the signing secret when connect stored one."""
         from chalicelib import runtime
-        from chalicelib.secrets import UNSIGNED
+        from chalicelib.intake.secrets import UNSIGNED
         from fleetctl.gitlab_connect import read_parameter
 
         assert self.config is not None

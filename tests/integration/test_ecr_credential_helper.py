@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from chalicelib.config import load_config
-from chalicelib.userdata import DOCKER_CONFIG_FILE, image_reference, render_user_data
+from chalicelib.scaling.userdata import DOCKER_CONFIG_FILE, image_reference, render_user_data
 from fleetctl.sandbox.local_aws import LocalAws
 from tests.aws_https_proxy import AwsHttpsProxy
 

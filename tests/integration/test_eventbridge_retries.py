@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib.instances import parse_state_change
+from chalicelib.lifecycle.instances import parse_state_change
 from chalicelib.store import runner_key
 from fleetctl.sandbox.ec2_events import terminate_instances
 from fleetctl.sandbox.pump import EventPump

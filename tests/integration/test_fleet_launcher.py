@@ -16,7 +16,7 @@ import pytest
 from chalicelib.aws import AwsClients
 from chalicelib.config import PoolConfig, parse_config
 from chalicelib.errors import RetryableError
-from chalicelib.fleet import (
+from chalicelib.scaling.fleet import (
     TAG_FLEET,
     TAG_LAUNCH,
     TAG_POOL,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from chalicelib.secrets import UNSIGNED
+from chalicelib.intake.secrets import UNSIGNED
 from fleetctl.cli import main
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 

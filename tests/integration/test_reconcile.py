@@ -31,7 +31,7 @@ from chalicelib.lifecycle.rules import (
     stuck_after,
 )
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, FleetOwner, described_instance, launch_template_name
-from chalicelib.runner_tokens import RunnerTokens
+from chalicelib.scaling.tokens import RunnerTokens
 from chalicelib.store import job_key, token_key
 from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, Phase
 from fleetctl.sandbox.local_aws import SANDBOX_REGION
@@ -548,7 +548,7 @@ def test_status_shows_the_invariants_and_fleetctl_reconcile_repairs_them(fleet: 
 def test_the_sweep_claims_a_job_recorded_as_created_but_never_one_already_queued(fleet: Fleet) -> None:
     """The sweep's claim on the table (moto's DynamoDB): a job recorded as created whose pending Job Hook was
     lost is claimed, and becomes pending and unqueued; one the webhook queued, or one a launch holds, is not."""
-    from chalicelib.gitlab_events import JobStatus
+    from chalicelib.intake.job_hooks import JobStatus
     from chalicelib.store import JobEvent
 
     store = runtime.store()

@@ -211,8 +211,8 @@ def test_an_idle_index_still_being_built_launches_as_before(fleet: Fleet) -> Non
     ValidationException "Cannot read from backfilling global secondary index" (Developer Guide, "Adding a global
     secondary index to an existing table"; aws/aws-cli#4845). A fleet upgraded by bootstrap meets it until the
     index is ACTIVE: its jobs must launch as they did before idle runners were counted, not fail."""
-    from chalicelib.scale_up import build_scale_up
-    from chalicelib.scaling import RetryPolicy
+    from chalicelib.scaling.policy import RetryPolicy
+    from chalicelib.scaling.scale_up import build_scale_up
 
     first, _, runner_id = _launch_one(fleet, ["docker"])
     _move(fleet, first, "running", runner_id)

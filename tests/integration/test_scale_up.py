@@ -25,7 +25,7 @@ from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import QueuedJob
 from chalicelib.naming import POOL_TAG, runner_description, runner_role_name
 from chalicelib.observability import metrics
-from chalicelib.runner_tokens import session_user_id
+from chalicelib.scaling.tokens import session_user_id
 from chalicelib.store import job_key, launch_key, pool_key, runner_key, token_key
 from fleetctl.sandbox.ec2_events import state_change_entry, terminate_instances
 from tests.faults import SimulatedCrash, WireFaults
@@ -74,8 +74,8 @@ class Fleet:
 
     def scale_up(self, config: FleetConfig | None = None, clock: Callable[[], float] | None = None) -> Any:
         """A scale-up service built like the Lambda's, with another config or clock where a test needs one."""
-        from chalicelib.scale_up import build_scale_up
-        from chalicelib.scaling import RetryPolicy
+        from chalicelib.scaling.policy import RetryPolicy
+        from chalicelib.scaling.scale_up import build_scale_up
 
         rt = self.runtime
         return build_scale_up(
@@ -176,7 +176,7 @@ class Fleet:
 
     def instance_terminated(self, instance_id: str) -> str:
         """Terminate an instance in EC2 and hand its state-change event to the handler, as EventBridge would."""
-        from chalicelib.instances import parse_state_change
+        from chalicelib.lifecycle.instances import parse_state_change
 
         self.ec2.terminate_instances(InstanceIds=[instance_id])
         return str(self.runtime.instance_events().handle(parse_state_change(state_change(instance_id))))

@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from chalicelib.signing import sign
+from chalicelib.intake.signing import sign
 from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
 from tests.payloads import gitlab_headers, job_hook
 

@@ -1,7 +1,7 @@
 """The runner token hand-off under AWS's throughput quotas (the AWS shim's ``ssm-throughput`` rule is on).
 
 Parameter Store would take one PutParameter per launched instance at about 3 a second; the hand-off is a DynamoDB
-item instead (``chalicelib/runner_tokens.py``), keyed by the instance role session's ``aws:userid``. These tests
+item instead (``chalicelib/scaling/tokens.py``), keyed by the instance role session's ``aws:userid``. These tests
 show the quota would bite the old hand-off, that the new one holds 5 launches a second with nothing lost, and
 that the item scale-up writes is the one the instance's own session, and no other, may read.
 """
@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import DEFAULT_CONFIG, AwsClients
-from chalicelib.runner_tokens import session_user_id
+from chalicelib.scaling.tokens import session_user_id
 from chalicelib.store import runner_key
 from fleetctl.iam_policies import runner_instance_policy
 from tests.faults import WireFaults

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from chalicelib.gitlab_events import JobStatus, parse_job_hook
+from chalicelib.intake.job_hooks import JobStatus, parse_job_hook
 from tests.fuzzing import FUZZ, assert_valid_hook, bodies, deep_body, encode, strings
 from tests.payloads import gitlab_headers, job_hook
 

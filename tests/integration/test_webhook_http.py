@@ -401,7 +401,7 @@ def test_a_burst_of_200_deliveries_loses_nothing(client: Client) -> None:
 
 
 def test_a_queue_claim_left_by_a_webhook_that_died_lapses(client: Client) -> None:
-    from chalicelib.gitlab_events import JobStatus
+    from chalicelib.intake.job_hooks import JobStatus
     from chalicelib.store import QUEUE_CLAIM_SECONDS, EventOutcome, FleetStore, JobEvent
 
     # given a pending job recorded by a webhook that died before sending (its queue claim still held)

@@ -22,9 +22,9 @@ import pytest
 import requests
 
 from chalicelib.config import CONFIG_ENV_VAR
-from chalicelib.secrets import UNSIGNED
-from chalicelib.settings import WEBHOOK_SIGNING_PARAMETER
-from chalicelib.signing import sign
+from chalicelib.intake.secrets import UNSIGNED
+from chalicelib.intake.settings import WEBHOOK_SIGNING_PARAMETER
+from chalicelib.intake.signing import sign
 from tests.faults import WireFaults
 from tests.payloads import gitlab_headers, job_hook
 
@@ -176,7 +176,7 @@ def test_a_missing_token_is_cached_and_refuses_every_request(webhook: Webhook) -
 
 
 def test_secrets_do_not_show_in_their_repr(signing_configured: Webhook) -> None:
-    from chalicelib.secrets import WebhookSecretSource
+    from chalicelib.intake.secrets import WebhookSecretSource
 
     webhook = signing_configured
     # given both secrets readable from SSM

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from chalicelib.config import load_config
-from chalicelib.userdata import DOCKER_CONFIG_FILE, RUNNER_CONFIG_FILE, SETTINGS_FILE, render_user_data, runner_name
+from chalicelib.scaling.userdata import (
+    DOCKER_CONFIG_FILE,
+    RUNNER_CONFIG_FILE,
+    SETTINGS_FILE,
+    render_user_data,
+    runner_name,
+)
 from fleetctl.sandbox.agents import (
     BootError,
     RunSingle,

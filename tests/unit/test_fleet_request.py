@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from chalicelib.config import PoolConfig, parse_config
-from chalicelib.fleet import (
+from chalicelib.scaling.fleet import (
     CAPACITY_ERROR_CODES,
     TAG_FLEET,
     TAG_LAUNCH,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chalicelib.launches import LaunchState
-from chalicelib.scaling import HeldJob, decide_held_job
+from chalicelib.scaling.launches import LaunchState
+from chalicelib.scaling.policy import HeldJob, decide_held_job
 
 NOW = 1_000_000.0
 STALE = 120.0

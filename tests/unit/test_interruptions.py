@@ -10,7 +10,7 @@ import pytest
 
 from chalicelib.config import parse_config
 from chalicelib.errors import PayloadError
-from chalicelib.gitlab_events import JobStatus
+from chalicelib.intake.job_hooks import JobStatus
 from chalicelib.lifecycle.interruptions import (
     Interruption,
     RetryDecision,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given
 
 from chalicelib.errors import PayloadError
-from chalicelib.gitlab_events import MAX_ID, parse_job_hook
+from chalicelib.intake.job_hooks import MAX_ID, parse_job_hook
 from tests.fuzzing import FUZZ, assert_valid_hook, bodies, deep_body, encode
 from tests.payloads import job_hook
 

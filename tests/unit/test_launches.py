@@ -1,10 +1,10 @@
-"""The launch record's transitions (chalicelib/launches.py): every (state, event) pair, and the write of each."""
+"""The launch record's transitions (chalicelib/scaling/launches.py): every (state, event) pair, and each write."""
 
 from __future__ import annotations
 
 import pytest
 
-from chalicelib.launches import FINISHED, UNFINISHED, LaunchEvent, LaunchState, next_state, stays_live, update
+from chalicelib.scaling.launches import FINISHED, UNFINISHED, LaunchEvent, LaunchState, next_state, stays_live, update
 
 L, R, INC, D, F = (
     LaunchState.LAUNCHING,

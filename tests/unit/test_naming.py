@@ -8,9 +8,9 @@ from pathlib import Path
 import yaml
 
 from chalicelib.config import load_config
-from chalicelib.runner_tokens import session_user_id
+from chalicelib.scaling.tokens import session_user_id
+from chalicelib.scaling.userdata import SETTINGS_FILE, image_reference, render_user_data
 from chalicelib.store import token_key
-from chalicelib.userdata import SETTINGS_FILE, image_reference, render_user_data
 
 DEV = Path(__file__).resolve().parents[2] / "chalicelib" / "stages" / "dev.yaml"
 

@@ -10,8 +10,7 @@ import pytest
 
 from chalicelib.config import FleetConfig, parse_config
 from chalicelib.gitlab_api import GitLabRunner
-from chalicelib.gitlab_events import JobStatus
-from chalicelib.launches import LaunchState
+from chalicelib.intake.job_hooks import JobStatus
 from chalicelib.lifecycle.facts import SWEEP_PROJECTS, Facts, InstanceFact, JobFact, PendingJob, TokenFact, sweep_turn
 from chalicelib.lifecycle.invariants import check
 from chalicelib.lifecycle.reconcile import may_retire
@@ -32,7 +31,8 @@ from chalicelib.lifecycle.rules import (
     decide,
     retire_at,
 )
-from chalicelib.scale_store import LaunchRecord, RunnerRecord
+from chalicelib.scaling.launches import LaunchState
+from chalicelib.scaling.store import LaunchRecord, RunnerRecord
 from chalicelib.store import RETIRING, RunnerState
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a Friday

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from chalicelib.config import FleetConfig, PoolConfig, load_config
+from chalicelib.scaling.userdata import image_reference, render_user_data
 from chalicelib.store import token_key
-from chalicelib.userdata import image_reference, render_user_data
 from tests.unit import boot_fakes
 
 ROOT = Path(__file__).parents[2]

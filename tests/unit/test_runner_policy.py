@@ -11,7 +11,7 @@ import pytest
 
 from chalicelib.config import parse_config
 from chalicelib.errors import ConfigError
-from chalicelib.runner_tokens import session_user_id
+from chalicelib.scaling.tokens import session_user_id
 from chalicelib.store import token_key
 from fleetctl.iam_policies import ECR_PULL_ACTIONS, ECR_PUSH_ACTIONS, runner_instance_policy
 from tests.iam_recorder import Request, allowing_statements

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from chalicelib.config import PoolConfig, parse_config
-from chalicelib.scaling import MAX_DELAY_SECONDS, RetryPolicy, can_take, leave_to_idle_runners, match_pool
+from chalicelib.scaling.policy import MAX_DELAY_SECONDS, RetryPolicy, can_take, leave_to_idle_runners, match_pool
 
 SUBNET = "subnet-0123456789abcdef0"
 SG = "sg-0123456789abcdef0"

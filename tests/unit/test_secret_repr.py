@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chalicelib.gitlab_api import RunnerCredentials
-from chalicelib.secrets import WebhookSecrets
+from chalicelib.intake.secrets import WebhookSecrets
 
 
 def test_runner_credentials_show_the_runner_not_its_token() -> None:

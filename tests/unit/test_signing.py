@@ -9,7 +9,7 @@ import hmac
 import pytest
 
 from chalicelib.errors import AuthenticationError
-from chalicelib.signing import sign, signing_key, token_matches, verify_signature
+from chalicelib.intake.signing import sign, signing_key, token_matches, verify_signature
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 BODY = b'{"object_kind":"build","build_id":1}'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chalicelib.scale_store import (
+from chalicelib.scaling.store import (
     CLEANUP_PENDING,
     LaunchRecord,
     LaunchState,

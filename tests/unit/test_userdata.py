@@ -17,8 +17,7 @@ import yaml
 
 from chalicelib.config import FleetConfig, PoolConfig, load_config, parse_config
 from chalicelib.errors import ConfigError
-from chalicelib.store import token_key
-from chalicelib.userdata import (
+from chalicelib.scaling.userdata import (
     DOCKER_CONFIG_FILE,
     RUNNER_CONFIG_FILE,
     SETTINGS_FILE,
@@ -26,6 +25,7 @@ from chalicelib.userdata import (
     image_reference,
     render_user_data,
 )
+from chalicelib.store import token_key
 
 STAGES = Path(__file__).parents[2] / "chalicelib" / "stages"
 DEV = STAGES / "dev.yaml"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from chalicelib.errors import PayloadError
-from chalicelib.instances import parse_state_change
 from chalicelib.jobs_queue import QueuedJob
+from chalicelib.lifecycle.instances import parse_state_change
 
 # A message as the webhook has always written it (every field, in declaration order, before pool and tags).
 WEBHOOK_MESSAGE = {

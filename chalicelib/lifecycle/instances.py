@@ -15,7 +15,7 @@ finishes whatever is left and does nothing more.
 
 An instance terminated before scale-up recorded it gets a terminated tombstone record instead: scale-up's record
 write is conditioned on no record existing, so it is refused, and scale-up gives that lease back from its launch
-(see ``chalicelib.scale_up``). Terminating the record before deleting the token also closes the other race: a
+(see ``chalicelib.scaling.scale_up``). Terminating the record before deleting the token also closes the other race: a
 token scale-up writes afterwards is followed by its identity write, which a terminated record refuses, and
 scale-up then deletes that token and GitLab runner itself.
 """
@@ -29,8 +29,8 @@ import msgspec
 from chalicelib.errors import PayloadError, RetryableError
 from chalicelib.gitlab_api import GitLabApi
 from chalicelib.observability import count, logger
-from chalicelib.runner_tokens import RunnerTokens
-from chalicelib.scale_store import ScaleStore
+from chalicelib.scaling.store import ScaleStore
+from chalicelib.scaling.tokens import RunnerTokens
 
 STATE_CHANGE = "EC2 Instance State-change Notification"
 # EC2's own name of the state (the event's ``detail.state``), not a runner-fleet state.

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from chalicelib.errors import PayloadError
-from chalicelib.gitlab_events import JobHook, JobStatus, parse_gitlab_time, parse_job_hook
+from chalicelib.intake.job_hooks import JobHook, JobStatus, parse_gitlab_time, parse_job_hook
 from tests.payloads import job_hook
 
 

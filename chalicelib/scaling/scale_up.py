@@ -57,7 +57,12 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, PoolConfig
 from chalicelib.errors import RetryableError
-from chalicelib.fleet import (
+from chalicelib.gitlab_api import GitLabApi, JobInfo, JobNotRetryableError, RunnerCredentials
+from chalicelib.jobs_queue import JobQueue, QueuedJob
+from chalicelib.lifecycle.interruptions import RetryDecision, decide_retry, still_retryable
+from chalicelib.naming import FleetOwner, launch_template_name, runner_description, runner_role_name
+from chalicelib.observability import count, logger
+from chalicelib.scaling.fleet import (
     THROTTLING_ERROR_CODES,
     FleetLauncher,
     LaunchedInstance,
@@ -67,13 +72,8 @@ from chalicelib.fleet import (
     LaunchResult,
     LaunchTemplateRef,
 )
-from chalicelib.gitlab_api import GitLabApi, JobInfo, JobNotRetryableError, RunnerCredentials
-from chalicelib.jobs_queue import JobQueue, QueuedJob
-from chalicelib.lifecycle.interruptions import RetryDecision, decide_retry, still_retryable
-from chalicelib.naming import FleetOwner, launch_template_name, runner_description, runner_role_name
-from chalicelib.observability import count, logger
-from chalicelib.runner_tokens import RunnerRoles, RunnerTokens
-from chalicelib.scale_store import (
+from chalicelib.scaling.policy import HeldJob, RetryPolicy, decide_held_job, leave_to_idle_runners, match_pool
+from chalicelib.scaling.store import (
     Claim,
     ClaimOutcome,
     LaunchRecord,
@@ -81,7 +81,7 @@ from chalicelib.scale_store import (
     ScaleStore,
     transiently_cancelled,
 )
-from chalicelib.scaling import HeldJob, RetryPolicy, decide_held_job, leave_to_idle_runners, match_pool
+from chalicelib.scaling.tokens import RunnerRoles, RunnerTokens
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.

@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
-from chalicelib.gitlab_events import JobStatus
-from chalicelib.launches import LaunchEvent, LaunchState, LaunchUpdate
-from chalicelib.launches import update as launch_update
+from chalicelib.intake.job_hooks import JobStatus
+from chalicelib.scaling.launches import LaunchEvent, LaunchState, LaunchUpdate
+from chalicelib.scaling.launches import update as launch_update
 from chalicelib.store import (
     FINISHED_JOB_TTL_SECONDS,
     FLEET_RECORDS_INDEX,
@@ -116,7 +116,7 @@ class RunnerRecord:
     subnet_id: str | None = None
     launched_at: float = 0.0
     boot_deadline_at: float = 0.0
-    token_key: str = ""  # the fleet-table item holding its GitLab runner token (chalicelib.runner_tokens)
+    token_key: str = ""  # the fleet-table item holding its GitLab runner token (chalicelib.scaling.tokens)
     gitlab_runner_id: int | None = None
     state: RunnerState = RunnerState.BOOTING
     lease: bool = False  # holds one of its pool's leases
@@ -206,7 +206,7 @@ class LaunchRecord:
     started_at: float  # when its current owner started on it
     reason: str = ""
     instances: tuple[str, ...] = ()
-    plan: str = ""  # the CreateFleet requests it sends, as JSON (see chalicelib.fleet.LaunchPlan)
+    plan: str = ""  # the CreateFleet requests it sends, as JSON (see chalicelib.scaling.fleet.LaunchPlan)
 
     @classmethod
     def from_item(cls, launch_id: str, values: Mapping[str, Any]) -> LaunchRecord:
@@ -540,12 +540,12 @@ class ScaleStore(FleetStore):
         )
 
     def _move_launch(self, launch_id: str, move: LaunchUpdate) -> bool:
-        """One launch-record move (chalicelib.launches); False when the record's state does not allow it."""
+        """One launch-record move (chalicelib.scaling.launches); False when the record's state does not allow it."""
         return self._write_unless_refused("update_item", self._launch_request(launch_id, move))
 
     def finish_launch(self, launch_id: str, instance_ids: list[str]) -> bool:
         """Every runner the launch made is ready. It stays in the live index until reconcile sees it holds
-        nothing (chalicelib.launches). False when it was no longer its owner's (reconcile settled it)."""
+        nothing (chalicelib.scaling.launches). False when it was no longer its owner's (reconcile settled it)."""
         return self._move_launch(
             launch_id, launch_update(LaunchEvent.FINISH, now=self._clock(), instances=tuple(instance_ids))
         )

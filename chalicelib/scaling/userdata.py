@@ -9,7 +9,7 @@ and starts the AMI's boot service (``runner_ami/README.md`` specifies the boot; 
   executor, the pool's CI image (pinned by digest once one is known), pull policy ``if-not-present``, privileged
   only where the pool says, and the fleet's S3 cache with IAM authentication, shared by the pool's runners under a
   per-pool path. It has no ``token``: the boot script adds the instance's own token to a root-only copy in
-  ``/run``, having read it from the fleet-table item ``TOKEN#<aws:userid>`` (see ``chalicelib.runner_tokens``);
+  ``/run``, having read it from the fleet-table item ``TOKEN#<aws:userid>`` (see ``chalicelib.scaling.tokens``);
 * ``/root/.docker/config.json``: ``credHelpers`` sending the pool's ECR registry to ``ecr-login``, the
   amazon-ecr-credential-helper, for the boot's pre-pull and the runner's image pulls. Not ``credsStore``: with it,
   gitlab-runner lists the credentials without a region and the pull fails with "no basic auth credentials". Job

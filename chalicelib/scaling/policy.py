@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from chalicelib.config import PoolConfig
-from chalicelib.launches import LaunchState
+from chalicelib.scaling.launches import LaunchState
 
 # SQS caps DelaySeconds at 15 minutes.
 MAX_DELAY_SECONDS = 900

@@ -27,13 +27,13 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.errors import AuthenticationError, PayloadError, PayloadTooLargeError
-from chalicelib.gitlab_events import JobHook, JobStatus, parse_job_hook
+from chalicelib.intake.job_hooks import JobHook, JobStatus, parse_job_hook
+from chalicelib.intake.secrets import WebhookSecretSource
+from chalicelib.intake.signing import SignedDelivery, token_matches, verify_signature
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.lifecycle.interruptions import asks_for_retry
 from chalicelib.naming import described_instance
 from chalicelib.observability import count, logger, seconds
-from chalicelib.secrets import WebhookSecretSource
-from chalicelib.signing import SignedDelivery, token_matches, verify_signature
 from chalicelib.store import EventOutcome, FleetStore, JobEvent
 
 MAX_BODY_BYTES = 1024 * 1024

@@ -1,0 +1,1 @@
+"""Scaling: which pool takes a job, capacity leases, CreateFleet launches, runner tokens and user data."""
