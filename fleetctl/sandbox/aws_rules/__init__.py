@@ -18,6 +18,7 @@ from fleetctl.sandbox.aws_shim import Rule
 def default_rules() -> list[Rule]:
     from fleetctl.sandbox.aws_rules.ec2_fleet import FleetConfigRule, SpotServiceLinkedRoleRule
     from fleetctl.sandbox.aws_rules.ec2_state_events import InstanceStateEvents
+    from fleetctl.sandbox.aws_rules.ecr_events import EcrImageEvents
 
     return [
         ParameterStoreThroughput(),
@@ -38,6 +39,8 @@ def default_rules() -> list[Rule]:
         RegisteredImageArchitecture(),
         DescribeInstancesLag(),
         AuthorizationTokenValidity(),
-        # Innermost: only a state change moto carried out puts its events.
+        # Innermost: only a state change moto carried out puts its events, and only a push or delete moto carried
+        # out puts ECR's.
         InstanceStateEvents(),
+        EcrImageEvents(),
     ]
