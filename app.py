@@ -69,3 +69,29 @@ def instance_interruption(event: CloudWatchEvent) -> None:
     from chalicelib.lifecycle.interruptions import parse_interruption
 
     runtime.interruptions().handle(parse_interruption(event.to_dict()))
+
+
+@app.on_cw_event(
+    {
+        "source": ["aws.ecr", "aws.inspector2"],
+        "detail-type": ["ECR Image Action", "ECR Image Scan", "Inspector2 Scan"],
+    }
+)
+def images(event: CloudWatchEvent) -> None:
+    # A push, delete or scan of a CI image: each pool running that repository and tag moves to the new digest, once
+    # its scan passes when the pool has a scan gate (chalicelib/images).
+    from chalicelib.errors import PayloadError
+    from chalicelib.images.events import IgnoredEvent, parse_image_event
+    from chalicelib.observability import count
+
+    try:
+        parsed = parse_image_event(event.to_dict())
+    except IgnoredEvent as exc:
+        logger.info("image event changes nothing", extra={"reason": str(exc)})
+        return
+    except PayloadError as exc:
+        # Another delivery of the same event would fail the same way: reported, not retried.
+        count("ImageEventsMalformed")
+        logger.error("malformed image event", extra={"reason": str(exc)})
+        return
+    runtime.image_rotation().handle(parsed)

@@ -309,6 +309,7 @@ _InstanceType = Annotated[
 _SubnetId = Annotated[_Text, _id_of("subnet", "a subnet id")]
 _SecurityGroupId = Annotated[_Text, _id_of("sg", "a security group id")]
 _AmiId = Annotated[_Text, _id_of("ami", "an AMI id")]
+_AccountId = Annotated[_Text, _matching(r"[0-9]{12}", "a 12-digit AWS account id")]
 _EcrRepository = Annotated[
     _Text,
     _matching(
@@ -435,7 +436,11 @@ class WarmConfig(_Model):
 
 
 class ImageConfig(_Model):
-    """The CI job image of a pool, from the fleet's ECR registry; rotation pins it to a scanned digest.
+    """The CI job image of a pool, from an ECR registry; rotation pins it to a scanned digest.
+
+    The registry is the fleet's own account and region unless ``account`` (and ``region``) name another: many
+    teams keep CI images in one central account, whose repository policy must let the pool's role pull, and whose
+    push events reach this fleet through a cross-account EventBridge rule (README, "CI image rotation").
 
     ``push`` lets the pool's runners push to its repository (a pool that builds its own image). Only a
     repository no other pool runs may be pushed to: otherwise a job of this pool could replace the image
@@ -444,13 +449,20 @@ class ImageConfig(_Model):
 
     repository: _EcrRepository
     tag: _ImageTag = "latest"
+    account: _AccountId | None = None
+    region: _Region | None = None
     push: _Flag = False
 
 
 class ScanGate(_Model):
-    """A new image digest is promoted only if its scan has no finding at or above ``severity_threshold``."""
+    """A new image digest is promoted only if its scan has no finding at or above ``severity_threshold``.
+
+    A scan that has not come ``timeout_minutes`` after the push is reported as ``scan_timeout`` by reconcile (the
+    candidate stays, and a scan that comes late still decides it).
+    """
 
     severity_threshold: Severity = Severity.HIGH
+    timeout_minutes: Annotated[int, Strict(), _between(5, 1440)] = 60
 
 
 class PoolConfig(_Model):
@@ -544,6 +556,11 @@ class PoolConfig(_Model):
                 ("image", "push"),
                 f"a pool that pushes its image must take only protected refs' jobs (access_level: ref_protected), "
                 f"got access_level {self.access_level.value}",
+            )
+        if self.image.push and self.image.account is not None:
+            problems.add(
+                ("image", "push"),
+                "a pool may push only to the fleet's own registry; drop image.account or image.push",
             )
         if self.image.push and self.max_builds != 1:
             problems.add(

@@ -27,6 +27,7 @@ from chalicelib.store import FleetStore
 if TYPE_CHECKING:
     from chalicelib.config import FleetConfig
     from chalicelib.gitlab_api import GitLabApi
+    from chalicelib.images.rotation import ImageRotation
     from chalicelib.lifecycle.instances import InstanceEvents
     from chalicelib.lifecycle.interruptions import Interruptions
     from chalicelib.lifecycle.reconcile import Reconciler
@@ -153,6 +154,27 @@ def reconciler() -> Reconciler:
     return build_reconciler(config(), aws(), gitlab_api(), scale_up)
 
 
+@functools.cache
+def image_rotation() -> ImageRotation:
+    from chalicelib.images.rotation import ImageRotation
+    from chalicelib.images.store import ImageStore
+
+    clients = aws()
+
+    def account() -> str:
+        # Asked once per container, and only when an event's registry must be compared with the fleet's own:
+        # GetCallerIdentity needs no permission.
+        return str(clients.client("sts").get_caller_identity()["Account"])
+
+    return ImageRotation(
+        config(),
+        ImageStore(webhook_settings().table, clients.dynamodb),
+        clients.ec2,
+        account=account,
+        region=clients.ec2.meta.region_name,
+    )
+
+
 def reset() -> None:
     """Forget every built piece and the loaded configuration (tests, the sandbox)."""
     from chalicelib.config import reset_config_cache
@@ -171,6 +193,7 @@ def reset() -> None:
         instance_events,
         reconciler,
         interruptions,
+        image_rotation,
     ):
         built.cache_clear()
     reset_config_cache()

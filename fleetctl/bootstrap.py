@@ -18,7 +18,6 @@ pool's own ``ami`` when it names one, and names the pool's CI image by the diges
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import time
@@ -34,7 +33,8 @@ from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
 from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_role_name, runner_role_path
 from chalicelib.scaling.fleet import shared_zones
-from chalicelib.scaling.userdata import image_reference, render_user_data
+from chalicelib.scaling.templates import template_data
+from chalicelib.scaling.userdata import image_reference
 from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE, TOKEN_DEADLINES_INDEX
 from fleetctl.ami import (
     AMI_ID,
@@ -44,7 +44,7 @@ from fleetctl.ami import (
     instance_type_architectures,
     pool_architecture,
 )
-from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, metadata_hop_limit, runner_instance_policy
+from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
 
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600
 # SQS must keep a message invisible longer than the consuming Lambda may run (AWS advises six times).
@@ -593,41 +593,7 @@ class Bootstrapper:
         return image_reference(pool, self._registry(), digest), f"image {repository}@{digest} (tag {tag})"
 
     def _template_data(self, pool: PoolConfig, image_id: str, root_device: str, image: str) -> dict[str, Any]:
-        tags = [{"Key": FLEET_TAG, "Value": self._config.fleet}, {"Key": POOL_TAG, "Value": pool.name}]
-        # User data is the pool's settings only (no secret, nothing per launch: CreateFleet cannot override it).
-        # No KeyName: nobody logs in to a runner.
-        user_data = render_user_data(self._config, pool, image)
-        return {
-            "ImageId": image_id,
-            "UserData": base64.b64encode(user_data.encode()).decode("ascii"),
-            # The pool's own instance profile and role (fleetctl/iam_policies.py).
-            "IamInstanceProfile": {"Name": runner_role_name(self._config.fleet, pool.name)},
-            # IMDSv2 only. A hop limit of 1 keeps job containers (one hop further) from the role's credentials;
-            # a pool that pushes its image gets 2, so its jobs can log in to ECR (runner_ami/README.md, "Pushing
-            # images").
-            "MetadataOptions": {
-                "HttpTokens": "required",
-                "HttpPutResponseHopLimit": metadata_hop_limit(pool),
-                "HttpEndpoint": "enabled",
-                "InstanceMetadataTags": "disabled",
-            },
-            "BlockDeviceMappings": [
-                {
-                    "DeviceName": root_device,
-                    "Ebs": {
-                        "VolumeType": "gp3",
-                        "VolumeSize": pool.disk_gib,
-                        "Encrypted": True,
-                        "DeleteOnTermination": True,
-                    },
-                }
-            ],
-            "SecurityGroupIds": list(pool.security_groups),
-            # Runners leave by powering off; terminate makes that the end of the instance, not a stopped one.
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "Monitoring": {"Enabled": False},
-            "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
-        }
+        return template_data(self._config, pool, image_id, root_device, image)
 
     def _registry(self) -> str:
         """This account's ECR registry host, where the pools' CI images live."""

@@ -46,14 +46,6 @@ def ec2_trust_policy() -> Policy:
     }
 
 
-def metadata_hop_limit(pool: PoolConfig) -> int:
-    """The instance metadata service's hop limit in the pool's launch template: who on the instance may reach the
-    role's credentials. 1 keeps them from job containers (one hop further, through Docker's bridge); a pool that
-    pushes its image gets 2, since its jobs' ``docker push`` needs them, and config validation allows that only
-    for an ephemeral ``ref_protected`` pool whose role holds nothing but its own repository and cache."""
-    return 2 if pool.image.push else 1
-
-
 def cache_prefix(pool: PoolConfig) -> str:
     """The pool's key prefix in the cache bucket: gitlab-runner's ``[runners.cache] Path``, under which a shared
     cache keeps every object (``<Path>/project/<id>/<key>``)."""
@@ -62,7 +54,7 @@ def cache_prefix(pool: PoolConfig) -> str:
 
 def runner_instance_policy(config: FleetConfig, pool: PoolConfig) -> Policy:
     """The inline policy of ``pool``'s runner role."""
-    repository = _repository_arn(pool.image.repository)
+    repository = _repository_arn(pool.image.repository, pool.image.account, pool.image.region)
     statements: list[dict[str, Any]] = [
         {
             "Sid": "OwnRunnerTokenOnly",
@@ -119,5 +111,7 @@ def runner_instance_policy(config: FleetConfig, pool: PoolConfig) -> Policy:
     return {"Version": POLICY_VERSION, "Statement": statements}
 
 
-def _repository_arn(name: str) -> str:
-    return f"arn:aws:ecr:*:*:repository/{name}"
+def _repository_arn(name: str, account: str | None = None, region: str | None = None) -> str:
+    """The repository's ARN; another account's registry (``image.account``) is named exactly, the fleet's own by
+    name, in whatever account and region the role is used."""
+    return f"arn:aws:ecr:{region or '*'}:{account or '*'}:repository/{name}"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from chalicelib.config import FleetConfig
+from chalicelib.images.store import image_key
 from chalicelib.naming import FLEET_TAG, runner_role_arn
 from chalicelib.store import (
     FLEET_RECORDS_INDEX,
@@ -49,6 +50,7 @@ class LambdaFunction(str, Enum):
     INSTANCE_STATE = "instance-state"
     RECONCILE = "reconcile"
     INSTANCE_INTERRUPTION = "instance-interruption"
+    IMAGES = "images"
 
     @property
     def chalice_name(self) -> str:
@@ -62,6 +64,7 @@ _CHALICE_NAMES = {
     LambdaFunction.INSTANCE_STATE: "instance_state",
     LambdaFunction.RECONCILE: "reconcile",
     LambdaFunction.INSTANCE_INTERRUPTION: "instance_interruption",
+    LambdaFunction.IMAGES: "images",
 }
 
 
@@ -403,12 +406,35 @@ def instance_interruption_grants(config: FleetConfig) -> list[Grant]:
     ]
 
 
+def images_grants(config: FleetConfig) -> list[Grant]:
+    return [
+        # The pools' image records (IMAGE#) and the launch template version on each pool's counter item (POOL#),
+        # written together in one transaction, authorized per item as these actions.
+        Grant(
+            "ImageRecordsAndPoolVersions",
+            ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"),
+            (_table_arn(config),),
+            {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [_key_pattern(image_key), _key_pattern(pool_key)]}},
+        ),
+        # The version a promotion starts from; Describe calls take no resource ARN.
+        Grant("ReadLaunchTemplateVersions", ("ec2:DescribeLaunchTemplateVersions",), ("*",)),
+        # A promotion's new version, made the default: only on the templates bootstrap made for this fleet.
+        Grant(
+            "PromoteOnFleetTemplates",
+            ("ec2:CreateLaunchTemplateVersion", "ec2:ModifyLaunchTemplate"),
+            (_ec2_arn("launch-template"),),
+            {"StringEquals": {f"aws:ResourceTag/{FLEET_TAG}": config.fleet}},
+        ),
+    ]
+
+
 _GRANTS = {
     LambdaFunction.WEBHOOK: webhook_grants,
     LambdaFunction.SCALE_UP: scale_up_grants,
     LambdaFunction.INSTANCE_STATE: instance_state_grants,
     LambdaFunction.RECONCILE: reconcile_grants,
     LambdaFunction.INSTANCE_INTERRUPTION: instance_interruption_grants,
+    LambdaFunction.IMAGES: images_grants,
 }
 
 
