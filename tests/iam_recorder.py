@@ -1,11 +1,11 @@
 """A pytest plugin that records every AWS call chalicelib makes, per Lambda function, and checks it against IAM.
 
 Each botocore API call is attributed to a Lambda function by the chalicelib module on the calling stack that
-is that function's entry point (``webhook.py`` and ``secrets.py``: the webhook; ``scale_up.py``: scale-up;
-``instances.py``: instance-state; ``lifecycle/interruptions.py``: instance-interruption;
-``lifecycle/reconcile.py``: reconcile; the outermost one when several are). Calls with none of them on the stack
-come from fleetctl, the sandbox or a test; they are an operator's or the test's own, not a function's, and are not
-checked.
+is that function's entry point (``intake/webhook.py`` and ``intake/secrets.py``: the webhook;
+``scaling/scale_up.py``: scale-up; ``lifecycle/instances.py``: instance-state; ``lifecycle/interruptions.py``:
+instance-interruption; ``lifecycle/reconcile.py``: reconcile; the outermost one when several are). Calls with none
+of them on the stack come from fleetctl, the sandbox or a test; they are an operator's or the test's own, not a
+function's, and are not checked.
 
 A call becomes the IAM requests AWS would authorize for it (action, resource ARN, condition context): the
 DynamoDB key's partition for ``dynamodb:LeadingKeys``, each item of a transaction as its own action, the queue
@@ -49,10 +49,10 @@ PLACEHOLDER_ACCOUNT = "123456789012"
 
 # Entry modules of each Lambda function; the innermost one on the stack names the caller.
 _ENTRY_MODULES = {
-    str(PROJECT_DIR / "chalicelib" / "webhook.py"): "webhook",
-    str(PROJECT_DIR / "chalicelib" / "secrets.py"): "webhook",
-    str(PROJECT_DIR / "chalicelib" / "scale_up.py"): "scale-up",
-    str(PROJECT_DIR / "chalicelib" / "instances.py"): "instance-state",
+    str(PROJECT_DIR / "chalicelib" / "intake" / "webhook.py"): "webhook",
+    str(PROJECT_DIR / "chalicelib" / "intake" / "secrets.py"): "webhook",
+    str(PROJECT_DIR / "chalicelib" / "scaling" / "scale_up.py"): "scale-up",
+    str(PROJECT_DIR / "chalicelib" / "lifecycle" / "instances.py"): "instance-state",
     str(PROJECT_DIR / "chalicelib" / "lifecycle" / "reconcile.py"): "reconcile",
     str(PROJECT_DIR / "chalicelib" / "lifecycle" / "interruptions.py"): "instance-interruption",
 }
