@@ -80,18 +80,6 @@ def instance_interruption(event: CloudWatchEvent) -> None:
 def images(event: CloudWatchEvent) -> None:
     # A push, delete or scan of a CI image: each pool running that repository and tag moves to the new digest, once
     # its scan passes when the pool has a scan gate (chalicelib/images).
-    from chalicelib.errors import PayloadError
-    from chalicelib.images.events import IgnoredEvent, parse_image_event
-    from chalicelib.observability import count
+    from chalicelib.images.handler import handle_image_event
 
-    try:
-        parsed = parse_image_event(event.to_dict())
-    except IgnoredEvent as exc:
-        logger.info("image event changes nothing", extra={"reason": str(exc)})
-        return
-    except PayloadError as exc:
-        # Another delivery of the same event would fail the same way: reported, not retried.
-        count("ImageEventsMalformed")
-        logger.error("malformed image event", extra={"reason": str(exc)})
-        return
-    runtime.image_rotation().handle(parsed)
+    handle_image_event(event.to_dict(), runtime.image_rotation())

@@ -347,7 +347,7 @@ def reconcile_grants(config: FleetConfig) -> list[Grant]:
         for grant in scale_up_grants(config)
         if grant.sid not in skipped
     ]
-    fleet_items = [job_key_pattern()] + [_key_pattern(k) for k in (launch_key, pool_key, runner_key)]
+    fleet_items = [job_key_pattern()] + [_key_pattern(k) for k in (launch_key, pool_key, runner_key, image_key)]
     return [
         # One run at a time: the run's lease item (LEASE#reconcile), taken and given back conditionally.
         Grant(
@@ -374,6 +374,14 @@ def reconcile_grants(config: FleetConfig) -> list[Grant]:
         Grant("QueueRecoveredJobs", ("sqs:GetQueueUrl", "sqs:SendMessage"), (_queue_arn(config.state.jobs_queue),)),
         # The pools' launch templates' default versions (a runner launched from an older one is retired).
         Grant("ReadLaunchTemplates", ("ec2:DescribeLaunchTemplates",), ("*",)),
+        # The version an image promotion recorded becomes its template's default, when the promotion stopped
+        # before: only on the templates bootstrap made for this fleet.
+        Grant(
+            "DefaultToPromotedVersion",
+            ("ec2:ModifyLaunchTemplate",),
+            (_ec2_arn("launch-template"),),
+            {"StringEquals": {f"aws:ResourceTag/{FLEET_TAG}": config.fleet}},
+        ),
         # Only the fleet's own instances may be terminated: reaped orphans and retired runners.
         Grant(
             "TerminateFleetInstances",

@@ -1,11 +1,11 @@
 """A pytest plugin that records every AWS call chalicelib makes, per Lambda function, and checks it against IAM.
 
-Each botocore API call is attributed to a Lambda function by the chalicelib module on the calling stack that
-is that function's entry point (``intake/webhook.py`` and ``intake/secrets.py``: the webhook;
-``scaling/scale_up.py``: scale-up; ``lifecycle/instances.py``: instance-state; ``lifecycle/interruptions.py``:
-instance-interruption; ``lifecycle/reconcile.py``: reconcile; the outermost one when several are). Calls with none
-of them on the stack come from fleetctl, the sandbox or a test; they are an operator's or the test's own, not a
-function's, and are not checked.
+Each botocore API call is attributed to a Lambda function by the chalicelib module on the calling stack that is that
+function's entry point (``intake/webhook.py`` and ``intake/secrets.py``: the webhook; ``scaling/scale_up.py``:
+scale-up; ``lifecycle/instances.py``: instance-state; ``lifecycle/interruptions.py``: instance-interruption;
+``images/handler.py``: images; ``lifecycle/reconcile.py``: reconcile; the outermost one when several are). Calls
+with none of them on the stack come from fleetctl, the sandbox or a test; they are an operator's or the test's own,
+not a function's, and are not checked.
 
 A call becomes the IAM requests AWS would authorize for it (action, resource ARN, condition context): the
 DynamoDB key's partition for ``dynamodb:LeadingKeys``, each item of a transaction as its own action, the queue
@@ -55,6 +55,7 @@ _ENTRY_MODULES = {
     str(PROJECT_DIR / "chalicelib" / "lifecycle" / "instances.py"): "instance-state",
     str(PROJECT_DIR / "chalicelib" / "lifecycle" / "reconcile.py"): "reconcile",
     str(PROJECT_DIR / "chalicelib" / "lifecycle" / "interruptions.py"): "instance-interruption",
+    str(PROJECT_DIR / "chalicelib" / "images" / "handler.py"): "images",
 }
 
 Context = tuple[tuple[str, tuple[str, ...]], ...]
@@ -160,6 +161,14 @@ class Recorder:
             yield from self._create_fleet(client, region, params)
         elif prefix == "ec2" and operation == "TerminateInstances":
             yield from self._terminate(client, region, params)
+        elif prefix == "ec2" and operation in ("CreateLaunchTemplateVersion", "ModifyLaunchTemplate"):
+            # Authorized on the launch template, with its tags (an image promotion, reconcile finishing one).
+            template = self._template(client, params)
+            if template is None:
+                yield action, "?", (), f"launch template {params.get('LaunchTemplateName')} not found"
+                return
+            tags = tuple((f"aws:ResourceTag/{k}", (v,)) for k, v in sorted(template["tags"].items()))
+            yield action, _arn_maker("ec2", region)(f"launch-template/{template['id']}"), tags, ""
         elif prefix == "sts" and operation == "GetCallerIdentity":
             # No permission is needed to ask who you are (STS API reference, GetCallerIdentity): nothing to judge.
             return

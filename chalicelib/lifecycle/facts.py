@@ -99,6 +99,10 @@ class Facts:
     leases: Mapping[str, int]  # each pool's lease counter
     instances: Mapping[str, InstanceFact]  # live instances tagged as the fleet's, by id
     template_versions: Mapping[str, str]  # each pool's launch template default version
+    # The version each pool's counter item names (the last image promotion's): what scale-up launches from.
+    pool_versions: Mapping[str, str] = field(default_factory=dict)
+    # Candidate images awaiting their scan: (pool, deadline), from the image records that are live.
+    scan_deadlines: Sequence[tuple[str, float]] = ()
     jobs: Sequence[JobFact] = ()
     active_projects: tuple[int, ...] = ()
     gitlab_runners: Sequence[GitLabRunner] | None = None  # the fleet's own runners (by description)
@@ -108,6 +112,11 @@ class Facts:
     @property
     def gitlab_known(self) -> bool:
         return self.gitlab_runners is not None
+
+    def pool_version(self, pool: str) -> str:
+        """The launch template version the pool's runners should run: its counter item's, once an image was
+        promoted, else the template's default."""
+        return self.pool_versions.get(pool) or self.template_versions.get(pool, "")
 
 
 def ours(runner: GitLabRunner, fleet: str) -> bool:
@@ -151,7 +160,18 @@ class FactSource:
         deadline are always read (one Query)."""
         now = self._clock()
         runners = self._gitlab_runners()
-        records, launches, leases, jobs, hooks = self._table()
+        records, launches, pools, jobs, hooks = self._table()
+        leases = {str(item.get("name", "")): int(item.get("leases", 0)) for item in pools}
+        pool_versions = {
+            str(item.get("name", "")): str(item["template_version"])
+            for item in pools
+            if item.get("template_version") is not None
+        }
+        scans = [
+            (str(item.get("pool", "")), float(item["candidate"]["deadline"]))
+            for item in self._live("image")
+            if isinstance(item.get("candidate"), dict) and item["candidate"].get("deadline") is not None
+        ]
         instances = self._instances()
         versions = self._template_versions()
         active = sorted({job.project_id for job in jobs if job.updated_at >= now - self._active_window} | set(hooks))
@@ -162,6 +182,8 @@ class FactSource:
             leases=leases,
             instances=instances,
             template_versions=versions,
+            pool_versions=pool_versions,
+            scan_deadlines=scans,
             jobs=jobs,
             active_projects=tuple(active),
             gitlab_runners=runners,
@@ -202,12 +224,12 @@ class FactSource:
 
     def _table(
         self,
-    ) -> tuple[dict[str, RunnerRecord], list[LaunchRecord], dict[str, int], list[JobFact], list[int]]:
+    ) -> tuple[dict[str, RunnerRecord], list[LaunchRecord], list[dict[str, Any]], list[JobFact], list[int]]:
         records = {str(item["instance_id"]): RunnerRecord.from_item(item) for item in self._live("runner")}
         launches = [
             LaunchRecord.from_item(str(item["pk"]).removeprefix("LAUNCH#"), item) for item in self._live("launch")
         ]
-        leases = {str(item.get("name", "")): int(item.get("leases", 0)) for item in self._live("pool")}
+        pools = self._live("pool")
         jobs = [
             JobFact(
                 project_id=int(item["project_id"]),
@@ -219,7 +241,7 @@ class FactSource:
             for item in self._live("job")
         ]
         hooks = [int(item["project_id"]) for item in self._live("hook")]
-        return records, launches, leases, jobs, hooks
+        return records, launches, pools, jobs, hooks
 
     def _instances(self) -> dict[str, InstanceFact]:
         pages = self._ec2.get_paginator("describe_instances").paginate(

@@ -17,6 +17,7 @@ Every action is logged with its reason and the facts that led to it, and counted
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections import Counter
@@ -39,10 +40,12 @@ from chalicelib.lifecycle.rules import (
     CleanUp,
     DeleteRunner,
     DeleteToken,
+    ExpireScan,
     Pause,
     Reap,
     RecoverJob,
     Retire,
+    SetDefaultVersion,
     SettleLaunch,
     Unmark,
     WarmLaunch,
@@ -56,6 +59,7 @@ from chalicelib.scaling.store import RunnerRecord, ScaleStore
 
 if TYPE_CHECKING:
     from chalicelib.gitlab_api import GitLabApi
+    from chalicelib.images.rotation import ImageRotation
     from chalicelib.lifecycle.instances import InstanceEvents
     from chalicelib.scaling.fleet import FleetLauncher
     from chalicelib.scaling.scale_up import ScaleUp
@@ -142,9 +146,11 @@ class Reconciler:
         owner: FleetOwner,
         tokens: RunnerTokens,
         *,
+        images: Callable[[], ImageRotation] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._images_source = images
         self._owner = owner
         self._tokens = tokens
         self._store = store
@@ -265,7 +271,19 @@ class Reconciler:
             return self._recover(action, log, report)
         if isinstance(action, WarmLaunch):
             return self._warm(action, log, report)
+        if isinstance(action, SetDefaultVersion):
+            self._images().make_default(action.pool, int(action.version))
+            logger.info("launch template default moved to the pool's version", extra=log)
+            return True
+        if isinstance(action, ExpireScan):
+            (outcome,) = self._images().expire_scans([action.pool])
+            return outcome.verdict.value == "scan_timeout"
         raise TypeError(f"no executor for {type(action).__name__}")
+
+    def _images(self) -> ImageRotation:
+        if self._images_source is None:
+            raise TypeError("this reconciler was built without image rotation")
+        return self._images_source()
 
     def _delete_runner(self, action: DeleteRunner, log: dict[str, Any], report: RunReport) -> bool:
         """Delete a GitLab runner that looked orphaned, once three things only this fleet can say agree: its
@@ -400,6 +418,8 @@ def build_reconciler(
 ) -> Reconciler:
     """Reconcile wired to the fleet's table, queue, EC2 and GitLab through ``aws`` (an ``AwsClients``): the
     Lambda's, ``fleetctl reconcile``'s and the tests' one way to build it."""
+    from chalicelib.images.rotation import ImageRotation
+    from chalicelib.images.store import ImageStore
     from chalicelib.lifecycle.instances import InstanceEvents
     from chalicelib.scaling.fleet import FleetLauncher
     from chalicelib.scaling.tokens import RunnerTokens
@@ -418,5 +438,15 @@ def build_reconciler(
         scale_up,
         FleetOwner(config.fleet, config.state.table, lambda: aws.client("sts")),
         tokens,
+        images=functools.cache(
+            lambda: ImageRotation(
+                config,
+                ImageStore(config.state.table, aws.dynamodb),
+                aws.ec2,
+                account=lambda: str(aws.client("sts").get_caller_identity()["Account"]),
+                region=aws.ec2.meta.region_name,
+                clock=clock,
+            )
+        ),
         clock=clock,
     )

@@ -15,9 +15,11 @@ action carries the reason and the facts that led to it, for its log line. What e
 * **expired token**: a runner token past its boot deadline, which nothing reads any more;
 * **stale launch**: a launch still holding leases past the staleness window: its unrecorded instances are
   terminated and its leases given back;
+* **image roll-out**: a launch template whose default is not the version the pool's counter item names (an image
+  promotion stopped after recording it) gets it as default; a candidate image past its scan deadline is reported;
 * **retire**: a runner past its lifetime's retirement point, launched from a template version that is no longer
-  its pool's, or kept warm after its window closed: paused (busy or idle) in one run, then, a grace later and
-  running nothing, deleted and terminated;
+  its pool's (an image promotion made a new one), or kept warm after its window closed: paused (busy or idle) in
+  one run, then, a grace later and running nothing, deleted and terminated;
 * **lost webhook**: a pending job the table does not know is queued: queued now; and a pending job whose launch
   ended long ago (past the boot deadline) without any runner taking it (its runner was reaped): its claim is
   released and it is queued again, for a launch of its own;
@@ -162,6 +164,22 @@ class RecoverJob(Action):
 
 
 @dataclass(frozen=True)
+class SetDefaultVersion(Action):
+    """Make the version the pool's counter item names its launch template's default (an image promotion that
+    stopped after recording it)."""
+
+    pool: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class ExpireScan(Action):
+    """Report a candidate image whose scan did not come by its deadline (``scan_timeout``)."""
+
+    pool: str = ""
+
+
+@dataclass(frozen=True)
 class WarmLaunch(Action):
     """Launch idle runners for a pool inside its warm window."""
 
@@ -177,6 +195,7 @@ def decide(facts: Facts, config: FleetConfig) -> list[Action]:
     actions += orphan_gitlab_runners(facts, config)
     actions += expired_tokens(facts)
     actions += stale_launches(facts)
+    actions += image_rollouts(facts, config)
     actions += retirements(facts, config)
     actions += lost_webhooks(facts, config)
     actions += warm_launches(facts, config)
@@ -356,7 +375,7 @@ def retiring(record: RunnerRecord) -> bool:
 
 def _retire_reason(record: RunnerRecord, pool: PoolConfig, facts: Facts, now_utc: datetime) -> str:
     instance = facts.instances.get(record.instance_id)
-    current = facts.template_versions.get(pool.name, "")
+    current = facts.pool_version(pool.name)
     if facts.now >= retire_at(record, pool):
         return "past its lifetime's retirement point"
     if instance is not None and current and instance.template_version and instance.template_version != current:
@@ -364,6 +383,22 @@ def _retire_reason(record: RunnerRecord, pool: PoolConfig, facts: Facts, now_utc
     if record.warm and warm_size(pool.warm, now_utc) == 0:
         return "kept warm, and its warm window is closed"
     return ""
+
+
+def image_rollouts(facts: Facts, config: FleetConfig) -> list[Action]:
+    """What an image promotion leaves to reconcile: the template's default moved to the version the pool's counter
+    item names (when the promotion stopped before), and scans past their deadline reported. The runners on an
+    older version are retired by :func:`retirements`."""
+    actions: list[Action] = []
+    for pool in config.pools:
+        named, default = facts.pool_versions.get(pool.name), facts.template_versions.get(pool.name)
+        if named and default and named != default:
+            seen = {"named": named, "default": default}
+            actions.append(SetDefaultVersion("the pool's version is not the default", seen, pool.name, named))
+    for pool_name, deadline in facts.scan_deadlines:
+        if facts.now >= deadline:
+            actions.append(ExpireScan("its candidate's scan is past its deadline", {"deadline": deadline}, pool_name))
+    return actions
 
 
 def retirements(facts: Facts, config: FleetConfig) -> list[Action]:

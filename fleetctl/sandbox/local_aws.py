@@ -115,13 +115,15 @@ class LocalAws:
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until AWS's lagging reads have caught up with every write and launch made so far, and EC2's
         state-change events due so far were put: what an observer does in AWS before it judges the state it
-        reads (tests, the demo's final checks). Raises TimeoutError when they do not within ``timeout``."""
+        reads (tests, the demo's final checks); ECR's image events due so far too. Raises TimeoutError when they do
+        not within ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             young = (
                 self.shim("ec2-describe-lag", "status")["young"]
                 + self.shim("dynamodb-index-lag", "status")["young_items"]
                 + self.shim("ec2-state-events", "status")["due"]
+                + self.shim("ecr-events", "status")["due"]
             )
             if young == 0:
                 return

@@ -16,7 +16,7 @@ from fleetctl.sandbox.aws_shim import Rule
 
 
 def default_rules() -> list[Rule]:
-    from fleetctl.sandbox.aws_rules.ec2_fleet import FleetConfigRule, SpotServiceLinkedRoleRule
+    from fleetctl.sandbox.aws_rules.ec2_fleet import FleetConfigRule, LaunchTemplateTags, SpotServiceLinkedRoleRule
     from fleetctl.sandbox.aws_rules.ec2_state_events import InstanceStateEvents
     from fleetctl.sandbox.aws_rules.ecr_events import EcrImageEvents
 
@@ -39,6 +39,7 @@ def default_rules() -> list[Rule]:
         RegisteredImageArchitecture(),
         DescribeInstancesLag(),
         AuthorizationTokenValidity(),
+        LaunchTemplateTags(),
         # Innermost: only a state change moto carried out puts its events, and only a push or delete moto carried
         # out puts ECR's.
         InstanceStateEvents(),

@@ -237,3 +237,37 @@ def _fleet_refused(request: AwsRequest) -> AwsResponse:
 
 def _xml_members(values: dict[str, str | None]) -> str:
     return "".join(f"<{key}>{escape(value)}</{key}>" for key, value in values.items() if value)
+
+
+class LaunchTemplateTags(Rule):
+    """An instance launched from a launch template carries ``aws:ec2launchtemplate:id`` and
+    ``aws:ec2launchtemplate:version``, the version it was launched from (``$Default`` resolved at launch).
+
+    Source: the EC2 User Guide, "Launch an instance from a launch template" ("Amazon EC2 ... adds the following
+    tags to the instance: aws:ec2launchtemplate:id, aws:ec2launchtemplate:version"), for instances an EC2 Fleet
+    launches from the template too. moto adds them on RunInstances only, not on CreateFleet's instances, which
+    would leave reconcile unable to tell a runner launched before an image promotion from one launched after.
+    The version is resolved before the launch, as EC2 resolves it when it launches; all the fleet's instances get
+    the first launch template configuration's (runner-fleet sends one).
+    """
+
+    name = "ec2-launch-template-tags"
+
+    def handle(self, request: AwsRequest, forward: Forward) -> AwsResponse:
+        if request.service != "ec2" or request.operation != "CreateFleet":
+            return forward(request)
+        configs = _launch_template_configs(request.pairs)
+        version = _template_version(request, configs[0].spec) if configs else None
+        response = forward(request)
+        if version is None or response.status != 200:
+            return response
+        from fleetctl.sandbox.aws_rules.ec2_state_events import launched_instances
+
+        instance_ids = launched_instances(response.body)
+        if instance_ids:
+            tags = {
+                "aws:ec2launchtemplate:id": version.template.id,
+                "aws:ec2launchtemplate:version": str(version.number),
+            }
+            _ec2_backend(request).create_tags(instance_ids, tags)
+        return response

@@ -44,7 +44,7 @@ def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
-def _launched(body: bytes) -> list[str]:
+def launched_instances(body: bytes) -> list[str]:
     """Instance ids an answer of RunInstances (``instancesSet/item/instanceId``) or CreateFleet
     (``fleetInstanceSet/item/instanceIds/item``) names."""
     root = ElementTree.fromstring(body)  # noqa: S314 - moto's own answer, not outside input
@@ -85,7 +85,7 @@ class InstanceStateEvents(Rule):
         if request.service != "ec2" or response.status != 200:
             return response
         if request.operation in ("RunInstances", "CreateFleet"):
-            for instance_id in _launched(response.body):
+            for instance_id in launched_instances(response.body):
                 self._schedule(request.region, instance_id, "pending", 0.0)
                 self._schedule(request.region, instance_id, "running", self._lags["running_seconds"])
         elif request.operation == "TerminateInstances":
