@@ -13,7 +13,14 @@ Before any of it, each pool's subnets are looked up: a pool with two subnets in 
 every launch fail (:func:`chalicelib.scaling.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
 changed. So is a plan with a pool whose AMI cannot boot on all its instance types (:func:`pool_images`): each
 pool's template boots the runner AMI published for the architecture its types share (``fleetctl.ami``), or the
-pool's own ``ami`` when it names one, and names the pool's CI image by the digest ECR has for its tag.
+pool's own ``ami`` when it names one.
+
+Each template names the pool's CI image by digest: the digest the pool's image record names as current
+(:mod:`chalicelib.images`), so a rerun after a promotion or rollback renders exactly the version image rotation
+made and finds no drift; a pool with no record yet (a first bootstrap, or the table still to be created) gets the
+digest ECR has for its tag now. Once the templates are applied, each pinned digest is recorded in the pool's image
+record with the template's default version (:meth:`ImageRotation.adopt`: nothing changes on a rerun), so image
+rotation starts from the version bootstrap wrote.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
 from chalicelib.errors import RunnerFleetError
+from chalicelib.images.decisions import Verdict
+from chalicelib.images.record import ImageRecord, Version
+from chalicelib.images.rotation import registry_host
+from chalicelib.images.store import ImageStore
 from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_role_name, runner_role_path
 from chalicelib.scaling.fleet import shared_zones
 from chalicelib.scaling.templates import template_data
@@ -45,6 +56,7 @@ from fleetctl.ami import (
     pool_architecture,
 )
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
+from fleetctl.images import EcrImage, ecr_client, fleet_account, image_rotation, registry_id
 
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600
 # SQS must keep a message invisible longer than the consuming Lambda may run (AWS advises six times).
@@ -165,7 +177,9 @@ class Bootstrapper:
         self._aws = clients
         self._gitlab_token = gitlab_token
         self._token_factory = token_factory
-        self._registry_host: str | None = None
+        self._account: str | None = None
+        # The default version each template has once applied, by template name.
+        self._applied_versions: dict[str, int] = {}
 
     def plan(self) -> list[Change]:
         state = self._config.state
@@ -188,8 +202,10 @@ class Bootstrapper:
             self._plan_bucket(),
         ]
 
-    def execute(self, changes: list[Change]) -> None:
-        """Apply ``changes``; raises PlanRefusedError, changing nothing, when any is :attr:`Verb.INVALID`."""
+    def execute(self, changes: list[Change]) -> list[str]:
+        """Apply ``changes``, then record each template's pinned digest in its pool's image record; returns what
+        the recording did, a line per pool it changed or could not. Raises PlanRefusedError, changing nothing,
+        when any change is :attr:`Verb.INVALID`."""
         invalid = [change for change in changes if change.verb is Verb.INVALID]
         if invalid:
             raise PlanRefusedError(invalid)
@@ -197,6 +213,7 @@ class Bootstrapper:
             if change.verb in (Verb.KEEP, Verb.MISSING):
                 continue
             getattr(self, f"_apply_{change.kind}")(change)
+        return self._record_images(changes)
 
     # -- the pools' subnets (checked, never changed) -------------------------------------------------------
 
@@ -558,6 +575,7 @@ class Bootstrapper:
 
     def _plan_templates(self, images: list[PoolImage]) -> list[Change]:
         changes = []
+        records = self._image_records([image.pool.name for image in images if image.problem is None])
         for image in images:
             name = launch_template_name(self._config.fleet, image.pool.name)
             if image.problem is not None:
@@ -566,44 +584,107 @@ class Bootstrapper:
                     changes.append(Change("template", name, Verb.MISSING, image.problem.detail))
                 continue
             assert image.facts is not None
-            reference, note = self._pinned_image(image.pool)
-            data = self._template_data(image.pool, image.facts.image_id, image.facts.root_device, reference)
-            changes.append(self._plan_template(name, data, image.facts.architecture, note))
+            pinned = self._pinned_image(image.pool, records.get(image.pool.name))
+            data = self._template_data(image.pool, image.facts.image_id, image.facts.root_device, pinned.reference)
+            # The pool and its pinned digest go with the change, for the image record once it is applied.
+            recorded = {"pool": image.pool.name, "pinned": pinned.version} if pinned.version is not None else {}
+            changes.append(self._plan_template(name, data, image.facts.architecture, pinned.note, recorded))
         return changes
 
-    def _pinned_image(self, pool: PoolConfig) -> tuple[str, str]:
-        """The pool's CI image reference for user data, pinned to the digest ECR has for the tag when it has one,
-        and what the plan says about it."""
-        repository, tag = pool.image.repository, pool.image.tag
+    def _image_records(self, pools: list[str]) -> dict[str, ImageRecord]:
+        """The pools' image records; none while the table does not exist (it is created in the same plan)."""
+        if not pools:
+            return {}
         try:
-            found = self._aws.client("ecr").describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])[
-                "imageDetails"
-            ]
+            return ImageStore(self._config.state.table, self._aws.dynamodb).read_many(pools)
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise
+            return {}
+
+    def _pinned_image(self, pool: PoolConfig, record: ImageRecord | None) -> PinnedImage:
+        """The pool's CI image reference for user data and what the plan says about it: the digest the pool's
+        image record names as current, else the digest ECR has for the tag now, else the tag, unpinned."""
+        repository, tag = pool.image.repository, pool.image.tag
+        registry = registry_host(pool, self._fleet_account(), self._aws.ec2.meta.region_name)
+        if record is not None and record.current is not None:
+            current = record.current
+            by = f", promoted by {current.by.value}" if current.by else ""
+            note = f"image {repository}@{current.digest} (tag {current.tag}; the pool's image record{by})"
+            return PinnedImage(image_reference(pool, registry, current.digest), note, current)
+        try:
+            found = ecr_client(self._aws, pool).describe_images(
+                repositoryName=repository, imageIds=[{"imageTag": tag}], **registry_id(pool)
+            )["imageDetails"]
         except ClientError as exc:
             code = error_code(exc)
             if code == "RepositoryNotFoundException":
                 unpinned = f"image {repository}:{tag}, not pinned: no repository {repository} in ECR"
-                return image_reference(pool, self._registry()), unpinned
+                return PinnedImage(image_reference(pool, registry), unpinned)
             if code != "ImageNotFoundException":
                 raise
             found = []
         if not found:
-            return image_reference(pool, self._registry()), f"image {repository}:{tag}, not pinned: no such tag in ECR"
-        digest = str(found[0]["imageDigest"])
-        return image_reference(pool, self._registry(), digest), f"image {repository}@{digest} (tag {tag})"
+            unpinned = f"image {repository}:{tag}, not pinned: no such tag in ECR"
+            return PinnedImage(image_reference(pool, registry), unpinned)
+        pushed = EcrImage.from_detail(found[0])
+        version = Version(pushed.digest, tag, pushed.pushed_at)
+        return PinnedImage(
+            image_reference(pool, registry, pushed.digest), f"image {repository}@{pushed.digest} (tag {tag})", version
+        )
 
     def _template_data(self, pool: PoolConfig, image_id: str, root_device: str, image: str) -> dict[str, Any]:
         return template_data(self._config, pool, image_id, root_device, image)
 
-    def _registry(self) -> str:
-        """This account's ECR registry host, where the pools' CI images live."""
-        if self._registry_host is None:
-            account = self._aws.client("sts").get_caller_identity()["Account"]
-            region = self._aws.ec2.meta.region_name
-            self._registry_host = f"{account}.dkr.ecr.{region}.amazonaws.com"
-        return self._registry_host
+    def _fleet_account(self) -> str:
+        """The account bootstrap runs in, whose ECR registry holds the pools' CI images unless a pool names
+        another."""
+        if self._account is None:
+            self._account = fleet_account(self._aws)
+        return self._account
 
-    def _plan_template(self, name: str, data: dict[str, Any], architecture: str, image_note: str) -> Change:
+    def _record_images(self, changes: list[Change]) -> list[str]:
+        """Record each applied template's pinned digest, with the template's default version, in the pool's image
+        record. A record that moved to another digest since the plan read it (a push promoted meanwhile) is left
+        as it is: image rotation made its own version, which reconcile makes the default."""
+        pinned = [
+            change
+            for change in changes
+            if change.kind == "template"
+            and change.verb in (Verb.CREATE, Verb.UPDATE, Verb.KEEP)
+            and change.params.get("pinned") is not None
+        ]
+        if not pinned:
+            return []
+        rotation = image_rotation(self._config, self._aws)
+        lines = []
+        for change in pinned:
+            pool, version = change.params["pool"], change.params["pinned"]
+            template_version = self._applied_versions.get(change.name, change.params.get("version"))
+            if template_version is None:
+                continue
+            current = rotation.history(pool).current
+            if current is not None and current.digest != version.digest:
+                lines.append(
+                    f"image record of pool {pool} not changed: it names {current.digest} since the plan was made"
+                )
+                continue
+            outcome = rotation.adopt(pool, version, int(template_version))
+            if outcome.verdict is not Verdict.ALREADY_CURRENT:
+                lines.append(
+                    f"recorded image {version.digest} for pool {pool}, launch template version {template_version}"
+                )
+        return lines
+
+    def _plan_template(
+        self,
+        name: str,
+        data: dict[str, Any],
+        architecture: str,
+        image_note: str,
+        recorded: dict[str, Any] | None = None,
+    ) -> Change:
+        recorded = recorded or {}
         ec2 = self._aws.ec2
         image_id = data["ImageId"]
         try:
@@ -612,7 +693,11 @@ class Bootstrapper:
             if error_code(exc) != "InvalidLaunchTemplateName.NotFoundException":
                 raise
             return Change(
-                "template", name, Verb.CREATE, f"{image_id} ({architecture}), 1 version; {image_note}", {"data": data}
+                "template",
+                name,
+                Verb.CREATE,
+                f"{image_id} ({architecture}), 1 version; {image_note}",
+                {"data": data, **recorded},
             )
         default = int(found["DefaultVersionNumber"])
         # Always an explicit version number: a template updated by an earlier bootstrap has several versions, and
@@ -630,11 +715,18 @@ class Bootstrapper:
                 name,
                 Verb.UPDATE,
                 f"new default version {version}: " + ", ".join(drift) + f"; {image_note}",
-                {"data": data, "id": found["LaunchTemplateId"]},
+                {"data": data, "id": found["LaunchTemplateId"], **recorded},
             )
         if not self._template_tagged(found["LaunchTemplateId"]):
-            return Change("template", name, Verb.UPDATE, f"tag {FLEET_TAG}", {"id": found["LaunchTemplateId"]})
-        return Change("template", name, Verb.KEEP, f"{image_id} ({architecture}), version {default}; {image_note}")
+            params = {"id": found["LaunchTemplateId"], "version": default, **recorded}
+            return Change("template", name, Verb.UPDATE, f"tag {FLEET_TAG}", params)
+        return Change(
+            "template",
+            name,
+            Verb.KEEP,
+            f"{image_id} ({architecture}), version {default}; {image_note}",
+            {"version": default, **recorded},
+        )
 
     def _template_tagged(self, template_id: str) -> bool:
         # Scale-up may launch only from templates carrying the fleet's tag (fleetctl/lambda_policies.py).
@@ -658,6 +750,7 @@ class Bootstrapper:
                 LaunchTemplateData=change.params["data"],
             )
             self._tag_template(created_template["LaunchTemplate"]["LaunchTemplateId"])
+            self._applied_versions[change.name] = int(created_template["LaunchTemplate"]["DefaultVersionNumber"])
             return
         self._tag_template(change.params["id"])
         if "data" not in change.params:
@@ -669,6 +762,7 @@ class Bootstrapper:
         )
         version = created["LaunchTemplateVersion"]["VersionNumber"]
         ec2.modify_launch_template(LaunchTemplateId=change.params["id"], DefaultVersion=str(version))
+        self._applied_versions[change.name] = int(version)
 
     # -- S3 cache bucket ------------------------------------------------------------------------------------
 
@@ -774,6 +868,16 @@ class Bootstrapper:
 
     def _pool_tags(self, pool: str) -> list[dict[str, str]]:
         return [*self._tag_list(), {"Key": POOL_TAG, "Value": pool}]
+
+
+@dataclass(frozen=True)
+class PinnedImage:
+    """The CI image a pool's template names (``registry/repository@digest``, or ``:tag`` when no digest is known),
+    what the plan says about it, and the version to record in the pool's image record (None when unpinned)."""
+
+    reference: str
+    note: str
+    version: Version | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The ``fleetctl`` command line: validate, policies, bootstrap, ami publish, gitlab connect, status, sandbox."""
+"""The ``fleetctl`` command line: validate, policies, bootstrap, ami publish, image, gitlab connect, status, sandbox."""
 
 from __future__ import annotations
 
@@ -199,7 +199,8 @@ def bootstrap(config_path: Path, dry_run: bool) -> None:
     if invalid:
         raise click.ClickException(f"{len(invalid)} invalid change(s) in the plan; nothing was changed")
     if not dry_run:
-        bootstrapper.execute(plan)
+        for line in bootstrapper.execute(plan):
+            click.echo(line)
 
 
 @main.group()
@@ -250,6 +251,82 @@ def ami_publish(manifest: Path, stage: str | None, config_path: Path | None) -> 
         raise click.ClickException(f"{exc}; nothing was published") from None
     for publication in published:
         click.echo(publication.describe())
+
+
+@main.group()
+def image() -> None:
+    """CI image rotation: each pool's digest and its history, rollback, pin and unpin."""
+
+
+def _image_commands(config_path: Path) -> Any:
+    from fleetctl.images import ImageCommands
+
+    config = _load(config_path)
+    return ImageCommands(config, _clients(config))
+
+
+def _image_errors(run: Any) -> Any:
+    """``run()``'s answer; a refused command or AWS error becomes a ClickException with its message."""
+    from botocore.exceptions import ClientError
+
+    from chalicelib.aws import error_code
+    from chalicelib.errors import RunnerFleetError
+
+    try:
+        return run()
+    except RunnerFleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ClientError as exc:
+        message = exc.response.get("Error", {}).get("Message", "")
+        raise click.ClickException(f"AWS refused: {error_code(exc)}: {message}") from None
+
+
+@image.command("history")
+@CONFIG_OPTION
+@click.argument("pool")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def image_history(config_path: Path, pool: str, as_json: bool) -> None:
+    """The pool's current digest, candidate, pin and launch template version, then its history, newest first."""
+    from fleetctl.images import print_history, record_document
+
+    commands = _image_commands(config_path)
+    record = _image_errors(lambda: commands.history(pool))
+    if as_json:
+        click.echo(json.dumps(record_document(record), sort_keys=True))
+        return
+    print_history(record, commands.pool(pool))
+
+
+@image.command("rollback")
+@CONFIG_OPTION
+@click.argument("pool")
+@click.option("--to", "digest", default=None, help="A digest the pool ran before (default: the last one before).")
+def image_rollback(config_path: Path, pool: str, digest: str | None) -> None:
+    """Pin the pool to a digest it ran before and roll it out; pushes wait until ``fleetctl image unpin``."""
+    commands = _image_commands(config_path)
+    for line in _image_errors(lambda: commands.rollback(pool, digest)):
+        click.echo(line)
+
+
+@image.command("pin")
+@CONFIG_OPTION
+@click.argument("pool")
+@click.argument("digest")
+def image_pin(config_path: Path, pool: str, digest: str) -> None:
+    """Pin the pool to DIGEST, which ECR must have in the pool's repository, and roll it out."""
+    commands = _image_commands(config_path)
+    for line in _image_errors(lambda: commands.pin(pool, digest)):
+        click.echo(line)
+
+
+@image.command("unpin")
+@CONFIG_OPTION
+@click.argument("pool")
+def image_unpin(config_path: Path, pool: str) -> None:
+    """Let pushes move the pool again; a push that came while it was pinned is decided now."""
+    commands = _image_commands(config_path)
+    for line in _image_errors(lambda: commands.unpin(pool)):
+        click.echo(line)
 
 
 @main.group()
@@ -314,23 +391,24 @@ def gitlab_connect(
 def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
     """Jobs by status (and those recorded but never queued), runners by state, each pool's runners, leases and
     image, and whether GitLab still executes each hook ``gitlab connect`` made."""
-    from chalicelib.lifecycle.facts import FactSource
+    from chalicelib.lifecycle.facts import FactSource, gather_or_none
     from chalicelib.scaling.store import ScaleStore
     from chalicelib.store import FleetStore
-    from fleetctl.status import fleet_status, invariant_report
+    from fleetctl.status import fleet_status, image_line, invariant_report
 
     config = _load(config_path)
     clients = _clients(config)
-    summary = fleet_status(
-        config, FleetStore(config.state.table, clients.dynamodb), _hook_reader(config, clients, gitlab_token)
-    )
     source = FactSource(
         config,
         ScaleStore(config.state.table, clients.dynamodb),
         clients.ec2,
         _gitlab_api(config, clients, gitlab_token),
     )
-    summary["invariants"] = invariant_report(config, source)
+    facts = gather_or_none(source, tokens=True)
+    summary = fleet_status(
+        config, FleetStore(config.state.table, clients.dynamodb), _hook_reader(config, clients, gitlab_token), facts
+    )
+    summary["invariants"] = invariant_report(config, facts)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return
@@ -357,7 +435,7 @@ def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
             soft_wrap=True,
             markup=False,
         )
-    table = Table("pool", "tags", "max", "runners", "leases", "image", "digest")
+    table = Table("pool", "tags", "max", "runners", "leases", "image")
     for pool in summary["pools"]:
         table.add_row(
             pool["name"],
@@ -366,9 +444,10 @@ def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
             json.dumps(pool["runners"]),
             str(pool["leases"]),
             pool["image"],
-            pool["image_digest"] or "-",
         )
     console.print(table)
+    for pool in summary["pools"]:
+        console.print(f"{pool['name']}: {image_line(pool)}", soft_wrap=True, markup=False)
 
 
 def _token_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:

@@ -15,6 +15,8 @@ import pytest
 
 from chalicelib.aws import AwsClients
 from chalicelib.config import FleetConfig, parse_config
+from chalicelib.images.record import PromotedBy
+from chalicelib.images.store import ImageStore
 from chalicelib.naming import (
     FLEET_TAG,
     POOL_TAG,
@@ -1067,16 +1069,30 @@ def test_the_ci_image_is_pinned_by_digest_when_ecr_has_the_tag(
     build_data = base64.b64decode(default_template_data(clients, build)["UserData"]).decode()
     assert f"{registry}/ci/dind:latest" in build_data
 
-    # and once the tag moves to a new image, the next bootstrap pins the new digest in a new version
+    # and the docker pool's image record names the digest, as bootstrap's, with the template's version (the table
+    # was created in the same run); the build pool, with nothing pinned, has no record
+    images = ImageStore("bootstrap-test", clients.dynamodb)
+    record = images.read("docker")
+    assert record.current is not None
+    assert (record.current.digest, record.current.tag, record.current.by) == (digest, "latest", PromotedBy.BOOTSTRAP)
+    assert (record.template_version, images.template_version("docker")) == (1, 1)
+    assert [version.digest for version in record.history] == [digest]
+    assert images.read("build").revision == 0
+
+    # and once the tag moves to a new image, bootstrap keeps the digest the record names: moving the pool is image
+    # rotation's, which gates the push by its scan
     clients.client("ecr").create_repository(repositoryName="ci/dind")
     again = run(config, clients)
     assert by_name(again)[build].detail.endswith("; image ci/dind:latest, not pinned: no such tag in ECR")
     newer = push_image_again(clients, "ci/build-base", "latest")
     third = run(config, clients)
-    assert (
-        by_name(third)[docker].describe().startswith(f"update   template   {docker} (new default version 2: UserData")
+    assert by_name(third)[docker].verb is Verb.KEEP
+    assert by_name(third)[docker].detail.endswith(
+        f"; image ci/build-base@{digest} (tag latest; the pool's image record, promoted by bootstrap)"
     )
-    assert f"@{newer}" in base64.b64decode(default_template_data(clients, docker)["UserData"]).decode()
+    user_data = base64.b64decode(default_template_data(clients, docker)["UserData"]).decode()
+    assert f"@{digest}" in user_data and f"@{newer}" not in user_data
+    assert images.read("docker").revision == record.revision
 
 
 def push_image_again(clients: AwsClients, repository: str, tag: str) -> str:
