@@ -8,7 +8,7 @@ same record cannot both write their reading of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -226,14 +226,3 @@ class ImageRecord:
             template_version=int(item["template_version"]) if item.get("template_version") is not None else None,
             current_deleted_at=float(item["current_deleted_at"]) if item.get("current_deleted_at") else None,
         )
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """How far a pool is on its current digest: runners on it, and runners still on an older one."""
-
-    digest: str | None
-    on_current: int = 0
-    on_older: int = 0
-    unknown: int = 0
-    older_digests: tuple[str, ...] = field(default=())

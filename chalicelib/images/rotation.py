@@ -173,12 +173,19 @@ class ImageRotation:
         return self._apply(config, lambda record: decisions.unpin(record, config, now), {"command": "unpin"})
 
     def adopt(self, pool: str, version: Version, template_version: int) -> PoolOutcome:
-        """Bootstrap's first digest (or a template version it wrote): the record names it, with no roll-out of its
-        own (bootstrap made the template version itself)."""
+        """Bootstrap's first digest (or a template version it wrote for the current one): the record names it, with
+        no roll-out of its own (bootstrap made the template version itself). A pool that moved to another digest
+        since bootstrap planned keeps it."""
         config = self.pool(pool)
 
         def adopted(record: ImageRecord) -> Decision:
-            if record.current is not None and record.current.digest == version.digest:
+            if record.current is not None and record.current.digest != version.digest:
+                # A promotion came between bootstrap's plan and this write: the pool's digest is the newer one.
+                return Decision(Verdict.SUPERSEDED, record, reason=f"the pool runs {record.current.digest} now")
+            # A push event older than the adopted digest, arriving late, must not count as newer.
+            at, digest = max((record.latest_push_at, record.latest_push_digest), (version.pushed_at, version.digest))
+            record = replace(record, latest_push_at=at, latest_push_digest=digest)
+            if record.current is not None:
                 if record.template_version == template_version:
                     return Decision(Verdict.ALREADY_CURRENT, record)
                 return Decision(Verdict.PROMOTED, replace(record, template_version=template_version))
