@@ -242,6 +242,7 @@ def test_the_same_push_twice_and_an_older_push_arriving_late_change_nothing(imag
 
     newer = parse_image_event(event(digest("new"), "2026-12-06T10:00:05Z", "e-2"))
     older = parse_image_event(event(digest("old"), "2026-12-06T10:00:01Z", "e-1"))
+
     def docker(outcomes: list[Any]) -> Any:
         (outcome,) = [o for o in outcomes if o.pool == "docker"]
         return outcome
