@@ -91,6 +91,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scale_up_burst.py
 	$(BIN)/python bench/job_start.py
 	$(BIN)/python bench/reconcile.py
+	$(BIN)/python bench/image_rotation.py
 
 sandbox-up: $(STAMP)
 	$(BIN)/fleetctl sandbox up --detach

@@ -101,7 +101,8 @@ CLOCK_OFFSET = 900.0
 QUERY_PAGE_BYTES = 1024 * 1024  # DynamoDB Query's page
 INSTANCE_PAGE = 1000  # reconcile's DescribeInstances page size, and the baseline's
 RUNNER_PAGE = 100  # GitLab's listing page, as GitLabApi.runners asks for it
-LIVE_KINDS = ("runner", "launch", "pool", "job", "hook")  # the kinds reconcile reads from the fleet-records index
+# The kinds reconcile reads from the fleet-records index.
+LIVE_KINDS = ("runner", "launch", "pool", "job", "hook", "image")
 # The run lease's PutItem and DeleteItem, one DescribeLaunchTemplates, one Query of the token-deadlines index.
 FIXED_AWS_CALLS = 4
 AWS_PER_ACTION = 6  # record, lease, token and cleanup writes, and a TerminateInstances

@@ -6,8 +6,10 @@ jobs; the event pump hands the queue to scale-up, which launches spot instances 
 for, each with a GitLab runner and a token of its own; each instance boots from its pool's user data, reads and
 deletes its token, registers and takes jobs; the next stage's jobs go to the runners left idle where there are
 some (an ephemeral pool's instances run one job each); runners idle out, their instances power off, and their
-GitLab runners and capacity go back. A job no pool can run is reported, not retried. The checks at the end are
-what a user would check: every job succeeded where its tags say, and nothing is left behind.
+GitLab runners and capacity go back. A job no pool can run is reported, not retried. Then a new CI image is pushed
+while a job runs on the old one (``fleetctl.sandbox.image_demo``). The checks at the end are what a user would
+check: every job succeeded where its tags say, the pools moved to the new image without killing a job and refused
+an image with a CRITICAL finding, and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.table import Table
 from chalicelib.config import FleetConfig
 from chalicelib.naming import described_instance
 from fleetctl.sandbox.agents import AgentOptions
+from fleetctl.sandbox.image_demo import run_image_rotation
 from fleetctl.sandbox.stack import DEFAULT_WORKDIR, Sandbox
 
 STAGES = ("build", "test")
@@ -203,10 +206,11 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
             )
         console.print(instances_table)
 
+        image = _image_phase(stack, console)
+
         leftovers = _leftovers(stack)
         violations = _settled_violations(stack, config, console)
         answers = Counter(d.status_code for d in stack.gitlab.deliveries)
-        agent_stats = stack.agents.stats()
         wanted_pool = {
             int(d["id"]): "build" if "dind" in spec["tags"] else "docker"
             for spec, d in zip(specs, details, strict=True)
@@ -222,7 +226,10 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
             "idle docker runners took later jobs (fewer instances than jobs)": by_pool.get("docker", 0)
             < len(job_ids) - build_jobs,
             "the gpu job reported unmatched, not retried": gpu_outcome == "unmatched",
-            "every runner idled out and left nothing behind": cleaned and not any(leftovers.values()),
+            "every runner idled out and left nothing behind": cleaned
+            and image.pop("cleaned")
+            and not any(leftovers.values()),
+            **image.pop("expectations"),
             "the fleet's invariants hold": not violations,
         }
         console.print(
@@ -243,12 +250,22 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
             "instances_terminated": sum(1 for i in instances if i["state"] == "terminated"),
             "instances_by_pool": dict(sorted(by_pool.items())),
             "instances_by_lifecycle": dict(sorted(Counter(i["lifecycle"] for i in instances).items())),
-            "agents": agent_stats.to_json(),
+            "agents": stack.agents.stats().to_json(),
             "left_behind": leftovers,
+            "image_rotation": image,
             "invariant_violations": violations,
             "seconds": round(time.monotonic() - started, 1),
             "ok": all(expectations.values()),
         }
+
+
+def _image_phase(stack: Sandbox, console: Console) -> dict[str, Any]:
+    """A new CI image, pushed while a job runs on the old one, then one refused by its scan; until the runners that
+    took their jobs idled out too (``cleaned``)."""
+    image = run_image_rotation(stack, console)
+    stack.gitlab.wait_for_deliveries(timeout=30)
+    image["cleaned"] = _wait_until(lambda: not any(_leftovers(stack).values()), timeout=90)
+    return image
 
 
 def _settled_violations(stack: Sandbox, config: FleetConfig, console: Console, timeout: float = 15.0) -> list[str]:
