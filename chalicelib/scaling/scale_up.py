@@ -73,14 +73,9 @@ from chalicelib.scaling.fleet import (
     LaunchTemplateRef,
 )
 from chalicelib.scaling.policy import HeldJob, RetryPolicy, decide_held_job, leave_to_idle_runners, match_pool
-from chalicelib.scaling.store import (
-    Claim,
-    ClaimOutcome,
-    LaunchRecord,
-    RunnerRecord,
-    ScaleStore,
-    transiently_cancelled,
-)
+from chalicelib.scaling.store import ScaleStore
+from chalicelib.scaling.store.records import Claim, ClaimOutcome, LaunchRecord, RunnerRecord
+from chalicelib.scaling.store.table import transiently_cancelled
 from chalicelib.scaling.tokens import RunnerRoles, RunnerTokens
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
@@ -223,14 +218,14 @@ class ScaleUp:
                 continue
             if answer is None or answer.status != "pending":
                 status = answer.status if answer else "gone"
-                self._store.mark_job(job.project_id, job.job_id, Outcome.NOT_PENDING.value, gitlab_status=status)
+                self._store.claims.mark_job(job.project_id, job.job_id, Outcome.NOT_PENDING.value, gitlab_status=status)
                 logger.info("job no longer pending", extra={**_job_log(job), "gitlab_status": status})
                 count("JobsNotPending")
                 report.add(Outcome.NOT_PENDING)
                 continue
             pool_config = match_pool(answer.tags, self._config.pools)
             if pool_config is None:
-                self._store.mark_job(job.project_id, job.job_id, Outcome.UNMATCHED.value, tags=list(answer.tags))
+                self._store.claims.mark_job(job.project_id, job.job_id, Outcome.UNMATCHED.value, tags=list(answer.tags))
                 logger.warning("no pool can run job", extra={**_job_log(job), "tags": list(answer.tags)})
                 count("JobsUnmatched")
                 report.add(Outcome.UNMATCHED)
@@ -267,7 +262,7 @@ class ScaleUp:
         did before it counted them. DynamoDB refuses reads of an index it is still building (after bootstrap added
         it to an existing table) with a ValidationException, for minutes on a large table."""
         try:
-            return self._store.idle_runners(pool, limit=limit)
+            return self._store.capacity.idle_runners(pool, limit=limit)
         except ClientError as exc:
             logger.warning("idle runners not counted", extra={"pool": pool, "error_code": error_code(exc)})
             count("IdleRunnersUncounted")
@@ -288,11 +283,13 @@ class ScaleUp:
         admitted: list[_Matched] = []
         for pool_name, group in by_pool.items():
             pool = self._config.pool(pool_name)
-            room = max(0, pool.max_runners - self._store.leases(pool_name))
+            room = max(0, pool.max_runners - self._store.capacity.leases(pool_name))
             admitted += [_Matched(job, pool, job.tags) for job in group[:room]]
             over = group[room:]
             settled = (
-                self._store.jobs_needing_no_launch([(job.project_id, job.job_id) for job in over]) if over else set()
+                self._store.claims.jobs_needing_no_launch([(job.project_id, job.job_id) for job in over])
+                if over
+                else set()
             )
             for job in over:
                 if (job.project_id, job.job_id) in settled:
@@ -324,7 +321,7 @@ class ScaleUp:
             report.add(Outcome.NOT_RETRIED)
             return
         claim = job.delivery or f"{job.project_id}:{job.job_id}"
-        if not self._store.claim_interruption_retry(job.project_id, job.job_id, claim):
+        if not self._store.claims.claim_interruption_retry(job.project_id, job.job_id, claim):
             logger.info("job lost to an interruption retried already", extra=log)
             report.add(Outcome.DUPLICATE)
             return
@@ -332,7 +329,7 @@ class ScaleUp:
             # GitLab's view first: a job someone cancelled or retried meanwhile is theirs.
             current = self._gitlab.job(job.project_id, job.job_id)
             if current is not None and not still_retryable(current.status, current.failure_reason):
-                self._store.record_interruption_retry(job.project_id, job.job_id, None)
+                self._store.claims.record_interruption_retry(job.project_id, job.job_id, None)
                 logger.info(
                     "job lost to an interruption not retried",
                     extra={**log, "reason": RetryDecision.NOT_FAILED.value, "gitlab_status": current.status},
@@ -345,11 +342,11 @@ class ScaleUp:
             return
         except JobNotRetryableError:
             # Retried already: our own earlier attempt whose answer was lost, or someone else. Done either way.
-            self._store.record_interruption_retry(job.project_id, job.job_id, None)
+            self._store.claims.record_interruption_retry(job.project_id, job.job_id, None)
             logger.info("job lost to an interruption was retried already", extra=log)
             report.add(Outcome.DUPLICATE)
             return
-        self._store.record_interruption_retry(job.project_id, job.job_id, new_job)
+        self._store.claims.record_interruption_retry(job.project_id, job.job_id, new_job)
         if new_job is None:
             logger.warning("job lost to an interruption is gone from GitLab", extra=log)
             report.add(Outcome.NOT_PENDING)
@@ -369,7 +366,7 @@ class ScaleUp:
         # round trip's time rather than one per job.
         with ThreadPoolExecutor(max_workers=min(WRITE_WORKERS, len(items))) as workers:
             claims = list(
-                workers.map(lambda i: self._store.claim_job(i.job.project_id, i.job.job_id, launch_id), items)
+                workers.map(lambda i: self._store.claims.claim_job(i.job.project_id, i.job.job_id, launch_id), items)
             )
         for item, made in zip(items, claims, strict=True):
             claim = self._judge_claim(item, made, report)
@@ -387,7 +384,9 @@ class ScaleUp:
 
     def _claim(self, item: _Matched, launch_id: str, report: BatchReport) -> Claim | None:
         """Claim a job for ``launch_id``: the claim (ours or another launch's), or None when it needs no launch."""
-        return self._judge_claim(item, self._store.claim_job(item.job.project_id, item.job.job_id, launch_id), report)
+        return self._judge_claim(
+            item, self._store.claims.claim_job(item.job.project_id, item.job.job_id, launch_id), report
+        )
 
     def _judge_claim(self, item: _Matched, claim: Claim, report: BatchReport) -> Claim | None:
         """The claim made for a job, or None (recorded and reported) when the job needs no launch."""
@@ -396,7 +395,7 @@ class ScaleUp:
             report.add(Outcome.DUPLICATE)
             return None
         if claim.outcome is ClaimOutcome.NOT_PENDING:
-            self._store.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
+            self._store.claims.mark_job(item.job.project_id, item.job.job_id, Outcome.NOT_PENDING.value)
             logger.info("job no longer pending", extra=_job_log(item.job))
             count("JobsNotPending")
             report.add(Outcome.NOT_PENDING)
@@ -413,7 +412,7 @@ class ScaleUp:
         report: BatchReport,
     ) -> list[_Matched]:
         """Jobs the launch ``holder`` holds; returns those claimed afresh for ``launch_id``, to launch with it."""
-        launch = self._store.get_launch(holder)
+        launch = self._store.launches.get_launch(holder)
         decision = decide_held_job(
             launch.state if launch else None,
             claimed_at=claimed_at,
@@ -427,7 +426,7 @@ class ScaleUp:
         if decision is HeldJob.RECLAIM:
             reclaimed: list[_Matched] = []
             for item in items:
-                self._store.release_claim(item.job.project_id, item.job.job_id, holder)
+                self._store.claims.release_claim(item.job.project_id, item.job.job_id, holder)
                 claim = self._claim(item, launch_id, report)
                 if claim is not None and claim.outcome is ClaimOutcome.CLAIMED:
                     reclaimed.append(item)
@@ -444,10 +443,10 @@ class ScaleUp:
         return []
 
     def _take_over(self, launch_id: str) -> bool:
-        return self._store.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
+        return self._store.launches.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
 
     def _launch(self, pool: PoolConfig, launch_id: str, items: list[_Matched], report: BatchReport) -> None:
-        granted = self._store.acquire_leases(
+        granted = self._store.capacity.acquire_leases(
             pool.name,
             len(items),
             pool.max_runners,
@@ -456,7 +455,7 @@ class ScaleUp:
         )
         running, waiting = items[:granted], items[granted:]
         for item in waiting:
-            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
             self._wait(item, report)
         if not running:
             return
@@ -467,17 +466,17 @@ class ScaleUp:
             self._keep_for_resume(pool, launch_id, running, exc.reason, report, finished=True)
             return
         except RetryableError as exc:
-            self._store.give_back_launch_leases(
+            self._store.capacity.give_back_launch_leases(
                 launch_id, pool.name, len(running), len(running), finished=True, reason=exc.reason
             )
             count("LaunchErrors")
             logger.warning("launch failed; jobs re-queued", extra={**log, "reason": exc.reason})
             for item in running:
-                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
                 self._retry(item.job, pool, exc.reason, report)
             return
         except LaunchRefusedError as exc:
-            self._store.give_back_launch_leases(
+            self._store.capacity.give_back_launch_leases(
                 launch_id, pool.name, len(running), len(running), finished=True, reason=exc.code
             )
             self._refuse(pool, launch_id, running, exc.code, exc.reason, report)
@@ -517,14 +516,16 @@ class ScaleUp:
         codes = sorted({e.code for e in result.errors})
         refused = not made and bool(result.errors) and not result.capacity_errors
         reason = ("refused: " if refused else "capacity: ") + (", ".join(codes) or "no instances")
-        self._store.give_back_launch_leases(launch_id, pool.name, held, len(missing), finished=not made, reason=reason)
+        self._store.capacity.give_back_launch_leases(
+            launch_id, pool.name, held, len(missing), finished=not made, reason=reason
+        )
         if refused:
             # EC2 answered 200 but refused every override for a reason no retry fixes.
             self._refuse(pool, launch_id, missing, codes[0], reason, report, counted=True)
             return
         logger.warning("launch short of capacity", extra={**log, "made": made, "reason": reason})
         for item in missing:
-            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
             self._retry(item.job, pool, reason, report)
 
     def _keep_for_resume(
@@ -548,15 +549,17 @@ class ScaleUp:
         count("LaunchErrors")
         log = {"pool": pool.name, "launch_id": launch_id, "reason": reason}
         if any(item.job.attempt >= pool.max_launch_attempts for item in items):
-            launch = self._store.get_launch(launch_id)
+            launch = self._store.launches.get_launch(launch_id)
             held = launch.leases if launch else 0
-            self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=finished, reason=reason)
+            self._store.capacity.give_back_launch_leases(
+                launch_id, pool.name, held, held, finished=finished, reason=reason
+            )
             logger.warning("launch outcome unknown and its jobs out of attempts; leases given back", extra=log)
             for item in items:
-                self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
                 self._retry(item.job, pool, reason, report)
             return
-        self._store.mark_launch_incomplete(launch_id, reason)
+        self._store.launches.mark_launch_incomplete(launch_id, reason)
         logger.warning("launch outcome unknown; its jobs will resume it with the same request", extra=log)
         for item in items:
             self._retry(item.job, pool, reason, report)
@@ -602,22 +605,26 @@ class ScaleUp:
                 return found
             if last_attempt:
                 # A job is about to be dead-lettered: nobody would resume this launch, so it gives all back.
-                self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.reason)
+                self._store.capacity.give_back_launch_leases(
+                    launch_id, pool.name, held, held, finished=True, reason=exc.reason
+                )
                 for item in items:
-                    self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+                    self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
             else:
-                self._store.mark_launch_incomplete(launch_id, exc.reason)
+                self._store.launches.mark_launch_incomplete(launch_id, exc.reason)
             for item in items:
                 self._retry(item.job, pool, exc.reason, report)
             return None
         except LaunchRefusedError as exc:
             if found:
                 return found
-            self._store.give_back_launch_leases(launch_id, pool.name, held, held, finished=True, reason=exc.code)
+            self._store.capacity.give_back_launch_leases(
+                launch_id, pool.name, held, held, finished=True, reason=exc.code
+            )
             self._refuse(pool, launch_id, items, exc.code, exc.reason, report)
             return None
         if result.fallback_unknown and not last_attempt:
-            self._store.mark_launch_incomplete(launch_id, "on-demand fallback did not answer")
+            self._store.launches.mark_launch_incomplete(launch_id, "on-demand fallback did not answer")
             for item in items:
                 self._retry(item.job, pool, "on-demand fallback did not answer", report)
             return None
@@ -645,7 +652,7 @@ class ScaleUp:
             extra={"pool": pool.name, "launch_id": launch_id, "error_code": code, "reason": reason},
         )
         for item in items:
-            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
             self._dead_letter(item.job, reason, report, error_code=code)
 
     # -- runners for launched instances --------------------------------------------------------------------------
@@ -693,19 +700,19 @@ class ScaleUp:
             failures.append(f"storing runner tokens failed with {error_code(exc)}")
         if failures:
             # The instances are recorded and hold their leases; the jobs come back to finish their runners.
-            self._store.mark_launch_incomplete(launch_id, failures[0])
+            self._store.launches.mark_launch_incomplete(launch_id, failures[0])
             for item in items:
                 self._retry(item.job, pool, failures[0], report)
             return
         launched, surplus = items[: len(ready)], items[len(ready) :]
         for item in surplus:
             # Its instance was terminated before its runner was ready: the job needs another launch.
-            self._store.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
             self._retry(item.job, pool, "instance terminated before its runner was ready", report)
         if ready:
-            self._store.finish_launch(launch_id, ready)
+            self._store.launches.finish_launch(launch_id, ready)
         else:
-            self._store.fail_launch(launch_id, "instances terminated before their runners were ready")
+            self._store.launches.fail_launch(launch_id, "instances terminated before their runners were ready")
         report.instances.extend(ready)
         report.add(Outcome.LAUNCHED, len(launched))
         by_id = {i.instance_id: i for i in instances}
@@ -739,7 +746,7 @@ class ScaleUp:
         Recorded before any GitLab runner or token exists, so the state-change handler always finds what to
         clean up; an instance terminated before this write has a tombstone, which refuses it.
         """
-        known = self._store.runners([i.instance_id for i in instances]) if adopting else {}
+        known = self._store.runners.runners([i.instance_id for i in instances]) if adopting else {}
         new = [i for i in instances if i.instance_id not in known]
         now = self._clock()
         records = [
@@ -758,13 +765,13 @@ class ScaleUp:
             )
             for i in new
         ]
-        refused = self._store.record_runners(launch_id, records)
+        refused = self._store.runners.record_runners(launch_id, records)
         dead = refused | {i for i, r in known.items() if r.terminated}
         alive = [i for i in instances if i.instance_id not in dead]
         leftover = held - (len(new) - len(refused))
         if leftover > 0:
             # Leases for instances the launch will not run: never made, or terminated before they were recorded.
-            self._store.give_back_launch_leases(
+            self._store.capacity.give_back_launch_leases(
                 launch_id, pool.name, leftover, leftover, finished=not alive, reason="instances terminated"
             )
         for instance in new:
@@ -788,7 +795,7 @@ class ScaleUp:
         def store(instance_id: str, credentials: RunnerCredentials) -> bool | ClientError:
             try:
                 self._tokens.put(self._tokens.key(pool.name, instance_id), instance_id, credentials.token, deadline_at)
-                if self._store.set_runner_identity(instance_id, credentials.runner_id):
+                if self._store.runners.set_runner_identity(instance_id, credentials.runner_id):
                     return True
                 self._discard_runner(pool, instance_id, credentials.runner_id)
                 return False
@@ -819,11 +826,11 @@ class ScaleUp:
         code = error_code(exc) or "UnknownError"
         reason = f"{step} failed with {code}"
         if _transient(exc):
-            self._store.mark_launch_incomplete(launch_id, reason)
+            self._store.launches.mark_launch_incomplete(launch_id, reason)
             for item in items:
                 self._retry(item.job, pool, reason, report)
             return
-        self._store.fail_launch(launch_id, reason)
+        self._store.launches.fail_launch(launch_id, reason)
         self._refuse(
             pool,
             launch_id,
@@ -842,7 +849,7 @@ class ScaleUp:
             self._gitlab.delete_runner(runner_id)
         except RetryableError as exc:
             # Left on the terminated record, marked, for a retried event or reconcile.
-            self._store.note_orphan_runner(instance_id, runner_id)
+            self._store.runners.note_orphan_runner(instance_id, runner_id)
             logger.warning("GitLab runner left for cleanup", extra={"instance_id": instance_id, "reason": exc.reason})
 
     def _runner_identity(
@@ -877,7 +884,7 @@ class ScaleUp:
         """
         self._tokens.learn_roles([pool.name])
         launch_id = self._new_launch_id()
-        granted = self._store.acquire_leases(
+        granted = self._store.capacity.acquire_leases(
             pool.name,
             wanted,
             pool.max_runners,
@@ -889,12 +896,14 @@ class ScaleUp:
         try:
             result = self._launcher.execute(self._plan(pool, launch_id, granted))
         except LaunchOutcomeUnknownError as exc:
-            self._store.mark_launch_incomplete(launch_id, exc.reason)
+            self._store.launches.mark_launch_incomplete(launch_id, exc.reason)
             count("LaunchErrors")
             return []
         except (RetryableError, LaunchRefusedError) as exc:
             reason = exc.code if isinstance(exc, LaunchRefusedError) else exc.reason
-            self._store.give_back_launch_leases(launch_id, pool.name, granted, granted, finished=True, reason=reason)
+            self._store.capacity.give_back_launch_leases(
+                launch_id, pool.name, granted, granted, finished=True, reason=reason
+            )
             count("LaunchErrors")
             logger.warning("warm launch failed", extra={"pool": pool.name, "launch_id": launch_id, "reason": reason})
             return []
@@ -903,7 +912,7 @@ class ScaleUp:
             # Also when the on-demand fallback got no answer: an instance it made anyway has no record, and
             # reconcile reaps it as untracked once it is stale.
             missing = granted - len(instances)
-            self._store.give_back_launch_leases(
+            self._store.capacity.give_back_launch_leases(
                 launch_id, pool.name, granted, missing, finished=not instances, reason="capacity"
             )
         if not instances:
@@ -937,7 +946,7 @@ class ScaleUp:
 
     def _dead_letter(self, job: QueuedJob, reason: str, report: BatchReport, *, error_code: str = "") -> None:
         self._dead_letters.send(job.but(last_error=reason))
-        self._store.mark_job_dead_lettered(job.project_id, job.job_id, reason, error_code)
+        self._store.claims.mark_job_dead_lettered(job.project_id, job.job_id, reason, error_code)
         logger.error(
             "job dead-lettered",
             extra={**_job_log(job), "reason": reason, "error_code": error_code, "attempts": job.attempt},
