@@ -15,7 +15,7 @@ finishes whatever is left and does nothing more.
 
 An instance terminated before scale-up recorded it gets a terminated tombstone record instead: scale-up's record
 write is conditioned on no record existing, so it is refused, and scale-up gives that lease back from its launch
-(see ``chalicelib.scaling.scale_up``). Terminating the record before deleting the token also closes the other race: a
+(see ``chalicelib.scaling.recording``). Terminating the record before deleting the token also closes the other race: a
 token scale-up writes afterwards is followed by its identity write, which a terminated record refuses, and
 scale-up then deletes that token and GitLab runner itself.
 """

@@ -3,7 +3,7 @@ marked draining or retiring, read.
 
 Each record is written right after CreateFleet, taking one lease from its launch in the same transaction, and
 before any GitLab runner or token exists, so the state-change handler always finds what to clean up
-(see :mod:`chalicelib.scaling.scale_up`). Its end is :mod:`chalicelib.scaling.store.terminations`.
+(see :mod:`chalicelib.scaling.recording`). Its end is :mod:`chalicelib.scaling.store.terminations`.
 """
 
 from __future__ import annotations
