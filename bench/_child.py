@@ -149,6 +149,7 @@ def queued_message(hook: dict[str, Any], instance: str, delivery: str, now: floa
             "tags": [],
             "graced": False,
             "retry_interrupted": "",
+            "retries": hook.get("retries_count", 0),
         },
         separators=(",", ":"),
     )

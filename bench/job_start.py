@@ -270,7 +270,7 @@ class Bench:
         """Watch the app's own objects (rebuilt on every reset), at no cost to moto: the jobs scale-up's batch
         reports say it left to idle runners, and when CreateFleet answered with each instance."""
         from chalicelib import runtime
-        from chalicelib.scaling.scale_up import Outcome
+        from chalicelib.scaling.batch import Outcome
 
         scale_up = runtime.scale_up()
         handle = scale_up.handle

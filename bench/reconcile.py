@@ -3,9 +3,9 @@
 One sandbox (moto server in a child process, the GitLab emulator; no runner agents, no event pump) runs a copy of
 the dev stage file whose pools (docker and build) allow MAX_RUNNERS each and keep no warm runners. The fleet is
 made directly, as scale-up would leave it, in a fraction of the time launching it would take. Per batch of at most
-RUN_BATCH instances of one pool: ``ScaleStore.acquire_leases`` (the launch and its leases); one EC2 RunInstances
+RUN_BATCH instances of one pool: ``CapacityStore.acquire_leases`` (the launch and its leases); one EC2 RunInstances
 from the pool's launch template, carrying the fleet, pool and launch tags; the runner records as
-``ScaleStore.record_runners`` writes them (``RunnerRecord.new_item``, the launch's leases moved onto them), though
+``RunnerStore.record_runners`` writes them (``RunnerRecord.new_item``, the launch's leases moved onto them), though
 not in its transaction, for which moto copies the whole table once per item; ``finish_launch``. Then, for each
 instance, a GitLab runner made with the fleet's own ``GitLabApi.create_runner`` (described by
 ``runner_description``) and ``set_runner_identity``. A healthy runner has contacted GitLab (``POST /runners/verify``
@@ -412,11 +412,11 @@ class Bench:
     def _launch(self, pool: Any, count: int, subnet: str) -> list[str]:
         """A launch of ``count`` instances of ``pool``, as scale-up leaves it: leases, instances, records, done."""
         from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, launch_template_name
-        from chalicelib.scaling.store import RunnerRecord
+        from chalicelib.scaling.store.records import RunnerRecord
 
         fleet = self.config.fleet
         launch_id = uuid.uuid4().hex
-        granted = self.store.acquire_leases(pool.name, count, pool.max_runners, launch_id)
+        granted = self.store.capacity.acquire_leases(pool.name, count, pool.max_runners, launch_id)
         if granted != count:
             raise RuntimeError(f"pool {pool.name} granted {granted} of {count} leases")
         tags = [
@@ -450,11 +450,11 @@ class Bench:
         ]
         self._record(launch_id, records)
         ids = [record.instance_id for record in records]
-        self.store.finish_launch(launch_id, ids)
+        self.store.launches.finish_launch(launch_id, ids)
         return ids
 
     def _record(self, launch_id: str, records: list[Any]) -> None:
-        """What ``ScaleStore.record_runners`` leaves: each record's item as it writes it (``new_item``, holding its
+        """What ``RunnerStore.record_runners`` leaves: each record's item as it writes it (``new_item``, holding its
         lease) and the launch's leases moved onto them. Written without its transaction: moto copies the whole
         table once per item of a transaction, which would make the fleet quadratic to build (a minute for 1,000)."""
         from chalicelib.store import launch_key
@@ -488,9 +488,9 @@ class Bench:
             maintenance_note=self.owner.note(time.time()),
         )
         if not contacted:
-            record = self.store.runners([instance_id])[instance_id]
+            record = self.store.runners.runners([instance_id])[instance_id]
             self.tokens.put(record.token_key, instance_id, credentials.token, record.boot_deadline_at)
-        if not self.store.set_runner_identity(instance_id, credentials.runner_id):
+        if not self.store.runners.set_runner_identity(instance_id, credentials.runner_id):
             raise RuntimeError(f"identity of {instance_id} refused")
         if not contacted:
             return

@@ -35,7 +35,8 @@ from chalicelib.errors import RetryableError
 from chalicelib.gitlab_api import GitLabApi, GitLabRunner
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
 from chalicelib.observability import count, logger
-from chalicelib.scaling.store import LaunchRecord, RunnerRecord, ScaleStore
+from chalicelib.scaling.store import ScaleStore
+from chalicelib.scaling.store.records import LaunchRecord, RunnerRecord
 
 # EC2 states of an instance that exists (or is on its way out); a terminated one is gone.
 LIVE_INSTANCE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")

@@ -15,7 +15,7 @@ finishes whatever is left and does nothing more.
 
 An instance terminated before scale-up recorded it gets a terminated tombstone record instead: scale-up's record
 write is conditioned on no record existing, so it is refused, and scale-up gives that lease back from its launch
-(see ``chalicelib.scaling.scale_up``). Terminating the record before deleting the token also closes the other race: a
+(see ``chalicelib.scaling.recording``). Terminating the record before deleting the token also closes the other race: a
 token scale-up writes afterwards is followed by its identity write, which a terminated record refuses, and
 scale-up then deletes that token and GitLab runner itself.
 """
@@ -86,7 +86,7 @@ class InstanceEvents:
     def clean_up(self, instance_id: str, reason: str) -> str:
         """The instance is gone (or going): terminate its record, give its lease back, delete its token and GitLab
         runner. Idempotent; raises ``RetryableError`` when GitLab fails (the record keeps its cleanup mark)."""
-        termination = self._store.terminate_runner(instance_id, reason=reason)
+        termination = self._store.terminations.terminate_runner(instance_id, reason=reason)
         if termination.tombstone:
             if termination.newly:
                 logger.info("instance terminated before its runner was recorded", extra={"instance_id": instance_id})
@@ -107,12 +107,12 @@ class InstanceEvents:
             try:
                 self._gitlab.delete_runner(runner_id)
             except RetryableError as exc:
-                self._store.finish_cleanup(instance_id, gitlab=False)
+                self._store.terminations.finish_cleanup(instance_id, gitlab=False)
                 logger.warning(
                     "GitLab runner left for cleanup",
                     extra={"instance_id": instance_id, "gitlab_runner_id": runner_id, "reason": exc.reason},
                 )
                 raise
-        self._store.finish_cleanup(instance_id)
+        self._store.terminations.finish_cleanup(instance_id)
         logger.info("runner cleaned up", extra={"instance_id": instance_id, "gitlab_runner_id": runner_id})
         return "terminated" if termination.newly else "cleaned up"

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from chalicelib.config import PoolConfig
     from chalicelib.gitlab_api import GitLabApi
     from chalicelib.intake.job_hooks import JobStatus
-    from chalicelib.scaling.store import RunnerRecord, ScaleStore
+    from chalicelib.scaling.store import ScaleStore
+    from chalicelib.scaling.store.records import RunnerRecord
 
 SPOT_INTERRUPTION_WARNING = "EC2 Spot Instance Interruption Warning"
 REBALANCE_RECOMMENDATION = "EC2 Instance Rebalance Recommendation"
@@ -158,11 +159,11 @@ class Interruptions:
         }
         # A rebalance recommendation alone takes nothing: the runner drains, but is not marked interrupted, so a
         # job it fails for another reason is not taken for one the interruption cost.
-        marked = self._store.drain_runner(
+        marked = self._store.runners.drain_runner(
             event.instance_id, kind.value, interruption=kind.value, interrupted=kind is Interruption.SPOT_WARNING
         )
         if marked is None:
-            found = self._store.runner(event.instance_id)
+            found = self._store.runners.runner(event.instance_id)
             if found is None or found.terminated or kind.value not in found.interruptions:
                 # Not ours, terminated already, or done with its last build and powering off: nothing to stop.
                 state = "none" if found is None else found.state.value

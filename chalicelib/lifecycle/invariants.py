@@ -42,7 +42,7 @@ from chalicelib.lifecycle.rules import (
     retire_at,
 )
 from chalicelib.naming import described_instance
-from chalicelib.scaling.store import RunnerRecord
+from chalicelib.scaling.store.records import RunnerRecord
 from chalicelib.store import RunnerState
 
 # How long a runner may go on taking jobs past its retirement point: until the next reconcile run pauses it, and

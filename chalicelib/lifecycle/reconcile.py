@@ -55,7 +55,8 @@ from chalicelib.lifecycle.rules import (
 from chalicelib.naming import FleetOwner
 from chalicelib.observability import count, logger
 from chalicelib.scaling.launches import UNFINISHED
-from chalicelib.scaling.store import RunnerRecord, ScaleStore
+from chalicelib.scaling.store import ScaleStore
+from chalicelib.scaling.store.records import RunnerRecord
 
 if TYPE_CHECKING:
     from chalicelib.gitlab_api import GitLabApi
@@ -261,7 +262,7 @@ class Reconciler:
         if isinstance(action, SettleLaunch):
             return self._settle(action, log, report)
         if isinstance(action, Unmark):
-            self._store.unmark_launch(action.launch_id)
+            self._store.launches.unmark_launch(action.launch_id)
             return True
         if isinstance(action, Pause):
             return self._pause(action, log, report)
@@ -301,7 +302,7 @@ class Reconciler:
         if made_at > self._clock() - RUNNER_GRACE_SECONDS:
             logger.info("runner left alone: made moments ago", extra={**log, "gitlab_runner_id": action.runner_id})
             return False
-        record = self._store.runner(action.instance_id) if action.instance_id else None
+        record = self._store.runners.runner(action.instance_id) if action.instance_id else None
         if record is not None and not record.terminated:
             logger.info("runner left alone: its instance is recorded", extra={**log, "instance_id": action.instance_id})
             return False
@@ -321,19 +322,19 @@ class Reconciler:
         """Terminate the launch's instances no record knows, then give back every lease it still holds."""
         if action.state in UNFINISHED:
             stale_before = self._clock() - STALE_LAUNCH_SECONDS
-            if not self._store.take_over_launch(action.launch_id, stale_before=stale_before):
+            if not self._store.launches.take_over_launch(action.launch_id, stale_before=stale_before):
                 return False  # its owner came back to life, or a job's message resumed it first
         launched = [i.instance_id for i in self._launcher.find_launched(action.launch_id)]
-        recorded = self._store.runners(launched)
+        recorded = self._store.runners.runners(launched)
         unrecorded = [i for i in launched if i not in recorded]
         if unrecorded:
             self._terminate(unrecorded)
-        launch = self._store.get_launch(action.launch_id)
+        launch = self._store.launches.get_launch(action.launch_id)
         held = launch.leases if launch else 0
-        self._store.give_back_launch_leases(
+        self._store.capacity.give_back_launch_leases(
             action.launch_id, action.pool, held, held, finished=True, reason=f"settled by reconcile: {action.reason}"
         )
-        self._store.unmark_launch(action.launch_id)
+        self._store.launches.unmark_launch(action.launch_id)
         report.count("OrphansReaped.StaleLaunch")
         logger.warning(
             "stale launch settled",
@@ -344,7 +345,7 @@ class Reconciler:
     def _pause(self, action: Pause, log: dict[str, Any], report: RunReport) -> bool:
         """Begin a retirement: the record says retiring first (out of the idle index, and found again by the next
         run however this one ends), then the runner is paused in GitLab, so it takes no new job."""
-        if self._store.mark_retiring(action.instance_id, action.reason) is None:
+        if self._store.runners.mark_retiring(action.instance_id, action.reason) is None:
             logger.info("retire skipped: the runner is draining otherwise or gone", extra=log)
             return False
         self._gitlab.set_paused(action.runner_id, True)
@@ -356,7 +357,7 @@ class Reconciler:
         """Finish a retirement a grace after the pause: delete the runner and terminate its instance, unless it
         still runs a job (it is left paused, to finish it, and retired by a later run)."""
         running = self._gitlab.running_jobs(action.runner_id)
-        record = self._store.runner(action.instance_id)
+        record = self._store.runners.runner(action.instance_id)
         if record is None or record.terminated:
             return False
         if not may_retire(running, record):
@@ -377,10 +378,10 @@ class Reconciler:
         """Queue a pending job under a queue claim, exactly as the webhook would have; or, for a job whose launch
         ended without a runner taking it, release that launch's claim and queue it again."""
         if action.relaunch_from:
-            claim = self._store.release_for_relaunch(action.project_id, action.job_id, action.relaunch_from)
+            claim = self._store.claims.release_for_relaunch(action.project_id, action.job_id, action.relaunch_from)
             message = "stuck job queued again"
         else:
-            claim = self._store.claim_for_sweep(action.project_id, action.job_id)
+            claim = self._store.claims.claim_for_sweep(action.project_id, action.job_id)
             message = "lost job recovered"
         if claim is None:
             return False  # known otherwise by now: queued, claimed, launched or settled

@@ -41,7 +41,7 @@ from chalicelib.lifecycle.facts import Facts, ours
 from chalicelib.lifecycle.windows import warm_size
 from chalicelib.naming import described_instance
 from chalicelib.scaling.launches import FINISHED, UNFINISHED, LaunchState
-from chalicelib.scaling.store import LaunchRecord, RunnerRecord
+from chalicelib.scaling.store.records import LaunchRecord, RunnerRecord
 from chalicelib.store import QUEUE_CLAIM_SECONDS, RETIRING, RunnerState, is_unqueued_pending
 
 # How long a launch may work before it counts as stopped (a Lambda cannot run longer): the same window scale-up

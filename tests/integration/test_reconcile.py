@@ -557,16 +557,16 @@ def test_the_sweep_claims_a_job_recorded_as_created_but_never_one_already_queued
     store.record_job_event("d-2", JobEvent(project, 502, JobStatus.PENDING, time.time()))
     store.mark_queued(project, 502)
 
-    claim = store.claim_for_sweep(project, 501)
+    claim = store.claims.claim_for_sweep(project, 501)
     item = store.get(job_key(project, 501)) or {}
     assert claim is not None and item["queue_claim"] == claim
     assert (item["status"], item["status_rank"], item["queued"], item["live"]) == ("pending", 2, False, "job")
-    assert store.claim_for_sweep(project, 501) is None  # claimed a moment ago: its sender may be sending
-    assert store.claim_for_sweep(project, 502) is None  # queued by the webhook
-    assert store.claim_for_sweep(project, 503) is not None  # never heard of: recorded now, pending
-    store.claim_job(project, 503, "L-1")
+    assert store.claims.claim_for_sweep(project, 501) is None  # claimed a moment ago: its sender may be sending
+    assert store.claims.claim_for_sweep(project, 502) is None  # queued by the webhook
+    assert store.claims.claim_for_sweep(project, 503) is not None  # never heard of: recorded now, pending
+    store.claims.claim_job(project, 503, "L-1")
     store.release_queue_claim(project, 503, str((store.get(job_key(project, 503)) or {})["queue_claim"]))
-    assert store.claim_for_sweep(project, 503) is None  # a launch holds it
+    assert store.claims.claim_for_sweep(project, 503) is None  # a launch holds it
 
 
 @pytest.mark.parametrize(

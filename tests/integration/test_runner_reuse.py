@@ -45,7 +45,7 @@ def _move(fleet: Fleet, job_id: int, status: str, runner_id: int) -> None:
 def _idle(fleet: Fleet, pool: str) -> int:
     """The pool's idle runners, once the idle index (eventually consistent, as every GSI) caught up."""
     fleet.sandbox.aws.settle()
-    return int(fleet.runtime.store().idle_runners(pool, limit=100))
+    return int(fleet.runtime.store().capacity.idle_runners(pool, limit=100))
 
 
 def _idle_runner(fleet: Fleet, tags: list[str]) -> tuple[int, str, int]:

@@ -526,7 +526,7 @@ def test_a_copy_arriving_between_anothers_claim_and_its_leases_does_not_launch_a
     [job] = fleet.pipeline(["docker"])
     [body] = fleet.take_queued(1)
     now = time.time()
-    fleet.runtime.store().claim_job(fleet.sandbox.project_id, job, "launch-of-another-invocation")
+    fleet.runtime.store().claims.claim_job(fleet.sandbox.project_id, job, "launch-of-another-invocation")
     # when a copy of the job is handled meanwhile
     report = fleet.scale_up(clock=lambda: now + 1).handle_messages([body])
     # then it waits for that invocation instead of launching a second runner
@@ -873,7 +873,7 @@ def test_a_job_abandoned_by_a_dead_launch_joins_the_batch_launch(fleet: Fleet) -
     jobs = fleet.pipeline(["docker"], ["docker"])
     bodies = fleet.take_queued(2)
     now = time.time()
-    fleet.runtime.store().claim_job(fleet.sandbox.project_id, jobs[0], "launch-of-a-dead-invocation")
+    fleet.runtime.store().claims.claim_job(fleet.sandbox.project_id, jobs[0], "launch-of-a-dead-invocation")
     # when both come in one batch once that claim is stale
     with WireFaults(fleet.ec2) as faults:
         report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)
@@ -898,7 +898,7 @@ def test_an_identity_set_while_the_handler_terminates_is_still_cleaned_up(fleet:
     )
     # when scale-up's identity write lands right after the handler read the record
     with WireFaults(fleet.runtime.aws().dynamodb) as faults:
-        faults.run_after("GetItem", lambda _: store.set_runner_identity(instance_id, int(runner["id"])))
+        faults.run_after("GetItem", lambda _: store.runners.set_runner_identity(instance_id, int(runner["id"])))
         result = fleet.instance_terminated(instance_id)
     # then the handler still finds that runner, and deletes it
     assert result == "terminated"

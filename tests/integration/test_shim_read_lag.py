@@ -222,7 +222,7 @@ def test_a_call_may_leave_every_key_unprocessed(local_aws: LocalAws, clients: Aw
 
 
 def _read_all(clients: AwsClients, table: str, keys: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """What a careful reader does (as ``ScaleStore._batch_get``): send the unprocessed keys again until none are
+    """What a careful reader does (as ``ScaleTable._batch_get``): send the unprocessed keys again until none are
     left. The items' keys, and the keys left unprocessed by each call."""
     found: list[str] = []
     deferred: list[list[str]] = []

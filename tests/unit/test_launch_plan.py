@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from chalicelib.scaling.fleet import LaunchPlan, Lifecycle, build_fleet_request, fallback_request, plan_launch
-from chalicelib.scaling.store import cancellation_reasons, conflict_backoff, transiently_cancelled
+from chalicelib.scaling.store.table import cancellation_reasons, conflict_backoff, transiently_cancelled
 from tests.unit.test_fleet_request import LAUNCH, TEMPLATE, make_pool
 
 

@@ -32,7 +32,7 @@ from chalicelib.lifecycle.rules import (
     retire_at,
 )
 from chalicelib.scaling.launches import LaunchState
-from chalicelib.scaling.store import LaunchRecord, RunnerRecord
+from chalicelib.scaling.store.records import LaunchRecord, RunnerRecord
 from chalicelib.store import RETIRING, RunnerState
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a Friday

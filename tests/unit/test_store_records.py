@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from chalicelib.scaling.store import (
-    CLEANUP_PENDING,
-    LaunchRecord,
-    LaunchState,
-    RunnerRecord,
-    RunnerState,
-)
-from chalicelib.store import from_item
+from chalicelib.scaling.launches import LaunchState
+from chalicelib.scaling.store.records import CLEANUP_PENDING, LaunchRecord, RunnerRecord
+from chalicelib.store import RunnerState, from_item
 
 
 def test_a_new_runner_item_decodes_back_into_the_same_record() -> None:
