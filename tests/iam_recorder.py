@@ -281,14 +281,17 @@ class Recorder:
         return [(role["Arn"], "") for role in roles]
 
     def _template(self, client: BaseClient, spec: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The launch template's id, tags and default version's data (the template is looked up on every launch,
-        since the sandbox makes it anew on each reset; its version's data and tags once per id and version)."""
+        """The launch template's id, tags and named (or default) version's data (the template is looked up on every
+        launch, since the sandbox makes it anew on each reset; its version's data and tags once per id and
+        version)."""
         name = spec.get("LaunchTemplateName") or spec.get("LaunchTemplateId") or ""
         by = {"LaunchTemplateNames": [name]} if spec.get("LaunchTemplateName") else {"LaunchTemplateIds": [name]}
         try:
             found = client.describe_launch_templates(**by)["LaunchTemplates"][0]  # type: ignore[attr-defined]
             template_id = found["LaunchTemplateId"]
-            version = str(found["DefaultVersionNumber"])
+            # The version the call names (scale-up names its pool's), else the default.
+            named = str(spec.get("Version", ""))
+            version = named if named.isdigit() else str(found["DefaultVersionNumber"])
             key = (str(client.meta.endpoint_url), template_id, version)
             if key not in self._templates:
                 data = client.describe_launch_template_versions(  # type: ignore[attr-defined]

@@ -42,6 +42,7 @@ from chalicelib.scaling.recording import RunnerRecorder
 from chalicelib.scaling.store import ScaleStore
 from chalicelib.scaling.store.records import LaunchRecord
 from chalicelib.scaling.tokens import RunnerTokens
+from chalicelib.store import pool_key
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.
@@ -76,12 +77,13 @@ class PoolLauncher:
         return self._store.launches.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
 
     def launch(self, pool: PoolConfig, launch_id: str, items: list[Matched], report: BatchReport) -> None:
+        template = self.template(pool)
         granted = self._store.capacity.acquire_leases(
             pool.name,
             len(items),
             pool.max_runners,
             launch_id,
-            plan=lambda take: self._plan(pool, launch_id, take).to_json(),
+            plan=lambda take: self._plan(pool, template, launch_id, take).to_json(),
         )
         running, waiting = items[:granted], items[granted:]
         for item in waiting:
@@ -91,7 +93,7 @@ class PoolLauncher:
             return
         log = {"pool": pool.name, "launch_id": launch_id, "count": len(running)}
         try:
-            result = self._launcher.execute(self._plan(pool, launch_id, len(running)))
+            result = self._launcher.execute(self._plan(pool, template, launch_id, len(running)))
         except LaunchOutcomeUnknownError as exc:
             self._give_back.keep_for_resume(pool, launch_id, running, exc.reason, report, finished=True)
             return
@@ -169,7 +171,9 @@ class PoolLauncher:
         logger.warning("resuming an unfinished launch", extra={"pool": pool.name, "launch_id": launch_id})
         count("LaunchesResumed")
         # A launch recorded without its plan made no CreateFleet call yet: planning it now sends nothing different.
-        plan = LaunchPlan.from_json(launch.plan) if launch.plan else self._plan(pool, launch_id, held)
+        plan = (
+            LaunchPlan.from_json(launch.plan) if launch.plan else self._plan(pool, self.template(pool), launch_id, held)
+        )
         instances = self._launcher.find_launched(launch_id)
         if held and len(instances) < plan.count:
             relaunched = self._relaunch(pool, launch_id, plan, items, held, instances, report)
@@ -235,17 +239,18 @@ class PoolLauncher:
         """
         self._tokens.learn_roles([pool.name])
         launch_id = self._new_launch_id()
+        template = self.template(pool)
         granted = self._store.capacity.acquire_leases(
             pool.name,
             wanted,
             pool.max_runners,
             launch_id,
-            plan=lambda take: self._plan(pool, launch_id, take).to_json(),
+            plan=lambda take: self._plan(pool, template, launch_id, take).to_json(),
         )
         if not granted:
             return []
         try:
-            result = self._launcher.execute(self._plan(pool, launch_id, granted))
+            result = self._launcher.execute(self._plan(pool, template, launch_id, granted))
         except LaunchOutcomeUnknownError as exc:
             self._store.launches.mark_launch_incomplete(launch_id, exc.reason)
             count("LaunchErrors")
@@ -272,8 +277,14 @@ class PoolLauncher:
         self._recorder.complete(pool, launch_id, instances, [], report, adopting=False, held=len(instances), warm=True)
         return list(report.instances)
 
-    def _template(self, pool: PoolConfig) -> LaunchTemplateRef:
-        return LaunchTemplateRef(launch_template_name(self._config.fleet, pool.name))
+    def template(self, pool: PoolConfig) -> LaunchTemplateRef:
+        """The launch template version the pool's counter item names (image rotation writes it with each
+        promotion, :mod:`chalicelib.images.store`), read once per launch so that its plan names one version; the
+        template's default before any promotion."""
+        item = self._store.get(pool_key(pool.name)) or {}
+        version = item.get("template_version")
+        name = launch_template_name(self._config.fleet, pool.name)
+        return LaunchTemplateRef(name, str(version)) if version is not None else LaunchTemplateRef(name)
 
-    def _plan(self, pool: PoolConfig, launch_id: str, count: int) -> LaunchPlan:
-        return self._launcher.plan(pool, self._template(pool), launch_id, count)
+    def _plan(self, pool: PoolConfig, template: LaunchTemplateRef, launch_id: str, count: int) -> LaunchPlan:
+        return self._launcher.plan(pool, template, launch_id, count)

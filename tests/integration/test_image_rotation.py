@@ -318,3 +318,19 @@ def test_rollback_pins_the_earlier_digest_and_a_push_waits_for_unpin(images: Ima
     unpinned = rotation.unpin("docker")
     assert unpinned.digest == third
     assert images.image_record().current.digest == third
+
+
+def test_scale_up_launches_from_the_version_the_pools_record_names_not_the_templates_default(images: Images) -> None:
+    """A promotion records the pool's new version before it moves the template's default; a launch in between (or
+    after a promotion that stopped there) must already run the new image."""
+    images.push(digest("named-1"))
+    images.until(lambda: images.current() == digest("named-1"))
+    recorded = images.image_record().template_version
+    name = launch_template_name(images.config.fleet, "docker")
+    images.ec2.modify_launch_template(LaunchTemplateName=name, DefaultVersion="1")
+    (job,) = images.pipeline(SHORT_JOB)
+    assert wait_until(lambda: images.job(job)["status"] == "success", 40)
+    instance = str(described_instance(images.job(job)["runner"]["description"]))
+    tags = images.ec2.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]["Tags"]
+    assert {t["Key"]: t["Value"] for t in tags}["aws:ec2launchtemplate:version"] == str(recorded)
+    assert images.runner_image(instance).endswith("@" + digest("named-1"))
