@@ -308,6 +308,8 @@ class Recorder:
 
 _inherited = threading.local()
 _TESTS_DIR = str(PROJECT_DIR / "tests") + os.sep
+# The recorder's own frames (the thread pool wrapper that carries a function into its workers) are no test's.
+_RECORDER_FILE = str(Path(__file__).resolve())
 
 
 def _calling_function() -> str | None:
@@ -320,7 +322,7 @@ def _calling_function() -> str | None:
         function = _ENTRY_MODULES.get(filename)
         if function is not None:
             found = function
-        elif filename.startswith(_TESTS_DIR):
+        elif filename.startswith(_TESTS_DIR) and filename != _RECORDER_FILE:
             # A test's own call, even one a fault hook makes in the middle of a function's call (a race staged
             # with WireFaults.run_after): the test's, not the function's.
             return found

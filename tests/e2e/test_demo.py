@@ -40,9 +40,14 @@ def test_demo_runs_a_pipeline_to_success_on_runners_that_leave_nothing_behind() 
     assert summary["instances_by_lifecycle"] == {"spot": summary["instances_launched"]}
     assert summary["left_behind"] == {"live_instances": 0, "leases": 0, "gitlab_runners": 0, "tokens": 0}
     assert summary["invariant_violations"] == []
-    assert summary["agents"]["jobs"] == {"success": 6}
-    # created, pending, running and success for every runnable job, created and pending for the gpu job
-    assert summary["webhooks_by_status"] == {"200": 26}
+    # the pipeline's 6, then the image story's: one on the old image, one on the new
+    assert summary["agents"]["jobs"] == {"success": 8}
+    image = summary["image_rotation"]
+    assert image["refused_digest"] is not None
+    assert image["old_image_job"] != image["new_image_job"]
+    # created, pending, running and success for every runnable job (the image story's two included), created and
+    # pending for the gpu job
+    assert summary["webhooks_by_status"] == {"200": 34}
     # every pool that launched reported how long its instances took to boot and its jobs waited
     assert set(summary["median_BootSeconds"]) == {"build", "docker"}
     assert set(summary["median_QueueWaitSeconds"]) == {"build", "docker"}
