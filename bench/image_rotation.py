@@ -147,6 +147,7 @@ def promotions(bench: Bench) -> dict[str, Any]:
         clients.ec2,
         account=lambda: "123456789012",
         region=SANDBOX_REGION,
+        ecr=lambda: clients.client("ecr"),
     )
     template = launch_template_name(config.fleet, "docker")
     bare_ec2 = boto3.client("ec2", region_name=SANDBOX_REGION)

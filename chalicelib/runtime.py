@@ -172,6 +172,7 @@ def image_rotation() -> ImageRotation:
         clients.ec2,
         account=account,
         region=clients.ec2.meta.region_name,
+        ecr=lambda: clients.client("ecr"),
     )
 
 

@@ -54,7 +54,7 @@ def cache_prefix(pool: PoolConfig) -> str:
 
 def runner_instance_policy(config: FleetConfig, pool: PoolConfig) -> Policy:
     """The inline policy of ``pool``'s runner role."""
-    repository = _repository_arn(pool.image.repository, pool.image.account, pool.image.region)
+    repository = repository_arn(pool.image.repository, pool.image.account, pool.image.region)
     statements: list[dict[str, Any]] = [
         {
             "Sid": "OwnRunnerTokenOnly",
@@ -111,7 +111,7 @@ def runner_instance_policy(config: FleetConfig, pool: PoolConfig) -> Policy:
     return {"Version": POLICY_VERSION, "Statement": statements}
 
 
-def _repository_arn(name: str, account: str | None = None, region: str | None = None) -> str:
+def repository_arn(name: str, account: str | None = None, region: str | None = None) -> str:
     """The repository's ARN; another account's registry (``image.account``) is named exactly, the fleet's own by
     name, in whatever account and region the role is used."""
     return f"arn:aws:ecr:{region or '*'}:{account or '*'}:repository/{name}"

@@ -48,6 +48,7 @@ def image_rotation(config: FleetConfig, clients: AwsClients) -> ImageRotation:
         clients.ec2,
         account=lambda: fleet_account(clients),
         region=clients.ec2.meta.region_name,
+        ecr=lambda: clients.client("ecr"),
     )
 
 

@@ -34,6 +34,7 @@ from chalicelib.store import (
     runner_key,
     token_key,
 )
+from fleetctl.iam_policies import repository_arn
 
 POLICY_VERSION = "2012-10-17"
 CHALICE_DIR = Path(__file__).resolve().parents[1] / ".chalice"
@@ -426,6 +427,19 @@ def images_grants(config: FleetConfig) -> list[Grant]:
         ),
         # The version a promotion starts from; Describe calls take no resource ARN.
         Grant("ReadLaunchTemplateVersions", ("ec2:DescribeLaunchTemplateVersions",), ("*",)),
+        # Which digest a pool's tag names now, for two pushes in the same second: the pools' repositories only.
+        Grant(
+            "ReadPoolImageTags",
+            ("ecr:DescribeImages",),
+            tuple(
+                sorted(
+                    {
+                        repository_arn(pool.image.repository, pool.image.account, pool.image.region)
+                        for pool in config.pools
+                    }
+                )
+            ),
+        ),
         # A promotion's new version, made the default: only on the templates bootstrap made for this fleet.
         Grant(
             "PromoteOnFleetTemplates",

@@ -169,6 +169,10 @@ class Recorder:
                 return
             tags = tuple((f"aws:ResourceTag/{k}", (v,)) for k, v in sorted(template["tags"].items()))
             yield action, _arn_maker("ec2", region)(f"launch-template/{template['id']}"), tags, ""
+        elif prefix == "ecr" and operation == "DescribeImages":
+            # Authorized on the repository, in the registry the call names (its own account's when none).
+            account = params.get("registryId") or PLACEHOLDER_ACCOUNT
+            yield action, f"arn:aws:ecr:{region}:{account}:repository/{params['repositoryName']}", (), ""
         elif prefix == "sts" and operation == "GetCallerIdentity":
             # No permission is needed to ask who you are (STS API reference, GetCallerIdentity): nothing to judge.
             return

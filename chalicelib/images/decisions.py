@@ -13,8 +13,8 @@ The documented outcomes, for a pool whose repository and tag the event names:
 * **the same event twice**, or a push of the digest already current or already the candidate: nothing changes;
 * **two pushes in quick succession**: the later push by ECR's own push time wins, whatever order the events
   arrive in. An older push arriving after a newer one changes nothing. EventBridge gives event times to the
-  second, so two pushes in the same second are told apart by digest (the larger wins), which every handler
-  reading the same events agrees on;
+  second, so for two pushes in the same second ECR is asked which digest the tag names now (``tag_digest``);
+  when it cannot say, the larger digest wins, which every handler reading the same events agrees on;
 * **a tag moved back to an older digest**: a push like any other, decided again by its gate; a digest whose scan
   is already known is decided by that scan at once (a digest rejected before is rejected again);
 * **a pinned pool** (``fleetctl image pin`` or ``rollback``): a push is remembered (the newest only) and decided
@@ -113,21 +113,41 @@ def _rank(severity: str) -> int:
         return _UNRANKED_AS.rank
 
 
-def decide(record: ImageRecord, event: ImageEvent, pool: PoolConfig, now: float) -> Decision:
-    """The record after ``event``, for a pool the event :func:`concerns`."""
+def decide(
+    record: ImageRecord, event: ImageEvent, pool: PoolConfig, now: float, tag_digest: str | None = None
+) -> Decision:
+    """The record after ``event``, for a pool the event :func:`concerns`. ``tag_digest`` is the digest ECR says the
+    pool's tag names now, asked only for a push in the same second as the newest push seen (:func:`needs_tag`)."""
     if event.kind is ImageEventKind.PUSH:
-        return _push(record, Push(event.digest, event.tags[0] if event.tags else pool.image.tag, event.at), pool, now)
+        push = Push(event.digest, event.tags[0] if event.tags else pool.image.tag, event.at)
+        return _push(record, push, pool, now, tag_digest)
     if event.kind is ImageEventKind.SCAN:
         return _scan(record, Scan(event.digest, event.counts, event.scan_failed, event.at), pool, now)
     return _delete(record, event.digest, now)
 
 
-def _newer(push: Push, than_at: float, than_digest: str) -> bool:
-    return (push.pushed_at, push.digest) > (than_at, than_digest)
+def needs_tag(record: ImageRecord, event: ImageEvent) -> bool:
+    """Whether a push came in the same second as the newest push seen, of another digest: EventBridge gives event
+    times to the second, so only ECR can say which of the two the tag names now."""
+    return (
+        event.kind is ImageEventKind.PUSH
+        and event.at == record.latest_push_at
+        and event.digest != record.latest_push_digest
+    )
 
 
-def _push(record: ImageRecord, push: Push, pool: PoolConfig, now: float) -> Decision:
-    if not _newer(push, record.latest_push_at, record.latest_push_digest):
+def _newer(push: Push, record: ImageRecord, tag_digest: str | None) -> bool:
+    if push.pushed_at != record.latest_push_at:
+        return push.pushed_at > record.latest_push_at
+    if push.digest == record.latest_push_digest:
+        return False
+    if tag_digest is not None:
+        return tag_digest == push.digest
+    return push.digest > record.latest_push_digest
+
+
+def _push(record: ImageRecord, push: Push, pool: PoolConfig, now: float, tag_digest: str | None = None) -> Decision:
+    if not _newer(push, record, tag_digest):
         if push.digest == record.latest_push_digest:
             return Decision(Verdict.DUPLICATE, record)
         return Decision(Verdict.SUPERSEDED, record, reason=f"a later push ({record.latest_push_digest}) won")

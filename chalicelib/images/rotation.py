@@ -81,15 +81,22 @@ class ImageRotation:
         *,
         account: Callable[[], str],
         region: str,
+        ecr: Callable[[], Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._ecr_source = ecr
         self._store = store
         self._ec2 = ec2
         self._account_source = account
         self._account: str | None = None
         self._region = region
         self._clock = clock
+
+    def _ecr(self) -> Any:
+        if self._ecr_source is None:
+            raise ImageRotationError("this image rotation was built without an ECR client")
+        return self._ecr_source()
 
     @property
     def account(self) -> str:
@@ -130,7 +137,8 @@ class ImageRotation:
         for pool in pools:
 
             def decided(record: ImageRecord, pool: PoolConfig = pool) -> Decision:
-                return decisions.decide(record, event, pool, now)
+                tag = self._tag_digest(pool) if decisions.needs_tag(record, event) else None
+                return decisions.decide(record, event, pool, now, tag)
 
             outcomes.append(self._apply(pool, decided, facts))
         return outcomes
@@ -144,6 +152,22 @@ class ImageRotation:
             outcome = self._apply(pool, lambda record: decisions.expire(record, now), {"check": "scan timeout"})
             outcomes.append(outcome)
         return outcomes
+
+    def _tag_digest(self, pool: PoolConfig) -> str | None:
+        """The digest the pool's tag names in ECR now, or None when ECR cannot say (no permission on another
+        account's repository, the tag gone)."""
+        registry = {"registryId": pool.image.account} if pool.image.account else {}
+        try:
+            found = self._ecr().describe_images(
+                repositoryName=pool.image.repository, imageIds=[{"imageTag": pool.image.tag}], **registry
+            )["imageDetails"]
+        except ClientError as exc:
+            logger.warning(
+                "ECR cannot say which digest the tag names; the larger digest wins",
+                extra={"pool": pool.name, "error_code": error_code(exc)},
+            )
+            return None
+        return str(found[0]["imageDigest"]) if found else None
 
     # -- operator commands --------------------------------------------------------------------------------------
 

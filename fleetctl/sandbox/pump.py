@@ -240,6 +240,11 @@ class EventPump:
         wait(started)
         return delivered
 
+    def running(self, function: str) -> int:
+        """Invocations of ``function`` under way now."""
+        with self._lock:
+            return self._running.get(function, 0)
+
     def pump_events(self) -> int:
         """Deliver every EventBridge event that moto routed to each rule's queue, each in an invocation of its own,
         side by side (EventBridge does not batch)."""

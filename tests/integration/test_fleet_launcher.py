@@ -30,6 +30,10 @@ from tests.faults import SimulatedCrash, WireFaults
 
 pytestmark = pytest.mark.timeout(120)
 
+# One of moto's Amazon Linux images; a listing of every Amazon image is large enough to time out a busy machine.
+AL2023 = [{"Name": "name", "Values": ["al2023-ami-2023*"]}]
+
+
 FLEET = "runner-fleet-test"
 TYPES = ["m7i.large", "m6i.large", "m5.large"]
 
@@ -50,7 +54,7 @@ def ec2(local_aws: LocalAws) -> Any:
 def network(ec2: Any) -> Network:
     # An account that has launched spot before (or was bootstrapped) has EC2 Spot's service-linked role.
     AwsClients().client("iam").create_service_linked_role(AWSServiceName="spot.amazonaws.com")
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = ec2.describe_images(Owners=["amazon"], Filters=AL2023)["Images"][0]["ImageId"]
     vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
     subnets = tuple(
         ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.20.{n}.0/24", AvailabilityZone=f"us-east-1{zone}")["Subnet"][

@@ -151,12 +151,14 @@ def gated(images: Images, threshold: str) -> Images:
     return Images(images.sandbox)
 
 
-def test_a_push_moves_the_pool_to_the_new_digest_while_a_job_on_the_old_one_finishes(images: Images) -> None:
+def test_a_push_whose_scan_passes_moves_the_pool_while_a_job_on_the_old_digest_finishes(images: Images) -> None:
+    images = gated(images, "HIGH")
     old, new = digest("base-1"), digest("base-2")
     images.agents.options = replace(OPTIONS, wait_timeout_seconds=20.0)
     try:
-        # given a pool on digest 1, with a runner busy on it
+        # given a pool gated on scans on digest 1, with a runner busy on it
         images.push(old)
+        images.scanned(old, LOW=1)
         images.until(lambda: images.current() == old)
         (long_job,) = images.pipeline(LONG_JOB)
         assert wait_until(lambda: images.job(long_job)["status"] == "running", 30)
@@ -165,11 +167,12 @@ def test_a_push_moves_the_pool_to_the_new_digest_while_a_job_on_the_old_one_fini
         assert images.runner_image(old_instance).endswith(f"@{old}")
         before = images.default_version()
 
-        # when digest 2 is pushed, and reconcile runs while the job runs
-        started = time.monotonic()
+        # when digest 2 is pushed and its scan passes, and reconcile runs while the job runs
         images.push(new)
+        images.until(lambda: images.image_record().candidate is not None)
+        assert images.default_version() == before  # held for its scan
+        images.scanned(new, MEDIUM=2)
         assert wait_until(lambda: images.default_version() > before, 10), "no new launch template version"
-        promoted_in = time.monotonic() - started
         paused = images.reconcile()
 
         # then the pool's new version names digest 2, the busy runner is paused (not killed) and finishes its job
@@ -192,7 +195,6 @@ def test_a_push_moves_the_pool_to_the_new_digest_while_a_job_on_the_old_one_fini
         retired = images.reconcile(offset=RETIRE_GRACE_SECONDS + 1)
         assert retired.metrics.get("RunnersRetired", 0) >= 1
         assert images.state(old_instance) == "terminated"
-        assert promoted_in < 10
     finally:
         images.agents.options = OPTIONS
     images.assert_invariants()
@@ -201,16 +203,19 @@ def test_a_push_moves_the_pool_to_the_new_digest_while_a_job_on_the_old_one_fini
 def test_a_push_to_an_unrelated_repository_or_tag_changes_nothing(images: Images) -> None:
     images.push(digest("base-1"))
     images.until(lambda: images.current() == digest("base-1"))
+    # the promotion moves the template's default last, just after the record names the version
+    assert wait_until(lambda: images.default_version() == images.image_record().template_version, 10)
     version, record = images.default_version(), images.image_record()
+    invoked = images.sandbox.pump.invocations.started.get("images", 0)
     ecr = runtime.aws().client("ecr")
     ecr.create_repository(repositoryName="ci/unrelated")
     ecr.put_image(
         repositoryName="ci/unrelated", imageManifest=manifest("x"), imageTag="latest", imageDigest=digest("x")
     )
     images.push(digest("base-other-tag"), tag="nightly")
-    images.deliver()
-    time.sleep(3)  # what the pump's reorder window may hold back
-    images.deliver()
+    # both events reached the images function, and it is done with them
+    images.until(lambda: images.sandbox.pump.invocations.started.get("images", 0) >= invoked + 2)
+    assert wait_until(lambda: images.sandbox.pump.running("images") == 0, 20)
     assert images.default_version() == version
     assert images.image_record() == record
 
@@ -334,3 +339,45 @@ def test_scale_up_launches_from_the_version_the_pools_record_names_not_the_templ
     tags = images.ec2.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]["Tags"]
     assert {t["Key"]: t["Value"] for t in tags}["aws:ec2launchtemplate:version"] == str(recorded)
     assert images.runner_image(instance).endswith("@" + digest("named-1"))
+
+
+def test_two_pushes_in_the_same_second_end_on_the_digest_the_tag_names_whatever_order_their_events_arrive(
+    images: Images,
+) -> None:
+    """EventBridge gives event times to the second: for two pushes of one tag in the same second, the images
+    function asks ECR which digest the tag names now (DescribeImages), so the push made last wins."""
+    from chalicelib.images.handler import handle_image_event
+
+    first, last = sorted([digest("same-second-a"), digest("same-second-b")], reverse=True)
+    images.push(first)
+    images.push(last)  # the tag now names ``last``, the smaller digest
+    rotation = runtime.image_rotation()
+    region = images.ec2.meta.region_name
+    # One second for both, after the events the local ECR put for these pushes (which the pump delivers too, and
+    # which these therefore supersede, whatever their order).
+    same_second = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+
+    def event(image: str) -> dict[str, Any]:
+        return {
+            "version": "0",
+            "id": f"same-second-{image[-6:]}",
+            "detail-type": "ECR Image Action",
+            "source": "aws.ecr",
+            "account": "123456789012",
+            "time": same_second,
+            "region": region,
+            "resources": [],
+            "detail": {
+                "result": "SUCCESS",
+                "repository-name": images.pool.image.repository,
+                "image-digest": image,
+                "action-type": "PUSH",
+                "image-tag": images.pool.image.tag,
+            },
+        }
+
+    # the last push's event arrives first, then the first push's: the first is the larger digest, which the
+    # digest order alone would let win
+    handle_image_event(event(last), rotation)
+    handle_image_event(event(first), rotation)
+    assert images.current() == last

@@ -15,6 +15,10 @@ from tests.faults import WireFaults
 pytestmark = pytest.mark.timeout(120)
 
 
+# One of moto's Amazon Linux images; a listing of every Amazon image is large enough to time out a busy machine.
+AL2023 = [{"Name": "name", "Values": ["al2023-ami-2023*"]}]
+
+
 @pytest.fixture(scope="module")
 def ec2(local_aws: LocalAws) -> Any:
     return AwsClients().ec2
@@ -22,7 +26,7 @@ def ec2(local_aws: LocalAws) -> Any:
 
 @pytest.fixture(scope="module")
 def subnet(ec2: Any) -> str:
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = ec2.describe_images(Owners=["amazon"], Filters=AL2023)["Images"][0]["ImageId"]
     vpc = ec2.create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
     ec2.create_launch_template(LaunchTemplateName="shim-tokens", LaunchTemplateData={"ImageId": image})
     return str(ec2.create_subnet(VpcId=vpc, CidrBlock="10.30.1.0/24")["Subnet"]["SubnetId"])

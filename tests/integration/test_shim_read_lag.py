@@ -15,6 +15,10 @@ from fleetctl.sandbox.local_aws import LocalAws
 
 pytestmark = pytest.mark.timeout(120)
 
+# One of moto's Amazon Linux images; a listing of every Amazon image is large enough to time out a busy machine.
+AL2023 = [{"Name": "name", "Values": ["al2023-ami-2023*"]}]
+
+
 IDLE = "idle"  # KEYS_ONLY, as bootstrap's idle-runners index
 LIVE = "live"  # ALL, as bootstrap's fleet-records index
 
@@ -36,7 +40,7 @@ def clients(local_aws: LocalAws) -> AwsClients:
 
 
 def _template(clients: AwsClients) -> str:
-    image = clients.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = clients.ec2.describe_images(Owners=["amazon"], Filters=AL2023)["Images"][0]["ImageId"]
     name = f"lag-{uuid.uuid4().hex[:8]}"
     clients.ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": image})
     return name

@@ -203,6 +203,18 @@ def test_two_pushes_in_the_same_second_are_ordered_by_digest_whatever_their_orde
     assert one_way.current.digest == other_way.current.digest == high
 
 
+def test_two_pushes_in_the_same_second_are_ordered_by_the_digest_ecrs_tag_names_when_ecr_can_say() -> None:
+    low, high = sorted([A, B])
+    first = run(PLAIN, push(high))[0].record
+    assert decisions.needs_tag(first, push(low))
+    assert not decisions.needs_tag(first, push(high)) and not decisions.needs_tag(first, push(low, T0 + 1))
+    # the tag names the smaller digest now: it was pushed last, whatever the digest order says
+    later = decisions.decide(first, push(low), PLAIN, T0 + 2, tag_digest=low)
+    assert later.verdict is Verdict.PROMOTED and later.promote is not None and later.promote.digest == low
+    earlier = decisions.decide(first, push(low), PLAIN, T0 + 2, tag_digest=high)
+    assert earlier.verdict is Verdict.SUPERSEDED
+
+
 def test_a_later_push_supersedes_a_candidate_still_waiting_for_its_scan() -> None:
     _, second = run(GATED, push(A), push(B, T0 + 5))
     assert second.verdict is Verdict.AWAITING_SCAN

@@ -215,3 +215,32 @@ def test_the_token_statement_is_keyed_by_the_calling_session() -> None:
     assert token["Resource"] == "arn:aws:dynamodb:*:*:table/policy-test"
     assert sorted(token["Action"]) == ["dynamodb:DeleteItem", "dynamodb:GetItem"]
     assert token["Condition"] == {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["TOKEN#${aws:userid}"]}}
+
+
+def test_a_pool_on_another_accounts_registry_pulls_only_that_accounts_repository() -> None:
+    # given a pool whose CI image lives in a central registry account
+    document = config(pool("docker", "ci/base", image={"repository": "ci/base", "account": "210987654321"}))
+    fleet = parse_config(document)
+    policy = runner_instance_policy(fleet, fleet.pool("docker"))
+
+    def may(action: str, resource: str) -> bool:
+        return bool(allowing_statements(policy, Request("runner", "", action, action, resource, ()))[0])
+
+    # then it pulls that account's repository of that name, and the same name in no other account
+    for action in ECR_PULL_ACTIONS:
+        assert may(action, "arn:aws:ecr:us-east-1:210987654321:repository/ci/base")
+        assert not may(action, f"arn:aws:ecr:us-east-1:{ACCOUNT}:repository/ci/base")
+
+
+def test_a_pool_may_not_push_to_another_accounts_registry() -> None:
+    document = config(
+        pool(
+            "build",
+            "ci/dind",
+            image={"repository": "ci/dind", "account": "210987654321", "push": True},
+            max_builds=1,
+            access_level="ref_protected",
+        )
+    )
+    with pytest.raises(ConfigError, match=r"image\.push.*fleet's own registry"):
+        parse_config(document)

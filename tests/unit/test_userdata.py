@@ -354,3 +354,16 @@ def test_quotes_and_toml_specials_reach_each_file_unchanged() -> None:
 def _dev_pool(name: str) -> tuple[FleetConfig, PoolConfig]:
     config = load_config(DEV)
     return config, config.pool(name)
+
+
+def test_an_image_in_another_accounts_registry_is_pulled_through_the_credential_helper_for_that_registry() -> None:
+    from chalicelib.images.rotation import registry_host
+
+    config = load_config(DEV)
+    pool = config.pool("docker")
+    central = pool.model_copy(update={"image": pool.image.model_copy(update={"account": "210987654321"})})
+    registry = registry_host(central, "123456789012", "eu-west-1")
+    assert registry == "210987654321.dkr.ecr.eu-west-1.amazonaws.com"
+    user_data = render_user_data(config, central, image_reference(central, registry, "sha256:" + "b" * 64))
+    docker_config = json.loads(written_files(user_data)[DOCKER_CONFIG_FILE]["content"])
+    assert docker_config == {"credHelpers": {registry: "ecr-login"}}
