@@ -193,7 +193,9 @@ def decide(facts: Facts, config: FleetConfig) -> list[Action]:
     actions += orphan_instances(facts, config)
     actions += lost_instances(facts)
     actions += orphan_gitlab_runners(facts, config)
-    actions += expired_tokens(facts)
+    # A token whose instance this run reaps or cleans up goes with that cleanup: not deleted twice.
+    cleaned = {a.instance_id for a in actions if isinstance(a, (Reap, CleanUp))}
+    actions += [a for a in expired_tokens(facts) if not (isinstance(a, DeleteToken) and a.instance_id in cleaned)]
     actions += stale_launches(facts)
     actions += image_rollouts(facts, config)
     actions += retirements(facts, config)

@@ -611,6 +611,19 @@ def test_a_token_past_its_boot_deadline_is_deleted() -> None:
     ]
 
 
+def test_the_token_of_a_runner_reaped_in_the_same_run_goes_with_its_cleanup_not_twice() -> None:
+    # given a runner that never contacted GitLab by its boot deadline, whose token is past that deadline too
+    booting = record("i-1", state=RunnerState.BOOTING, boot_deadline_at=NOW - 1, gitlab_runner_id=1)
+    seen = facts([booting], [instance("i-1")], [runner(1, "never_contacted")])
+    seen = replace(seen, tokens=[TokenFact("TOKEN#r:i-1", "i-1", NOW - 1), TokenFact("TOKEN#r:i-9", "i-9", NOW - 1)])
+
+    actions = decide(seen, CONFIG)
+
+    # then the reap cleans up its token; only the other instance's token is deleted on its own
+    assert [a.instance_id for a in actions if isinstance(a, Reap)] == ["i-1"]
+    assert [a.instance_id for a in actions if isinstance(a, DeleteToken)] == ["i-9"]
+
+
 def test_gitlab_runner_deletions_are_bounded_per_run() -> None:
     orphans = [runner(100 + n, instance_id=f"i-{100 + n}") for n in range(MAX_RUNNER_DELETIONS + 10)]
     seen = facts([], [], orphans, leases={})

@@ -18,6 +18,7 @@ from chalicelib.scaling.launches import update as launch_update
 from chalicelib.scaling.store.launches import LaunchStore
 from chalicelib.scaling.store.table import (
     CONFLICT_ATTEMPTS,
+    GIVE_BACK_ATTEMPTS,
     ScaleTable,
     cancellation_reasons,
     transiently_cancelled,
@@ -153,7 +154,7 @@ class CapacityStore(ScaleTable):
         pool_update = update_request(
             self.table, pool_key(pool), "ADD leases :minus", {":minus": -count, ":n": count}, "leases >= :n"
         )
-        refused = self._transact([{"Update": launch_write}, {"Update": pool_update}])
+        refused = self._transact([{"Update": launch_write}, {"Update": pool_update}], attempts=GIVE_BACK_ATTEMPTS)
         if refused is not None:
             landed = self._launches.get_launch(launch_id)
             if landed is None or landed.leases != held - count:

@@ -25,6 +25,11 @@ _T = TypeVar("_T")
 # the store does, with jittered exponential backoff, a bounded number of times; the last failure is raised.
 TRANSIENT_CANCELLATION_REASONS = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"})
 _WRITE_ATTEMPTS = 8
+# A lease going back to its pool (a termination, a launch giving back what it did not use) meets the pool's counter
+# at its hottest, when jobs waiting for capacity take what frees up: it keeps trying for longer (about 12 s, well
+# inside the instance-state function's 30 s), since failing sends the event to Lambda's retry a minute later and
+# the lease stays out of the pool meanwhile.
+GIVE_BACK_ATTEMPTS = 16
 _BACKOFF_BASE_SECONDS = 0.025
 _BACKOFF_CAP_SECONDS = 1.0
 
@@ -75,7 +80,7 @@ def update_request(
 class ScaleTable(FleetStore):
     """The fleet table, with single-item writes and transactions that are tried again past conflicts."""
 
-    def _transact(self, writes: list[dict[str, Any]]) -> ClientError | None:
+    def _transact(self, writes: list[dict[str, Any]], attempts: int = _WRITE_ATTEMPTS) -> ClientError | None:
         """One TransactWriteItems, tried again while DynamoDB cancels it only for a conflict or throttling.
 
         Returns None once it applied, or the TransactionCanceledException when it was cancelled for a reason
@@ -84,7 +89,7 @@ class ScaleTable(FleetStore):
         rather than be taken as done. Each attempt is a new call, with a new idempotency token: the cancelled
         one changed nothing.
         """
-        for attempt in range(_WRITE_ATTEMPTS):
+        for attempt in range(attempts):
             try:
                 self._client.transact_write_items(TransactItems=writes)
             except ClientError as exc:
@@ -92,7 +97,7 @@ class ScaleTable(FleetStore):
                     raise
                 if not transiently_cancelled(exc):
                     return exc
-                if attempt + 1 == _WRITE_ATTEMPTS:
+                if attempt + 1 == attempts:
                     raise
                 self._sleep(conflict_backoff(attempt))
                 continue

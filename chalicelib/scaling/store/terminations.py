@@ -11,7 +11,13 @@ from dataclasses import replace
 from typing import Any
 
 from chalicelib.scaling.store.records import CLEANUP_PENDING, RunnerRecord, Termination
-from chalicelib.scaling.store.table import CONFLICT_ATTEMPTS, ScaleTable, cancellation_reasons, update_request
+from chalicelib.scaling.store.table import (
+    CONFLICT_ATTEMPTS,
+    GIVE_BACK_ATTEMPTS,
+    ScaleTable,
+    cancellation_reasons,
+    update_request,
+)
 from chalicelib.store import (
     FINISHED_JOB_TTL_SECONDS,
     LIVE_ATTRIBUTE,
@@ -114,7 +120,7 @@ class TerminationStore(ScaleTable):
                     )
                 }
             )
-        refused = self._transact(writes)
+        refused = self._transact(writes, attempts=GIVE_BACK_ATTEMPTS) if record.lease else self._transact(writes)
         if refused is None:
             return True
         if "ConditionalCheckFailed" in cancellation_reasons(refused):
