@@ -77,7 +77,7 @@ FINISHING_PER_POOL = 50
 PUMPS = 2
 PUMP_INTERVAL = 0.1
 FILL_TIMEOUT = 150.0
-TAIL_TIMEOUT = 120.0
+TAIL_TIMEOUT = 240.0  # a harness bound, not a target: the tail took 111 s on this machine
 BASELINE_LAUNCHES = 2 * MAX_RUNNERS
 # How long the full pools are watched for an overfill while the waiting jobs keep asking.
 OVERFILL_WATCH_SECONDS = 3.0
