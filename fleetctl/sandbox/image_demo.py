@@ -41,7 +41,8 @@ def short(image: str) -> str:
     return image[:19] + "…"
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``condition`` held within ``timeout`` seconds, polled four times a second."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -107,21 +108,21 @@ def run_image_rotation(stack: Sandbox, console: Console) -> dict[str, Any]:
     console.print("[bold]CI image rotation[/bold]: ci image pushed to the local ECR")
     images.push(first)
     images.scanned(first, {"LOW": 2})
-    on_first = _wait_until(lambda: images.current("docker") == first and images.current("build") == first, 30)
+    on_first = wait_until(lambda: images.current("docker") == first and images.current("build") == first, 30)
     console.print(f"  pushed {short(first)}, scanned LOW 2: both pools on it ({on_first})")
 
     pipeline = gitlab.create_pipeline(
         project, [{"name": "long-build", "stage": "build", "tags": ["docker"], "script": LONG_JOB_SCRIPT}]
     )
     [long_job] = [int(j["id"]) for j in gitlab.jobs_of_pipeline(project, pipeline)]
-    running = _wait_until(lambda: gitlab.job(project, long_job)["status"] == "running", 60)
+    running = wait_until(lambda: gitlab.job(project, long_job)["status"] == "running", 60)
     old_instance = described_instance((gitlab.job(project, long_job).get("runner") or {}).get("description")) or ""
     old_image = images.runner_image(old_instance) if old_instance else ""
     console.print(f"  job {long_job} running on {old_instance}, image {short(old_image.rsplit('@', 1)[-1])}")
 
     started = time.monotonic()
     images.push(second)
-    promoted = _wait_until(lambda: images.current("docker") == second, 30)
+    promoted = wait_until(lambda: images.current("docker") == second, 30)
     promote_seconds = round(time.monotonic() - started, 2)
     held = images.store.read("build").candidate
     console.print(
@@ -132,12 +133,12 @@ def run_image_rotation(stack: Sandbox, console: Console) -> dict[str, Any]:
     report = images.runtime.reconciler().run()
     console.print(f"  reconcile: {dict(report.metrics)} (the busy runner on the old image is paused, not killed)")
 
-    finished_first = _wait_until(lambda: gitlab.job(project, long_job)["status"] == "success", 60)
+    finished_first = wait_until(lambda: gitlab.job(project, long_job)["status"] == "success", 60)
     follow = gitlab.create_pipeline(
         project, [{"name": "after-push", "stage": "build", "tags": ["docker"], "script": SHORT_JOB_SCRIPT}]
     )
     [next_job] = [int(j["id"]) for j in gitlab.jobs_of_pipeline(project, follow)]
-    next_done = _wait_until(lambda: gitlab.job(project, next_job)["status"] == "success", 60)
+    next_done = wait_until(lambda: gitlab.job(project, next_job)["status"] == "success", 60)
     new_instance = described_instance((gitlab.job(project, next_job).get("runner") or {}).get("description")) or ""
     new_image = images.runner_image(new_instance) if new_instance else ""
     console.print(
@@ -152,7 +153,7 @@ def run_image_rotation(stack: Sandbox, console: Console) -> dict[str, Any]:
         history = images.store.read("build").history
         return bool(history) and history[0].digest == bad and history[0].outcome.value == "rejected"
 
-    refused = _wait_until(rejected, 30)
+    refused = wait_until(rejected, 30)
     build = images.store.read("build")
     console.print(
         f"  pushed {short(bad)}, scan CRITICAL 1 HIGH 4: build pool {'refused it' if refused else 'did not refuse'}"

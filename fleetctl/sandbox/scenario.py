@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -30,7 +29,7 @@ from rich.table import Table
 from chalicelib.config import FleetConfig
 from chalicelib.naming import described_instance
 from fleetctl.sandbox.agents import AgentOptions
-from fleetctl.sandbox.image_demo import run_image_rotation
+from fleetctl.sandbox.image_demo import run_image_rotation, wait_until
 from fleetctl.sandbox.stack import DEFAULT_WORKDIR, Sandbox
 
 STAGES = ("build", "test")
@@ -50,15 +49,6 @@ JOB_SCRIPT = ["echo building", "sleep 1"]
 # the test stage's jobs, short enough to watch them leave.
 DEMO_AGENTS = AgentOptions(boot_delay_seconds=1.0, wait_timeout_seconds=5.0)
 FINISHED = ("success", "failed", "canceled", "skipped")
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.25)
-    return condition()
 
 
 def _fleet_instances(ec2: Any, fleet: str) -> list[dict[str, Any]]:
@@ -162,13 +152,13 @@ def _run(jobs: int, console: Console) -> dict[str, Any]:
         def statuses() -> dict[int, str]:
             return {j: str(stack.gitlab.job(stack.project_id, j)["status"]) for j in job_ids}
 
-        all_finished = _wait_until(lambda: all(s in FINISHED for s in statuses().values()), timeout=180)
+        all_finished = wait_until(lambda: all(s in FINISHED for s in statuses().values()), timeout=180)
         store = runtime.store()
         gpu_outcome = ""
-        if _wait_until(lambda: bool((store.get(job_key(stack.project_id, gpu_job)) or {}).get("outcome")), 30):
+        if wait_until(lambda: bool((store.get(job_key(stack.project_id, gpu_job)) or {}).get("outcome")), 30):
             gpu_outcome = str((store.get(job_key(stack.project_id, gpu_job)) or {}).get("outcome"))
         console.print("pipeline finished; waiting for the runners to idle out ...")
-        cleaned = _wait_until(lambda: not any(_leftovers(stack).values()), timeout=90)
+        cleaned = wait_until(lambda: not any(_leftovers(stack).values()), timeout=90)
         stack.gitlab.wait_for_deliveries(timeout=30)
 
         final = statuses()
@@ -264,7 +254,7 @@ def _image_phase(stack: Sandbox, console: Console) -> dict[str, Any]:
     took their jobs idled out too (``cleaned``)."""
     image = run_image_rotation(stack, console)
     stack.gitlab.wait_for_deliveries(timeout=30)
-    image["cleaned"] = _wait_until(lambda: not any(_leftovers(stack).values()), timeout=90)
+    image["cleaned"] = wait_until(lambda: not any(_leftovers(stack).values()), timeout=90)
     return image
 
 
