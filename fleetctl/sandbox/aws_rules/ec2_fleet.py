@@ -269,5 +269,9 @@ class LaunchTemplateTags(Rule):
                 "aws:ec2launchtemplate:id": version.template.id,
                 "aws:ec2launchtemplate:version": str(version.number),
             }
-            _ec2_backend(request).create_tags(instance_ids, tags)
+            # Each instance's tags replaced by a new dict, never added to in place: moto serves requests on threads
+            # and a DescribeInstances iterating the old dict meanwhile would fail ("dictionary changed size").
+            backend_tags = _ec2_backend(request).tags
+            for instance_id in instance_ids:
+                backend_tags[instance_id] = {**backend_tags.get(instance_id, {}), **tags}
         return response
