@@ -116,9 +116,8 @@ _IDLE_INDEX: dict[str, Any] = {
     "Projection": {"ProjectionType": "KEYS_ONLY"},
 }
 # Reconcile reads the fleet's live records (runners, launches, pools, unfinished jobs, connected hooks, image records
-# awaiting a scan) from this sparse index:
-# only they carry ``live``, so a run reads pages of the fleet, not of the table's job history. Token items never
-# carry it, so no token is copied into the index.
+# awaiting a scan) from this sparse index: only they carry ``live``, so a run reads pages of the fleet, not of the
+# table's job history. Token items never carry it, so no token is copied into the index.
 _LIVE_INDEX_ATTRIBUTES = ({"AttributeName": LIVE_ATTRIBUTE, "AttributeType": "S"},)
 _LIVE_INDEX: dict[str, Any] = {
     "IndexName": FLEET_RECORDS_INDEX,
