@@ -21,13 +21,13 @@ from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.images.record import CandidateState, ImageRecord
+from chalicelib.scaling.store.table import cancellation_reasons, conflict_backoff, transiently_cancelled
 from chalicelib.store import LIVE_ATTRIBUTE, from_item, pool_key
 from chalicelib.store import to_item as _to_item
 
 IMAGE_PREFIX = "IMAGE#"
 _READ_BATCH = 100
 _WRITE_ATTEMPTS = 6
-_TRANSIENT = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"})
 
 
 def image_key(pool: str) -> str:
@@ -58,13 +58,10 @@ def _plain(value: Any) -> Any:
 class ImageStore:
     """Reads and conditional writes of image records through the low-level DynamoDB client."""
 
-    def __init__(
-        self, table: str, client: Any, sleep: Callable[[float], None] = time.sleep, backoff: float = 0.05
-    ) -> None:
+    def __init__(self, table: str, client: Any, sleep: Callable[[float], None] = time.sleep) -> None:
         self.table = table
         self._client = client
         self._sleep = sleep
-        self._backoff = backoff
 
     def read(self, pool: str) -> ImageRecord:
         """The pool's record, read consistently (a decision is only as good as the record it starts from)."""
@@ -87,7 +84,7 @@ class ImageStore:
                 request = answer.get("UnprocessedKeys") or {}
                 if not request:
                     break
-                self._sleep(self._backoff * 2**attempt)
+                self._sleep(conflict_backoff(attempt))
             else:
                 raise RuntimeError("the fleet table left image records unprocessed past every attempt")
         return records
@@ -130,18 +127,19 @@ class ImageStore:
         return self._transact(writes)
 
     def _transact(self, writes: list[dict[str, Any]]) -> bool:
+        """True once it applied, False when its condition failed (another writer came first); conflicts and
+        throttling are tried again, with the fleet table's backoff (:mod:`chalicelib.scaling.store.table`)."""
         for attempt in range(_WRITE_ATTEMPTS):
             try:
                 self._client.transact_write_items(TransactItems=writes)
             except ClientError as exc:
                 if error_code(exc) != "TransactionCanceledException":
                     raise
-                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
-                if "ConditionalCheckFailed" in reasons:
+                if "ConditionalCheckFailed" in cancellation_reasons(exc):
                     return False
-                if not _TRANSIENT.intersection(reasons) or attempt + 1 == _WRITE_ATTEMPTS:
+                if not transiently_cancelled(exc) or attempt + 1 == _WRITE_ATTEMPTS:
                     raise
-                self._sleep(self._backoff * 2**attempt)
+                self._sleep(conflict_backoff(attempt))
                 continue
             return True
         raise AssertionError("unreachable")  # pragma: no cover
