@@ -191,6 +191,12 @@ class FactSource:
             tokens=self._tokens(now),
         )
 
+    def lease_reading(self, facts: Facts) -> Facts:
+        """``facts`` with the lease counters, the runner records and the launches read again (three Queries)."""
+        records, launches, pools, _, _ = self._table(kinds=("runner", "launch", "pool"))
+        leases = {str(item.get("name", "")): int(item.get("leases", 0)) for item in pools}
+        return replace(facts, now=self._clock(), records=records, launches=launches, leases=leases)
+
     def _gitlab_runners(self) -> list[GitLabRunner] | None:
         try:
             listed = self._gitlab.runners()
@@ -224,13 +230,14 @@ class FactSource:
         return list(self._store.live_records(kind))
 
     def _table(
-        self,
+        self, kinds: tuple[str, ...] = ("runner", "launch", "pool", "job", "hook")
     ) -> tuple[dict[str, RunnerRecord], list[LaunchRecord], list[dict[str, Any]], list[JobFact], list[int]]:
-        records = {str(item["instance_id"]): RunnerRecord.from_item(item) for item in self._live("runner")}
-        launches = [
-            LaunchRecord.from_item(str(item["pk"]).removeprefix("LAUNCH#"), item) for item in self._live("launch")
-        ]
-        pools = self._live("pool")
+        def live(kind: str) -> list[dict[str, Any]]:
+            return self._live(kind) if kind in kinds else []
+
+        records = {str(item["instance_id"]): RunnerRecord.from_item(item) for item in live("runner")}
+        launches = [LaunchRecord.from_item(str(item["pk"]).removeprefix("LAUNCH#"), item) for item in live("launch")]
+        pools = live("pool")
         jobs = [
             JobFact(
                 project_id=int(item["project_id"]),
@@ -239,9 +246,9 @@ class FactSource:
                 updated_at=float(item.get("updated_at", 0)),
                 item=item,
             )
-            for item in self._live("job")
+            for item in live("job")
         ]
-        hooks = [int(item["project_id"]) for item in self._live("hook")]
+        hooks = [int(item["project_id"]) for item in live("hook")]
         return records, launches, pools, jobs, hooks
 
     def _instances(self) -> dict[str, InstanceFact]:

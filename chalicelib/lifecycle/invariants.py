@@ -20,7 +20,10 @@ The invariants:
   grace, the longest a runner can go on taking jobs before it is paused);
 * no runner token past its boot deadline;
 * each pool's lease counter equal to the leases its live records and its launches hold (a launch holding leases is
-  always where reconcile looks), and, at a quiet moment, to its live instances;
+  always where reconcile looks), and, at a quiet moment, to its live instances. The counter, the records and the
+  launches are three index queries, no snapshot: a launch or a give-back between them makes them differ for a
+  moment. Reconcile therefore reports a difference only when a second reading finds the same one
+  (:func:`lease_differences`);
 * every pending job of a connected project (of those a sweep listed) is queued or claimed.
 
 A pure function of :class:`~chalicelib.lifecycle.facts.Facts` (the pending jobs only when swept).
@@ -33,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from chalicelib.config import FleetConfig
+from chalicelib.gitlab_api import GitLabRunner
 from chalicelib.lifecycle.facts import Facts
 from chalicelib.lifecycle.rules import (
     INSTANCE_VISIBILITY_SECONDS,
@@ -50,6 +54,7 @@ from chalicelib.store import RunnerState
 RETIREMENT_SLACK_SECONDS = 60.0 + RETIRE_GRACE_SECONDS
 # How long a record's drain mark and GitLab's pause may disagree: the two writes are one after the other.
 PAUSE_SETTLE_SECONDS = 60.0
+LEASES_HELD = "lease counter differs from the leases held"
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,8 @@ def _gitlab_violations(
     for runner in facts.gitlab_runners:
         instance_id = described_instance(runner.description) or ""
         per_instance[instance_id] += 1
-        if instance_id in facts.instances:
-            continue
-        if not quiet and runner.runner_id in named:
-            continue  # its record's cleanup is on the way (a terminated record keeps the runner's id)
-        found.append(Violation("GitLab runner without an instance", str(runner.runner_id), runner.description))
+        if instance_id not in facts.instances and (quiet or not _cleanup_under_way(facts, runner, named)):
+            found.append(Violation("GitLab runner without an instance", str(runner.runner_id), runner.description))
     for instance_id, runners in sorted(per_instance.items()):
         if instance_id and runners > 1:
             found.append(Violation("more than one GitLab runner for an instance", instance_id, f"{runners} runners"))
@@ -140,6 +142,17 @@ def _gitlab_violations(
     return found
 
 
+def _cleanup_under_way(facts: Facts, runner: GitLabRunner, named: set[int]) -> bool:
+    """Whether a record will delete this GitLab runner, whose instance is gone: a terminated record keeps the
+    runner's id for its cleanup; a live one may not show the id yet (the runner was registered a moment before its
+    instance ended, and the index lags), and is judged by its own invariant ("record without an instance"), as the
+    orphan rule leaves the runner to it."""
+    if runner.runner_id in named:
+        return True
+    record = facts.records.get(described_instance(runner.description) or "")
+    return record is not None and not record.terminated
+
+
 def _retirement_violations(
     facts: Facts, config: FleetConfig, live_records: Mapping[str, RunnerRecord]
 ) -> list[Violation]:
@@ -163,20 +176,34 @@ def _retirement_violations(
     return found
 
 
+def lease_differences(facts: Facts, config: FleetConfig) -> dict[str, int]:
+    """Each pool whose lease counter differs from the leases its live records and launches hold: counter minus
+    held."""
+    held = _held_leases(facts, {i: r for i, r in facts.records.items() if not r.terminated})
+    pools = sorted({p.name for p in config.pools} | set(facts.leases))
+    differences = {pool: facts.leases.get(pool, 0) - held.get(pool, 0) for pool in pools}
+    return {pool: difference for pool, difference in differences.items() if difference}
+
+
+def _held_leases(facts: Facts, live_records: Mapping[str, RunnerRecord]) -> Counter[str]:
+    held: Counter[str] = Counter(r.pool for r in live_records.values() if r.lease)
+    for launch in facts.launches:
+        held[launch.pool] += max(0, launch.leases)
+    return held
+
+
 def _lease_violations(
     facts: Facts, config: FleetConfig, live_records: Mapping[str, RunnerRecord], quiet: bool
 ) -> list[Violation]:
     found: list[Violation] = []
-    held: Counter[str] = Counter(r.pool for r in live_records.values() if r.lease)
-    for launch in facts.launches:
-        held[launch.pool] += max(0, launch.leases)
+    held = _held_leases(facts, live_records)
     live: Counter[str] = Counter(i.pool for i in facts.instances.values() if i.state != "shutting-down")
     for pool in sorted({p.name for p in config.pools} | set(facts.leases)):
         leases = facts.leases.get(pool, 0)
         if leases != held.get(pool, 0):
             found.append(
                 Violation(
-                    "lease counter differs from the leases held",
+                    LEASES_HELD,
                     pool,
                     f"{leases} leases, {held.get(pool, 0)} held by records and launches",
                 )

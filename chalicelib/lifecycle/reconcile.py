@@ -32,7 +32,7 @@ from chalicelib.config import FleetConfig
 from chalicelib.errors import RetryableError
 from chalicelib.jobs_queue import JobQueue, QueuedJob
 from chalicelib.lifecycle.facts import Facts, FactSource
-from chalicelib.lifecycle.invariants import check
+from chalicelib.lifecycle.invariants import LEASES_HELD, Violation, check, lease_differences
 from chalicelib.lifecycle.rules import (
     RUNNER_GRACE_SECONDS,
     STALE_LAUNCH_SECONDS,
@@ -72,6 +72,10 @@ RUN_LEASE = "reconcile"
 RUN_LEASE_SECONDS = 120.0
 # Time kept back from the sweep at the end of a run, for the invariants and the lease's release.
 RUN_MARGIN_SECONDS = 10.0
+# How long a second reading of the lease counters waits after the first: a write reaches a global secondary index
+# "within 1 second" (AWS knowledge center, https://repost.aws/knowledge-center/dynamodb-missing-table-items-gsi),
+# longer under load.
+INDEX_SETTLE_SECONDS = 2.0
 
 
 def _subjects(action: Action) -> tuple[str, ...]:
@@ -189,18 +193,24 @@ class Reconciler:
                 swept = swept_jobs(facts, self._config)
                 actions += swept
                 report.merge(self.execute(swept, facts))
-            self._check_invariants(facts, actions, report)
+            self._check_invariants(facts, actions, report, deadline)
             logger.info("reconcile run done", extra=report.as_dict())
             return report
         finally:
             self._store.release_run_lease(RUN_LEASE, owner)
 
-    def _check_invariants(self, facts: Facts, actions: list[Action], report: RunReport) -> None:
+    def _check_invariants(self, facts: Facts, actions: list[Action], report: RunReport, deadline: float) -> None:
         """The invariants on this run's facts, for what is older than the grace the rules allow work in flight,
-        less what this run acted on: each left is logged as an error and counted (``InvariantViolations``)."""
+        less what this run acted on: each left is logged as an error and counted (``InvariantViolations``).
+
+        A pool's lease counter and the leases its records and launches hold are three index queries, which a
+        launch or a give-back between them makes differ for a moment; such a difference is reported only when a
+        second reading, once the index has caught up with the first, finds the same difference."""
         settled = facts.now - STALE_LAUNCH_SECONDS
         acted = {subject for action in actions for subject in _subjects(action)}
         violations = [v for v in check(facts, self._config, settled_before=settled) if v.subject not in acted]
+        if any(v.invariant == LEASES_HELD for v in violations):
+            violations = self._confirm_lease_differences(facts, violations, deadline)
         for violation in violations:
             logger.error(
                 "fleet invariant violated",
@@ -209,6 +219,26 @@ class Reconciler:
         report.violations = [str(v) for v in violations]
         if violations:
             report.count("InvariantViolations", len(violations))
+
+    def _confirm_lease_differences(self, facts: Facts, violations: list[Violation], deadline: float) -> list[Violation]:
+        """``violations`` less the lease differences a second reading does not find again (or, with no time left
+        for one, less all of them: the next run reads them afresh)."""
+        wait = INDEX_SETTLE_SECONDS - (self._clock() - facts.now)
+        if time.monotonic() + max(0.0, wait) > deadline:
+            return [v for v in violations if v.invariant != LEASES_HELD]
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            again = lease_differences(self.facts.lease_reading(facts), self._config)
+        except (ClientError, BotoCoreError) as exc:
+            logger.warning("lease counters unreadable a second time", extra={"reason": _failure(exc)})
+            return [v for v in violations if v.invariant != LEASES_HELD]
+        first = lease_differences(facts, self._config)
+        return [
+            v
+            for v in violations
+            if v.invariant != LEASES_HELD or (v.subject in again and again[v.subject] == first.get(v.subject))
+        ]
 
     def execute(self, actions: list[Action], facts: Facts) -> RunReport:
         """Carry out ``actions`` in order; the first that fails (GitLab or AWS) ends the run, and the actions after

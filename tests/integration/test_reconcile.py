@@ -8,6 +8,7 @@ user would see in GitLab, EC2 and the table. Every scenario ends with the fleet'
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -705,4 +706,68 @@ def test_a_token_past_its_boot_deadline_is_deleted_by_the_next_run_without_a_sca
     assert fleet.store.get(key) is None
     assert faults.calls_to("Scan") == []
     assert any(c.params.get("IndexName") == "token-deadlines" for c in faults.calls_to("Query"))
+    fleet.assert_invariants()
+
+
+def _launch_query(call_params: dict[str, Any]) -> bool:
+    """Whether a Query reads the live launch records (the index, by kind)."""
+    return "launch" in json.dumps(call_params.get("ExpressionAttributeValues", {}))
+
+
+def test_a_launch_landing_between_reconciles_reads_is_no_lease_violation(fleet: Fleet) -> None:
+    """The lease counter, the runner records and the launches are three index queries, not a snapshot: a launch
+    taking a lease after the launches were read and before the counter was makes them differ for a moment.
+    Reconcile reports a difference only when a second reading finds it again, so a busy fleet raises no false
+    ``InvariantViolations``."""
+    store = runtime.store()
+    launch_id = f"between-reads-{time.time_ns()}"
+    with WireFaults(runtime.aws().dynamodb) as faults:
+        taken: list[int] = []
+
+        def launch_lands(_: dict[str, Any]) -> None:
+            queries = faults.calls_to("Query")
+            if not taken and queries and _launch_query(queries[-1].params):
+                taken.append(store.capacity.acquire_leases("docker", 1, 5, launch_id))
+                fleet.sandbox.aws.settle()  # the counter's index has the launch before reconcile reads it
+
+        faults.run_after("Query", launch_lands, times=None)
+        report = fleet.reconciler().run()
+    try:
+        assert taken == [1]
+        assert [v for v in report.violations if "lease counter differs from the leases held" in v] == []
+    finally:
+        store.capacity.give_back_launch_leases(launch_id, "docker", 1, 1, finished=True, reason="test over")
+    fleet.assert_invariants()
+
+
+def test_a_lease_nobody_holds_is_reported_by_every_run(fleet: Fleet) -> None:
+    """A lease the pool counter counts and no record or launch holds is a leak: the second reading finds the same
+    difference, and the run logs it and counts ``InvariantViolations``."""
+    from chalicelib.store import LIVE_ATTRIBUTE, pool_key
+
+    before = fleet.leases("docker")
+    table = runtime.aws().dynamodb
+    key = {"pk": {"S": pool_key("docker")}}
+    table.update_item(
+        TableName=fleet.config.state.table,
+        Key=key,
+        UpdateExpression="SET kind = :kind, #name = :name, #live = :kind ADD leases :one",
+        ExpressionAttributeNames={"#name": "name", "#live": LIVE_ATTRIBUTE},
+        ExpressionAttributeValues={":one": {"N": "1"}, ":kind": {"S": "pool"}, ":name": {"S": "docker"}},
+    )
+    try:
+        fleet.sandbox.aws.settle()
+        report = fleet.reconciler().run()
+        assert (
+            f"lease counter differs from the leases held: docker ({before + 1} leases, {before} held by records "
+            "and launches)" in report.violations
+        )
+        assert report.metrics.get("InvariantViolations", 0) >= 1
+    finally:
+        table.update_item(
+            TableName=fleet.config.state.table,
+            Key=key,
+            UpdateExpression="ADD leases :minus",
+            ExpressionAttributeValues={":minus": {"N": "-1"}},
+        )
     fleet.assert_invariants()

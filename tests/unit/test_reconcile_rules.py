@@ -517,6 +517,15 @@ def test_during_a_run_what_is_younger_than_the_grace_is_not_judged() -> None:
     assert {v.invariant for v in check(seen, CONFIG)} >= {"record without an instance", "instance without a record"}
 
 
+def test_during_a_run_a_runner_whose_live_record_does_not_name_it_yet_is_left_to_the_record() -> None:
+    # the instance ended at once (a spot interruption at boot); the index has its record without the runner's id
+    unnamed = record("i-9", launched_at=NOW - 5, gitlab_runner_id=None)
+    seen = facts([unnamed], [], [runner(9)])
+
+    assert check(seen, CONFIG, settled_before=NOW - 120) == []
+    assert "GitLab runner without an instance" in {v.invariant for v in check(seen, CONFIG)}
+
+
 # -- the pause, grace, re-check, retire race -------------------------------------------------------------------
 
 # Events of one retirement (the reconcile side, in its order: the record marked, the runner paused, the grace
