@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from chalicelib.errors import ConfigError
@@ -154,6 +154,7 @@ def _distinct(what: str, *, required: bool = True) -> AfterValidator:
 
 
 def _check_ssm_name(value: str) -> str:
+    """an SSM parameter name: '/'-separated parts of letters, digits, '_', '.' or '-'"""
     if not value.startswith("/"):
         raise _invalid(f"must be an SSM parameter name starting with '/', got {_show(value)}")
     if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", value):
@@ -186,6 +187,8 @@ def _unsafe_character(value: str) -> str | None:
 
 
 def _check_url(value: str) -> str:
+    """an http or https URL, https unless its host is loopback (localhost, 127.0.0.0/8, ::1), with no whitespace,
+    control character, credentials, query or fragment; a trailing '/' is dropped"""
     # urlsplit silently drops tabs and newlines (the WHATWG "unsafe bytes"), so the raw text is checked first:
     # the URL ends up in the runners' user data, where a newline would start a shell command.
     unsafe = _unsafe_character(value)
@@ -209,6 +212,8 @@ def _check_url(value: str) -> str:
 
 
 def _check_bucket(value: str) -> str:
+    """an S3 bucket name: 3-63 lowercase letters, digits, dots or hyphens, starting and ending with a letter or
+    digit, no '..', not formatted as an IP address"""
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
         raise _invalid(
             "must be an S3 bucket name: 3-63 lowercase letters, digits, dots or hyphens, "
@@ -230,6 +235,7 @@ GITLAB_MAX_TAG_LENGTH = 255
 
 
 def _check_tag(value: str) -> str:
+    """not empty, no leading or trailing whitespace, no comma, at most 255 characters"""
     if not value:
         raise _invalid("must not be empty")
     if value != value.strip():
@@ -247,6 +253,7 @@ _CRONITER_ONLY = re.compile(r"^[RH](\(.*\))?(/\d+)?$", re.IGNORECASE)
 
 
 def _check_cron(value: str) -> str:
+    """a 5-field cron expression (minute hour day-of-month month day-of-week), without croniter's R and H"""
     from croniter import croniter
 
     # croniter also takes 6- and 7-field forms (seconds, years); a schedule window means the classic 5.
@@ -272,6 +279,7 @@ def _same_schedule(first: str, second: str) -> bool:
 
 
 def _check_timezone(value: str) -> str:
+    """an IANA time zone name, such as 'Europe/Berlin'"""
     from zoneinfo import ZoneInfo
 
     try:
@@ -370,13 +378,27 @@ class GitLabConfig(_Model):
     """Where GitLab is, the SSM parameter holding the API token used to manage runners, and the runners' scope.
 
     Instance runners need an administrator's token; group and project runners need ``runner_owner_id``, the
-    group or project they belong to. The token needs the ``create_runner`` and ``manage_runner`` scopes.
+    group or project they belong to. The token needs the ``read_api``, ``create_runner`` and ``manage_runner``
+    scopes, or ``api``.
     """
 
-    url: _Url
-    token_parameter: _SsmName
-    runner_type: RunnerType = RunnerType.INSTANCE
-    runner_owner_id: Annotated[int, Strict(), _between(1, 2**31 - 1)] | None = None
+    url: _Url = Field(description="Base URL of GitLab, to which the API paths are appended.")
+    token_parameter: _SsmName = Field(
+        description="SSM SecureString holding the fleet's GitLab API token: scopes read_api, create_runner and "
+        "manage_runner (GitLab 17.1 and later), or api, which retrying interrupted jobs needs. `fleetctl bootstrap` "
+        "checks `$GITLAB_TOKEN` and stores it here. Must differ from the webhook's parameters."
+    )
+    runner_type: RunnerType = Field(
+        default=RunnerType.INSTANCE,
+        description="Scope of the GitLab runners the fleet creates: instance_type needs an administrator's token; "
+        "group_type and project_type need runner_owner_id and the token of the group's Owner or the project's "
+        "Maintainer.",
+    )
+    runner_owner_id: Annotated[int, Strict(), _between(1, 2**31 - 1)] | None = Field(
+        default=None,
+        description="Id of the group (group_type) or project (project_type) the runners belong to; required for "
+        "those, must be empty for instance_type.",
+    )
 
     @model_validator(mode="after")
     def _check_owner(self) -> Self:
@@ -390,16 +412,29 @@ class GitLabConfig(_Model):
 class WebhookConfig(_Model):
     """SSM parameters holding the secrets that authenticate incoming GitLab webhooks."""
 
-    token_parameter: _SsmName
-    signing_secret_parameter: _SsmName | None = None
+    token_parameter: _SsmName = Field(
+        description="SSM SecureString holding the secret GitLab sends in X-Gitlab-Token; `fleetctl bootstrap` "
+        "generates it. While it holds no secret every webhook is refused."
+    )
+    signing_secret_parameter: _SsmName | None = Field(
+        default=None,
+        description="SSM SecureString for a Standard Webhooks signing secret. `fleetctl gitlab connect` writes the "
+        "secret when GitLab signs the hook (GitLab 19.0 with the webhook_signing_token flag), else `unsigned`; until "
+        "it holds one or the other every webhook is refused. Null: the token alone is checked.",
+    )
 
 
 class StateConfig(_Model):
     """The DynamoDB table and SQS queues holding the fleet's state and pending jobs."""
 
-    table: _TableName
-    jobs_queue: _QueueName
-    dead_letter_queue: _QueueName
+    table: _TableName = Field(
+        description="DynamoDB table of the fleet's state: jobs, launches, runners, pool counters, runner tokens, "
+        "connected hooks and image records."
+    )
+    jobs_queue: _QueueName = Field(description="SQS queue that carries pending jobs from the webhook to scale-up.")
+    dead_letter_queue: _QueueName = Field(
+        description="SQS queue of the jobs scale-up gave up on, each with its reason; must differ from jobs_queue."
+    )
 
     @model_validator(mode="after")
     def _check_queues_differ(self) -> Self:
@@ -411,9 +446,13 @@ class StateConfig(_Model):
 class ScheduleWindow(_Model):
     """A recurring period of warm capacity: opens when ``start`` fires, closes when ``end`` next fires."""
 
-    start: _Cron
-    end: _Cron
-    timezone: _TimeZone = "UTC"
+    start: _Cron = Field(description="Opens the window when it fires.")
+    end: _Cron = Field(
+        description="Closes the window when it next fires after start; must fire at other times than start."
+    )
+    timezone: _TimeZone = Field(
+        default="UTC", description="Time zone whose wall clock both crons read, daylight saving time included."
+    )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -431,8 +470,12 @@ class ScheduleWindow(_Model):
 class WarmConfig(_Model):
     """Idle instances kept ready. With ``size`` > 0 and no windows the pool is warm all the time."""
 
-    size: Annotated[int, Strict(), _between(0, 1000)] = 0
-    windows: tuple[ScheduleWindow, ...] = ()
+    size: Annotated[int, Strict(), _between(0, 1000)] = Field(
+        default=0, description="Idle runners kept ready (0: the pool scales from zero); at most the pool's max_runners."
+    )
+    windows: tuple[ScheduleWindow, ...] = Field(
+        default=(), description="When the pool is kept warm: while any window is open; with none, all the time."
+    )
 
 
 class ImageConfig(_Model):
@@ -440,18 +483,28 @@ class ImageConfig(_Model):
 
     The registry is the fleet's own account and region unless ``account`` (and ``region``) name another: many
     teams keep CI images in one central account, whose repository policy must let the pool's role pull, and whose
-    push events reach this fleet through a cross-account EventBridge rule (README, "CI image rotation").
+    push events reach this fleet through a cross-account EventBridge rule (docs/images.md, "Another account's
+    registry").
 
     ``push`` lets the pool's runners push to its repository (a pool that builds its own image). Only a
     repository no other pool runs may be pushed to: otherwise a job of this pool could replace the image
     another pool's jobs run in.
     """
 
-    repository: _EcrRepository
-    tag: _ImageTag = "latest"
-    account: _AccountId | None = None
-    region: _Region | None = None
-    push: _Flag = False
+    repository: _EcrRepository = Field(description="ECR repository of the CI image.")
+    tag: _ImageTag = Field(
+        default="latest",
+        description="Tag the pool follows: its runners run the digest the tag named when the image was last promoted.",
+    )
+    account: _AccountId | None = Field(
+        default=None, description="Account of another registry, such as a central one; null: the fleet's own account."
+    )
+    region: _Region | None = Field(default=None, description="Region of that registry; null: the fleet's region.")
+    push: _Flag = Field(
+        default=False,
+        description="Let the pool's jobs push to its repository. Refused when another pool runs the repository or "
+        "image.account is set, and unless the pool is ephemeral and ref_protected.",
+    )
 
 
 class ScanGate(_Model):
@@ -461,42 +514,113 @@ class ScanGate(_Model):
     candidate stays, and a scan that comes late still decides it).
     """
 
-    severity_threshold: Severity = Severity.HIGH
-    timeout_minutes: Annotated[int, Strict(), _between(5, 1440)] = 60
+    severity_threshold: Severity = Field(
+        default=Severity.HIGH, description="A scan finding at or above this severity rejects the digest."
+    )
+    timeout_minutes: Annotated[int, Strict(), _between(5, 1440)] = Field(
+        default=60,
+        description="Minutes after the push by which the scan must have come; reconcile then reports the candidate "
+        "as scan_timeout (a scan that comes later still decides it).",
+    )
 
 
 class PoolConfig(_Model):
     """One group of identical runner instances, matched to jobs by tags."""
 
-    name: _PoolName
-    tags: Annotated[tuple[_Tag, ...], _distinct("tag", required=False)] = ()
-    run_untagged: _Flag = False
-    instance_types: Annotated[tuple[_InstanceType, ...], _distinct("instance type")]
-    subnets: Annotated[tuple[_SubnetId, ...], _distinct("subnet")]
-    security_groups: Annotated[tuple[_SecurityGroupId, ...], _distinct("security group")]
-    market: Market = Market.SPOT
-    on_demand_fallback: _Flag = True
-    max_runners: Annotated[int, Strict(), _between(1, 1000)]
-    warm: WarmConfig = WarmConfig()
-    ephemeral: _Flag = False
+    name: _PoolName = Field(
+        description="Unique among the pools; names the pool's launch template, runner role and cache prefix."
+    )
+    tags: Annotated[tuple[_Tag, ...], _distinct("tag", required=False)] = Field(
+        default=(),
+        description="Runner tags: the pool can run a job whose tags are all among them. At most 50 (GitLab's "
+        "limit); empty only with run_untagged.",
+    )
+    run_untagged: _Flag = Field(default=False, description="Also run jobs that have no tags.")
+    instance_types: Annotated[tuple[_InstanceType, ...], _distinct("instance type")] = Field(
+        description="EC2 instance types the pool launches, all of one architecture (bootstrap gives the pool the "
+        "runner AMI of it); more types give spot more capacity."
+    )
+    subnets: Annotated[tuple[_SubnetId, ...], _distinct("subnet")] = Field(
+        description="Subnets to launch into, one per Availability Zone: EC2 refuses a fleet naming an instance type "
+        "twice in one zone."
+    )
+    security_groups: Annotated[tuple[_SecurityGroupId, ...], _distinct("security group")] = Field(
+        description="Security groups of the runner instances."
+    )
+    market: Market = Field(default=Market.SPOT, description="How the pool buys capacity.")
+    on_demand_fallback: _Flag = Field(
+        default=True,
+        description="When spot has no capacity for some of a launch's instances, launch them on-demand; otherwise "
+        "their jobs are retried later.",
+    )
+    max_runners: Annotated[int, Strict(), _between(1, 1000)] = Field(
+        description="Most runners the pool has at once; a capacity lease per runner keeps it from ever passing this."
+    )
+    warm: WarmConfig = Field(default=WarmConfig(), description="Idle runners kept ready before jobs arrive.")
+    ephemeral: _Flag = Field(
+        default=False, description="One job per instance, then it powers off and terminates; max_builds must then be 1."
+    )
     # Always present after validation: the before-validator fills 1 (ephemeral) or 10.
-    max_builds: Annotated[int, Strict(), _between(1, 1000)]
-    idle_wait_seconds: Annotated[int, Strict(), _between(30, 86400)] = 600
-    max_lifetime_minutes: Annotated[int, Strict(), _between(20, 10080)] = 720
-    boot_deadline_seconds: Annotated[int, Strict(), _between(60, 3600)] = 600
-    image: ImageConfig
-    scan: ScanGate | None = None
-    privileged: _Flag = False
+    max_builds: Annotated[int, Strict(), _between(1, 1000)] = Field(
+        description="Jobs a runner takes before it powers off.",
+        json_schema_extra={"default_when_omitted": "10, or 1 when ephemeral"},
+    )
+    idle_wait_seconds: Annotated[int, Strict(), _between(30, 86400)] = Field(
+        default=600,
+        description="A runner that gets no job for this long powers off; shorter than max_lifetime_minutes.",
+    )
+    max_lifetime_minutes: Annotated[int, Strict(), _between(20, 10080)] = Field(
+        default=720,
+        description="The instance powers itself off after this long; reconcile retires its runner one "
+        "job_timeout_seconds earlier. Longer than idle_wait_seconds and boot_deadline_seconds, and at least twice "
+        "job_timeout_seconds.",
+    )
+    boot_deadline_seconds: Annotated[int, Strict(), _between(60, 3600)] = Field(
+        default=600,
+        description="An instance waits this long for its runner token; reconcile terminates one whose runner has "
+        "not contacted GitLab by then. Shorter than max_lifetime_minutes.",
+    )
+    image: ImageConfig = Field(description="The CI job image, from ECR, which runners run pinned by digest.")
+    scan: ScanGate | None = Field(
+        default=None, description="Promote a pushed image only once its scan passes; null: promote it at once."
+    )
+    privileged: _Flag = Field(
+        default=False,
+        description="Run job containers privileged, for docker-in-docker; the pool must then be ephemeral unless "
+        "allow_privileged_reuse.",
+    )
     # A privileged job is root on its instance and can tamper with whatever the next job on it runs, so a
     # privileged pool is ephemeral unless its config says explicitly that instances may be reused.
-    allow_privileged_reuse: _Flag = False
-    access_level: AccessLevel = AccessLevel.NOT_PROTECTED
-    disk_gib: Annotated[int, Strict(), _between(8, 16384)] = 40
-    max_launch_attempts: Annotated[int, Strict(), _between(1, 50)] = 8
-    job_timeout_seconds: Annotated[int, Strict(), _between(600, 2_592_000)] = 3600
-    ami: _AmiId | None = None
+    allow_privileged_reuse: _Flag = Field(
+        default=False,
+        description="Let one privileged instance run several jobs, each able to tamper with the next; only with "
+        "privileged.",
+    )
+    access_level: AccessLevel = Field(
+        default=AccessLevel.NOT_PROTECTED,
+        description="ref_protected: the pool's runners take only jobs of protected branches and tags.",
+    )
+    disk_gib: Annotated[int, Strict(), _between(8, 16384)] = Field(
+        default=40, description="Size in GiB of the encrypted gp3 root volume."
+    )
+    max_launch_attempts: Annotated[int, Strict(), _between(1, 50)] = Field(
+        default=8, description="Scale-up attempts for a job before it goes to the dead-letter queue."
+    )
+    job_timeout_seconds: Annotated[int, Strict(), _between(600, 2_592_000)] = Field(
+        default=3600,
+        description="The runners' maximum job timeout; at most half of max_lifetime_minutes.",
+    )
+    ami: _AmiId | None = Field(
+        default=None,
+        description="AMI to boot instead of the one published under ami_parameter; of an architecture the "
+        "instance types run.",
+    )
     # A job its runner failed as runner_system_failure because the spot instance was interrupted is retried once.
-    retry_interrupted_jobs: _Flag = True
+    retry_interrupted_jobs: _Flag = Field(
+        default=True,
+        description="Retry, once, a job lost when EC2 interrupted its runner's spot instance; the fleet's GitLab "
+        "token then needs the api scope.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -572,6 +696,7 @@ class PoolConfig(_Model):
 
 
 def _check_pools(pools: tuple[PoolConfig, ...]) -> tuple[PoolConfig, ...]:
+    """at least one pool; pool names distinct"""
     if not pools:
         raise _invalid("must list at least one pool")
     problems = _Problems()
@@ -587,14 +712,29 @@ def _check_pools(pools: tuple[PoolConfig, ...]) -> tuple[PoolConfig, ...]:
 class FleetConfig(_Model):
     """The fleet of one stage: GitLab, secrets, state, shared resources and the runner pools."""
 
-    fleet: _FleetName
-    region: _Region | None = None
-    gitlab: GitLabConfig
-    webhook: WebhookConfig
-    state: StateConfig
-    cache_bucket: _BucketName
-    ami_parameter: _SsmName
-    pools: Annotated[tuple[PoolConfig, ...], AfterValidator(_check_pools)]
+    fleet: _FleetName = Field(
+        description="Name of the fleet: it tags every instance and prefixes the resources fleetctl creates, so two "
+        "fleets in one account need different names."
+    )
+    region: _Region | None = Field(
+        default=None,
+        description="AWS region of the fleet; null: boto3's default (AWS_REGION, AWS_DEFAULT_REGION, the profile).",
+    )
+    gitlab: GitLabConfig = Field(description="Where GitLab is, the fleet's API token and the runners' scope.")
+    webhook: WebhookConfig = Field(description="The secrets that authenticate GitLab's webhooks.")
+    state: StateConfig = Field(description="The fleet's DynamoDB table and SQS queues.")
+    cache_bucket: _BucketName = Field(
+        description="S3 bucket of the runners' shared build cache; each pool's runners use the pool's name as "
+        "their path in it."
+    )
+    ami_parameter: _SsmName = Field(
+        description="SSM path of the runner AMIs: `<ami_parameter>/x86_64` and `<ami_parameter>/arm64` hold the AMI "
+        "of each architecture (`fleetctl ami publish` writes them)."
+    )
+    pools: Annotated[tuple[PoolConfig, ...], AfterValidator(_check_pools)] = Field(
+        description="The runner pools; a job goes to the pool with the fewest tags among those that can run it, "
+        "the one listed first on a tie."
+    )
 
     def pool(self, name: str) -> PoolConfig:
         """The pool called ``name``; raises KeyError naming the pools that exist."""

@@ -4,7 +4,7 @@ It is what ``make demo``, ``fleetctl sandbox up`` and the tests run, so all thre
 The stage configuration is the shipped ``dev.yaml`` with the GitLab URL pointed at the emulator, written to
 the sandbox's work directory and named by ``RUNNER_FLEET_CONFIG`` exactly as a deployed Lambda finds its own.
 
-GitLab is used the way README.md tells an operator to: the fleet makes group runners of the sandbox's group with
+GitLab is used the way docs/gitlab.md tells an operator to: the fleet makes group runners of the sandbox's group with
 a non-administrator token holding exactly the scopes the fleet needs (read_api, create_runner, manage_runner, and
 api since its pools retry jobs lost to spot interruptions),
 which bootstrap checks and stores; the hook is connected with another non-administrator token of scope api.

@@ -608,7 +608,7 @@ def test_a_terminated_runner_returns_its_lease_once_and_leaves_gitlab(fleet: Fle
 
 
 def test_a_non_admin_token_with_exactly_the_documented_scopes_runs_launch_and_termination(fleet: Fleet) -> None:
-    """The README's scopes (read_api, create_runner, manage_runner) on a group Owner's token, no administrator:
+    """docs/gitlab.md's scopes (read_api, create_runner, manage_runner) on a group Owner's token, no administrator:
     GitLab answers 403 insufficient_scope to anything else (lib/api/api_guard.rb), and /runners/all is for
     administrators only (doc/api/runners.md). (The sandbox's own token also has api, which only retrying jobs
     lost to spot interruptions needs: it is swapped for one without here.)"""
