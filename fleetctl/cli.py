@@ -420,15 +420,15 @@ def status(config_path: Path, as_json: bool, watch: float | None, gitlab_token: 
 
     console = Console()
     if watch is None:
-        console.print(render(summarise()))
+        console.print(render(summarise()), crop=False)
         return
     from rich.live import Live
 
     try:
-        with Live(render(summarise()), console=console, auto_refresh=False) as live:
+        with Live(render(summarise(), fold=True), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(watch)
-                live.update(render(summarise()), refresh=True)
+                live.update(render(summarise(), fold=True), refresh=True)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; Live has put the terminal back
 

@@ -282,28 +282,16 @@ def _age(seconds: float | None) -> str:
 
 def _drain_cell(drain: Mapping[str, Any]) -> str:
     if drain["state"] == "none":
-        return "-"
-    return f"{drain['state']} since {drain['since']}"
+        return "not drained"
+    if drain["state"] == "draining":
+        return f"draining since {drain['since']} (runners left)"
+    return f"drained since {drain['since']} (empty; its jobs wait for 'fleetctl undrain')"
 
 
-def _image_cell(pool: Mapping[str, Any]) -> str:
-    from fleetctl.images import short_digest
-
-    digest = pool["image_digest"]
-    cell = short_digest(digest) if digest else "(no digest)"
-    shown = pool["rollout"]
-    if shown is not None and shown["version"] is not None:
-        cell += f" v{shown['version']}: {shown['on_version']}/{shown['total']}"
-        if shown["on_other"]:
-            cell += f", {shown['on_other']} on older"
-    elif pool["template_version"] is not None:
-        cell += f" v{pool['template_version']}"
-    return cell
-
-
-def render(summary: Mapping[str, Any]) -> Any:
-    """The summary for people: a header, the invariants, the hooks, a table of the pools and each pool's image
-    line (a rich renderable, for ``Console.print`` or ``Live``)."""
+def render(summary: Mapping[str, Any], *, fold: bool = False) -> Any:
+    """The summary for people: a header, the invariants, the hooks, then a table for each pool (a rich renderable,
+    for ``Console.print(..., crop=False)``, or for ``Live`` with ``fold``)."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -321,35 +309,32 @@ def render(summary: Mapping[str, Any]) -> Any:
     if invariants["unchecked"]:
         verdict.append(f" (not checked: {', '.join(invariants['unchecked'])})")
     parts.append(Text.assemble("invariants: ", verdict))
-    parts += [Text(f"  {violation}") for violation in invariants["violations"]]
+    # One line per violation and per hook, never wrapped or cut (printed with crop=False): they are what the
+    # operator came for, and what they grep for. Redrawn in place, they fold instead: a line longer than the
+    # terminal would throw off the redraw.
+    lines: list[str] = [f"  {violation}" for violation in invariants["violations"]]
     for hook in summary["hooks"]:
         state = hook["alert_status"] or f"unknown ({hook['error']})"
         until = f" until {hook['disabled_until']}" if hook["alert_status"] == "temporarily_disabled" else ""
-        parts.append(Text(f"hook {hook['hook_id']} of project {hook['project_id']} -> {hook['url']}: {state}{until}"))
-    table = Table(
-        "pool",
-        "drain",
-        "runners",
-        "lifecycle",
-        "jobs waiting",
-        "leases / max",
-        "image, roll-out",
-        "oldest idle",
-        "reaped 1 h",
-    )
+        lines.append(f"hook {hook['hook_id']} of project {hook['project_id']} -> {hook['url']}: {state}{until}")
+    parts += [Text(line, overflow="fold") if fold else Text(line, no_wrap=True, overflow="ignore") for line in lines]
     for pool in summary["pools"]:
-        drain = pool["drain"]
-        table.add_row(
-            pool["name"],
-            Text(_drain_cell(drain), "yellow" if drain["state"] == "draining" else ""),
-            _counts(pool["runners"], leave_out=("terminated",)),
-            _counts(pool["lifecycles"]),
-            Text(str(pool["jobs_waiting"]), "yellow" if pool["jobs_waiting"] else ""),
-            f"{pool['leases']} / {pool['max_runners']}",
-            _image_cell(pool),
-            _age(pool["oldest_idle_seconds"]),
-            str(pool["reaped_last_hour"]),
+        table = Table(
+            title=f"pool {pool['name']} ({','.join(pool['tags']) or 'untagged'})",
+            title_justify="left",
+            show_header=False,
+            box=box.SIMPLE,
         )
-    parts.append(table)
-    parts += [Text(f"{pool['name']}: {image_line(pool)}") for pool in summary["pools"]]
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        drain = pool["drain"]
+        live = _counts(pool["runners"], leave_out=("terminated",))
+        table.add_row("drain", Text(_drain_cell(drain), "" if drain["state"] == "none" else "yellow"))
+        table.add_row("runners", f"{live} ({_counts(pool['lifecycles'])})" if live != "-" else "none")
+        table.add_row("jobs waiting", Text(str(pool["jobs_waiting"]), "yellow" if pool["jobs_waiting"] else ""))
+        table.add_row("leases", f"{pool['leases']} of max {pool['max_runners']}")
+        table.add_row("image", image_line(pool).removeprefix("image "))
+        table.add_row("oldest idle", _age(pool["oldest_idle_seconds"]))
+        table.add_row("last hour", f"{pool['reaped_last_hour']} reaped, {pool['retired_last_hour']} retired")
+        parts.append(table)
     return Group(*parts)
