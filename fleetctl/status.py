@@ -289,11 +289,9 @@ def _drain_cell(drain: Mapping[str, Any]) -> str:
 
 
 def render(summary: Mapping[str, Any], *, fold: bool = False) -> Any:
-    """The summary for people: a header, the invariants, the hooks, then a table for each pool (a rich renderable,
-    for ``Console.print(..., crop=False)``, or for ``Live`` with ``fold``)."""
-    from rich import box
+    """The summary for people: a header, the invariants, the hooks, then a table of each pool, one aligned line per
+    figure (a rich renderable, for ``Console.print(..., crop=False)``, or for ``Live`` with ``fold``)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     parts: list[Any] = [
@@ -319,22 +317,25 @@ def render(summary: Mapping[str, Any], *, fold: bool = False) -> Any:
         lines.append(f"hook {hook['hook_id']} of project {hook['project_id']} -> {hook['url']}: {state}{until}")
     parts += [Text(line, overflow="fold") if fold else Text(line, no_wrap=True, overflow="ignore") for line in lines]
     for pool in summary["pools"]:
-        table = Table(
-            title=f"pool {pool['name']} ({','.join(pool['tags']) or 'untagged'})",
-            title_justify="left",
-            show_header=False,
-            box=box.SIMPLE,
-        )
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
+        parts.append(Text(f"pool {pool['name']} ({','.join(pool['tags']) or 'untagged'})", "bold"))
         drain = pool["drain"]
         live = _counts(pool["runners"], leave_out=("terminated",))
-        table.add_row("drain", Text(_drain_cell(drain), "" if drain["state"] == "none" else "yellow"))
-        table.add_row("runners", f"{live} ({_counts(pool['lifecycles'])})" if live != "-" else "none")
-        table.add_row("jobs waiting", Text(str(pool["jobs_waiting"]), "yellow" if pool["jobs_waiting"] else ""))
-        table.add_row("leases", f"{pool['leases']} of max {pool['max_runners']}")
-        table.add_row("image", image_line(pool).removeprefix("image "))
-        table.add_row("oldest idle", _age(pool["oldest_idle_seconds"]))
-        table.add_row("last hour", f"{pool['reaped_last_hour']} reaped, {pool['retired_last_hour']} retired")
-        parts.append(table)
+        rows = [
+            ("drain", _drain_cell(drain), "" if drain["state"] == "none" else "yellow"),
+            ("runners", f"{live} ({_counts(pool['lifecycles'])})" if live != "-" else "none", ""),
+            ("jobs waiting", str(pool["jobs_waiting"]), "yellow" if pool["jobs_waiting"] else ""),
+            ("leases", f"{pool['leases']} of max {pool['max_runners']}", ""),
+            ("image", image_line(pool).removeprefix("image "), "red" if pool["image_deleted"] else ""),
+            ("oldest idle", _age(pool["oldest_idle_seconds"]), ""),
+            ("last hour", f"{pool['reaped_last_hour']} reaped, {pool['retired_last_hour']} retired", ""),
+        ]
+        for label, value, style in rows:
+            # Aligned label and value lines rather than a rich Table, whose columns would squeeze a long value (an
+            # image with its candidate) into a fold; each line is never cut, like the violations above.
+            line = Text.assemble(f"  {label:<14}", (value, style))
+            if fold:
+                line.overflow = "fold"
+            else:
+                line.no_wrap, line.overflow = True, "ignore"
+            parts.append(line)
     return Group(*parts)

@@ -24,6 +24,7 @@ import jsonschema
 import pytest
 from click.testing import CliRunner, Result
 
+from chalicelib import runtime
 from chalicelib.lifecycle.rules import RETIRE_GRACE_SECONDS
 from chalicelib.naming import described_instance
 from chalicelib.store import job_key
@@ -174,6 +175,8 @@ def test_a_job_for_a_drained_pool_waits_visibly_and_launches_once_the_pool_is_un
     fleet.sandbox.pump.drain(timeout=10)
     assert fleet.job(job_id)["status"] == "pending"
     assert "outcome" not in (fleet.store.get(job_key(fleet.sandbox.project_id, job_id)) or {})
+    # and a warm launch (reconcile's, for a warm pool) makes nothing for it either
+    assert runtime.scale_up().launch_warm(fleet.config.pool("docker"), 1) == []
     assert fleet.live_instances() == []
     shown = fleetctl(fleet, "status")
     assert shown.exit_code == 0, shown.output
