@@ -1,4 +1,5 @@
-"""The ``fleetctl`` command line: validate, policies, bootstrap, ami publish, image, gitlab connect, status, sandbox."""
+"""The ``fleetctl`` command line: validate, policies, bootstrap, ami publish, image, gitlab connect, status, drain,
+undrain, reconcile, sandbox."""
 
 from __future__ import annotations
 
@@ -382,72 +383,159 @@ def gitlab_connect(
 
 @main.command()
 @CONFIG_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object, of the stable schema fleetctl/status_schema.json (docs/status.md).",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=1.0),
+    is_flag=False,
+    flag_value=5.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh the table in place every SECONDS (default 5) until Ctrl-C.",
+)
 @click.option(
     "--gitlab-token",
     envvar="GITLAB_TOKEN",
     help="API token to read the hooks with. Defaults to $GITLAB_TOKEN, else the config's gitlab.token_parameter.",
 )
-def status(config_path: Path, as_json: bool, gitlab_token: str | None) -> None:
-    """Jobs by status (and those recorded but never queued), runners by state, each pool's runners, leases and
-    image, and whether GitLab still executes each hook ``gitlab connect`` made."""
+def status(config_path: Path, as_json: bool, watch: float | None, gitlab_token: str | None) -> None:
+    """Each pool's runners (by state and spot / on-demand), jobs waiting, leases, image roll-out, oldest idle
+    runner, reaped in the last hour and drain state; jobs by status (and those never queued), the fleet's
+    invariants, and whether GitLab still executes each hook ``gitlab connect`` made."""
+    if as_json and watch is not None:
+        raise click.UsageError("--watch refreshes the table; --json prints one document")
+    config = _load(config_path)
+    summarise = _status_reader(config, _clients(config), gitlab_token)
+    if as_json:
+        click.echo(json.dumps(summarise(), sort_keys=True))
+        return
+    from rich.console import Console
+
+    from fleetctl.status import render
+
+    console = Console()
+    if watch is None:
+        console.print(render(summarise()), crop=False)
+        return
+    from rich.live import Live
+
+    try:
+        with Live(render(summarise(), fold=True), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(watch)
+                live.update(render(summarise(), fold=True), refresh=True)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends; Live has put the terminal back
+
+
+def _status_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:
+    """A function reading the status summary afresh (facts from AWS and GitLab, the table, the hooks) each call."""
     from chalicelib.lifecycle.facts import FactSource, gather_or_none
     from chalicelib.scaling.store import ScaleStore
     from chalicelib.store import FleetStore
-    from fleetctl.status import fleet_status, image_line, invariant_report
+    from fleetctl.status import fleet_status, invariant_report
 
-    config = _load(config_path)
-    clients = _clients(config)
     source = FactSource(
         config,
         ScaleStore(config.state.table, clients.dynamodb),
         clients.ec2,
         _gitlab_api(config, clients, gitlab_token),
     )
-    facts = gather_or_none(source, tokens=True)
-    summary = fleet_status(
-        config, FleetStore(config.state.table, clients.dynamodb), _hook_reader(config, clients, gitlab_token), facts
-    )
-    summary["invariants"] = invariant_report(config, facts)
-    if as_json:
-        click.echo(json.dumps(summary, sort_keys=True))
-        return
-    from rich.console import Console
-    from rich.table import Table
+    store = FleetStore(config.state.table, clients.dynamodb)
+    read_hook = _hook_reader(config, clients, gitlab_token)
 
-    console = Console()
-    console.print(
-        f"[bold]{summary['fleet']}[/bold]  jobs: {summary['jobs'] or '-'}  runners: {summary['runners'] or '-'}"
-        f"  unqueued jobs: {summary['unqueued_jobs']}"
+    def summarise() -> dict[str, Any]:
+        facts = gather_or_none(source, tokens=True)
+        summary = fleet_status(config, store, read_hook, facts)
+        summary["invariants"] = invariant_report(config, facts)
+        return summary
+
+    return summarise
+
+
+def _drained_pool(config_path: Path, pool: str) -> tuple[Any, Any]:
+    """The stage's config and the scale store, once ``pool`` is known to be one of its pools."""
+    from chalicelib.scaling.store import ScaleStore
+
+    config = _load(config_path)
+    try:
+        config.pool(pool)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="POOL") from None
+    return config, ScaleStore(config.state.table, _clients(config).dynamodb)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool")
+@click.option("--no-wait", is_flag=True, help="Drain and return at once, without following the pool to empty.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress reads.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Give up waiting (exit 1, the pool stays drained) after this many seconds; default: wait until empty.",
+)
+def drain(config_path: Path, pool: str, no_wait: bool, interval: float, timeout: float | None) -> None:
+    """Stop launching for POOL and retire its runners: idle ones at reconcile's next run, busy ones once their job
+    is done (they take no other). Jobs for the pool wait, queued, until ``fleetctl undrain POOL``. Prints the
+    progress (runners left, busy and idle, jobs waiting) until the pool is empty, unless --no-wait."""
+    from fleetctl.drain import drain_progress
+    from fleetctl.images import iso
+
+    _, store = _drained_pool(config_path, pool)
+    counter = store.capacity.set_drained(pool, True)
+    click.echo(
+        f"{pool} drained since {iso(counter.drained_at)}: nothing launches for it and its jobs wait; "
+        "reconcile retires its runners, busy ones once their job is done"
     )
-    invariants = summary["invariants"]
-    verdict = "hold" if invariants["hold"] else f"[red]{len(invariants['violations'])} violated[/red]"
-    unread = f" (not checked: {', '.join(invariants['unchecked'])})" if invariants["unchecked"] else ""
-    console.print(f"invariants: {verdict}{unread}")
-    for violation in invariants["violations"]:
-        console.print(f"  {violation}", soft_wrap=True, markup=False)
-    for hook in summary["hooks"]:
-        state = hook["alert_status"] or f"unknown ({hook['error']})"
-        until = f" until {hook['disabled_until']}" if hook["alert_status"] == "temporarily_disabled" else ""
-        # One line per hook, never truncated: the state is what the operator came for.
-        console.print(
-            f"hook {hook['hook_id']} of project {hook['project_id']} -> {hook['url']}: {state}{until}",
-            soft_wrap=True,
-            markup=False,
-        )
-    table = Table("pool", "tags", "max", "runners", "leases", "image")
-    for pool in summary["pools"]:
-        table.add_row(
-            pool["name"],
-            ",".join(pool["tags"]),
-            str(pool["max_runners"]),
-            json.dumps(pool["runners"]),
-            str(pool["leases"]),
-            pool["image"],
-        )
-    console.print(table)
-    for pool in summary["pools"]:
-        console.print(f"{pool['name']}: {image_line(pool)}", soft_wrap=True, markup=False)
+    progress = drain_progress(store, pool)
+    click.echo(progress.line())
+    if no_wait:
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not progress.empty:
+            if deadline is not None and time.monotonic() >= deadline:
+                click.echo(f"{pool} is not empty yet; it stays drained", err=True)
+                sys.exit(1)
+            time.sleep(interval)
+            latest = drain_progress(store, pool)
+            if not latest.drained:
+                click.echo(f"{pool} was undrained meanwhile", err=True)
+                sys.exit(1)
+            if latest != progress:
+                click.echo(latest.line())
+            progress = latest
+    except KeyboardInterrupt:
+        click.echo(f"stopped following; {pool} stays drained ('fleetctl undrain {pool}' undoes it)")
+        return
+    click.echo(f"{pool} is empty; {progress.jobs_waiting} job(s) wait for 'fleetctl undrain {pool}'")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool")
+def undrain(config_path: Path, pool: str) -> None:
+    """Let POOL launch again: the jobs waiting for it launch at their next turn in the queue. Runners already paused
+    for retirement are retired all the same."""
+    from fleetctl.drain import drain_progress
+
+    _, store = _drained_pool(config_path, pool)
+    store.capacity.set_drained(pool, False)
+    progress = drain_progress(store, pool)
+    click.echo(f"{pool} undrained: {progress.jobs_waiting} job(s) waiting launch at their next turn")
 
 
 def _token_reader(config: Any, clients: Any, gitlab_token: str | None) -> Any:

@@ -36,7 +36,7 @@ from chalicelib.gitlab_api import GitLabApi, GitLabRunner
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, described_instance, launch_template_name
 from chalicelib.observability import count, logger
 from chalicelib.scaling.store import ScaleStore
-from chalicelib.scaling.store.records import LaunchRecord, RunnerRecord
+from chalicelib.scaling.store.records import LaunchRecord, PoolCounter, RunnerRecord
 
 # EC2 states of an instance that exists (or is on its way out); a terminated one is gone.
 LIVE_INSTANCE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
@@ -102,6 +102,8 @@ class Facts:
     template_versions: Mapping[str, str]  # each pool's launch template default version
     # The version each pool's counter item names (the last image promotion's): what scale-up launches from.
     pool_versions: Mapping[str, str] = field(default_factory=dict)
+    # The pools the operator drained (``fleetctl drain``), from their counter items: when each was drained.
+    drained: Mapping[str, float] = field(default_factory=dict)
     # Candidate images awaiting their scan: (pool, deadline), from the image records that are live.
     scan_deadlines: Sequence[tuple[str, float]] = ()
     jobs: Sequence[JobFact] = ()
@@ -168,6 +170,11 @@ class FactSource:
             for item in pools
             if item.get("template_version") is not None
         }
+        drained = {
+            counter.name: counter.drained_at
+            for counter in (PoolCounter.from_item(str(item.get("name", "")), item) for item in pools)
+            if counter.drained
+        }
         scans = [
             (str(item.get("pool", "")), float(item["candidate"]["deadline"]))
             for item in self._live("image")
@@ -184,6 +191,7 @@ class FactSource:
             instances=instances,
             template_versions=versions,
             pool_versions=pool_versions,
+            drained=drained,
             scan_deadlines=scans,
             jobs=jobs,
             active_projects=tuple(active),

@@ -83,10 +83,11 @@ class InstanceEvents:
             return "ignored"
         return self.clean_up(change.instance_id, reason="instance terminated")
 
-    def clean_up(self, instance_id: str, reason: str) -> str:
+    def clean_up(self, instance_id: str, reason: str, *, pool: str = "") -> str:
         """The instance is gone (or going): terminate its record, give its lease back, delete its token and GitLab
-        runner. Idempotent; raises ``RetryableError`` when GitLab fails (the record keeps its cleanup mark)."""
-        termination = self._store.terminations.terminate_runner(instance_id, reason=reason)
+        runner. Idempotent; raises ``RetryableError`` when GitLab fails (the record keeps its cleanup mark).
+        ``pool`` (known from the instance's tag) goes on the tombstone of an instance that has no record."""
+        termination = self._store.terminations.terminate_runner(instance_id, reason=reason, pool=pool)
         if termination.tombstone:
             if termination.newly:
                 logger.info("instance terminated before its runner was recorded", extra={"instance_id": instance_id})

@@ -67,6 +67,12 @@ if TYPE_CHECKING:
     from chalicelib.scaling.tokens import RunnerTokens
 
 RUN_LEASE = "reconcile"
+# How a terminated runner record's ``reason`` begins when reconcile ended it: an orphan reaped (its instance
+# terminated), a record whose instance was already gone cleaned up, a runner retired. ``fleetctl status`` counts
+# them per pool over the last hour from the records, which stay in the table for a week.
+REAPED = "reaped: "
+RECONCILED = "reconciled: "
+RETIRED = "retired: "
 # The longest a run may take: the reconcile Lambda's timeout (.chalice/config.json). The run lease lasts no longer
 # than the invocation's time left, so a run stopped at its timeout keeps the next run out until then, at most.
 RUN_LEASE_SECONDS = 120.0
@@ -273,12 +279,13 @@ class Reconciler:
     def _act(self, action: Action, report: RunReport) -> bool:
         log = {"action": type(action).__name__, "reason": action.reason, "facts": dict(action.facts)}
         if isinstance(action, Reap):
-            self._events.clean_up(action.instance_id, reason=f"reaped: {action.reason}")
+            pool = str(action.facts.get("pool") or "")
+            self._events.clean_up(action.instance_id, reason=f"{REAPED}{action.reason}", pool=pool)
             report.count(f"OrphansReaped.{action.kind.value}")
             logger.warning("instance reaped", extra={**log, "instance_id": action.instance_id})
             return True
         if isinstance(action, CleanUp):
-            self._events.clean_up(action.instance_id, reason=f"reconciled: {action.reason}")
+            self._events.clean_up(action.instance_id, reason=f"{RECONCILED}{action.reason}")
             report.count(f"OrphansReaped.{action.kind.value}")
             logger.warning("runner record reconciled", extra={**log, "instance_id": action.instance_id})
             return True
@@ -396,7 +403,7 @@ class Reconciler:
                 extra={**log, "instance_id": action.instance_id, "running_jobs": running or []},
             )
             return False
-        reason = f"retired: {action.reason}"
+        reason = f"{RETIRED}{action.reason}"
         self._gitlab.delete_runner(action.runner_id)
         self._terminate([action.instance_id])
         self._events.clean_up(action.instance_id, reason=reason)

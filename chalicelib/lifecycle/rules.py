@@ -17,13 +17,15 @@ action carries the reason and the facts that led to it, for its log line. What e
   terminated and its leases given back;
 * **image roll-out**: a launch template whose default is not the version the pool's counter item names (an image
   promotion stopped after recording it) gets it as default; a candidate image past its scan deadline is reported;
-* **retire**: a runner past its lifetime's retirement point, launched from a template version that is no longer
-  its pool's (an image promotion made a new one), or kept warm after its window closed: paused (busy or idle) in
-  one run, then, a grace later and running nothing, deleted and terminated;
+* **retire**: a runner of a drained pool (``fleetctl drain``), past its lifetime's retirement point, launched from
+  a template version that is no longer its pool's (an image promotion made a new one), or kept warm after its
+  window closed: paused (busy or idle) in one run, then, a grace later and running nothing, deleted and
+  terminated;
 * **lost webhook**: a pending job the table does not know is queued: queued now; and a pending job whose launch
   ended long ago (past the boot deadline) without any runner taking it (its runner was reaped): its claim is
   released and it is queued again, for a launch of its own;
-* **warm**: a pool short of idle runners inside its warm window gets them, within ``max_runners``.
+* **warm**: a pool short of idle runners inside its warm window gets them, within ``max_runners``, unless it is
+  drained.
 """
 
 from __future__ import annotations
@@ -378,6 +380,8 @@ def retiring(record: RunnerRecord) -> bool:
 def _retire_reason(record: RunnerRecord, pool: PoolConfig, facts: Facts, now_utc: datetime) -> str:
     instance = facts.instances.get(record.instance_id)
     current = facts.pool_version(pool.name)
+    if pool.name in facts.drained:
+        return "its pool is drained"
     if facts.now >= retire_at(record, pool):
         return "past its lifetime's retirement point"
     if instance is not None and current and instance.template_version and instance.template_version != current:
@@ -560,6 +564,8 @@ def warm_launches(facts: Facts, config: FleetConfig) -> list[Action]:
             ready[record.pool] += 1
     actions: list[Action] = []
     for pool in config.pools:
+        if pool.name in facts.drained:
+            continue  # a drained pool is never kept warm
         size = warm_size(pool.warm, now_utc)
         room = pool.max_runners - facts.leases.get(pool.name, 0)
         count = min(size - ready[pool.name], room)

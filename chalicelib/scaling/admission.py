@@ -101,7 +101,8 @@ class Admission:
             return 0
 
     def admit_waiting(self, jobs: Sequence[QueuedJob], report: BatchReport) -> list[Matched]:
-        """Jobs back from waiting for capacity: as many as their pool has room for go on, the rest wait again.
+        """Jobs back from waiting for capacity: as many as their pool has room for go on, the rest wait again (all of
+        them while the pool is drained).
 
         They were read from GitLab and matched before they waited; asking GitLab again on every turn would spend
         its API rate limit on jobs that cannot launch anyway. Whether a job is still pending is checked by the
@@ -115,7 +116,9 @@ class Admission:
         admitted: list[Matched] = []
         for pool_name, group in by_pool.items():
             pool = self._config.pool(pool_name)
-            room = max(0, pool.max_runners - self._store.capacity.leases(pool_name))
+            # One read of the pool's counter: its leases, and whether the operator drained it (no room at all).
+            counter = self._store.capacity.pool_counter(pool_name)
+            room = 0 if counter.drained else max(0, pool.max_runners - counter.leases)
             admitted += [Matched(job, pool, job.tags) for job in group[:room]]
             over = group[room:]
             settled = (
@@ -128,7 +131,7 @@ class Admission:
                     logger.info("waiting copy of a job that needs no launch dropped", extra=job_log(job))
                     report.add(Outcome.DUPLICATE)
                     continue
-                self._give_back.wait(Matched(job, pool, job.tags), report)
+                self._give_back.wait(Matched(job, pool, job.tags), report, drained=counter.drained)
         return admitted
 
     def _read_job(self, job: QueuedJob) -> JobInfo | RetryableError | None:

@@ -1,7 +1,8 @@
 """Jobs that do not launch now go back: to wait for capacity, to be tried again after a backoff, or to the
 dead-letter queue with their reason.
 
-Waiting is not failing: a job whose pool is full spends no attempt. A retry spends one, and a job out of attempts
+Waiting is not failing: a job whose pool is full, or drained by the operator (``fleetctl drain``), spends no
+attempt. A retry spends one, and a job out of attempts
 is dead-lettered and marked so on its record, so that no copy of its message claims it again. A launch EC2
 refused for good releases its jobs' claims and dead-letters them with the AWS error code. A launch whose
 CreateFleet got no answer keeps its leases and its jobs' claims, for the jobs to come back and resume it.
@@ -87,9 +88,12 @@ class GiveBack:
             self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
             self.dead_letter(item.job, reason, report, error_code=code)
 
-    def wait(self, item: Matched, report: BatchReport) -> None:
-        """The pool is full: wait for capacity. Waiting is not failing, so it spends no attempt."""
-        count("LeaseWaits")
+    def wait(self, item: Matched, report: BatchReport, *, drained: bool = False) -> None:
+        """The pool is full, or drained: wait for capacity (or the undrain). Waiting is not failing, so it spends no
+        attempt; each turn, the job's record is looked up again (:meth:`Admission.admit_waiting`), so a job that
+        finished or was cancelled meanwhile stops waiting. A drained pool's waits count as ``DrainWaits``, not as
+        ``LeaseWaits``, which say a pool is too small."""
+        count("DrainWaits" if drained else "LeaseWaits")
         job = item.job.but(waits=item.job.waits + 1, pool=item.pool.name, tags=item.tags)
         self.requeue(job, self._policy.lease_wait_delay(item.job.waits), report, Outcome.WAITING)
 

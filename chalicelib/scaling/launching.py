@@ -14,6 +14,10 @@ claimed again. A throttled or short launch gives back what it did not use and re
 that got no answer (a timeout, AWS's 5xx) may have made instances: the launch keeps its leases and claims, and
 its jobs come back to resume it with the same plan, never to launch again under a new launch id. An AWS error
 once the instances exist is handled where their runners are made (:mod:`chalicelib.scaling.recording`).
+
+Draining. A pool the operator drained (``fleetctl drain``; the mark is on the pool's counter item, read once per
+launch for its template version anyway) launches nothing: its jobs wait as for capacity, spending no attempt, and
+warm launches make nothing. A launch that stopped part way is still resumed: its instances may exist already.
 """
 
 from __future__ import annotations
@@ -40,9 +44,8 @@ from chalicelib.scaling.fleet import (
 from chalicelib.scaling.giving_back import GiveBack
 from chalicelib.scaling.recording import RunnerRecorder
 from chalicelib.scaling.store import ScaleStore
-from chalicelib.scaling.store.records import LaunchRecord
+from chalicelib.scaling.store.records import LaunchRecord, PoolCounter
 from chalicelib.scaling.tokens import RunnerTokens
-from chalicelib.store import pool_key
 
 # A launch record younger than this may still be in the hands of a live invocation; only an older one is
 # resumed by another. Twice the scale-up Lambda's timeout.
@@ -77,7 +80,11 @@ class PoolLauncher:
         return self._store.launches.take_over_launch(launch_id, stale_before=self._clock() - STALE_LAUNCH_SECONDS)
 
     def launch(self, pool: PoolConfig, launch_id: str, items: list[Matched], report: BatchReport) -> None:
-        template = self.template(pool)
+        counter = self._store.capacity.pool_counter(pool.name)
+        if counter.drained:
+            self._wait_for_undrain(pool, launch_id, items, report)
+            return
+        template = self._template_of(pool, counter)
         granted = self._store.capacity.acquire_leases(
             pool.name,
             len(items),
@@ -87,7 +94,7 @@ class PoolLauncher:
         )
         running, waiting = items[:granted], items[granted:]
         for item in waiting:
-            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id)
+            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id, waiting_for=pool.name)
             self._give_back.wait(item, report)
         if not running:
             return
@@ -131,6 +138,15 @@ class PoolLauncher:
             # this launch, which the jobs resume, sending the same fallback request again.
             reason = "on-demand fallback did not answer"
             self._give_back.keep_for_resume(pool, launch_id, unknown, reason, report, finished=not instances)
+
+    def _wait_for_undrain(self, pool: PoolConfig, launch_id: str, items: list[Matched], report: BatchReport) -> None:
+        """The operator drained the pool: its jobs wait, as for capacity, until it is undrained."""
+        logger.info(
+            "pool drained; its jobs wait", extra={"pool": pool.name, "launch_id": launch_id, "count": len(items)}
+        )
+        for item in items:
+            self._store.claims.release_claim(item.job.project_id, item.job.job_id, launch_id, waiting_for=pool.name)
+            self._give_back.wait(item, report, drained=True)
 
     def _short(
         self,
@@ -237,9 +253,12 @@ class PoolLauncher:
         No job waits on them: what EC2 did not make goes back at once, and a launch that stops part way is left
         ``incomplete`` for reconcile to settle once it is stale.
         """
+        counter = self._store.capacity.pool_counter(pool.name)
+        if counter.drained:
+            return []  # a drained pool is never kept warm
         self._tokens.learn_roles([pool.name])
         launch_id = self._new_launch_id()
-        template = self.template(pool)
+        template = self._template_of(pool, counter)
         granted = self._store.capacity.acquire_leases(
             pool.name,
             wanted,
@@ -281,9 +300,12 @@ class PoolLauncher:
         """The launch template version the pool's counter item names (image rotation writes it with each
         promotion, :mod:`chalicelib.images.store`), read once per launch so that its plan names one version; the
         template's default before any promotion."""
-        item = self._store.get(pool_key(pool.name)) or {}
-        version = item.get("template_version")
+        return self._template_of(pool, self._store.capacity.pool_counter(pool.name))
+
+    def _template_of(self, pool: PoolConfig, counter: PoolCounter) -> LaunchTemplateRef:
+        """The template ``counter`` (the pool's counter item, read once per launch with its drain mark) names."""
         name = launch_template_name(self._config.fleet, pool.name)
+        version = counter.template_version
         return LaunchTemplateRef(name, str(version)) if version is not None else LaunchTemplateRef(name)
 
     def _plan(self, pool: PoolConfig, template: LaunchTemplateRef, launch_id: str, count: int) -> LaunchPlan:

@@ -391,6 +391,7 @@ def test_status_shows_each_pools_image_pin_and_rollout(
     first = rotation.history(DOCKER).current
     assert first is not None and first.digest != second
     table = fleetctl(stage, "status").output
-    assert f"docker: image ci/build-base@{first.digest[:15]}… (pinned) rollout 0/3 on version 3" in table
-    assert "build: image ci/build-base:latest" not in table
-    assert "build: image ci/dind:latest (no digest recorded) rollout 0/0 on version 1" in table
+    docker_table = table[table.index("pool docker") : table.index("pool build")]
+    assert f"  image         ci/build-base@{first.digest[:15]}… (pinned) rollout 0/3 on version 3\n" in docker_table
+    build_table = table[table.index("pool build") :]
+    assert "  image         ci/dind:latest (no digest recorded) rollout 0/0 on version 1\n" in build_table

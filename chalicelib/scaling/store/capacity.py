@@ -2,7 +2,8 @@
 
 A launch takes its leases in the same transaction that writes its record, so no lease is ever held by nobody, and
 gives back those it will not use (it made fewer instances) in the same transaction that lowers what its record
-holds. Idle runners, which take a pool's next jobs by themselves, are counted here too.
+holds. Idle runners, which take a pool's next jobs by themselves, are counted here too, and a pool is drained here
+(``fleetctl drain``): the mark sits on the same counter item scale-up reads for each launch, so it costs no read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from botocore.exceptions import ClientError
 from chalicelib.scaling.launches import LaunchEvent, LaunchState
 from chalicelib.scaling.launches import update as launch_update
 from chalicelib.scaling.store.launches import LaunchStore
+from chalicelib.scaling.store.records import DRAINED_ATTRIBUTE, PoolCounter
 from chalicelib.scaling.store.table import (
     CONFLICT_ATTEMPTS,
     GIVE_BACK_ATTEMPTS,
@@ -24,7 +26,7 @@ from chalicelib.scaling.store.table import (
     transiently_cancelled,
     update_request,
 )
-from chalicelib.store import IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE, launch_key, pool_key, to_item
+from chalicelib.store import IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE, from_item, launch_key, pool_key, to_item
 
 
 class CapacityStore(ScaleTable):
@@ -118,7 +120,27 @@ class CapacityStore(ScaleTable):
         return 0
 
     def leases(self, pool: str) -> int:
-        return int((self.get(pool_key(pool)) or {}).get("leases", 0))
+        return self.pool_counter(pool).leases
+
+    def pool_counter(self, pool: str) -> PoolCounter:
+        """The pool's counter item, read consistently: its leases, template version and drain mark in one read."""
+        return PoolCounter.from_item(pool, self.get(pool_key(pool)))
+
+    def set_drained(self, pool: str, drained: bool) -> PoolCounter:
+        """Drain the pool (scale-up then launches nothing for it and reconcile retires its runners) or undrain it;
+        returns the counter as the write left it. Draining a drained pool keeps the time it was first drained."""
+        if drained:
+            expression = f"SET kind = :kind, #name = :name, #live = :kind, {DRAINED_ATTRIBUTE} = "
+            expression += f"if_not_exists({DRAINED_ATTRIBUTE}, :now)"
+            values: dict[str, Any] = {":kind": "pool", ":name": pool, ":now": self._clock()}
+        else:
+            expression = "SET kind = :kind, #name = :name, #live = :kind REMOVE " + DRAINED_ATTRIBUTE
+            values = {":kind": "pool", ":name": pool}
+        request = update_request(
+            self.table, pool_key(pool), expression, values, names={"#name": "name", "#live": LIVE_ATTRIBUTE}
+        )
+        answer = self._past_conflicts(lambda: self._client.update_item(**request, ReturnValues="ALL_NEW"))
+        return PoolCounter.from_item(pool, from_item(answer.get("Attributes", {})))
 
     def idle_runners(self, pool: str, limit: int) -> int:
         """How many of the pool's runners are idle with builds left (up to ``limit``): one Query of the sparse

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import error_code
 from chalicelib.intake.job_hooks import JobStatus
 from chalicelib.scaling.launches import LaunchState
-from chalicelib.scaling.store.records import DEAD_LETTERED_OUTCOME, Claim, ClaimOutcome
+from chalicelib.scaling.store.records import DEAD_LETTERED_OUTCOME, WAITING_POOL_ATTRIBUTE, Claim, ClaimOutcome
 from chalicelib.scaling.store.table import ScaleTable, update_request
 from chalicelib.store import (
     LIVE_ATTRIBUTE,
@@ -65,17 +65,21 @@ class ClaimStore(ScaleTable):
             return Claim(ClaimOutcome.HELD, str(old["launch_id"]), float(old.get("claimed_at", 0)))
         return Claim(ClaimOutcome.NOT_PENDING, "")
 
-    def release_claim(self, project_id: int, job_id: int, launch_id: str) -> None:
-        """Untie a job from a launch that will not run it, so a later attempt can claim it again."""
+    def release_claim(self, project_id: int, job_id: int, launch_id: str, *, waiting_for: str = "") -> None:
+        """Untie a job from a launch that will not run it, so a later attempt can claim it again. ``waiting_for``
+        names the pool it waits for (full, or drained): the same write marks the item with it and the time it
+        first waited, which ``fleetctl status`` counts as the pool's waiting jobs until a launch claims it."""
+        expression = "REMOVE launch_id, claimed_at"
+        values: dict[str, Any] = {":launch": launch_id}
+        if waiting_for:
+            expression = (
+                f"SET {WAITING_POOL_ATTRIBUTE} = :pool, waiting_since = if_not_exists(waiting_since, :now) "
+                + expression
+            )
+            values.update({":pool": waiting_for, ":now": self._clock()})
         try:
             self._client.update_item(
-                **update_request(
-                    self.table,
-                    job_key(project_id, job_id),
-                    "REMOVE launch_id, claimed_at",
-                    {":launch": launch_id},
-                    "launch_id = :launch",
-                )
+                **update_request(self.table, job_key(project_id, job_id), expression, values, "launch_id = :launch")
             )
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":

@@ -24,6 +24,12 @@ class ClaimOutcome(str, Enum):
 
 # The value of a job item's ``outcome`` once scale-up has dead-lettered the job.
 DEAD_LETTERED_OUTCOME = "dead_lettered"
+# A pool counter item (``POOL#<pool>``) carries this, the time it was drained, while its pool is drained: scale-up
+# launches nothing for the pool (its jobs wait) and reconcile retires its runners.
+DRAINED_ATTRIBUTE = "drained_at"
+# A job item that waited for its pool (full, or drained) carries the pool and when it first waited, so that
+# ``fleetctl status`` shows each pool's waiting jobs; written with the release of the claim it waited from.
+WAITING_POOL_ATTRIBUTE = "waiting_pool"
 # A terminated runner record carries ``token_cleanup`` / ``gitlab_cleanup`` with this value until its token / its
 # GitLab runner is deleted.
 CLEANUP_PENDING = "pending"
@@ -153,6 +159,33 @@ class LaunchRecord:
             reason=str(values.get("reason", "")),
             instances=tuple(str(i) for i in values.get("instances", ())),
             plan=str(values.get("plan", "")),
+        )
+
+
+@dataclass(frozen=True)
+class PoolCounter:
+    """A ``POOL#<pool>`` item, typed: the pool's leases, the launch template version it launches from (None before
+    the first image promotion), and since when it is drained (0: not drained; ``fleetctl drain`` sets it). A pool
+    that has no item yet reads as the default: no leases, no version, not drained."""
+
+    name: str
+    leases: int = 0
+    template_version: int | None = None
+    drained_at: float = 0.0
+
+    @property
+    def drained(self) -> bool:
+        return self.drained_at > 0
+
+    @classmethod
+    def from_item(cls, name: str, values: Mapping[str, Any] | None) -> PoolCounter:
+        values = values or {}
+        version = values.get("template_version")
+        return cls(
+            name=name,
+            leases=int(values.get("leases", 0)),
+            template_version=int(version) if version is not None else None,
+            drained_at=float(values.get(DRAINED_ATTRIBUTE, 0)),
         )
 
 

@@ -32,18 +32,20 @@ from chalicelib.store import (
 class TerminationStore(ScaleTable):
     """Terminating runner records (or writing their tombstones), and clearing their cleanup marks."""
 
-    def terminate_runner(self, instance_id: str, reason: str) -> Termination:
+    def terminate_runner(self, instance_id: str, reason: str, *, pool: str = "") -> Termination:
         """Mark a runner terminated and give its lease back to the pool, exactly once.
 
         The terminated record keeps ``token_cleanup`` and ``gitlab_cleanup`` marks until :meth:`finish_cleanup`,
         so a retried or duplicate event finishes deleting whichever is left. An instance with no
         record yet (terminated between CreateFleet and its record write) gets a terminated tombstone, which
-        refuses that later write; its lease is still held by its launch, which gives it back.
+        refuses that later write; its lease is still held by its launch, which gives it back. ``pool``, when the
+        caller knows it (reconcile reaping an instance no record knows, from its tag), goes on the tombstone, so
+        that ``fleetctl status`` counts the reaping for its pool.
         """
         for _ in range(CONFLICT_ATTEMPTS):
             found = self.get(runner_key(instance_id))
             if found is None:
-                if self._put_tombstone(instance_id, reason):
+                if self._put_tombstone(instance_id, reason, pool):
                     return Termination(None, newly=True, tombstone=True)
                 continue  # the record was written meanwhile: terminate it
             record = RunnerRecord.from_item(found)
@@ -61,9 +63,9 @@ class TerminationStore(ScaleTable):
                 return Termination(terminated, newly=True, tombstone=False)
         raise RuntimeError(f"runner record {instance_id} kept changing while it was terminated")
 
-    def _put_tombstone(self, instance_id: str, reason: str) -> bool:
+    def _put_tombstone(self, instance_id: str, reason: str, pool: str) -> bool:
         now = self._clock()
-        item = {
+        item: dict[str, Any] = {
             "pk": runner_key(instance_id),
             "kind": "runner",
             "instance_id": instance_id,
@@ -74,6 +76,8 @@ class TerminationStore(ScaleTable):
             "updated_at": now,
             "ttl": int(now) + FINISHED_JOB_TTL_SECONDS,
         }
+        if pool:
+            item["pool"] = pool
         if self._write_unless_refused(
             "put_item",
             {"TableName": self.table, "Item": to_item(item), "ConditionExpression": "attribute_not_exists(pk)"},
