@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chalicelib.config import FleetConfig
+from chalicelib.lifecycle.rules import Kind
 from chalicelib.naming import FLEET_TAG, events_dead_letter_queue_name
 from chalicelib.observability import NAMESPACE, SERVICE
 
@@ -211,6 +212,24 @@ def _queue_metric(queue: str | dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What reconcile reaps, each counted as OrphansReaped.<kind>: the rules' kinds and the expired runner tokens.
+ORPHAN_KINDS = (*(kind.value for kind in Kind), "Token")
+
+
+def _orphans_reaped() -> dict[str, Any]:
+    """The sum of every ``OrphansReaped.<kind>``, as an alarm's metric math."""
+    parts = [
+        {
+            "Id": f"kind{index}",
+            "MetricStat": {"Metric": _fleet_metric(f"OrphansReaped.{kind}"), "Period": FIFTEEN_MINUTES, "Stat": "Sum"},
+            "ReturnData": False,
+        }
+        for index, kind in enumerate(ORPHAN_KINDS)
+    ]
+    total = {"Id": "reaped", "Expression": "SUM(METRICS())", "Label": "OrphansReaped", "ReturnData": True}
+    return {"Metrics": [*parts, total]}
+
+
 def _alarm(
     config: FleetConfig,
     name: str,
@@ -224,14 +243,15 @@ def _alarm(
     datapoints: int = 1,
     comparison: str = "GreaterThanOrEqualToThreshold",
 ) -> dict[str, Any]:
+    # A metric alarm states its statistic and period; a metric-math alarm states them per metric.
+    single = {} if "Metrics" in metric else {"Statistic": statistic, "Period": period}
     return {
         "Type": "AWS::CloudWatch::Alarm",
         "Properties": {
             "AlarmName": f"{config.fleet}-{name}",
             "AlarmDescription": f"{description} See docs/operations-runbook.md, {name}.",
             **metric,
-            "Statistic": statistic,
-            "Period": period,
+            **single,
             "EvaluationPeriods": evaluation_periods,
             "DatapointsToAlarm": datapoints,
             "Threshold": threshold,
@@ -269,9 +289,8 @@ def alarms(config: FleetConfig) -> dict[str, dict[str, Any]]:
             config,
             "orphans-reaped",
             "Reconcile reaped 3 or more orphans (instances, records, runners, tokens, launches) in 15 minutes.",
-            _fleet_metric("OrphansReaped"),
+            _orphans_reaped(),
             threshold=3,
-            period=FIFTEEN_MINUTES,
         ),
         "LaunchErrorsAlarm": _alarm(
             config,
@@ -418,7 +437,9 @@ def dashboard_body(config: FleetConfig) -> dict[str, Any]:
         ),
         _graph(
             "Fleet health",
-            _metrics(["InvariantViolations", "HooksDisabled", "ReconcileStopped", "SweepProjectsFailed"]),
+            _metrics(
+                ["InvariantViolations", "HooksDisabled", "HookChecksFailed", "ReconcileStopped", "SweepProjectsFailed"]
+            ),
             period=300,
         ),
         _graph("Queues (messages visible)", queues, stat="Maximum"),
