@@ -64,7 +64,8 @@ def package(stage: str, out_dir: Path, *, project_dir: Path = PROJECT_DIR) -> Pa
     config = load_config(stage_config_path(chalice_config, stage))
     out_dir.mkdir(parents=True, exist_ok=True)
     merge = out_dir / MERGE_TEMPLATE
-    merge.write_text(json.dumps(merge_template(config), indent=2) + "\n")
+    app_name = str(json.loads(chalice_config.read_text())["app_name"])
+    merge.write_text(json.dumps(merge_template(config, app_name=app_name, stage=stage), indent=2) + "\n")
     _chalice_package(config, stage, project_dir, merge, out_dir)
     template, deployment = out_dir / TEMPLATE, out_dir / DEPLOYMENT_PACKAGE
     _check_dependencies(deployment, project_dir / "requirements.txt")

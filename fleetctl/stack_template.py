@@ -11,6 +11,8 @@ bootstrap`` use:
   policy and dead-letter queue (events EventBridge could not deliver) and Lambda's on-failure destination (events
   whose invocation still failed after Lambda's two retries), both the events dead-letter queue this stack owns, so
   no event is dropped;
+* each function's name, the one ``chalice deploy`` gives it (``<app>-<stage>-<function>``): CloudFormation would
+  otherwise make up names, and each function's policy grants its logs (and so its EMF metrics) by that name;
 * a CloudWatch dashboard of the fleet's EMF metrics and the alarms ``docs/operations-runbook.md`` explains, sent
   to an SNS topic of the stack's.
 
@@ -33,6 +35,7 @@ from chalicelib.config import FleetConfig
 from chalicelib.lifecycle.rules import Kind
 from chalicelib.naming import FLEET_TAG, events_dead_letter_queue_name
 from chalicelib.observability import NAMESPACE, SERVICE
+from fleetctl.lambda_policies import LambdaFunction, function_name
 
 Template = dict[str, Any]
 
@@ -73,6 +76,15 @@ EVENT_HANDLERS = {
     "Images": "ImagesEvent",
 }
 
+FUNCTIONS = {
+    "APIHandler": LambdaFunction.WEBHOOK,
+    SCALE_UP: LambdaFunction.SCALE_UP,
+    "InstanceState": LambdaFunction.INSTANCE_STATE,
+    RECONCILE: LambdaFunction.RECONCILE,
+    "InstanceInterruption": LambdaFunction.INSTANCE_INTERRUPTION,
+    "Images": LambdaFunction.IMAGES,
+}
+
 EVENTS_DLQ = "EventsDeadLetterQueue"
 ALARM_TOPIC = "AlarmTopic"
 DASHBOARD = "Dashboard"
@@ -82,8 +94,8 @@ FIVE_MINUTES = 300
 FIFTEEN_MINUTES = 900
 
 
-def merge_template(config: FleetConfig) -> Template:
-    """The merge template for ``config``'s stage."""
+def merge_template(config: FleetConfig, *, app_name: str, stage: str) -> Template:
+    """The merge template for ``config``, the stage file of Chalice stage ``stage`` of app ``app_name``."""
     resources: dict[str, Any] = {
         SCALE_UP: {
             "Properties": {
@@ -160,6 +172,9 @@ def merge_template(config: FleetConfig) -> Template:
         },
         **{alarm_id: alarm for alarm_id, alarm in alarms(config).items()},
     }
+    for logical_id, function in FUNCTIONS.items():
+        named = {"FunctionName": function_name(app_name, stage, function)}
+        resources.setdefault(logical_id, {}).setdefault("Properties", {}).update(named)
     return {
         "Resources": resources,
         "Outputs": {

@@ -46,6 +46,14 @@ def test_each_stage_packages_into_a_template_cfn_lint_passes(stage: str, tmp_pat
     assert mapping["ScalingConfig"] == {"MaximumConcurrency": 5}
     (throttle,) = resources["RestAPI"]["Properties"]["MethodSettings"]
     assert throttle["ThrottlingRateLimit"] > 0 and throttle["ThrottlingBurstLimit"] > 0
+    # each function is named as its policy's log grant names it, so it can write its logs and EMF metrics
+    for name, function in _resources(template, "AWS::Serverless::Function").items():
+        role = resources[function["Properties"]["Role"]["Fn::GetAtt"][0]]
+        (logs,) = [
+            s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"] if s["Sid"] == "OwnLogs"
+        ]
+        log_group = f"log-group:/aws/lambda/{function['Properties']['FunctionName']}"
+        assert any(resource.endswith(log_group) for resource in logs["Resource"]), name
     # no EventBridge-invoked handler drops an event: EventBridge's undelivered ones and Lambda's failed ones both
     # go to the events dead-letter queue
     for function in ("InstanceState", "InstanceInterruption", "Images"):
