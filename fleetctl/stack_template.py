@@ -5,7 +5,7 @@ source mapping; ``chalice package --merge-template`` deep-merges this template i
 cannot express, generated from the stage file so that every name is the one the Lambdas and ``fleetctl
 bootstrap`` use:
 
-* the scale-up event source mapping's batch size, batching window and maximum concurrency, set here on purpose;
+* the scale-up event source mapping's maximum concurrency (its batch size and window are app.py's);
 * the API stage's throttling (rate and burst);
 * for the EventBridge-invoked handlers (instance-state, instance-interruption, images): the rule target's retry
   policy and dead-letter queue (events EventBridge could not deliver) and Lambda's on-failure destination (events
@@ -39,14 +39,12 @@ from fleetctl.lambda_policies import LambdaFunction, function_name
 
 Template = dict[str, Any]
 
-# The scale-up trigger, as app.py's decorator sets it (Chalice writes the same values; they are repeated here so
-# the stack states every setting of the mapping in one place): up to 50 jobs a batch, gathered for at most a
-# second, and at most five batches at once. Five is the concurrency the sandbox runs scale-up at and the suite,
-# the bursts and the soak hold at: concurrent batches meet on each pool's lease counter, whose transaction
-# conflicts are retried (up to 8 attempts), and each batch makes one CreateFleet per pool and one GitLab runner
-# per instance, which GitLab and EC2's request rates bound. Lambda's smallest maximum concurrency is 2.
-SCALE_UP_BATCH_SIZE = 50
-SCALE_UP_BATCHING_WINDOW_SECONDS = 1
+# The scale-up trigger: its batch size (50 jobs) and batching window (1 s) are app.py's decorator's, which Chalice
+# writes into the mapping and the sandbox's pump reads too, so they have one source; the stack adds at most five
+# batches at once. Five is the concurrency the sandbox runs scale-up at and the suite, the bursts and the soak hold
+# at: concurrent batches meet on each pool's lease counter, whose transaction conflicts are retried (up to 8
+# attempts), and each batch makes one CreateFleet per pool and one GitLab runner per instance, which EC2's and
+# GitLab's request rates bound. Lambda's smallest maximum concurrency is 2.
 SCALE_UP_MAX_CONCURRENCY = 5
 
 # API Gateway throttling of the webhook stage. GitLab counts a 429 as a failed delivery and disables a hook after
@@ -100,13 +98,7 @@ def merge_template(config: FleetConfig, *, app_name: str, stage: str) -> Templat
         SCALE_UP: {
             "Properties": {
                 "Events": {
-                    SCALE_UP_EVENT: {
-                        "Properties": {
-                            "BatchSize": SCALE_UP_BATCH_SIZE,
-                            "MaximumBatchingWindowInSeconds": SCALE_UP_BATCHING_WINDOW_SECONDS,
-                            "ScalingConfig": {"MaximumConcurrency": SCALE_UP_MAX_CONCURRENCY},
-                        }
-                    }
+                    SCALE_UP_EVENT: {"Properties": {"ScalingConfig": {"MaximumConcurrency": SCALE_UP_MAX_CONCURRENCY}}}
                 }
             }
         },
