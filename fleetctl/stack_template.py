@@ -21,8 +21,8 @@ table, the jobs queue and its dead-letter queue, which this template only names 
 mapping). No resource is created by both (``docs/deploy.md``, "What owns what").
 
 The logical ids merged into (``ScaleUp``, ``ScaleUpSqsEventSource``, ``RestAPI``, ``InstanceStateEvent`` ...) are
-the ones Chalice 1.34 gives the functions of ``app.py``; ``fleetctl.package`` checks that each exists in the
-template Chalice wrote before it merges, since a misspelt one would silently add a resource without a type.
+the ones Chalice 1.34 gives the functions of ``app.py``; a misspelt one would add a resource (or an event) without
+a type, which ``fleetctl.package`` refuses in the merged template.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ SCALE_UP_MAX_CONCURRENCY = 5
 API_RATE_LIMIT = 100
 API_BURST_LIMIT = 200
 
-# EventBridge's delivery to a Lambda target, stated explicitly (AWS's defaults and maxima): 185 attempts over a
-# day, then the events dead-letter queue.
+# EventBridge's delivery to a Lambda target, stated explicitly (AWS's defaults and maxima): up to 185 retries over
+# a day, then the events dead-letter queue.
 EVENTBRIDGE_RETRY_ATTEMPTS = 185
 EVENTBRIDGE_MAX_EVENT_AGE_SECONDS = 24 * 3600
 # Lambda's asynchronous invocation: the handlers are written for two retries (one, then two minutes later), and
