@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration e2e bench soak clean sandbox-up sandbox-down policies
+.PHONY: demo test lint typecheck unit integration e2e bench soak clean sandbox-up sandbox-down policies package
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -64,6 +64,15 @@ test: lint typecheck $(TOOLS)
 	test $$suite -eq 0 && test $$late_status -eq 0 && test $$scenario_status -eq 0 && test $$slow_status -eq 0
 	@$(BIN)/python -m tests.iam_recorder .pytest_cache/iam-calls.json .pytest_cache/iam-calls-late.json \
 		.pytest_cache/iam-calls-scenario.json .pytest_cache/iam-calls-slow.json
+
+# A stage's CloudFormation template (fleetctl/package.py): the stack's merge template generated from the stage file
+# (fleetctl/stack_template.py), `chalice package --pkg-format cloudformation --merge-template` into PACKAGE_DIR
+# (sam.json, deployment.zip; Chalice downloads requirements.txt from the package index), then cfn-lint, which must
+# report nothing. The region is the stage file's (Chalice needs one to start; the template names none).
+STAGE ?= dev
+PACKAGE_DIR ?= build/package/$(STAGE)
+package: $(STAMP)
+	$(BIN)/python -m fleetctl.package --stage $(STAGE) --out $(PACKAGE_DIR)
 
 policies: $(STAMP)
 	$(BIN)/fleetctl policies

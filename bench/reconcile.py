@@ -32,7 +32,8 @@ counted), and GitLab API calls by route, from the emulator's own count diffed ar
 to the emulator meanwhile). Target: calls grow with the pages of the fleet and with the runners needing action,
 never one call per runner. The expected pages are computed independently of the run: each kind's Query pages of the
 ``fleet-records`` index (the items' DynamoDB sizes against Query's 1 MB page), DescribeInstances pages of 1,000
-live instances, GitLab runner listing pages of 100 and one pending-jobs page per connected project. A case meets
+live instances, GitLab runner listing pages of 100, one pending-jobs page per connected project and one read of each
+connected hook (up to HOOK_CHECKS a run). A case meets
 the target when its calls are at most those pages plus FIXED_AWS_CALLS (the run lease taken and released, one
 DescribeLaunchTemplates) plus AWS_PER_ACTION AWS calls and GITLAB_PER_ACTION GitLab calls per runner acted on.
 
@@ -190,6 +191,7 @@ class Expected:
     instance_pages: int
     runner_pages: int
     pending_pages: int
+    hook_reads: int
     live_instances: int
     records: int
     gitlab_runners: int
@@ -200,7 +202,7 @@ class Expected:
 
     @property
     def gitlab_pages(self) -> int:
-        return self.runner_pages + self.pending_pages
+        return self.runner_pages + self.pending_pages + self.hook_reads
 
     def aws_limit(self, actions: int) -> int:
         return self.aws_pages + FIXED_AWS_CALLS + AWS_PER_ACTION * actions
@@ -538,6 +540,7 @@ class Bench:
     def expected(self, live: int) -> Expected:
         """The fleet's pages, from the benchmark's own reads of the table and GitLab, and ``live``, the fleet's
         live instances as the baseline listed them."""
+        from chalicelib.lifecycle.facts import HOOK_CHECKS
         from chalicelib.store import LIVE_ATTRIBUTE
 
         sizes: Counter[str] = Counter()
@@ -554,6 +557,7 @@ class Bench:
             instance_pages=max(1, math.ceil(live / INSTANCE_PAGE)),
             runner_pages=max(1, math.ceil(runners / RUNNER_PAGE)),
             pending_pages=projects,
+            hook_reads=min(projects, HOOK_CHECKS),
             live_instances=live,
             records=counts["runner"],
             gitlab_runners=runners,
@@ -820,7 +824,7 @@ def main() -> None:
             f"      {_calls(case.aws)}",
             f"    GitLab calls {case.gitlab_calls} (limit {expected.gitlab_limit(case.actions)}: pages"
             f" {expected.gitlab_pages} = runner listing {expected.runner_pages} + pending jobs"
-            f" {expected.pending_pages}): {_verdict(case.gitlab_met)}",
+            f" {expected.pending_pages} + hook reads {expected.hook_reads}): {_verdict(case.gitlab_met)}",
             f"      {_calls(case.gitlab)}",
             f"    wall time: run {ms(median(case.run_s))}"
             + (f" (median of {len(case.run_s)})" if len(case.run_s) > 1 else "")

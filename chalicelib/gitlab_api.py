@@ -1,5 +1,5 @@
-"""The GitLab API as the fleet uses it: read and retry jobs, list a project's pending jobs, and create, find,
-list, pause, re-token and delete runners.
+"""The GitLab API as the fleet uses it: read and retry jobs, list a project's pending jobs, read whether a
+project hook is executed, and create, find, list, pause, re-token and delete runners.
 
 python-gitlab does the HTTP; it is imported on first use, so the webhook Lambda, which never calls GitLab,
 does not pay for it at cold start. Every failure that a later attempt may fix (5xx, 429, timeouts, refused
@@ -62,6 +62,19 @@ class GitLabRunner:
     description: str
     status: str
     paused: bool
+
+
+@dataclass(frozen=True)
+class HookStatus:
+    """Whether GitLab executes a project hook: ``alert_status`` is ``executable``, ``temporarily_disabled`` (until
+    ``disabled_until``) or ``disabled`` (for good); GitLab sends a disabled hook's events to nobody."""
+
+    alert_status: str
+    disabled_until: str | None = None
+
+    @property
+    def executable(self) -> bool:
+        return self.alert_status == "executable"
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,17 @@ class GitLabApi:
             return [(int(job["id"]), _epoch(job.get("created_at"))) for job in jobs]
 
         return self._call_or_none(f"GET {path}", listing)
+
+    def hook_status(self, project_id: int, hook_id: int) -> HookStatus | None:
+        """The project hook's state (``GET /projects/:id/hooks/:hook_id``); None when GitLab does not know the hook
+        or the project, or the token may not see the project (GitLab answers 404 for both). A GitLab without
+        auto-disabling shows no ``alert_status``: its hooks are always executed."""
+        path = f"/projects/{project_id}/hooks/{hook_id}"
+        hook = self._call_or_none(f"GET {path}", lambda gl: gl.http_get(path))
+        if hook is None:
+            return None
+        until = hook.get("disabled_until")
+        return HookStatus(str(hook.get("alert_status") or "executable"), None if until is None else str(until))
 
     def retry_job(self, project_id: int, job_id: int) -> int | None:
         """Retry a finished job: GitLab makes a new job (returned by id) from it. None when the job is gone;

@@ -33,6 +33,14 @@ def described_instance(description: str | None) -> str | None:
     return parts[2]
 
 
+def events_dead_letter_queue_name(fleet: str) -> str:
+    """The SQS queue that keeps the EventBridge events an event handler failed on after its retries.
+
+    The deployment stack creates it (``fleetctl/stack_template.py``) and names it the Lambdas' on-failure
+    destination; the handlers' policies (``fleetctl/lambda_policies.py``) let Lambda send to it."""
+    return f"{fleet}-events-dlq"
+
+
 def launch_template_name(fleet: str, pool: str) -> str:
     """The EC2 launch template of one pool."""
     return f"{fleet}-{pool}"

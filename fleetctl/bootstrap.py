@@ -7,7 +7,9 @@ here and stored as SecureStrings; their values are never printed.
 The state side is the table, the queues and the secret parameters; the runner side is each pool's role and
 instance profile (policy in ``fleetctl/iam_policies.py``; the roles of pools no longer configured are deleted once
 no instance runs with them), the EC2 Spot service-linked role, one launch template per pool (tagged with the
-fleet: scale-up may launch from no other) and the cache bucket.
+fleet: scale-up may launch from no other) and the cache bucket. None of it is created by the deployment stack
+(``make package``), which only names the table and queues; the stack owns the functions and what watches them
+(``docs/deploy.md``, "What owns what").
 
 Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
 every launch fail (:func:`chalicelib.scaling.fleet.shared_zones`), so such a plan is refused as a whole and nothing is

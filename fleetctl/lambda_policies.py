@@ -23,7 +23,7 @@ from typing import Any
 
 from chalicelib.config import FleetConfig
 from chalicelib.images.store import image_key
-from chalicelib.naming import FLEET_TAG, runner_role_arn
+from chalicelib.naming import FLEET_TAG, events_dead_letter_queue_name, runner_role_arn
 from chalicelib.store import (
     FLEET_RECORDS_INDEX,
     IDLE_RUNNERS_INDEX,
@@ -138,6 +138,18 @@ def _logs(app_name: str, stage: str, function: LambdaFunction | None) -> Grant:
         ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"),
         (f"arn:aws:logs:*:*:log-group:{group}", f"arn:aws:logs:*:*:log-group:{group}:*"),
         without_call="the Lambda service writes the function's logs with the function's role",
+    )
+
+
+def _failed_events(config: FleetConfig) -> Grant:
+    # An EventBridge-invoked function's on-failure destination (the deployment stack's events dead-letter queue):
+    # Lambda sends an event whose invocation failed after its retries there, with the function's own role.
+    return Grant(
+        "DeadLetterFailedEvents",
+        ("sqs:SendMessage",),
+        (_queue_arn(events_dead_letter_queue_name(config.fleet)),),
+        without_call="Lambda sends an event whose invocation failed after its retries to the function's on-failure "
+        "destination with the function's role; the function's code never does",
     )
 
 
@@ -330,6 +342,7 @@ def instance_state_grants(config: FleetConfig) -> list[Grant]:
         ),
         # A terminated instance's token, if it never read (and deleted) it itself.
         Grant("DeleteUnreadRunnerTokens", ("dynamodb:DeleteItem",), (_table_arn(config),), _token_items()),
+        _failed_events(config),
     ]
 
 
@@ -412,6 +425,7 @@ def instance_interruption_grants(config: FleetConfig) -> list[Grant]:
             without_call="the test process serves every function with one cached token, which scale-up reads "
             "first; a Lambda container of instance-interruption reads it on its first event",
         ),
+        _failed_events(config),
     ]
 
 
@@ -447,6 +461,7 @@ def images_grants(config: FleetConfig) -> list[Grant]:
             (_ec2_arn("launch-template"),),
             {"StringEquals": {f"aws:ResourceTag/{FLEET_TAG}": config.fleet}},
         ),
+        _failed_events(config),
     ]
 
 

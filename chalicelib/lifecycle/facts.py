@@ -17,7 +17,9 @@ runner or record made meanwhile is never taken for an orphan.
 The sweep for lost Job Hooks (:meth:`FactSource.sweep`) is separate and bounded: reconcile runs it after it acted
 on everything else, over at most ``SWEEP_PROJECTS`` of the recently active projects a run (one page of pending jobs
 each), taken in turn across runs (round robin by the run's minute, so no state is kept), within the time the run
-has left; a project GitLab refuses or fails for is that project's problem alone.
+has left; a project GitLab refuses or fails for is that project's problem alone. The connected hooks are read back
+from GitLab the same way (:meth:`FactSource.hook_states`): at most ``HOOK_CHECKS`` a run, in turn, so that a hook
+GitLab disabled is reported within ``ceil(hooks / HOOK_CHECKS)`` runs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
 # Projects whose pending jobs one run lists at most (one page of 100 each), and how often the round robin turns.
 SWEEP_PROJECTS = 20
 SWEEP_PERIOD_SECONDS = 60.0
+# Connected hooks one run reads back from GitLab at most (one GET each), in turn like the sweep.
+HOOK_CHECKS = 20
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,28 @@ class PendingJob:
 
 
 @dataclass(frozen=True)
+class HookFact:
+    """A project hook ``fleetctl gitlab connect`` made and recorded (``HOOK#<project id>``)."""
+
+    project_id: int
+    hook_id: int
+
+
+@dataclass(frozen=True)
+class HookState:
+    """A connected hook as GitLab showed it: its ``alert_status`` (``executable``, ``temporarily_disabled``,
+    ``disabled``), or ``missing`` when GitLab no longer knows it (deleted, or out of the token's sight)."""
+
+    hook: HookFact
+    alert_status: str
+    disabled_until: str | None = None
+
+    @property
+    def delivering(self) -> bool:
+        return self.alert_status == "executable"
+
+
+@dataclass(frozen=True)
 class TokenFact:
     """A runner token item (its value is never read): whose it is and when its boot deadline passes."""
 
@@ -111,6 +137,7 @@ class Facts:
     gitlab_runners: Sequence[GitLabRunner] | None = None  # the fleet's own runners (by description)
     pending_jobs: Sequence[PendingJob] | None = None
     tokens: Sequence[TokenFact] | None = None
+    hooks: Sequence[HookFact] = ()  # the connected hooks, by project
 
     @property
     def gitlab_known(self) -> bool:
@@ -182,7 +209,8 @@ class FactSource:
         ]
         instances = self._instances()
         versions = self._template_versions()
-        active = sorted({job.project_id for job in jobs if job.updated_at >= now - self._active_window} | set(hooks))
+        recent = {job.project_id for job in jobs if job.updated_at >= now - self._active_window}
+        active = sorted(recent | {hook.project_id for hook in hooks})
         return Facts(
             now=now,
             records=records,
@@ -197,6 +225,7 @@ class FactSource:
             active_projects=tuple(active),
             gitlab_runners=runners,
             tokens=self._tokens(now),
+            hooks=hooks,
         )
 
     def lease_reading(self, facts: Facts) -> Facts:
@@ -234,12 +263,40 @@ class FactSource:
             found += [PendingJob(project_id, job_id, created_at) for job_id, created_at in listed or ()]
         return replace(facts, pending_jobs=found)
 
+    def hook_states(self, facts: Facts, *, deadline: float | None = None) -> list[HookState]:
+        """This run's turn of the connected hooks as GitLab shows them: at most ``HOOK_CHECKS``, taken in turn by
+        the run's minute, until ``deadline`` (``time.monotonic``). A hook GitLab cannot be asked about now is left
+        out (logged, counted as ``HookChecksFailed``); none is read while GitLab's runners were unreadable."""
+        if facts.gitlab_runners is None:
+            return []
+        by_project = {hook.project_id: hook for hook in facts.hooks}
+        states: list[HookState] = []
+        for project_id in sweep_turn(list(by_project), facts.now, per_run=HOOK_CHECKS):
+            hook = by_project[project_id]
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.info("hook checks stopped: the run's time is up", extra={"project_id": project_id})
+                break
+            try:
+                status = self._gitlab.hook_status(hook.project_id, hook.hook_id)
+            except RetryableError as exc:
+                logger.warning(
+                    "hook state unreadable",
+                    extra={"project_id": hook.project_id, "hook_id": hook.hook_id, "reason": exc.reason},
+                )
+                count("HookChecksFailed")
+                continue
+            if status is None:
+                states.append(HookState(hook, "missing"))
+            else:
+                states.append(HookState(hook, status.alert_status, status.disabled_until))
+        return states
+
     def _live(self, kind: str) -> list[dict[str, Any]]:
         return list(self._store.live_records(kind))
 
     def _table(
         self, kinds: tuple[str, ...] = ("runner", "launch", "pool", "job", "hook")
-    ) -> tuple[dict[str, RunnerRecord], list[LaunchRecord], list[dict[str, Any]], list[JobFact], list[int]]:
+    ) -> tuple[dict[str, RunnerRecord], list[LaunchRecord], list[dict[str, Any]], list[JobFact], list[HookFact]]:
         def live(kind: str) -> list[dict[str, Any]]:
             return self._live(kind) if kind in kinds else []
 
@@ -256,7 +313,7 @@ class FactSource:
             )
             for item in live("job")
         ]
-        hooks = [int(item["project_id"]) for item in live("hook")]
+        hooks = [HookFact(int(item["project_id"]), int(item["hook_id"])) for item in live("hook")]
         return records, launches, pools, jobs, hooks
 
     def _instances(self) -> dict[str, InstanceFact]:

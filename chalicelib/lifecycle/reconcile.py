@@ -12,7 +12,10 @@ fails (GitLab down, AWS throttling) ends the run there, and the remaining action
 
 Every action is logged with its reason and the facts that led to it, and counted: ``OrphansReaped.<kind>``,
 ``RunnersPaused``, ``RunnersRetired``, ``JobsRecovered``, ``WarmLaunched``; a run that stops early counts
-``ReconcileStopped``, and the invariants it finds broken at its end count ``InvariantViolations``.
+``ReconcileStopped``, and the invariants it finds broken at its end count ``InvariantViolations``. A connected
+hook GitLab no longer executes (its turn of the hooks is read back after the sweep) is logged as an error naming
+its project and counted as ``HooksDisabled``: its Job Hooks are lost until someone fixes it, and only the sweep
+finds its jobs meanwhile.
 """
 
 from __future__ import annotations
@@ -199,11 +202,30 @@ class Reconciler:
                 swept = swept_jobs(facts, self._config)
                 actions += swept
                 report.merge(self.execute(swept, facts))
+            if not report.stopped and time.monotonic() < deadline:
+                self._check_hooks(facts, deadline, report)
             self._check_invariants(facts, actions, report, deadline)
             logger.info("reconcile run done", extra=report.as_dict())
             return report
         finally:
             self._store.release_run_lease(RUN_LEASE, owner)
+
+    def _check_hooks(self, facts: Facts, deadline: float, report: RunReport) -> None:
+        """This run's turn of the connected hooks, read back from GitLab: each one GitLab does not execute (disabled
+        for a while or for good, or gone) is logged as an error and counted (``HooksDisabled``)."""
+        disabled = [state for state in self.facts.hook_states(facts, deadline=deadline) if not state.delivering]
+        for state in disabled:
+            logger.error(
+                "GitLab hook not delivering",
+                extra={
+                    "project_id": state.hook.project_id,
+                    "hook_id": state.hook.hook_id,
+                    "alert_status": state.alert_status,
+                    "disabled_until": state.disabled_until,
+                },
+            )
+        if disabled:
+            report.count("HooksDisabled", len(disabled))
 
     def _check_invariants(self, facts: Facts, actions: list[Action], report: RunReport, deadline: float) -> None:
         """The invariants on this run's facts, for what is older than the grace the rules allow work in flight,

@@ -1,10 +1,11 @@
 """The instance-state handler under Lambda's asynchronous retries, as the event pump now applies them.
 
 EventBridge invokes the handler asynchronously: Lambda tries a failing invocation three times in all (waits of one
-and two minutes, shortened here) and then drops the event, since runner-fleet's functions have no failure
-destination (https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html; the pump's own
-test is ``test_pump.py``). The handler must not need a fourth try: whatever a dropped event leaves undone has
-to be written down where reconcile can find it, and nothing it holds (a capacity lease) may stay taken.
+and two minutes, shortened here) and then drops the event, or, deployed through the stack (``make package``), sends
+it to the events dead-letter queue for an operator
+(https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html; the pump's own test is
+``test_pump.py``). The handler must not need a fourth try: whatever an event given up on leaves undone has to be
+written down where reconcile can find it, and nothing it holds (a capacity lease) may stay taken.
 """
 
 from __future__ import annotations
