@@ -1025,10 +1025,7 @@ class GitLabModel:
         no member. Memberships are not modelled beyond what the module says: the one non-administrator owns every
         group and, through it, every project; the administrator owns only the projects of its own namespace."""
         with self.lock:
-            if kind == "group":
-                namespace = self._group(ref)
-            else:
-                namespace = self._project(ref).namespace
+            namespace = self._group(ref) if kind == "group" else self._project(ref).namespace
             user = OWNER if user_id == OWNER.id else ADMIN if user_id == ADMIN.id else None
             if user is None or (user.admin and namespace is not self._admin_namespace):
                 raise NotFoundError("Member")
