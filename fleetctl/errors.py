@@ -60,9 +60,9 @@ def _botocore(exc: BaseException) -> str | None:
         return "no AWS region: set AWS_REGION (or the stage file's region)"
     if isinstance(exc, botocore.EndpointConnectionError | botocore.ConnectTimeoutError):
         endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "")
-        override = os.environ.get("AWS_ENDPOINT_URL")
-        hint = f"AWS_ENDPOINT_URL is {override}: is that service running?" if override else "check the region"
-        return f"cannot reach AWS at {endpoint}: {hint}, and the network"
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            return f"cannot reach AWS at {endpoint} (set by AWS_ENDPOINT_URL): is that service running?"
+        return f"cannot reach AWS at {endpoint}: check the stage file's region and the network"
     if isinstance(exc, botocore.ReadTimeoutError):
         return f"AWS did not answer in time ({getattr(exc, 'kwargs', {}).get('endpoint_url', '')}): try again"
     if isinstance(exc, botocore.TokenRetrievalError | botocore.SSOError):
