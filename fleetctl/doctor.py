@@ -883,6 +883,8 @@ def environment_problems(
             continue
         if want is None:
             problems.append(f"{name} is set ({have!r}) but not in .chalice/config.json")
+        elif have is None:
+            problems.append(f"{name} is not set (.chalice/config.json says {want!r})")
         elif have != want:
             problems.append(f"{name} is {have!r}, not {want!r}")
     return problems
