@@ -132,21 +132,21 @@ class Doctor:
 
         return Bootstrapper(self.config, self.clients)
 
-    def _judged(self, check: str, changes: Sequence[Any], fix: str | None = None) -> list[Finding]:
+    def _judged(self, check: str, changes: Sequence[Any], *, kinds: bool = False) -> list[Finding]:
+        """Bootstrap's planned changes as findings: what it would keep passes, anything it would do fails, with
+        bootstrap (and what it would do) as the fix. ``kinds`` names each change's kind (role, profile)."""
         from fleetctl.bootstrap import Verb
 
         findings = []
         for change in changes:
+            name = f"{change.kind} {change.name}" if kinds else change.name
+            detail = f" ({change.detail})" if change.detail else ""
             if change.verb is Verb.KEEP:
-                findings.append(
-                    Finding(check, True, f"{change.name}" + (f" ({change.detail})" if change.detail else ""))
-                )
-            else:
-                verb = "missing" if change.verb is Verb.CREATE else change.verb.value
-                if change.verb is Verb.UPDATE:
-                    verb = "differs"
-                detail = f"{change.name}: {verb}" + (f" ({change.detail})" if change.detail else "")
-                findings.append(Finding(check, False, detail, fix or f"{self.bootstrap_fix} ({change.describe()})"))
+                findings.append(Finding(check, True, f"{name}{detail}"))
+                continue
+            state = {Verb.CREATE: "missing", Verb.UPDATE: "differs"}.get(change.verb, change.verb.value)
+            fix = f"{self.bootstrap_fix} (it would {change.verb.value} {change.kind} {change.name})"
+            findings.append(Finding(check, False, f"{name}: {state}{detail}", fix))
         return findings
 
     def check_table(self) -> list[Finding]:
@@ -366,7 +366,7 @@ class Doctor:
         bootstrapper = self._bootstrapper()
         for pool in self.config.pools:
             role, _policy, profile = bootstrapper._plan_runner_identity(pool)
-            findings += self._judged("pool roles", [role, profile])
+            findings += self._judged("pool roles", [role, profile], kinds=True)
             findings += self._role_grants(pool)
         return findings
 

@@ -252,3 +252,36 @@ def test_a_function_not_deployed_fails_the_lambdas_check(stage: Any) -> None:
         "detail": "runner-fleet-dev-reconcile is not deployed",
         "fix": f"chalice deploy --stage {SANDBOX_STAGE}",
     }
+
+
+def test_a_deleted_dead_letter_queue_fails_the_queues_check(stage: Any) -> None:
+    # given
+    sqs = runtime.aws().sqs
+    dlq = stage.config.state.dead_letter_queue
+    sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=dlq)["QueueUrl"])
+
+    # when
+    code, report = doctor(stage)
+
+    # then
+    assert code == 1
+    details = [finding["detail"] for finding in failures(report)["queues"]]
+    assert details == [f"{dlq}: missing", f"{stage.config.state.jobs_queue}: its dead-letter queue is missing"]
+
+
+def test_a_pool_role_holding_more_than_its_policy_fails_the_roles_check(stage: Any) -> None:
+    # given: someone attached a managed policy granting everything to the docker pool's role
+    iam = runtime.aws().client("iam")
+    role = "runner-fleet-dev-docker-runner"
+    everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    arn = iam.create_policy(PolicyName="ci-everything", PolicyDocument=json.dumps(everything))["Policy"]["Arn"]
+    iam.attach_role_policy(RoleName=role, PolicyArn=arn)
+
+    # when
+    code, report = doctor(stage)
+
+    # then
+    assert code == 1
+    [finding] = failures(report)["pool roles"]
+    assert finding["detail"] == f"{role} has managed policy {arn} attached: more than pool docker needs"
+    assert finding["fix"] == f"aws iam detach-role-policy --role-name {role} --policy-arn {arn}"
