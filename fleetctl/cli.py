@@ -1,5 +1,5 @@
-"""The ``fleetctl`` command line: validate, policies, bootstrap, ami publish, image, gitlab connect, status, drain,
-undrain, reconcile, sandbox."""
+"""The ``fleetctl`` command line: validate, policies, bootstrap, doctor, ami publish, image, gitlab connect, status,
+drain, undrain, reconcile, sandbox."""
 
 from __future__ import annotations
 
@@ -42,8 +42,28 @@ def _clients(config: Any) -> Any:
     return AwsClients(region=config.region)
 
 
-@click.group()
-def main() -> None:
+class FleetctlGroup(click.Group):
+    """The command group that answers what a person can act on (no credentials, an unreachable AWS or GitLab, a
+    refused token, a missing resource) with one line naming it and what to do, and exit status 1. The traceback
+    shows only with ``fleetctl --debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            from fleetctl.errors import explain
+
+            message = explain(exc)
+            if message is None or ctx.params.get("debug"):
+                raise
+            raise click.ClickException(f"{message} (fleetctl --debug shows the traceback)") from None
+
+
+@click.group(cls=FleetctlGroup)
+@click.option("--debug", is_flag=True, envvar="FLEETCTL_DEBUG", help="Show the traceback of any error.")
+def main(debug: bool) -> None:
     """Operate a runner-fleet: autoscaled GitLab CI runners on EC2 spot."""
 
 
@@ -202,6 +222,88 @@ def bootstrap(config_path: Path, dry_run: bool) -> None:
     if not dry_run:
         for line in bootstrapper.execute(plan):
             click.echo(line)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option(
+    "--stage",
+    envvar="RUNNER_FLEET_STAGE",
+    default=None,
+    help="Chalice stage whose deployed functions to check (default: the stage whose RUNNER_FLEET_CONFIG names the "
+    "file). Defaults to $RUNNER_FLEET_STAGE.",
+)
+@click.option(
+    "--webhook-url",
+    envvar="RUNNER_FLEET_WEBHOOK_URL",
+    default=None,
+    help="The deployed webhook URL the hooks must name (default: from .chalice/deployed/<stage>.json). "
+    "Defaults to $RUNNER_FLEET_WEBHOOK_URL.",
+)
+@click.option(
+    "--gitlab-token",
+    envvar="GITLAB_TOKEN",
+    default=None,
+    help="API token to read the hooks with. Defaults to $GITLAB_TOKEN, else the config's gitlab.token_parameter "
+    "(whose token is checked in any case).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor(
+    config_path: Path, stage: str | None, webhook_url: str | None, gitlab_token: str | None, as_json: bool
+) -> None:
+    """Pre-flight of a deployed stage: every check passes or says what is wrong and the command that fixes it.
+
+    Exits 1 when any check fails. Reads only; changes nothing."""
+    from chalicelib.config import load_config
+    from fleetctl.doctor import Doctor, Finding, stage_naming
+    from fleetctl.lambda_policies import CHALICE_CONFIG
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        findings = [Finding("config", False, problem, f"correct {config_path}") for problem in exc.problems]
+        _print_findings(findings, as_json)
+        sys.exit(1)
+    clients = _clients(config)
+    # Credentials first: without them every check would fail alike (the one line comes from FleetctlGroup).
+    clients.client("sts").get_caller_identity()
+    checker = Doctor(
+        config,
+        config_path,
+        clients,
+        drift=lambda: _chalice_drift(config, config_path, None),
+        chalice_config=CHALICE_CONFIG,
+        stage=stage or stage_naming(config_path, CHALICE_CONFIG),
+        webhook_url=webhook_url,
+        gitlab_token=gitlab_token,
+    )
+    findings = checker.run()
+    _print_findings(findings, as_json)
+    if not all(finding.ok for finding in findings):
+        sys.exit(1)
+
+
+def _print_findings(findings: list[Any], as_json: bool) -> None:
+    failed = [finding for finding in findings if not finding.ok]
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "checks": [f.as_dict() for f in findings]}, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(soft_wrap=True, highlight=False)
+    for finding in findings:
+        line = Text()
+        line.append("pass " if finding.ok else "FAIL ", style="green" if finding.ok else "bold red")
+        line.append(f"{finding.check}: ", style="bold")
+        line.append(finding.detail)
+        console.print(line)
+        if not finding.ok and finding.fix:
+            console.print(Text(f"     fix: {finding.fix}", style="yellow"))
+    checks = len({finding.check for finding in findings})
+    failing = sorted({finding.check for finding in failed}, key=[f.check for f in findings].index)
+    verdict = f"{len(failed)} failed ({', '.join(failing)})" if failed else "all passed"
+    console.print(Text(f"{checks} checks, {verdict}", style="bold red" if failed else "bold green"))
 
 
 @main.group()

@@ -111,7 +111,10 @@ def read_token(gitlab_url: str, token: str, *, admin_needed: bool = False, ssl_v
     except gitlab.exceptions.GitlabError as exc:
         raise GitLabTokenError(f"cannot check the token: GitLab answered HTTP {exc.response_code}") from None
     except requests.exceptions.RequestException as exc:
-        raise GitLabTokenError(f"cannot check the token: {type(exc).__name__}") from None
+        raise GitLabTokenError(
+            f"cannot check the token: GitLab at {gitlab_url} unreachable ({type(exc).__name__}): check gitlab.url "
+            "in the stage file (or --gitlab-url) and the network"
+        ) from None
 
 
 def check_token(

@@ -14,7 +14,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["tests.iam_recorder"]
+pytest_plugins = ["tests.iam_recorder", "tests.secret_scan"]
 
 
 @pytest.fixture(scope="session")

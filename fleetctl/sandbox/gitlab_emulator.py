@@ -531,6 +531,8 @@ class GitLabApi:
             r("GET", "/projects/:id/runners", self._list_project_runners),
             r("POST", "/projects/:id/runners", self._enable_project_runner),
             r("GET", "/groups/:id/runners", self._list_group_runners),
+            r("GET", "/groups/:id/members/all/:user_id", lambda req: self._member(req, "group")),
+            r("GET", "/projects/:id/members/all/:user_id", lambda req: self._member(req, "project")),
             r("POST", "/user/runners", self._create_runner, scopes=create_runner),
             r("GET", "/runners", lambda req: self._list_runners(req, all_runners=False)),
             # Administrators (and auditors) only, and not offered on GitLab.com at all.
@@ -697,6 +699,10 @@ class GitLabApi:
         # GET /runners takes only statuses as its deprecated scope; GET /runners/all takes types too.
         filters = _runner_filters(req, scopes=RUNNER_SCOPES if all_runners else RUNNER_FILTER_STATUSES)
         return paginate(req, self._model.list_runners(filters, all_runners=all_runners))
+
+    def _member(self, req: ApiRequest, kind: str) -> ApiResponse:
+        """lib/api/members.rb: a member of a group or project, inherited memberships included."""
+        return ApiResponse(200, self._model.member(kind, req.path_params["id"], _int_param(req, "user_id")))
 
     def _list_group_runners(self, req: ApiRequest) -> ApiResponse:
         # The group listing declares no scope parameter: one sent is ignored.

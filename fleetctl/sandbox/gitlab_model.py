@@ -176,6 +176,7 @@ BUILD_TOUCH_AFTER = timedelta(minutes=15)
 # (fully protected: pushes and merges by maintainers).
 DEFAULT_BRANCH = "main"
 MAINTAINER_ACCESS = 40
+OWNER_ACCESS = 50
 # ProtectedRefAccess::ALLOWED_ACCESS_LEVELS and their humanized names (app/models/concerns/protected_ref_access.rb).
 PROTECTED_REF_ACCESS_LEVELS: dict[int, str] = {
     0: "No one",
@@ -235,6 +236,8 @@ OWNER_USER_ID = 2
 OWNER_USERNAME = "fleet-owner"
 OWNER_NAME = "Fleet Owner"
 AVATAR_URL = "https://www.gravatar.com/avatar/e64c7d89f26bd1972efa854d13d7dd61?s=80&d=identicon"
+# The user fields API::Entities::Member shares with a user (Entities::UserBasic).
+_MEMBER_USER_FIELDS = ("id", "username", "name", "state", "locked", "avatar_url", "web_url")
 COMMIT_MESSAGE = "Sandbox pipeline\n"
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -1013,6 +1016,30 @@ class GitLabModel:
     def list_projects(self) -> list[dict[str, Any]]:
         with self.lock:
             return [self._project_json(p) for p in sorted(self._projects.values(), key=lambda p: -p.id)]
+
+    # -- members --
+
+    def member(self, kind: str, ref: str | int, user_id: int) -> dict[str, Any]:
+        """``GET /groups/:id/members/all/:user_id`` or ``/projects/:id/members/all/:user_id`` (``kind`` "group" or
+        "project"): the user's membership, inherited ones included, as ``Entities::Member``; 404 for a user who is
+        no member. Memberships are not modelled beyond what the module says: the one non-administrator owns every
+        group and, through it, every project; the administrator owns only the projects of its own namespace."""
+        with self.lock:
+            namespace = self._group(ref) if kind == "group" else self._project(ref).namespace
+            user = OWNER if user_id == OWNER.id else ADMIN if user_id == ADMIN.id else None
+            if user is None or (user.admin and namespace is not self._admin_namespace):
+                raise NotFoundError("Member")
+            if not user.admin and namespace.kind != "group":
+                raise NotFoundError("Member")
+            return {
+                **{key: value for key, value in self._user_json(user).items() if key in _MEMBER_USER_FIELDS},
+                "access_level": OWNER_ACCESS,
+                "created_at": iso_ms(EPOCH),
+                "created_by": None,
+                "expires_at": None,
+                "group_saml_identity": None,
+                "membership_state": "active",
+            }
 
     # -- protected refs --
 

@@ -14,6 +14,11 @@ The runner instances are played by simulated agents (``fleetctl.sandbox.agents``
 fleet, unless the sandbox is made with ``agents=False`` (tests that look at instances as scale-up left them). They
 idle out after ``SANDBOX_AGENT_OPTIONS.wait_timeout_seconds``, a sandbox-only stand-in for the pools' idle wait,
 whose minimum in a stage file (30 s) would make every scenario wait.
+
+The functions are also registered in the local AWS's Lambda as ``chalice deploy --stage dev`` names them, with the
+stage's environment from ``.chalice/config.json`` (``RUNNER_FLEET_CONFIG`` naming the sandbox's stage file, which
+is the one they load), so that ``fleetctl doctor --stage dev`` reads a deployment as it would in AWS. Invoking them
+there would take Docker: the sandbox runs them in its own process, as the module ``pump`` says.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
 DEFAULT_CONFIG = PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml"
 DEFAULT_WORKDIR = PROJECT_DIR / ".sandbox"
 SANDBOX_GROUP = "demo"
+# The Chalice stage whose functions the sandbox plays (the stage file it starts from is that stage's).
+SANDBOX_STAGE = "dev"
 SANDBOX_PROJECT = f"{SANDBOX_GROUP}/app"
 GITLAB_ADMIN_TOKEN = "glpat-sandbox-admin"  # noqa: S105 - the emulator's fixed local token
 # The fleet's own token (what bootstrap stores for scale-up) and the operator's (gitlab connect, pipelines).
@@ -237,6 +244,7 @@ class Sandbox:
             "GITLAB_URL": self.gitlab.url,
             "GITLAB_TOKEN": GITLAB_OPERATOR_TOKEN,
             "RUNNER_FLEET_SANDBOX_PROJECT": str(self.project_id),
+            "RUNNER_FLEET_STAGE": SANDBOX_STAGE,
         }
 
     def stop(self) -> None:
@@ -313,6 +321,7 @@ class Sandbox:
         runtime.reset()
         register_sandbox_amis(clients.ssm, clients.ec2, self.config.ami_parameter)
         self.bootstrap()
+        register_functions(clients, config_file)
 
     def _write_stage_config(self, config_path: Path, subnets: tuple[str, ...], security_group: str) -> Path:
         """The stage file, with the emulator's URL and the sandbox network's ids in place."""
@@ -332,3 +341,47 @@ class Sandbox:
         partial.write_text(json.dumps(document, indent=2))
         partial.replace(target)
         return target
+
+
+def register_functions(clients: Any, config_file: Path, stage: str = SANDBOX_STAGE) -> list[str]:
+    """Register the stage's functions in the local Lambda, named and configured as ``chalice deploy`` would
+    (the API handler ``<app>-<stage>``, each other ``<app>-<stage>-<function>``; the environment merged from the
+    top level, the stage and the function of ``.chalice/config.json``), with ``RUNNER_FLEET_CONFIG`` naming
+    ``config_file``. Their code is an empty package: nothing invokes them there. Returns their names."""
+    import io
+    import zipfile
+
+    from fleetctl.lambda_policies import CHALICE_CONFIG, LambdaFunction, function_name
+
+    document = json.loads(CHALICE_CONFIG.read_text())
+    app_name = str(document["app_name"])
+    settings = document["stages"][stage]
+    environment = {**document.get("environment_variables", {}), **settings.get("environment_variables", {})}
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
+        ],
+    }
+    role = clients.client("iam").create_role(RoleName=f"{app_name}-{stage}", AssumeRolePolicyDocument=json.dumps(trust))
+    package = io.BytesIO()
+    with zipfile.ZipFile(package, "w") as archive:
+        archive.writestr("app.py", "")
+    lambda_client = clients.client("lambda")
+    names = []
+    for function in LambdaFunction:
+        own = settings.get("lambda_functions", {}).get(function.chalice_name, {})
+        variables = {**environment, **own.get("environment_variables", {}), "RUNNER_FLEET_CONFIG": str(config_file)}
+        name = function_name(app_name, stage, function)
+        lambda_client.create_function(
+            FunctionName=name,
+            Runtime="python3.11",
+            Role=role["Role"]["Arn"],
+            Handler=f"app.{function.chalice_name}" if function is not LambdaFunction.WEBHOOK else "app.app",
+            Code={"ZipFile": package.getvalue()},
+            Timeout=int(own.get("lambda_timeout", 60)),
+            MemorySize=int(own.get("lambda_memory_size", 128)),
+            Environment={"Variables": variables},
+        )
+        names.append(name)
+    return names
