@@ -359,6 +359,13 @@ class Severity(str, Enum):
         return list(Severity).index(self)
 
 
+class StateOwner(str, Enum):
+    """Who creates and updates the fleet's table and queues (``docs/deploy.md``, "What owns what")."""
+
+    BOOTSTRAP = "bootstrap"
+    STACK = "stack"
+
+
 class RunnerType(str, Enum):
     """Which scope the runners runner-fleet creates in GitLab belong to (``POST /user/runners`` runner_type)."""
 
@@ -434,6 +441,12 @@ class StateConfig(_Model):
     jobs_queue: _QueueName = Field(description="SQS queue that carries pending jobs from the webhook to scale-up.")
     dead_letter_queue: _QueueName = Field(
         description="SQS queue of the jobs scale-up gave up on, each with its reason; must differ from jobs_queue."
+    )
+    owner: StateOwner = Field(
+        default=StateOwner.BOOTSTRAP,
+        description="Who creates and updates the table and both queues: `bootstrap` (`fleetctl bootstrap`), or "
+        "`stack` (the CloudFormation stack `make package` builds, which keeps them when it is deleted; "
+        "`fleetctl bootstrap` then only checks that they exist).",
     )
 
     @model_validator(mode="after")

@@ -8,8 +8,9 @@ The state side is the table, the queues and the secret parameters; the runner si
 instance profile (policy in ``fleetctl/iam_policies.py``; the roles of pools no longer configured are deleted once
 no instance runs with them), the EC2 Spot service-linked role, one launch template per pool (tagged with the
 fleet: scale-up may launch from no other) and the cache bucket. None of it is created by the deployment stack
-(``make package``), which only names the table and queues; the stack owns the functions and what watches them
-(``docs/deploy.md``, "What owns what").
+(``make package``), which owns the functions and what watches them (``docs/deploy.md``, "What owns what"); except
+that with ``state.owner: stack`` the stack owns the table and both queues (described once, in
+:mod:`fleetctl.state_resources`), and bootstrap only looks them up: one missing is reported, the stack's to create.
 
 Before any of it, each pool's subnets are looked up: a pool with two subnets in one Availability Zone would make
 every launch fail (:func:`chalicelib.scaling.fleet.shared_zones`), so such a plan is refused as a whole and nothing is
@@ -38,7 +39,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
+from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType, StateOwner
 from chalicelib.errors import RunnerFleetError
 from chalicelib.images.decisions import Verdict
 from chalicelib.images.record import ImageRecord, Version
@@ -48,7 +49,6 @@ from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_
 from chalicelib.scaling.fleet import shared_zones
 from chalicelib.scaling.templates import template_data
 from chalicelib.scaling.userdata import image_reference
-from chalicelib.store import FLEET_RECORDS_INDEX, IDLE_RUNNERS_INDEX, LIVE_ATTRIBUTE, TOKEN_DEADLINES_INDEX
 from fleetctl.ami import (
     AMI_ID,
     ImageFacts,
@@ -59,11 +59,17 @@ from fleetctl.ami import (
 )
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
 from fleetctl.images import EcrImage, ecr_client, fleet_account, image_rotation, registry_id
+from fleetctl.state_resources import (
+    INDEXES,
+    TTL_ATTRIBUTE,
+    create_table_arguments,
+    dead_letter_queue_attributes,
+    fleet_tags,
+    jobs_queue_attributes,
+    redrive_policy,
+    ttl_specification,
+)
 
-DLQ_RETENTION_SECONDS = 14 * 24 * 3600
-# SQS must keep a message invisible longer than the consuming Lambda may run (AWS advises six times).
-JOBS_VISIBILITY_TIMEOUT_SECONDS = 360
-JOBS_MAX_RECEIVE_COUNT = 5
 CACHE_EXPIRY_DAYS = 14
 CACHE_LIFECYCLE_RULE_ID = "runner-fleet-cache-expiry"
 SPOT_SERVICE = "spot.amazonaws.com"
@@ -104,52 +110,6 @@ class PlanRefusedError(RunnerFleetError):
         super().__init__("; ".join(change.describe() for change in invalid))
 
 
-# Scale-up counts a pool's idle runners in this sparse index: only idle runner records carry idle_pool.
-_IDLE_INDEX_ATTRIBUTES = (
-    {"AttributeName": "idle_pool", "AttributeType": "S"},
-    {"AttributeName": "idle_since", "AttributeType": "N"},
-)
-_IDLE_INDEX: dict[str, Any] = {
-    "IndexName": IDLE_RUNNERS_INDEX,
-    "KeySchema": [
-        {"AttributeName": "idle_pool", "KeyType": "HASH"},
-        {"AttributeName": "idle_since", "KeyType": "RANGE"},
-    ],
-    "Projection": {"ProjectionType": "KEYS_ONLY"},
-}
-# Reconcile reads the fleet's live records (runners, launches, pools, unfinished jobs, connected hooks, image records
-# awaiting a scan) from this sparse index: only they carry ``live``, so a run reads pages of the fleet, not of the
-# table's job history. Token items never carry it, so no token is copied into the index.
-_LIVE_INDEX_ATTRIBUTES = ({"AttributeName": LIVE_ATTRIBUTE, "AttributeType": "S"},)
-_LIVE_INDEX: dict[str, Any] = {
-    "IndexName": FLEET_RECORDS_INDEX,
-    "KeySchema": [
-        {"AttributeName": LIVE_ATTRIBUTE, "KeyType": "HASH"},
-        {"AttributeName": "pk", "KeyType": "RANGE"},
-    ],
-    "Projection": {"ProjectionType": "ALL"},
-}
-# Reconcile finds runner tokens past their boot deadline in this sparse index; keys only, so no token value is
-# copied into it.
-_TOKEN_INDEX_ATTRIBUTES = (
-    {"AttributeName": "token_index", "AttributeType": "S"},
-    {"AttributeName": "token_due", "AttributeType": "N"},
-)
-_TOKEN_INDEX: dict[str, Any] = {
-    "IndexName": TOKEN_DEADLINES_INDEX,
-    "KeySchema": [
-        {"AttributeName": "token_index", "KeyType": "HASH"},
-        {"AttributeName": "token_due", "KeyType": "RANGE"},
-    ],
-    "Projection": {"ProjectionType": "KEYS_ONLY"},
-}
-_INDEXES: dict[str, tuple[tuple[dict[str, str], ...], dict[str, Any]]] = {
-    IDLE_RUNNERS_INDEX: (_IDLE_INDEX_ATTRIBUTES, _IDLE_INDEX),
-    FLEET_RECORDS_INDEX: (_LIVE_INDEX_ATTRIBUTES, _LIVE_INDEX),
-    TOKEN_DEADLINES_INDEX: (_TOKEN_INDEX_ATTRIBUTES, _TOKEN_INDEX),
-}
-
-
 def generate_webhook_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -184,7 +144,6 @@ class Bootstrapper:
         self._applied_versions: dict[str, int] = {}
 
     def plan(self) -> list[Change]:
-        state = self._config.state
         images = pool_images(self._config, self._aws)
         return [
             *self._plan_subnets(),
@@ -193,9 +152,7 @@ class Bootstrapper:
                 for image in images
                 if image.problem is not None and image.problem.verb is Verb.INVALID
             ],
-            self._plan_table(state.table),
-            self._plan_queue(state.dead_letter_queue, self._dlq_attributes()),
-            self._plan_queue(state.jobs_queue, {"VisibilityTimeout": str(JOBS_VISIBILITY_TIMEOUT_SECONDS)}),
+            *self._plan_state(),
             *self._plan_parameters(),
             *(change for pool in self._config.pools for change in self._plan_runner_identity(pool)),
             self._plan_spot_role(),
@@ -225,61 +182,86 @@ class Bootstrapper:
             for problem in subnet_problems(self._config, self._aws.ec2)
         ]
 
-    # -- DynamoDB -------------------------------------------------------------------------------------------
+    # -- the fleet's state: the table and the queues, bootstrap's or the stack's ------------------------------
 
-    def _plan_table(self, name: str) -> Change:
+    def _plan_state(self) -> list[Change]:
+        """The table, the dead-letter queue and the jobs queue: created or updated when bootstrap owns them; with
+        ``state.owner: stack`` only looked up, each one missing said to be the stack's to create."""
+        state = self._config.state
+        if state.owner is StateOwner.STACK:
+            return [
+                self._stack_owned("table", state.table, self._table_exists(state.table)),
+                *(
+                    self._stack_owned("queue", name, self._queue_url(name) is not None)
+                    for name in (state.dead_letter_queue, state.jobs_queue)
+                ),
+            ]
+        return [
+            self._plan_table(state.table),
+            self._plan_queue(state.dead_letter_queue, dead_letter_queue_attributes()),
+            self._plan_queue(state.jobs_queue, jobs_queue_attributes()),
+        ]
+
+    def _stack_owned(self, kind: str, name: str, exists: bool) -> Change:
+        if exists:
+            return Change(kind, name, Verb.KEEP, "owned by the stack")
+        detail = "owned by the stack (state.owner: stack), not created here: deploy the stack make package builds"
+        return Change(kind, name, Verb.MISSING, detail)
+
+    def _table_exists(self, name: str) -> bool:
         try:
             self._aws.dynamodb.describe_table(TableName=name)
         except ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
-            indexes = ", ".join(_INDEXES)
-            return Change("table", name, Verb.CREATE, f"on-demand, encrypted, TTL on ttl, indexes {indexes}")
+            return False
+        return True
+
+    def _queue_url(self, name: str) -> str | None:
+        try:
+            return str(self._aws.sqs.get_queue_url(QueueName=name)["QueueUrl"])
+        except ClientError as exc:
+            if error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+                raise
+            return None
+
+    # -- DynamoDB -------------------------------------------------------------------------------------------
+
+    def _plan_table(self, name: str) -> Change:
+        if not self._table_exists(name):
+            indexes = ", ".join(INDEXES)
+            detail = f"on-demand, encrypted, TTL on {TTL_ATTRIBUTE}, indexes {indexes}"
+            return Change("table", name, Verb.CREATE, detail)
         table = self._aws.dynamodb.describe_table(TableName=name)["Table"]
         present = {i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])}
-        absent = [index for index in _INDEXES if index not in present]
+        absent = [index for index in INDEXES if index not in present]
         missing = [f"add index {index}" for index in absent]
         ttl = self._aws.dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
-        if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
-            missing.append("enable TTL on ttl")
+        enable_ttl = ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING")
+        if enable_ttl:
+            missing.append(f"enable TTL on {TTL_ATTRIBUTE}")
         if missing:
-            params = {
-                "add_indexes": absent,
-                "enable_ttl": "enable TTL on ttl" in missing,
-            }
+            params = {"add_indexes": absent, "enable_ttl": enable_ttl}
             return Change("table", name, Verb.UPDATE, ", ".join(missing), params)
         return Change("table", name, Verb.KEEP)
 
     def _apply_table(self, change: Change) -> None:
         ddb = self._aws.dynamodb
         if change.verb is Verb.CREATE:
-            ddb.create_table(
-                TableName=change.name,
-                AttributeDefinitions=[
-                    {"AttributeName": "pk", "AttributeType": "S"},
-                    *(attribute for attributes, _ in _INDEXES.values() for attribute in attributes),
-                ],
-                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                GlobalSecondaryIndexes=[index for _, index in _INDEXES.values()],
-                BillingMode="PAY_PER_REQUEST",
-                SSESpecification={"Enabled": True},
-                Tags=[{"Key": k, "Value": v} for k, v in self._tags().items()],
-            )
+            ddb.create_table(**create_table_arguments(change.name, self._config.fleet))
             ddb.get_waiter("table_exists").wait(TableName=change.name, WaiterConfig={"Delay": 1})
         else:
             for name in change.params.get("add_indexes", ()):
                 # DynamoDB creates one index per UpdateTable, and refuses another while one is being created.
                 self._wait_for_indexes(change.name)
-                attributes, index = _INDEXES[name]
+                attributes, index = INDEXES[name]
                 ddb.update_table(
                     TableName=change.name,
                     AttributeDefinitions=list(attributes),
                     GlobalSecondaryIndexUpdates=[{"Create": index}],
                 )
         if change.verb is Verb.CREATE or change.params.get("enable_ttl"):
-            ddb.update_time_to_live(
-                TableName=change.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
-            )
+            ddb.update_time_to_live(TableName=change.name, TimeToLiveSpecification=ttl_specification())
 
     def _wait_for_indexes(self, table: str, timeout: float = 600.0) -> None:
         """Until no index of ``table`` is being created (a new index backfills for minutes on a large table)."""
@@ -294,17 +276,11 @@ class Bootstrapper:
 
     # -- SQS ------------------------------------------------------------------------------------------------
 
-    def _dlq_attributes(self) -> dict[str, str]:
-        return {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)}
-
     def _plan_queue(self, name: str, attributes: dict[str, str]) -> Change:
-        wanted = {"SqsManagedSseEnabled": "true", **attributes}
+        wanted = dict(attributes)
         sqs = self._aws.sqs
-        try:
-            url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        except ClientError as exc:
-            if error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-                raise
+        url = self._queue_url(name)
+        if url is None:
             return Change("queue", name, Verb.CREATE, params={"attributes": wanted})
         current = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
         if name == self._config.state.jobs_queue:
@@ -318,7 +294,7 @@ class Bootstrapper:
         sqs = self._aws.sqs
         dlq_url = sqs.get_queue_url(QueueName=self._config.state.dead_letter_queue)["QueueUrl"]
         dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        return json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": JOBS_MAX_RECEIVE_COUNT})
+        return json.dumps(redrive_policy(dlq_arn))
 
     def _apply_queue(self, change: Change) -> None:
         sqs = self._aws.sqs
@@ -658,6 +634,13 @@ class Bootstrapper:
         ]
         if not pinned:
             return []
+        table = self._config.state.table
+        if any(change.kind == "table" and change.name == table and change.verb is Verb.MISSING for change in changes):
+            # The stack owns the table and has not made it yet: the records are written by the next bootstrap.
+            return [
+                f"image records not written: table {table} does not exist yet; bootstrap again once the stack is"
+                " deployed"
+            ]
         rotation = image_rotation(self._config, self._aws)
         lines = []
         for change in pinned:
@@ -863,7 +846,7 @@ class Bootstrapper:
         return list(found.get("Rules", []))
 
     def _tags(self) -> dict[str, str]:
-        return {"runner-fleet": self._config.fleet}
+        return fleet_tags(self._config.fleet)
 
     def _tag_list(self) -> list[dict[str, str]]:
         return [{"Key": key, "Value": value} for key, value in self._tags().items()]

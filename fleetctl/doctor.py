@@ -3,8 +3,9 @@
 A fleet that is missing one piece fails only when the first job arrives, inside a Lambda, far from whoever can
 mend it. So doctor reads every piece a job's path needs, from the live account and GitLab, and compares it with
 what the stage file says it should be: the resources bootstrap makes (judged by bootstrap's own planner, so the
-two never disagree on what "right" is), each pool's launch template as runners launch from it, its AMI and CI
-image, the roles' policies, the GitLab token and hook, and the deployed Lambdas' environment.
+two never disagree on what "right" is; the table and queues by the same settings when the stack owns them), each
+pool's launch template as runners launch from it, its AMI and CI image, the roles' policies, the GitLab token and
+hook, and the deployed Lambdas' environment.
 
 Checks read only; none changes anything. They are independent and run side by side; one that cannot read what
 it needs (AWS or GitLab refusing) fails with the reason, and the others go on.
@@ -22,11 +23,12 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType
+from chalicelib.config import FleetConfig, Market, PoolConfig, RunnerType, StateOwner
 from chalicelib.errors import GitLabUnavailableError
 from chalicelib.naming import FLEET_TAG, launch_template_name, runner_role_name
 from chalicelib.scaling.templates import metadata_hop_limit, template_data
 from chalicelib.store import FLEET_RECORDS_INDEX, LIVE_ATTRIBUTE, HookRecord, pool_key
+from fleetctl.state_resources import dead_letter_queue_attributes, jobs_queue_attributes
 
 # What a pool's GitLab token user must be, by runner type: creating group runners takes the group's Owner,
 # project runners the project's Maintainer (GitLab's runner permissions; Gitlab::Access levels).
@@ -132,9 +134,13 @@ class Doctor:
 
         return Bootstrapper(self.config, self.clients)
 
-    def _judged(self, check: str, changes: Sequence[Any], *, kinds: bool = False) -> list[Finding]:
+    def _judged(
+        self, check: str, changes: Sequence[Any], *, kinds: bool = False, stack_owned: bool = False
+    ) -> list[Finding]:
         """Bootstrap's planned changes as findings: what it would keep passes, anything it would do fails, with
-        bootstrap (and what it would do) as the fix. ``kinds`` names each change's kind (role, profile)."""
+        bootstrap (and what it would do) as the fix. ``kinds`` names each change's kind (role, profile);
+        ``stack_owned`` resources (``state.owner: stack``) are the stack's to create and set, so its deployment is
+        the fix."""
         from fleetctl.bootstrap import Verb
 
         findings = []
@@ -142,36 +148,44 @@ class Doctor:
             name = f"{change.kind} {change.name}" if kinds else change.name
             detail = f" ({change.detail})" if change.detail else ""
             if change.verb is Verb.KEEP:
-                findings.append(Finding(check, True, f"{name}{detail}"))
+                owner = " (owned by the stack)" if stack_owned else ""
+                findings.append(Finding(check, True, f"{name}{detail}{owner}"))
                 continue
             state = {Verb.CREATE: "missing", Verb.UPDATE: "differs"}.get(change.verb, change.verb.value)
+            if stack_owned:
+                findings.append(Finding(check, False, f"{name}: {state}{detail}", self.stack_fix))
+                continue
             fix = f"{self.bootstrap_fix} (it would {change.verb.value} {change.kind} {change.name})"
             findings.append(Finding(check, False, f"{name}: {state}{detail}", fix))
         return findings
 
+    @property
+    def _stack_owned(self) -> bool:
+        return self.config.state.owner is StateOwner.STACK
+
+    @property
+    def stack_fix(self) -> str:
+        stage = self.stage or "<stage>"
+        return f"state.owner is stack: make package STAGE={stage}, then deploy the stack (docs/deploy.md)"
+
     def check_table(self) -> list[Finding]:
-        return self._judged("table", [self._bootstrapper()._plan_table(self.config.state.table)])
+        table = self._bootstrapper()._plan_table(self.config.state.table)
+        return self._judged("table", [table], stack_owned=self._stack_owned)
 
     def check_queues(self) -> list[Finding]:
-        from fleetctl.bootstrap import JOBS_VISIBILITY_TIMEOUT_SECONDS
-
         bootstrapper = self._bootstrapper()
         state = self.config.state
-        dlq = bootstrapper._plan_queue(state.dead_letter_queue, bootstrapper._dlq_attributes())
-        findings = self._judged("queues", [dlq])
+        fix = self.stack_fix if self._stack_owned else self.bootstrap_fix
+        dlq = bootstrapper._plan_queue(state.dead_letter_queue, dead_letter_queue_attributes())
+        findings = self._judged("queues", [dlq], stack_owned=self._stack_owned)
         try:
-            jobs = bootstrapper._plan_queue(
-                state.jobs_queue, {"VisibilityTimeout": str(JOBS_VISIBILITY_TIMEOUT_SECONDS)}
-            )
+            jobs = bootstrapper._plan_queue(state.jobs_queue, jobs_queue_attributes())
         except ClientError as exc:
             # The jobs queue exists but its dead-letter queue does not: the redrive policy cannot be compared.
             if error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
                 raise
-            return [
-                *findings,
-                Finding("queues", False, f"{state.jobs_queue}: its dead-letter queue is missing", self.bootstrap_fix),
-            ]
-        return findings + self._judged("queues", [jobs])
+            return [*findings, Finding("queues", False, f"{state.jobs_queue}: its dead-letter queue is missing", fix)]
+        return findings + self._judged("queues", [jobs], stack_owned=self._stack_owned)
 
     def check_bucket(self) -> list[Finding]:
         return self._judged("cache bucket", [self._bootstrapper()._plan_bucket()])

@@ -16,9 +16,12 @@ bootstrap`` use:
 * a CloudWatch dashboard of the fleet's EMF metrics and the alarms ``docs/operations-runbook.md`` explains, sent
   to an SNS topic of the stack's.
 
-Ownership: the stack owns what is listed above (and what Chalice generates); ``fleetctl bootstrap`` owns the
-table, the jobs queue and its dead-letter queue, which this template only names (alarms, the event source
-mapping). No resource is created by both (``docs/deploy.md``, "What owns what").
+Ownership: the stack owns what is listed above (and what Chalice generates). The table, the jobs queue and its
+dead-letter queue are the stage file's ``state.owner``'s: by default ``fleetctl bootstrap`` creates them and this
+template only names them (alarms, the event source mapping); with ``state.owner: stack`` this template defines
+them too, as :mod:`fleetctl.state_resources` describes them for both owners, kept when the stack is deleted or
+would replace them (the fleet's records, queued jobs and runner tokens outlive the stack), and bootstrap only
+looks them up. No resource is created by both (``docs/deploy.md``, "What owns what").
 
 The logical ids merged into (``ScaleUp``, ``ScaleUpSqsEventSource``, ``RestAPI``, ``InstanceStateEvent`` ...) are
 the ones Chalice 1.34 gives the functions of ``app.py``; a misspelt one would add a resource (or an event) without
@@ -31,11 +34,12 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chalicelib.config import FleetConfig
+from chalicelib.config import FleetConfig, StateOwner
 from chalicelib.lifecycle.rules import Kind
 from chalicelib.naming import FLEET_TAG, events_dead_letter_queue_name
 from chalicelib.observability import NAMESPACE, SERVICE
 from fleetctl.lambda_policies import LambdaFunction, function_name
+from fleetctl.state_resources import dead_letter_queue_properties, jobs_queue_properties, table_properties
 
 Template = dict[str, Any]
 
@@ -84,6 +88,12 @@ FUNCTIONS = {
 }
 
 EVENTS_DLQ = "EventsDeadLetterQueue"
+# The state resources, with state.owner: stack.
+STATE_TABLE = "StateTable"
+JOBS_QUEUE = "JobsQueue"
+JOBS_DLQ = "JobsDeadLetterQueue"
+# Neither deleting the stack nor a change CloudFormation can only make by replacement may take the fleet's state.
+RETAIN = {"DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"}
 ALARM_TOPIC = "AlarmTopic"
 DASHBOARD = "Dashboard"
 
@@ -164,15 +174,43 @@ def merge_template(config: FleetConfig, *, app_name: str, stage: str) -> Templat
         },
         **{alarm_id: alarm for alarm_id, alarm in alarms(config).items()},
     }
+    outputs = {
+        "DashboardName": {"Value": {"Ref": DASHBOARD}},
+        "AlarmTopicArn": {"Value": {"Ref": ALARM_TOPIC}},
+        "EventsDeadLetterQueueUrl": {"Value": {"Ref": EVENTS_DLQ}},
+    }
+    stack_owned = config.state.owner is StateOwner.STACK
+    if stack_owned:
+        resources |= state_resources(config)
+        outputs |= {"StateTableName": {"Value": {"Ref": STATE_TABLE}}, "JobsQueueUrl": {"Value": {"Ref": JOBS_QUEUE}}}
     for logical_id, function in FUNCTIONS.items():
-        named = {"FunctionName": function_name(app_name, stage, function)}
-        resources.setdefault(logical_id, {}).setdefault("Properties", {}).update(named)
+        resource = resources.setdefault(logical_id, {})
+        resource.setdefault("Properties", {})["FunctionName"] = function_name(app_name, stage, function)
+        if stack_owned:
+            # The functions name the table and queues (the scale-up trigger the jobs queue's ARN) without a
+            # reference CloudFormation could order by: none starts before they exist.
+            resource["DependsOn"] = [STATE_TABLE, JOBS_QUEUE, JOBS_DLQ]
+    return {"Resources": resources, "Outputs": outputs}
+
+
+def state_resources(config: FleetConfig) -> dict[str, Any]:
+    """The table, the jobs queue and its dead-letter queue, for a stage whose ``state.owner`` is the stack."""
+    state = config.state
     return {
-        "Resources": resources,
-        "Outputs": {
-            "DashboardName": {"Value": {"Ref": DASHBOARD}},
-            "AlarmTopicArn": {"Value": {"Ref": ALARM_TOPIC}},
-            "EventsDeadLetterQueueUrl": {"Value": {"Ref": EVENTS_DLQ}},
+        STATE_TABLE: {
+            "Type": "AWS::DynamoDB::Table",
+            **RETAIN,
+            "Properties": table_properties(state.table, config.fleet),
+        },
+        JOBS_DLQ: {
+            "Type": "AWS::SQS::Queue",
+            **RETAIN,
+            "Properties": dead_letter_queue_properties(state.dead_letter_queue, config.fleet),
+        },
+        JOBS_QUEUE: {
+            "Type": "AWS::SQS::Queue",
+            **RETAIN,
+            "Properties": jobs_queue_properties(state.jobs_queue, config.fleet, {"Fn::GetAtt": [JOBS_DLQ, "Arn"]}),
         },
     }
 
