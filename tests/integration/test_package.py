@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from chalicelib.config import load_config
+from chalicelib.config import StateOwner, load_config
 from fleetctl.lambda_policies import CHALICE_CONFIG, stage_config_path
 from fleetctl.package import PROJECT_DIR, PackageError, package
+from fleetctl.state_resources import create_table_arguments
 
 
 def _resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
@@ -100,12 +101,7 @@ def test_each_stage_packages_into_a_template_cfn_lint_passes(stage: str, tmp_pat
 
 def test_an_unreachable_package_index_fails_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # given: a copy of the project with no deployment package built yet, and a package index nobody answers at
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("app.py", "requirements.txt"):
-        shutil.copy(PROJECT_DIR / name, project / name)
-    shutil.copytree(PROJECT_DIR / "chalicelib", project / "chalicelib", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(PROJECT_DIR / ".chalice", project / ".chalice", ignore=shutil.ignore_patterns("deployments"))
+    project = _project_copy(tmp_path, keep_deployments=False)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
@@ -116,3 +112,68 @@ def test_an_unreachable_package_index_fails_the_package(tmp_path: Path, monkeypa
     # when / then
     with pytest.raises(PackageError, match="package index"):
         package("dev", tmp_path / "out", project_dir=project)
+
+
+def _project_copy(root: Path, *, keep_deployments: bool = True) -> Path:
+    """A copy of the project Chalice can package; ``keep_deployments`` keeps the deployment packages built before."""
+    project = root / "project"
+    project.mkdir()
+    for name in ("app.py", "requirements.txt"):
+        shutil.copy(PROJECT_DIR / name, project / name)
+    shutil.copytree(PROJECT_DIR / "chalicelib", project / "chalicelib", ignore=shutil.ignore_patterns("__pycache__"))
+    skipped = ("__pycache__",) if keep_deployments else ("deployments",)
+    shutil.copytree(PROJECT_DIR / ".chalice", project / ".chalice", ignore=shutil.ignore_patterns(*skipped))
+    return project
+
+
+def test_a_stage_whose_state_the_stack_owns_gets_the_table_and_queues_kept_on_deletion(tmp_path: Path) -> None:
+    # given: the dev stage with state.owner: stack
+    project = _project_copy(tmp_path)
+    stage_file = project / "chalicelib" / "stages" / "dev.yaml"
+    stage_file.write_text(stage_file.read_text().replace("  owner: bootstrap\n", "  owner: stack\n"))
+    config = load_config(stage_file)
+    assert config.state.owner is StateOwner.STACK
+
+    # when
+    try:
+        result = package("dev", tmp_path / "out", project_dir=project)
+    except PackageError as exc:
+        pytest.fail(f"make package STAGE=dev with state.owner: stack failed: {exc}")
+
+    # then: cfn-lint reported nothing, and the stack defines the table bootstrap would have made
+    assert result.lint_output == ""
+    template = json.loads(result.template.read_text())
+    resources = template["Resources"]
+    (table,) = _resources(template, "AWS::DynamoDB::Table").values()
+    bootstraps = create_table_arguments(config.state.table, config.fleet)
+    properties = table["Properties"]
+    assert properties["TableName"] == config.state.table
+    assert properties["KeySchema"] == bootstraps["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}]
+    assert properties["GlobalSecondaryIndexes"] == bootstraps["GlobalSecondaryIndexes"]
+    assert {index["IndexName"] for index in properties["GlobalSecondaryIndexes"]} == {
+        "idle-runners",
+        "fleet-records",
+        "token-deadlines",
+    }
+    assert properties["AttributeDefinitions"] == bootstraps["AttributeDefinitions"]
+    assert properties["BillingMode"] == "PAY_PER_REQUEST"
+    assert properties["SSESpecification"] == {"SSEEnabled": True}
+    assert properties["TimeToLiveSpecification"] == {"AttributeName": "ttl", "Enabled": True}
+    # and both queues, the jobs queue redriving to its dead-letter queue after 5 receives
+    queues = {r["Properties"]["QueueName"]: r for r in _resources(template, "AWS::SQS::Queue").values()}
+    assert set(queues) == {config.state.jobs_queue, config.state.dead_letter_queue, f"{config.fleet}-events-dlq"}
+    jobs, dead_letters = queues[config.state.jobs_queue], queues[config.state.dead_letter_queue]
+    assert jobs["Properties"]["VisibilityTimeout"] == 360
+    assert jobs["Properties"]["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["JobsDeadLetterQueue", "Arn"]},
+        "maxReceiveCount": 5,
+    }
+    assert dead_letters["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    # deleting the stack, or replacing one of them, keeps the fleet's state
+    for resource in (table, jobs, dead_letters):
+        assert (resource["DeletionPolicy"], resource["UpdateReplacePolicy"]) == ("Retain", "Retain")
+    # scale-up's trigger reads the stack's jobs queue, and no function starts before the state exists
+    mapping = resources["ScaleUp"]["Properties"]["Events"]["ScaleUpSqsEventSource"]["Properties"]
+    assert mapping["Queue"]["Fn::Sub"].endswith(f":{config.state.jobs_queue}")
+    for name in _resources(template, "AWS::Serverless::Function"):
+        assert set(resources[name]["DependsOn"]) == {"StateTable", "JobsQueue", "JobsDeadLetterQueue"}, name
