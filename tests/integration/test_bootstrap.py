@@ -24,14 +24,24 @@ from chalicelib.naming import (
     runner_role_name,
     runner_role_path,
 )
-from fleetctl.bootstrap import JOBS_MAX_RECEIVE_COUNT, Bootstrapper, Change, PlanRefusedError, Verb
+from fleetctl.bootstrap import Bootstrapper, Change, PlanRefusedError, Verb
+from fleetctl.doctor import Doctor
 from fleetctl.iam_policies import RUNNER_POLICY_NAME, ec2_trust_policy, runner_instance_policy
+from fleetctl.lambda_policies import CHALICE_CONFIG
 from fleetctl.sandbox.local_aws import SANDBOX_REGION, LocalAws
 from fleetctl.sandbox.network import (
     SANDBOX_ROOT_DEVICE,
     SandboxNetwork,
     create_sandbox_network,
     register_sandbox_amis,
+)
+from fleetctl.state_resources import (
+    JOBS_MAX_RECEIVE_COUNT,
+    create_table_arguments,
+    dead_letter_queue_attributes,
+    jobs_queue_attributes,
+    redrive_policy,
+    ttl_specification,
 )
 
 FLEET = "bootstrap-test"
@@ -312,6 +322,83 @@ def test_first_run_creates_everything(clients: AwsClients, config: FleetConfig, 
     assert encryption["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     [rule] = s3.get_bucket_lifecycle_configuration(Bucket=CACHE_BUCKET)["Rules"]
     assert (rule["Status"], rule["Expiration"]) == ("Enabled", {"Days": 14})
+
+
+def stack_owned(network: SandboxNetwork) -> FleetConfig:
+    """The test fleet with ``state.owner: stack``: the deployment stack owns its table and queues."""
+    document = config_document(network)
+    document["state"]["owner"] = "stack"
+    return parse_config(document)
+
+
+def deploy_state_as_the_stack_does(config: FleetConfig, clients: AwsClients) -> None:
+    """The table and queues with the settings the stack's template gives them (``fleetctl.state_resources``)."""
+    state = config.state
+    clients.dynamodb.create_table(**create_table_arguments(state.table, config.fleet))
+    clients.dynamodb.update_time_to_live(TableName=state.table, TimeToLiveSpecification=ttl_specification())
+    sqs = clients.sqs
+    dlq_url = sqs.create_queue(QueueName=state.dead_letter_queue, Attributes=dead_letter_queue_attributes())["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sqs.create_queue(
+        QueueName=state.jobs_queue,
+        Attributes={**jobs_queue_attributes(), "RedrivePolicy": json.dumps(redrive_policy(dlq_arn))},
+    )
+
+
+def test_with_the_state_owned_by_the_stack_bootstrap_creates_no_table_or_queue(
+    clients: AwsClients, network: SandboxNetwork, ami: str
+) -> None:
+    # given: a stage whose stack owns the state, not deployed yet
+    config = stack_owned(network)
+
+    # when
+    plan = run(config, clients)
+
+    # then: the plan says the table and queues are the stack's, and bootstrap made none of them
+    stack_says = "owned by the stack (state.owner: stack), not created here: deploy the stack make package builds"
+    assert [change.describe() for change in plan[:3]] == [
+        f"missing  table      bootstrap-test ({stack_says})",
+        f"missing  queue      bootstrap-test-jobs-dlq ({stack_says})",
+        f"missing  queue      bootstrap-test-jobs ({stack_says})",
+    ]
+    assert clients.dynamodb.list_tables()["TableNames"] == []
+    assert clients.sqs.list_queues().get("QueueUrls", []) == []
+    # what bootstrap owns it still made
+    assert [change.verb for change in plan[3:]] == [Verb.CREATE] * (len(plan) - 3)
+    assert clients.ssm.get_parameter(Name="/runner-fleet/test/webhook-token", WithDecryption=True)
+    assert clients.ec2.describe_launch_templates(LaunchTemplateNames=[launch_template_name(FLEET, "docker")])
+
+
+def test_the_stacks_table_and_queues_are_left_to_it_and_doctor_names_the_stack_as_the_fix(
+    clients: AwsClients, network: SandboxNetwork, ami: str
+) -> None:
+    # given: the stack made the table and queues, and someone shortened the jobs queue's visibility timeout
+    config = stack_owned(network)
+    deploy_state_as_the_stack_does(config, clients)
+    jobs_url = clients.sqs.get_queue_url(QueueName=config.state.jobs_queue)["QueueUrl"]
+    clients.sqs.set_queue_attributes(QueueUrl=jobs_url, Attributes={"VisibilityTimeout": "30"})
+
+    # when
+    plan = run(config, clients)
+
+    # then: bootstrap found them and changed nothing of the stack's
+    assert [change.describe() for change in plan[:3]] == [
+        "exists   table      bootstrap-test (owned by the stack)",
+        "exists   queue      bootstrap-test-jobs-dlq (owned by the stack)",
+        "exists   queue      bootstrap-test-jobs (owned by the stack)",
+    ]
+    timeout = clients.sqs.get_queue_attributes(QueueUrl=jobs_url, AttributeNames=["VisibilityTimeout"])
+    assert timeout["Attributes"]["VisibilityTimeout"] == "30"
+
+    # and doctor judges them by the same settings: the table passes, the jobs queue differs, and its fix is the
+    # stack's deployment, not bootstrap
+    doctor = Doctor(config, Path("stage.yaml"), clients, drift=list, chalice_config=CHALICE_CONFIG, stage="dev")
+    [table] = doctor.check_table()
+    assert (table.ok, table.detail) == (True, "bootstrap-test (owned by the stack)")
+    dlq, jobs = doctor.check_queues()
+    assert dlq.ok
+    assert (jobs.ok, jobs.detail) == (False, "bootstrap-test-jobs: differs (set VisibilityTimeout)")
+    assert jobs.fix == "state.owner is stack: make package STAGE=dev, then deploy the stack (docs/deploy.md)"
 
 
 def test_second_run_changes_nothing(clients: AwsClients, config: FleetConfig) -> None:
