@@ -369,6 +369,32 @@ def test_with_the_state_owned_by_the_stack_bootstrap_creates_no_table_or_queue(
     assert clients.ec2.describe_launch_templates(LaunchTemplateNames=[launch_template_name(FLEET, "docker")])
 
 
+def test_a_pinned_image_waits_for_the_stacks_table_to_be_recorded(
+    clients: AwsClients, network: SandboxNetwork, ami: str
+) -> None:
+    # given: the docker pool's CI image is in ECR, and the stack that owns the table is not deployed yet
+    config = stack_owned(network)
+    digest = push_image(clients, "ci/build-base", "latest")
+    subject = bootstrapper(config, clients)
+
+    # when
+    lines = subject.execute(subject.plan())
+
+    # then: the template names the image by digest, and bootstrap says the record waits for the table
+    user_data = base64.b64decode(default_template_data(clients, launch_template_name(FLEET, "docker"))["UserData"])
+    assert f"@{digest}" in user_data.decode()
+    assert lines == [
+        "image records not written: table bootstrap-test does not exist yet; bootstrap again once the stack is deployed"
+    ]
+
+    # when the stack made its table, the next bootstrap records the image
+    deploy_state_as_the_stack_does(config, clients)
+    subject.execute(subject.plan())
+
+    # then
+    assert ImageStore("bootstrap-test", clients.dynamodb).read_many(["docker"])["docker"].current.digest == digest
+
+
 def test_the_stacks_table_and_queues_are_left_to_it_and_doctor_names_the_stack_as_the_fix(
     clients: AwsClients, network: SandboxNetwork, ami: str
 ) -> None:
