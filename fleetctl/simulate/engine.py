@@ -101,6 +101,7 @@ class Instance:
         "offered",
         "phase",
         "pool",
+        "reason",
         "warm",
     )
 
@@ -123,10 +124,23 @@ class Instance:
         self.offered = False
         self.first_job_at = 0.0
         self.facts: tuple[object, tuple[RunnerRecord, InstanceFact, GitLabRunner]] | None = None
+        self.reason = ""
 
     @property
     def instance_id(self) -> str:
         return f"i-{self.id:017x}"
+
+
+@dataclass(frozen=True)
+class Life:
+    """One instance, from launch to termination, and why it ended."""
+
+    pool: str
+    warm: bool
+    lifecycle: str
+    launched_at: float
+    ended_at: float
+    reason: str
 
 
 @dataclass
@@ -178,7 +192,8 @@ class Simulation:
         self.prices = prices
         self.retry = retry_policy or policy.RetryPolicy()
         self.jobs = sorted(jobs, key=lambda job: (job.pending_at, job.id))
-        start = self.jobs[0].pending_at if self.jobs else 0.0
+        # Reconcile starts a warm-up before the first job, so that warm pools are warm when the history begins.
+        start = (self.jobs[0].pending_at if self.jobs else 0.0) - self.model.warmup_seconds
         self.clock = VirtualClock(start)
         self.queue = EventQueue(self.clock)
         self.meter = api.ApiMeter()
@@ -194,6 +209,7 @@ class Simulation:
         self.next_seq = 0
         self.by_seq: dict[int, SimJob] = {}  # pending jobs
         self.recovered = 0
+        self.lives: list[Life] = []  # every instance's life, once it ended
         # Pending jobs by tag set, oldest first (GitLab hands a runner the oldest job it may run); each pool's
         # list of the tag sets its runners may take, built as tag sets appear.
         self.pending: dict[frozenset[str], deque[SimJob]] = {}
@@ -207,7 +223,6 @@ class Simulation:
         self.rng_capacity = stream(seed, "capacity")
         self.rng_poll = stream(seed, "poll")
         self.rng_policy = stream(seed, "retry policy")
-        # Reconcile runs until the last job arrived; what is left then idles out by itself.
         self.horizon = (self.jobs[-1].pending_at if self.jobs else start) + 1.0
         self.last_activity = start
         self.templates = {pool.name: LaunchTemplateRef(f"sim-{pool.name}", "1") for pool in config.pools}
@@ -438,8 +453,11 @@ class Simulation:
         for job in jobs:
             job.attempts += 1
             if job.attempts >= pool.max_launch_attempts:
+                # Dead-lettered: no launch will come for it; counted, and left out of the replay from here on.
                 self.tally[pool.name].dead_lettered += 1
-                continue  # dead-lettered: it waits for a runner that another job's launch brings
+                job.pending = False
+                self.by_seq.pop(job.seq, None)
+                continue
             self.meter.add(api.SQS_SEND, self.now)
             self._deliver(job, self.retry.backoff_delay(job.attempts, self.rng_policy))
 
@@ -479,6 +497,7 @@ class Simulation:
             return
         self.idle[instance.pool.name].pop(instance.id, None)
         instance.phase = Phase.GONE
+        instance.reason = reason
         self.queue.after(self.model.shutdown_seconds, self._terminated, instance)
 
     def _terminated(self, instance: Instance) -> None:
@@ -495,6 +514,9 @@ class Simulation:
         self.live_total -= 1
         self.leases[pool.name] -= 1
         del self.instances[instance.id]
+        self.lives.append(
+            Life(pool.name, instance.warm, instance.lifecycle, instance.launched_at, now, instance.reason)
+        )
         # instance_state: the record terminated, the lease back, the token deleted, the GitLab runner deleted.
         self.meter.add(api.DYNAMODB_WRITE, now, 3)
         self.meter.add(api.GITLAB_DELETE_RUNNER, now)
@@ -531,6 +553,7 @@ class Simulation:
         self._lose_job(instance)
         self.idle[instance.pool.name].pop(instance.id, None)
         instance.phase = Phase.GONE
+        instance.reason = "spot interruption"
         self._terminated(instance)
 
     def _lifetime_over(self, instance: Instance) -> None:
@@ -551,7 +574,10 @@ class Simulation:
         self.meter.add(api.DYNAMODB_QUERY, now, 6)
         for action in rules.decide(self._facts(now), self.config):
             self._act(action)
-        if now < self.horizon:
+        # Reconcile runs until the last job arrived and every job is done; what is left then idles out by itself.
+        # GitLab drops a job left pending for a day (StuckCiJobsWorker), so a day past the last arrival ends it.
+        busy = self.by_seq or any(i.phase is Phase.BUSY for i in self.instances.values())
+        if now < self.horizon or (busy and now < self.horizon + 86400.0):
             self.queue.after(self.model.reconcile_seconds, self._reconcile)
 
     def _facts(self, now: float) -> Facts:

@@ -89,6 +89,8 @@ class Model:
     # EC2's interruption warning comes two minutes before the instance is taken.
     interruption_notice_seconds: float = 120.0
     reconcile_seconds: float = 60.0
+    # Reconcile starts this long before the first job: warm pools are warm when the history begins.
+    warmup_seconds: float = 600.0
 
     def interruptions_per_hour(self, pool: str) -> float:
         return float(self.interruption_rate.get(pool, self.interruption_rate.get("*", 0.0)))
