@@ -149,7 +149,8 @@ class PoolTally:
     launched_for_warm: int = 0
     instance_seconds: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     billed_cost: float = 0.0
-    job_seconds: float = 0.0  # the history's durations of the jobs the pool ran to the end
+    # The history's durations of the finished jobs whose tags are matched to the pool (whichever runner ran them).
+    job_seconds: float = 0.0
     jobs: int = 0
     waits: list[float] = field(default_factory=list)
     peak: int = 0
@@ -215,6 +216,7 @@ class Simulation:
         self.pending: dict[frozenset[str], deque[SimJob]] = {}
         self.takeable: dict[str, list[deque[SimJob]]] = {pool.name: [] for pool in config.pools}
         self.takers: dict[frozenset[str], list[str]] = {}
+        self.floor_pool: dict[frozenset[str], str] = {}
         self.inbox: list[SimJob] = []
         self.batch_due = False
         self.rng_boot = stream(seed, "boot")
@@ -277,6 +279,9 @@ class Simulation:
         ordered = sorted(tags)
         takers = [pool.name for pool in self.config.pools if policy.can_take(pool, ordered)]
         self.takers[tags] = takers
+        # The floor counts a job's seconds against the pool its tags are matched to, whichever runner took it.
+        matched = policy.match_pool(ordered, self.config.pools)
+        self.floor_pool[tags] = matched.name if matched else ""
         for name in takers:
             self.takeable[name].append(waiting)
         return waiting
@@ -335,7 +340,9 @@ class Simulation:
         job.done = True
         tally = self.tally[instance.pool.name]
         tally.jobs += 1
-        tally.job_seconds += job.job.duration
+        floor_pool = self.floor_pool[job.tags]
+        if floor_pool:
+            self.tally[floor_pool].job_seconds += job.job.duration
         self.meter.add(api.DYNAMODB_WRITE, self.now, 2)
         instance.job = None
         if instance.builds_left <= 0:
