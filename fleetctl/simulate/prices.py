@@ -135,19 +135,28 @@ def on_demand_prices(pricing: Any, region: str, instance_types: Iterable[str]) -
     return found
 
 
+def _reason(exc: Exception) -> str:
+    """An AWS error's code (or HTTP status), never its body: a local endpoint may answer with a whole page."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        return str(error.get("Code") or f"HTTP {status}")
+    return type(exc).__name__
+
+
 def aws_prices(session: Any, region: str, instance_types: Iterable[str]) -> PriceTable:
     """Today's prices for ``instance_types`` in ``region``, read from AWS with ``session``'s credentials."""
     types = sorted(set(instance_types))
     try:
         spot = spot_prices(session.client("ec2", region_name=region), types)
     except (ClientError, BotoCoreError) as exc:
-        raise PriceError(f"EC2 DescribeSpotPriceHistory in {region} failed: {exc}") from None
+        raise PriceError(f"EC2 DescribeSpotPriceHistory in {region} failed ({_reason(exc)})") from None
     try:
         # The Price List API answers in us-east-1 (and a few other regions), for every region.
         on_demand = on_demand_prices(session.client("pricing", region_name="us-east-1"), region, types)
     except (ClientError, BotoCoreError) as exc:
         raise PriceError(
-            f"the AWS Price List API (pricing:GetProducts) failed: {exc}; pass --prices FILE instead"
+            f"the AWS Price List API (pricing:GetProducts) failed ({_reason(exc)}); pass --prices FILE instead"
         ) from None
     missing = [t for t in types if t not in spot or t not in on_demand]
     if missing:
