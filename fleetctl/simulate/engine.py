@@ -408,7 +408,9 @@ class Simulation:
 
     def _scale_pool(self, pool: PoolConfig, jobs: list[SimJob]) -> None:
         fresh = [job for job in jobs if not job.graced and job.waits == 0]
-        idle = sum(1 for instance in self.idle[pool.name].values() if not instance.draining) if fresh else 0
+        # The idle index holds runners idle after a job (the finished Job Hook puts them there), not ones booted
+        # and never given one (store.py: idle_pool).
+        idle = sum(1 for i in self.idle[pool.name].values() if i.jobs_run and not i.draining) if fresh else 0
         deferred = policy.leave_to_idle_runners([(job.seq, job.graced) for job in fresh], idle)
         launch: list[SimJob] = []
         for job in jobs:
