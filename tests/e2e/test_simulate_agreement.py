@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,14 @@ BOOT_SECONDS = 2.0
 IDLE_SECONDS = 6.0
 POLL_SECONDS = 0.5
 AGENTS = AgentOptions(boot_delay_seconds=BOOT_SECONDS, wait_timeout_seconds=IDLE_SECONDS)
-TAGS = (("docker",), ("docker", "linux"), (), ("dind", "docker"))
+# No job tagged just ``docker``: a build runner (docker, dind) may take one, and the docker-in-docker job it was
+# launched for then waits for reconcile to relaunch it, past the boot deadline (twelve minutes in dev.yaml), which the
+# sandbox here does not run. The simulator replays that too (see docs/simulate.md); this test compares the rest.
+TAGS = (("docker", "linux"), (), ("dind", "docker"))
 JOBS = 200
 SPAN_SECONDS = 120.0
+# Reconcile every 15 s, as the soak runs it (a minute in AWS), in both.
+RECONCILE_SECONDS = 15.0
 # What the sandbox's path from a Job Hook to a booted runner adds to the agents' boot delay (see the docstring).
 LAUNCH_PATH_SECONDS = 1.5
 
@@ -72,7 +78,8 @@ def stage_file(tmp_path: Path) -> Path:
 def sandbox_run(config_path: Path, jobs: list[HistoryJob], workdir: Path) -> dict[str, Any]:
     lives: dict[str, list[float]] = {}
     done = threading.Event()
-    with Sandbox(config_path=config_path, workdir=workdir, agent_options=AGENTS) as stack:
+    sandbox = Sandbox(config_path=config_path, workdir=workdir, agent_options=AGENTS, schedule_every=RECONCILE_SECONDS)
+    with sandbox as stack:
         assert stack.agents is not None
         stack.bootstrap()
         agents = stack.agents
@@ -107,7 +114,8 @@ def sandbox_run(config_path: Path, jobs: list[HistoryJob], workdir: Path) -> dic
         while time.monotonic() < deadline and any(j["status"] != "success" for j in finished()):
             time.sleep(1.0)
         listed = finished()
-        assert all(j["status"] == "success" for j in listed), [j["status"] for j in listed]
+        statuses = Counter(str(j["status"]) for j in listed)
+        assert statuses == {"success": len(jobs)}, statuses
         while time.monotonic() < deadline and not all(life[1] for life in lives.values()):
             time.sleep(0.5)
         done.set()
@@ -132,6 +140,7 @@ def simulator_run(config_path: Path, jobs: list[HistoryJob]) -> dict[str, Any]:
         poll_seconds=POLL_SECONDS,
         shutdown_seconds=0.0,
         warmup_seconds=0.0,
+        reconcile_seconds=RECONCILE_SECONDS,
     )
     simulation = Simulation(config, jobs, model=model, prices=load_prices(), seed=0)
     outcome = simulation.run()
