@@ -881,5 +881,11 @@ def sandbox_demo(jobs: int) -> None:
         sys.exit(1)
 
 
+# The fleet simulator's commands live in their own package (fleetctl/simulate, docs/simulate.md).
+from fleetctl.simulate.cli import simulate as simulate_group  # noqa: E402
+
+main.add_command(simulate_group, "simulate")
+
+
 if __name__ == "__main__":
     main()
