@@ -156,6 +156,7 @@ def simulator_run(config_path: Path, jobs: list[HistoryJob]) -> dict[str, Any]:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.agreement
 @pytest.mark.timeout(1800)
 def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and_p95_wait(tmp_path: Path) -> None:
     # given
