@@ -296,12 +296,14 @@ class Soak:
         def settled() -> bool:
             jobs = self.jobs()
             left = abandoned()
-            # A pipeline with an abandoned job waits for GitLab to drop it, its later stages with it.
+            # A pipeline with an abandoned job waits for GitLab to drop it, its later stages (created) with it; the
+            # other jobs of its stage still run and are waited for, or GitLab's hour would drop them too.
             held = {int(j["pipeline"]["id"]) for j in jobs if int(j["id"]) in left}
             waiting = [
                 j
                 for j in jobs
-                if j["status"] in ("pending", "running", "created") and int(j["pipeline"]["id"]) not in held
+                if (j["status"] in ("pending", "running") and int(j["id"]) not in left)
+                or (j["status"] == "created" and int(j["pipeline"]["id"]) not in held)
             ]
             return not waiting and not any(v for k, v in _leftovers(stack).items() if k != "gitlab_runners")
 

@@ -115,6 +115,11 @@ class Images(Fleet):
         self.deliver()
         assert wait_until(condition, timeout), "the image events did not get there in time"
 
+    def promoted(self, digest: str) -> None:
+        """Until the pool runs ``digest`` and its promotion has moved the template's default, its last step."""
+        self.until(lambda: self.current() == digest)
+        assert wait_until(lambda: self.default_version() == self.image_record().template_version, 20)
+
     def current(self) -> str | None:
         record = self.image_record()
         return record.current.digest if record.current else None
@@ -159,7 +164,7 @@ def test_a_push_whose_scan_passes_moves_the_pool_while_a_job_on_the_old_digest_f
         # given a pool gated on scans on digest 1, with a runner busy on it
         images.push(old)
         images.scanned(old, LOW=1)
-        images.until(lambda: images.current() == old)
+        images.promoted(old)
         (long_job,) = images.pipeline(LONG_JOB)
         assert wait_until(lambda: images.job(long_job)["status"] == "running", 30)
         old_runner = int(images.job(long_job)["runner"]["id"])
@@ -272,7 +277,7 @@ def test_a_gated_pool_promotes_a_push_only_once_its_scan_passes_and_refuses_a_cr
     assert images.default_version() == before  # held for its scan
 
     images.scanned(good, MEDIUM=3)
-    images.until(lambda: images.current() == good)
+    images.promoted(good)
     promoted = images.default_version()
     assert promoted > before
 
@@ -299,7 +304,7 @@ def test_a_scan_that_never_comes_is_reported_by_reconcile_as_scan_timeout(images
 
 def test_reconcile_makes_the_recorded_version_the_default_when_a_promotion_stopped_before(images: Images) -> None:
     images.push(digest("base-1"))
-    images.until(lambda: images.current() == digest("base-1"))
+    images.promoted(digest("base-1"))
     recorded = images.image_record().template_version
     name = launch_template_name(images.config.fleet, "docker")
     images.ec2.modify_launch_template(LaunchTemplateName=name, DefaultVersion="1")
@@ -329,7 +334,7 @@ def test_scale_up_launches_from_the_version_the_pools_record_names_not_the_templ
     """A promotion records the pool's new version before it moves the template's default; a launch in between (or
     after a promotion that stopped there) must already run the new image."""
     images.push(digest("named-1"))
-    images.until(lambda: images.current() == digest("named-1"))
+    images.promoted(digest("named-1"))
     recorded = images.image_record().template_version
     name = launch_template_name(images.config.fleet, "docker")
     images.ec2.modify_launch_template(LaunchTemplateName=name, DefaultVersion="1")
