@@ -38,9 +38,10 @@ $(TOOLS): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fleetctl sandbox demo
 
-# Four pytest processes side by side: the slow scenarios (a 150-job burst and a two-minute soak), the scenarios
-# that drive simulated runner agents (mostly waiting on them), the integration tests from test_s* on, and the rest
-# (the first integration tests, unit and e2e). Their output follows the rest's. Most of the suite waits on its
+# Four pytest processes side by side: the slow scenarios (a 150-job burst and a two-minute soak) with the end-to-end
+# ones (the demo, the sandbox's CLI), the scenarios that drive simulated runner agents (mostly waiting on them), the
+# integration tests from test_s* on, and the rest (the first integration tests and unit). Their output follows the
+# rest's. Most of the suite waits on its
 # local peers' lags rather than computes, so four processes finish sooner than three on two cores. Each process
 # judges its own calls against IAM; the check for unused IAM statements needs the whole suite, so it runs last,
 # over the four reports.
@@ -50,18 +51,18 @@ test: lint typecheck $(TOOLS)
 	@rm -f .pytest_cache/*-tests.log .pytest_cache/iam-calls*.json
 	@mkdir -p .pytest_cache
 	@RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-slow.json $(BIN)/python -m pytest -q --durations=15 \
-		-m "slow and not agreement" \
+		-m "(slow or e2e) and not agreement" \
 		> .pytest_cache/slow-tests.log 2>&1 & slow=$$!; \
 	RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-scenario.json $(BIN)/python -m pytest -q --durations=15 \
 		-m "scenario and not slow" > .pytest_cache/scenario-tests.log 2>&1 & scenario=$$!; \
 	RUNNER_FLEET_IAM_REPORT=.pytest_cache/iam-calls-late.json $(BIN)/python -m pytest -q --durations=15 \
 		-m "not slow and not scenario" $(LATE_INTEGRATION) > .pytest_cache/late-tests.log 2>&1 & late=$$!; \
-	$(BIN)/python -m pytest -q --durations=25 -m "not slow and not scenario" \
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow and not scenario and not e2e" \
 		$(addprefix --ignore=,$(LATE_INTEGRATION)); suite=$$?; \
 	wait $$late; late_status=$$?; wait $$scenario; scenario_status=$$?; wait $$slow; slow_status=$$?; \
 	echo "--- integration tests test_s* to test_z* (a process of their own) ---"; cat .pytest_cache/late-tests.log; \
 	echo "--- agent scenarios (pytest -m scenario) ---"; cat .pytest_cache/scenario-tests.log; \
-	echo "--- slow scenarios (pytest -m slow) ---"; cat .pytest_cache/slow-tests.log; \
+	echo "--- slow scenarios and the demo's (pytest -m 'slow or e2e') ---"; cat .pytest_cache/slow-tests.log; \
 	test $$suite -eq 0 && test $$late_status -eq 0 && test $$scenario_status -eq 0 && test $$slow_status -eq 0
 	@$(BIN)/python -m tests.iam_recorder .pytest_cache/iam-calls.json .pytest_cache/iam-calls-late.json \
 		.pytest_cache/iam-calls-scenario.json .pytest_cache/iam-calls-slow.json
