@@ -23,50 +23,29 @@ JOBS_MAX_RECEIVE_COUNT = 5
 # The tag bootstrap puts on everything it creates; the stack tags the state resources it owns alike.
 FLEET_TAG_KEY = "runner-fleet"
 
-# Scale-up counts a pool's idle runners in this sparse index: only idle runner records carry idle_pool.
-_IDLE_INDEX_ATTRIBUTES = (
-    {"AttributeName": "idle_pool", "AttributeType": "S"},
-    {"AttributeName": "idle_since", "AttributeType": "N"},
-)
-_IDLE_INDEX: dict[str, Any] = {
-    "IndexName": IDLE_RUNNERS_INDEX,
-    "KeySchema": [
-        {"AttributeName": "idle_pool", "KeyType": "HASH"},
-        {"AttributeName": "idle_since", "KeyType": "RANGE"},
-    ],
-    "Projection": {"ProjectionType": "KEYS_ONLY"},
-}
-# Reconcile reads the fleet's live records (runners, launches, pools, unfinished jobs, connected hooks, image records
-# awaiting a scan) from this sparse index: only they carry ``live``, so a run reads pages of the fleet, not of the
-# table's job history. Token items never carry it, so no token is copied into the index.
-_LIVE_INDEX_ATTRIBUTES = ({"AttributeName": LIVE_ATTRIBUTE, "AttributeType": "S"},)
-_LIVE_INDEX: dict[str, Any] = {
-    "IndexName": FLEET_RECORDS_INDEX,
-    "KeySchema": [
-        {"AttributeName": LIVE_ATTRIBUTE, "KeyType": "HASH"},
-        {"AttributeName": TABLE_KEY, "KeyType": "RANGE"},
-    ],
-    "Projection": {"ProjectionType": "ALL"},
-}
-# Reconcile finds runner tokens past their boot deadline in this sparse index; keys only, so no token value is
-# copied into it.
-_TOKEN_INDEX_ATTRIBUTES = (
-    {"AttributeName": "token_index", "AttributeType": "S"},
-    {"AttributeName": "token_due", "AttributeType": "N"},
-)
-_TOKEN_INDEX: dict[str, Any] = {
-    "IndexName": TOKEN_DEADLINES_INDEX,
-    "KeySchema": [
-        {"AttributeName": "token_index", "KeyType": "HASH"},
-        {"AttributeName": "token_due", "KeyType": "RANGE"},
-    ],
-    "Projection": {"ProjectionType": "KEYS_ONLY"},
-}
+
+def _index(
+    name: str, keys: tuple[tuple[str, str], ...], projection: str
+) -> tuple[tuple[dict[str, str], ...], dict[str, Any]]:
+    """A global secondary index: the attribute definitions its ``keys`` ((name, type), hash first) add to the
+    table's (all but the table's own key), and the index itself."""
+    attributes = tuple({"AttributeName": key, "AttributeType": kind} for key, kind in keys if key != TABLE_KEY)
+    schema = [{"AttributeName": key, "KeyType": role} for (key, _), role in zip(keys, ("HASH", "RANGE"), strict=True)]
+    index = {"IndexName": name, "KeySchema": schema, "Projection": {"ProjectionType": projection}}
+    return attributes, index
+
+
 # Each global secondary index by name: the attributes it adds to the table's definitions, and the index itself.
+# * Scale-up counts a pool's idle runners in the idle index: only idle runner records carry idle_pool.
+# * Reconcile reads the fleet's live records (runners, launches, pools, unfinished jobs, connected hooks, image
+#   records awaiting a scan) from the fleet-records index: only they carry ``live``, so a run reads pages of the
+#   fleet, not of the table's job history. Token items never carry it, so no token is copied into the index.
+# * Reconcile finds runner tokens past their boot deadline in the token index; keys only, so no token value is
+#   copied into it.
 INDEXES: dict[str, tuple[tuple[dict[str, str], ...], dict[str, Any]]] = {
-    IDLE_RUNNERS_INDEX: (_IDLE_INDEX_ATTRIBUTES, _IDLE_INDEX),
-    FLEET_RECORDS_INDEX: (_LIVE_INDEX_ATTRIBUTES, _LIVE_INDEX),
-    TOKEN_DEADLINES_INDEX: (_TOKEN_INDEX_ATTRIBUTES, _TOKEN_INDEX),
+    IDLE_RUNNERS_INDEX: _index(IDLE_RUNNERS_INDEX, (("idle_pool", "S"), ("idle_since", "N")), "KEYS_ONLY"),
+    FLEET_RECORDS_INDEX: _index(FLEET_RECORDS_INDEX, ((LIVE_ATTRIBUTE, "S"), (TABLE_KEY, "S")), "ALL"),
+    TOKEN_DEADLINES_INDEX: _index(TOKEN_DEADLINES_INDEX, (("token_index", "S"), ("token_due", "N")), "KEYS_ONLY"),
 }
 
 
