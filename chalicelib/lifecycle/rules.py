@@ -24,6 +24,10 @@ action carries the reason and the facts that led to it, for its log line. What e
 * **lost webhook**: a pending job the table does not know is queued: queued now; and a pending job whose launch
   ended long ago (past the boot deadline) without any runner taking it (its runner was reaped): its claim is
   released and it is queued again, for a launch of its own;
+* **taken launch**: a pending job whose launch finished a while ago while its pool has fewer runners on the way
+  (booting, or idle) than such jobs: the runner launched for it took another job (GitLab hands a runner the oldest
+  job it may run, which may be another pool's when the pool's tags cover that job's), so nothing will take it; its
+  claim is released and it is queued again, a minute after its claim rather than past the boot deadline;
 * **warm**: a pool short of idle runners inside its warm window gets them, within ``max_runners``, unless it is
   drained.
 """
@@ -43,7 +47,7 @@ from chalicelib.lifecycle.facts import Facts, ours
 from chalicelib.lifecycle.windows import warm_size
 from chalicelib.naming import described_instance
 from chalicelib.scaling.launches import FINISHED, UNFINISHED, LaunchState
-from chalicelib.scaling.store.records import LaunchRecord, RunnerRecord
+from chalicelib.scaling.store.records import LAUNCH_POOL_ATTRIBUTE, LaunchRecord, RunnerRecord
 from chalicelib.store import QUEUE_CLAIM_SECONDS, RETIRING, RunnerState, is_unqueued_pending
 
 # How long a launch may work before it counts as stopped (a Lambda cannot run longer): the same window scale-up
@@ -67,6 +71,9 @@ MAX_TOKEN_DELETIONS = 200
 # How long after its pause a retiring runner is re-checked and retired (see :func:`retirements`).
 RETIRE_GRACE_SECONDS = 30.0
 NEVER_CONTACTED = "never_contacted"
+# A pending job whose launch claimed it this long ago and finished is counted against its pool's runners on the way
+# (see :func:`taken_launches`): one reconcile period, longer than a launch takes to record its instances.
+TAKEN_LAUNCH_SECONDS = 60.0
 
 
 class Kind(str, Enum):
@@ -202,6 +209,10 @@ def decide(facts: Facts, config: FleetConfig) -> list[Action]:
     actions += image_rollouts(facts, config)
     actions += retirements(facts, config)
     actions += lost_webhooks(facts, config)
+    recovering = {(a.project_id, a.job_id) for a in actions if isinstance(a, RecoverJob)}
+    actions += [
+        a for a in taken_launches(facts) if isinstance(a, RecoverJob) and (a.project_id, a.job_id) not in recovering
+    ]
     actions += warm_launches(facts, config)
     return actions
 
@@ -547,6 +558,60 @@ def swept_jobs(facts: Facts, config: FleetConfig) -> list[Action]:
                 job_id=pending.job_id,
             )
         )
+    return actions
+
+
+def taken_launches(facts: Facts) -> list[Action]:
+    """Pending jobs whose launch's runner took another job, so that no runner is coming for them.
+
+    A launch's runner takes the oldest pending job it may run, not necessarily the one it was launched for: within
+    a pool another launch's runner then takes that one, but a runner of a pool whose tags cover another pool's
+    jobs (``docker, dind`` covers ``docker``) may take the other pool's job, and the job it was launched for waits
+    with no runner coming. Per pool, the jobs the table still knows as pending whose claim is older than
+    ``TAKEN_LAUNCH_SECONDS`` and whose launch finished are counted against the pool's runners on the way (live,
+    not paused, running nothing: booting or idle); each job beyond them is released from its launch and queued
+    again, oldest claim first. A job GitLab no longer lists as pending (its ``running`` Job Hook was late) is
+    dropped by scale-up when it reads it."""
+    working = {launch.launch_id for launch in facts.launches if launch.state in UNFINISHED}
+    waiting: dict[str, list[tuple[float, int, int, str]]] = {}
+    for job in facts.jobs:
+        item = job.item
+        pool = str(item.get(LAUNCH_POOL_ATTRIBUTE, ""))
+        launch_id = str(item.get("launch_id", ""))
+        claimed_at = float(item.get("claimed_at", 0))
+        if (
+            pool
+            and launch_id
+            and launch_id not in working
+            and "outcome" not in item
+            and int(item.get("status_rank", 0)) == JobStatus.PENDING.rank
+            and claimed_at < facts.now - TAKEN_LAUNCH_SECONDS
+        ):
+            waiting.setdefault(pool, []).append((claimed_at, job.project_id, job.job_id, launch_id))
+    if not waiting:
+        return []
+    coming: Counter[str] = Counter(
+        record.pool
+        for record in facts.records.values()
+        if _live(record)
+        and not record.busy
+        and not record.draining
+        and record.state in (RunnerState.BOOTING, RunnerState.IDLE)
+    )
+    actions: list[Action] = []
+    for pool, jobs in sorted(waiting.items()):
+        jobs.sort()
+        for claimed_at, project_id, job_id, launch_id in jobs[: max(0, len(jobs) - coming[pool])]:
+            actions.append(
+                RecoverJob(
+                    "pending, and the runner launched for it took another job",
+                    {"launch_id": launch_id, "claimed_at": claimed_at, "pool": pool, "runners_coming": coming[pool]},
+                    project_id=project_id,
+                    job_id=job_id,
+                    known=True,
+                    relaunch_from=launch_id,
+                )
+            )
     return actions
 
 

@@ -193,7 +193,10 @@ class ScaleUp:
         # round trip's time rather than one per job.
         with ThreadPoolExecutor(max_workers=min(WRITE_WORKERS, len(items))) as workers:
             claims = list(
-                workers.map(lambda i: self._store.claims.claim_job(i.job.project_id, i.job.job_id, launch_id), items)
+                workers.map(
+                    lambda i: self._store.claims.claim_job(i.job.project_id, i.job.job_id, launch_id, pool.name),
+                    items,
+                )
             )
         for item, made in zip(items, claims, strict=True):
             claim = self._admission.judge_claim(item, made, report)
@@ -212,7 +215,7 @@ class ScaleUp:
     def _claim(self, item: Matched, launch_id: str, report: BatchReport) -> Claim | None:
         """Claim a job for ``launch_id``: the claim (ours or another launch's), or None when it needs no launch."""
         return self._admission.judge_claim(
-            item, self._store.claims.claim_job(item.job.project_id, item.job.job_id, launch_id), report
+            item, self._store.claims.claim_job(item.job.project_id, item.job.job_id, launch_id, item.pool.name), report
         )
 
     def _held(

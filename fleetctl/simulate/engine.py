@@ -29,7 +29,7 @@ from chalicelib.lifecycle import interruptions, rules, windows
 from chalicelib.lifecycle.facts import Facts, InstanceFact
 from chalicelib.scaling import fleet, policy
 from chalicelib.scaling.fleet import LaunchTemplateRef
-from chalicelib.scaling.store.records import RunnerRecord
+from chalicelib.scaling.store.records import LAUNCH_POOL_ATTRIBUTE, RunnerRecord
 from chalicelib.store import RETIRING, RunnerState
 from fleetctl.simulate import api_rates as api
 from fleetctl.simulate.events import EventQueue, VirtualClock
@@ -625,7 +625,7 @@ class Simulation:
         """A pending job's table item, as scale-up leaves it: claimed by a launch once one took it."""
         item: dict[str, object] = {"status_rank": JobStatus.PENDING.rank, "updated_at": job.pending_at, "queued": True}
         if job.claimed_at >= 0:
-            item.update(launch_id=f"launch-{job.seq}", claimed_at=job.claimed_at)
+            item.update(launch_id=f"launch-{job.seq}", claimed_at=job.claimed_at, **{LAUNCH_POOL_ATTRIBUTE: job.pool})
         return facts_module.JobFact(job.job.project_id, job.seq, "pending", job.pending_at, item)
 
     def _instance_facts(self, instance: Instance) -> tuple[RunnerRecord, InstanceFact, GitLabRunner]:

@@ -40,10 +40,10 @@ BOOT_SECONDS = 2.0
 IDLE_SECONDS = 6.0
 POLL_SECONDS = 0.5
 AGENTS = AgentOptions(boot_delay_seconds=BOOT_SECONDS, wait_timeout_seconds=IDLE_SECONDS)
-# No job tagged just ``docker``: a build runner (docker, dind) may take one, and the docker-in-docker job it was
-# launched for then waits for reconcile to relaunch it, past the boot deadline (twelve minutes in dev.yaml), which the
-# sandbox here does not run. The simulator replays that too (see docs/simulate.md); this test compares the rest.
-TAGS = (("docker", "linux"), (), ("dind", "docker"))
+# Jobs tagged ``docker`` alone match the docker pool, and a build runner (docker, dind) may take one too: the
+# docker-in-docker job it was launched for is then launched for again by reconcile a minute after its claim
+# (rules.taken_launches), in both.
+TAGS = (("docker", "linux"), (), ("dind", "docker"), ("docker",))
 JOBS = 200
 SPAN_SECONDS = 120.0
 # Reconcile every 15 s, as the soak runs it (a minute in AWS), in both.
@@ -110,9 +110,8 @@ def sandbox_run(config_path: Path, jobs: list[HistoryJob], workdir: Path) -> dic
         def finished() -> list[dict[str, Any]]:
             return [j for p in pipelines for j in stack.gitlab.jobs_of_pipeline(stack.project_id, p)]
 
-        # A job whose launch's runner took another job is relaunched by reconcile once it has been pending past the
-        # boot deadline and the launch window (rules.stuck_after: twelve minutes here): wait for that too.
-        deadline = time.monotonic() + 1080
+        # Every job runs within a few reconcile periods of the last arrival; the deadline only bounds a failure.
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and any(j["status"] != "success" for j in finished()):
             time.sleep(1.0)
         listed = finished()
@@ -157,7 +156,7 @@ def simulator_run(config_path: Path, jobs: list[HistoryJob]) -> dict[str, Any]:
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.agreement
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1200)
 def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and_p95_wait(tmp_path: Path) -> None:
     # given
     jobs = trace()

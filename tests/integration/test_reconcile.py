@@ -29,6 +29,7 @@ from chalicelib.lifecycle.rules import (
     RETIRE_GRACE_SECONDS,
     RUNNER_GRACE_SECONDS,
     STALE_LAUNCH_SECONDS,
+    TAKEN_LAUNCH_SECONDS,
     stuck_after,
 )
 from chalicelib.naming import FLEET_TAG, LAUNCH_TAG, POOL_TAG, FleetOwner, described_instance, launch_template_name
@@ -159,6 +160,39 @@ def test_an_agent_hung_at_boot_is_reaped_after_its_boot_deadline_and_its_job_run
     assert wait_until(lambda: fleet.job(job_id)["status"] == "success", 60)
     assert fleet.agent_of(job_id).instance_id != hung.instance_id
     assert fleet.record(hung.instance_id)["reason"].startswith("reaped: never contacted GitLab")
+    fleet.assert_invariants()
+
+
+DIND_JOB = {"name": "image", "tags": ["docker", "dind"], "script": ["sleep 0.3"]}
+
+
+def test_a_job_whose_runner_took_another_pools_job_is_launched_for_again_a_minute_after_its_claim(
+    fleet: Fleet,
+) -> None:
+    """GitLab hands a runner the oldest pending job its tags allow, so a build runner (docker, dind) launched for
+    an image job takes an older job tagged docker alone, and no runner is coming for the image job: the docker
+    pool's runners cannot run it. Reconcile launches for it again once its claim is a minute old and its pool has
+    no runner booting or idle. Before, it waited until past the boot deadline and the launch window (twelve
+    minutes with dev.yaml's deadline)."""
+    # given a docker job and then an image job, the docker pool's runner hanging at boot, so that the build
+    # runner is the first to ask GitLab for a job
+    fleet.agents.faults.for_next_agent("docker", Fault.HANG_AT_BOOT)
+    docker_job, image_job = fleet.pipeline(DOCKER_JOB, DIND_JOB)
+    assert wait_until(lambda: fleet.job(docker_job)["status"] == "success", 30)
+    assert fleet.agent_of(docker_job).pool == "build"
+    assert fleet.job(image_job)["status"] == "pending"
+
+    # when reconcile runs a moment later, and then a minute after the claim (long before the boot deadline)
+    early = fleet.reconcile()
+    later = fleet.reconcile(offset=TAKEN_LAUNCH_SECONDS + 1)
+
+    # then only the later run launched for the image job again, and it ran on a build runner of its own
+    assert "JobsRecovered" not in early.metrics
+    assert later.metrics["JobsRecovered"] == 1
+    assert stuck_after(fleet.config) > TAKEN_LAUNCH_SECONDS + 1
+    assert wait_until(lambda: fleet.job(image_job)["status"] == "success", 60)
+    assert fleet.agent_of(image_job).pool == "build"
+    fleet.reconcile(offset=stuck_after(fleet.config) + 1)  # the hung docker runner, past its boot deadline
     fleet.assert_invariants()
 
 
@@ -565,7 +599,7 @@ def test_the_sweep_claims_a_job_recorded_as_created_but_never_one_already_queued
     assert store.claims.claim_for_sweep(project, 501) is None  # claimed a moment ago: its sender may be sending
     assert store.claims.claim_for_sweep(project, 502) is None  # queued by the webhook
     assert store.claims.claim_for_sweep(project, 503) is not None  # never heard of: recorded now, pending
-    store.claims.claim_job(project, 503, "L-1")
+    store.claims.claim_job(project, 503, "L-1", "docker")
     store.release_queue_claim(project, 503, str((store.get(job_key(project, 503)) or {})["queue_claim"]))
     assert store.claims.claim_for_sweep(project, 503) is None  # a launch holds it
 

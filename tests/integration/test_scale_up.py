@@ -526,7 +526,7 @@ def test_a_copy_arriving_between_anothers_claim_and_its_leases_does_not_launch_a
     [job] = fleet.pipeline(["docker"])
     [body] = fleet.take_queued(1)
     now = time.time()
-    fleet.runtime.store().claims.claim_job(fleet.sandbox.project_id, job, "launch-of-another-invocation")
+    fleet.runtime.store().claims.claim_job(fleet.sandbox.project_id, job, "launch-of-another-invocation", "docker")
     # when a copy of the job is handled meanwhile
     report = fleet.scale_up(clock=lambda: now + 1).handle_messages([body])
     # then it waits for that invocation instead of launching a second runner
@@ -873,7 +873,7 @@ def test_a_job_abandoned_by_a_dead_launch_joins_the_batch_launch(fleet: Fleet) -
     jobs = fleet.pipeline(["docker"], ["docker"])
     bodies = fleet.take_queued(2)
     now = time.time()
-    fleet.runtime.store().claims.claim_job(fleet.sandbox.project_id, jobs[0], "launch-of-a-dead-invocation")
+    fleet.runtime.store().claims.claim_job(fleet.sandbox.project_id, jobs[0], "launch-of-a-dead-invocation", "docker")
     # when both come in one batch once that claim is stale
     with WireFaults(fleet.ec2) as faults:
         report = fleet.scale_up(clock=lambda: now + 300).handle_messages(bodies)

@@ -411,6 +411,38 @@ def test_a_pending_job_whose_launch_ended_without_a_runner_is_launched_again(
     assert [(a.job_id, a.relaunch_from) for a in actions] == ([(90, "L1")] if relaunched else [])
 
 
+def claimed(job_id: int, ago: float, launch: str = "L1", **item: Any) -> JobFact:
+    """A pending job the table holds for ``launch`` of the docker pool, claimed ``ago`` seconds ago."""
+    values = {"queued": True, "launch_id": launch, "claimed_at": NOW - ago, "launch_pool": "docker", **item}
+    return job(7, job_id, **values)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "runners", "launches", "relaunched"),
+    [
+        ([claimed(90, 61)], [], [], [90]),  # its runner took another job, and none is coming
+        ([claimed(90, 59)], [], [], []),  # the launch may still be recording its instances
+        ([claimed(90, 61)], [record("i-1", state=RunnerState.BOOTING)], [], []),  # a booting runner will take it
+        ([claimed(90, 61)], [record("i-1", state=RunnerState.IDLE)], [], []),  # so will an idle one
+        ([claimed(90, 61)], [record("i-1", busy=("7:89",), state=RunnerState.BUSY)], [], [90]),
+        ([claimed(90, 61)], [record("i-1", draining="retiring: old", state=RunnerState.IDLE)], [], [90]),
+        ([claimed(90, 61)], [record("i-1", pool="build", state=RunnerState.IDLE)], [], [90]),  # another pool's
+        ([claimed(90, 300), claimed(91, 200), claimed(92, 100)], [record("i-1", state=RunnerState.IDLE)], [], [90, 91]),
+        ([claimed(90, 61)], [], [LaunchState.LAUNCHING], []),  # its launch is still at work
+        ([claimed(90, 61, status="running")], [], [], []),  # taken
+        ([claimed(90, 61, outcome="dead_lettered")], [], [], []),
+        ([claimed(90, 61, launch_pool="")], [], [], []),  # claimed before claims named their pool
+    ],
+)
+def test_a_pending_job_whose_runner_took_another_job_is_launched_again_when_no_runner_is_coming(
+    jobs: list[JobFact], runners: list[RunnerRecord], launches: list[LaunchState], relaunched: list[int]
+) -> None:
+    made = [LaunchRecord("L1", "docker", state, 0, 1, NOW - 61) for state in launches]
+    seen = facts(runners, [instance(r.instance_id) for r in runners], jobs=jobs, launches=made)
+    actions = [a for a in decide(seen, CONFIG) if isinstance(a, RecoverJob)]
+    assert [(a.job_id, a.relaunch_from) for a in actions] == [(j, "L1") for j in relaunched]
+
+
 # -- warm pools ---------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,13 @@ from botocore.exceptions import ClientError
 from chalicelib.aws import error_code
 from chalicelib.intake.job_hooks import JobStatus
 from chalicelib.scaling.launches import LaunchState
-from chalicelib.scaling.store.records import DEAD_LETTERED_OUTCOME, WAITING_POOL_ATTRIBUTE, Claim, ClaimOutcome
+from chalicelib.scaling.store.records import (
+    DEAD_LETTERED_OUTCOME,
+    LAUNCH_POOL_ATTRIBUTE,
+    WAITING_POOL_ATTRIBUTE,
+    Claim,
+    ClaimOutcome,
+)
 from chalicelib.scaling.store.table import ScaleTable, update_request
 from chalicelib.store import (
     LIVE_ATTRIBUTE,
@@ -31,8 +37,8 @@ from chalicelib.store import (
 class ClaimStore(ScaleTable):
     """Job items: claims for launches, outcomes, sweep claims and interruption retries."""
 
-    def claim_job(self, project_id: int, job_id: int, launch_id: str) -> Claim:
-        """Tie a job to a launch, once: the conditional write that makes "one launch per job, ever" true.
+    def claim_job(self, project_id: int, job_id: int, launch_id: str, pool: str) -> Claim:
+        """Tie a job to a launch of ``pool``, once: the conditional write that makes "one launch per job, ever" true.
 
         The same condition refuses a job whose record the webhooks have moved past pending (running, finished,
         cancelled), so a job that waited for capacity is checked at no extra call, and a job already
@@ -42,9 +48,11 @@ class ClaimStore(ScaleTable):
         request = update_request(
             self.table,
             job_key(project_id, job_id),
-            "SET launch_id = :launch, claimed_at = :now, kind = :kind, project_id = :project, job_id = :job",
+            f"SET launch_id = :launch, claimed_at = :now, {LAUNCH_POOL_ATTRIBUTE} = :pool, kind = :kind,"
+            " project_id = :project, job_id = :job",
             {
                 ":launch": launch_id,
+                ":pool": pool,
                 ":now": now,
                 ":kind": "job",
                 ":project": project_id,
@@ -69,7 +77,7 @@ class ClaimStore(ScaleTable):
         """Untie a job from a launch that will not run it, so a later attempt can claim it again. ``waiting_for``
         names the pool it waits for (full, or drained): the same write marks the item with it and the time it
         first waited, which ``fleetctl status`` counts as the pool's waiting jobs until a launch claims it."""
-        expression = "REMOVE launch_id, claimed_at"
+        expression = f"REMOVE launch_id, claimed_at, {LAUNCH_POOL_ATTRIBUTE}"
         values: dict[str, Any] = {":launch": launch_id}
         if waiting_for:
             expression = (
@@ -99,7 +107,7 @@ class ClaimStore(ScaleTable):
                 self.table,
                 job_key(project_id, job_id),
                 "SET #queued = :no, queue_claim = :claim, queue_claim_at = :now, updated_at = :now"
-                " REMOVE launch_id, claimed_at",
+                f" REMOVE launch_id, claimed_at, {LAUNCH_POOL_ATTRIBUTE}",
                 {":launch": launch_id, ":no": False, ":claim": claim, ":now": now},
                 "launch_id = :launch",
                 names={"#queued": "queued"},

@@ -30,6 +30,8 @@ DRAINED_ATTRIBUTE = "drained_at"
 # A job item that waited for its pool (full, or drained) carries the pool and when it first waited, so that
 # ``fleetctl status`` shows each pool's waiting jobs; written with the release of the claim it waited from.
 WAITING_POOL_ATTRIBUTE = "waiting_pool"
+# The pool of the launch that claimed a job, on the job's item (reconcile counts a pool's claimed pending jobs).
+LAUNCH_POOL_ATTRIBUTE = "launch_pool"
 # A terminated runner record carries ``token_cleanup`` / ``gitlab_cleanup`` with this value until its token / its
 # GitLab runner is deleted.
 CLEANUP_PENDING = "pending"
