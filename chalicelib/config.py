@@ -484,7 +484,10 @@ class WarmConfig(_Model):
     """Idle instances kept ready. With ``size`` > 0 and no windows the pool is warm all the time."""
 
     size: Annotated[int, Strict(), _between(0, 1000)] = Field(
-        default=0, description="Idle runners kept ready (0: the pool scales from zero); at most the pool's max_runners."
+        default=0,
+        description="Idle runners kept ready (0: the pool scales from zero); at most the pool's max_runners. A warm "
+        "runner does not power off after idle_wait_seconds: it stays until its window closes, or is retired once "
+        "idle longer than idle_wait_seconds while the pool holds more warm runners than this (after a burst).",
     )
     windows: tuple[ScheduleWindow, ...] = Field(
         default=(), description="When the pool is kept warm: while any window is open; with none, all the time."
@@ -580,7 +583,8 @@ class PoolConfig(_Model):
     )
     idle_wait_seconds: Annotated[int, Strict(), _between(30, 86400)] = Field(
         default=600,
-        description="A runner that gets no job for this long powers off; shorter than max_lifetime_minutes.",
+        description="A runner that gets no job for this long powers off (a warm runner is retired by reconcile "
+        "instead: see warm.size); shorter than max_lifetime_minutes.",
     )
     max_lifetime_minutes: Annotated[int, Strict(), _between(20, 10080)] = Field(
         default=720,

@@ -20,6 +20,7 @@ died) may be taken over.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -272,6 +273,20 @@ class _Refused:
     item: dict[str, Any]
 
 
+_BACKOFF_BASE_SECONDS = 0.025
+_BACKOFF_CAP_SECONDS = 1.0
+# A Job Hook's write to a runner record can meet a transaction on that record (scale-up recording it, the
+# instance-state handler's cleanup): DynamoDB refuses it with TransactionConflictException, which botocore does not
+# retry. The webhook tries a few times (well under a second), then logs it (RunnerActivityNotRecorded).
+RUNNER_WRITE_ATTEMPTS = 4
+
+
+def conflict_backoff(attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` of a write that met a conflict: exponential, equal jitter."""
+    step = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
+    return float(step / 2 + (rng or random).uniform(0, step / 2))
+
+
 class FleetStore:
     """Conditional reads and writes on the fleet table through the low-level DynamoDB client."""
 
@@ -490,7 +505,7 @@ class FleetStore:
             del values[":pool"], values[":at"]
         try:
             # Only if nothing moved since: no job started on it meanwhile, no other finish counted, not terminated.
-            self._client.update_item(
+            self._runner_write(
                 TableName=self.table,
                 Key={"pk": {"S": runner_key(instance_id)}},
                 UpdateExpression=update,
@@ -505,6 +520,18 @@ class FleetStore:
             return finish
         return RunnerFinish(state, finish.pool, finish.interrupted)
 
+    def _runner_write(self, **request: Any) -> dict[str, Any]:
+        """One UpdateItem of a runner record, tried again (``RUNNER_WRITE_ATTEMPTS`` in all) while DynamoDB refuses
+        it for a transaction holding the record; any other error, and the last conflict, propagate."""
+        for attempt in range(RUNNER_WRITE_ATTEMPTS):
+            try:
+                return dict(self._client.update_item(**request))
+            except ClientError as exc:
+                if error_code(exc) != "TransactionConflictException" or attempt + 1 == RUNNER_WRITE_ATTEMPTS:
+                    raise
+                self._sleep(conflict_backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _runner_update(
         self, instance_id: str, update: str, values: dict[str, Any], job: str, runner_id: int, returned: str
     ) -> dict[str, Any] | _Refused:
@@ -515,7 +542,7 @@ class FleetStore:
             ":terminated": {"S": RunnerState.TERMINATED.value},
         }
         try:
-            answer = self._client.update_item(
+            answer = self._runner_write(
                 TableName=self.table,
                 Key={"pk": {"S": runner_key(instance_id)}},
                 UpdateExpression=update,

@@ -21,8 +21,8 @@ from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
 from chalicelib.images.record import CandidateState, ImageRecord
-from chalicelib.scaling.store.table import cancellation_reasons, conflict_backoff, transiently_cancelled
-from chalicelib.store import LIVE_ATTRIBUTE, from_item, pool_key
+from chalicelib.scaling.store.table import cancellation_reasons, transiently_cancelled
+from chalicelib.store import LIVE_ATTRIBUTE, conflict_backoff, from_item, pool_key
 from chalicelib.store import to_item as _to_item
 
 IMAGE_PREFIX = "IMAGE#"

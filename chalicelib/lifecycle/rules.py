@@ -18,8 +18,9 @@ action carries the reason and the facts that led to it, for its log line. What e
 * **image roll-out**: a launch template whose default is not the version the pool's counter item names (an image
   promotion stopped after recording it) gets it as default; a candidate image past its scan deadline is reported;
 * **retire**: a runner of a drained pool (``fleetctl drain``), past its lifetime's retirement point, launched from
-  a template version that is no longer its pool's (an image promotion made a new one), or kept warm after its
-  window closed: paused (busy or idle) in one run, then, a grace later and running nothing, deleted and
+  a template version that is no longer its pool's (an image promotion made a new one), kept warm after its
+  window closed, or kept warm beyond the pool's warm size and idle longer than its idle wait (a warm runner does not
+  stop for idleness by itself): paused (busy or idle) in one run, then, a grace later and running nothing, deleted and
   terminated;
 * **lost webhook**: a pending job the table does not know is queued: queued now; and a pending job whose launch
   ended long ago (past the boot deadline) without any runner taking it (its runner was reaped): its claim is
@@ -454,7 +455,49 @@ def retirements(facts: Facts, config: FleetConfig) -> list[Action]:
         reason = _retire_reason(record, pool, facts, now_utc)
         if reason:
             actions.append(Pause(reason, seen, **_ids(record, runner_id, pool)))
+    pausing = {a.instance_id for a in actions if isinstance(a, Pause | Retire)}
+    actions += [a for a in surplus_warm_runners(facts, config) if a.instance_id not in pausing]
     return actions
+
+
+def surplus_warm_runners(facts: Facts, config: FleetConfig) -> list[Pause]:
+    """Warm runners beyond their pool's warm size, idle longer than the pool's idle wait, longest idle first: paused
+    for retirement as :func:`retirements` retires any runner. A warm runner does not stop for idleness by itself
+    (its token item says so), so that a warm pool keeps its runners rather than launching new ones every idle wait;
+    after a burst, the warm runners launched while the others were busy are the surplus this retires."""
+    if facts.gitlab_runners is None:
+        return []
+    status = _gitlab_status(facts)
+    now_utc = datetime.fromtimestamp(facts.now, UTC)
+    pauses: list[Pause] = []
+    for pool in config.pools:
+        if pool.name in facts.drained:
+            continue  # retired by the drain
+        size = warm_size(pool.warm, now_utc)
+        if size == 0:
+            continue  # a closed window retires every warm runner (see _retire_reason)
+        warm = [
+            record
+            for record in facts.records.values()
+            if record.pool == pool.name
+            and record.warm
+            and record.gitlab_runner_id is not None
+            and idle(record, status.get(record.gitlab_runner_id))
+        ]
+        overdue = sorted(
+            (record for record in warm if _idle_since(record) < facts.now - pool.idle_wait_seconds),
+            key=_idle_since,
+        )
+        for record in overdue[: max(0, len(warm) - size)]:
+            seen = {"idle_since": _idle_since(record), "warm_runners": len(warm), "size": size}
+            reason = "kept warm beyond the pool's warm size, and idle longer than its idle wait"
+            pauses.append(Pause(reason, seen, **_ids(record, record.gitlab_runner_id or 0, pool)))
+    return pauses
+
+
+def _idle_since(record: RunnerRecord) -> float:
+    """Since when a runner has been idle: its last job's end, or for one never given a job, its launch."""
+    return record.idle_since or record.launched_at
 
 
 def _ids(record: RunnerRecord, runner_id: int, pool: PoolConfig) -> dict[str, Any]:

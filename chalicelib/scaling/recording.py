@@ -113,7 +113,7 @@ class RunnerRecorder:
         failures = [identity.reason for identity in identities.values() if isinstance(identity, RetryableError)]
         created = {i: identity for i, identity in identities.items() if isinstance(identity, RunnerCredentials)}
         try:
-            ready += self._store_identities(pool, created)
+            ready += self._store_identities(pool, created, warm=warm)
         except ClientError as exc:
             if not _transient(exc):
                 self._halt(pool, launch_id, items, exc, "storing runner tokens", report)
@@ -204,8 +204,12 @@ class RunnerRecorder:
         ]
         return alive, ready
 
-    def _store_identities(self, pool: PoolConfig, created: dict[str, RunnerCredentials]) -> list[str]:
-        """Tokens, then identities, of new GitLab runners; returns the instances whose runner is now ready.
+    def _store_identities(
+        self, pool: PoolConfig, created: dict[str, RunnerCredentials], *, warm: bool = False
+    ) -> list[str]:
+        """Tokens, then identities, of new GitLab runners; returns the instances whose runner is now ready. A warm
+        runner's token item tells its instance not to stop for idleness (``idle_wait_seconds`` 0): reconcile
+        retires it when its window closes or the pool holds more warm runners than its size.
 
         The identity write is refused once the instance is terminated; the token and GitLab runner just made
         are then deleted here, since nobody else knows them. On an AWS error, the runners not stored yet are
@@ -215,7 +219,13 @@ class RunnerRecorder:
 
         def store(instance_id: str, credentials: RunnerCredentials) -> bool | ClientError:
             try:
-                self._tokens.put(self._tokens.key(pool.name, instance_id), instance_id, credentials.token, deadline_at)
+                self._tokens.put(
+                    self._tokens.key(pool.name, instance_id),
+                    instance_id,
+                    credentials.token,
+                    deadline_at,
+                    idle_wait_seconds=0 if warm else None,
+                )
                 if self._store.runners.set_runner_identity(instance_id, credentials.runner_id):
                     return True
                 self._discard_runner(pool, instance_id, credentials.runner_id)

@@ -87,10 +87,14 @@ class RunnerTokens:
             raise RuntimeError("token keys are derived by scale-up, which knows the runner roles")
         return token_key(session_user_id(self._roles.role_id(pool), instance_id))
 
-    def put(self, key: str, instance_id: str, token: str, deadline_at: float) -> None:
+    def put(
+        self, key: str, instance_id: str, token: str, deadline_at: float, *, idle_wait_seconds: int | None = None
+    ) -> None:
         """Store (or, after a token reset, replace) an instance's token under ``key``; its instance must read it
-        by ``deadline_at`` (its boot deadline), and TTL deletes it ``TOKEN_GRACE_SECONDS`` later."""
-        item = {
+        by ``deadline_at`` (its boot deadline), and TTL deletes it ``TOKEN_GRACE_SECONDS`` later.
+        ``idle_wait_seconds``, when given, replaces the pool's idle wait on that instance (0: never stop for
+        idleness, as a warm runner does)."""
+        item: dict[str, Any] = {
             "pk": key,
             "kind": "token",
             "instance_id": instance_id,
@@ -101,6 +105,8 @@ class RunnerTokens:
             "token_index": TOKEN_INDEX_KEY,
             "token_due": deadline_at,
         }
+        if idle_wait_seconds is not None:
+            item["idle_wait_seconds"] = idle_wait_seconds
         self._dynamodb.put_item(TableName=self._table, Item=to_item(item))
 
     def delete(self, key: str) -> None:

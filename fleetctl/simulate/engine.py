@@ -353,14 +353,18 @@ class Simulation:
     def _become_idle(self, instance: Instance) -> None:
         instance.phase = Phase.IDLE
         instance.idle_since = self.now
+        # A warm runner never stops for idleness (its token item says so): reconcile retires it.
+        stops = not instance.warm
         if instance.draining:
             # A paused runner gets no job; it waits out its idle time (or its retirement) and powers off.
-            self.queue.after(instance.pool.idle_wait_seconds, self._idle_timeout, instance, instance.idle_since)
+            if stops:
+                self.queue.after(instance.pool.idle_wait_seconds, self._idle_timeout, instance, instance.idle_since)
             return
         if self._take_next(instance):
             return
         self.idle[instance.pool.name][instance.id] = instance
-        self.queue.after(instance.pool.idle_wait_seconds, self._idle_timeout, instance, instance.idle_since)
+        if stops:
+            self.queue.after(instance.pool.idle_wait_seconds, self._idle_timeout, instance, instance.idle_since)
 
     def _idle_timeout(self, instance: Instance, since: float) -> None:
         if instance.phase is Phase.IDLE and instance.idle_since == since:
@@ -658,6 +662,7 @@ class Simulation:
             draining_at=instance.draining_at,
             busy=(f"{job.job.project_id}:{job.seq}",) if job else (),
             first_job_at=instance.first_job_at,
+            idle_since=instance.idle_since if state is RunnerState.IDLE else 0.0,
             warm=instance.warm,
         )
         fact = InstanceFact(name, instance.pool.name, "sim", "running", instance.launched_at)

@@ -76,6 +76,28 @@ def test_a_runner_is_busy_while_its_job_runs_and_idle_after_it_with_builds_left(
     assert _idle(fleet, "docker") == 0
 
 
+def test_a_finish_meeting_a_transaction_on_the_runner_record_is_recorded_once_it_ends(fleet: Fleet) -> None:
+    """DynamoDB refuses a single-item write on an item a transaction holds (TransactionConflictException; the
+    developer guide's "Transaction conflict handling"), and botocore's retry modes do not retry it. The finished
+    Job Hook's write to the runner record is tried again, so the runner is idle after its job. Before, the finish
+    was logged as RunnerActivityNotRecorded and the record stayed busy: scale-up launched for jobs the idle runner
+    was about to take, and reconcile did not count it as a runner on the way."""
+    job_id, instance_id, runner_id = _launch_one(fleet, ["docker", "linux"])
+    _move(fleet, job_id, "running", runner_id)
+
+    # when the runner's write meets a transaction twice (after the job's own write went through)
+    with WireFaults(fleet.runtime.aws().dynamodb) as faults:
+        faults.fail("UpdateItem", "TransactionConflictException", times=2, after=1)
+        _move(fleet, job_id, "success", runner_id)
+        conflicts = faults.attempts("UpdateItem")
+
+    # then it was written on the third attempt: idle, one build done
+    record = fleet.record(runner_key(instance_id))
+    assert (record["state"], record["builds"]) == ("idle", 1)
+    assert _idle(fleet, "docker") == 1
+    assert conflicts >= 4  # the job's write, two refused and one accepted of the runner's
+
+
 def test_a_runner_at_its_last_build_is_done_not_idle(fleet: Fleet) -> None:
     # the build pool is ephemeral: one build per instance
     job_id, instance_id, runner_id = _launch_one(fleet, ["docker", "dind"])

@@ -10,7 +10,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from chalicelib.scaling.fleet import LaunchPlan, Lifecycle, build_fleet_request, fallback_request, plan_launch
-from chalicelib.scaling.store.table import cancellation_reasons, conflict_backoff, transiently_cancelled
+from chalicelib.scaling.store.table import cancellation_reasons, transiently_cancelled
+from chalicelib.store import conflict_backoff
 from tests.unit.test_fleet_request import LAUNCH, TEMPLATE, make_pool
 
 

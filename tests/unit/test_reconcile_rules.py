@@ -346,6 +346,37 @@ def test_warm_runners_are_retired_when_their_window_closes() -> None:
     assert [a.instance_id for a in decide(seen, warm) if isinstance(a, Pause)] == ["i-1"]
 
 
+@pytest.mark.parametrize(
+    ("runners", "paused"),
+    [
+        # three warm runners idle, two of them longer than the idle wait (600 s): the longest idle one goes
+        ({"i-1": NOW - 700, "i-2": NOW - 900, "i-3": NOW - 10}, ["i-2"]),
+        ({"i-1": NOW - 700, "i-2": NOW - 900, "i-3": NOW - 800}, ["i-2"]),  # the size's worth stays
+        ({"i-1": NOW - 10, "i-2": NOW - 20, "i-3": NOW - 30}, []),  # none idle past the idle wait yet
+        ({"i-1": NOW - 700, "i-2": NOW - 900}, []),  # no more than the size
+    ],
+)
+def test_warm_runners_beyond_the_warm_size_are_retired_once_idle_past_the_idle_wait(
+    runners: dict[str, float], paused: list[str]
+) -> None:
+    warm = config(warm={"size": 2, "windows": []}, idle_wait_seconds=600)
+    records = [record(i, warm=True, idle_since=since) for i, since in runners.items()]
+    busy = record("i-4", warm=True, state=RunnerState.BUSY, busy=("7:1",))  # busy: neither idle nor surplus
+    not_warm = record("i-5", idle_since=NOW - 3600)  # idles out by itself
+    seen = facts([*records, busy, not_warm], [instance(r.instance_id) for r in [*records, busy, not_warm]])
+    actions = [a for a in decide(seen, warm) if isinstance(a, Pause)]
+    assert [a.instance_id for a in actions] == paused
+    assert all("beyond the pool's warm size" in a.reason for a in actions)
+
+
+def test_a_warm_runner_never_given_a_job_counts_as_idle_since_its_launch() -> None:
+    warm = config(warm={"size": 1, "windows": []}, idle_wait_seconds=600)
+    old = record("i-1", warm=True, state=RunnerState.BOOTING, launched_at=NOW - 900)
+    new = record("i-2", warm=True, state=RunnerState.BOOTING, launched_at=NOW - 100)
+    seen = facts([old, new], [instance("i-1"), instance("i-2")])
+    assert [a.instance_id for a in decide(seen, warm) if isinstance(a, Pause)] == ["i-1"]
+
+
 # -- lost webhooks ------------------------------------------------------------------------------------------
 
 

@@ -70,6 +70,7 @@ class RunnerRecord:
     draining_at: float = 0.0  # when it was marked draining
     busy: tuple[str, ...] = ()  # "<project>:<job>" of the jobs the Job Hooks say it runs
     first_job_at: float = 0.0
+    idle_since: float = 0.0  # when its last job finished, while it is idle after one (0 otherwise)
     warm: bool = False  # launched to keep its pool warm, not for a job
     # When EC2 first warned that its instance is to be interrupted (0: never), and the warnings it got.
     interrupted_at: float = 0.0
@@ -104,6 +105,7 @@ class RunnerRecord:
             draining_at=float(values.get("draining_at", 0)),
             busy=tuple(sorted(str(job) for job in values.get("busy", ()))),
             first_job_at=float(values.get("first_job_at", 0)),
+            idle_since=float(values.get("idle_since", 0)),
             warm=bool(values.get("warm", False)),
             interrupted_at=float(values.get("interrupted_at", 0)),
             interruptions=tuple(sorted(str(kind) for kind in values.get("interruptions", ()))),

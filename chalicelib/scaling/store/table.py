@@ -8,14 +8,13 @@ there and decide.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
-from chalicelib.store import FleetStore, attribute_value, from_item
+from chalicelib.store import FleetStore, attribute_value, conflict_backoff, from_item
 
 CONFLICT_ATTEMPTS = 4
 _T = TypeVar("_T")
@@ -30,8 +29,6 @@ _WRITE_ATTEMPTS = 8
 # inside the instance-state function's 30 s), since failing sends the event to Lambda's retry a minute later and
 # the lease stays out of the pool meanwhile.
 GIVE_BACK_ATTEMPTS = 16
-_BACKOFF_BASE_SECONDS = 0.025
-_BACKOFF_CAP_SECONDS = 1.0
 
 
 def cancellation_reasons(exc: BaseException) -> list[str]:
@@ -48,12 +45,6 @@ def transiently_cancelled(exc: BaseException) -> bool:
     failed condition: trying again is right, and taking it as "the condition said it is done" is wrong."""
     reasons = set(cancellation_reasons(exc))
     return bool(reasons & TRANSIENT_CANCELLATION_REASONS) and "ConditionalCheckFailed" not in reasons
-
-
-def conflict_backoff(attempt: int, rng: random.Random | None = None) -> float:
-    """Seconds to wait before attempt ``attempt + 1`` of a write that met a conflict: exponential, equal jitter."""
-    step = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
-    return float(step / 2 + (rng or random).uniform(0, step / 2))
 
 
 def update_request(
