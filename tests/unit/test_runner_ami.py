@@ -533,6 +533,40 @@ def test_fake_get_item_of_a_missing_key_prints_none_as_text(tmp_path: Path) -> N
     assert (result.returncode, result.stdout) == (0, "None\n")
 
 
+def test_fake_get_item_prints_a_multiselect_list_as_one_tab_separated_line(tmp_path: Path) -> None:
+    """AWS CLI text output (https://docs.aws.amazon.com/cli/latest/userguide/cli-usage-output-format.html; aws-cli
+    awscli/text.py, ``_format_scalar_list``): a list of scalars a --query selects is printed on one line, its
+    values separated by tabs, each null as None; a DynamoDB number is a string in the ``N`` member (DynamoDB API
+    reference, AttributeValue)."""
+    key = token_key(boot_fakes.USER_ID)
+    items = {
+        key: {"pk": {"S": key}, "token": {"S": TOKEN}, "idle_wait_seconds": {"N": "0"}},
+        "TOKEN#cold": {"pk": {"S": "TOKEN#cold"}, "token": {"S": TOKEN}},
+    }
+    boot_fakes.install(tmp_path / "bin", tmp_path / "fake", {"table": "t", "items": items})
+
+    def read(pk: str) -> str:
+        key_json = json.dumps({"pk": {"S": pk}})
+        args = ("dynamodb", "get-item", "--table-name", "t", "--key", key_json, "--consistent-read")
+        query = "[Item.token.S, Item.idle_wait_seconds.N]"
+        result = _run_fake(tmp_path, "aws", *args, "--query", query, "--output", "text", AWS_REGION="eu-west-1")
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert read(key) == f"{TOKEN}\t0\n"
+    assert read("TOKEN#cold") == f"{TOKEN}\tNone\n"
+    assert read("TOKEN#nobody") == "None\tNone\n"
+
+
+def test_fake_aws_refuses_a_query_it_cannot_parse(tmp_path: Path) -> None:
+    """aws-cli awscli/globalargs.py, ``_resolve_query``: --query is compiled as JMESPath before any request, and an
+    expression that does not parse is a command line error ("Bad value for --query", exit status 252, AWS CLI User
+    Guide, "Command line return codes")."""
+    result = _run_fake(tmp_path, "aws", "sts", "get-caller-identity", "--query", "[UserId", "--output", "text")
+    assert result.returncode == 252
+    assert "Bad value for --query [UserId" in result.stderr
+
+
 def test_fake_docker_cannot_pull_from_ecr_without_the_credential_helper(tmp_path: Path) -> None:
     """Amazon ECR User Guide, "Troubleshooting Docker commands and issues when using Amazon ECR"
     (https://docs.aws.amazon.com/AmazonECR/latest/userguide/common-errors-docker.html): a pull without
