@@ -15,7 +15,8 @@ one :class:`RunnerAgent` thread per new instance, which performs the same steps 
 4. the instance id and region (IMDS): the agent knows both;
 5. ``aws:userid``: ``<its pool's runner role id>:<instance id>`` (see :func:`instance_user_id` for why the agent
    does not ask STS);
-6. poll the token item (consistent ``GetItem``) until it exists or the boot deadline passed;
+6. poll the token item (consistent ``GetItem``) until it exists or the boot deadline passed, and take from it the
+   token and, when the item has one, ``idle_wait_seconds`` (scale-up writes 0 for a warm runner);
 7. delete it;
 8. write ``/run/runner-fleet/config.toml`` (0600): the settings config.toml with the token line inserted after
    ``[[runners]]``;
@@ -23,7 +24,9 @@ one :class:`RunnerAgent` thread per new instance, which performs the same steps 
 10. ``POST /api/v4/runners/verify``;
 11. ``run-single`` (gitlab-runner commands/single.go): poll ``POST /api/v4/jobs/request``, run each job, report it
     through ``PUT /api/v4/jobs/:id``; stop after ``--max-builds`` builds, or when no job came for
-    ``--wait-timeout`` seconds since the last build (or the start);
+    ``--wait-timeout`` seconds since the last build (or the start), the token item's ``idle_wait_seconds`` if it
+    had one, else ``RUNNER_IDLE_WAIT_SECONDS``; with 0 it never stops for idleness (a warm runner waits for
+    reconcile to retire it);
 12. run-single exits: the trap of step 1 powers off.
 
 A job's "execution" interprets its script (``steps[].script`` of the ``/jobs/request`` answer): ``sleep N``
@@ -47,7 +50,8 @@ and the agent reads its user data and looks its role up within it, as a real ins
 and its identity costs one STS call: the delay is the time from launch to the token read of step 6.
 
 Sandbox only: ``AgentOptions.wait_timeout_seconds`` replaces the pool's ``RUNNER_IDLE_WAIT_SECONDS`` (at least 30
-in the stage config) so that runners idle out in seconds, and ``job_speed`` shortens every ``sleep``.
+in the stage config) so that runners idle out in seconds, but not a token item's ``idle_wait_seconds``, which wins
+over both as on an instance; ``job_speed`` shortens every ``sleep``.
 """
 
 from __future__ import annotations
@@ -94,6 +98,15 @@ _WAIT_SLICE_SECONDS = 0.05
 
 class BootError(Exception):
     """A boot step failed: on an instance, ``set -e`` ends the boot script and its trap powers off."""
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """What the instance takes from its token item: the runner token, and the idle wait scale-up gave it (present
+    for a warm runner only, 0: never stop for idleness; None: the pool's ``RUNNER_IDLE_WAIT_SECONDS`` applies)."""
+
+    token: str = field(repr=False)  # a glrt- token: never in a log line or a traceback's locals
+    idle_wait_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,20 @@ def parse_settings(text: str) -> dict[str, str]:
             raise BootError(f"{SETTINGS_FILE} line {number}: {name}'s value is not quoted")
         found[name] = words[0] if words else ""
     return found
+
+
+def read_hand_off(item: Mapping[str, Any]) -> HandOff:
+    """The token item (as ``GetItem`` answers it) checked as the boot script checks it: the token must look like a
+    runner authentication token, and ``idle_wait_seconds``, when present, must be a whole number."""
+    token = str((item.get("token") or {}).get("S", ""))
+    if not TOKEN_PATTERN.fullmatch(token):
+        raise BootError("the token item holds no runner authentication token")
+    idle_wait = (item.get("idle_wait_seconds") or {}).get("N")
+    if idle_wait is None:
+        return HandOff(token)
+    if not re.fullmatch(r"[0-9]+", str(idle_wait)):
+        raise BootError(f"idle_wait_seconds of the token item must be a whole number, got {idle_wait!r}")
+    return HandOff(token, int(idle_wait))
 
 
 def with_token(config_toml: str, token: str) -> str:
@@ -313,7 +340,8 @@ class JobOutcome(StrEnum):
 @dataclass(frozen=True)
 class AgentOptions:
     """How the sandbox plays its instances. ``wait_timeout_seconds`` and ``job_speed`` exist only here: the
-    first replaces the pool's idle wait (``--wait-timeout``), the second divides every ``sleep`` of a script."""
+    first replaces the pool's idle wait (``--wait-timeout``) unless the token item gives one, the second divides
+    every ``sleep`` of a script."""
 
     boot_delay_seconds: float = 1.0
     wait_timeout_seconds: float | None = None
@@ -477,15 +505,19 @@ class RunnerAgent:
         user_id = instance_user_id(role_id, self.instance_id)
         key = self._setting(settings, "RUNNER_FLEET_TOKEN_KEY_PREFIX") + user_id
         table = self._setting(settings, "RUNNER_FLEET_TOKEN_TABLE")
-        token = self._take_token(table, key, float(self._setting(settings, "RUNNER_BOOT_DEADLINE_SECONDS")))
+        hand_off = self._take_token(table, key, float(self._setting(settings, "RUNNER_BOOT_DEADLINE_SECONDS")))
         self.files[RUNTIME_CONFIG_FILE] = WrittenFile(
-            RUNTIME_CONFIG_FILE, with_token(self._read(CONFIG_FILE), token), permissions="0600"
+            RUNTIME_CONFIG_FILE, with_token(self._read(CONFIG_FILE), hand_off.token), permissions="0600"
         )
         runner = runner_section(self._read(RUNTIME_CONFIG_FILE), self._setting(settings, "RUNNER_NAME"))
         self.record.system_id = "s_" + secrets.token_hex(6)  # gitlab-runner's GenerateUniqueSystemID shape
         self._verify(runner)
-        wait_timeout = self._options.wait_timeout_seconds
-        if wait_timeout is None:
+        if hand_off.idle_wait_seconds is not None:
+            # A warm runner: reconcile retires it, in the sandbox too, whatever the options' stand-in idle wait.
+            wait_timeout = float(hand_off.idle_wait_seconds)
+        elif self._options.wait_timeout_seconds is not None:
+            wait_timeout = self._options.wait_timeout_seconds
+        else:
             wait_timeout = float(self._setting(settings, "RUNNER_IDLE_WAIT_SECONDS"))
         self._run_single(runner, int(self._setting(settings, "RUNNER_MAX_BUILDS")), wait_timeout)
 
@@ -543,9 +575,9 @@ class RunnerAgent:
                     raise
             self._wait(0.1)
 
-    def _take_token(self, table: str, key: str, deadline_seconds: float) -> str:
-        """Steps 6 and 7: wait for the token item (scale-up writes it just after CreateFleet answers), then
-        delete it."""
+    def _take_token(self, table: str, key: str, deadline_seconds: float) -> HandOff:
+        """Steps 6 and 7: wait for the token item (scale-up writes it just after CreateFleet answers), take its
+        token and idle wait (a whole number when present, as the boot script checks), then delete it."""
         dynamodb = self._clients.dynamodb
         deadline = self._started + deadline_seconds
         while True:
@@ -555,11 +587,9 @@ class RunnerAgent:
             if self._clock() >= deadline:
                 raise BootError("no token by the boot deadline")
             self._wait(self._options.token_poll_seconds)
-        token = str((item.get("token") or {}).get("S", ""))
-        if not TOKEN_PATTERN.fullmatch(token):
-            raise BootError("the token item holds no runner authentication token")
+        hand_off = read_hand_off(item)
         dynamodb.delete_item(TableName=table, Key={"pk": {"S": key}})
-        return token
+        return hand_off
 
     # -- the runner API --
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name, runner_description, runner_role_name
+from chalicelib.scaling.tokens import RunnerRoles, RunnerTokens
 from chalicelib.store import pool_key, runner_key
 from fleetctl.sandbox.agents import AgentOptions, AgentRecord, Fault, JobOutcome, Phase
 from fleetctl.sandbox.stack import Sandbox
@@ -81,6 +83,56 @@ class Stack:
     def booted(self, pool: str, count: int = 1, timeout: float = 20.0) -> list[AgentRecord]:
         assert wait_until(lambda: len([r for r in self.agents.records() if r.pool == pool]) >= count, timeout)
         return [r for r in self.agents.records() if r.pool == pool]
+
+
+class _PutItemTaken:
+    """Stands in for the DynamoDB client to take the PutItem request ``RunnerTokens.put`` makes, unsent."""
+
+    def __init__(self) -> None:
+        self.request: dict[str, Any] = {}
+
+    def put_item(self, **request: Any) -> None:
+        self.request = request
+
+
+def launch(stack: Stack, pool: str) -> str:
+    """An instance launched from ``pool``'s launch template and tagged as the fleet's, as CreateFleet launches one;
+    its agent boots as any other's. Returns its id."""
+    template = launch_template_name(stack.config.fleet, pool)
+    tags = [{"Key": FLEET_TAG, "Value": stack.config.fleet}, {"Key": POOL_TAG, "Value": pool}]
+    launched = stack.ec2.run_instances(
+        LaunchTemplate={"LaunchTemplateName": template, "Version": "$Default"},
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )
+    return str(launched["Instances"][0]["InstanceId"])
+
+
+def hand_off(stack: Stack, pool: str, instance_id: str, *, idle_wait_seconds: int | None = None) -> int:
+    """What scale-up does for an instance it launched: make its GitLab runner, then write its token item under the
+    instance role session's key (``RunnerTokens.key`` and ``put``). ``idle_wait_seconds`` (a warm runner's) is added
+    to the item ``RunnerTokens.put`` makes before it is written, in the one PutItem, since the agent may read the
+    item at any moment. Returns the GitLab runner's id."""
+    from chalicelib import runtime
+
+    config = stack.config.pool(pool)
+    credentials = runtime.gitlab_api().create_runner(
+        description=runner_description(stack.config.fleet, pool, instance_id),
+        tags=config.tags,
+        run_untagged=config.run_untagged,
+        maximum_timeout=config.job_timeout_seconds,
+    )
+    roles = RunnerRoles(runtime.aws().client("iam"), {pool: runner_role_name(stack.config.fleet, pool)})
+    taken = _PutItemTaken()
+    tokens = RunnerTokens(taken, stack.config.state.table, roles)
+    tokens.put(
+        tokens.key(pool, instance_id), instance_id, credentials.token, time.time() + config.boot_deadline_seconds
+    )
+    if idle_wait_seconds is not None:
+        taken.request["Item"]["idle_wait_seconds"] = {"N": str(idle_wait_seconds)}
+    runtime.aws().dynamodb.put_item(**taken.request)
+    return credentials.runner_id
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
@@ -289,17 +341,7 @@ def test_a_fault_set_by_instance_id_reaches_that_instance_only(stack: Stack) -> 
     """A switch keyed by instance id, set before the instance boots, reaches that instance's agent; the fleet's
     other instances boot normally."""
     # given: an instance launched from the pool's template and tagged as the fleet's, its fault set at once
-    from chalicelib.naming import FLEET_TAG, POOL_TAG, launch_template_name
-
-    template = launch_template_name(stack.config.fleet, "docker")
-    tags = [{"Key": FLEET_TAG, "Value": stack.config.fleet}, {"Key": POOL_TAG, "Value": "docker"}]
-    launched = stack.ec2.run_instances(
-        LaunchTemplate={"LaunchTemplateName": template, "Version": "$Default"},
-        MinCount=1,
-        MaxCount=1,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
-    )
-    instance_id = launched["Instances"][0]["InstanceId"]
+    instance_id = launch(stack, "docker")
     stack.agents.faults.for_instance(instance_id, Fault.HANG_AT_BOOT)
 
     # when
@@ -311,6 +353,37 @@ def test_a_fault_set_by_instance_id_reaches_that_instance_only(stack: Stack) -> 
     hung = stack.agents.record(instance_id)
     assert hung is not None and hung.jobs == []
     assert stack.agent_of(job_id).fault is None
+
+
+def test_a_warm_runner_stays_up_idle_past_the_wait_timeout_while_a_runner_without_a_hand_off_idle_wait_idles_out(
+    stack: Stack,
+) -> None:
+    """A warm runner's token item carries ``idle_wait_seconds`` 0 (docs/token-handoff.md), which wins over the
+    options' stand-in for the pool's idle wait: run-single's wait timeout is 0, with which it never stops for
+    idleness (gitlab-runner commands/single.go checkFinishedConditions stops only when ``waitTimeout > 0``), and
+    reconcile retires it. An item without the attribute leaves the options' wait timeout."""
+    from chalicelib import runtime
+
+    # given a warm runner, booted and asking for jobs
+    warm = launch(stack, "docker")
+    warm_runner = hand_off(stack, "docker", warm, idle_wait_seconds=0)
+    assert wait_until(lambda: getattr(stack.agents.record(warm), "phase", None) is Phase.RUNNING, 30)
+
+    # when a runner launched after it, whose item has no idle wait, boots and idles out after the wait timeout
+    cold = launch(stack, "docker")
+    cold_runner = hand_off(stack, "docker", cold)
+    assert wait_until(lambda: getattr(stack.agents.record(cold), "terminated", False), WAIT_TIMEOUT + 30)
+
+    # then the warm runner, asking for jobs since before that one booted, is still up and idle
+    idled_out = stack.agents.record(cold)
+    assert idled_out is not None and (idled_out.ended, idled_out.jobs) == ("wait timeout", [])
+    still_up = stack.agents.record(warm)
+    assert still_up is not None and (still_up.phase, still_up.ended, still_up.jobs) == (Phase.RUNNING, "", [])
+    assert stack.state(warm) == "running"
+    # (the warm runner waits for reconcile; here its operating system shuts it down, and both runners go)
+    assert stack.agents.shut_down(warm)
+    for runner_id in (warm_runner, cold_runner):
+        runtime.gitlab_api().delete_runner(runner_id)
 
 
 # -- whole pipelines ---------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import jmespath
+import jmespath.exceptions
+
 IMDS = "http://169.254.169.254"
 IMDS_SESSION = "AQAEAFakeImdsSessionToken=="
 INSTANCE_ID = "i-0123456789abcdef0"
@@ -106,17 +109,31 @@ def curl(argv: list[str], stdin: str) -> str:
 # -- aws CLI v2 ---------------------------------------------------------------------------------------------------
 
 
-def _query(document: Any, expression: str | None) -> Any:
-    """The dotted JMESPath subset the boot script uses: a missing key is null."""
+def _compiled_query(expression: str | None) -> Any:
+    """``--query`` is a JMESPath expression the CLI compiles with the ``jmespath`` library while it resolves its
+    global arguments, before any request (aws-cli ``awscli/globalargs.py``, ``_resolve_query``: "Bad value for
+    --query"; a command line error is exit status 252), then applies to the response (AWS CLI User Guide, "Filter
+    output from the AWS CLI"): a missing key is null, and a multiselect list ``[a, b]`` answers a list holding a
+    null for each missing one. None: no ``--query``, the whole response."""
     if expression is None:
-        return document
-    for part in expression.split("."):
-        document = document.get(part) if isinstance(document, dict) else None
-    return document
+        return None
+    try:
+        return jmespath.compile(expression)
+    except jmespath.exceptions.JMESPathError as exc:
+        raise Failed(f"Bad value for --query {expression}: {exc}", 252) from None
 
 
 def _text(value: Any) -> str:
-    """``--output text`` prints a null as ``None`` (AWS CLI User Guide, "Setting the output format", text)."""
+    """``--output text`` (AWS CLI User Guide, "Setting the output format", text; aws-cli ``awscli/text.py``,
+    ``format_text``): a scalar is printed as it is, a null as ``None``; a list of scalars on one line, its elements
+    separated by tabs, a null among them again as ``None``; an empty list prints nothing. The boot script queries
+    nothing else, so other shapes (objects, nested lists) are refused rather than rendered."""
+    if isinstance(value, list):
+        if any(isinstance(element, dict | list) for element in value):
+            raise Failed("fake aws: --output text of objects or nested lists is not rendered", 252)
+        return "\t".join("None" if element is None else str(element) for element in value)
+    if isinstance(value, dict):
+        raise Failed("fake aws: --output text of objects is not rendered", 252)
     return "None" if value is None else str(value)
 
 
@@ -126,6 +143,7 @@ def aws(argv: list[str]) -> str:
     ("You must specify a region."). GetItem on a missing key answers no ``Item`` element (DynamoDB API reference,
     GetItem); DeleteItem answers ``{}``."""
     service, operation = argv[0], argv[1]
+    query = _compiled_query(_option(argv, "--query"))
     world = _world()
     if (service, operation) == ("sts", "get-caller-identity"):
         response: dict[str, Any] = {
@@ -161,7 +179,7 @@ def aws(argv: list[str]) -> str:
             raise Failed(f"aws: unexpected operation {operation}", 252)
     else:
         raise Failed(f"aws: unexpected command {service} {operation}", 252)
-    value = _query(response, _option(argv, "--query"))
+    value = response if query is None else query.search(response)
     return _text(value) if _option(argv, "--output") == "text" else json.dumps(value)
 
 

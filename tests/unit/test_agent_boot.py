@@ -18,11 +18,13 @@ from chalicelib.scaling.userdata import (
 )
 from fleetctl.sandbox.agents import (
     BootError,
+    HandOff,
     RunSingle,
     ScriptStep,
     parse_cloud_config,
     parse_settings,
     plan_script,
+    read_hand_off,
     runner_section,
     with_token,
 )
@@ -103,6 +105,23 @@ def test_the_token_goes_after_the_runners_line_and_run_single_finds_its_section(
         runner_section(config_toml, name)
 
 
+def test_the_token_item_gives_the_token_and_a_warm_runners_idle_wait() -> None:
+    """The item scale-up writes (docs/token-handoff.md), as GetItem answers it: a warm runner's carries
+    ``idle_wait_seconds`` (a number, 0); a runner launched for a job has none, and the pool's idle wait applies."""
+    warm = {"pk": {"S": "TOKEN#r:i-1"}, "token": {"S": TOKEN}, "idle_wait_seconds": {"N": "0"}}
+    cold = {"pk": {"S": "TOKEN#r:i-2"}, "token": {"S": TOKEN}}
+    assert read_hand_off(warm) == HandOff(TOKEN, 0)
+    assert read_hand_off(cold) == HandOff(TOKEN, None)
+    assert TOKEN not in repr(read_hand_off(warm))
+
+
+@pytest.mark.parametrize("idle_wait", ["forever", "-1", "1.5"])
+def test_a_token_item_idle_wait_that_is_not_a_whole_number_fails_the_boot(idle_wait: str) -> None:
+    item = {"token": {"S": TOKEN}, "idle_wait_seconds": {"N": idle_wait}}
+    with pytest.raises(BootError, match="idle_wait_seconds of the token item must be a whole number"):
+        read_hand_off(item)
+
+
 def test_run_single_stops_after_max_builds_or_the_wait_timeout() -> None:
     """commands/single.go: postBuild decrements MaxBuilds and restarts the idle clock; checkFinishedConditions
     exits when MaxBuilds < 1 (unless 0 was given: run forever) or when no job came for more than WaitTimeout."""
@@ -110,6 +129,7 @@ def test_run_single_stops_after_max_builds_or_the_wait_timeout() -> None:
     ephemeral = RunSingle.start(max_builds=1, wait_timeout=600, now=0)
     reusable = RunSingle.start(max_builds=10, wait_timeout=600, now=0)
     forever = RunSingle.start(max_builds=0, wait_timeout=0, now=0)
+    warm = RunSingle.start(max_builds=10, wait_timeout=0, now=0)  # a warm runner: no idle stop
 
     # then
     assert ephemeral.finished(now=5) is None
@@ -117,6 +137,7 @@ def test_run_single_stops_after_max_builds_or_the_wait_timeout() -> None:
     assert reusable.after_build(now=500).finished(now=1100) is None
     assert reusable.after_build(now=500).finished(now=1101) == "wait timeout"
     assert forever.after_build(now=1).finished(now=10**6) is None
+    assert warm.finished(now=10**6) is None
 
 
 def test_a_script_sleeps_exits_or_succeeds_line_by_line() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hcl2
+import jmespath
 import pytest
 import yaml
 
@@ -274,7 +275,16 @@ def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def _boot(tmp_path: Path, *, boot_deadline_seconds: int = 60, settings_appended: str = "", **world: Any) -> Boot:
+def _boot(
+    tmp_path: Path,
+    *,
+    boot_deadline_seconds: int = 60,
+    settings_appended: str = "",
+    handoff_idle_wait: str | None = None,
+    **world: Any,
+) -> Boot:
+    """Boot an instance of the dev stage's docker pool. ``handoff_idle_wait``: the ``N`` of the token item's
+    ``idle_wait_seconds``, which scale-up writes for a warm runner (None: the item has no such attribute)."""
     config = load_config(DEV)
     pool = config.pool("docker")
     # Past validation (at least 60 s): the deadline tests wait for it.
@@ -293,14 +303,11 @@ def _boot(tmp_path: Path, *, boot_deadline_seconds: int = 60, settings_appended:
         settings.write(settings_appended)
     # the item scale-up wrote for this instance's role session; the fake STS may answer another caller (user_id)
     key = token_key(boot_fakes.USER_ID)
+    item = {"pk": {"S": key}, "token": {"S": world.pop("token", TOKEN)}}
+    if handoff_idle_wait is not None:
+        item["idle_wait_seconds"] = {"N": handoff_idle_wait}
     boot_fakes.install(
-        tmp_path / "bin",
-        tmp_path / "fake",
-        {
-            "table": config.state.table,
-            "items": {key: {"pk": {"S": key}, "token": {"S": world.pop("token", TOKEN)}}},
-            **world,
-        },
+        tmp_path / "bin", tmp_path / "fake", {"table": config.state.table, "items": {key: item}, **world}
     )
     env = {name: str(_on_instance(root, value)) for name, value in _unit_environment().items()}
     env |= {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "FAKE_DIR": str(tmp_path / "fake"), "LANG": "C.UTF-8"}
@@ -404,6 +411,53 @@ def test_the_runner_config_holds_the_token_readable_by_root_only(tmp_path: Path)
     assert written == tomllib.loads(boot.template)
     # the pool's config itself is left without a token
     assert TOKEN not in boot.template
+
+
+def test_a_warm_runners_hand_off_idle_wait_of_0_makes_run_single_never_stop_for_idleness(tmp_path: Path) -> None:
+    """A warm runner's token item carries ``idle_wait_seconds`` 0: run-single gets ``--wait-timeout 0``, with which
+    gitlab-runner stops only after its builds (commands/single.go checkFinishedConditions: ``r.waitTimeout > 0``),
+    and reconcile retires it."""
+    # given a pool whose settings give an idle wait (at least 30 s by the configuration's rules)
+    # when its token item says 0
+    boot = _boot(tmp_path, not_yet=1, handoff_idle_wait="0")
+    # then
+    assert boot.status == 0, boot.stderr
+    assert boot.pool.idle_wait_seconds > 0
+    [run_single] = boot.gitlab_runner("run-single")
+    assert _option(run_single, "--wait-timeout") == "0"
+    assert _option(run_single, "--max-builds") == str(boot.pool.max_builds)
+    assert "idle wait 0s from the token hand-off" in boot.stderr
+    # the token still reaches nothing but the runner's config
+    for call in boot.calls:
+        assert not any(TOKEN in arg for arg in call["argv"]), call["command"]
+    assert TOKEN not in boot.stderr
+    assert boot.powered_off
+
+
+def test_a_token_item_without_an_idle_wait_leaves_the_settings_idle_wait(tmp_path: Path) -> None:
+    """The item of a runner launched for a job has no ``idle_wait_seconds``: the settings' RUNNER_IDLE_WAIT_SECONDS
+    is run-single's ``--wait-timeout``, although every read of the item asked for the attribute."""
+    # given settings whose idle wait is not the pool's default
+    boot = _boot(tmp_path, not_yet=1, settings_appended="RUNNER_IDLE_WAIT_SECONDS=45\n")
+    # then
+    assert boot.status == 0, boot.stderr
+    [run_single] = boot.gitlab_runner("run-single")
+    assert _option(run_single, "--wait-timeout") == "45"
+    assert "hand-off" not in boot.stderr
+    # the one consistent read per poll takes the idle wait along with the token
+    warm = {"Item": {"token": {"S": TOKEN}, "idle_wait_seconds": {"N": "0"}}}
+    for argv in boot.aws("get-item"):
+        assert jmespath.search(_option(argv, "--query"), warm) == [TOKEN, "0"]
+
+
+@pytest.mark.parametrize("idle_wait", ["forever", "-1", "1.5"], ids=["a word", "negative", "a fraction"])
+def test_a_hand_off_idle_wait_that_is_not_a_whole_number_powers_off(tmp_path: Path, idle_wait: str) -> None:
+    boot = _boot(tmp_path, handoff_idle_wait=idle_wait)
+    _failed_before_running(boot)
+    assert boot.gitlab_runner("verify") == []
+    assert f"idle_wait_seconds of the item at {token_key(boot_fakes.USER_ID)} must be a whole number" in boot.stderr
+    assert f"got '{idle_wait}'" in boot.stderr
+    assert "step: 6 token" in boot.stderr
 
 
 def test_a_failed_read_of_the_token_item_is_retried(tmp_path: Path) -> None:
@@ -531,6 +585,40 @@ def test_fake_get_item_of_a_missing_key_prints_none_as_text(tmp_path: Path) -> N
     args = ("dynamodb", "get-item", "--table-name", "t", "--key", key, "--consistent-read")
     result = _run_fake(tmp_path, "aws", *args, "--query", "Item.token.S", "--output", "text", AWS_REGION="eu-west-1")
     assert (result.returncode, result.stdout) == (0, "None\n")
+
+
+def test_fake_get_item_prints_a_multiselect_list_as_one_tab_separated_line(tmp_path: Path) -> None:
+    """AWS CLI text output (https://docs.aws.amazon.com/cli/latest/userguide/cli-usage-output-format.html; aws-cli
+    awscli/text.py, ``_format_scalar_list``): a list of scalars a --query selects is printed on one line, its
+    values separated by tabs, each null as None; a DynamoDB number is a string in the ``N`` member (DynamoDB API
+    reference, AttributeValue)."""
+    key = token_key(boot_fakes.USER_ID)
+    items = {
+        key: {"pk": {"S": key}, "token": {"S": TOKEN}, "idle_wait_seconds": {"N": "0"}},
+        "TOKEN#cold": {"pk": {"S": "TOKEN#cold"}, "token": {"S": TOKEN}},
+    }
+    boot_fakes.install(tmp_path / "bin", tmp_path / "fake", {"table": "t", "items": items})
+
+    def read(pk: str) -> str:
+        key_json = json.dumps({"pk": {"S": pk}})
+        args = ("dynamodb", "get-item", "--table-name", "t", "--key", key_json, "--consistent-read")
+        query = "[Item.token.S, Item.idle_wait_seconds.N]"
+        result = _run_fake(tmp_path, "aws", *args, "--query", query, "--output", "text", AWS_REGION="eu-west-1")
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert read(key) == f"{TOKEN}\t0\n"
+    assert read("TOKEN#cold") == f"{TOKEN}\tNone\n"
+    assert read("TOKEN#nobody") == "None\tNone\n"
+
+
+def test_fake_aws_refuses_a_query_it_cannot_parse(tmp_path: Path) -> None:
+    """aws-cli awscli/globalargs.py, ``_resolve_query``: --query is compiled as JMESPath before any request, and an
+    expression that does not parse is a command line error ("Bad value for --query", exit status 252, AWS CLI User
+    Guide, "Command line return codes")."""
+    result = _run_fake(tmp_path, "aws", "sts", "get-caller-identity", "--query", "[UserId", "--output", "text")
+    assert result.returncode == 252
+    assert "Bad value for --query [UserId" in result.stderr
 
 
 def test_fake_docker_cannot_pull_from_ecr_without_the_credential_helper(tmp_path: Path) -> None:
