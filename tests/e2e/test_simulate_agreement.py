@@ -18,6 +18,7 @@ product (no reuse of idle runners, no idle wait, a launch per job in a pool that
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -166,7 +167,7 @@ def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and
     played = sandbox_run(config_path, jobs, tmp_path / "sandbox")
     # then
     report = f"sandbox {played}, simulator {simulated}"
-    print(report)  # the figures, for the log of a run that passed
+    print(report, file=sys.__stderr__)  # the figures, past pytest's capture, for the log of a run that passed
     assert abs(simulated["launched"] - played["launched"]) <= 0.30 * played["launched"], report
     assert abs(simulated["instance_seconds"] - played["instance_seconds"]) <= 0.35 * played["instance_seconds"], report
     allowed = max(5.0, 0.5 * played["p95_wait"])

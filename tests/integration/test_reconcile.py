@@ -503,40 +503,86 @@ def test_a_warm_pool_fills_inside_its_window_never_past_max_and_drains_outside_i
     warm = stage_config(fleet.sandbox.workdir, "warm-stage.yaml", warm={"size": 3, "windows": [window]}, max_runners=3)
     fleet.sandbox.reset(warm)
     fleet = Fleet(fleet.sandbox)
-    try:
-        # given one runner busy with a long job, so that the pool has room for two more
-        (long_job,) = fleet.pipeline({**DOCKER_JOB, "script": ["sleep 8"]})
-        assert wait_until(lambda: fleet.job(long_job)["status"] == "running", 20)
-        busy = described_instance(fleet.job(long_job)["runner"]["description"])
-        # (the warm runners launched from here on wait a minute for a job, as a real pool's would wait longer)
-        fleet.agents.options = replace(OPTIONS, wait_timeout_seconds=60.0)
+    # given one runner busy with a long job, so that the pool has room for two more
+    (long_job,) = fleet.pipeline({**DOCKER_JOB, "script": ["sleep 8"]})
+    assert wait_until(lambda: fleet.job(long_job)["status"] == "running", 20)
+    busy = described_instance(fleet.job(long_job)["runner"]["description"])
 
-        # when reconcile runs outside the window, then inside it, twice
-        closed = fleet.reconcile(offset=outside)
-        opened = fleet.reconcile(offset=inside)
-        warm_agents = [a for a in fleet.booted("docker", 3) if a.instance_id != busy]
-        assert wait_until(lambda: all(a.runner_id for a in warm_agents), 20)
-        again = fleet.reconcile(offset=inside)
+    # when reconcile runs outside the window, then inside it, twice
+    closed = fleet.reconcile(offset=outside)
+    opened = fleet.reconcile(offset=inside)
+    warm_agents = [a for a in fleet.booted("docker", 3) if a.instance_id != busy]
+    assert wait_until(lambda: all(a.runner_id for a in warm_agents), 20)
+    again = fleet.reconcile(offset=inside)
 
-        # then nothing outside; inside, two warm runners (max_runners 3, one busy), and no more on the next run
-        assert closed.metrics == {}
-        assert opened.metrics == {"WarmLaunched": 2}
-        assert again.metrics == {}
-        assert fleet.leases("docker") == 3 and len(fleet.live_instances()) == 3
-        assert all(fleet.record(a.instance_id).get("warm") is True for a in warm_agents)
+    # then nothing outside; inside, two warm runners (max_runners 3, one busy), and no more on the next run
+    assert closed.metrics == {}
+    assert opened.metrics == {"WarmLaunched": 2}
+    assert again.metrics == {}
+    assert fleet.leases("docker") == 3 and len(fleet.live_instances()) == 3
+    assert all(fleet.record(a.instance_id).get("warm") is True for a in warm_agents)
 
-        # and once the window closes, the idle warm runners are retired; the busy one finishes its job
-        drained = fleet.reconcile(offset=outside)
-        assert drained.metrics == {"RunnersPaused": 2}
-        retired = fleet.reconcile(offset=outside + RETIRE_GRACE_SECONDS + 1)
-        assert retired.metrics == {"RunnersRetired": 2}
-        for agent in warm_agents:
-            assert fleet.state(agent.instance_id) == "terminated"
-        assert fleet.state(str(busy)) == "running"
-        assert fleet.leases("docker") == 1
-        assert wait_until(lambda: fleet.job(long_job)["status"] == "success", 30)
-    finally:
-        fleet.agents.options = OPTIONS
+    # and once the window closes, the idle warm runners are retired; the busy one finishes its job
+    drained = fleet.reconcile(offset=outside)
+    assert drained.metrics == {"RunnersPaused": 2}
+    retired = fleet.reconcile(offset=outside + RETIRE_GRACE_SECONDS + 1)
+    assert retired.metrics == {"RunnersRetired": 2}
+    for agent in warm_agents:
+        assert fleet.state(agent.instance_id) == "terminated"
+    assert fleet.state(str(busy)) == "running"
+    assert fleet.leases("docker") == 1
+    assert wait_until(lambda: fleet.job(long_job)["status"] == "success", 30)
+    fleet.assert_invariants()
+
+
+def test_a_warm_runner_outlives_the_idle_wait_and_a_burst_leaves_no_surplus(fleet: Fleet) -> None:
+    """A warm runner's token item tells its instance not to stop for idleness, so the pool keeps it rather than
+    launching another each time it would have idled out; a warm runner launched while the others were busy is
+    retired once idle longer than the pool's idle wait, leaving the warm size. Before, every warm runner powered
+    off after the idle wait and the next run launched a new one."""
+    now = time.time()
+    hour = now - now % 3600 + 3600
+    opens, closes = time.gmtime(hour).tm_hour, time.gmtime(hour + 2 * 3600).tm_hour
+    window = {"start": f"0 {opens} * * *", "end": f"0 {closes} * * *", "timezone": "UTC"}
+    inside, outside = hour + 60 - now, hour + 2 * 3600 + 1800 - now
+    idle_wait = 600  # the docker pool's, in dev.yaml
+    config = stage_config(fleet.sandbox.workdir, "warm-one.yaml", warm={"size": 1, "windows": [window]})
+    fleet.sandbox.reset(config)
+    fleet = Fleet(fleet.sandbox)
+
+    # given a pool kept warm, its warm runner idle for three times the agents' idle wait
+    assert fleet.reconcile(offset=inside).metrics == {"WarmLaunched": 1}
+    (first,) = fleet.booted("docker", 1)
+    assert wait_until(lambda: first.runner_id is not None, 20)
+    time.sleep(3 * WAIT_TIMEOUT)
+
+    # then it is still running, and the next run launches nothing
+    assert fleet.state(first.instance_id) == "running" and not first.terminated
+    assert fleet.reconcile(offset=inside).metrics == {}
+
+    # when it takes a job, the next run launches a warm runner in its place, and the job ends
+    (job_id,) = fleet.pipeline({**DOCKER_JOB, "script": ["sleep 15"]})
+    assert wait_until(lambda: fleet.job(job_id)["status"] == "running", 20)
+    assert wait_until(lambda: fleet.record(first.instance_id).get("state") == "busy", 20)  # its Job Hook came
+    assert fleet.reconcile(offset=inside).metrics == {"WarmLaunched": 1}
+    assert wait_until(lambda: fleet.job(job_id)["status"] == "success", 30)
+    assert fleet.agent_of(job_id).instance_id == first.instance_id
+    second = next(a for a in fleet.booted("docker", 2) if a.instance_id != first.instance_id)
+    assert wait_until(lambda: second.runner_id is not None, 20)
+
+    # then once both are idle past the idle wait, the one idle longer is retired and the other kept
+    assert fleet.reconcile(offset=inside + idle_wait + 1).metrics == {"RunnersPaused": 1}
+    retired = fleet.reconcile(offset=inside + idle_wait + RETIRE_GRACE_SECONDS + 2)
+    assert retired.metrics == {"RunnersRetired": 1}
+    assert fleet.state(second.instance_id) == "terminated"
+    assert fleet.state(first.instance_id) == "running"
+    assert fleet.record(second.instance_id)["reason"].endswith(
+        "beyond the pool's warm size, and idle longer than its idle wait"
+    )
+
+    # and the window's close retires the last one
+    assert fleet.reconcile(offset=outside).metrics == {"RunnersPaused": 1}
+    assert fleet.reconcile(offset=outside + RETIRE_GRACE_SECONDS + 1).metrics == {"RunnersRetired": 1}
     fleet.assert_invariants()
 
 
