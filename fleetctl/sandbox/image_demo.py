@@ -112,7 +112,7 @@ def run_image_rotation(stack: Sandbox, console: Console) -> dict[str, Any]:
     console.print(f"  pushed {short(first)}, scanned LOW 2: both pools on it ({on_first})")
 
     pipeline = gitlab.create_pipeline(
-        project, [{"name": "long-build", "stage": "build", "tags": ["docker"], "script": LONG_JOB_SCRIPT}]
+        project, [{"name": "long-build", "stage": "build", "tags": ["docker", "linux"], "script": LONG_JOB_SCRIPT}]
     )
     [long_job] = [int(j["id"]) for j in gitlab.jobs_of_pipeline(project, pipeline)]
     running = wait_until(lambda: gitlab.job(project, long_job)["status"] == "running", 60)
@@ -135,7 +135,7 @@ def run_image_rotation(stack: Sandbox, console: Console) -> dict[str, Any]:
 
     finished_first = wait_until(lambda: gitlab.job(project, long_job)["status"] == "success", 60)
     follow = gitlab.create_pipeline(
-        project, [{"name": "after-push", "stage": "build", "tags": ["docker"], "script": SHORT_JOB_SCRIPT}]
+        project, [{"name": "after-push", "stage": "build", "tags": ["docker", "linux"], "script": SHORT_JOB_SCRIPT}]
     )
     [next_job] = [int(j["id"]) for j in gitlab.jobs_of_pipeline(project, follow)]
     next_done = wait_until(lambda: gitlab.job(project, next_job)["status"] == "success", 60)
