@@ -465,6 +465,7 @@ class Simulation:
     def _launch_failed(self, pool: PoolConfig, jobs: list[SimJob]) -> None:
         for job in jobs:
             job.attempts += 1
+            job.claimed_at = -1.0  # the failed launch releases its claim, as scale-up's does
             if job.attempts >= pool.max_launch_attempts:
                 # Dead-lettered: no launch will come for it; counted, and left out of the replay from here on.
                 self.tally[pool.name].dead_lettered += 1

@@ -150,6 +150,18 @@ def test_capacity_errors_fall_back_to_on_demand_where_the_pool_allows_it() -> No
     assert without.pools["docker"].launched == 0 and without.pools["docker"].dead_lettered == 1
 
 
+def test_a_job_whose_launches_fail_is_tried_once_per_attempt_and_never_relaunched_meanwhile() -> None:
+    # A failed launch releases its claim, as scale-up's does: reconcile's rule for jobs whose runner took another
+    # must not see the job, waiting its backoff, as claimed by a finished launch and queue a second copy of it.
+    model = Model(boot=Distribution("fixed", BOOT), capacity_error_rate=1.0, interruption_rate={"*": 0.0})
+    failing = simulate(config(**{"pools.docker.on_demand_fallback": False}), jobs((0, 60, DOCKER)), model)
+    attempts = config().pool("docker").max_launch_attempts
+    calls = {rate.operation: rate.calls for rate in failing.api_rates}
+    # one CreateFleet per attempt, one send per attempt (the webhook's, then a re-queue after each failure but the last)
+    assert calls["ec2:CreateFleet"] == attempts and calls["sqs:SendMessage"] == attempts
+    assert failing.pools["docker"].dead_lettered == 1
+
+
 def test_a_run_is_reproducible_from_its_seed() -> None:
     model = Model(interruption_rate={"*": 5.0})
     trace = jobs(*[(i * 7.0, 100 + i, DOCKER if i % 3 else DIND) for i in range(60)])
