@@ -211,9 +211,7 @@ def decide(facts: Facts, config: FleetConfig) -> list[Action]:
     actions += retirements(facts, config)
     actions += lost_webhooks(facts, config)
     recovering = {(a.project_id, a.job_id) for a in actions if isinstance(a, RecoverJob)}
-    actions += [
-        a for a in taken_launches(facts) if isinstance(a, RecoverJob) and (a.project_id, a.job_id) not in recovering
-    ]
+    actions += [a for a in taken_launches(facts) if (a.project_id, a.job_id) not in recovering]
     actions += warm_launches(facts, config)
     return actions
 
@@ -555,8 +553,7 @@ def swept_jobs(facts: Facts, config: FleetConfig) -> list[Action]:
     runner taking them."""
     actions: list[Action] = []
     known = {(job.project_id, job.job_id): dict(job.item) for job in facts.jobs}
-    # A launch still making its instances may yet give the job a runner; a finished one (launched or failed) will not.
-    working = {launch.launch_id for launch in facts.launches if launch.state in UNFINISHED}
+    working = _working_launches(facts)
     for pending in facts.pending_jobs or ():
         recorded = known.get((pending.project_id, pending.job_id))
         if recorded is not None and _before_pending(recorded, facts.now):
@@ -604,7 +601,7 @@ def swept_jobs(facts: Facts, config: FleetConfig) -> list[Action]:
     return actions
 
 
-def taken_launches(facts: Facts) -> list[Action]:
+def taken_launches(facts: Facts) -> list[RecoverJob]:
     """Pending jobs whose launch's runner took another job, so that no runner is coming for them.
 
     A launch's runner takes the oldest pending job it may run, not necessarily the one it was launched for: within
@@ -615,7 +612,7 @@ def taken_launches(facts: Facts) -> list[Action]:
     not paused, running nothing: booting or idle); each job beyond them is released from its launch and queued
     again, oldest claim first. A job GitLab no longer lists as pending (its ``running`` Job Hook was late) is
     dropped by scale-up when it reads it."""
-    working = {launch.launch_id for launch in facts.launches if launch.state in UNFINISHED}
+    working = _working_launches(facts)
     waiting: dict[str, list[tuple[float, int, int, str]]] = {}
     for job in facts.jobs:
         item = job.item
@@ -641,7 +638,7 @@ def taken_launches(facts: Facts) -> list[Action]:
         and not record.draining
         and record.state in (RunnerState.BOOTING, RunnerState.IDLE)
     )
-    actions: list[Action] = []
+    actions: list[RecoverJob] = []
     for pool, jobs in sorted(waiting.items()):
         jobs.sort()
         for claimed_at, project_id, job_id, launch_id in jobs[: max(0, len(jobs) - coming[pool])]:
@@ -656,6 +653,12 @@ def taken_launches(facts: Facts) -> list[Action]:
                 )
             )
     return actions
+
+
+def _working_launches(facts: Facts) -> set[str]:
+    """Launches still making their instances, which may yet give their jobs a runner; a finished one (launched or
+    failed) will not."""
+    return {launch.launch_id for launch in facts.launches if launch.state in UNFINISHED}
 
 
 def warm_launches(facts: Facts, config: FleetConfig) -> list[Action]:
