@@ -18,7 +18,6 @@ product (no reuse of idle runners, no idle wait, a launch per job in a pool that
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from collections import Counter
@@ -158,7 +157,9 @@ def simulator_run(config_path: Path, jobs: list[HistoryJob]) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.agreement
 @pytest.mark.timeout(1200)
-def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and_p95_wait(tmp_path: Path) -> None:
+def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and_p95_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # given
     jobs = trace()
     config_path = stage_file(tmp_path)
@@ -167,7 +168,8 @@ def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and
     played = sandbox_run(config_path, jobs, tmp_path / "sandbox")
     # then
     report = f"sandbox {played}, simulator {simulated}"
-    print(report, file=sys.__stderr__)  # the figures, past pytest's capture, for the log of a run that passed
+    with capsys.disabled():
+        print(f"\n{report}")  # the figures, past pytest's capture, for the log of a run that passed
     assert abs(simulated["launched"] - played["launched"]) <= 0.30 * played["launched"], report
     assert abs(simulated["instance_seconds"] - played["instance_seconds"]) <= 0.35 * played["instance_seconds"], report
     allowed = max(5.0, 0.5 * played["p95_wait"])
