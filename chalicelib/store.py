@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
@@ -273,6 +273,7 @@ class _Refused:
     item: dict[str, Any]
 
 
+_T = TypeVar("_T")
 _BACKOFF_BASE_SECONDS = 0.025
 _BACKOFF_CAP_SECONDS = 1.0
 # A Job Hook's write to a runner record can meet a transaction on that record (scale-up recording it, the
@@ -289,6 +290,9 @@ def conflict_backoff(attempt: int, rng: random.Random | None = None) -> float:
 
 class FleetStore:
     """Conditional reads and writes on the fleet table through the low-level DynamoDB client."""
+
+    # Attempts of a single-item write that meets a transaction on its item (see _past_conflicts).
+    conflict_attempts = RUNNER_WRITE_ATTEMPTS
 
     def __init__(
         self,
@@ -520,17 +524,22 @@ class FleetStore:
             return finish
         return RunnerFinish(state, finish.pool, finish.interrupted)
 
-    def _runner_write(self, **request: Any) -> dict[str, Any]:
-        """One UpdateItem of a runner record, tried again (``RUNNER_WRITE_ATTEMPTS`` in all) while DynamoDB refuses
-        it for a transaction holding the record; any other error, and the last conflict, propagate."""
-        for attempt in range(RUNNER_WRITE_ATTEMPTS):
+    def _past_conflicts(self, write: Callable[[], _T]) -> _T:
+        """One single-item write, tried again (``conflict_attempts`` in all) while it meets a transaction on its
+        item (TransactionConflictException, which botocore does not retry). Other errors, and the last conflict,
+        propagate."""
+        for attempt in range(self.conflict_attempts):
             try:
-                return dict(self._client.update_item(**request))
+                return write()
             except ClientError as exc:
-                if error_code(exc) != "TransactionConflictException" or attempt + 1 == RUNNER_WRITE_ATTEMPTS:
+                if error_code(exc) != "TransactionConflictException" or attempt + 1 == self.conflict_attempts:
                     raise
                 self._sleep(conflict_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _runner_write(self, **request: Any) -> dict[str, Any]:
+        """One UpdateItem of a runner record, past transactions holding the record."""
+        return dict(self._past_conflicts(lambda: self._client.update_item(**request)))
 
     def _runner_update(
         self, instance_id: str, update: str, values: dict[str, Any], job: str, runner_id: int, returned: str

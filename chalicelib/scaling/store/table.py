@@ -8,8 +8,8 @@ there and decide.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from botocore.exceptions import ClientError
 
@@ -17,7 +17,6 @@ from chalicelib.aws import error_code
 from chalicelib.store import FleetStore, attribute_value, conflict_backoff, from_item
 
 CONFLICT_ATTEMPTS = 4
-_T = TypeVar("_T")
 # DynamoDB cancels a transaction that meets another one on an item (``TransactionConflict``), or that is throttled
 # (``ThrottlingError``, ``ProvisionedThroughputExceeded``), and refuses a single-item write on an item a
 # transaction holds (``TransactionConflictException``). botocore's standard retry mode retries none of these, so
@@ -71,6 +70,8 @@ def update_request(
 class ScaleTable(FleetStore):
     """The fleet table, with single-item writes and transactions that are tried again past conflicts."""
 
+    conflict_attempts = _WRITE_ATTEMPTS
+
     def _transact(self, writes: list[dict[str, Any]], attempts: int = _WRITE_ATTEMPTS) -> ClientError | None:
         """One TransactWriteItems, tried again while DynamoDB cancels it only for a conflict or throttling.
 
@@ -93,19 +94,6 @@ class ScaleTable(FleetStore):
                 self._sleep(conflict_backoff(attempt))
                 continue
             return None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _past_conflicts(self, write: Callable[[], _T]) -> _T:
-        """One single-item write, tried again while it meets a transaction on its item
-        (TransactionConflictException, which botocore does not retry). Other errors, and the last conflict,
-        propagate."""
-        for attempt in range(_WRITE_ATTEMPTS):
-            try:
-                return write()
-            except ClientError as exc:
-                if error_code(exc) != "TransactionConflictException" or attempt + 1 == _WRITE_ATTEMPTS:
-                    raise
-                self._sleep(conflict_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _update_unless_refused(self, request: dict[str, Any]) -> dict[str, Any] | None:
