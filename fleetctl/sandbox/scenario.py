@@ -21,10 +21,8 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +30,7 @@ from chalicelib.config import FleetConfig
 from chalicelib.naming import described_instance
 from fleetctl.sandbox.agents import AgentOptions
 from fleetctl.sandbox.image_demo import run_image_rotation, wait_until
-from fleetctl.sandbox.stack import DEFAULT_CONFIG, DEFAULT_WORKDIR, Sandbox
+from fleetctl.sandbox.stack import DEFAULT_WORKDIR, Sandbox, without_warm_pools
 
 STAGES = ("build", "test")
 # (stage, tags) of the pipeline's jobs, cycled: docker jobs in both stages, so the test stage finds runners the
@@ -123,25 +121,15 @@ def run_demo(jobs: int = 6, console: Console | None = None) -> dict[str, Any]:
     return summary
 
 
-def demo_config(workdir: Path) -> Path:
-    """The shipped stage file without its warm pool: the demo ends with nothing running whatever the day and hour
-    (dev.yaml keeps a build runner warm in Berlin working hours, and a warm runner stays until its window closes)."""
-    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    for pool in document["pools"]:
-        pool["warm"] = {"size": 0, "windows": []}
-    workdir.mkdir(parents=True, exist_ok=True)
-    target = workdir / "demo-stage.yaml"
-    target.write_text(yaml.safe_dump(document))
-    return target
-
-
 def _run(jobs: int, console: Console) -> dict[str, Any]:
     from chalicelib import runtime
     from chalicelib.store import job_key
 
     started = time.monotonic()
     with Sandbox(
-        config_path=demo_config(DEFAULT_WORKDIR / "demo"), workdir=DEFAULT_WORKDIR / "demo", agent_options=DEMO_AGENTS
+        config_path=without_warm_pools(DEFAULT_WORKDIR / "demo", "demo-stage.yaml"),
+        workdir=DEFAULT_WORKDIR / "demo",
+        agent_options=DEMO_AGENTS,
     ) as stack:
         assert stack.server is not None and stack.config is not None and stack.agents is not None
         config = stack.config

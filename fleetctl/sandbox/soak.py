@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 from rich.console import Console
 
 from fleetctl.sandbox.agents import AgentOptions, Fault, JobOutcome, Phase
-from fleetctl.sandbox.stack import DEFAULT_CONFIG, DEFAULT_WORKDIR, GITLAB_OPERATOR_TOKEN, Sandbox
+from fleetctl.sandbox.stack import DEFAULT_WORKDIR, GITLAB_OPERATOR_TOKEN, Sandbox, without_warm_pools
 
 STAGES = ("build", "test", "deploy")
 # Tags of the jobs, drawn at random: the docker pool's (and untagged, which it takes), the build pool's.
@@ -118,14 +117,7 @@ class _ReconcileWatch(logging.Handler):
 def soak_config(workdir: Path) -> Path:
     """The shipped stage file with the shortest boot deadline and no warm pool (the soak ends with nothing
     running, whatever the day and hour)."""
-    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    for pool in document["pools"]:
-        pool["boot_deadline_seconds"] = 60
-        pool["warm"] = {"size": 0, "windows": []}
-    workdir.mkdir(parents=True, exist_ok=True)
-    target = workdir / "soak-stage.yaml"
-    target.write_text(yaml.safe_dump(document))
-    return target
+    return without_warm_pools(workdir, "soak-stage.yaml", boot_deadline_seconds=60)
 
 
 @contextlib.contextmanager

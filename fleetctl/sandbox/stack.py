@@ -42,6 +42,23 @@ from fleetctl.sandbox.webhook_server import PROJECT_DIR, WebhookServer
 
 DEFAULT_CONFIG = PROJECT_DIR / "chalicelib" / "stages" / "dev.yaml"
 DEFAULT_WORKDIR = PROJECT_DIR / ".sandbox"
+
+
+def without_warm_pools(workdir: Path, name: str, **pool: Any) -> Path:
+    """The shipped stage file with no warm pool, and ``pool``'s fields set on every pool, written to ``workdir``:
+    a scenario on it ends with nothing running whatever the day and hour (dev.yaml keeps a build runner warm in
+    Berlin working hours, and a warm runner stays until its window closes)."""
+    import yaml
+
+    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for fields in document["pools"]:
+        fields.update(pool, warm={"size": 0, "windows": []})
+    workdir.mkdir(parents=True, exist_ok=True)
+    target = workdir / name
+    target.write_text(yaml.safe_dump(document))
+    return target
+
+
 SANDBOX_GROUP = "demo"
 # The Chalice stage whose functions the sandbox plays (the stage file it starts from is that stage's).
 SANDBOX_STAGE = "dev"
