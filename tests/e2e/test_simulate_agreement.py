@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from chalicelib.config import FleetConfig, load_config
 from fleetctl.sandbox.agents import AgentOptions
-from fleetctl.sandbox.stack import DEFAULT_CONFIG, Sandbox
+from fleetctl.sandbox.stack import Sandbox, without_warm_pools
 from fleetctl.simulate.engine import Simulation
 from fleetctl.simulate.history import HistoryJob
 from fleetctl.simulate.model import Distribution, Model
@@ -63,16 +62,6 @@ def trace(seed: int = 19) -> list[HistoryJob]:
             duration = round(min(20.0, 3.0 * rng.lognormvariate(0, 0.6)), 1)
             jobs.append(HistoryJob(id=len(jobs) + 1, pending_at=at, duration=duration, tags=tags))
     return sorted(jobs, key=lambda job: (job.pending_at, job.id))
-
-
-def stage_file(tmp_path: Path) -> Path:
-    """dev.yaml without the build pool's warm runner (its window would make the runs depend on the day)."""
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    for pool in data["pools"]:
-        pool["warm"] = {"size": 0, "windows": []}
-    path = tmp_path / "dev.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def sandbox_run(config_path: Path, jobs: list[HistoryJob], workdir: Path) -> dict[str, Any]:
@@ -162,7 +151,7 @@ def test_the_simulator_agrees_with_the_sandbox_on_instances_instance_seconds_and
 ) -> None:
     # given
     jobs = trace()
-    config_path = stage_file(tmp_path)
+    config_path = without_warm_pools(tmp_path, "dev.yaml")  # its window would make the runs depend on the day
     # when
     simulated = simulator_run(config_path, jobs)
     played = sandbox_run(config_path, jobs, tmp_path / "sandbox")
